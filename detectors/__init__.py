@@ -1,0 +1,26 @@
+"""Model backends behind one small protocol (see `detectors.base`)."""
+
+from .base import (
+    Detections,
+    Detector,
+    DetectorError,
+    InferenceError,
+    ModelLoadError,
+    WeightsNotFoundError,
+)
+from .offline import default_state_dir, prepare_ultralytics_offline
+from .yolo import WEIGHTS_HELP, YoloDetector, missing_weights_message
+
+__all__ = [
+    "WEIGHTS_HELP",
+    "Detections",
+    "Detector",
+    "DetectorError",
+    "InferenceError",
+    "ModelLoadError",
+    "WeightsNotFoundError",
+    "YoloDetector",
+    "default_state_dir",
+    "missing_weights_message",
+    "prepare_ultralytics_offline",
+]

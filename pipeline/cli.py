@@ -1,0 +1,147 @@
+"""The `framegrid` command: run, validate, probe.
+
+Exit codes: 0 success, 2 bad configuration or input (with every error printed and its key path),
+1 a runtime failure. All output passes through credential redaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from streams import RedactingFilter, SourceOptions, StreamError, probe, redact_text
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("framegrid")
+
+
+def setup_logging(level: str = "info", secrets: tuple[str, ...] = ()) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactingFilter(secrets))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("ultralytics", "amqtt", "transitions", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _status_table(stats: dict[str, Any]) -> str:
+    rows = [f"{'stream':<16} {'state':<13} {'in fps':>7} {'out fps':>7} {'stale':>6} {'old':>5} {'err':>4}"
+            f" {'p50 ms':>7} {'p95 ms':>7}"]
+    for name, s in stats["streams"].items():
+        lat = s["latency_ms"]
+        rows.append(
+            f"{name[:16]:<16} {s['state'][:13]:<13} {s['fps_in']:>7.1f} {s['fps_processed']:>7.1f} "
+            f"{s['drops']['stale']:>6} {s['drops']['too_old']:>5} {s['drops']['error']:>4} "
+            f"{_ms(lat['p50']):>7} {_ms(lat['p95']):>7}"
+        )
+    m = stats["mqtt"]
+    rows.append(f"mqtt: {'connected' if m.get('connected') else 'DISCONNECTED'}, published {m.get('published', 0)}, "
+                f"buffered {m.get('buffered', 0)}, dropped {m.get('dropped_overflow', 0)}")
+    return "\n".join(rows)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+async def _run(config: Config) -> int:
+    from .app import Pipeline
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    pipeline = Pipeline(config)
+
+    async def status() -> None:
+        interval = config.pipeline.status_interval
+        if interval <= 0:
+            return
+        await pipeline.ready.wait()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                print(redact_text(_status_table(pipeline.stats_payload()), pipeline.secrets),
+                      file=sys.stderr, flush=True)
+
+    status_task = asyncio.create_task(status(), name="status")
+    try:
+        await pipeline.run(stop)
+    finally:
+        status_task.cancel()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(redact_text(str(exc)), file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or config.log.level, config.secrets())
+    log.info("framegrid: %d stream(s), %d model(s), mqtt %s", len(config.streams), len(config.models),
+             redact_text(config.mqtt.url))
+    t0 = time.monotonic()
+    try:
+        rc = asyncio.run(_run(config))
+    except Exception as exc:  # report, redacted, and fail
+        log.error("framegrid stopped on an error: %s", redact_text(repr(exc), config.secrets()))
+        return 1
+    log.info("framegrid: stopped cleanly after %.1fs", time.monotonic() - t0)
+    return rc
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(redact_text(str(exc)), file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(config.streams)} stream(s), {len(config.models)} model(s))")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    opts = SourceOptions(open_timeout=args.timeout, stall_timeout=args.timeout, transport=args.transport)
+    try:
+        result = probe(args.url, opts)
+    except StreamError as exc:
+        print(f"probe failed: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics server")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the pipeline until SIGINT/SIGTERM")
+    p.add_argument("config", nargs="?", default="config.toml", type=Path)
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a config file; exit 2 with every error")
+    p.add_argument("config", type=Path)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("probe", help="print codec, resolution and frame rate of a stream")
+    p.add_argument("url")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
+    p.set_defaults(func=cmd_probe)
+    args = ap.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

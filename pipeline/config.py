@@ -1,0 +1,279 @@
+"""framegrid's configuration: one TOML file, validated once, strictly, at the edge.
+
+`load_config(path)` reads TOML with tomllib, substitutes `${ENV}` placeholders (so secrets stay
+out of the file), and validates into frozen pydantic models that reject unknown keys. Every
+problem is reported with its key path (`streams.cam1.max_fps: ...`), all at once. Relative
+paths (weights, file sources) are resolved against the config file's folder. Nothing here
+prints a secret: `ConfigError` messages redact URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from streams import is_local_file, redact_text
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `errors` lists (key path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]], source: str = "config") -> None:
+        self.errors = errors
+        self.source = source
+        lines = [f"{path}: {msg}" if path else msg for path, msg in errors]
+        super().__init__(f"{source}: {len(errors)} error(s)\n  " + "\n  ".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class MqttConfig(Strict):
+    url: str = Field("embedded", description="mqtt://host:port, mqtts://host:port, or 'embedded'")
+    topic_prefix: str = Field("framegrid", pattern=r"^[^#+\s]+$", description="prefix of every topic")
+    username: str | None = Field(None, description="broker user name")
+    password: SecretStr | None = Field(None, description="broker password; use ${ENV_VAR}")
+    client_id: str | None = Field(None, max_length=128, description="defaults to framegrid-<host>-<pid>")
+    qos: int = Field(1, ge=0, le=2, description="QoS of detections")
+    state_qos: int = Field(1, ge=0, le=2, description="QoS of retained state/availability")
+    stats_qos: int = Field(0, ge=0, le=2, description="QoS of periodic stats")
+    keepalive: int = Field(30, ge=5, le=3600, description="seconds")
+    buffer: int = Field(1000, ge=1, le=1_000_000, description="messages kept while disconnected")
+    stats_interval: float = Field(5.0, gt=0, le=3600, description="seconds between stats messages")
+    embedded_port: int = Field(1883, ge=0, le=65535, description="port of the embedded broker (0 = any)")
+    reconnect_cap: float = Field(30.0, gt=0, le=3600, description="max seconds between reconnects")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v == "embedded":
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("must be 'embedded' or mqtt://host[:port] (mqtts:// for TLS)")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+
+class ModelConfig(Strict):
+    type: Literal["yolo"] = Field(description="backend family")
+    weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
+    imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="inference size")
+    confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence")
+    iou: float = Field(0.45, gt=0.0, le=1.0, description="NMS IoU threshold")
+    batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, auto or cuda[:N]")
+    half: bool = Field(False, description="FP16 (CUDA only)")
+    classes: list[str] | None = Field(None, description="publish only these labels")
+    threads: int | None = Field(None, ge=1, le=256, description="inference threads (default: all cores)")
+
+
+class StreamConfig(Strict):
+    url: str = Field(min_length=1, description="any FFmpeg URL or a file path (relative to the config)")
+    model: str = Field(description="name of a [models.<name>] table")
+    max_fps: float | None = Field(None, gt=0, le=1000, description="process at most this many frames/s")
+    enabled: bool = Field(True, description="false keeps it configured but not running")
+    transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport")
+    realtime: bool | None = Field(None, description="pace files at native rate (default: yes for files)")
+    loop: bool | None = Field(None, description="restart files at the end (default: yes for files)")
+    open_timeout: float = Field(10.0, gt=0, le=600, description="seconds to open before retrying")
+    stall_timeout: float = Field(10.0, gt=0, le=600, description="seconds without a frame before reconnecting")
+    reconnect_cap: float = Field(30.0, gt=0, le=3600, description="max seconds between reconnect attempts")
+    max_retries: int | None = Field(None, ge=0, description="consecutive failures before 'failed'")
+    ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra demuxer options")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if any(c.isspace() for c in v.strip()) and "://" in v:
+            raise ValueError("URL contains white space")
+        return v.strip()
+
+
+class PipelineConfig(Strict):
+    max_frame_age: float = Field(1.0, gt=0, le=60, description="older frames are dropped (too_old)")
+    batch_timeout_ms: float = Field(15.0, ge=0, le=10_000, description="wait this long to fill a batch")
+    status_interval: float = Field(5.0, ge=0, le=3600, description="seconds between console status; 0 = off")
+    decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = auto)")
+
+
+class LogConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Strict):
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    models: dict[Name, ModelConfig] = Field(default_factory=dict)
+    streams: dict[Name, StreamConfig] = Field(default_factory=dict)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _references(self) -> Config:
+        errors = []
+        for name, stream in self.streams.items():
+            if stream.model not in self.models:
+                known = ", ".join(sorted(self.models)) or "none defined"
+                errors.append(f"streams.{name}.model: unknown model '{stream.model}' (models: {known})")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def secrets(self) -> tuple[str, ...]:
+        """Literal secrets to scrub from any output, besides URL passwords."""
+        out = []
+        if self.mqtt.password is not None:
+            out.append(self.mqtt.password.get_secret_value())
+        for stream in self.streams.values():
+            parts = urlsplit(stream.url)
+            if parts.password:
+                out.append(parts.password)
+        return tuple(s for s in out if s)
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _substitute(value: Any, path: str, env: dict[str, str], errors: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str):
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append((path, f"environment variable {name} is not set"))
+            return ""
+
+        return _PLACEHOLDER.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, f"{path}.{k}" if path else k, env, errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def parse_config(
+    data: dict[str, Any],
+    base_dir: Path,
+    source: str = "config",
+    env: dict[str, str] | None = None,
+    check_files: bool = True,
+) -> Config:
+    """Validate raw TOML data; raises ConfigError listing every problem with its key path."""
+    errors: list[tuple[str, str]] = []
+    data = _substitute(data, "", dict(os.environ) if env is None else env, errors)
+    if errors:
+        raise ConfigError(errors, source)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = _loc(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            elif msg.startswith("Value error, "):
+                msg = msg.removeprefix("Value error, ")
+            if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(
+                err["input"], dict | list
+            ):
+                msg += f" (got {redact_text(repr(err['input']))[:80]})"
+            if loc == "" and msg.startswith("streams."):
+                for part in msg.split("; "):
+                    key, _, text = part.partition(": ")
+                    errors.append((key, text))
+                continue
+            errors.append((loc, redact_text(msg)))
+        raise ConfigError(errors, source) from None
+    config = _resolve_paths(config, base_dir)
+    if check_files:
+        errors = check_config_files(config)
+        if errors:
+            raise ConfigError(errors, source)
+    return config
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    models = {
+        name: m.model_copy(update={"weights": (base_dir / m.weights) if not m.weights.is_absolute() else m.weights})
+        for name, m in config.models.items()
+    }
+    streams = {}
+    for name, s in config.streams.items():
+        url = s.url
+        if is_local_file(url):
+            p = Path(url.removeprefix("file:"))
+            url = str(p if p.is_absolute() else (base_dir / p))
+        streams[name] = s.model_copy(update={"url": url})
+    return config.model_copy(update={"models": models, "streams": streams})
+
+
+def check_config_files(config: Config) -> list[tuple[str, str]]:
+    """Files the config names that must exist before anything starts."""
+    from detectors import missing_weights_message
+
+    errors = []
+    for name, m in config.models.items():
+        if m.weights.suffix == ".pt" and not m.weights.is_file():
+            errors.append((f"models.{name}.weights", missing_weights_message(m.weights)))
+        elif m.weights.suffix not in (".pt", ".yaml", ".yml"):
+            errors.append((f"models.{name}.weights", f"must be a .pt or .yaml file, got {m.weights.name}"))
+    for name, s in config.streams.items():
+        if s.enabled and is_local_file(s.url) and not Path(s.url).exists():
+            errors.append((f"streams.{name}.url", f"file not found: {s.url}"))
+    return errors
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, check_files: bool = True) -> Config:
+    """Read and validate a config file; raises ConfigError (with key paths) on any problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read config file: {exc.strerror or exc}")], str(path)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([("", f"not valid TOML: {exc}")], str(path)) from None
+    return parse_config(data, path.resolve().parent, str(path), env=env, check_files=check_files)

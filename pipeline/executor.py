@@ -1,0 +1,81 @@
+"""Executor slots: one model instance and one worker thread each.
+
+The asyncio loop never runs a model: it hands a batch to the slot's worker thread and awaits
+the result. A slot measures its own service time (per frame, smoothed) so that the scheduler
+and, later, the supervisor can reason about load. A failing model call fails that batch only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from detectors import Detections, Detector
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorSlot:
+    """A detector on its own worker thread. Use as an async context manager."""
+
+    def __init__(self, name: str, detector: Detector, device: str = "cpu") -> None:
+        self.name = name
+        self.device = device
+        self.detector = detector
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot[{name}]")
+        self.healthy = False
+        self.batches = 0
+        self.frames = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self.service_ms_per_frame: float | None = None  # EWMA
+        self.busy_since: float | None = None
+
+    async def start(self, warmup: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self.detector.load)
+        if warmup:
+            await loop.run_in_executor(self._pool, self.detector.warmup)
+        self.healthy = True
+
+    async def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        self.busy_since = time.monotonic()
+        try:
+            out = await loop.run_in_executor(self._pool, self.detector.infer, list(images))
+        except Exception as exc:
+            self.errors += 1
+            self.last_error = str(exc)
+            raise
+        finally:
+            self.busy_since = None
+        if len(out) != len(images):
+            self.errors += 1
+            raise RuntimeError(f"slot {self.name}: model returned {len(out)} results for {len(images)} images")
+        ms = (time.perf_counter() - t0) * 1000 / max(1, len(images))
+        prev = self.service_ms_per_frame
+        self.service_ms_per_frame = ms if prev is None else 0.8 * prev + 0.2 * ms
+        self.batches += 1
+        self.frames += len(images)
+        return out
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.healthy = False
+        try:
+            await loop.run_in_executor(self._pool, self.detector.close)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __aenter__(self) -> ExecutorSlot:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,208 @@
+"""MQTT publishing with aiomqtt: bounded buffer, reconnect with jittered backoff, honest counters.
+
+`publish()` never blocks and never raises: it appends to a bounded buffer (policy
+`drop_oldest`, every drop counted) that a background task drains to the broker with a window of
+messages in flight. Retained topics (availability, stream state) are also kept latest-per-topic
+outside the buffer and re-sent on every connect, so a subscriber always sees current state even
+after the broker restarts. `offline` is published on clean stop and registered as Last Will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from streams import Backoff, redact_text
+
+from .config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Publisher:
+    """Owns one MQTT connection; run `run()` as a task, call `publish()` from the loop."""
+
+    def __init__(self, cfg: MqttConfig, host: str | None = None, port: int | None = None,
+                 secrets: tuple[str, ...] = ()) -> None:
+        self.cfg = cfg
+        self.host = host or cfg.host
+        self.port = port or cfg.port
+        self.prefix = cfg.topic_prefix.rstrip("/")
+        self.client_id = cfg.client_id or f"framegrid-{socket.gethostname()}-{os.getpid()}"
+        self._secrets = secrets
+        self._buffer: deque[Message] = deque()
+        self._retained: dict[str, Message] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._client: aiomqtt.Client | None = None
+        self.connected = False
+        self.connects = 0
+        self.published = 0
+        self.dropped_overflow = 0  # buffer full: oldest message discarded
+        self.resent = 0  # in flight when the connection broke, sent again
+        self.last_error: str | None = None
+
+    @property
+    def availability_topic(self) -> str:
+        return f"{self.prefix}/availability"
+
+    def topic(self, *parts: str) -> str:
+        return "/".join((self.prefix, *parts))
+
+    # -- producer side (event loop) -------------------------------------------------------------
+    def publish(self, topic: str, payload: Any, qos: int | None = None, retain: bool = False) -> None:
+        if isinstance(payload, bytes):
+            data = payload
+        elif isinstance(payload, str):
+            data = payload.encode()
+        else:
+            data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        msg = Message(topic, data, self.cfg.qos if qos is None else qos, retain)
+        if retain:
+            self._retained[topic] = msg
+        if len(self._buffer) >= self.cfg.buffer:
+            self._buffer.popleft()
+            self.dropped_overflow += 1
+        self._buffer.append(msg)
+        self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "connects": self.connects,
+            "published": self.published,
+            "buffered": len(self._buffer),
+            "dropped_overflow": self.dropped_overflow,
+            "resent": self.resent,
+        }
+
+    # -- the connection task --------------------------------------------------------------------
+    def _make_client(self) -> aiomqtt.Client:
+        password = self.cfg.password.get_secret_value() if self.cfg.password else None
+        tls = ssl.create_default_context() if self.cfg.tls else None
+        return aiomqtt.Client(
+            hostname=self.host,
+            port=self.port,
+            identifier=self.client_id,
+            username=self.cfg.username,
+            password=password,
+            keepalive=self.cfg.keepalive,
+            tls_context=tls,
+            timeout=10,
+            will=aiomqtt.Will(self.availability_topic, b"offline", qos=self.cfg.state_qos, retain=True),
+        )
+
+    async def run(self) -> None:
+        """Connect, drain, reconnect forever; returns after `close()`."""
+        backoff = Backoff(0.2, self.cfg.reconnect_cap)
+        while not self._closing:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    self.connected = True
+                    self.connects += 1
+                    backoff.reset()
+                    log.info("mqtt: connected to %s:%d as %s", self.host, self.port, self.client_id)
+                    await client.publish(self.availability_topic, b"online", qos=self.cfg.state_qos, retain=True)
+                    for msg in list(self._retained.values()):
+                        await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=True)
+                    await self._drain(client)
+            except aiomqtt.MqttError as exc:
+                self.last_error = redact_text(str(exc), self._secrets)
+                if self.connected or self.connects == 0:
+                    log.warning("mqtt: %s:%d unavailable (%s); buffering up to %d messages",
+                                self.host, self.port, self.last_error, self.cfg.buffer)
+            finally:
+                self.connected = False
+                self._client = None
+            if self._closing:
+                break
+            delay = backoff.next_delay()
+            try:
+                await asyncio.wait_for(self._closed_event().wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    def _closed_event(self) -> asyncio.Event:
+        ev = getattr(self, "_close_ev", None)
+        if ev is None:
+            ev = self._close_ev = asyncio.Event()
+        return ev
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        window = asyncio.Semaphore(64)  # messages in flight at once: hides broker round-trips
+        inflight: set[asyncio.Task[None]] = set()
+        failed: list[Message] = []
+
+        async def send(msg: Message) -> None:
+            try:
+                await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+                self.published += 1
+            except aiomqtt.MqttError:
+                failed.append(msg)
+            finally:
+                window.release()
+
+        try:
+            while True:
+                if failed:
+                    raise aiomqtt.MqttError("publish failed")
+                if not self._buffer:
+                    if self._closing:
+                        break
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await window.acquire()
+                if not self._buffer:
+                    window.release()
+                    continue
+                msg = self._buffer.popleft()
+                task = asyncio.create_task(send(msg), name="mqtt.publish")
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                await asyncio.sleep(0)
+            if inflight:
+                await asyncio.wait(inflight, timeout=5)
+        finally:
+            for task in list(inflight):
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+            if failed:
+                # not acknowledged: send again after reconnect (at-least-once, like QoS 1)
+                for msg in reversed(failed):
+                    self._buffer.appendleft(msg)
+                self.resent += len(failed)
+
+    async def close(self) -> None:
+        """Queue `offline` behind everything buffered and let `run()` flush it and disconnect.
+
+        The caller then awaits the `run()` task (with a timeout of its choosing). Publishing
+        `offline` through the same queue keeps it ordered after the last detections.
+        """
+        self.publish(self.availability_topic, b"offline", qos=self.cfg.state_qos, retain=True)
+        self._closing = True
+        self._closed_event().set()
+        self._wake.set()

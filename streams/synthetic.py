@@ -1,0 +1,251 @@
+"""Synthetic scenes with exact ground truth: coloured shapes on cluttered backgrounds.
+
+framegrid cannot download pretrained weights or datasets, so the demo model, the demo camera
+and the tests all come from this one renderer. The same code draws training images (random
+scenes) and test videos (shapes moving in straight lines, bouncing off the edges), and returns
+the axis-aligned box of every shape in pixels, so a test can score detections against truth.
+
+Everything here is deterministic for a given seed and never touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """One shape in a scene: class, centre, radius (px), rotation (rad) and BGR colour."""
+
+    class_id: int
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+    color: tuple[int, int, int]
+
+    def polygon(self) -> np.ndarray:
+        """Outline as an (N, 2) float array; a circle is approximated finely."""
+        name = CLASSES[self.class_id]
+        if name == "circle":
+            n, offset = 64, 0.0
+        elif name == "square":
+            n, offset = 4, math.pi / 4
+        else:
+            n, offset = 3, -math.pi / 2
+        t = np.arange(n) * (2 * math.pi / n) + offset + self.angle
+        return np.stack([self.cx + self.radius * np.cos(t), self.cy + self.radius * np.sin(t)], 1)
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Axis-aligned bounding box (x1, y1, x2, y2), clipped to the image."""
+        pts = self.polygon()
+        x1, y1 = pts.min(0)
+        x2, y2 = pts.max(0)
+        return (max(0.0, float(x1)), max(0.0, float(y1)), min(float(width), float(x2)),
+                min(float(height), float(y2)))
+
+
+@dataclass(frozen=True, slots=True)
+class GroundTruth:
+    """Truth for one rendered image: class ids and boxes in pixel coordinates."""
+
+    class_ids: tuple[int, ...]
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "objects": [
+                {"label": CLASSES[c], "class_id": c, "box": [round(v, 2) for v in b]}
+                for c, b in zip(self.class_ids, self.boxes, strict=True)
+            ]
+        }
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A two-colour gradient with noise and low-contrast clutter (lines, blobs)."""
+    c0 = rng.integers(0, 256, 3).astype(np.float32)
+    c1 = rng.integers(0, 256, 3).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    t = (xx * math.cos(angle) + yy * math.sin(angle)) / max(width, height)
+    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    img += rng.normal(0, rng.uniform(2, 10), img.shape)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(int(rng.integers(2, 8))):
+        col = tuple(int(v) for v in np.clip(img[0, 0].astype(int) + rng.integers(-40, 40, 3), 0, 255))
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        if rng.random() < 0.5:
+            cv2.line(img, p1, p2, col, int(rng.integers(1, 4)), cv2.LINE_AA)
+        else:
+            axes = (int(rng.integers(5, width // 4)), int(rng.integers(5, height // 4)))
+            cv2.ellipse(img, p1, axes, float(rng.uniform(0, 180)), 0, 360, col, 1, cv2.LINE_AA)
+    return img
+
+
+def _contrasting_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    mean = background.reshape(-1, 3).mean(0)
+    for _ in range(50):
+        col = rng.integers(0, 256, 3)
+        if np.abs(col - mean).sum() > 180:
+            break
+    return (int(col[0]), int(col[1]), int(col[2]))
+
+
+def draw(image: np.ndarray, shapes: list[Shape]) -> None:
+    """Draw shapes onto a BGR image in place, anti-aliased."""
+    for s in shapes:
+        pts = np.round(s.polygon() * 16).astype(np.int32)  # 4 fractional bits
+        cv2.fillPoly(image, [pts], s.color, cv2.LINE_AA, shift=4)
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def random_shapes(
+    rng: np.random.Generator,
+    background: np.ndarray,
+    count: int,
+    min_radius: float,
+    max_radius: float,
+) -> list[Shape]:
+    """Place up to `count` shapes fully inside the image, not overlapping each other."""
+    height, width = background.shape[:2]
+    shapes: list[Shape] = []
+    for _ in range(count * 20):
+        if len(shapes) == count:
+            break
+        r = float(rng.uniform(min_radius, max_radius))
+        s = Shape(
+            class_id=int(rng.integers(0, len(CLASSES))),
+            cx=float(rng.uniform(r + 2, width - r - 2)),
+            cy=float(rng.uniform(r + 2, height - r - 2)),
+            radius=r,
+            angle=float(rng.uniform(0, 2 * math.pi)),
+            color=_contrasting_color(rng, background),
+        )
+        box = s.box(width, height)
+        if all(_iou(box, o.box(width, height)) == 0.0 for o in shapes):
+            shapes.append(s)
+    return shapes
+
+
+def render_image(
+    seed: int, width: int = 640, height: int = 360, max_objects: int = 5
+) -> tuple[np.ndarray, GroundTruth]:
+    """One random training/test image and its truth."""
+    rng = np.random.default_rng(seed)
+    img = _background(rng, width, height)
+    scale = min(width, height)
+    shapes = random_shapes(rng, img, int(rng.integers(1, max_objects + 1)), scale * 0.05, scale * 0.14)
+    draw(img, shapes)
+    truth = GroundTruth(tuple(s.class_id for s in shapes), tuple(s.box(width, height) for s in shapes))
+    return img, truth
+
+
+@dataclass(frozen=True, slots=True)
+class MovingScene:
+    """A deterministic video scene: shapes move in straight lines and bounce off the edges.
+
+    Frame `i` is a pure function of (seed, i), so a consumer that knows a frame's index (from its
+    presentation time) can recompute the truth for it without storing anything.
+    """
+
+    seed: int
+    width: int = 640
+    height: int = 360
+    fps: float = 15.0
+    objects: int = 4
+    speed: float = 1.5  # px per frame: slow enough that one frame of timing error keeps IoU high
+
+    def _initial(self) -> tuple[np.ndarray, list[Shape], np.ndarray]:
+        return _scene_initial(self)
+
+    def _make_initial(self) -> tuple[np.ndarray, list[Shape], np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        bg = _background(rng, self.width, self.height)
+        scale = min(self.width, self.height)
+        shapes = random_shapes(rng, bg, self.objects, scale * 0.07, scale * 0.13)
+        angles = rng.uniform(0, 2 * math.pi, len(shapes))
+        vel = np.stack([np.cos(angles), np.sin(angles)], 1) * self.speed
+        return bg, shapes, vel
+
+    def shapes_at(self, index: int) -> list[Shape]:
+        _, shapes, vel = self._initial()
+        out = []
+        for s, (vx, vy) in zip(shapes, vel, strict=True):
+            x = _bounce(s.cx + vx * index, s.radius, self.width - s.radius)
+            y = _bounce(s.cy + vy * index, s.radius, self.height - s.radius)
+            out.append(Shape(s.class_id, x, y, s.radius, s.angle, s.color))
+        return out
+
+    def truth_at(self, index: int) -> GroundTruth:
+        shapes = self.shapes_at(index)
+        return GroundTruth(
+            tuple(s.class_id for s in shapes), tuple(s.box(self.width, self.height) for s in shapes)
+        )
+
+    def frames(self, count: int) -> Iterator[tuple[np.ndarray, GroundTruth]]:
+        bg, _, _ = self._initial()
+        for i in range(count):
+            img = bg.copy()
+            draw(img, self.shapes_at(i))
+            yield img, self.truth_at(i)
+
+
+@functools.lru_cache(maxsize=16)
+def _scene_initial(scene: MovingScene) -> tuple[np.ndarray, list[Shape], np.ndarray]:
+    return scene._make_initial()
+
+
+def _bounce(v: float, lo: float, hi: float) -> float:
+    """Reflect a coordinate moving freely back into [lo, hi] (a triangle wave)."""
+    span = hi - lo
+    if span <= 0:
+        return lo
+    t = (v - lo) % (2 * span)
+    return lo + (t if t <= span else 2 * span - t)
+
+
+def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int = 23) -> int:
+    """Encode the scene as H.264 (no B-frames, short GOP, so RTSP clients join fast).
+
+    Returns the number of frames written. Frame `i` has pts `i / fps`.
+    """
+    import av  # local: keeps the renderer importable where only numpy/cv2 are needed
+    from fractions import Fraction
+
+    count = int(round(seconds * scene.fps))
+    rate = Fraction(scene.fps).limit_denominator(1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = scene.width, scene.height
+        stream.pix_fmt = "yuv420p"
+        gop = max(1, int(round(scene.fps)))
+        stream.options = {"crf": str(crf), "preset": "veryfast", "bf": "0", "g": str(gop),
+                          "tune": "zerolatency"}
+        stream.codec_context.time_base = 1 / rate
+        for i, (img, _) in enumerate(scene.frames(count)):
+            frame = av.VideoFrame.from_ndarray(img, format="bgr24")
+            frame.pts = i
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return count

@@ -1,0 +1,78 @@
+#!/usr/bin/python3
+"""A small RTSP server for tests and benchmarks (GStreamer's gst-rtsp-server).
+
+Serves H.264 files as cameras on 127.0.0.1:
+
+    /usr/bin/python3 tools/rtsp_server.py --port 8554 --mount cam1=a.mp4 --mount cam2=b.mp4 \
+        [--user u --password p]
+
+Each client gets its own pipeline starting at the file's first frame (unshared media), so a
+client's presentation times count from the start of the file: a test that knows the file's
+ground truth can score detections by timestamp. Runs under Debian's python3 with python3-gi
+(not a virtualenv). Prints `READY <port>` on stdout once it listens; stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+
+def pipeline_for(path: str) -> str:
+    demux = "qtdemux" if path.endswith((".mp4", ".mov")) else "matroskademux"
+    return (f'( filesrc location="{path}" ! {demux} ! h264parse config-interval=-1 '
+            f"! rtph264pay name=pay0 pt=96 )")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--address", default="127.0.0.1")
+    ap.add_argument("--mount", action="append", default=[], help="name=path of an H.264 mp4/mkv")
+    ap.add_argument("--user")
+    ap.add_argument("--password")
+    args = ap.parse_args()
+
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address(args.address)
+    server.set_service(str(args.port))
+    mounts = server.get_mount_points()
+    for spec in args.mount:
+        name, _, path = spec.partition("=")
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_launch(pipeline_for(path))
+        factory.set_shared(False)
+        if args.user:
+            perms = GstRtspServer.RTSPPermissions()
+            perms.add_permission_for_role("user", "media.factory.access", True)
+            perms.add_permission_for_role("user", "media.factory.construct", True)
+            factory.set_permissions(perms)
+        mounts.add_factory("/" + name.strip("/"), factory)
+    if args.user:
+        auth = GstRtspServer.RTSPAuth()
+        token = GstRtspServer.RTSPToken()
+        token.set_string("media.factory.role", "user")
+        basic = GstRtspServer.RTSPAuth.make_basic(args.user, args.password or "")
+        auth.add_basic(basic, token)
+        server.set_auth(auth)
+    if server.attach(None) == 0:
+        print(f"cannot listen on {args.address}:{args.port}", file=sys.stderr)
+        return 1
+    loop = GLib.MainLoop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
+    print(f"READY {server.get_bound_port()}", flush=True)
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
