@@ -96,7 +96,7 @@ class Pipeline:
                 await self._load_models(tg)
                 for rt in self.streams.values():
                     self._start_stream(rt)
-                tg.create_task(self._stats_loop(), name="stats")
+                self._sched_tasks.append(tg.create_task(self._stats_loop(), name="stats"))
                 self.ready.set()
                 try:
                     await stop.wait()

@@ -60,6 +60,9 @@ class GroundTruth:
 
     class_ids: tuple[int, ...]
     boxes: tuple[tuple[float, float, float, float], ...]
+    # True where the object's box touches another object's box: moving shapes cross each other,
+    # and a test scores only objects in clear view (as KITTI/COCO do with occlusion flags)
+    occluded: tuple[bool, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -196,9 +199,9 @@ class MovingScene:
 
     def truth_at(self, index: int) -> GroundTruth:
         shapes = self.shapes_at(index)
-        return GroundTruth(
-            tuple(s.class_id for s in shapes), tuple(s.box(self.width, self.height) for s in shapes)
-        )
+        boxes = tuple(s.box(self.width, self.height) for s in shapes)
+        occluded = tuple(any(_iou(b, o) > 0 for j, o in enumerate(boxes) if j != i) for i, b in enumerate(boxes))
+        return GroundTruth(tuple(s.class_id for s in shapes), boxes, occluded)
 
     def frames(self, count: int) -> Iterator[tuple[np.ndarray, GroundTruth]]:
         bg, _, _ = self._initial()

@@ -1,0 +1,224 @@
+"""Fixtures that start real servers on loopback: Mosquitto and GStreamer's RTSP server.
+
+Test videos are rendered at test time from `streams.synthetic` (ground truth known per frame).
+Each server gets a free port; each test uses its own topic prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "shapes-yolo11n.pt"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Mosquitto:
+    """A real Mosquitto broker on a fixed loopback port; can be stopped and restarted."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class RtspServer:
+    """tools/rtsp_server.py (gst-rtsp-server) serving files; can be killed and restarted."""
+
+    def __init__(self, mounts: dict[str, Path], port: int | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
+        self.mounts = mounts
+        self.port = port or free_port()
+        self.user, self.password = user, password
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        cmd = [SYSTEM_PYTHON, str(ROOT / "tools" / "rtsp_server.py"), "--port", str(self.port)]
+        for name, path in self.mounts.items():
+            cmd += ["--mount", f"{name}={path}"]
+        if self.user:
+            cmd += ["--user", self.user, "--password", self.password or ""]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY"):
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"rtsp server did not start: {line!r} {err}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def url(self, name: str, with_auth: bool = True) -> str:
+        auth = f"{self.user}:{self.password}@" if (self.user and with_auth) else ""
+        return f"rtsp://{auth}127.0.0.1:{self.port}/{name}"
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass
+class Subscriber:
+    """A paho subscriber collecting every message under a topic filter (own client id)."""
+
+    port: int
+    topic: str
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(self.topic, qos=1)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self.lock:
+            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), time.time()))
+
+    def of(self, suffix: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def wait_for(self, predicate: Any, timeout: float, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def scenes() -> dict[str, Any]:
+    from streams.synthetic import MovingScene
+
+    return {"cam1": MovingScene(seed=11), "cam2": MovingScene(seed=12)}
+
+
+@pytest.fixture(scope="session")
+def videos(media_dir: Path, scenes: dict[str, Any]) -> dict[str, Path]:
+    from streams.synthetic import write_video
+
+    out = {}
+    for name, scene in scenes.items():
+        path = media_dir / f"{name}.mp4"
+        write_video(path, scene, seconds=60)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    return f"fgtest-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def framegrid_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FRAMEGRID_STATE_DIR"] = str(tmp_path_factory.getbasetemp() / "state")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Framegrid:
+    """`framegrid run CONFIG` as a child process, its output captured to a file."""
+
+    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = log.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT,
+                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def stop(self, sig: int = 2, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(5)
+            raise AssertionError(f"framegrid did not stop within {timeout}s; log:\n{self.output()}") from None
+        finally:
+            self._fh.close()
+        return rc
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
