@@ -152,27 +152,32 @@ class Publisher:
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         window = asyncio.Semaphore(64)  # messages in flight at once: hides broker round-trips
-        inflight: set[asyncio.Task[None]] = set()
-        failed: list[Message] = []
+        inflight: dict[asyncio.Task[None], Message] = {}
+        failed = asyncio.Event()
 
         async def send(msg: Message) -> None:
             try:
                 await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
-                self.published += 1
             except aiomqtt.MqttError:
-                failed.append(msg)
+                failed.set()
+                raise
             finally:
                 window.release()
+            self.published += 1
 
         try:
             while True:
-                if failed:
-                    raise aiomqtt.MqttError("publish failed")
+                if failed.is_set():
+                    raise aiomqtt.MqttError("publish failed: connection lost")
                 if not self._buffer:
                     if self._closing:
                         break
                     self._wake.clear()
-                    await self._wake.wait()
+                    waiter = asyncio.ensure_future(self._wake.wait())
+                    fail_waiter = asyncio.ensure_future(failed.wait())
+                    await asyncio.wait({waiter, fail_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    fail_waiter.cancel()
                     continue
                 await window.acquire()
                 if not self._buffer:
@@ -180,21 +185,27 @@ class Publisher:
                     continue
                 msg = self._buffer.popleft()
                 task = asyncio.create_task(send(msg), name="mqtt.publish")
-                inflight.add(task)
-                task.add_done_callback(inflight.discard)
+                inflight[task] = msg
+                task.add_done_callback(lambda t: inflight.pop(t, None) if not t.cancelled()
+                                       and t.exception() is None else None)
                 await asyncio.sleep(0)
             if inflight:
-                await asyncio.wait(inflight, timeout=5)
+                await asyncio.wait(set(inflight), timeout=5)
         finally:
-            for task in list(inflight):
+            pending = [t for t in inflight if not t.done()]
+            for task in pending:
                 task.cancel()
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
-            if failed:
-                # not acknowledged: send again after reconnect (at-least-once, like QoS 1)
-                for msg in reversed(failed):
-                    self._buffer.appendleft(msg)
-                self.resent += len(failed)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # not acknowledged (failed or cut off): send again after reconnect, in the original
+            # order (at-least-once, like QoS 1 itself); insertion order of `inflight` is send order
+            unacked = [m for t, m in inflight.items() if t.cancelled() or t.exception() is not None]
+            for msg in reversed(unacked):
+                self._buffer.appendleft(msg)
+            self.resent += len(unacked)
+            while len(self._buffer) > self.cfg.buffer:
+                self._buffer.popleft()
+                self.dropped_overflow += 1
 
     async def close(self) -> None:
         """Queue `offline` behind everything buffered and let `run()` flush it and disconnect.

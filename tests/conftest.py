@@ -47,10 +47,12 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real Mosquitto broker on a fixed loopback port; can be stopped and restarted."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
         self.port = port or free_port()
         self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
+                       else "persistence false\n")
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -121,11 +123,13 @@ class Subscriber:
 
     port: int
     topic: str
+    persistent: bool = False  # a durable session: the broker queues QoS 1 messages while we are away
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{uuid.uuid4().hex[:8]}")
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
+                                  clean_session=not self.persistent)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(self.topic, qos=1)
         self.client.reconnect_delay_set(0.1, 1)

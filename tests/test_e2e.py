@@ -148,9 +148,10 @@ def test_broker_restart_keeps_pipeline_running_with_honest_drop_counters(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path], topic_prefix: str,
     framegrid_env: dict[str, str],
 ) -> None:
-    broker = Mosquitto(tmp_path_factory.mktemp("own-broker"), port=free_port())
+    # persistent broker and subscriber session: every loss the subscriber sees is framegrid's
+    broker = Mosquitto(tmp_path_factory.mktemp("own-broker"), port=free_port(), persistent=True)
     broker.start()
-    sub = Subscriber(broker.port, f"{topic_prefix}/#")
+    sub = Subscriber(broker.port, f"{topic_prefix}/#", persistent=True)
     try:
         # a file camera: the broker is the only thing that fails here
         cfg = write_config(tmp_path / "fg.toml", topic_prefix, broker.url, {"cam": str(videos["cam1"])},
@@ -165,7 +166,7 @@ def test_broker_restart_keeps_pipeline_running_with_honest_drop_counters(
                      "detections after the broker came back")
         sub.wait_for(lambda: any(m.at > t_back + 1 and m.json()["mqtt"]["dropped_overflow"] > 0
                                  for m in sub.of("/stats")), 15, "stats reporting drops")
-        # the restarted broker kept nothing (no persistence): framegrid re-sent its retained state
+        # a new subscriber still gets the stream's retained state
         late = Subscriber(broker.port, f"{topic_prefix}/streams/cam/state")
         late.wait_for(lambda: any(m.retain and m.json()["state"] == "streaming" for m in late.messages), 10,
                       "retained state after broker restart")
