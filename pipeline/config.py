@@ -201,8 +201,6 @@ def parse_config(
     """Validate raw TOML data; raises ConfigError listing every problem with its key path."""
     errors: list[tuple[str, str]] = []
     data = _substitute(data, "", dict(os.environ) if env is None else env, errors)
-    if errors:
-        raise ConfigError(errors, source)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -226,6 +224,8 @@ def parse_config(
                 continue
             errors.append((loc, redact_text(msg)))
         raise ConfigError(errors, source) from None
+    if errors:
+        raise ConfigError(errors, source)
     config = _resolve_paths(config, base_dir)
     if check_files:
         errors = check_config_files(config)

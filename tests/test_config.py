@@ -1,0 +1,107 @@
+"""Config validation: strict keys, key paths in every error, env placeholders, file checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import ConfigError, load_config
+from pipeline.cli import main
+
+from .conftest import MODEL, ROOT
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+GOOD = f"""
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+[models.m]
+type = "yolo"
+weights = "{MODEL}"
+imgsz = 320
+[streams.cam1]
+url = "rtsp://user:${{CAM_PW}}@127.0.0.1:8554/cam1"
+model = "m"
+max_fps = 10
+"""
+
+
+def test_default_config_is_valid() -> None:
+    cfg = load_config(ROOT / "config.toml")
+    assert cfg.mqtt.url == "embedded"
+    assert cfg.models["shapes"].weights == ROOT / "models" / "shapes-yolo11n.pt"
+    assert cfg.streams["demo"].url == str(ROOT / "media" / "demo-shapes.mp4")
+
+
+def test_env_placeholder_substituted(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD), env={"CAM_PW": "hunter2"})
+    assert cfg.streams["cam1"].url == "rtsp://user:hunter2@127.0.0.1:8554/cam1"
+    assert "hunter2" in cfg.secrets()
+
+
+def test_missing_env_variable_names_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD), env={})
+    assert ("streams.cam1.url", "environment variable CAM_PW is not set") in info.value.errors
+
+
+def test_wrong_types_and_unknown_keys_all_reported_with_paths(tmp_path: Path) -> None:
+    text = GOOD.replace("max_fps = 10", 'max_fps = "fast"\nframerate = 3').replace("imgsz = 320", "imgsz = 16")
+    text += '\n[bogus]\nx = 1\n[mqtt.extra]\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"CAM_PW": "pw"})
+    paths = dict(info.value.errors)
+    assert "unknown key" in paths["streams.cam1.framerate"]
+    assert "number" in paths["streams.cam1.max_fps"]
+    assert "greater than or equal to 32" in paths["models.m.imgsz"]
+    assert paths["bogus"] == "unknown key"
+    assert paths["mqtt.extra"] == "unknown key"
+
+
+def test_unknown_model_reference(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace('model = "m"', 'model = "nope"')), env={"CAM_PW": "x"})
+    assert info.value.errors[0][0] == "streams.cam1.model"
+    assert "unknown model 'nope'" in info.value.errors[0][1]
+
+
+def test_missing_weights_says_what_to_download(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace(str(MODEL), "weights/yolo11n.pt")), env={"CAM_PW": "x"})
+    key, msg = info.value.errors[0]
+    assert key == "models.m.weights"
+    assert str(tmp_path / "weights" / "yolo11n.pt") in msg and "Download" in msg and "yolo11n.pt" in msg
+
+
+def test_bad_mqtt_url_and_bad_stream_name(tmp_path: Path) -> None:
+    text = GOOD.replace("mqtt://127.0.0.1:1883", "http://broker") + '\n[streams."bad name"]\nurl="x"\nmodel="m"\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"CAM_PW": "x"})
+    keys = [k for k, _ in info.value.errors]
+    assert "mqtt.url" in keys
+    assert any(k.startswith("streams.bad name") for k in keys)
+
+
+def test_password_never_in_errors(tmp_path: Path) -> None:
+    text = GOOD.replace("max_fps = 10", "max_fps = -1").replace("${CAM_PW}", "t0p-secret")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.replace('url = "rtsp', 'url = 5\nx = "rtsp')))
+    assert "t0p-secret" not in str(info.value)
+
+
+def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(ROOT / "config.toml")]) == 0
+    bad = write(tmp_path, GOOD.replace("max_fps = 10", "max_fps = 0\nspeed = 1"))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "streams.cam1.max_fps:" in err and "streams.cam1.speed: unknown key" in err
+    assert main(["validate", str(tmp_path / "absent.toml")]) == 2
+    (tmp_path / "broken.toml").write_text("[mqtt\nurl=")
+    assert main(["validate", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
