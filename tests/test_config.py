@@ -52,7 +52,7 @@ def test_missing_env_variable_names_key(tmp_path: Path) -> None:
 
 
 def test_wrong_types_and_unknown_keys_all_reported_with_paths(tmp_path: Path) -> None:
-    text = GOOD.replace("max_fps = 10", 'max_fps = "fast"\nframerate = 3').replace("imgsz = 320", "imgsz = 16")
+    text = GOOD.replace("max_fps = 10", 'max_fps = "fast"\nframerate = 3').replace("imgsz = 320", "imgsz = 0")
     text += '\n[bogus]\nx = 1\n[mqtt.extra]\n'
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env={"CAM_PW": "pw"})
