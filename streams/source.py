@@ -15,7 +15,6 @@ Every message that leaves this module is redacted: URLs carry passwords.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -236,7 +235,7 @@ class Source:
                 error, permanent = str(exc), self.local
             except SourceOpenError as exc:
                 error = str(exc)
-                permanent = self.local and not os.path.exists(self._url.removeprefix("file:"))
+                permanent = self.local  # a missing or unreadable file does not heal by retrying
             except StreamError as exc:
                 error = str(exc)
             except av.error.FFmpegError as exc:

@@ -1,0 +1,162 @@
+"""Media layer: redaction, backoff, keep-latest slot, file pacing and looping, failures, probe."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from streams import (
+    FAILED,
+    RECONNECTING,
+    STREAMING,
+    Backoff,
+    Frame,
+    LatestFrame,
+    Source,
+    SourceOptions,
+    SourceState,
+    redact_text,
+    redact_url,
+)
+from streams.synthetic import MovingScene, write_video
+
+from .conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("short") / "one-second.mp4"
+    write_video(path, MovingScene(seed=3, width=320, height=180), seconds=1.0)
+    return path
+
+
+def test_redaction() -> None:
+    assert redact_url("rtsp://admin:pa:ss@10.0.0.1:554/s") == "rtsp://admin:***@10.0.0.1:554/s"
+    assert redact_url("rtsp://10.0.0.1/s") == "rtsp://10.0.0.1/s"
+    assert redact_url("http://h/x?token=abc&b=1") == "http://h/x?token=***&b=1"
+    text = "cannot open 'rtsp://u:p%40w@h/x' and rtmp://a:b@c/d"
+    assert redact_text(text) == "cannot open 'rtsp://u:***@h/x' and rtmp://a:***@c/d"
+    assert redact_text("pw is s3cret!", secrets=("s3cret!",)) == "pw is ***"
+
+
+def test_backoff_full_jitter_is_capped_and_resets() -> None:
+    b = Backoff(base=0.5, cap=4.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(50)]
+    assert all(0 <= d <= 4.0 for d in delays)
+    assert max(delays[10:]) > 2.0  # it does grow to the cap
+    assert b.ceiling() == 4.0
+    b.reset()
+    assert b.ceiling() == 0.5 and b.next_delay() <= 0.5
+    with pytest.raises(ValueError):
+        Backoff(base=2, cap=1)
+
+
+def _frame(stream: str, i: int) -> Frame:
+    return Frame(stream, i, np.zeros((4, 4, 3), np.uint8), time.time(), i / 10, 0.1, time.monotonic())
+
+
+def test_latest_frame_overwrites_and_counts_stale() -> None:
+    notified = []
+    slot = LatestFrame("s", lambda: notified.append(1))
+    for i in range(5):
+        slot.put(_frame("s", i))
+    assert slot.take().index == 4  # type: ignore[union-attr]
+    assert slot.take() is None
+    assert (slot.received, slot.dropped_stale, len(notified)) == (5, 4, 5)
+
+
+def test_frame_rejects_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match="stream x"):
+        Frame("x", 0, np.zeros((4, 4), np.uint8), 0.0, None, 0.0)
+
+
+def test_file_source_is_paced_and_loops_with_continuous_pts(short_video: Path) -> None:
+    frames: list[Frame] = []
+    src = Source("f", str(short_video), frames.append)  # local file: realtime + loop by default
+    src.start()
+    time.sleep(2.5)
+    assert src.stop(5)
+    # 15 fps for 2.5 s, minus open time: paced, not decoded as fast as possible
+    assert 25 <= len(frames) <= 40, len(frames)
+    pts = [f.pts for f in frames]
+    assert all(b > a for a, b in zip(pts, pts[1:])), "pts must keep increasing across the loop"
+    assert max(pts) > 1.0  # it did loop past the 1 s file
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert frames[0].image.shape == (180, 320, 3)
+
+
+def test_unreachable_url_reconnects_with_redacted_error() -> None:
+    states: list[SourceState] = []
+    url = f"rtsp://cam:Very-Secret-1@127.0.0.1:{free_port()}/x"
+    src = Source("dead", url, lambda f: None, states.append,
+                 SourceOptions(open_timeout=2, stall_timeout=2, reconnect_base=0.05, reconnect_cap=0.2))
+    src.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and src.state.reconnects < 3:
+        time.sleep(0.05)
+    assert src.stop(5)
+    assert src.state.reconnects >= 3
+    errors = [s.error for s in states if s.state == RECONNECTING]
+    assert errors and "Connection refused" in errors[-1]
+    assert all("Very-Secret-1" not in (s.error or "") for s in states)
+    assert "cam:***@" in errors[-1]
+
+
+def test_not_video_file_fails_clearly(tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.mp4"
+    bogus.write_text("this is not a video\n" * 100)
+    states: list[SourceState] = []
+    done = threading.Event()
+
+    def on_state(s: SourceState) -> None:
+        states.append(s)
+        if s.state == FAILED:
+            done.set()
+
+    src = Source("bogus", str(bogus), lambda f: None, on_state)
+    src.start()
+    assert done.wait(10)
+    src.stop(2)
+    assert states[-1].state == FAILED
+    assert "cannot open" in (states[-1].error or "") and "notes.mp4" in (states[-1].error or "")
+
+
+def test_probe_cli(short_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["probe", str(short_video)]) == 0
+    out = capsys.readouterr().out
+    assert "h264 320x180 15.00 fps" in out
+    port = free_port()
+    assert main(["probe", "--timeout", "2", f"rtsp://u:Hidden-9@127.0.0.1:{port}/s"]) == 2
+    err = capsys.readouterr().err
+    assert "probe failed" in err and "Connection refused" in err and "Hidden-9" not in err
+
+
+def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
+    from .conftest import RtspServer
+
+    server = RtspServer({"cam": videos["cam1"]}, user="u", password="p@ss word")
+    server.start()
+    try:
+        frames: list[Frame] = []
+        url = f"rtsp://u:p%40ss%20word@127.0.0.1:{server.port}/cam"
+        src = Source("cam", url, frames.append)
+        assert not src.realtime and not src.loop
+        src.start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(frames) < 20:
+            time.sleep(0.05)
+        assert src.state.state == STREAMING
+        assert src.stop(5)
+    finally:
+        server.kill()
+    assert len(frames) >= 20
+    assert frames[0].image.shape == (360, 640, 3)
+    # a live source delivers at the camera's rate, pts on its own clock
+    pts = [f.pts for f in frames if f.pts is not None]
+    assert pts == sorted(pts) and pts[-1] - pts[0] == pytest.approx((len(pts) - 1) / 15, abs=0.2)
