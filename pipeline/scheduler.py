@@ -146,8 +146,11 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
-        if n:
-            self._rr = (self._rr + 1) % max(1, len(self._order))
+        if picked and self._order:
+            # round robin: the next batch starts after the last stream served in this one
+            last = picked[-1][0].stream
+            if last in self._order:
+                self._rr = (self._order.index(last) + 1) % len(self._order)
         return picked
 
     def _next_wake(self, now: float, deadline: float | None) -> float | None:
