@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ import paho.mqtt.client as paho
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# keep ultralytics' settings and caches of in-process tests out of the home folder
+os.environ.setdefault("FRAMEGRID_STATE_DIR", str(Path(tempfile.gettempdir()) / "framegrid-test-state"))
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
