@@ -196,6 +196,7 @@ class Pipeline:
         sched = self.schedulers.get(rt.cfg.model)
         if sched is None:
             return  # its model failed to load; state already says so
+        rt.stats.restart_window()  # rates count from here, not from model loading
         handle = StreamHandle(rt.name, rt.latest, rt.stats, rt.cfg.max_fps)
         sched.add_stream(handle)
         opts = SourceOptions(

@@ -49,6 +49,10 @@ class StreamStats:
                 ring = self.stage_ms[k] = deque(maxlen=256)
             ring.append(v)
 
+    def restart_window(self) -> None:
+        self._last_t = time.monotonic()
+        self._last_decoded, self._last_processed = self.decoded, self.processed
+
     def tick(self, now: float | None = None) -> None:
         """Update fps figures from the counters since the previous tick."""
         now = time.monotonic() if now is None else now
