@@ -124,6 +124,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .config import DevicesConfig
+    from .devices import GB, discover, plan_slots
+
+    cfg = DevicesConfig()
+    if args.config is not None:
+        try:
+            cfg = load_config(args.config).devices
+        except ConfigError as exc:
+            print(redact_text(str(exc)), file=sys.stderr)
+            return 2
+    devices = discover()
+    print("devices:")
+    for d in devices:
+        extra = f", {d.utilization:.0f}% busy" if d.utilization is not None else ""
+        extra += f", {d.cores} cores" if d.cores else ""
+        print(f"  {d.id:<8} {d.name}: {d.total_bytes / GB:.1f} GB total, {d.free_bytes / GB:.1f} GB free{extra}")
+    print("plan (detect slots):")
+    plans = plan_slots(devices, int(cfg.slot_memory_gb * GB), cfg.usable_fraction, dict(cfg.overrides),
+                       cfg.cpu_slots, cfg.cpu_threads_per_slot, use_cpu_with_gpus=cfg.use_cpu_with_gpus)
+    for p in plans:
+        print(f"  {p.reason}")
+    print(f"total: {sum(p.slots for p in plans)} slot(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics server")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -139,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("devices", help="list devices and the executor-slot plan, before loading anything")
+    p.add_argument("config", nargs="?", type=Path)
+    p.set_defaults(func=cmd_devices)
     args = ap.parse_args(argv)
     return int(args.func(args))
 

@@ -125,6 +125,16 @@ class PipelineConfig(Strict):
     decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = auto)")
 
 
+class DevicesConfig(Strict):
+    usable_fraction: float = Field(0.9, gt=0, le=1, description="share of a GPU's free memory slots may use")
+    slot_memory_gb: float = Field(2.0, gt=0, le=1024, description="memory one detect slot needs on a GPU")
+    cpu_slots: int = Field(1, ge=0, le=256, description="detect slots on the CPU")
+    cpu_threads_per_slot: int | None = Field(None, ge=1, le=256, description="default: cores / cpu_slots")
+    use_cpu_with_gpus: bool = Field(False, description="also run CPU slots when GPUs are present")
+    overrides: dict[Annotated[str, Field(pattern=r"^(cpu|cuda:\d+)$")], Annotated[int, Field(ge=0, le=256)]] = Field(
+        default_factory=dict, description="slots per device id, e.g. {\"cuda:0\" = 3}")
+
+
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -134,6 +144,7 @@ class Config(Strict):
     models: dict[Name, ModelConfig] = Field(default_factory=dict)
     streams: dict[Name, StreamConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")

@@ -1,0 +1,142 @@
+"""Device discovery and executor-slot planning.
+
+`discover()` lists NVIDIA GPUs through NVML (pynvml from nvidia-ml-py) and always adds the CPU;
+without an NVIDIA driver it quietly returns the CPU alone. `plan_slots()` is pure: given device
+facts it decides how many executor slots each device hosts, and says why:
+
+    per GPU: floor(free_memory * usable_fraction / slot_memory), unless overridden
+    per CPU: a configured count, each with its own thread budget
+
+so the plan can be printed (`framegrid devices`) before any model is loaded, and tested with
+invented facts (1 to 8 GPUs of any size) on a machine that has none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+GB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """Facts about one device, as discovered (or as a test invents them)."""
+
+    id: str  # "cuda:0", "cpu"
+    kind: str  # "cuda" | "cpu"
+    name: str
+    total_bytes: int
+    free_bytes: int
+    utilization: float | None = None  # percent, GPUs only
+    cores: int | None = None  # CPUs only
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPlan:
+    device: DeviceInfo
+    slots: int
+    slot_bytes: int | None
+    usable_bytes: int | None
+    threads_per_slot: int | None
+    reason: str
+
+
+def _cpu_info() -> DeviceInfo:
+    total = free = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
+        total, free = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return DeviceInfo("cpu", "cpu", "CPU", total, free, None, cores)
+
+
+def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
+    """GPUs first (by NVML index), then the CPU. `nvml` may be injected (tests, other vendors)."""
+    devices: list[DeviceInfo] = []
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            nvml = None
+    if nvml is not None:
+        try:
+            nvml.nvmlInit()
+        except Exception:  # no driver / no library: a CPU machine, nothing to report
+            nvml = None
+    if nvml is not None:
+        try:
+            for i in range(nvml.nvmlDeviceGetCount()):
+                h = nvml.nvmlDeviceGetHandleByIndex(i)
+                name = nvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else str(name)
+                mem = nvml.nvmlDeviceGetMemoryInfo(h)
+                try:
+                    util: float | None = float(nvml.nvmlDeviceGetUtilizationRates(h).gpu)
+                except Exception:
+                    util = None
+                devices.append(DeviceInfo(f"cuda:{i}", "cuda", name, int(mem.total), int(mem.free), util))
+        finally:
+            try:
+                nvml.nvmlShutdown()
+            except Exception:
+                pass
+    devices.append(_cpu_info())
+    return devices
+
+
+def plan_slots(
+    devices: list[DeviceInfo],
+    slot_memory_bytes: int,
+    usable_fraction: float = 0.9,
+    overrides: dict[str, int] | None = None,
+    cpu_slots: int = 1,
+    cpu_threads_per_slot: int | None = None,
+    kind: str = "detect",
+    use_cpu_with_gpus: bool = False,
+) -> list[SlotPlan]:
+    """How many `kind` slots each device hosts, with a one-line reason per device."""
+    if slot_memory_bytes <= 0:
+        raise ValueError("slot memory must be positive")
+    if not 0 < usable_fraction <= 1:
+        raise ValueError("usable_fraction must be in (0, 1]")
+    overrides = overrides or {}
+    has_gpu = any(d.kind == "cuda" for d in devices)
+    plans = []
+    for d in devices:
+        if d.kind == "cuda":
+            usable = int(d.free_bytes * usable_fraction)
+            computed = math.floor(usable / slot_memory_bytes)
+            head = (f"GPU {d.id.split(':')[1]} {d.name}: {d.total_bytes / GB:.1f} GB total, "
+                    f"{usable / GB:.1f} GB usable")
+            if d.id in overrides:
+                n = overrides[d.id]
+                reason = f"{head} -> {n} {kind} slots (override; memory alone would allow {computed})"
+            else:
+                n = computed
+                reason = f"{head} -> {n} {kind} slot{'s' if n != 1 else ''} of {slot_memory_bytes / GB:.1f} GB"
+                if n == 0:
+                    reason += " (too small for one slot: not used)"
+            plans.append(SlotPlan(d, n, slot_memory_bytes, usable, None, reason))
+        else:
+            cores = d.cores or 1
+            if "cpu" in overrides:
+                n, why = overrides["cpu"], "override"
+            elif has_gpu and not use_cpu_with_gpus:
+                n, why = 0, "GPUs present"
+            else:
+                n, why = cpu_slots, "configured"
+            threads = cpu_threads_per_slot or max(1, cores // max(1, n))
+            reason = f"CPU: {cores} cores -> {n} {kind} slot{'s' if n != 1 else ''} ({why})"
+            if n:
+                reason += f", {threads} thread{'s' if threads != 1 else ''} each"
+                if n * threads > cores:
+                    reason += f" (oversubscribed: {n * threads} threads on {cores} cores)"
+            plans.append(SlotPlan(d, n, None, None, threads if n else None, reason))
+    return plans

@@ -1,0 +1,99 @@
+"""Device discovery with injected NVML facts, and the pure slot planner."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.devices import GB, DeviceInfo, discover, plan_slots
+
+
+class FakeNvml:
+    """Stands in for the hardware: the facts NVML would report for the given GPUs."""
+
+    def __init__(self, gpus: list[tuple[str, float, float]], fail_init: bool = False) -> None:
+        self.gpus = gpus
+        self.fail_init = fail_init
+        self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetName(self, h: int) -> bytes:
+        return self.gpus[h][0].encode()
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        return SimpleNamespace(total=int(self.gpus[h][1] * GB), free=int(self.gpus[h][2] * GB))
+
+    def nvmlDeviceGetUtilizationRates(self, h: int) -> Any:
+        return SimpleNamespace(gpu=7)
+
+
+def gpu(i: int, total: float, free: float, name: str = "NVIDIA RTX 4090") -> DeviceInfo:
+    return DeviceInfo(f"cuda:{i}", "cuda", name, int(total * GB), int(free * GB), 0.0)
+
+
+CPU = DeviceInfo("cpu", "cpu", "CPU", 16 * GB, 12 * GB, None, 16)
+
+
+def test_discover_reads_nvml_and_adds_cpu() -> None:
+    nvml = FakeNvml([("NVIDIA A100", 80, 79), ("NVIDIA T4", 16, 15)])
+    devs = discover(nvml)
+    assert [d.id for d in devs] == ["cuda:0", "cuda:1", "cpu"]
+    assert devs[0].name == "NVIDIA A100" and devs[0].free_bytes == 79 * GB and devs[0].utilization == 7
+    assert nvml.shutdowns == 1
+
+
+def test_discover_without_driver_is_cpu_only_and_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    devs = discover(FakeNvml([], fail_init=True))
+    assert [d.kind for d in devs] == ["cpu"] and devs[0].cores and devs[0].cores >= 1
+    assert capsys.readouterr() == ("", "")
+    assert [d.kind for d in discover()] [-1] == "cpu"  # the real machine: no NVIDIA library here
+
+
+def test_plan_formula_and_reason() -> None:
+    (p, c) = plan_slots([gpu(0, 24.0, 24.0), CPU], slot_memory_bytes=8 * GB, usable_fraction=0.9)
+    assert p.slots == 2  # floor(24 * 0.9 / 8)
+    assert p.reason == "GPU 0 NVIDIA RTX 4090: 24.0 GB total, 21.6 GB usable -> 2 detect slots of 8.0 GB"
+    assert c.slots == 0 and "GPUs present" in c.reason
+
+
+@pytest.mark.parametrize("count", range(1, 9))
+def test_plan_many_mixed_gpus(count: int) -> None:
+    sizes = [80.0, 40.0, 24.0, 16.0, 12.0, 8.0, 6.0, 4.0][:count]
+    devices = [gpu(i, s, s * 0.95) for i, s in enumerate(sizes)] + [CPU]
+    plans = plan_slots(devices, slot_memory_bytes=4 * GB, usable_fraction=0.9)
+    for plan, size in zip(plans, sizes, strict=False):
+        assert plan.slots == int(size * 0.95 * 0.9 // 4)
+        assert plan.slots * 4 * GB <= plan.device.free_bytes * 0.9
+    small = [p for p in plans if p.device.kind == "cuda" and p.slots == 0]
+    assert all("too small" in p.reason for p in small)
+
+
+def test_overrides_and_cpu_threads() -> None:
+    plans = plan_slots([gpu(0, 24, 20), CPU], 8 * GB, overrides={"cuda:0": 3, "cpu": 4})
+    assert plans[0].slots == 3 and "override" in plans[0].reason and "would allow 2" in plans[0].reason
+    assert plans[1].slots == 4 and plans[1].threads_per_slot == 4
+    only_cpu = plan_slots([CPU], 8 * GB, cpu_slots=2, cpu_threads_per_slot=12)
+    assert only_cpu[0].slots == 2 and "oversubscribed: 24 threads on 16 cores" in only_cpu[0].reason
+    with pytest.raises(ValueError):
+        plan_slots([CPU], 0)
+
+
+def test_devices_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "detect slot" in out and "total: 1 slot(s)" in out
