@@ -132,37 +132,86 @@ class Pipeline:
 
     # -- models and slots ------------------------------------------------------------------------
     async def _load_models(self, tg: asyncio.TaskGroup) -> None:
-        used = {rt.cfg.model for rt in self.streams.values()}
+        self._tg = tg
         self._sched_tasks: list[asyncio.Task[Any]] = []
-        for name in sorted(used):
-            mcfg = self.config.models[name]
-            try:
-                detector = self.detector_factory(name, mcfg)
-                slot = ExecutorSlot(f"{name}.0", detector)
-                await slot.start()
-                if mcfg.classes is not None:
-                    unknown = sorted(set(mcfg.classes) - set(detector.class_names))
-                    if unknown:
-                        raise DetectorError(f"model {name}: classes {unknown} not in model "
-                                            f"(has {', '.join(detector.class_names)})")
-            except Exception as exc:
-                msg = redact_text(str(exc), self.secrets)
-                log.error("model %s: %s", name, msg)
-                self.model_errors[name] = msg
-                for rt in self.streams.values():
-                    if rt.cfg.model == name:
-                        self._publish_state(rt, FAILED, f"model {name} unavailable: {msg}")
-                continue
-            self.slots[name] = slot
-            sched = Scheduler(
-                slot,
-                self._on_results_for(name),
-                batch_size=mcfg.batch_size,
-                batch_timeout=self.config.pipeline.batch_timeout_ms / 1000,
-                max_frame_age=self.config.pipeline.max_frame_age,
-            )
-            self.schedulers[name] = sched
-            self._sched_tasks.append(tg.create_task(sched.run(), name=f"executor[{name}.0].scheduler"))
+        for name in sorted({rt.cfg.model for rt in self.streams.values()}):
+            await self._load_model(name)
+
+    async def _load_model(self, name: str) -> bool:
+        """Load a model onto a new slot and start its scheduler; False (streams marked failed) on error."""
+        mcfg = self.config.models[name]
+        try:
+            detector = self.detector_factory(name, mcfg)
+            slot = ExecutorSlot(f"{name}.0", detector)
+            await slot.start()
+            if mcfg.classes is not None:
+                unknown = sorted(set(mcfg.classes) - set(detector.class_names))
+                if unknown:
+                    raise DetectorError(f"model {name}: classes {unknown} not in model "
+                                        f"(has {', '.join(detector.class_names)})")
+        except Exception as exc:
+            msg = redact_text(str(exc), self.secrets)
+            log.error("model %s: %s", name, msg)
+            self.model_errors[name] = msg
+            for rt in self.streams.values():
+                if rt.cfg.model == name:
+                    self._publish_state(rt, FAILED, f"model {name} unavailable: {msg}")
+            return False
+        self.model_errors.pop(name, None)
+        self.slots[name] = slot
+        sched = Scheduler(
+            slot,
+            self._on_results_for(name),
+            batch_size=mcfg.batch_size,
+            batch_timeout=self.config.pipeline.batch_timeout_ms / 1000,
+            max_frame_age=self.config.pipeline.max_frame_age,
+        )
+        self.schedulers[name] = sched
+        self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{name}.0].scheduler"))
+        return True
+
+    # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
+    async def add_stream(self, name: str, cfg: StreamConfig) -> None:
+        """Start a stream while running. Its model must be in the config; it is loaded if unused so far.
+
+        Raises ValueError for a bad name, a duplicate, or an unknown model; a model that fails to
+        load leaves the stream in state `failed` (as at start-up).
+        """
+        import re
+
+        from .config import NAME_PATTERN
+
+        if not self.ready.is_set():
+            raise RuntimeError("pipeline is not running")
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"stream name {name!r} must match {NAME_PATTERN}")
+        if name in self.streams:
+            raise ValueError(f"stream {name} already exists")
+        if cfg.model not in self.config.models:
+            raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
+        rt = self._add_runtime(name, cfg)
+        self.secrets = tuple({*self.secrets, *_url_secret(cfg.url)})
+        if cfg.model not in self.schedulers and not await self._load_model(cfg.model):
+            return
+        self._start_stream(rt)
+        log.info("stream %s: added (model %s)", name, cfg.model)
+
+    async def remove_stream(self, name: str) -> None:
+        """Stop a stream while running, publish `stopped` and clear its retained state."""
+        rt = self.streams.get(name)
+        if rt is None:
+            raise KeyError(f"no stream {name}")
+        sched = self.schedulers.get(rt.cfg.model)
+        if sched is not None:
+            sched.remove_stream(name)
+        if rt.source is not None:
+            await asyncio.to_thread(rt.source.stop)
+        self._publish_state(rt, STOPPED, None)
+        del self.streams[name]
+        if self.publisher is not None:  # an empty retained message deletes the retained state
+            topic = self.publisher.topic("streams", name, "state")
+            self.publisher.publish(topic, b"", qos=self.config.mqtt.state_qos, retain=True)
+        log.info("stream %s: removed", name)
 
     def _on_results_for(self, model: str) -> Callable[[list[tuple[StreamHandle, Frame, Detections,
                                                                       dict[str, float]]]], None]:
@@ -287,6 +336,13 @@ class Pipeline:
         while True:
             await asyncio.sleep(self.config.mqtt.stats_interval)
             self._publish_stats()
+
+
+def _url_secret(url: str) -> tuple[str, ...]:
+    from urllib.parse import urlsplit
+
+    pw = urlsplit(url).password
+    return (pw,) if pw else ()
 
 
 def _filter(det: Detections, wanted: set[str]) -> Detections:

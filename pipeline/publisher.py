@@ -75,8 +75,10 @@ class Publisher:
         else:
             data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         msg = Message(topic, data, self.cfg.qos if qos is None else qos, retain)
-        if retain:
+        if retain and data:
             self._retained[topic] = msg
+        elif retain:  # an empty retained message clears the topic: nothing to re-send
+            self._retained.pop(topic, None)
         if len(self._buffer) >= self.cfg.buffer:
             self._buffer.popleft()
             self.dropped_overflow += 1

@@ -1,0 +1,65 @@
+"""Adding and removing streams while the pipeline runs (the Python API), with the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import Pipeline, StreamConfig, parse_config
+
+from .conftest import MODEL, Mosquitto, Subscriber
+from .test_e2e import detections
+
+
+@pytest.mark.slow
+async def test_add_and_remove_streams_at_runtime(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    config = parse_config(
+        {
+            "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
+            "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+            "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5}},
+            "pipeline": {"status_interval": 0},
+        },
+        tmp_path,
+    )
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline = Pipeline(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop))
+
+    async def until(pred: object, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    try:
+        await asyncio.wait_for(pipeline.ready.wait(), 60)
+        await until(lambda: len(detections(sub, "a")) >= 5, 30, "stream a detecting")
+        await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5))
+        with pytest.raises(ValueError, match="already exists"):
+            await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes"))
+        with pytest.raises(ValueError, match="unknown model"):
+            await pipeline.add_stream("c", StreamConfig(url=str(videos["cam2"]), model="nope"))
+        await until(lambda: len(detections(sub, "b")) >= 5, 30, "added stream b detecting")
+        await pipeline.remove_stream("a")
+        removed_at = time.time()
+        n_b = len(detections(sub, "b"))
+        await asyncio.sleep(2)
+        assert len(detections(sub, "b")) >= n_b + 5  # b unaffected by removing a
+        assert not [m for m in sub.of("/streams/a/detections") if m.at > removed_at + 0.5]
+        assert "a" not in pipeline.stats_payload()["streams"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        sub.close()
+    a_states = [m.payload for m in sub.of("/streams/a/state")]
+    assert a_states[-1] == b""  # retained state cleared
+    assert b'"state":"stopped"' in a_states[-2]
