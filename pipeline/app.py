@@ -41,6 +41,11 @@ def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
 
             if torch.cuda.is_available():
                 device = "cuda:0"
+    if cfg.backend == "onnxruntime":
+        from detectors.onnx import OnnxYoloDetector
+
+        return OnnxYoloDetector(name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
+                                threads=cfg.threads, device=device)
     return YoloDetector(
         name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou, device=device,
         half=cfg.half and device.startswith("cuda"), torch_threads=cfg.threads,

@@ -85,6 +85,8 @@ class MqttConfig(Strict):
 
 class ModelConfig(Strict):
     type: Literal["yolo"] = Field(description="backend family")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="torch (ultralytics) or onnxruntime (exported once, cached next to the weights)")
     weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
     imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="inference size")
     confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence")
