@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectors import Detections, Detector, DetectorError, YoloDetector
-from streams import FAILED, STOPPED, Frame, LatestFrame, Source, SourceOptions, SourceState, redact_text
+from streams import FAILED, Backoff, STOPPED, Frame, LatestFrame, Source, SourceOptions, SourceState, redact_text
 
 from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig
@@ -73,8 +73,11 @@ class Pipeline:
         self.clock = clock
         self.secrets = config.secrets()
         self.streams: dict[str, StreamRuntime] = {}
-        self.slots: dict[str, ExecutorSlot] = {}
-        self.schedulers: dict[str, Scheduler] = {}
+        self.slots: dict[str, ExecutorSlot] = {}  # by slot name, "<model>.<index>"
+        self.schedulers: dict[str, Scheduler] = {}  # by slot name
+        self.model_slots: dict[str, list[str]] = {}
+        self.slot_state: dict[str, str] = {}
+        self.slot_restarts: dict[str, list[float]] = {}
         self.model_errors: dict[str, str] = {}
         self.broker: EmbeddedBroker | None = None
         self.publisher: Publisher | None = None
@@ -143,37 +146,146 @@ class Pipeline:
             await self._load_model(name)
 
     async def _load_model(self, name: str) -> bool:
-        """Load a model onto a new slot and start its scheduler; False (streams marked failed) on error."""
+        """Start the model's slots; False (its streams marked failed) when none could start."""
         mcfg = self.config.models[name]
+        self.model_slots[name] = []
+        errors = []
+        for i in range(mcfg.slots):
+            err = await self._start_slot(name, i)
+            if err is None:
+                self.model_slots[name].append(f"{name}.{i}")
+            else:
+                errors.append(err)
+        if self.model_slots[name]:
+            self.model_errors.pop(name, None)
+            self._publish_devices()
+            return True
+        msg = errors[0]
+        log.error("model %s: %s", name, msg)
+        self.model_errors[name] = msg
+        for rt in self.streams.values():
+            if rt.cfg.model == name:
+                self._publish_state(rt, FAILED, f"model {name} unavailable: {msg}")
+        return False
+
+    async def _new_slot(self, model: str, index: int) -> ExecutorSlot:
+        mcfg = self.config.models[model]
+        detector = self.detector_factory(model, mcfg)
+        slot = ExecutorSlot(f"{model}.{index}", detector)
+        await slot.start()
+        if mcfg.classes is not None:
+            unknown = sorted(set(mcfg.classes) - set(detector.class_names))
+            if unknown:
+                await slot.close()
+                raise DetectorError(f"model {model}: classes {unknown} not in model "
+                                    f"(has {', '.join(detector.class_names)})")
+        return slot
+
+    async def _start_slot(self, model: str, index: int) -> str | None:
+        """Start slot `model.index` and its scheduler; the error message when it cannot."""
+        mcfg = self.config.models[model]
         try:
-            detector = self.detector_factory(name, mcfg)
-            slot = ExecutorSlot(f"{name}.0", detector)
-            await slot.start()
-            if mcfg.classes is not None:
-                unknown = sorted(set(mcfg.classes) - set(detector.class_names))
-                if unknown:
-                    raise DetectorError(f"model {name}: classes {unknown} not in model "
-                                        f"(has {', '.join(detector.class_names)})")
+            slot = await self._new_slot(model, index)
         except Exception as exc:
-            msg = redact_text(str(exc), self.secrets)
-            log.error("model %s: %s", name, msg)
-            self.model_errors[name] = msg
-            for rt in self.streams.values():
-                if rt.cfg.model == name:
-                    self._publish_state(rt, FAILED, f"model {name} unavailable: {msg}")
-            return False
-        self.model_errors.pop(name, None)
-        self.slots[name] = slot
+            return redact_text(str(exc), self.secrets)
         sched = Scheduler(
             slot,
-            self._on_results_for(name),
+            self._on_results_for(model),
             batch_size=mcfg.batch_size,
             batch_timeout=self.config.pipeline.batch_timeout_ms / 1000,
             max_frame_age=self.config.pipeline.max_frame_age,
+            on_error=self._on_slot_error,
         )
-        self.schedulers[name] = sched
-        self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{name}.0].scheduler"))
-        return True
+        self.slots[slot.name] = slot
+        self.schedulers[slot.name] = sched
+        self.slot_state[slot.name] = "healthy"
+        self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{slot.name}].scheduler"))
+        return None
+
+    # -- placement and failover --------------------------------------------------------------------
+    def _slot_load(self, slot_name: str) -> float:
+        return sum(h.max_fps or 30.0 for h in self.schedulers[slot_name].streams.values())
+
+    def _pick_slot(self, model: str, exclude: str | None = None) -> str | None:
+        """The healthy slot of `model` with the least load (sum of the streams' frame rates)."""
+        healthy = [n for n in self.model_slots.get(model, []) if n != exclude and self.slots[n].healthy]
+        return min(healthy, key=self._slot_load) if healthy else None
+
+    def _on_slot_error(self, sched: Scheduler, exc: Exception) -> None:
+        """A model call raised: take the slot out, move its streams to healthy slots at once, restart it."""
+        slot = sched.slot
+        if not slot.healthy:
+            return
+        slot.healthy = False
+        self.slot_state[slot.name] = "restarting"
+        model = slot.name.rsplit(".", 1)[0]
+        moved = []
+        for handle in list(sched.streams.values()):
+            target = self._pick_slot(model, exclude=slot.name)
+            if target is None:
+                break  # nowhere to go: they wait here for the restart
+            sched.remove_stream(handle.stream)
+            self.schedulers[target].add_stream(handle)
+            moved.append(f"{handle.stream}->{target}")
+        log.warning("slot %s: unhealthy (%s); moved %s", slot.name, redact_text(str(exc), self.secrets),
+                    ", ".join(moved) or "nothing (no healthy slot)")
+        self._publish_devices()
+        self._tg.create_task(self._restart_slot(sched, model, redact_text(str(exc), self.secrets)),
+                             name=f"executor[{slot.name}].restart")
+
+    async def _restart_slot(self, sched: Scheduler, model: str, reason: str) -> None:
+        name = sched.slot.name
+        mcfg = self.config.models[model]
+        history = self.slot_restarts.setdefault(name, [])
+        backoff = Backoff(0.5, 30.0)
+        while True:
+            now = time.monotonic()
+            history[:] = [t for t in history if now - t < mcfg.restart_window]
+            if len(history) >= mcfg.restart_budget:
+                self.slot_state[name] = "failed"
+                log.error("slot %s: failed (%d restarts within %.0fs; last error: %s)", name, len(history),
+                          mcfg.restart_window, reason)
+                self._publish_devices()
+                return
+            history.append(now)
+            with contextlib.suppress(Exception):
+                await sched.slot.close()
+            await asyncio.sleep(backoff.next_delay())
+            try:
+                slot = await self._new_slot(model, int(name.rsplit(".", 1)[1]))
+            except Exception as exc:
+                reason = redact_text(str(exc), self.secrets)
+                log.error("slot %s: restart failed: %s", name, reason)
+                continue
+            sched.slot = slot
+            self.slots[name] = slot
+            self.slot_state[name] = "healthy"
+            log.info("slot %s: restarted", name)
+            self._publish_devices()
+            return
+
+    def devices_payload(self) -> dict[str, Any]:
+        return {
+            "v": PAYLOAD_VERSION,
+            "at": round(time.time(), 3),
+            "slots": {
+                name: {
+                    "model": name.rsplit(".", 1)[0],
+                    "device": slot.device,
+                    "state": self.slot_state.get(name, "unknown"),
+                    "restarts": len(self.slot_restarts.get(name, [])),
+                    "errors": slot.errors,
+                    "last_error": redact_text(slot.last_error, self.secrets) if slot.last_error else None,
+                    "streams": sorted(self.schedulers[name].streams),
+                }
+                for name, slot in self.slots.items()
+            },
+        }
+
+    def _publish_devices(self) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(self.publisher.topic("devices"), self.devices_payload(),
+                                   qos=self.config.mqtt.state_qos, retain=True)
 
     # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
@@ -196,7 +308,7 @@ class Pipeline:
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
         rt = self._add_runtime(name, cfg)
         self.secrets = tuple({*self.secrets, *_url_secret(cfg.url)})
-        if cfg.model not in self.schedulers and not await self._load_model(cfg.model):
+        if cfg.model not in self.model_slots and not await self._load_model(cfg.model):
             return
         self._start_stream(rt)
         log.info("stream %s: added (model %s)", name, cfg.model)
@@ -206,8 +318,7 @@ class Pipeline:
         rt = self.streams.get(name)
         if rt is None:
             raise KeyError(f"no stream {name}")
-        sched = self.schedulers.get(rt.cfg.model)
-        if sched is not None:
+        for sched in self.schedulers.values():
             sched.remove_stream(name)
         if rt.source is not None:
             await asyncio.to_thread(rt.source.stop)
@@ -247,9 +358,10 @@ class Pipeline:
         return rt
 
     def _start_stream(self, rt: StreamRuntime) -> None:
-        sched = self.schedulers.get(rt.cfg.model)
-        if sched is None:
+        target = self._pick_slot(rt.cfg.model)
+        if target is None:
             return  # its model failed to load; state already says so
+        sched = self.schedulers[target]
         rt.stats.restart_window()  # rates count from here, not from model loading
         handle = StreamHandle(rt.name, rt.latest, rt.stats, rt.cfg.max_fps)
         sched.add_stream(handle)

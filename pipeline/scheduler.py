@@ -62,8 +62,10 @@ class Scheduler:
         batch_size: int = 4,
         batch_timeout: float = 0.015,
         max_frame_age: float = 1.0,
+        on_error: Callable[[Scheduler, Exception], None] | None = None,
     ) -> None:
         self.slot = slot
+        self.on_error = on_error
         self.on_results = on_results
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
@@ -172,6 +174,8 @@ class Scheduler:
             for handle, _ in picked:
                 handle.stats.drop("error")
             log.error("slot %s: batch of %d failed: %s", self.slot.name, len(picked), exc)
+            if self.on_error is not None:
+                self.on_error(self, exc)
             return
         self.batches += 1
         self.batch_sizes[len(picked)] = self.batch_sizes.get(len(picked), 0) + 1
