@@ -171,7 +171,7 @@ class Pipeline:
     async def _new_slot(self, model: str, index: int) -> ExecutorSlot:
         mcfg = self.config.models[model]
         detector = self.detector_factory(model, mcfg)
-        slot = ExecutorSlot(f"{model}.{index}", detector)
+        slot = ExecutorSlot(f"{model}.{index}", detector, hang_timeout=mcfg.hang_timeout)
         await slot.start()
         if mcfg.classes is not None:
             unknown = sorted(set(mcfg.classes) - set(detector.class_names))

@@ -93,6 +93,8 @@ class ModelConfig(Strict):
     iou: float = Field(0.45, gt=0.0, le=1.0, description="NMS IoU threshold")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
     slots: int = Field(1, ge=1, le=64, description="executor slots (model copies, one worker thread each)")
+    hang_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a batch may run before the slot is "
+                                "declared hung (at least 10x its measured time)")
     restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
     restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, auto or cuda[:N]")

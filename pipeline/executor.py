@@ -20,11 +20,24 @@ from detectors import Detections, Detector
 log = logging.getLogger(__name__)
 
 
+class SlotHang(TimeoutError):
+    """A batch ran far past its expected time; the worker thread is abandoned."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError and friends, recognised without importing torch."""
+    name = type(exc).__name__
+    return name in ("OutOfMemoryError", "MemoryError") or "out of memory" in str(exc).lower()
+
+
 class ExecutorSlot:
     """A detector on its own worker thread. Use as an async context manager."""
 
-    def __init__(self, name: str, detector: Detector, device: str = "cpu") -> None:
+    def __init__(self, name: str, detector: Detector, device: str = "cpu", hang_timeout: float = 10.0,
+                 hang_factor: float = 10.0) -> None:
         self.name = name
+        self.hang_timeout = hang_timeout  # floor of the watchdog; grows with measured service time
+        self.hang_factor = hang_factor
         self.device = device
         self.detector = detector
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot[{name}]")
@@ -47,8 +60,16 @@ class ExecutorSlot:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         self.busy_since = time.monotonic()
+        expected = (self.service_ms_per_frame or 0.0) * len(images) / 1000 * self.hang_factor
+        limit = max(self.hang_timeout, expected)
         try:
-            out = await loop.run_in_executor(self._pool, self.detector.infer, list(images))
+            fut = loop.run_in_executor(self._pool, self.detector.infer, list(images))
+            try:
+                # the watchdog: a model call that never returns must not hold its streams hostage
+                out = await asyncio.wait_for(asyncio.shield(fut), limit)
+            except TimeoutError:
+                raise SlotHang(f"slot {self.name}: batch of {len(images)} still running after {limit:.1f}s "
+                               "(hang)") from None
         except Exception as exc:
             self.errors += 1
             self.last_error = str(exc)
@@ -69,7 +90,10 @@ class ExecutorSlot:
         loop = asyncio.get_running_loop()
         self.healthy = False
         try:
-            await loop.run_in_executor(self._pool, self.detector.close)
+            # bounded: after a hang the worker may never come back to run close()
+            await asyncio.wait_for(loop.run_in_executor(self._pool, self.detector.close), 5.0)
+        except TimeoutError:
+            log.warning("slot %s: worker still busy; abandoning it", self.name)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from detectors import Detections
 from streams import Frame, LatestFrame
 
-from .executor import ExecutorSlot
+from .executor import ExecutorSlot, is_out_of_memory
 from .stats import StreamStats
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,15 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if is_out_of_memory(exc) and len(picked) > 1:
+                # out of memory: retry these frames at half the batch size, and keep that size
+                self.batch_size = max(1, len(picked) // 2)
+                log.warning("slot %s: out of memory at batch %d; batch size now %d", self.slot.name, len(picked),
+                            self.batch_size)
+                half = len(picked) // 2
+                await self._ship(picked[:half])
+                await self._ship(picked[half:])
+                return
             for handle, _ in picked:
                 handle.stats.drop("error")
             log.error("slot %s: batch of %d failed: %s", self.slot.name, len(picked), exc)

@@ -116,3 +116,87 @@ async def test_raising_slot_streams_move_and_slot_restarts(
                for d in dev)
     # the devices topic told the story: the victim's stream was served by the other slot
     assert any(victim_stream in s["streams"] for d in dev for n, s in d["slots"].items() if n != victim)
+
+
+class Misbehaves(RaisesAfter):
+    """The real detector with one fault injected after `n` calls: a hang, or out-of-memory above batch 1."""
+
+    def __init__(self, inner: object, n: int, mode: str) -> None:
+        super().__init__(inner, n)
+        self.mode = mode
+        self.batch_sizes: list[int] = []
+
+    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        self.calls += 1
+        self.batch_sizes.append(len(images))
+        if self.mode == "hang" and self.calls == self.n + 1:
+            time.sleep(6)  # far past the 1 s watchdog; finite so the test process can exit
+        if self.mode == "oom" and self.calls > self.n and len(images) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.inner.infer(images)  # type: ignore[attr-defined,no-any-return]
+
+
+async def run_two_slots(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, prefix: str,
+                        mode: str, seconds: float) -> tuple[Pipeline, Subscriber, Misbehaves]:
+    created: list[object] = []
+
+    def factory(name: str, cfg: ModelConfig) -> object:
+        det = default_detector_factory(name, cfg)
+        wrapped = Misbehaves(det, 6, mode) if not created else det
+        created.append(wrapped)
+        return wrapped
+
+    streams = {f"s{i}": {"url": str(videos["cam1" if i % 2 else "cam2"]), "model": "shapes", "max_fps": 3}
+               for i in range(4)}
+    config = parse_config(
+        {"mqtt": {"url": mosquitto.url, "topic_prefix": prefix, "stats_interval": 1},
+         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320, "slots": 2, "threads": 1,
+                               "hang_timeout": 1.0, "batch_size": 4}},
+         "streams": streams, "pipeline": {"status_interval": 0, "batch_timeout_ms": 150}},
+        tmp_path,
+    )
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    pipeline = Pipeline(config, detector_factory=factory)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop))
+    try:
+        await asyncio.wait_for(pipeline.ready.wait(), 60)
+        await asyncio.sleep(seconds)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        sub.close()
+    return pipeline, sub, created[0]  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+async def test_hung_slot_is_caught_by_the_watchdog(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    pipeline, sub, bad = await run_two_slots(tmp_path, videos, mosquitto, topic_prefix, "hang", 12)
+    assert bad.calls > bad.n  # the hang happened
+    dev = [m.json() for m in sub.of("/devices")]
+    states = [s["state"] for d in dev for s in d["slots"].values()]
+    assert "restarting" in states
+    assert any("hang" in (s["last_error"] or "") for d in dev for s in d["slots"].values())
+    for i in range(4):
+        msgs = detections(sub, f"s{i}")
+        seqs = [m["seq"] for m in msgs]
+        assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+        gaps = np.diff([m["published_at"] for m in msgs])
+        assert gaps.max() < 1.0 + 2.0, f"s{i} interrupted for {gaps.max():.1f}s"  # watchdog + one move
+
+
+@pytest.mark.slow
+async def test_out_of_memory_retries_at_half_batch(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    pipeline, sub, bad = await run_two_slots(tmp_path, videos, mosquitto, topic_prefix, "oom", 8)
+    assert max(bad.batch_sizes[: bad.n]) > 1  # it did batch before the fault
+    after = bad.batch_sizes[bad.n + 1:]
+    assert after and max(after[1:] or [1]) == 1  # then it kept to batches of one
+    for i in range(4):
+        stream = pipeline.streams.get(f"s{i}")
+        assert stream is not None and stream.stats.drops["error"] == 0  # the frames were retried, not lost
+    dev = [m.json() for m in sub.of("/devices")]
+    assert all(s["state"] == "healthy" for s in dev[-1]["slots"].values())
