@@ -23,6 +23,7 @@ from streams import FAILED, Backoff, STOPPED, Frame, LatestFrame, Source, Source
 from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig
 from .executor import ExecutorSlot
+from .placement import Placer
 from .publisher import Publisher
 from .result import PAYLOAD_VERSION, Result
 from .scheduler import Scheduler, StreamHandle
@@ -78,6 +79,7 @@ class Pipeline:
         self.model_slots: dict[str, list[str]] = {}
         self.slot_state: dict[str, str] = {}
         self.slot_restarts: dict[str, list[float]] = {}
+        self.placer = Placer()
         self.model_errors: dict[str, str] = {}
         self.broker: EmbeddedBroker | None = None
         self.publisher: Publisher | None = None
@@ -199,17 +201,27 @@ class Pipeline:
         self.slots[slot.name] = slot
         self.schedulers[slot.name] = sched
         self.slot_state[slot.name] = "healthy"
+        self.placer.add_slot(slot.name)
         self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{slot.name}].scheduler"))
         return None
 
     # -- placement and failover --------------------------------------------------------------------
-    def _slot_load(self, slot_name: str) -> float:
-        return sum(h.max_fps or 30.0 for h in self.schedulers[slot_name].streams.values())
+    def _stream_cost(self, stream: str, slot_name: str) -> float:
+        """Share of a slot this stream needs: fps x measured service time per frame."""
+        rt = self.streams.get(stream)
+        fps = (rt.cfg.max_fps if rt and rt.cfg.max_fps else None) or 15.0
+        ms = self.slots[slot_name].service_ms_per_frame or 50.0
+        return fps * ms / 1000
 
-    def _pick_slot(self, model: str, exclude: str | None = None) -> str | None:
-        """The healthy slot of `model` with the least load (sum of the streams' frame rates)."""
-        healthy = [n for n in self.model_slots.get(model, []) if n != exclude and self.slots[n].healthy]
-        return min(healthy, key=self._slot_load) if healthy else None
+    def _pick_slot(self, model: str, stream: str, exclude: str | None = None) -> str | None:
+        """Place `stream` on the healthy slot of `model` with the most headroom (shared Placer logic)."""
+        candidates = [n for n in self.model_slots.get(model, []) if n != exclude and self.slots[n].healthy]
+        if not candidates:
+            return None
+        self.placer.remove(stream)
+        cost = self._stream_cost(stream, candidates[0])
+        # no admission control yet: an over-full CPU slot thins streams (keep-latest) rather than refusing
+        return self.placer.place(stream, cost, candidates, force=True)
 
     def _on_slot_error(self, sched: Scheduler, exc: Exception) -> None:
         """A model call raised: take the slot out, move its streams to healthy slots at once, restart it."""
@@ -218,10 +230,12 @@ class Pipeline:
             return
         slot.healthy = False
         self.slot_state[slot.name] = "restarting"
+        if slot.name in self.placer.slots:
+            self.placer.slots[slot.name].healthy = False
         model = slot.name.rsplit(".", 1)[0]
         moved = []
         for handle in list(sched.streams.values()):
-            target = self._pick_slot(model, exclude=slot.name)
+            target = self._pick_slot(model, handle.stream, exclude=slot.name)
             if target is None:
                 break  # nowhere to go: they wait here for the restart
             sched.remove_stream(handle.stream)
@@ -260,6 +274,8 @@ class Pipeline:
             sched.slot = slot
             self.slots[name] = slot
             self.slot_state[name] = "healthy"
+            self.placer.slots[name].healthy = True
+            self.placer.slots[name].streams = {h: self._stream_cost(h, name) for h in sched.streams}
             log.info("slot %s: restarted", name)
             self._publish_devices()
             return
@@ -320,6 +336,7 @@ class Pipeline:
             raise KeyError(f"no stream {name}")
         for sched in self.schedulers.values():
             sched.remove_stream(name)
+        self.placer.remove(name)
         if rt.source is not None:
             await asyncio.to_thread(rt.source.stop)
         self._publish_state(rt, STOPPED, None)
@@ -358,7 +375,7 @@ class Pipeline:
         return rt
 
     def _start_stream(self, rt: StreamRuntime) -> None:
-        target = self._pick_slot(rt.cfg.model)
+        target = self._pick_slot(rt.cfg.model, rt.name)
         if target is None:
             return  # its model failed to load; state already says so
         sched = self.schedulers[target]

@@ -1,0 +1,71 @@
+"""Placement logic (pure) and the cluster simulation's invariants, on small scales."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.placement import PlacementError, Placer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import simulate_cluster  # noqa: E402
+
+
+def make(n: int, capacity: float = 0.9) -> Placer:
+    p = Placer(band=0.10)
+    for i in range(n):
+        p.add_slot(f"s{i}", capacity)
+    return p
+
+
+def test_place_uses_most_headroom_and_refuses_what_fits_nowhere() -> None:
+    p = make(2)
+    assert p.place("a", 0.5) == "s1" or p.where("a") in ("s0", "s1")
+    first = p.where("a")
+    assert p.place("b", 0.3) != first
+    with pytest.raises(PlacementError, match="needs 0.800"):
+        p.place("c", 0.8)
+    assert p.where("c") is None
+    assert p.place("c", 0.8, force=True) in ("s0", "s1")  # no admission control when forced
+
+
+def test_evacuate_moves_everything_that_fits_largest_first() -> None:
+    p = make(3)
+    for i, c in enumerate([0.3, 0.2, 0.1, 0.3, 0.2, 0.1]):
+        p.place(f"x{i}", c)
+    victim = p.where("x0")
+    assert victim is not None
+    before = set(p.slots[victim].streams)
+    moves, refused = p.evacuate(victim)
+    assert {m.stream for m in moves} | set(refused) == before
+    assert not p.slots[victim].streams and not p.slots[victim].healthy
+    assert all(s.load <= s.capacity + 1e-9 for s in p.healthy())
+    assert [m.cost for m in moves] == sorted((m.cost for m in moves), reverse=True)
+
+
+def test_rebalance_reaches_band_with_few_moves() -> None:
+    rng = random.Random(3)
+    for trial in range(20):
+        p = make(6)
+        costs = [rng.choice([0.02, 0.05, 0.08, 0.1]) for _ in range(40)]
+        for i, c in enumerate(costs):  # all on two slots: a badly skewed start
+            p.slots[f"s{i % 2}"].streams[f"c{i}"] = c
+        need = p.min_moves_needed()
+        moves = p.rebalance()
+        assert p.imbalance() <= 1.10 + 1e-9, trial
+        assert len(moves) <= 2 * need, (trial, len(moves), need)
+        assert sum(len(s.streams) for s in p.slots.values()) == 40  # nothing lost
+
+
+def test_simulation_invariants() -> None:
+    rows = {r["scenario"]: r for r in simulate_cluster.run(seed=1)}
+    for row in rows.values():
+        assert row["imbalance_max_mean"] <= 1.10, row
+        assert row["frames_dropped_per_s_steady"] == 0.0
+    dies = rows["8 GPUs x 200, one GPU dies"]
+    assert dies["replaced_within_tick"] and dies["refused_on_failure"] == 0 and dies["moved_on_failure"] > 0
+    added = rows["8 GPUs x 200, a GPU is added"]
+    assert added["moves"] <= 2 * max(1, added["min_moves_needed"])
