@@ -23,7 +23,7 @@ from streams import FAILED, Backoff, STOPPED, Frame, LatestFrame, Source, Source
 from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig
 from .executor import ExecutorSlot
-from .placement import Placer
+from .placement import PlacementError, Placer
 from .publisher import Publisher
 from .result import PAYLOAD_VERSION, Result
 from .scheduler import Scheduler, StreamHandle
@@ -79,7 +79,7 @@ class Pipeline:
         self.model_slots: dict[str, list[str]] = {}
         self.slot_state: dict[str, str] = {}
         self.slot_restarts: dict[str, list[float]] = {}
-        self.placer = Placer()
+        self.placers: dict[str, Placer] = {}  # per model: streams move only between slots of their model
         self.model_errors: dict[str, str] = {}
         self.broker: EmbeddedBroker | None = None
         self.publisher: Publisher | None = None
@@ -107,6 +107,7 @@ class Pipeline:
                 for rt in self.streams.values():
                     self._start_stream(rt)
                 self._sched_tasks.append(tg.create_task(self._stats_loop(), name="stats"))
+                self._sched_tasks.append(tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"))
                 self.ready.set()
                 try:
                     await stop.wait()
@@ -201,7 +202,7 @@ class Pipeline:
         self.slots[slot.name] = slot
         self.schedulers[slot.name] = sched
         self.slot_state[slot.name] = "healthy"
-        self.placer.add_slot(slot.name)
+        self.placers.setdefault(model, Placer(self.config.pipeline.rebalance_band)).add_slot(slot.name)
         self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{slot.name}].scheduler"))
         return None
 
@@ -218,10 +219,11 @@ class Pipeline:
         candidates = [n for n in self.model_slots.get(model, []) if n != exclude and self.slots[n].healthy]
         if not candidates:
             return None
-        self.placer.remove(stream)
+        placer = self.placers[model]
+        placer.remove(stream)
         cost = self._stream_cost(stream, candidates[0])
-        # no admission control yet: an over-full CPU slot thins streams (keep-latest) rather than refusing
-        return self.placer.place(stream, cost, candidates, force=True)
+        # without admission control an over-full slot thins its streams (keep-latest) instead of refusing
+        return placer.place(stream, cost, candidates, force=not self.config.pipeline.admission_control)
 
     def _on_slot_error(self, sched: Scheduler, exc: Exception) -> None:
         """A model call raised: take the slot out, move its streams to healthy slots at once, restart it."""
@@ -230,9 +232,8 @@ class Pipeline:
             return
         slot.healthy = False
         self.slot_state[slot.name] = "restarting"
-        if slot.name in self.placer.slots:
-            self.placer.slots[slot.name].healthy = False
         model = slot.name.rsplit(".", 1)[0]
+        self.placers[model].slots[slot.name].healthy = False
         moved = []
         for handle in list(sched.streams.values()):
             target = self._pick_slot(model, handle.stream, exclude=slot.name)
@@ -274,11 +275,42 @@ class Pipeline:
             sched.slot = slot
             self.slots[name] = slot
             self.slot_state[name] = "healthy"
-            self.placer.slots[name].healthy = True
-            self.placer.slots[name].streams = {h: self._stream_cost(h, name) for h in sched.streams}
+            self.placers[model].slots[name].healthy = True
+            self.placers[model].slots[name].streams = {h: self._stream_cost(h, name) for h in sched.streams}
             log.info("slot %s: restarted", name)
             self._publish_devices()
             return
+
+    def rebalance(self) -> list[Any]:
+        """Refresh costs from measured service times and apply the fewest moves that even the load.
+
+        A move is lossless: a batch in flight on the old slot finishes there and is published in
+        order (`seq` is per stream, assigned on the loop), the stream's next frame goes to the new
+        slot. Remove and add happen with no await between them, so the stream is never unplaced.
+        """
+        applied = []
+        for model, placer in self.placers.items():
+            for slot in placer.slots.values():
+                for stream in slot.streams:
+                    slot.streams[stream] = self._stream_cost(stream, slot.name)
+            for move in placer.rebalance():
+                handle = self.schedulers[move.source].remove_stream(move.stream)
+                if handle is None:  # removed meanwhile
+                    continue
+                self.schedulers[move.target].add_stream(handle)
+                applied.append(move)
+                log.info("stream %s: moved %s -> %s (rebalance)", move.stream, move.source, move.target)
+        if applied:
+            self._publish_devices()
+        return applied
+
+    async def _rebalance_loop(self) -> None:
+        interval = self.config.pipeline.rebalance_interval
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            self.rebalance()
 
     def devices_payload(self) -> dict[str, Any]:
         return {
@@ -336,7 +368,8 @@ class Pipeline:
             raise KeyError(f"no stream {name}")
         for sched in self.schedulers.values():
             sched.remove_stream(name)
-        self.placer.remove(name)
+        for placer in self.placers.values():
+            placer.remove(name)
         if rt.source is not None:
             await asyncio.to_thread(rt.source.stop)
         self._publish_state(rt, STOPPED, None)
@@ -375,7 +408,12 @@ class Pipeline:
         return rt
 
     def _start_stream(self, rt: StreamRuntime) -> None:
-        target = self._pick_slot(rt.cfg.model, rt.name)
+        try:
+            target = self._pick_slot(rt.cfg.model, rt.name)
+        except PlacementError as exc:
+            self._publish_state(rt, "refused", str(exc))
+            log.warning("%s", exc)
+            return
         if target is None:
             return  # its model failed to load; state already says so
         sched = self.schedulers[target]

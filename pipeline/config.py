@@ -130,6 +130,9 @@ class PipelineConfig(Strict):
     batch_timeout_ms: float = Field(15.0, ge=0, le=10_000, description="wait this long to fill a batch")
     status_interval: float = Field(5.0, ge=0, le=3600, description="seconds between console status; 0 = off")
     decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = auto)")
+    rebalance_interval: float = Field(30.0, ge=0, le=86400, description="seconds between rebalancing; 0 = off")
+    rebalance_band: float = Field(0.10, gt=0, le=10, description="rebalance until max/mean load <= 1 + band")
+    admission_control: bool = Field(False, description="refuse streams that fit on no slot (state 'refused')")
 
 
 class DevicesConfig(Strict):

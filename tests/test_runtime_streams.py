@@ -63,3 +63,34 @@ async def test_add_and_remove_streams_at_runtime(
     a_states = [m.payload for m in sub.of("/streams/a/state")]
     assert a_states[-1] == b""  # retained state cleared
     assert b'"state":"stopped"' in a_states[-2]
+
+
+@pytest.mark.slow
+async def test_admission_control_refuses_what_fits_nowhere(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    config = parse_config(
+        {
+            "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+            "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+            "streams": {"ok": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 2},
+                        "huge": {"url": str(videos["cam2"]), "model": "shapes", "max_fps": 900}},
+            "pipeline": {"status_interval": 0, "admission_control": True},
+        },
+        tmp_path,
+    )
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline = Pipeline(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop))
+    try:
+        await asyncio.wait_for(pipeline.ready.wait(), 60)
+        await asyncio.sleep(2)
+        state = pipeline.streams["huge"].state or {}
+        assert state.get("state") == "refused" and "needs" in str(state.get("error"))
+        assert pipeline.streams["huge"].source is None  # never started decoding
+        assert (pipeline.streams["ok"].state or {}).get("state") == "streaming"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        sub.close()
