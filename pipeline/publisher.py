@@ -56,6 +56,7 @@ class Publisher:
         self.connects = 0
         self.published = 0
         self.dropped_overflow = 0  # buffer full: oldest message discarded
+        self.dropped_by_kind: dict[str, int] = {}  # the same, by the topic's last level (detections, stats, ...)
         self.resent = 0  # in flight when the connection broke, sent again
         self.last_error: str | None = None
 
@@ -80,10 +81,14 @@ class Publisher:
         elif retain:  # an empty retained message clears the topic: nothing to re-send
             self._retained.pop(topic, None)
         if len(self._buffer) >= self.cfg.buffer:
-            self._buffer.popleft()
-            self.dropped_overflow += 1
+            self._count_drop(self._buffer.popleft())
         self._buffer.append(msg)
         self._wake.set()
+
+    def _count_drop(self, msg: Message) -> None:
+        self.dropped_overflow += 1
+        kind = msg.topic.rsplit("/", 1)[-1]
+        self.dropped_by_kind[kind] = self.dropped_by_kind.get(kind, 0) + 1
 
     @property
     def buffered(self) -> int:
@@ -96,6 +101,7 @@ class Publisher:
             "published": self.published,
             "buffered": len(self._buffer),
             "dropped_overflow": self.dropped_overflow,
+            "dropped_by_kind": dict(self.dropped_by_kind),
             "resent": self.resent,
         }
 
@@ -206,8 +212,7 @@ class Publisher:
                 self._buffer.appendleft(msg)
             self.resent += len(unacked)
             while len(self._buffer) > self.cfg.buffer:
-                self._buffer.popleft()
-                self.dropped_overflow += 1
+                self._count_drop(self._buffer.popleft())
 
     async def close(self) -> None:
         """Queue `offline` behind everything buffered and let `run()` flush it and disconnect.
