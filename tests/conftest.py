@@ -160,6 +160,18 @@ class Subscriber:
         self.client.disconnect()
 
 
+async def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Await (without blocking the loop) until `predicate()` holds; fail naming `what`."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("media")

@@ -13,7 +13,7 @@ import pytest
 from detectors import Detections
 from pipeline import ModelConfig, Pipeline, default_detector_factory, parse_config
 
-from .conftest import MODEL, Mosquitto, Subscriber
+from .conftest import MODEL, Mosquitto, Subscriber, wait_until
 from .test_e2e import detections
 
 
@@ -77,13 +77,6 @@ async def test_raising_slot_streams_move_and_slot_restarts(
     stop = asyncio.Event()
     task = asyncio.create_task(pipeline.run(stop))
 
-    async def until(pred: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
 
     try:
         await asyncio.wait_for(pipeline.ready.wait(), 60)
@@ -91,14 +84,14 @@ async def test_raising_slot_streams_move_and_slot_restarts(
         assert {tuple(s.streams) for s in pipeline.schedulers.values()} == {("a",), ("b",)}
         victim = next(n for n, s in pipeline.schedulers.items() if s.slot.detector is created[0])
         victim_stream = next(iter(pipeline.schedulers[victim].streams))
-        await until(lambda: pipeline.slot_state[victim] == "restarting", 30, "the fault")
+        await wait_until(lambda: pipeline.slot_state[victim] == "restarting", 30, "the fault")
         t_fault = time.time()
-        await until(lambda: any(m["captured_at"] > t_fault for m in detections(sub, victim_stream)), 10,
+        await wait_until(lambda: any(m["captured_at"] > t_fault for m in detections(sub, victim_stream)), 10,
                     "a result of the migrated stream")
         first_after = min(m.at for m in sub.of(f"/streams/{victim_stream}/detections")
                           if m.json()["captured_at"] > t_fault)
         assert first_after - t_fault < 2.0
-        await until(lambda: pipeline.slot_state[victim] == "healthy", 30, "the slot restarted")
+        await wait_until(lambda: pipeline.slot_state[victim] == "healthy", 30, "the slot restarted")
         await asyncio.sleep(1)
     finally:
         stop.set()

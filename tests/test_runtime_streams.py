@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import Pipeline, StreamConfig, parse_config
 
-from .conftest import MODEL, Mosquitto, Subscriber
+from .conftest import MODEL, Mosquitto, Subscriber, wait_until
 from .test_e2e import detections
 
 
@@ -32,23 +32,16 @@ async def test_add_and_remove_streams_at_runtime(
     stop = asyncio.Event()
     task = asyncio.create_task(pipeline.run(stop))
 
-    async def until(pred: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():  # type: ignore[operator]
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
 
     try:
         await asyncio.wait_for(pipeline.ready.wait(), 60)
-        await until(lambda: len(detections(sub, "a")) >= 5, 30, "stream a detecting")
+        await wait_until(lambda: len(detections(sub, "a")) >= 5, 30, "stream a detecting")
         await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5))
         with pytest.raises(ValueError, match="already exists"):
             await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes"))
         with pytest.raises(ValueError, match="unknown model"):
             await pipeline.add_stream("c", StreamConfig(url=str(videos["cam2"]), model="nope"))
-        await until(lambda: len(detections(sub, "b")) >= 5, 30, "added stream b detecting")
+        await wait_until(lambda: len(detections(sub, "b")) >= 5, 30, "added stream b detecting")
         await pipeline.remove_stream("a")
         removed_at = time.time()
         n_b = len(detections(sub, "b"))
