@@ -172,6 +172,28 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+async def start_pipeline(config: Any, detector_factory: Any = None) -> tuple[Any, Any]:
+    """Run a Pipeline in this event loop until ready; returns it and an async `shutdown()`."""
+    import asyncio
+
+    from pipeline import Pipeline
+
+    pipeline = Pipeline(config, detector_factory=detector_factory)
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop))
+
+    async def shutdown() -> None:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    try:
+        await asyncio.wait_for(pipeline.ready.wait(), 60)
+    except BaseException:
+        await shutdown()
+        raise
+    return pipeline, shutdown
+
+
 @pytest.fixture(scope="session")
 def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("media")

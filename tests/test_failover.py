@@ -13,7 +13,7 @@ import pytest
 from detectors import Detections
 from pipeline import ModelConfig, Pipeline, default_detector_factory, parse_config
 
-from .conftest import MODEL, Mosquitto, Subscriber, wait_until
+from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 from .test_e2e import detections
 
 
@@ -73,13 +73,10 @@ async def test_raising_slot_streams_move_and_slot_restarts(
         tmp_path,
     )
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline = Pipeline(config, detector_factory=factory)  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
+    pipeline, shutdown = await start_pipeline(config, factory)
 
 
     try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
         # placement spread the two streams over the two slots
         assert {tuple(s.streams) for s in pipeline.schedulers.values()} == {("a",), ("b",)}
         victim = next(n for n, s in pipeline.schedulers.items() if s.slot.detector is created[0])
@@ -94,8 +91,7 @@ async def test_raising_slot_streams_move_and_slot_restarts(
         await wait_until(lambda: pipeline.slot_state[victim] == "healthy", 30, "the slot restarted")
         await asyncio.sleep(1)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await shutdown()
         sub.close()
     for name in ("a", "b"):
         seqs = [m["seq"] for m in detections(sub, name)]
@@ -149,15 +145,11 @@ async def run_two_slots(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosq
         tmp_path,
     )
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
-    pipeline = Pipeline(config, detector_factory=factory)  # type: ignore[arg-type]
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
+    pipeline, shutdown = await start_pipeline(config, factory)
     try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
         await asyncio.sleep(seconds)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await shutdown()
         sub.close()
     return pipeline, sub, created[0]  # type: ignore[return-value]
 
@@ -208,11 +200,8 @@ async def test_rebalance_moves_streams_losslessly(
         tmp_path,
     )
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline = Pipeline(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
+    pipeline, shutdown = await start_pipeline(config)
     try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
         await asyncio.sleep(2)
         a, b = sorted(pipeline.schedulers)
         on_a = sorted(pipeline.schedulers[a].streams)
@@ -226,8 +215,7 @@ async def test_rebalance_moves_streams_losslessly(
         await asyncio.sleep(3)
         assert len(pipeline.schedulers[a].streams) == 1 and len(pipeline.schedulers[b].streams) == 1
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await shutdown()
         sub.close()
     msgs = detections(sub, moved)
     seqs = [m["seq"] for m in msgs]

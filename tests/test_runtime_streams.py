@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import Pipeline, StreamConfig, parse_config
+from pipeline import StreamConfig, parse_config
 
-from .conftest import MODEL, Mosquitto, Subscriber, wait_until
+from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 from .test_e2e import detections
 
 
@@ -28,13 +28,10 @@ async def test_add_and_remove_streams_at_runtime(
         tmp_path,
     )
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline = Pipeline(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
+    pipeline, shutdown = await start_pipeline(config)
 
 
     try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
         await wait_until(lambda: len(detections(sub, "a")) >= 5, 30, "stream a detecting")
         await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5))
         with pytest.raises(ValueError, match="already exists"):
@@ -50,8 +47,7 @@ async def test_add_and_remove_streams_at_runtime(
         assert not [m for m in sub.of("/streams/a/detections") if m.at > removed_at + 0.5]
         assert "a" not in pipeline.stats_payload()["streams"]
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await shutdown()
         sub.close()
     a_states = [m.payload for m in sub.of("/streams/a/state")]
     assert a_states[-1] == b""  # retained state cleared
@@ -73,17 +69,13 @@ async def test_admission_control_refuses_what_fits_nowhere(
         tmp_path,
     )
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline = Pipeline(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
+    pipeline, shutdown = await start_pipeline(config)
     try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
         await asyncio.sleep(2)
         state = pipeline.streams["huge"].state or {}
         assert state.get("state") == "refused" and "needs" in str(state.get("error"))
         assert pipeline.streams["huge"].source is None  # never started decoding
         assert (pipeline.streams["ok"].state or {}).get("state") == "streaming"
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await shutdown()
         sub.close()
