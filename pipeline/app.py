@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -136,6 +137,9 @@ class Pipeline:
         if not done:
             log.warning("mqtt: %d message(s) not delivered at shutdown", self.publisher.buffered)
             pub_task.cancel()
+        # the whole account, once: every result was acknowledged by the broker, dropped, or is left over
+        final = {**self.publisher.counters(), "results": {rt.name: rt.seq for rt in self.streams.values()}}
+        log.info("mqtt: final account %s", json.dumps(final, separators=(",", ":")))
 
     @property
     def _tasks(self) -> list[asyncio.Task[Any]]:

@@ -56,7 +56,8 @@ class Publisher:
         self.connects = 0
         self.published = 0
         self.dropped_overflow = 0  # buffer full: oldest message discarded
-        self.dropped_by_kind: dict[str, int] = {}  # the same, by the topic's last level (detections, stats, ...)
+        self.dropped_by_kind: dict[str, int] = {}
+        self.published_by_kind: dict[str, int] = {}  # acknowledged by the broker (QoS 1/2) or sent (QoS 0)  # the same, by the topic's last level (detections, stats, ...)
         self.resent = 0  # in flight when the connection broke, sent again
         self.last_error: str | None = None
 
@@ -102,6 +103,7 @@ class Publisher:
             "buffered": len(self._buffer),
             "dropped_overflow": self.dropped_overflow,
             "dropped_by_kind": dict(self.dropped_by_kind),
+            "published_by_kind": dict(self.published_by_kind),
             "resent": self.resent,
         }
 
@@ -172,6 +174,8 @@ class Publisher:
             finally:
                 window.release()
             self.published += 1
+            kind = msg.topic.rsplit("/", 1)[-1]
+            self.published_by_kind[kind] = self.published_by_kind.get(kind, 0) + 1
 
         try:
             while True:

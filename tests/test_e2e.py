@@ -6,6 +6,7 @@ detects, Mosquitto carries the results. Detections are scored against the render
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,14 @@ def test_broker_restart_keeps_pipeline_running_with_honest_drop_counters(
     dropped = last["mqtt"]["dropped_by_kind"].get("detections", 0)
     assert missing > 0, "an outage longer than the buffer must lose detections"
     # the subscriber's session is durable, so exactly the detections framegrid says it dropped are missing
-    # Every detection framegrid says it dropped is really missing (no invented losses), and the
-    # drops are counted per kind. Usually missing == dropped exactly; in about one run in three a
-    # further ~15 detections (one buffer's worth) are missing at the subscriber across the restart,
-    # cause not yet pinned down (subscriber session vs publisher flush), so equality is not asserted.
-    assert 0 < dropped <= missing, (missing, dropped, last["mqtt"])
+    assert 0 < dropped <= missing, (missing, dropped, last["mqtt"])  # no invented losses
+    # framegrid's own account at exit is exact: every result was acknowledged by the broker or
+    # counted as dropped. (The subscriber may miss more: Mosquitto acknowledged some messages right
+    # after its restart that it never queued for the durable subscriber; see README known issues.)
+    line = next(ln for ln in fg.output().splitlines() if "mqtt: final account " in ln)
+    final = json.loads(line.split("mqtt: final account ", 1)[1])
+    assert final["buffered"] == 0
+    assert final["published_by_kind"]["detections"] + final["dropped_by_kind"]["detections"] == \
+        final["results"]["cam"] >= seqs[-1], final
     assert last["mqtt"]["dropped_overflow"] == sum(last["mqtt"]["dropped_by_kind"].values())
     assert last["mqtt"]["connects"] >= 2
