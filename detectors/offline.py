@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 
@@ -43,8 +42,6 @@ def prepare_ultralytics_offline(config_dir: Path | None = None, for_training: bo
                 target = user_dir / name
                 if not target.exists():
                     shutil.copyfile(font, target)
-    if "ultralytics" in sys.modules:
-        return user_dir
     return user_dir
 
 

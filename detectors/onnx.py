@@ -75,14 +75,10 @@ class OnnxYoloDetector:
         self._input = "images"
 
     def load(self) -> None:
-        if self.weights.suffix == ".onnx":
-            if not self.weights.is_file():
-                raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
-            self.onnx_path = self.weights
-        else:
-            if not self.weights.is_file():
-                raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
-            self.onnx_path = ensure_onnx(self.weights, self.imgsz)
+        if not self.weights.is_file():
+            raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
+        is_onnx = self.weights.suffix == ".onnx"
+        self.onnx_path = self.weights if is_onnx else ensure_onnx(self.weights, self.imgsz)
         try:
             import onnxruntime as ort
 

@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectors import Detections, Detector, DetectorError, YoloDetector
-from streams import FAILED, Backoff, STOPPED, Frame, LatestFrame, Source, SourceOptions, SourceState, redact_text
+from streams import (
+    FAILED,
+    STOPPED,
+    Backoff,
+    Frame,
+    LatestFrame,
+    Source,
+    SourceOptions,
+    SourceState,
+    redact_text,
+    url_password,
+)
 
 from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig
@@ -359,7 +370,9 @@ class Pipeline:
         if cfg.model not in self.config.models:
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
         rt = self._add_runtime(name, cfg)
-        self.secrets = tuple({*self.secrets, *_url_secret(cfg.url)})
+        password = url_password(cfg.url)
+        if password:
+            self.secrets = (*self.secrets, password)
         if cfg.model not in self.model_slots and not await self._load_model(cfg.model):
             return
         self._start_stream(rt)
@@ -512,13 +525,6 @@ class Pipeline:
         while True:
             await asyncio.sleep(self.config.mqtt.stats_interval)
             self._publish_stats()
-
-
-def _url_secret(url: str) -> tuple[str, ...]:
-    from urllib.parse import urlsplit
-
-    pw = urlsplit(url).password
-    return (pw,) if pw else ()
 
 
 def _filter(det: Detections, wanted: set[str]) -> Detections:

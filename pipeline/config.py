@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from streams import is_local_file, redact_text
+from streams import is_local_file, redact_text, url_password
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -173,10 +173,7 @@ class Config(Strict):
         out = []
         if self.mqtt.password is not None:
             out.append(self.mqtt.password.get_secret_value())
-        for stream in self.streams.values():
-            parts = urlsplit(stream.url)
-            if parts.password:
-                out.append(parts.password)
+        out += [url_password(stream.url) for stream in self.streams.values()]
         return tuple(s for s in out if s)
 
 

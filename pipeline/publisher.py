@@ -50,6 +50,7 @@ class Publisher:
         self._buffer: deque[Message] = deque()
         self._retained: dict[str, Message] = {}
         self._wake = asyncio.Event()
+        self._close_ev = asyncio.Event()
         self._closing = False
         self._client: aiomqtt.Client | None = None
         self.connected = False
@@ -150,15 +151,9 @@ class Publisher:
                 break
             delay = backoff.next_delay()
             try:
-                await asyncio.wait_for(self._closed_event().wait(), timeout=delay)
+                await asyncio.wait_for(self._close_ev.wait(), timeout=delay)
             except TimeoutError:
                 pass
-
-    def _closed_event(self) -> asyncio.Event:
-        ev = getattr(self, "_close_ev", None)
-        if ev is None:
-            ev = self._close_ev = asyncio.Event()
-        return ev
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         window = asyncio.Semaphore(64)  # messages in flight at once: hides broker round-trips
@@ -226,5 +221,5 @@ class Publisher:
         """
         self.publish(self.availability_topic, b"offline", qos=self.cfg.state_qos, retain=True)
         self._closing = True
-        self._closed_event().set()
+        self._close_ev.set()
         self._wake.set()

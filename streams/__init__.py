@@ -4,7 +4,7 @@ from .backoff import Backoff
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
 from .frame import Frame
 from .latest import LatestFrame
-from .redact import RedactingFilter, redact_text, redact_url
+from .redact import RedactingFilter, redact_text, redact_url, url_password
 from .source import (
     CONNECTING,
     ENDED,
@@ -45,4 +45,5 @@ __all__ = [
     "probe",
     "redact_text",
     "redact_url",
+    "url_password",
 ]

@@ -32,6 +32,16 @@ def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     return out
 
 
+def url_password(url: str) -> str | None:
+    """The password in a URL's user info, if any (so it can be scrubbed as a literal too)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password or None
+    except ValueError:
+        return None
+
+
 def redact_url(url: str) -> str:
     """The URL with its password (and secret-looking query values) masked."""
     return redact_text(url)

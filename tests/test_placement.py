@@ -23,8 +23,8 @@ def make(n: int, capacity: float = 0.9) -> Placer:
 
 def test_place_uses_most_headroom_and_refuses_what_fits_nowhere() -> None:
     p = make(2)
-    assert p.place("a", 0.5) == "s1" or p.where("a") in ("s0", "s1")
-    first = p.where("a")
+    first = p.place("a", 0.5)
+    assert first in ("s0", "s1") and p.where("a") == first and p.slots[first].load == 0.5
     assert p.place("b", 0.3) != first
     with pytest.raises(PlacementError, match="needs 0.800"):
         p.place("c", 0.8)
