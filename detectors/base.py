@@ -56,6 +56,13 @@ class Detections:
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), ())
 
+    def scaled(self, sx: float, sy: float) -> Detections:
+        """The same detections with boxes scaled by (sx, sy): image pixels -> source pixels."""
+        if sx == 1.0 and sy == 1.0:
+            return self
+        boxes = self.boxes * np.array([sx, sy, sx, sy], np.float32)
+        return Detections(boxes, self.confidences, self.class_ids, self.labels, self.timings_ms)
+
     def to_json(self, decimals: int = 1) -> list[dict[str, object]]:
         return [
             {

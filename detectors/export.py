@@ -1,10 +1,12 @@
-"""Export a YOLO `.pt` to ONNX in a child process, cached next to the weights.
+"""Export a YOLO `.pt` with ultralytics' exporter, in a child process, cached next to the weights.
 
 The serving process keeps one inference runtime: exporting needs torch and ultralytics, so it
 runs in a separate Python process once, and the result is cached under a name keyed by what
-changes the graph (weights content, imgsz, dynamic batch, opset, exporter version).
+changes it: weights content, format, imgsz, batch (dynamic), precision, opset and the exporter's
+version. A second start with the same inputs reuses the file; a change of any of them exports
+anew (old exports are left for the user to delete).
 
-    python -m detectors.export WEIGHTS.pt OUT.onnx IMGSZ
+    python -m detectors.export WEIGHTS.pt OUT FORMAT IMGSZ PRECISION
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from .base import ModelLoadError
 from .offline import default_state_dir
 
 OPSET = 17
+FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model"}  # file / folder suffix
+PRECISIONS = ("fp32", "fp16")
 
 
 def exporter_version() -> str:
@@ -31,37 +35,51 @@ def exporter_version() -> str:
         return "none"
 
 
-def cache_path(weights: Path, imgsz: int) -> Path:
-    """Where the exported model for these inputs lives (next to the weights, else the state dir)."""
+def _weights_digest(weights: Path) -> str:
     h = hashlib.sha256()
     with weights.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path(weights: Path, imgsz: int, fmt: str = "onnx", precision: str = "fp32") -> Path:
+    """Where the export for these inputs lives (next to the weights, else in the state dir)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     key = hashlib.sha256(
-        f"{h.hexdigest()}|imgsz={imgsz}|dynamic=1|opset={OPSET}|ultralytics={exporter_version()}".encode()
+        f"{_weights_digest(weights)}|{fmt}|imgsz={imgsz}|batch=dynamic|{precision}|opset={OPSET}"
+        f"|ultralytics={exporter_version()}".encode()
     ).hexdigest()[:12]
-    name = f"{weights.stem}.{imgsz}.{key}.onnx"
+    name = f"{weights.stem}.{imgsz}.{precision}.{key}{FORMATS[fmt]}"
     if os.access(weights.parent, os.W_OK):
         return weights.parent / name
     return default_state_dir() / "exports" / name
 
 
-def ensure_onnx(weights: Path, imgsz: int, timeout: float = 600) -> Path:
-    """The cached ONNX file for `weights`, exporting it (in a child process) when missing."""
-    out = cache_path(weights, imgsz)
-    if out.is_file():
+def ensure_export(weights: Path, imgsz: int, fmt: str = "onnx", precision: str = "fp32",
+                  timeout: float = 900) -> Path:
+    """The cached export of `weights`, made (in a child process) when missing."""
+    out = cache_path(weights, imgsz, fmt, precision)
+    if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "detectors.export", str(weights), str(out), str(imgsz)],
-                          capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([sys.executable, "-m", "detectors.export", str(weights), str(out), fmt, str(imgsz),
+                           precision], capture_output=True, text=True, timeout=timeout,
                           cwd=str(Path(__file__).resolve().parent.parent))
-    if proc.returncode != 0 or not out.is_file():
+    if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise ModelLoadError(f"ONNX export of {weights} failed: {' | '.join(tail)}")
+        raise ModelLoadError(f"{fmt} export of {weights} failed: {' | '.join(tail)}")
     return out
 
 
-def _export(weights: Path, out: Path, imgsz: int) -> None:  # runs in the child process
+def ensure_onnx(weights: Path, imgsz: int, timeout: float = 900) -> Path:
+    return ensure_export(weights, imgsz, "onnx", "fp32", timeout)
+
+
+def _export(weights: Path, out: Path, fmt: str, imgsz: int, precision: str) -> None:  # in the child process
     from .offline import prepare_ultralytics_offline
 
     with tempfile.TemporaryDirectory(prefix="framegrid-export-") as tmp:
@@ -70,12 +88,20 @@ def _export(weights: Path, out: Path, imgsz: int) -> None:  # runs in the child 
 
         work = Path(tmp) / weights.name
         shutil.copyfile(weights, work)
-        produced = YOLO(str(work)).export(format="onnx", imgsz=imgsz, dynamic=True, simplify=False,
-                                          opset=OPSET, verbose=False)
-        tmp_out = out.with_suffix(".onnx.part")
-        shutil.copyfile(produced, tmp_out)
-        os.replace(tmp_out, out)  # atomic: a concurrent reader never sees half a file
+        kwargs: dict[str, object] = {"format": fmt, "imgsz": imgsz, "dynamic": True, "verbose": False,
+                                     "half": precision == "fp16"}
+        if fmt == "onnx":
+            kwargs.update(simplify=False, opset=OPSET)
+        produced = Path(YOLO(str(work)).export(**kwargs))
+        part = out.with_name(out.name + ".part")
+        if part.exists():
+            shutil.rmtree(part) if part.is_dir() else part.unlink()
+        if produced.is_dir():
+            shutil.copytree(produced, part)
+        else:
+            shutil.copyfile(produced, part)
+        os.replace(part, out)  # atomic: a concurrent reader never sees half an export
 
 
 if __name__ == "__main__":
-    _export(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    _export(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])

@@ -1,8 +1,10 @@
-"""YOLOv11 on ONNX Runtime: no torch in the serving process.
+"""YOLOv11 on an exported graph (ONNX Runtime or OpenVINO): no torch in the serving process.
 
-The `.pt` is exported once (in a child process, see `detectors.export`) and cached. Inference
-is letterbox -> NCHW float -> ORT session -> confidence filter -> class-aware NMS -> boxes
-mapped back to source pixels, all in numpy/OpenCV, with an explicit thread budget.
+The `.pt` is exported once with ultralytics' exporter (in a child process, see
+`detectors.export`) and cached. Inference is letterbox (OpenCV, rectangular when a batch shares
+one size; the exports have dynamic shapes) -> NCHW float -> runtime -> confidence filter ->
+class-aware NMS -> boxes mapped back to source pixels, in numpy, with an explicit thread budget.
+`ExportedYoloDetector` holds all of that; a runtime subclass only opens a session and runs it.
 """
 
 from __future__ import annotations
@@ -14,27 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError
-from .export import ensure_onnx
+from .export import ensure_export
+from .letterbox import Geometry, batch_geometry, letterbox, to_nchw_float
 from .yolo import missing_weights_message
 
 log = logging.getLogger(__name__)
 
-
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, float, float]:
-    """Resize keeping aspect ratio into size x size, centred on grey 114 (ultralytics' padding)."""
-    h, w = image.shape[:2]
-    gain = min(size / h, size / w)
-    nw, nh = round(w * gain), round(h * gain)
-    pad_x, pad_y = (size - nw) / 2, (size - nh) / 2
-    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else image
-    top, left = round(pad_y - 0.1), round(pad_x - 0.1)
-    out = np.full((size, size, 3), 114, np.uint8)
-    out[top:top + nh, left:left + nw] = resized
-    return out, gain, left, top
+MAX_WH = 7680.0  # class offset for class-aware NMS in one pass (ultralytics uses the same)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -55,12 +46,23 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-class OnnxYoloDetector:
-    """A YOLOv11 detection model on ONNX Runtime (CPU, or CUDA when its provider is installed)."""
+def parse_names(value: Any) -> tuple[str, ...]:
+    """Class names from export metadata: a dict {id: name}, or its repr as ONNX stores it."""
+    names = ast.literal_eval(value) if isinstance(value, str) else value
+    if isinstance(names, dict):
+        return tuple(str(names[i]) for i in sorted(names))
+    return tuple(str(n) for n in names or ())
+
+
+class ExportedYoloDetector:
+    """The runtime-independent part of a YOLOv11 detector on an exported graph."""
+
+    runtime = "exported"
+    export_format = "onnx"
 
     def __init__(self, name: str, weights: str | Path, imgsz: int = 640, confidence: float = 0.25,
                  iou: float = 0.45, threads: int | None = None, max_detections: int = 300,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", precision: str = "fp32", rect: bool = True) -> None:
         self.name = name
         self.weights = Path(weights)
         self.imgsz = imgsz
@@ -69,65 +71,57 @@ class OnnxYoloDetector:
         self.threads = threads
         self.max_detections = max_detections
         self.device = device
+        self.precision = precision
+        self.rect = rect
+        self.stride = 32
         self.class_names: tuple[str, ...] = ()
-        self.onnx_path: Path | None = None
-        self._session: Any = None
-        self._input = "images"
+        self.export_path: Path | None = None
+
+    # subclasses: open the session and say the class names; run one NCHW float32 batch
+    def _open(self, path: Path) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _resolve_export(self) -> Path:
+        if not self.weights.exists():
+            raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
+        if self.weights.suffix == ".pt":
+            return ensure_export(self.weights, self.imgsz, self.export_format, self.precision)
+        return self.weights  # already exported by the user
 
     def load(self) -> None:
-        if not self.weights.is_file():
-            raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
-        is_onnx = self.weights.suffix == ".onnx"
-        self.onnx_path = self.weights if is_onnx else ensure_onnx(self.weights, self.imgsz)
+        self.export_path = self._resolve_export()
         try:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-                opts.inter_op_num_threads = 1
-            providers = ["CPUExecutionProvider"]
-            if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
-            self._session = ort.InferenceSession(str(self.onnx_path), opts, providers=providers)
+            self.class_names = self._open(self.export_path)
         except Exception as exc:
-            raise ModelLoadError(f"model {self.name}: cannot load {self.onnx_path}: {exc}") from exc
-        meta = self._session.get_modelmeta().custom_metadata_map
-        names = ast.literal_eval(meta["names"]) if "names" in meta else {}
-        self.class_names = tuple(names[i] for i in sorted(names))
-        self._input = self._session.get_inputs()[0].name
-        log.info("model %s: ONNX Runtime session on %s (%s)", self.name, self.onnx_path.name,
-                 ", ".join(self._session.get_providers()))
+            raise ModelLoadError(f"model {self.name}: cannot load {self.export_path}: {exc}") from exc
 
     def warmup(self) -> None:
         self.infer([np.zeros((self.imgsz, self.imgsz, 3), np.uint8)])
 
     def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        if self._session is None:
+        if self.export_path is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
             return []
         t0 = time.perf_counter()
-        batch = np.empty((len(images), 3, self.imgsz, self.imgsz), np.float32)
-        geo = []
-        for i, img in enumerate(images):
-            lb, gain, left, top = letterbox(img, self.imgsz)
-            batch[i] = lb[:, :, ::-1].transpose(2, 0, 1)
-            geo.append((gain, left, top, img.shape[1], img.shape[0]))
-        batch *= 1 / 255.0
+        geos = batch_geometry([im.shape[:2] for im in images], self.imgsz, self.stride, rect=self.rect)
+        batch = to_nchw_float([letterbox(im, g) for im, g in zip(images, geos, strict=True)])
         t1 = time.perf_counter()
         try:
-            (out,) = self._session.run(None, {self._input: batch})
+            out = self._run(batch)
         except Exception as exc:
             raise InferenceError(f"model {self.name}: inference failed: {exc}") from exc
         t2 = time.perf_counter()
-        results = [self._decode(out[i], *geo[i]) for i in range(len(images))]
+        results = [self._decode(out[i], geos[i]) for i in range(len(images))]
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000,
                    "postprocess": (t3 - t2) * 1000, "batch_total": (t3 - t0) * 1000}
         return [Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings)) for d in results]
 
-    def _decode(self, pred: np.ndarray, gain: float, left: float, top: float, w: int, h: int) -> Detections:
+    def _decode(self, pred: np.ndarray, geo: Geometry) -> Detections:
         pred = pred.T  # (anchors, 4 + classes)
         scores = pred[:, 4:]
         cls = scores.argmax(1)
@@ -138,12 +132,48 @@ class OnnxYoloDetector:
         p, cls, conf = pred[mask], cls[mask], conf[mask]
         xy, wh = p[:, :2], p[:, 2:4] / 2
         boxes = np.concatenate([xy - wh, xy + wh], 1)
-        keep = nms(boxes + cls[:, None] * 7680.0, conf, self.iou)[: self.max_detections]  # class-aware
-        boxes, conf, cls = boxes[keep], conf[keep], cls[keep]
-        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - left) / gain).clip(0, w)
-        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - top) / gain).clip(0, h)
+        keep = nms(boxes + cls[:, None] * MAX_WH, conf, self.iou)[: self.max_detections]  # class-aware
+        boxes, conf, cls = geo.to_source(boxes[keep]), conf[keep], cls[keep]
         labels = tuple(self.class_names[c] if c < len(self.class_names) else str(c) for c in cls)
-        return Detections(boxes.astype(np.float32), conf.astype(np.float32), cls.astype(np.int32), labels)
+        return Detections(boxes, conf.astype(np.float32), cls.astype(np.int32), labels)
 
     def close(self) -> None:
+        self.export_path = None
+
+
+class OnnxYoloDetector(ExportedYoloDetector):
+    """A YOLOv11 detection model on ONNX Runtime (CPU, or CUDA when its provider is installed)."""
+
+    runtime = "onnxruntime"
+    export_format = "onnx"
+    _session: Any = None
+
+    @property
+    def onnx_path(self) -> Path | None:
+        return self.export_path
+
+    def _open(self, path: Path) -> tuple[str, ...]:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = ort.InferenceSession(str(path), opts, providers=providers)
+        self._input = self._session.get_inputs()[0].name
+        meta = self._session.get_modelmeta().custom_metadata_map
+        self.stride = int(meta.get("stride", 32))
+        log.info("model %s: ONNX Runtime session on %s (%s, %s threads)", self.name, path.name,
+                 ", ".join(self._session.get_providers()), self.threads or "default")
+        return parse_names(meta.get("names", "{}"))
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self._session.run(None, {self._input: batch})
+        return out
+
+    def close(self) -> None:
+        super().close()
         self._session = None

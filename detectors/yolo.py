@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError
+from .letterbox import Geometry, batch_geometry, letterbox, letterbox_torch, to_nchw_float
 from .offline import prepare_ultralytics_offline
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,16 @@ def missing_weights_message(path: Path) -> str:
 
 
 class YoloDetector:
-    """A YOLOv11 model on torch. One instance per executor slot; not shared between threads."""
+    """A YOLOv11 model on torch. One instance per executor slot; not shared between threads.
+
+    Pre- and post-processing are framegrid's own, in plain torch on the model's device: on a CUDA
+    slot each frame goes host -> pinned staging buffer -> device with a non-blocking copy, is
+    letterboxed, normalised and reordered there, the network runs in FP16 where the GPU supports
+    it, all on the slot's own `torch.cuda.Stream`, and the host waits once per batch. On the CPU the
+    same code runs without streams or pinning, which is how CI checks it against ultralytics.
+    """
+
+    runtime = "torch"
 
     def __init__(
         self,
@@ -49,6 +59,8 @@ class YoloDetector:
         max_detections: int = 300,
         classes: Sequence[int] | None = None,
         torch_threads: int | None = None,
+        rect: bool = True,
+        device_preprocess: bool | None = None,
     ) -> None:
         self.name = name
         self.weights = Path(weights)
@@ -60,8 +72,17 @@ class YoloDetector:
         self.max_detections = max_detections
         self.classes = list(classes) if classes is not None else None
         self.torch_threads = torch_threads
+        self.rect = rect
+        # letterbox on the device: always on CUDA; on the CPU only when asked (tests of that path)
+        self.device_preprocess = bool(device_preprocess)
         self.class_names: tuple[str, ...] = ()
+        self.stride = 32
+        self.fp16 = False
         self._model: Any = None
+        self._device: Any = None
+        self._dtype: Any = None
+        self._stream: Any = None  # this slot's CUDA stream
+        self._pinned: dict[tuple[int, tuple[int, ...]], Any] = {}  # reusable page-locked staging buffers
         self._lock = threading.Lock()
 
     def load(self) -> None:
@@ -73,61 +94,146 @@ class YoloDetector:
         try:
             import torch
             from ultralytics import YOLO
+            from ultralytics.nn.autobackend import AutoBackend
 
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
-            source = str(self.weights) if self.weights.suffix == ".pt" else self.weights.name
-            if self.weights.suffix != ".pt" and self.weights.is_file():
-                source = str(self.weights)
-            model = YOLO(source, task="detect")
-            model.to(self.device)
+            source = str(self.weights) if self.weights.is_file() else self.weights.name
+            yolo = YOLO(source, task="detect")
+            device = torch.device(self.device)
+            self.fp16 = bool(self.half) and device.type == "cuda" and supports_fp16(device)
+            model = AutoBackend(yolo.model, device=device, fp16=self.fp16, fuse=True, verbose=False)
+            model.eval()
+            self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         except WeightsNotFoundError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"model {self.name}: cannot load {self.weights}: {exc}") from exc
-        names = model.names
+        names = yolo.names
         self.class_names = tuple(names[i] for i in sorted(names)) if isinstance(names, dict) else tuple(names)
+        self.stride = max(int(model.stride), 32) if hasattr(model, "stride") else 32
+        self._device, self._dtype = device, torch.float16 if self.fp16 else torch.float32
         self._model = model
-        log.info("model %s: loaded %s (%d classes) on %s", self.name, self.weights.name,
-                 len(self.class_names), self.device)
+        log.info("model %s: loaded %s (%d classes) on %s%s", self.name, self.weights.name,
+                 len(self.class_names), self.device, " fp16" if self.fp16 else "")
 
     def warmup(self) -> None:
         """One dummy batch so the first real frame does not pay for lazy initialisation."""
         self.infer([np.zeros((self.imgsz, self.imgsz, 3), np.uint8)])
+
+    # -- the device-side path ----------------------------------------------------------------------
+    def _to_device(self, index: int, image: np.ndarray) -> Any:
+        import torch
+
+        host = torch.from_numpy(np.ascontiguousarray(image))
+        if self._stream is None:
+            return host
+        key = (index, tuple(host.shape))
+        buf = self._pinned.get(key)
+        if buf is None:
+            if len(self._pinned) > 64:  # shapes changed: drop old buffers rather than grow
+                self._pinned.clear()
+            buf = self._pinned[key] = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+        buf.copy_(host)  # safe to reuse: the previous batch was synchronised before we got here
+        return buf.to(self._device, non_blocking=True)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Geometry]]:
+        """Images -> (N, 3, H, W) tensor on the model's device, plus each image's letterbox geometry."""
+        import torch
+
+        geos = batch_geometry([im.shape[:2] for im in images], self.imgsz, self.stride, rect=self.rect)
+        if self._stream is None and not self.device_preprocess:
+            # on the CPU OpenCV's resize beats torch's interpolate; the network input is the same
+            host = torch.from_numpy(to_nchw_float([letterbox(im, g) for im, g in zip(images, geos, strict=True)]))
+            return host.to(self._dtype), geos
+        tensors = [letterbox_torch(self._to_device(i, im), g, self._dtype)
+                   for i, (im, g) in enumerate(zip(images, geos, strict=True))]
+        return torch.stack(tensors), geos
 
     def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
         if self._model is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
             return []
-        t0 = time.perf_counter()
-        with self._lock:
+        import torch
+        from ultralytics.utils import nms
+
+        clock = _StageClock(self._stream)
+        with self._lock, torch.inference_mode(), clock.stream_context():
             try:
-                results = self._model.predict(
-                    list(images), imgsz=self.imgsz, conf=self.confidence, iou=self.iou,
-                    device=self.device, half=self.half, max_det=self.max_detections,
-                    classes=self.classes, verbose=False, stream=False,
+                clock.mark()
+                batch, geos = self.preprocess(images)
+                clock.mark()
+                preds = self._model(batch)
+                clock.mark()
+                kept = nms.non_max_suppression(
+                    preds, self.confidence, self.iou, self.classes, False, max_det=self.max_detections, nc=0,
+                    end2end=getattr(self._model, "end2end", False),
                 )
+                host = [k.to("cpu", non_blocking=self._stream is not None) for k in kept]
+                clock.mark()
+                clock.synchronize()  # the only wait on the device, once per batch
             except Exception as exc:
                 raise InferenceError(f"model {self.name}: inference failed: {exc}") from exc
-        total_ms = (time.perf_counter() - t0) * 1000
+        pre, inf, post = clock.elapsed_ms()
+        t0 = time.perf_counter()
         out = []
-        for r in results:
-            boxes = r.boxes
-            xyxy = boxes.xyxy.cpu().numpy().astype(np.float32).reshape(-1, 4)
-            conf = boxes.conf.cpu().numpy().astype(np.float32).reshape(-1)
-            cls = boxes.cls.cpu().numpy().astype(np.int32).reshape(-1)
+        for k, geo in zip(host, geos, strict=True):
+            k = k.float().numpy()
+            cls = k[:, 5].astype(np.int32)
             labels = tuple(self.class_names[c] if 0 <= c < len(self.class_names) else str(c) for c in cls)
-            speed = getattr(r, "speed", {}) or {}
-            timings = {
-                # ultralytics reports per-image means over the batch; scale back to the batch
-                "preprocess": float(speed.get("preprocess") or 0.0) * len(images),
-                "inference": float(speed.get("inference") or 0.0) * len(images),
-                "postprocess": float(speed.get("postprocess") or 0.0) * len(images),
-                "batch_total": total_ms,
-            }
-            out.append(Detections(xyxy, conf, cls, labels, timings))
-        return out
+            out.append((geo.to_source(k[:, :4]), k[:, 4].astype(np.float32), cls, labels))
+        post += (time.perf_counter() - t0) * 1000
+        timings = {"preprocess": pre, "inference": inf, "postprocess": post, "batch_total": pre + inf + post}
+        return [Detections(b, c, k, lab, dict(timings)) for b, c, k, lab in out]
 
     def close(self) -> None:
         self._model = None
+        self._pinned.clear()
+
+
+def supports_fp16(device: Any) -> bool:
+    """FP16 arithmetic is native from compute capability 5.3 on (and fast with tensor cores from 7.0)."""
+    import torch
+
+    try:
+        return torch.cuda.get_device_capability(device) >= (5, 3)
+    except Exception:
+        return False
+
+
+class _StageClock:
+    """Stage boundaries timed with CUDA events on the slot's stream (no extra syncs), else wall clock."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.marks: list[Any] = []
+
+    def stream_context(self) -> Any:
+        import contextlib
+
+        if self.stream is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.stream(self.stream)
+
+    def mark(self) -> None:
+        if self.stream is None:
+            self.marks.append(time.perf_counter())
+            return
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.stream)
+        self.marks.append(ev)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def elapsed_ms(self) -> tuple[float, ...]:
+        m = self.marks
+        if self.stream is None:
+            return tuple((b - a) * 1000 for a, b in zip(m, m[1:], strict=False))
+        return tuple(float(a.elapsed_time(b)) for a, b in zip(m, m[1:], strict=False))

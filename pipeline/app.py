@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from detectors import Detections, Detector, DetectorError, YoloDetector
+from detectors import Detections, Detector, DetectorError
+from detectors.runtimes import build_detector, resolve_backend
 from streams import (
     FAILED,
     STOPPED,
@@ -33,7 +34,8 @@ from streams import (
 )
 
 from .broker import EmbeddedBroker
-from .config import Config, ModelConfig, StreamConfig
+from .config import Config, ConfigError, ModelConfig, StreamConfig
+from .devices import GB, DeviceInfo, SlotAssignment, decode_threads, discover, plan_slots, slot_layout
 from .executor import ExecutorSlot
 from .placement import PlacementError, Placer
 from .publisher import Publisher
@@ -47,22 +49,11 @@ DetectorFactory = Callable[[str, ModelConfig], Detector]
 
 
 def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
-    device = "cpu" if cfg.device == "auto" else cfg.device
-    if cfg.device == "auto":
-        with contextlib.suppress(Exception):
-            import torch
-
-            if torch.cuda.is_available():
-                device = "cuda:0"
-    if cfg.backend == "onnxruntime":
-        from detectors.onnx import OnnxYoloDetector
-
-        return OnnxYoloDetector(name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
-                                threads=cfg.threads, device=device)
-    return YoloDetector(
-        name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou, device=device,
-        half=cfg.half and device.startswith("cuda"), torch_threads=cfg.threads,
-    )
+    """The detector for one slot. `cfg.device` is the slot's device ("cpu", "cuda:N"; "auto" = CPU)."""
+    device = "cpu" if cfg.device == "auto" else ("cuda:0" if cfg.device == "cuda" else cfg.device)
+    runtime = resolve_backend(cfg.backend, device)
+    return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
+                          device=device, threads=cfg.threads, half=cfg.half)
 
 
 @dataclass
@@ -80,8 +71,11 @@ class Pipeline:
     """framegrid's detection graph for one config."""
 
     def __init__(self, config: Config, detector_factory: DetectorFactory | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, devices: list[DeviceInfo] | None = None) -> None:
         self.config = config
+        self.device_facts = devices  # discovered at start when not given (tests give invented ones)
+        self.layouts: dict[str, list[SlotAssignment]] = {}
+        self.runtimes: dict[str, str] = {}
         self.detector_factory = detector_factory or default_detector_factory
         self.clock = clock
         self.secrets = config.secrets()
@@ -157,18 +151,57 @@ class Pipeline:
         return [t for t in getattr(self, "_sched_tasks", []) if not t.done()]
 
     # -- models and slots ------------------------------------------------------------------------
+    def plan(self, models: list[str] | None = None) -> dict[str, list[SlotAssignment]]:
+        """Decide each model's slots (device, threads) and runtime before anything is loaded.
+
+        Raises ConfigError when models would put two different inference runtimes on the CPU of
+        this one process (they would fight over the same cores).
+        """
+        if self.device_facts is None:
+            self.device_facts = discover()
+        dcfg = self.config.devices
+        names = models if models is not None else sorted({rt.cfg.model for rt in self.streams.values()})
+        for name in names:
+            mcfg = self.config.models[name]
+            plans = plan_slots(self.device_facts, int((mcfg.slot_memory_gb or dcfg.slot_memory_gb) * GB),
+                               dcfg.usable_fraction, dict(dcfg.overrides), dcfg.cpu_slots, dcfg.cpu_threads_per_slot,
+                               use_cpu_with_gpus=dcfg.use_cpu_with_gpus)
+            pinned = None if mcfg.device == "auto" else ("cuda:0" if mcfg.device == "cuda" else mcfg.device)
+            try:
+                layout = slot_layout(plans, mcfg.slots, pinned, mcfg.threads)
+            except ValueError as exc:
+                raise ConfigError([(f"models.{name}.device", str(exc))]) from exc
+            self.layouts[name] = layout
+            if any(a.device == "cpu" for a in layout):
+                try:
+                    self.runtimes[name] = resolve_backend(mcfg.backend, "cpu")
+                except ValueError as exc:
+                    raise ConfigError([(f"models.{name}.backend", str(exc))]) from exc
+        cpu_runtimes = {self.runtimes[n] for n in self.runtimes}
+        if len(cpu_runtimes) > 1:
+            detail = ", ".join(f"{n}: {r}" for n, r in sorted(self.runtimes.items()))
+            raise ConfigError([("models.*.backend", f"one inference runtime per process on the CPU, got {detail}; "
+                                                      "set the same backend for these models")])
+        return self.layouts
+
     async def _load_models(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
         self._sched_tasks: list[asyncio.Task[Any]] = []
+        self.plan()
+        for name, layout in self.layouts.items():
+            log.info("model %s: %d slot(s): %s%s", name, len(layout),
+                     ", ".join(f"{a.device}" + (f" ({a.threads} threads)" if a.threads else "") for a in layout),
+                     f"; CPU runtime {self.runtimes[name]}" if name in self.runtimes else "")
         for name in sorted({rt.cfg.model for rt in self.streams.values()}):
             await self._load_model(name)
 
     async def _load_model(self, name: str) -> bool:
         """Start the model's slots; False (its streams marked failed) when none could start."""
-        mcfg = self.config.models[name]
+        if name not in self.layouts:
+            self.plan([name])
         self.model_slots[name] = []
         errors = []
-        for i in range(mcfg.slots):
+        for i in range(len(self.layouts[name])):
             err = await self._start_slot(name, i)
             if err is None:
                 self.model_slots[name].append(f"{name}.{i}")
@@ -187,9 +220,10 @@ class Pipeline:
         return False
 
     async def _new_slot(self, model: str, index: int) -> ExecutorSlot:
-        mcfg = self.config.models[model]
+        assign = self.layouts[model][index]
+        mcfg = self.config.models[model].model_copy(update={"device": assign.device, "threads": assign.threads})
         detector = self.detector_factory(model, mcfg)
-        slot = ExecutorSlot(f"{model}.{index}", detector, hang_timeout=mcfg.hang_timeout)
+        slot = ExecutorSlot(f"{model}.{index}", detector, device=assign.device, hang_timeout=mcfg.hang_timeout)
         await slot.start()
         if mcfg.classes is not None:
             unknown = sorted(set(mcfg.classes) - set(detector.class_names))
@@ -408,6 +442,8 @@ class Pipeline:
                     continue
                 if wanted is not None:
                     det = _filter(det, set(wanted))
+                if frame.source_size is not None:  # the decoder scaled the picture down: back to source pixels
+                    det = det.scaled(*frame.scale)
                 rt.seq += 1
                 result = Result(
                     stream=rt.name, seq=rt.seq, model=model, frame_index=frame.index, pts=frame.pts,
@@ -440,11 +476,16 @@ class Pipeline:
         opts = SourceOptions(
             open_timeout=rt.cfg.open_timeout, stall_timeout=rt.cfg.stall_timeout, transport=rt.cfg.transport,
             realtime=rt.cfg.realtime, loop=rt.cfg.loop, reconnect_cap=rt.cfg.reconnect_cap,
-            max_retries=rt.cfg.max_retries, decode_threads=self.config.pipeline.decode_threads,
-            ffmpeg_options=dict(rt.cfg.ffmpeg_options),
+            max_retries=rt.cfg.max_retries, ffmpeg_options=dict(rt.cfg.ffmpeg_options),
+            decode_threads=decode_threads(self._cores(), len(self.streams), self.config.pipeline.decode_threads),
+            max_side=self.config.models[rt.cfg.model].imgsz if self.config.pipeline.decode_resize else None,
         )
         rt.source = Source(rt.name, rt.cfg.url, rt.latest.put, self._state_from_thread, opts)
         rt.source.start()
+
+    def _cores(self) -> int:
+        cpu = next((d for d in self.device_facts or [] if d.kind == "cpu"), None)
+        return (cpu.cores if cpu else None) or 1
 
     def _state_from_thread(self, state: SourceState) -> None:
         loop = self._loop
@@ -461,7 +502,11 @@ class Pipeline:
     # -- publishing ------------------------------------------------------------------------------
     def _publish_result(self, rt: StreamRuntime, result: Result) -> None:
         assert self.publisher is not None
-        payload = result.payload(self.clock())
+        now = self.clock()
+        # the publish stage: model returned -> payload built and queued for the MQTT client (the
+        # client's own send/ack time is in stats as mqtt.send_ms)
+        result.timings_ms["publish"] = max(0.0, (now - result.inferred_at) * 1000)
+        payload = result.payload(now)
         rt.stats.record(payload["latency_ms"], result.timings_ms)
         self.publisher.publish(self.publisher.topic("streams", rt.name, "detections"), payload)
 

@@ -85,22 +85,28 @@ class MqttConfig(Strict):
 
 class ModelConfig(Strict):
     type: Literal["yolo"] = Field(description="backend family")
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="torch (ultralytics) or onnxruntime (exported once, cached next to the weights)")
+    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="auto: torch on CUDA, else the fastest installed CPU runtime (openvino, onnxruntime, "
+        "torch); exported graphs are made once and cached next to the weights")
     weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
     imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="inference size")
     confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence")
     iou: float = Field(0.45, gt=0.0, le=1.0, description="NMS IoU threshold")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
-    slots: int = Field(1, ge=1, le=64, description="executor slots (model copies, one worker thread each)")
+    slots: int | None = Field(None, ge=1, le=64, description="executor slots (model copies, one worker thread "
+                              "each); default: planned from the devices (see `framegrid devices`)")
+    slot_memory_gb: float | None = Field(None, gt=0, le=1024, description="GPU memory one slot of this model "
+                                         "needs (default: devices.slot_memory_gb)")
     hang_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a batch may run before the slot is "
                                 "declared hung (at least 10x its measured time)")
     restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
     restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
-    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, auto or cuda[:N]")
+    device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
+                        description="auto (every planned device), cpu, or cuda[:N]")
     half: bool = Field(False, description="FP16 (CUDA only)")
     classes: list[str] | None = Field(None, description="publish only these labels")
-    threads: int | None = Field(None, ge=1, le=256, description="inference threads (default: all cores)")
+    threads: int | None = Field(None, ge=1, le=256, description="inference threads per CPU slot "
+                                "(default: cores / CPU slots)")
 
 
 class StreamConfig(Strict):
@@ -129,7 +135,10 @@ class PipelineConfig(Strict):
     max_frame_age: float = Field(1.0, gt=0, le=60, description="older frames are dropped (too_old)")
     batch_timeout_ms: float = Field(15.0, ge=0, le=10_000, description="wait this long to fill a batch")
     status_interval: float = Field(5.0, ge=0, le=3600, description="seconds between console status; 0 = off")
-    decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = auto)")
+    decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = cores / streams, "
+                                "at least 1)")
+    decode_resize: bool = Field(True, description="decoders convert straight to the model's input size "
+                                "(fast bilinear); boxes stay in source pixels")
     rebalance_interval: float = Field(30.0, ge=0, le=86400, description="seconds between rebalancing; 0 = off")
     rebalance_band: float = Field(0.10, gt=0, le=10, description="rebalance until max/mean load <= 1 + band")
     admission_control: bool = Field(False, description="refuse streams that fit on no slot (state 'refused')")

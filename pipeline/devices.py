@@ -140,3 +140,56 @@ def plan_slots(
                     reason += f" (oversubscribed: {n * threads} threads on {cores} cores)"
             plans.append(SlotPlan(d, n, None, None, threads if n else None, reason))
     return plans
+
+
+@dataclass(frozen=True, slots=True)
+class SlotAssignment:
+    """Where one executor slot of a model runs, and with how many inference threads (CPU)."""
+
+    device: str
+    threads: int | None
+
+
+def slot_layout(plans: list[SlotPlan], explicit: int | None = None, device: str | None = None,
+                threads: int | None = None) -> list[SlotAssignment]:
+    """Expand a plan into one assignment per slot.
+
+    `device` pins the model to one device id ("cpu", "cuda:1"); `explicit` fixes the number of
+    slots (spread round-robin over the planned devices, or all on the pinned one); `threads`
+    overrides the planned per-slot CPU thread budget.
+    """
+    by_id = {p.device.id: p for p in plans}
+    if device is not None:
+        plan = by_id.get(device)
+        if plan is None:
+            raise ValueError(f"device {device} not found (have: {', '.join(by_id)})")
+        n = explicit if explicit is not None else max(plan.slots, 1)
+        return [SlotAssignment(device, _threads(plan, threads))] * n
+    used = [p for p in plans if p.slots > 0]
+    if not used:  # nothing fits anywhere: one CPU slot keeps the streams served, slowly
+        cpu = by_id.get("cpu")
+        if cpu is None:
+            raise ValueError("no device can host a slot")
+        used = [SlotPlan(cpu.device, 1, None, None, cpu.device.cores or 1, cpu.reason)]
+    out = [SlotAssignment(p.device.id, _threads(p, threads)) for p in used for _ in range(p.slots)]
+    if explicit is not None:
+        ring = [SlotAssignment(p.device.id, _threads(p, threads)) for p in used]
+        out = [ring[i % len(ring)] for i in range(explicit)] if len(out) != explicit else out
+    return out
+
+
+def _threads(plan: SlotPlan, override: int | None) -> int | None:
+    if plan.device.kind != "cpu":
+        return None
+    return override or plan.threads_per_slot or plan.device.cores or 1
+
+
+def decode_threads(cores: int, streams: int, configured: int = 0) -> int:
+    """FFmpeg threads per decoder: the configured number, else share the cores between streams.
+
+    With as many streams as cores or more, one thread each: frame threading would add a frame of
+    latency per extra thread and the streams already keep every core busy.
+    """
+    if configured:
+        return configured
+    return max(1, cores // max(1, streams))

@@ -15,8 +15,9 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -24,6 +25,7 @@ import aiomqtt
 from streams import Backoff, redact_text
 
 from .config import MqttConfig
+from .stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    queued_mono: float = field(default_factory=time.monotonic)
 
 
 class Publisher:
@@ -60,6 +63,7 @@ class Publisher:
         self.dropped_by_kind: dict[str, int] = {}
         self.published_by_kind: dict[str, int] = {}  # acknowledged by the broker (QoS 1/2) or sent (QoS 0)  # the same, by the topic's last level (detections, stats, ...)
         self.resent = 0  # in flight when the connection broke, sent again
+        self.send_ms: deque[float] = deque(maxlen=512)  # queued -> acknowledged (QoS 1/2) or sent (QoS 0)
         self.last_error: str | None = None
 
     @property
@@ -106,6 +110,7 @@ class Publisher:
             "dropped_by_kind": dict(self.dropped_by_kind),
             "published_by_kind": dict(self.published_by_kind),
             "resent": self.resent,
+            "send_ms": {"p50": _r(percentile(self.send_ms, 50)), "p95": _r(percentile(self.send_ms, 95))},
         }
 
     # -- the connection task --------------------------------------------------------------------
@@ -169,6 +174,7 @@ class Publisher:
             finally:
                 window.release()
             self.published += 1
+            self.send_ms.append((time.monotonic() - msg.queued_mono) * 1000)
             kind = msg.topic.rsplit("/", 1)[-1]
             self.published_by_kind[kind] = self.published_by_kind.get(kind, 0) + 1
 
@@ -223,3 +229,7 @@ class Publisher:
         self._closing = True
         self._close_ev.set()
         self._wake.set()
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)

@@ -24,6 +24,7 @@ class Frame:
     pts: float | None
     decode_ms: float
     captured_mono: float = 0.0  # time.monotonic() at capture, for ages immune to clock steps
+    source_size: tuple[int, int] | None = None  # (w, h) as decoded, when the decoder scaled the image down
 
     def __post_init__(self) -> None:
         img = self.image
@@ -33,8 +34,25 @@ class Frame:
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        """Width of the source picture (boxes are published in these coordinates)."""
+        return self.source_size[0] if self.source_size else int(self.image.shape[1])
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        return self.source_size[1] if self.source_size else int(self.image.shape[0])
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Source pixels per image pixel (x, y): 1.0 unless the decoder scaled the picture down."""
+        return self.width / self.image.shape[1], self.height / self.image.shape[0]
+
+
+def fit_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h) scaled to fit inside max_side x max_side, keeping the aspect ratio; never upscaled.
+
+    The rounding is the letterbox's, so a model of input size `max_side` has nothing left to resize.
+    """
+    if max(width, height) <= max_side:
+        return width, height
+    gain = min(max_side / width, max_side / height)
+    return max(round(width * gain), 1), max(round(height * gain), 1)

@@ -25,7 +25,7 @@ import av
 
 from .backoff import Backoff
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
-from .frame import Frame
+from .frame import Frame, fit_size
 from .redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class SourceOptions:
     reconnect_cap: float = 30.0
     max_retries: int | None = None  # consecutive failures before `failed`; None = forever
     decode_threads: int = 0  # 0 = FFmpeg decides
+    # convert straight to the size the model needs (fit inside max_side x max_side, never upscale)
+    # with fast bilinear scaling; the frame remembers its source size so boxes map back to it
+    max_side: int | None = None
     ffmpeg_options: dict[str, str] = field(default_factory=dict)
 
 
@@ -285,7 +288,11 @@ class Source:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
                 for vf in frames:
-                    image = vf.to_ndarray(format="bgr24")
+                    if self.options.max_side and max(vf.width, vf.height) > self.options.max_side:
+                        w, h = fit_size(vf.width, vf.height, self.options.max_side)
+                        image = vf.to_ndarray(format="bgr24", width=w, height=h, interpolation="FAST_BILINEAR")
+                    else:
+                        image = vf.to_ndarray(format="bgr24")
                     decode_ms = (time.perf_counter() - t0) * 1000
                     pts = float(vf.time) if vf.time is not None else None
                     if pts is not None and first_pts is None:
@@ -297,7 +304,7 @@ class Source:
                     mono = time.monotonic()
                     last_frame = mono
                     self.last_frame_mono = mono
-                    self.width, self.height = image.shape[1], image.shape[0]
+                    self.width, self.height = vf.width, vf.height
                     self.frames_decoded += 1
                     if self._state.state != STREAMING:
                         self._set_state(STREAMING)
@@ -307,7 +314,8 @@ class Source:
                         stream_pts = pts_offset + rel if rel is not None else None
                     else:
                         stream_pts = pts
-                    yield Frame(self.stream, index, image, time.time(), stream_pts, decode_ms, mono)
+                    yield Frame(self.stream, index, image, time.time(), stream_pts, decode_ms, mono,
+                                (vf.width, vf.height))
                     index += 1
                     t0 = time.perf_counter()
         finally:
