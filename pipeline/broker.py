@@ -9,6 +9,8 @@ failures never touch the pipeline's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import logging
 import multiprocessing as mp
 import socket
@@ -21,8 +23,12 @@ log = logging.getLogger(__name__)
 def _serve(host: str, port: int, ready: Any) -> None:  # runs in the child process
     import signal
 
-    # Ctrl-C reaches the whole process group; the parent decides when the broker stops (after
-    # it has published `offline`), so the child ignores SIGINT and ends on SIGTERM.
+    # Ctrl-C, and `timeout` or a service manager stopping the process group, reach every process
+    # of the group. The parent decides when the broker stops (after it has published its last
+    # messages and `offline`), so the child leaves the group, ignores SIGINT and ends on the
+    # SIGTERM the parent sends, or when the parent is gone.
+    parent = os.getppid()
+    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     for name in ("amqtt", "transitions"):
@@ -40,7 +46,9 @@ def _serve(host: str, port: int, ready: Any) -> None:  # runs in the child proce
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         ready.set()
-        await stop.wait()
+        while not stop.is_set() and os.getppid() == parent:  # an orphan stops by itself
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
         try:
             await asyncio.wait_for(broker.shutdown(), 3)
         except Exception:  # noqa: BLE001 - exiting anyway

@@ -242,15 +242,20 @@ def framegrid_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 class Framegrid:
     """`framegrid run CONFIG` as a child process, its output captured to a file."""
 
-    def __init__(self, config: Path, env: dict[str, str], log: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str], log: Path, own_group: bool = False) -> None:
         self.log = log
         self._fh = log.open("w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT,
-                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT)
+                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=own_group)
 
-    def stop(self, sig: int = 2, timeout: float = 30) -> int:
+    def stop(self, sig: int = 2, timeout: float = 30, group: bool = False) -> int:
+        """Signal framegrid (or, with `group`, its whole process group, as `timeout` and systemd do)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
