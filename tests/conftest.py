@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,88 +23,12 @@ import paho.mqtt.client as paho
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.servers import Mosquitto, RtspServer, free_port, wait_port  # noqa: E402,F401
 # keep ultralytics' settings and caches of in-process tests out of the home folder
 os.environ.setdefault("FRAMEGRID_STATE_DIR", str(Path(tempfile.gettempdir()) / "framegrid-test-state"))
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
-class Mosquitto:
-    """A real Mosquitto broker on a fixed loopback port; can be stopped and restarted."""
-
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
-        self.port = port or free_port()
-        self.conf = workdir / f"mosquitto-{self.port}.conf"
-        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
-                       else "persistence false\n")
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-
-class RtspServer:
-    """tools/rtsp_server.py (gst-rtsp-server) serving files; can be killed and restarted."""
-
-    def __init__(self, mounts: dict[str, Path], port: int | None = None, user: str | None = None,
-                 password: str | None = None) -> None:
-        self.mounts = mounts
-        self.port = port or free_port()
-        self.user, self.password = user, password
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        cmd = [SYSTEM_PYTHON, str(ROOT / "tools" / "rtsp_server.py"), "--port", str(self.port)]
-        for name, path in self.mounts.items():
-            cmd += ["--mount", f"{name}={path}"]
-        if self.user:
-            cmd += ["--user", self.user, "--password", self.password or ""]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY"):
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise RuntimeError(f"rtsp server did not start: {line!r} {err}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-    def url(self, name: str, with_auth: bool = True) -> str:
-        auth = f"{self.user}:{self.password}@" if (self.user and with_auth) else ""
-        return f"rtsp://{auth}127.0.0.1:{self.port}/{name}"
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Scripts and helpers for tests, benchmarks, training and data (not part of the wheel)."""
