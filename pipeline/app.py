@@ -187,6 +187,7 @@ class Pipeline:
     async def _load_models(self, tg: asyncio.TaskGroup) -> None:
         self._tg = tg
         self._sched_tasks: list[asyncio.Task[Any]] = []
+        self._slot_tasks: dict[str, asyncio.Task[Any]] = {}
         self.plan()
         for name, layout in self.layouts.items():
             log.info("model %s: %d slot(s): %s%s", name, len(layout),
@@ -224,7 +225,8 @@ class Pipeline:
         mcfg = self.config.models[model].model_copy(update={"device": assign.device, "threads": assign.threads})
         detector = self.detector_factory(model, mcfg)
         slot = ExecutorSlot(f"{model}.{index}", detector, device=assign.device, hang_timeout=mcfg.hang_timeout)
-        await slot.start()
+        side = mcfg.imgsz  # a calibration batch of model-sized 16:9 frames seeds the slot's service time
+        await slot.start(calibrate=mcfg.batch_size, frame_shape=(side * 9 // 16, side, 3))
         if mcfg.classes is not None:
             unknown = sorted(set(mcfg.classes) - set(detector.class_names))
             if unknown:
@@ -252,14 +254,19 @@ class Pipeline:
         self.schedulers[slot.name] = sched
         self.slot_state[slot.name] = "healthy"
         self.placers.setdefault(model, Placer(self.config.pipeline.rebalance_band)).add_slot(slot.name)
-        self._sched_tasks.append(self._tg.create_task(sched.run(), name=f"executor[{slot.name}].scheduler"))
+        task = self._tg.create_task(sched.run(), name=f"executor[{slot.name}].scheduler")
+        self._sched_tasks.append(task)
+        self._slot_tasks[slot.name] = task
         return None
 
     # -- placement and failover --------------------------------------------------------------------
     def _stream_cost(self, stream: str, slot_name: str) -> float:
         """Share of a slot this stream needs: fps x measured service time per frame."""
         rt = self.streams.get(stream)
-        fps = (rt.cfg.max_fps if rt and rt.cfg.max_fps else None) or 15.0
+        fps = 15.0  # before a stream has been opened: a typical camera
+        if rt is not None:
+            measured = rt.stats.fps_in or (rt.source.fps if rt.source is not None else None)
+            fps = min(rt.cfg.max_fps or measured or fps, measured or rt.cfg.max_fps or fps)
         ms = self.slots[slot_name].service_ms_per_frame or 50.0
         return fps * ms / 1000
 
@@ -315,6 +322,8 @@ class Pipeline:
             with contextlib.suppress(Exception):
                 await sched.slot.close()
             await asyncio.sleep(backoff.next_delay())
+            if self.schedulers.get(name) is not sched:  # the model was removed meanwhile
+                return
             try:
                 slot = await self._new_slot(model, int(name.rsplit(".", 1)[1]))
             except Exception as exc:
@@ -429,6 +438,63 @@ class Pipeline:
             topic = self.publisher.topic("streams", name, "state")
             self.publisher.publish(topic, b"", qos=self.config.mqtt.state_qos, retain=True)
         log.info("stream %s: removed", name)
+
+    async def add_model(self, name: str, cfg: ModelConfig) -> None:
+        """Load a model while running (its slots planned like at start), ready for `add_stream`.
+
+        Raises ValueError for a bad or duplicate name, ConfigError when it would bring a second
+        CPU runtime into the process, and DetectorError when none of its slots could start.
+        """
+        import re
+
+        from .config import NAME_PATTERN
+
+        if not self.ready.is_set():
+            raise RuntimeError("pipeline is not running")
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"model name {name!r} must match {NAME_PATTERN}")
+        if name in self.config.models:
+            raise ValueError(f"model {name} already exists")
+        self.config.models[name] = cfg
+        try:
+            self.plan([name])
+            loaded = await self._load_model(name)
+        except BaseException:
+            self._forget_model(name)
+            raise
+        if not loaded:
+            msg = self.model_errors.get(name, "no slot started")
+            self._forget_model(name)
+            raise DetectorError(f"model {name}: {msg}")
+        log.info("model %s: added (%d slot(s))", name, len(self.model_slots[name]))
+
+    async def remove_model(self, name: str) -> None:
+        """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""
+        if name not in self.config.models:
+            raise KeyError(f"no model {name}")
+        users = sorted(rt.name for rt in self.streams.values() if rt.cfg.model == name)
+        if users:
+            raise ValueError(f"model {name} still serves stream(s) {', '.join(users)}: remove them first")
+        for slot_name in self.model_slots.get(name, []):
+            task = self._slot_tasks.pop(slot_name, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            slot = self.slots.pop(slot_name, None)
+            self.schedulers.pop(slot_name, None)
+            self.slot_state.pop(slot_name, None)
+            self.slot_restarts.pop(slot_name, None)
+            if slot is not None:
+                with contextlib.suppress(Exception):
+                    await slot.close()
+        self._forget_model(name)
+        self._publish_devices()
+        log.info("model %s: removed", name)
+
+    def _forget_model(self, name: str) -> None:
+        for table in (self.model_slots, self.placers, self.layouts, self.runtimes, self.model_errors):
+            table.pop(name, None)  # type: ignore[attr-defined]
+        self.config.models.pop(name, None)
 
     def _on_results_for(self, model: str) -> Callable[[list[tuple[StreamHandle, Frame, Detections,
                                                                       dict[str, float]]]], None]:

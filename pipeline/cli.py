@@ -125,16 +125,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .config import DevicesConfig
-    from .devices import GB, discover, plan_slots
+    from .app import Pipeline
+    from .config import Config
+    from .devices import GB, decode_threads, discover, plan_slots
 
-    cfg = DevicesConfig()
+    config = Config()
     if args.config is not None:
         try:
-            cfg = load_config(args.config).devices
+            config = load_config(args.config)
         except ConfigError as exc:
             print(redact_text(str(exc)), file=sys.stderr)
             return 2
+    cfg = config.devices
     devices = discover()
     print("devices:")
     for d in devices:
@@ -147,6 +149,22 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for p in plans:
         print(f"  {p.reason}")
     print(f"total: {sum(p.slots for p in plans)} slot(s)")
+    if args.config is not None and config.models:
+        pipeline = Pipeline(config, devices=devices)
+        try:
+            layouts = pipeline.plan(sorted(config.models))
+        except ConfigError as exc:
+            print(redact_text(str(exc)), file=sys.stderr)
+            return 2
+        print("models:")
+        for name, layout in layouts.items():
+            where = ", ".join(a.device + (f" ({a.threads} threads)" if a.threads else "") for a in layout)
+            runtime = pipeline.runtimes.get(name)
+            print(f"  {name}: {len(layout)} slot(s) on {where}" + (f"; CPU runtime {runtime}" if runtime else ""))
+        cores = next((d.cores for d in devices if d.kind == "cpu"), 1) or 1
+        n = sum(1 for s in config.streams.values() if s.enabled)
+        print(f"decode: {n} stream(s), {decode_threads(cores, n, config.pipeline.decode_threads)} FFmpeg "
+              f"thread(s) each")
     return 0
 
 

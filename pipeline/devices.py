@@ -87,8 +87,25 @@ def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
                 nvml.nvmlShutdown()
             except Exception:
                 pass
+    if not devices and os.path.exists("/dev/nvidiactl"):
+        devices += _torch_gpus()  # a driver but no NVML library: ask torch (only then: importing it costs)
     devices.append(_cpu_info())
     return devices
+
+
+def _torch_gpus() -> list[DeviceInfo]:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        out = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out.append(DeviceInfo(f"cuda:{i}", "cuda", torch.cuda.get_device_name(i), int(total), int(free)))
+        return out
+    except Exception:  # a broken CUDA install is a CPU machine, quietly
+        return []
 
 
 def plan_slots(

@@ -98,3 +98,51 @@ def test_devices_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
     assert "CPU:" in out and "detect slot" in out and "total: 1 slot(s)" in out
+
+
+def test_slot_layout_from_plan() -> None:
+    from pipeline.devices import decode_threads, slot_layout
+
+    gpus = discover(FakeNvml([("NVIDIA RTX 4090", 24, 22), ("Tesla T4", 16, 15)]))
+    plans = plan_slots(gpus, 8 * GB, 0.9)
+    layout = slot_layout(plans)
+    # 22*0.9/8 -> 2 slots on the 4090, 15*0.9/8 -> 1 on the T4, none on the CPU (GPUs present)
+    assert [a.device for a in layout] == ["cuda:0", "cuda:0", "cuda:1"]
+    assert all(a.threads is None for a in layout)
+    assert [a.device for a in slot_layout(plans, explicit=4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert [a.device for a in slot_layout(plans, device="cuda:1")] == ["cuda:1"]
+    with pytest.raises(ValueError, match="cuda:7 not found"):
+        slot_layout(plans, device="cuda:7")
+    cpu_only = [d for d in gpus if d.kind == "cpu"]
+    cpu = slot_layout(plan_slots(cpu_only, 8 * GB, cpu_slots=2))
+    cores = cpu_only[0].cores or 1
+    assert len(cpu) == 2 and all(a.device == "cpu" and a.threads == max(1, cores // 2) for a in cpu)
+    assert slot_layout(plan_slots(cpu_only, 8 * GB), threads=3)[0].threads == 3
+    # a GPU too small for one slot and no CPU slots planned: one CPU slot keeps streams served
+    tiny = discover(FakeNvml([("small", 4, 3)]))
+    fallback = slot_layout(plan_slots(tiny, 8 * GB))
+    assert [a.device for a in fallback] == ["cpu"]
+    assert decode_threads(2, 8) == 1 and decode_threads(8, 2) == 4 and decode_threads(2, 1) == 2
+    assert decode_threads(2, 8, configured=3) == 3
+
+
+def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None:
+    from pipeline import Pipeline, parse_config
+
+    from .conftest import MODEL
+
+    gpus = discover(FakeNvml([("NVIDIA A100 80GB", 80, 78), ("NVIDIA L4", 24, 23)]))
+    cfg = parse_config({
+        "models": {"big": {"type": "yolo", "weights": str(MODEL), "slot_memory_gb": 20},
+                   "pinned": {"type": "yolo", "weights": str(MODEL), "device": "cuda:1", "slots": 2}},
+        "streams": {"a": {"url": "rtsp://127.0.0.1:9/a", "model": "big"},
+                    "b": {"url": "rtsp://127.0.0.1:9/b", "model": "pinned"}},
+    }, tmp_path)
+    p = Pipeline(cfg, devices=gpus)
+    for name, scfg in cfg.streams.items():
+        p._add_runtime(name, scfg)
+    layouts = p.plan()
+    # 78*0.9/20 -> 3 slots on the A100, 23*0.9/20 -> 1 on the L4
+    assert [a.device for a in layouts["big"]] == ["cuda:0"] * 3 + ["cuda:1"]
+    assert [a.device for a in layouts["pinned"]] == ["cuda:1", "cuda:1"]
+    assert p.runtimes == {}  # nothing on the CPU: no CPU runtime chosen

@@ -79,3 +79,47 @@ async def test_admission_control_refuses_what_fits_nowhere(
     finally:
         await shutdown()
         sub.close()
+
+
+@pytest.mark.slow
+async def test_add_and_remove_models_at_runtime(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    from detectors import DetectorError
+    from pipeline import ModelConfig
+
+    config = parse_config(
+        {
+            "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
+            "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+            "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5}},
+            "pipeline": {"status_interval": 0},
+        },
+        tmp_path,
+    )
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    try:
+        await wait_until(lambda: len(detections(sub, "a")) >= 3, 30, "stream a detecting")
+        await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL, imgsz=640, slots=1))
+        with pytest.raises(ValueError, match="already exists"):
+            await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL))
+        with pytest.raises(DetectorError, match="weights file not found"):
+            await pipeline.add_model("ghost", ModelConfig(type="yolo", weights=tmp_path / "ghost.pt"))
+        assert "ghost" not in pipeline.config.models and "ghost" not in pipeline.model_slots
+        await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes640", max_fps=5))
+        await wait_until(lambda: len(detections(sub, "b")) >= 3, 30, "stream b on the added model")
+        assert {m["model"] for m in detections(sub, "b")} == {"shapes640"}
+        with pytest.raises(ValueError, match="still serves stream\\(s\\) b"):
+            await pipeline.remove_model("shapes640")
+        await pipeline.remove_stream("b")
+        await pipeline.remove_model("shapes640")
+        assert "shapes640.0" not in pipeline.slots and "shapes640" not in pipeline.config.models
+        n_a = len(detections(sub, "a"))
+        await asyncio.sleep(1.5)
+        assert len(detections(sub, "a")) >= n_a + 4  # the other model's stream never noticed
+    finally:
+        await shutdown()
+        sub.close()
+    last_devices = [m.json() for m in sub.of("/devices")][-1]
+    assert set(last_devices["slots"]) == {"shapes.0"}
