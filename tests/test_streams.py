@@ -160,3 +160,31 @@ def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
     # a live source delivers at the camera's rate, pts on its own clock
     pts = [f.pts for f in frames if f.pts is not None]
     assert pts == sorted(pts) and pts[-1] - pts[0] == pytest.approx((len(pts) - 1) / 15, abs=0.2)
+
+
+def test_decoder_converts_to_model_size_and_keeps_source_size(short_video: Path) -> None:
+    from streams.frame import fit_size
+
+    frames: list[Frame] = []
+    src = Source("f", str(short_video), frames.append, options=SourceOptions(realtime=False, loop=False,
+                                                                             max_side=160))
+    src.start()
+    deadline = time.monotonic() + 10
+    while len(frames) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    src.stop(5)
+    f = frames[0]
+    assert f.image.shape == (90, 160, 3)  # 320x180 fitted into 160: the letterbox has nothing to resize
+    assert (f.width, f.height) == (320, 180) and f.scale == (2.0, 2.0)  # results are in source pixels
+    assert fit_size(1920, 1080, 640) == (640, 360) and fit_size(320, 180, 640) == (320, 180)
+    assert fit_size(1080, 1920, 320) == (180, 320)
+    # a larger model size than the picture: no upscaling, no source_size
+    same: list[Frame] = []
+    src = Source("g", str(short_video), same.append, options=SourceOptions(realtime=False, loop=False,
+                                                                           max_side=640))
+    src.start()
+    deadline = time.monotonic() + 10
+    while not same and time.monotonic() < deadline:
+        time.sleep(0.05)
+    src.stop(5)
+    assert same[0].image.shape == (180, 320, 3) and same[0].scale == (1.0, 1.0)

@@ -1,0 +1,112 @@
+"""A/V sinks with PyAV: a file, HLS to a directory, or a push to an RTSP (ANNOUNCE/RECORD) or RTMP server.
+
+`AVSink.write(frame, audio)` takes one BGR video frame and the float32 mono audio that belongs
+to it (40 ms at 25 fps and 16 kHz), stamps both from one counter, and encodes them into one
+container: audio and video share a clock by construction. H.264 (ultrafast, zerolatency, one
+keyframe per second so HLS segments and late RTSP viewers start quickly) and AAC.
+"""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StreamError
+from .redact import redact_text
+
+log = logging.getLogger(__name__)
+
+
+class SinkError(StreamError):
+    """The sink cannot be opened or written (server gone, disk full, ...)."""
+
+
+def container_for(target: str) -> tuple[str, str | None, dict[str, str]]:
+    """(URL or path, FFmpeg muxer, muxer options) for a sink target."""
+    if target.startswith(("rtsp://", "rtsps://")):
+        return target, "rtsp", {"rtsp_transport": "tcp"}
+    if target.startswith(("rtmp://", "rtmps://")):
+        return target, "flv", {}
+    if target.endswith(".m3u8"):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        return target, "hls", {"hls_time": "1", "hls_list_size": "0", "hls_flags": "independent_segments"}
+    return target, None, {}
+
+
+class AVSink:
+    """One output stream; not thread-safe (one writer)."""
+
+    def __init__(self, target: str, width: int, height: int, fps: int = 25, sample_rate: int = 16_000,
+                 timeout: float = 10.0) -> None:
+        import av
+
+        self.target = target
+        self.name = redact_text(target)
+        self.fps = fps
+        self.sample_rate = sample_rate
+        url, fmt, options = container_for(target)
+        try:
+            self._out: Any = av.open(url, mode="w", format=fmt, options=options, timeout=timeout)
+            v = self._out.add_stream("libx264", rate=fps)
+            v.width, v.height, v.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
+            v.codec_context.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps),
+                                       "keyint_min": str(fps), "sc_threshold": "0"}
+            v.codec_context.time_base = Fraction(1, fps)
+            a = self._out.add_stream("aac", rate=sample_rate)
+            a.codec_context.layout = "mono"
+            a.codec_context.time_base = Fraction(1, sample_rate)
+            if fmt in ("rtsp", "flv"):
+                self._out.start_encoding()  # connect now (ANNOUNCE/RECORD), so a dead server fails here
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SinkError(f"sink {self.name}: cannot open: {exc}") from exc
+        self._v, self._a = v, a
+        self.frames = 0
+        self.samples = 0
+        self._closed = False
+
+    def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
+        import av
+
+        if self._closed:
+            raise SinkError(f"sink {self.name}: closed")
+        try:
+            if frame.shape[1] != self._v.width or frame.shape[0] != self._v.height:
+                frame = frame[: self._v.height, : self._v.width]
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="bgr24")
+            vf.pts = self.frames
+            vf.time_base = Fraction(1, self.fps)
+            self._mux(self._v.encode(vf))
+            af = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="fltp", layout="mono")
+            af.sample_rate = self.sample_rate
+            af.pts = self.samples
+            af.time_base = Fraction(1, self.sample_rate)
+            self._mux(self._a.encode(af))
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SinkError(f"sink {self.name}: write failed: {exc}") from exc
+        self.frames += 1
+        self.samples += len(audio)
+
+    def _mux(self, packets: list[Any]) -> None:
+        for p in packets:
+            self._out.mux(p)
+
+    def close(self) -> None:
+        import av
+
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._mux(self._v.encode(None))
+            self._mux(self._a.encode(None))
+        except (av.error.FFmpegError, OSError) as exc:
+            log.warning("sink %s: flush failed: %s", self.name, exc)
+        finally:
+            try:
+                self._out.close()
+            except (av.error.FFmpegError, OSError) as exc:
+                log.warning("sink %s: close failed: %s", self.name, exc)

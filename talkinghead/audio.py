@@ -1,0 +1,121 @@
+"""Audio in: 16 kHz mono float32, cut into one 40 ms chunk per 25 fps video frame.
+
+Inputs are a file or any FFmpeg URL (decoded and resampled with PyAV), or raw PCM pushed in
+chunks (the MQTT input: signed 16-bit little-endian, mono, 16 kHz, any chunk length). Every
+video frame owns exactly `SAMPLES_PER_FRAME` samples, from generation to the sink, so audio and
+video cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = 40 ms
+
+
+class AudioError(Exception):
+    """Audio that cannot be read or decoded; the message names the input."""
+
+
+def load_audio(source: str | Path, rate: int = SAMPLE_RATE, timeout: float = 10.0) -> np.ndarray:
+    """The whole input as mono float32 in [-1, 1] at `rate` (resampled whatever it was)."""
+    return np.concatenate(list(iter_audio(source, rate, timeout)) or [np.zeros(0, np.float32)])
+
+
+def iter_audio(source: str | Path, rate: int = SAMPLE_RATE, timeout: float = 10.0) -> Iterator[np.ndarray]:
+    """Decode `source` progressively: blocks of mono float32 samples at `rate`."""
+    import av
+
+    from streams import redact_text
+
+    name = redact_text(str(source))
+    try:
+        container = av.open(str(source), timeout=timeout)
+    except (av.error.FFmpegError, OSError) as exc:
+        raise AudioError(f"audio {name}: cannot open: {exc}") from exc
+    try:
+        if not container.streams.audio:
+            raise AudioError(f"audio {name}: no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+        except av.error.FFmpegError as exc:
+            raise AudioError(f"audio {name}: decode error: {exc}") from exc
+    finally:
+        container.close()
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    """The MQTT audio format: s16le mono 16 kHz -> float32 samples."""
+    if len(data) % 2:
+        raise AudioError(f"PCM chunk of {len(data)} bytes: s16le needs an even number of bytes")
+    return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+
+
+class FrameChunker:
+    """Turns blocks of any length into exact 40 ms chunks (one per video frame)."""
+
+    def __init__(self, samples_per_frame: int = SAMPLES_PER_FRAME) -> None:
+        self.n = samples_per_frame
+        self._buf = np.zeros(0, np.float32)
+
+    def push(self, block: np.ndarray) -> list[np.ndarray]:
+        self._buf = np.concatenate([self._buf, block.astype(np.float32, copy=False)])
+        k = len(self._buf) // self.n
+        chunks = [self._buf[i * self.n:(i + 1) * self.n] for i in range(k)]
+        self._buf = self._buf[k * self.n:]
+        return chunks
+
+    def flush(self) -> list[np.ndarray]:
+        """The last partial chunk, padded with silence (so the output keeps all the input's audio)."""
+        if not len(self._buf):
+            return []
+        out = np.zeros(self.n, np.float32)
+        out[:len(self._buf)] = self._buf
+        self._buf = np.zeros(0, np.float32)
+        return [out]
+
+
+class PushAudio:
+    """Audio pushed from outside (MQTT PCM chunks): a bounded, thread-safe queue of frame chunks."""
+
+    def __init__(self, max_seconds: float = 10.0) -> None:
+        self._chunker = FrameChunker()
+        self._chunks: deque[np.ndarray] = deque(maxlen=int(max_seconds * FPS))
+        self._lock = threading.Lock()
+        self.dropped = 0
+        self.closed = False
+
+    def push_pcm16(self, data: bytes) -> None:
+        with self._lock:
+            for c in self._chunker.push(pcm16_to_float(data)):
+                if len(self._chunks) == self._chunks.maxlen:
+                    self.dropped += 1
+                self._chunks.append(c)
+
+    def close(self) -> None:
+        with self._lock:
+            self._chunks.extend(self._chunker.flush())
+            self.closed = True
+
+    def pop(self) -> np.ndarray | None:
+        with self._lock:
+            return self._chunks.popleft() if self._chunks else None
+
+
+def rms_db(chunk: np.ndarray) -> float:
+    """Loudness of a chunk in dBFS (-120 for digital silence)."""
+    rms = float(np.sqrt(np.mean(np.square(chunk, dtype=np.float64)))) if len(chunk) else 0.0
+    return 20 * np.log10(max(rms, 1e-6))

@@ -1,0 +1,195 @@
+"""Talking heads with the energy backend: avatar preparation, A/V output, lip sync, bad input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from streams.sinks import AVSink, SinkError
+from talkinghead import (
+    FPS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    AudioError,
+    AvatarError,
+    EnergyLipSync,
+    PushAudio,
+    TalkSession,
+    load_audio,
+    musetalk_box,
+    prepare_avatar,
+)
+
+
+@pytest.fixture(scope="module")
+def face_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real photo with a frontal face, shipped inside scikit-image (no download)."""
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("avatar") / "astronaut.png"
+    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def tone_on_off(pattern: list[tuple[float, bool]], rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A 220 Hz tone switched on and off: [(seconds, on), ...]."""
+    parts = []
+    for seconds, on in pattern:
+        n = int(round(seconds * rate))
+        t = np.arange(n) / rate
+        parts.append((0.5 * np.sin(2 * np.pi * 220 * t) if on else np.zeros(n)).astype(np.float32))
+    return np.concatenate(parts)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def probe_output(path: Path) -> tuple[int, float, float, list[np.ndarray]]:
+    """(video frames, video fps, audio seconds, decoded frames) of a written file."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        fps = float(v.average_rate)
+        frames = [f.to_ndarray(format="bgr24") for f in c.decode(v)]
+    with av.open(str(path)) as c:
+        samples = sum(f.samples for f in c.decode(c.streams.audio[0]))
+        rate = c.streams.audio[0].rate
+    return len(frames), fps, samples / rate, frames
+
+
+def test_avatar_box_follows_musetalk_rule(face_image: Path, tmp_path: Path) -> None:
+    av1 = prepare_avatar(face_image, cache_dir=tmp_path)
+    lm = av1.landmarks
+    assert lm is not None and lm.shape == (68, 2)
+    x1, y1, x2, y2 = av1.box
+    chin, nose = lm[:, 1].max(), lm[29, 1]
+    assert y1 == int(nose - (chin - nose))  # the chin mirrored above the nose
+    assert y2 == int(chin) + 10  # v1.5's extra margin
+    assert (x1, x2) == (int(lm[:, 0].min()), int(lm[:, 0].max()))
+    assert musetalk_box(lm, 512, 512, 0)[3] == int(chin)  # v1.0: no margin
+    mx1, my1, mx2, my2 = av1.mouth
+    assert x1 < mx1 < mx2 < x2 and nose < my1 < my2 < y2
+    # cached: same result without detection; a manual box overrides detection
+    t = time.perf_counter()
+    again = prepare_avatar(face_image, cache_dir=tmp_path)
+    assert again.box == av1.box and time.perf_counter() - t < 0.5
+    manual = prepare_avatar(face_image, box=(150, 60, 290, 220), cache_dir=tmp_path)
+    assert manual.box == (150, 60, 290, 220) and manual.landmarks is None
+
+
+def test_bad_avatar_and_audio_inputs(tmp_path: Path) -> None:
+    blank = tmp_path / "wall.png"
+    cv2.imwrite(str(blank), np.full((256, 256, 3), 180, np.uint8))
+    with pytest.raises(AvatarError, match="no face found"):
+        prepare_avatar(blank, cache_dir=tmp_path)
+    with pytest.raises(AvatarError, match="outside the 256x256 image"):
+        prepare_avatar(blank, box=(0, 0, 300, 100), cache_dir=tmp_path)
+    with pytest.raises(AvatarError, match="image not found"):
+        prepare_avatar(tmp_path / "missing.png", cache_dir=tmp_path)
+    corrupt = tmp_path / "speech.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 10)
+    with pytest.raises(AudioError, match="speech.wav"):
+        load_audio(corrupt)
+
+
+def test_audio_is_resampled_to_16k_mono(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "44k.wav", tone_on_off([(1.0, True)], 44_100), 44_100)
+    audio = load_audio(wav)
+    assert abs(len(audio) - SAMPLE_RATE) <= SAMPLES_PER_FRAME  # one second, at 16 kHz
+    assert 0.3 < np.abs(audio).max() <= 0.51
+
+
+def test_offline_session_writes_av_in_sync(face_image: Path, tmp_path: Path) -> None:
+    """The tone switches on and off; the mouth opens and closes on the same frames (within one)."""
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    backend = EnergyLipSync(avatar)
+    pattern = [(0.6, False), (0.8, True), (0.6, False), (0.4, True), (0.4, False)]
+    audio = tone_on_off(pattern)
+    out = tmp_path / "talk.mp4"
+    w, h = avatar.size
+    opened: list[float] = []
+    session = TalkSession("t", backend, [audio], AVSink(str(out), w, h), realtime=False,
+                          on_frame=lambda i, lvl: opened.append(lvl))
+    session.start()
+    assert session.wait(60) and session.state == "ended", session.error
+    n, fps, audio_s, frames = probe_output(out)
+    duration = len(audio) / SAMPLE_RATE
+    assert fps == FPS and abs(n - duration * FPS) <= 1
+    assert abs(audio_s - duration) <= 1 / FPS + 0.025  # AAC priming aside, all of the input's audio
+    # mouth motion measured on the decoded output, against the avatar's own mouth
+    x1, y1, x2, y2 = avatar.mouth
+    pad = (y2 - y1)
+    still = avatar.image[y1 - pad:y2 + 2 * pad, x1:x2].astype(np.float32)
+    motion = np.array([np.abs(f[y1 - pad:y2 + 2 * pad, x1:x2].astype(np.float32) - still).mean() for f in frames])
+    moving = motion > (motion.min() + 0.5 * (motion.max() - motion.min()))
+    envelope = np.array([np.sqrt(np.mean(audio[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME] ** 2)) > 0.05
+                         for i in range(n)])
+    edges_audio = np.flatnonzero(np.diff(envelope.astype(int)))
+    edges_mouth = np.flatnonzero(np.diff(moving.astype(int)))
+    assert len(edges_audio) == len(edges_mouth) == 4, (edges_audio, edges_mouth)
+    assert np.abs(edges_audio - edges_mouth).max() <= 1
+    assert session.stats.idle > 0 and session.stats.inferred > 0 and session.stats.late == 0
+
+
+def test_live_session_with_pushed_pcm_to_hls(face_image: Path, tmp_path: Path) -> None:
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    push = PushAudio()
+    playlist = tmp_path / "hls" / "index.m3u8"
+    w, h = avatar.size
+    session = TalkSession("live", EnergyLipSync(avatar), push, AVSink(str(playlist), w, h), realtime=True)
+    session.start()
+    pcm = (tone_on_off([(0.5, True), (0.5, False)] * 2) * 32767).astype("<i2").tobytes()
+    for i in range(0, len(pcm), 3200):  # 100 ms chunks, as a TTS engine would push them
+        push.push_pcm16(pcm[i:i + 3200])
+        time.sleep(0.05)
+    push.close()
+    assert session.wait(30) and session.state in ("ended", "degraded"), session.error
+    assert playlist.is_file() and list(playlist.parent.glob("*.ts"))
+    n, fps, audio_s, _ = probe_output(playlist)
+    # all 2 s of pushed audio, plus any 40 ms of silence the session emitted while waiting for data
+    assert fps == FPS and 2.0 * FPS <= n <= 2.0 * FPS + 3
+    assert abs(audio_s - n / FPS) <= 1 / FPS + 0.05  # audio and video end together (AAC padding aside)
+    snap = session.snapshot()
+    assert snap["frames"] == n and snap["output_fps"] and snap["render_ms_p50"] is not None
+
+
+def test_sink_that_goes_away_fails_only_its_session(face_image: Path, tmp_path: Path) -> None:
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    with pytest.raises(SinkError, match="cannot open"):
+        AVSink("rtsp://127.0.0.1:9/nothing-listens", 320, 240, timeout=2)
+
+    class Breaks:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
+            self.n += 1
+            if self.n > 5:
+                raise SinkError("sink rtsp://127.0.0.1/x: write failed: Broken pipe")
+
+        def close(self) -> None:
+            pass
+
+    w, h = avatar.size
+    audio = tone_on_off([(1.0, True)])
+    bad = TalkSession("bad", EnergyLipSync(avatar), [audio], Breaks(), realtime=False)
+    good = TalkSession("good", EnergyLipSync(avatar), [audio], AVSink(str(tmp_path / "ok.mkv"), w, h),
+                       realtime=False)
+    bad.start()
+    good.start()
+    assert bad.wait(30) and good.wait(30)
+    assert bad.state == "failed" and "Broken pipe" in (bad.error or "")
+    assert good.state == "ended" and good.stats.frames == 25
