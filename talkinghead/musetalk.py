@@ -1,0 +1,269 @@
+"""MuseTalk (v1.5, and v1.0 where it differs) inference, written with diffusers and transformers.
+
+What the authors publish, step by step:
+
+* avatar crop: MuseTalk's face box (see `avatar.musetalk_box`), resized to 256x256 (Lanczos);
+  the VAE encodes the crop with its lower half masked (set to -1 after normalising) and the full
+  crop; the two latents are concatenated masked-first into 8 channels;
+* audio: 16 kHz mono -> Whisper log-mel features in 30 s segments -> the Whisper *encoder* with
+  every hidden state kept (embeddings + each layer) -> 50 feature frames per second; video frame
+  i at 25 fps takes the 10 feature frames starting at 2i of the sequence left-padded by 4 (the v1.5
+  window around the frame) across all layers, flattened to (10 x layers, d_model), plus a
+  sinusoidal position encoding;
+* UNet (`UNet2DConditionModel` from the official `musetalk.json`) called once at timestep 0 with
+  the audio as `encoder_hidden_states`; VAE decode; the 256 face is resized back into the box and
+  blended through a mask that keeps only the lower part of the face (upper boundary at half the
+  blend crop, Gaussian blur of 10% of its size).
+
+Sizes are read from the loaded configs (Whisper's d_model and layer count, the mel hop, the VAE's
+downsampling and scaling factor), never hard-coded, so small test models run the same code.
+Weights come from a local folder in the official layout (`MUSETALK_LAYOUT`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+CROP = 256  # MuseTalk works on 256x256 face crops
+VIDEO_FPS = 25
+WINDOW_LEFT = 2  # video frames of context each side (v1.5: audio_padding_length_left/right)
+WINDOW_RIGHT = 2
+
+MUSETALK_LAYOUT = {
+    "v15": {"unet": "musetalkV15/unet.pth", "config": "musetalkV15/musetalk.json"},
+    "v1": {"unet": "musetalk/pytorch_model.bin", "config": "musetalk/musetalk.json"},
+}
+DOWNLOADS = (
+    "Download from Hugging Face on a machine with internet access and copy into {root}: "
+    "TMElyralab/MuseTalk (musetalkV15/unet.pth and musetalk.json, or musetalk/ for v1.0), "
+    "stabilityai/sd-vae-ft-mse -> sd-vae/, openai/whisper-tiny -> whisper/ "
+    "(optional: face-parse-bisent/79999_iter.pth and resnet18-5c106cde.pth)."
+)
+
+
+class MuseTalkError(Exception):
+    """Weights missing or unusable; the message lists what to download and where it goes."""
+
+
+def check_layout(root: Path, version: str = "v15") -> dict[str, Path]:
+    """The files MuseTalk needs under `root`; raises listing every missing piece at once."""
+    if version not in MUSETALK_LAYOUT:
+        raise MuseTalkError(f"unknown MuseTalk version {version!r} (v15 or v1)")
+    want = {
+        "unet": root / MUSETALK_LAYOUT[version]["unet"],
+        "unet_config": root / MUSETALK_LAYOUT[version]["config"],
+        "vae": root / "sd-vae",
+        "whisper": root / "whisper",
+    }
+    missing = [str(p.relative_to(root)) for p in want.values() if not p.exists()]
+    for folder in ("sd-vae", "whisper"):
+        if (root / folder).is_dir() and not (root / folder / "config.json").is_file():
+            missing.append(f"{folder}/config.json")
+    if missing:
+        raise MuseTalkError(f"MuseTalk weights incomplete in {root}: missing {', '.join(missing)}. "
+                            + DOWNLOADS.format(root=root))
+    return want
+
+
+def positional_encoding(seq_len: int, d_model: int) -> np.ndarray:
+    """The sinusoidal encoding MuseTalk adds to the audio prompts (sin on even, cos on odd dims)."""
+    pe = np.zeros((seq_len, d_model), np.float32)
+    position = np.arange(seq_len, dtype=np.float32)[:, None]
+    div = np.exp(np.arange(0, d_model, 2, dtype=np.float32) * (-math.log(10000.0) / d_model))
+    pe[:, 0::2] = np.sin(position * div)
+    pe[:, 1::2] = np.cos(position * div)[:, : d_model // 2]
+    return pe
+
+
+def window_indices(frame: int, audio_fps: int, fps: int = VIDEO_FPS) -> range:
+    """Indices (into the left-padded feature sequence) of the features video frame `frame` uses."""
+    per_frame = audio_fps // fps
+    length = per_frame * (WINDOW_LEFT + WINDOW_RIGHT + 1)
+    start = math.floor(frame * audio_fps / fps)
+    return range(start, start + length)
+
+
+def lower_half_mask(size: int = CROP) -> np.ndarray:
+    """1 on the upper half (kept), 0 on the lower half (the mouth MuseTalk regenerates)."""
+    m = np.zeros((size, size), np.float32)
+    m[: size // 2] = 1.0
+    return m
+
+
+def blend_region(box: tuple[int, int, int, int], width: int, height: int, expand: float) -> tuple[int, ...]:
+    """MuseTalk's square blend crop around the face box, clipped to the image."""
+    x1, y1, x2, y2 = box
+    xc, yc = (x1 + x2) // 2, (y1 + y2) // 2
+    s = int(max(x2 - x1, y2 - y1) // 2 * expand)
+    return max(0, xc - s), max(0, yc - s), min(width, xc + s), min(height, yc + s)
+
+
+def geometric_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], upper_boundary_ratio: float = 0.5
+                   ) -> np.ndarray:
+    """The blend mask without face parsing: the face box below the upper boundary, blurred.
+
+    Same upper boundary (a share of the blend crop's height) and blur (10% of its width, odd) as
+    MuseTalk's parsing-based mask; the parsed skin/lips shape is replaced by the face box.
+    """
+    cx1, cy1, cx2, cy2 = crop
+    w, h = cx2 - cx1, cy2 - cy1
+    mask = np.zeros((h, w), np.uint8)
+    x1, y1, x2, y2 = box
+    mask[max(0, y1 - cy1):y2 - cy1, max(0, x1 - cx1):x2 - cx1] = 255
+    mask[: int(h * upper_boundary_ratio)] = 0
+    k = int(0.1 * w // 2 * 2) + 1
+    return cv2.GaussianBlur(mask, (k, k), 0)
+
+
+@dataclass
+class PreparedFace:
+    """One avatar frame, ready for inference: its latents (1, 8, h, w) and its blend material."""
+
+    frame: np.ndarray
+    box: tuple[int, int, int, int]
+    latents: Any
+    crop: tuple[int, ...]
+    mask: np.ndarray  # uint8, blend-crop sized
+
+
+class MuseTalk:
+    """The three models and the published inference. One instance per lipsync executor slot."""
+
+    kind = "lipsync"
+
+    def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
+                 seed: int = 0) -> None:
+        self.root = Path(root)
+        self.version = version
+        self.device = device
+        self.half = device.startswith("cuda") if half is None else half  # fp16 on CUDA, fp32 on CPU
+        self.seed = seed
+        self.extra_margin = 10 if version == "v15" else 0
+        self.expand = 1.5 if version == "v15" else 1.2
+        self.unet: Any = None
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load(self) -> None:
+        paths = check_layout(self.root, self.version)
+        try:
+            import torch
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import AutoFeatureExtractor, WhisperModel
+
+            dtype = torch.float16 if self.half else torch.float32
+            config = json.loads(paths["unet_config"].read_text())
+            unet = UNet2DConditionModel(**config)
+            state = torch.load(paths["unet"], map_location="cpu", weights_only=True)
+            unet.load_state_dict(state)
+            self.unet = unet.to(self.device, dtype).eval()
+            self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype).to(self.device).eval()
+            whisper = WhisperModel.from_pretrained(paths["whisper"], dtype=dtype)
+            self.encoder = whisper.encoder.to(self.device).eval()
+            self.features = AutoFeatureExtractor.from_pretrained(paths["whisper"])
+        except MuseTalkError:
+            raise
+        except Exception as exc:
+            raise MuseTalkError(f"cannot load MuseTalk from {self.root}: {exc}. "
+                                + DOWNLOADS.format(root=self.root)) from exc
+        self.dtype = dtype
+        wcfg = self.encoder.config
+        self.d_model = int(wcfg.d_model)
+        self.layers = int(wcfg.encoder_layers) + 1  # embeddings + every layer: all hidden states
+        # feature frames per second after the encoder's stride-2 convolution
+        self.audio_fps = int(self.features.sampling_rate / self.features.hop_length / 2)
+        self.scaling = float(self.vae.config.scaling_factor)
+        if int(config.get("cross_attention_dim", self.d_model)) != self.d_model:
+            raise MuseTalkError(f"UNet cross_attention_dim {config.get('cross_attention_dim')} does not match "
+                                f"Whisper d_model {self.d_model}")
+        per_frame = self.audio_fps // VIDEO_FPS * (WINDOW_LEFT + WINDOW_RIGHT + 1)
+        self.prompt_len = per_frame * self.layers
+        self._pe = torch.from_numpy(positional_encoding(self.prompt_len, self.d_model)).to(self.device, dtype)
+
+    # -- avatar -----------------------------------------------------------------------------------
+    def prepare_face(self, frame: np.ndarray, box: tuple[int, int, int, int]) -> PreparedFace:
+        """Latents of the masked and the full crop (masked first: 8 channels) and the blend mask."""
+        x1, y1, x2, y2 = box
+        crop = cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_LANCZOS4)
+        h, w = frame.shape[:2]
+        region = blend_region(box, w, h, self.expand)
+        return PreparedFace(frame, box, self.encode_crop(crop), region, geometric_mask(box, region))
+
+    def encode_crop(self, crop_bgr: np.ndarray) -> Any:
+        import torch
+
+        rgb = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        full = torch.from_numpy(rgb).permute(2, 0, 1)  # 3 x 256 x 256 in [0, 1]
+        masked = full * torch.from_numpy(lower_half_mask(full.shape[-1]))
+        x = torch.stack([masked, full]) * 2.0 - 1.0  # normalise to [-1, 1]: the masked half becomes -1
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.inference_mode():
+            dist = self.vae.encode(x.to(self.device, self.dtype)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=gen).to(self.device, self.dtype)
+            latents = (dist.mean + dist.std * noise) * self.scaling  # a sample, as MuseTalk draws it
+        return torch.cat([latents[0:1], latents[1:2]], dim=1)  # masked first
+
+    # -- audio ------------------------------------------------------------------------------------
+    def audio_prompts(self, samples: np.ndarray, sample_rate: int = 16_000) -> Any:
+        """(frames, 10 x layers, d_model) prompts for `samples` (16 kHz mono float32), one per 25 fps frame."""
+        import torch
+
+        seg = 30 * sample_rate
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, max(len(samples), 1), seg):
+                mel = self.features(samples[i:i + seg], sampling_rate=sample_rate, return_tensors="pt").input_features
+                hidden = self.encoder(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
+                feats.append(torch.stack(hidden, dim=2))  # 1 x T x layers x d_model
+        whole = torch.cat(feats, dim=1)
+        seconds = len(samples) / sample_rate
+        frames = math.floor(seconds * VIDEO_FPS)
+        whole = whole[:, : math.ceil(seconds * self.audio_fps)]
+        per = self.audio_fps // VIDEO_FPS
+        left = torch.zeros_like(whole[:, : per * WINDOW_LEFT])
+        right = torch.zeros_like(whole[:, : per * 3 * WINDOW_RIGHT])
+        padded = torch.cat([left, whole, right], dim=1)
+        out = []
+        for f in range(frames):
+            idx = window_indices(f, self.audio_fps)
+            clip = padded[:, idx.start:idx.stop]  # 1 x 10 x layers x d
+            out.append(clip.reshape(1, -1, self.d_model))
+        return torch.cat(out, dim=0) if out else torch.zeros(0, self.prompt_len, self.d_model)
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, faces: list[PreparedFace], prompts: Any) -> list[np.ndarray]:
+        """One UNet step at timestep 0 and a VAE decode for a batch; returns the blended frames."""
+        import torch
+
+        with torch.inference_mode():
+            latents = torch.cat([f.latents for f in faces]).to(self.device, self.dtype)
+            audio = prompts.to(self.device, self.dtype) + self._pe
+            t = torch.zeros(1, device=self.device, dtype=torch.long)
+            pred = self.unet(latents, t, encoder_hidden_states=audio).sample
+            image = self.vae.decode(pred / self.scaling).sample
+            image = (image / 2 + 0.5).clamp(0, 1)
+            faces_rgb = (image.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        return [self.paste(f, face[..., ::-1]) for f, face in zip(faces, faces_rgb, strict=True)]
+
+    @staticmethod
+    def paste(face: PreparedFace, generated_bgr: np.ndarray) -> np.ndarray:
+        """Put the generated face into its box, then blend the crop region through the mask."""
+        out = face.frame.copy()
+        x1, y1, x2, y2 = face.box
+        cx1, cy1, cx2, cy2 = face.crop
+        large = out[cy1:cy2, cx1:cx2].copy()
+        large[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = cv2.resize(np.ascontiguousarray(generated_bgr), (x2 - x1, y2 - y1))
+        a = (face.mask.astype(np.float32) / 255.0)[..., None]
+        out[cy1:cy2, cx1:cx2] = (large * a + out[cy1:cy2, cx1:cx2] * (1 - a)).round().astype(np.uint8)
+        return out
+
+
+def ping_pong(frames: list[Any]) -> list[Any]:
+    """MuseTalk's avatar frame order: forward then backward, so a loop has no jump."""
+    return frames + frames[::-1]

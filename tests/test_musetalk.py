@@ -1,0 +1,124 @@
+"""MuseTalk inference on tiny random models of the real classes, loaded through the real loader."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talkinghead import prepare_avatar
+from talkinghead.musetalk import (
+    MuseTalk,
+    MuseTalkError,
+    check_layout,
+    lower_half_mask,
+    ping_pong,
+    positional_encoding,
+    window_indices,
+)
+
+from .conftest import ROOT
+from .test_talkinghead import face_image  # noqa: F401 - fixture
+
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tools.make_tiny_musetalk import make
+
+    return make(tmp_path_factory.mktemp("musetalk"), "v15")
+
+
+@pytest.fixture(scope="module")
+def model(tiny: Path) -> MuseTalk:
+    m = MuseTalk(tiny, "v15", device="cpu")
+    m.load()
+    return m
+
+
+def test_missing_weights_list_every_piece(tmp_path: Path, tiny: Path) -> None:
+    with pytest.raises(MuseTalkError) as err:
+        check_layout(tmp_path)
+    msg = str(err.value)
+    for piece in ("musetalkV15/unet.pth", "musetalkV15/musetalk.json", "sd-vae", "whisper", "stabilityai/sd-vae-ft-mse",
+                  "openai/whisper-tiny"):
+        assert piece in msg
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny, partial)
+    (partial / "sd-vae" / "config.json").unlink()
+    with pytest.raises(MuseTalkError, match="sd-vae/config.json"):
+        check_layout(partial)
+    with pytest.raises(MuseTalkError, match="musetalk/pytorch_model.bin"):
+        check_layout(tiny, "v1")  # v1.0 has its own folder
+
+
+def test_sizes_come_from_the_configs(model: MuseTalk) -> None:
+    assert model.d_model == 32 and model.layers == 3  # tiny Whisper: 2 layers + embeddings
+    assert model.audio_fps == 50 and model.prompt_len == 10 * 3
+    assert not model.half and model.dtype.is_floating_point  # fp32 on the CPU
+
+
+def test_audio_windows_and_prompts(model: MuseTalk) -> None:
+    assert window_indices(0, 50) == range(0, 10) and window_indices(1, 50) == range(2, 12)
+    assert window_indices(12, 50) == range(24, 34)
+    audio = (0.3 * np.sin(np.arange(2 * 16_000) / 16_000 * 2 * np.pi * 220)).astype(np.float32)
+    prompts = model.audio_prompts(audio)
+    assert tuple(prompts.shape) == (50, 30, 32)  # 25 fps x 2 s, 10 feature frames x 3 layers, d_model
+    # frame 0 starts in the zero padding (2 frames = 4 features of left context)
+    assert float(prompts[0, :4 * 3].abs().max()) == 0.0 and float(prompts[0, 4 * 3:].abs().max()) > 0
+    pe = positional_encoding(30, 32)
+    assert pe.shape == (30, 32) and pe[0, 0] == 0.0 and pe[0, 1] == 1.0
+
+
+def test_face_latents_are_masked_first(model: MuseTalk, face_image: Path, tmp_path: Path) -> None:  # noqa: F811
+    import cv2
+    import torch
+
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    face = model.prepare_face(avatar.image, avatar.box)
+    assert tuple(face.latents.shape) == (1, 8, 32, 32)  # 4 + 4 channels at 256 / 8
+    x1, y1, x2, y2 = avatar.box
+    crop = cv2.resize(avatar.image[y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
+    masked = crop.copy()
+    masked[128:] = 0  # what the lower-half mask does before normalising (0 -> -1)
+    lat_masked = model.encode_crop(masked)[:, :4]
+    lat_full = model.encode_crop(crop)[:, 4:]
+    assert torch.allclose(face.latents[:, :4], lat_masked, atol=1e-5)
+    assert torch.allclose(face.latents[:, 4:], lat_full, atol=1e-5)
+    assert not torch.allclose(face.latents[:, :4], face.latents[:, 4:])
+    assert lower_half_mask(8)[:4].all() and not lower_half_mask(8)[4:].any()
+
+
+def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(model: MuseTalk, face_image: Path,  # noqa: F811
+                                                                           tmp_path: Path) -> None:
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    face = model.prepare_face(avatar.image, avatar.box)
+    audio = (0.3 * np.sin(np.arange(16_000) / 16_000 * 2 * np.pi * 220)).astype(np.float32)
+    prompts = model.audio_prompts(audio)[:3]
+    calls = []
+    real_forward = model.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, **kw):  # type: ignore[no-untyped-def]
+        calls.append((tuple(sample.shape), timestep.tolist(), tuple(encoder_hidden_states.shape)))
+        return real_forward(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kw)
+
+    model.unet.forward = spy
+    try:
+        frames = model.generate([face] * 3, prompts)
+    finally:
+        model.unet.forward = real_forward
+    assert calls == [((3, 8, 32, 32), [0], (3, 30, 32))]  # one step, timestep 0, the audio as context
+    cx1, cy1, cx2, cy2 = face.crop
+    outside = np.ones(avatar.image.shape[:2], bool)
+    region = np.zeros_like(outside)
+    region[cy1:cy2, cx1:cx2] = face.mask > 0
+    outside &= ~region
+    for f in frames:
+        assert f.shape == avatar.image.shape
+        assert np.array_equal(f[outside], avatar.image[outside])  # nothing changes outside the mask
+        assert not np.array_equal(f[region], avatar.image[region])  # the random model did paint inside
+    assert ping_pong([1, 2, 3]) == [1, 2, 3, 3, 2, 1]
