@@ -18,7 +18,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
 
     runtime = "openvino"
     export_format = "openvino"
-    max_compiled = 8  # static-shape compilations kept (batch sizes x frame shapes)
+    max_compiled = 32  # static-shape compilations kept (batch sizes x frame shapes); a miss costs a compile
     _model: Any = None
 
     def _open(self, path: Path) -> tuple[str, ...]:
@@ -31,7 +31,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         self._core = ov.Core()
         # f32 unless asked otherwise: on CPUs with BF16 units OpenVINO would silently infer in bf16,
         # which measured slower here and moves boxes away from the torch reference
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False,
                                   "INFERENCE_PRECISION_HINT": "f16" if self.precision == "fp16" else "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads

@@ -126,6 +126,7 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                          "batch_size": min(len(streams), 8)}},
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
         "pipeline": {"status_interval": 0, "max_frame_age": 2.0},
+        "devices": {"cpu_slots": args.cpu_slots},
     }, ROOT)
     rec = Recorder(args.warmup, args.seconds)
 
@@ -285,7 +286,8 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
         out = Path(fh.name)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--out", str(out),
            "--imgsz", str(imgsz), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-           "--weights", str(args.weights), "--video", str(video), "--urls", *urls]
+           "--weights", str(args.weights), "--video", str(video), "--cpu-slots", str(args.cpu_slots),
+           "--urls", *urls]
     if mqtt:
         cmd += ["--mqtt", mqtt]
     timeout = args.seconds + args.warmup + 240
@@ -354,6 +356,7 @@ def main() -> int:
     ap.add_argument("--weights", type=Path, default=MODEL)
     ap.add_argument("--json", type=Path, default=Path("bench-streams.json"))
     ap.add_argument("--video", type=Path, help="camera video (default: a synthetic one, made once)")
+    ap.add_argument("--cpu-slots", type=int, default=1, help="framegrid's CPU executor slots (devices.cpu_slots)")
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
