@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
 
     runtime = "openvino"
     export_format = "openvino"
-    max_compiled = 32  # static-shape compilations kept (batch sizes x frame shapes); a miss costs a compile
+    max_compiled = 32  # static-shape compilations kept (batch sizes x frame shapes)
+    background_compile = True  # False: compile a new shape in the calling thread (tests, benchmarks of one shape)
     _model: Any = None
 
     def _open(self, path: Path) -> tuple[str, ...]:
@@ -39,7 +41,10 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         self._config, self._ov_device = config, device
         self._model = self._core.read_model(xml)
         self._requests: dict[tuple[int, ...], Any] = {}
-        self._request_for((1, 3, self.imgsz, self.imgsz))  # fail at load, not at the first frame
+        self._compiling: set[tuple[int, ...]] = set()
+        self._lock = threading.Lock()
+        # the dynamic-shape model serves any shape at once (and fails at load, not at the first frame)
+        self._dynamic = self._core.compile_model(self._model, device, config).create_infer_request()
         meta_file = xml.parent / "metadata.yaml"
         meta = yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else {}
         self.stride = int(meta.get("stride", 32))
@@ -47,17 +52,40 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
                  self.threads or "default")
         return parse_names(meta.get("names", {}))
 
-    def _request_for(self, shape: tuple[int, ...]) -> Any:
-        """An infer request compiled for this exact input shape (static shapes measured ~20% faster)."""
-        request = self._requests.get(shape)
-        if request is None:
+    def _compile(self, shape: tuple[int, ...]) -> Any:
+        model = self._model.clone()
+        model.reshape(list(shape))
+        request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
+        with self._lock:
             if len(self._requests) >= self.max_compiled:
                 self._requests.pop(next(iter(self._requests)))
-            model = self._model.clone()
-            model.reshape(list(shape))
-            request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
             self._requests[shape] = request
+            self._compiling.discard(shape)
         return request
+
+    def _request_for(self, shape: tuple[int, ...]) -> Any:
+        """The request compiled for this exact shape (static shapes measured ~20% faster than dynamic).
+
+        A shape seen for the first time runs on the dynamic-shape model while its static version
+        compiles on a background thread: a new batch size never stalls the slot for a compile.
+        """
+        with self._lock:
+            request = self._requests.get(shape)
+            if request is not None:
+                return request
+            if self.background_compile:
+                if shape not in self._compiling:
+                    self._compiling.add(shape)
+                    threading.Thread(target=self._compile_quietly, args=(shape,), daemon=True,
+                                     name=f"ov-compile{list(shape)}").start()
+                return self._dynamic
+        return self._compile(shape)
+
+    def _compile_quietly(self, shape: tuple[int, ...]) -> None:
+        try:
+            self._compile(shape)
+        except Exception as exc:  # the dynamic model keeps serving this shape
+            log.warning("model %s: static compile for %s failed: %s", self.name, shape, exc)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         request = self._request_for(tuple(batch.shape))
@@ -67,4 +95,5 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
     def close(self) -> None:
         super().close()
         self._requests = {}
+        self._dynamic = None
         self._model = None

@@ -87,6 +87,7 @@ class Pipeline:
         self.slot_restarts: dict[str, list[float]] = {}
         self.placers: dict[str, Placer] = {}  # per model: streams move only between slots of their model
         self.model_errors: dict[str, str] = {}
+        self.sessions: dict[str, Any] = {}  # talking-head sessions by name (talkinghead.TalkSession)
         self.broker: EmbeddedBroker | None = None
         self.publisher: Publisher | None = None
         self.started_at = time.time()
@@ -112,6 +113,10 @@ class Pipeline:
                 await self._load_models(tg)
                 for rt in self.streams.values():
                     self._start_stream(rt)
+                for name, tcfg in self.config.talk.items():
+                    if tcfg.enabled:
+                        with contextlib.suppress(Exception):  # reported on its state topic; others run on
+                            await self.start_session(name, tcfg)
                 self._sched_tasks.append(tg.create_task(self._stats_loop(), name="stats"))
                 self._sched_tasks.append(tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"))
                 self.ready.set()
@@ -126,7 +131,8 @@ class Pipeline:
     async def _shutdown(self, pub_task: asyncio.Task[None]) -> None:
         log.info("stopping")
         sources = [rt.source for rt in self.streams.values() if rt.source is not None]
-        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sources))
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in sources),
+                             *(self.stop_session(name) for name in list(self.sessions)))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -496,6 +502,80 @@ class Pipeline:
             table.pop(name, None)  # type: ignore[attr-defined]
         self.config.models.pop(name, None)
 
+    # -- talking-head sessions ----------------------------------------------------------------------
+    async def start_session(self, name: str, cfg: Any) -> None:
+        """Start a live talking-head session (avatar + audio + sink) while running.
+
+        Audio `mqtt` listens on `<prefix>/talk/<name>/audio` for s16le mono 16 kHz PCM chunks (an
+        empty message ends the audio). State goes to `<prefix>/talk/<name>/state` (retained) and
+        figures into `stats`. Raises on a bad avatar or sink after publishing the `failed` state.
+        """
+        from streams.sinks import AVSink
+        from talkinghead import EnergyLipSync, PushAudio, TalkSession, prepare_avatar
+        from talkinghead.audio import iter_audio
+
+        if name in self.sessions:
+            raise ValueError(f"session {name} already exists")
+        assert self.publisher is not None
+        self._publish_session_state(name, "starting", None)
+        try:
+            avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box)
+            w, h = avatar.size
+            sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
+        except Exception as exc:
+            self._publish_session_state(name, "failed", str(exc))
+            raise
+        topic = self.publisher.topic("talk", name, "audio")
+        audio: Any
+        if cfg.audio == "mqtt":
+            push = PushAudio()
+
+            def on_audio(_topic: str, payload: bytes) -> None:
+                if not payload:
+                    push.close()
+                    return
+                try:
+                    push.push_pcm16(payload)
+                except Exception as exc:  # an odd-length chunk: this chunk only
+                    log.warning("session %s: %s", name, exc)
+
+            audio = push
+            self.publisher.subscribe(topic, on_audio)
+        else:
+            audio = iter_audio(cfg.audio)
+        loop = asyncio.get_running_loop()
+
+        def on_state(session: str, state: str, error: str | None) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._publish_session_state, session, state, error)
+
+        session = TalkSession(name, EnergyLipSync(avatar), audio, sink, realtime=True, on_state=on_state)
+        self.sessions[name] = session
+        session.start()
+        log.info("session %s: started (%s -> %s)", name, "mqtt" if cfg.audio == "mqtt" else
+                 redact_text(cfg.audio, self.secrets), redact_text(cfg.out, self.secrets))
+
+    async def stop_session(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is None:
+            raise KeyError(f"no session {name}")
+        if self.publisher is not None:
+            self.publisher.unsubscribe(self.publisher.topic("talk", name, "audio"))
+        await asyncio.to_thread(session.stop)
+        self._publish_session_state(name, "stopped", None, session.snapshot())
+
+    def _publish_session_state(self, name: str, state: str, error: str | None,
+                               snapshot: dict[str, Any] | None = None) -> None:
+        if self.publisher is None:
+            return
+        session = self.sessions.get(name)
+        snap = snapshot or (session.snapshot() if session is not None else {})
+        payload = {"v": PAYLOAD_VERSION, "session": name, "state": state, "at": round(time.time(), 3),
+                   "error": redact_text(error, self.secrets) if error else None,
+                   **{k: v for k, v in snap.items() if k not in ("session", "state", "error")}}
+        self.publisher.publish(self.publisher.topic("talk", name, "state"), payload,
+                               qos=self.config.mqtt.state_qos, retain=True)
+
     def _on_results_for(self, model: str) -> Callable[[list[tuple[StreamHandle, Frame, Detections,
                                                                       dict[str, float]]]], None]:
         wanted = self.config.models[model].classes
@@ -618,6 +698,7 @@ class Pipeline:
             "uptime_s": round(time.time() - self.started_at, 1),
             "streams": streams,
             "mqtt": pub,
+            "talk": {name: session.snapshot() for name, session in self.sessions.items()},
             "executors": {
                 s.name: {"healthy": s.healthy, "batches": s.batches, "frames": s.frames, "errors": s.errors,
                          "service_ms_per_frame": None if s.service_ms_per_frame is None

@@ -206,6 +206,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         if i % 25 == 0:
             print(f"\rtalk: {i / 25:7.1f} s rendered", end="", file=sys.stderr, flush=True)
 
+    if args.backend == "musetalk":
+        return _talk_musetalk(args, avatar, sink)
     session = TalkSession("cli", EnergyLipSync(avatar), iter_audio(args.audio, SAMPLE_RATE), sink,
                           realtime=args.realtime, on_frame=progress)
     t0 = time.monotonic()
@@ -222,6 +224,37 @@ def cmd_talk(args: argparse.Namespace) -> int:
         return 2
     print(f"talk: {snap['frames']} frames ({snap['frames'] / 25:.1f} s) in {took:.1f} s -> "
           f"{redact_text(args.out)} (backend energy: loudness-driven mouth, no learned lip shapes)")
+    return 0
+
+
+def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
+    from talkinghead import AudioError, load_audio
+    from talkinghead.musetalk import MuseTalk, MuseTalkError
+    from talkinghead.offline import render
+
+    if args.weights is None:
+        print("talk: --backend musetalk needs --weights DIR (the MuseTalk models folder)", file=sys.stderr)
+        sink.close()
+        return 2
+    model = MuseTalk(args.weights, args.version)
+    t0 = time.monotonic()
+    try:
+        model.load()
+        samples = load_audio(args.audio)
+
+        def progress(done: int, total: int) -> None:
+            bar = "#" * int(30 * done / max(total, 1))
+            print(f"\rtalk: [{bar:<30}] {done}/{total} frames", end="", file=sys.stderr, flush=True)
+
+        counts = render(model, avatar, samples, sink, batch_size=args.batch_size, progress=progress)
+    except (MuseTalkError, AudioError) as exc:
+        print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    finally:
+        sink.close()
+    print(file=sys.stderr)
+    print(f"talk: {counts['frames']} frames ({counts['generated']} generated, {counts['idle']} silent) in "
+          f"{time.monotonic() - t0:.1f} s -> {redact_text(args.out)} (MuseTalk {args.version})")
     return 0
 
 
@@ -248,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio", required=True, help="audio file or FFmpeg URL")
     p.add_argument("--out", required=True, help="file (.mp4/.mkv), HLS playlist (.m3u8), rtsp:// or rtmp:// URL")
     p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
-    p.add_argument("--realtime", action="store_true", help="pace output at 25 fps (live sinks)")
+    p.add_argument("--realtime", action="store_true", help="pace output at 25 fps (live sinks; energy backend)")
+    p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
+    p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
+    p.add_argument("--version", choices=["v15", "v1"], default="v15")
+    p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("avatar", help="avatar tools")
     avatar_sub = p.add_subparsers(dest="avatar_command", required=True)

@@ -154,6 +154,16 @@ class DevicesConfig(Strict):
         default_factory=dict, description="slots per device id, e.g. {\"cuda:0\" = 3}")
 
 
+class TalkConfig(Strict):
+    avatar: Path = Field(description="photo with a frontal face (relative to the config)")
+    box: tuple[int, int, int, int] | None = Field(None, description="face box x1, y1, x2, y2 instead of detection")
+    audio: str = Field(min_length=1, description="'mqtt' (PCM chunks on <prefix>/talk/<name>/audio), a file, or "
+                       "any FFmpeg URL")
+    out: str = Field(min_length=1, description="sink: a file, a .m3u8 HLS playlist, rtsp:// or rtmp:// URL")
+    backend: Literal["energy"] = Field("energy", description="live backend (MuseTalk runs offline: framegrid talk)")
+    enabled: bool = True
+
+
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -164,6 +174,7 @@ class Config(Strict):
     streams: dict[Name, StreamConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    talk: dict[Name, TalkConfig] = Field(default_factory=dict)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -183,6 +194,7 @@ class Config(Strict):
         if self.mqtt.password is not None:
             out.append(self.mqtt.password.get_secret_value())
         out += [url_password(stream.url) for stream in self.streams.values()]
+        out += [url_password(u) for t in self.talk.values() for u in (t.audio, t.out)]
         return tuple(s for s in out if s)
 
 
@@ -273,7 +285,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             p = Path(url.removeprefix("file:"))
             url = str(p if p.is_absolute() else (base_dir / p))
         streams[name] = s.model_copy(update={"url": url})
-    return config.model_copy(update={"models": models, "streams": streams})
+    talk = {}
+    for name, t in config.talk.items():
+        update: dict[str, Any] = {"avatar": t.avatar if t.avatar.is_absolute() else base_dir / t.avatar}
+        for key in ("audio", "out"):
+            value = getattr(t, key)
+            if value != "mqtt" and is_local_file(value) and not Path(value).is_absolute():
+                update[key] = str(base_dir / value)
+        talk[name] = t.model_copy(update=update)
+    return config.model_copy(update={"models": models, "streams": streams, "talk": talk})
 
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
@@ -289,6 +309,11 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     for name, s in config.streams.items():
         if s.enabled and is_local_file(s.url) and not Path(s.url).exists():
             errors.append((f"streams.{name}.url", f"file not found: {s.url}"))
+    for name, t in config.talk.items():
+        if t.enabled and not t.avatar.is_file():
+            errors.append((f"talk.{name}.avatar", f"file not found: {t.avatar}"))
+        if t.enabled and t.audio != "mqtt" and is_local_file(t.audio) and not Path(t.audio).exists():
+            errors.append((f"talk.{name}.audio", f"file not found: {t.audio}"))
     return errors
 
 

@@ -10,6 +10,7 @@ after the broker restarts. `offline` is published on clean stop and registered a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -63,7 +64,9 @@ class Publisher:
         self.dropped_by_kind: dict[str, int] = {}
         self.published_by_kind: dict[str, int] = {}  # acknowledged by the broker (QoS 1/2) or sent (QoS 0)  # the same, by the topic's last level (detections, stats, ...)
         self.resent = 0  # in flight when the connection broke, sent again
-        self.send_ms: deque[float] = deque(maxlen=512)  # queued -> acknowledged (QoS 1/2) or sent (QoS 0)
+        self.send_ms: deque[float] = deque(maxlen=512)
+        self._subscriptions: dict[str, Any] = {}  # topic filter -> callback(topic, payload), called on the loop
+        self.received = 0  # queued -> acknowledged (QoS 1/2) or sent (QoS 0)
         self.last_error: str | None = None
 
     @property
@@ -99,6 +102,29 @@ class Publisher:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def subscribe(self, topic_filter: str, callback: Any) -> None:
+        """Deliver messages on `topic_filter` to `callback(topic, payload)`; renewed on every connect."""
+        self._subscriptions[topic_filter] = callback
+        client = self._client
+        if client is not None:
+            asyncio.get_running_loop().create_task(client.subscribe(topic_filter, qos=1), name="mqtt.subscribe")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self._subscriptions.pop(topic_filter, None)
+        client = self._client
+        if client is not None:
+            asyncio.get_running_loop().create_task(client.unsubscribe(topic_filter), name="mqtt.unsubscribe")
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            for topic_filter, callback in list(self._subscriptions.items()):
+                if message.topic.matches(topic_filter):
+                    self.received += 1
+                    try:
+                        callback(str(message.topic), bytes(message.payload or b""))
+                    except Exception:  # a bad message or a listener's bug affects that message only
+                        log.exception("mqtt: handling a message on %s failed", message.topic)
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -143,7 +169,15 @@ class Publisher:
                     await client.publish(self.availability_topic, b"online", qos=self.cfg.state_qos, retain=True)
                     for msg in list(self._retained.values()):
                         await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=True)
-                    await self._drain(client)
+                    for topic_filter in list(self._subscriptions):
+                        await client.subscribe(topic_filter, qos=1)
+                    reader = asyncio.create_task(self._read(client), name="mqtt.reader")
+                    try:
+                        await self._drain(client, reader)
+                    finally:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await reader
             except aiomqtt.MqttError as exc:
                 self.last_error = redact_text(str(exc), self._secrets)
                 if self.connected or self.connects == 0:
@@ -160,7 +194,7 @@ class Publisher:
             except TimeoutError:
                 pass
 
-    async def _drain(self, client: aiomqtt.Client) -> None:
+    async def _drain(self, client: aiomqtt.Client, reader: asyncio.Task[None] | None = None) -> None:
         window = asyncio.Semaphore(64)  # messages in flight at once: hides broker round-trips
         inflight: dict[asyncio.Task[None], Message] = {}
         failed = asyncio.Event()
@@ -182,13 +216,16 @@ class Publisher:
             while True:
                 if failed.is_set():
                     raise aiomqtt.MqttError("publish failed: connection lost")
+                if reader is not None and reader.done():  # the subscription side saw the connection go
+                    raise aiomqtt.MqttError("connection lost")
                 if not self._buffer:
                     if self._closing:
                         break
                     self._wake.clear()
                     waiter = asyncio.ensure_future(self._wake.wait())
                     fail_waiter = asyncio.ensure_future(failed.wait())
-                    await asyncio.wait({waiter, fail_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    watch = {waiter, fail_waiter} | ({reader} if reader is not None else set())
+                    await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                     fail_waiter.cancel()
                     continue

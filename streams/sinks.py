@@ -9,6 +9,7 @@ keyframe per second so HLS segments and late RTSP viewers start quickly) and AAC
 from __future__ import annotations
 
 import logging
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def container_for(target: str) -> tuple[str, str | None, dict[str, str]]:
         return target, "flv", {}
     if target.endswith(".m3u8"):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
-        return target, "hls", {"hls_time": "1", "hls_list_size": "0", "hls_flags": "independent_segments"}
+        # a live window of 10 one-second segments; older segments are deleted (bounded disk)
+        return target, "hls", {"hls_time": "1", "hls_list_size": "10",
+                               "hls_flags": "independent_segments+delete_segments"}
     return target, None, {}
 
 
@@ -64,6 +67,8 @@ class AVSink:
         except (av.error.FFmpegError, OSError) as exc:
             raise SinkError(f"sink {self.name}: cannot open: {exc}") from exc
         self._v, self._a = v, a
+        self._network = fmt in ("rtsp", "flv")
+        self.linger = 0.5
         self.frames = 0
         self.samples = 0
         self._closed = False
@@ -106,6 +111,10 @@ class AVSink:
         except (av.error.FFmpegError, OSError) as exc:
             log.warning("sink %s: flush failed: %s", self.name, exc)
         finally:
+            if self._network:
+                # the TEARDOWN follows at once: give the server a moment to take in the last packets
+                # (a receiver that tears its pipeline down drops what it still buffers)
+                time.sleep(self.linger)
             try:
                 self._out.close()
             except (av.error.FFmpegError, OSError) as exc:

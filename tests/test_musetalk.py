@@ -122,3 +122,26 @@ def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(model:
         assert np.array_equal(f[outside], avatar.image[outside])  # nothing changes outside the mask
         assert not np.array_equal(f[region], avatar.image[region])  # the random model did paint inside
     assert ping_pong([1, 2, 3]) == [1, 2, 3, 3, 2, 1]
+
+
+def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: Path,  # noqa: F811
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+
+    from .test_talkinghead import probe_output, tone_on_off, write_wav
+
+    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.4, False), (0.52, True)]), 16_000)
+    out = tmp_path / "talk.mp4"
+    rc = main(["talk", "--backend", "musetalk", "--weights", str(tiny), "--avatar", str(face_image),
+               "--audio", str(wav), "--out", str(out), "--batch-size", "4"])
+    err = capsys.readouterr()
+    assert rc == 0, err.err
+    n, fps, audio_s, _ = probe_output(out)
+    assert fps == 25 and n == 38  # 1.52 s -> 38 frames of 40 ms, the last one partial
+    assert abs(audio_s - 1.52) <= 0.05
+    assert "generated" in err.out and "silent" in err.out
+    generated = int(err.out.split("(")[1].split(" generated")[0])
+    assert 20 <= generated <= 30  # the 0.4 s pause (10 frames) skipped the model
+    rc = main(["talk", "--backend", "musetalk", "--weights", str(tmp_path / "none"), "--avatar", str(face_image),
+               "--audio", str(wav), "--out", str(tmp_path / "x.mp4")])
+    assert rc == 2 and "musetalkV15/unet.pth" in capsys.readouterr().err

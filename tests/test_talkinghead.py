@@ -193,3 +193,26 @@ def test_sink_that_goes_away_fails_only_its_session(face_image: Path, tmp_path: 
     assert bad.wait(30) and good.wait(30)
     assert bad.state == "failed" and "Broken pipe" in (bad.error or "")
     assert good.state == "ended" and good.stats.frames == 25
+
+
+def test_live_session_pushes_to_rtsp_record_server(face_image: Path, tmp_path: Path) -> None:
+    """ANNOUNCE/RECORD to a real gst-rtsp-server: what it received has 25 fps video and all the audio."""
+    from tools.servers import RtspServer
+
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    received = tmp_path / "received.mkv"
+    server = RtspServer({}, records={"anna": received})
+    server.start()
+    try:
+        w, h = avatar.size
+        audio = tone_on_off([(0.6, True), (0.4, False), (1.0, True)])
+        session = TalkSession("push", EnergyLipSync(avatar), [audio], AVSink(server.url("anna"), w, h),
+                              realtime=True)
+        session.start()
+        assert session.wait(30) and session.state == "ended", session.error
+        time.sleep(0.5)
+    finally:
+        server.kill()
+    n, fps, audio_s, _ = probe_output(received)
+    assert fps == FPS and n == 50  # 2 s at 25 fps, every frame arrived
+    assert abs(audio_s - 2.0) <= 1 / FPS

@@ -6,6 +6,9 @@ Serves H.264 files as cameras on 127.0.0.1:
     /usr/bin/python3 tools/rtsp_server.py --port 8554 --mount cam1=a.mp4 --mount cam2=b.mp4 \
         [--user u --password p]
 
+`--record name=out.mkv` adds a mount that accepts a pushed stream (RTSP ANNOUNCE/RECORD, as
+FFmpeg's RTSP muxer sends it) and writes the received H.264 and AAC into a Matroska file.
+
 Each client gets its own pipeline starting at the file's first frame (unshared media), so a
 client's presentation times count from the start of the file: a test that knows the file's
 ground truth can score detections by timestamp. Runs under Debian's python3 with python3-gi
@@ -31,11 +34,21 @@ def pipeline_for(path: str) -> str:
             f"! rtph264pay name=pay0 pt=96 )")
 
 
+def record_pipeline(path: str) -> str:
+    """Receive H.264 (stream 0) and AAC (stream 1) and write them, unchanged, into Matroska."""
+    return (f'( rtph264depay name=depay0 ! h264parse ! queue ! mux. '
+            f'rtpmp4gdepay name=depay1 ! aacparse ! queue ! mux. '
+            f'matroskamux name=mux streamable=true min-cluster-duration=0 max-cluster-duration=40000000 ! filesink location="{path}" )')
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--address", default="127.0.0.1")
     ap.add_argument("--mount", action="append", default=[], help="name=path of an H.264 mp4/mkv")
+    ap.add_argument("--record", action="append", default=[],
+                    help="name=path.mkv: a RECORD mount (ANNOUNCE/RECORD, e.g. FFmpeg pushing H.264 + AAC); "
+                         "what is received is written to the Matroska file")
     ap.add_argument("--user")
     ap.add_argument("--password")
     args = ap.parse_args()
@@ -55,6 +68,14 @@ def main() -> int:
             perms.add_permission_for_role("user", "media.factory.access", True)
             perms.add_permission_for_role("user", "media.factory.construct", True)
             factory.set_permissions(perms)
+        mounts.add_factory("/" + name.strip("/"), factory)
+    for spec in args.record:
+        name, _, path = spec.partition("=")
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
+        factory.set_latency(20)  # ms of jitter buffer: TCP needs little, and a teardown drops what it holds
+        factory.set_launch(record_pipeline(path))
+        factory.set_shared(False)
         mounts.add_factory("/" + name.strip("/"), factory)
     if args.user:
         auth = GstRtspServer.RTSPAuth()

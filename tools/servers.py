@@ -63,8 +63,9 @@ class RtspServer:
     """tools/rtsp_server.py (gst-rtsp-server) serving files; can be killed and restarted."""
 
     def __init__(self, mounts: dict[str, Path], port: int | None = None, user: str | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, records: dict[str, Path] | None = None) -> None:
         self.mounts = mounts
+        self.records = records or {}
         self.port = port or free_port()
         self.user, self.password = user, password
         self.proc: subprocess.Popen[str] | None = None
@@ -73,6 +74,8 @@ class RtspServer:
         cmd = [SYSTEM_PYTHON, str(ROOT / "tools" / "rtsp_server.py"), "--port", str(self.port)]
         for name, path in self.mounts.items():
             cmd += ["--mount", f"{name}={path}"]
+        for name, path in self.records.items():
+            cmd += ["--record", f"{name}={path}"]
         if self.user:
             cmd += ["--user", self.user, "--password", self.password or ""]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

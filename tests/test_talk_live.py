@@ -1,0 +1,63 @@
+"""Live talking-head sessions inside the running pipeline: PCM in over MQTT, HLS out, state on MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from pipeline import parse_config
+
+from .conftest import Mosquitto, Subscriber, start_pipeline, wait_until
+from .test_talkinghead import face_image, probe_output, tone_on_off  # noqa: F401 - fixture
+
+
+@pytest.mark.slow
+async def test_mqtt_audio_session_streams_hls_and_reports_state(
+    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+) -> None:
+    wall = tmp_path / "wall.png"
+    cv2.imwrite(str(wall), np.full((200, 200, 3), 128, np.uint8))
+    playlist = tmp_path / "hls" / "live.m3u8"
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
+        "talk": {"anna": {"avatar": str(face_image), "audio": "mqtt", "out": str(playlist)},
+                 "nobody": {"avatar": str(wall), "audio": "mqtt", "out": str(tmp_path / "x.mp4")}},
+        "pipeline": {"status_interval": 0},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{topic_prefix}-tts")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        await wait_until(lambda: "anna" in pipeline.sessions and pipeline.sessions["anna"].state == "live", 20,
+                         "session live")
+        topic = f"{topic_prefix}/talk/anna/audio"
+        pcm = (tone_on_off([(0.5, True), (0.5, False)] * 2) * 32767).astype("<i2").tobytes()
+        for i in range(0, len(pcm), 3200):  # 100 ms chunks, faster than real time, as a TTS engine sends
+            pub.publish(topic, pcm[i:i + 3200], qos=1).wait_for_publish(5)
+        pub.publish(topic, b"\x01", qos=1).wait_for_publish(5)  # odd length: refused, session unaffected
+        pub.publish(topic, b"", qos=1).wait_for_publish(5)  # end of audio
+        await wait_until(lambda: pipeline.sessions["anna"].state == "ended", 20, "session ended")
+        await asyncio.sleep(1.2)  # a stats message with the session in it
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        await shutdown()
+        sub.close()
+    states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
+    assert [s["state"] for s in states][:2] == ["starting", "live"] and "ended" in [s["state"] for s in states]
+    ended = next(s for s in states if s["state"] == "ended")
+    assert ended["frames"] >= 50 and ended["output_fps"] is not None
+    nobody = [json.loads(m.payload) for m in sub.of("/talk/nobody/state")]
+    assert nobody[-1]["state"] == "failed" and "no face found" in nobody[-1]["error"]
+    stats = [json.loads(m.payload) for m in sub.of("/stats")]
+    assert any("anna" in s.get("talk", {}) for s in stats)
+    n, fps, audio_s, _ = probe_output(playlist)
+    assert fps == 25 and 50 <= n <= 56 and abs(audio_s - n / 25) <= 0.1
