@@ -167,8 +167,10 @@ class Publisher:
                     backoff.reset()
                     log.info("mqtt: connected to %s:%d as %s", self.host, self.port, self.client_id)
                     await client.publish(self.availability_topic, b"online", qos=self.cfg.state_qos, retain=True)
+                    queued = {id(m) for m in self._buffer}  # still to be sent anyway: no duplicate
                     for msg in list(self._retained.values()):
-                        await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=True)
+                        if id(msg) not in queued:
+                            await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=True)
                     for topic_filter in list(self._subscriptions):
                         await client.subscribe(topic_filter, qos=1)
                     reader = asyncio.create_task(self._read(client), name="mqtt.reader")

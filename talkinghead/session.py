@@ -140,8 +140,10 @@ class TalkSession:
                 if behind and last is not None:
                     frame = last  # degrade visibly, never let audio drift
                     self.stats.late += 1
-                    self._set_state("degraded", f"{self.stats.late} frame(s) repeated: generation is behind")
+                    self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")
                 else:
+                    if self.state == "degraded":
+                        self._set_state("live")  # caught up
                     silent = rms_db(chunk) < self.silence_db
                     target = 0.0 if silent else self.backend.openness(chunk)
                     k = self.attack if target > level else self.release

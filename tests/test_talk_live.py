@@ -52,7 +52,9 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
         await shutdown()
         sub.close()
     states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
-    assert [s["state"] for s in states][:2] == ["starting", "live"] and "ended" in [s["state"] for s in states]
+    seen = [s["state"] for s in states]
+    # (`degraded` in between when the CPU is busy); `stopped` at shutdown
+    assert seen[:2] == ["starting", "live"] and seen[-2:] == ["ended", "stopped"], seen
     ended = next(s for s in states if s["state"] == "ended")
     assert ended["frames"] >= 50 and ended["output_fps"] is not None
     nobody = [json.loads(m.payload) for m in sub.of("/talk/nobody/state")]
@@ -60,4 +62,5 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
     assert any("anna" in s.get("talk", {}) for s in stats)
     n, fps, audio_s, _ = probe_output(playlist)
-    assert fps == 25 and 50 <= n <= 56 and abs(audio_s - n / 25) <= 0.1
+    # 2 s of speech plus the silence the session kept the clock with while waiting for it
+    assert fps == 25 and n >= 50 and abs(audio_s - n / 25) <= 0.1
