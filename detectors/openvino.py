@@ -52,6 +52,29 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
                  self.threads or "default")
         return parse_names(meta.get("names", {}))
 
+    def __init__(self, *args: Any, max_batch: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch = max_batch
+
+    def warmup(self) -> None:
+        """Compile the static shapes of 16:9 frames (the common camera) for every batch size up front.
+
+        Otherwise each first-seen batch size compiles later, while running, and memory keeps
+        growing for minutes after start; other shapes still compile on demand, in the background.
+        """
+        from .letterbox import geometry
+
+        g = geometry(16, 9, self.imgsz, self.stride, rect=True)
+        for b in range(1, self.max_batch + 1):
+            shape = (b, 3, g.out_h, g.out_w)
+            with self._lock:
+                known = shape in self._requests or shape in self._compiling
+                if not known:
+                    self._compiling.add(shape)
+            if not known:
+                self._compile(shape)
+        super().warmup()
+
     def _compile(self, shape: tuple[int, ...]) -> Any:
         model = self._model.clone()
         model.reshape(list(shape))

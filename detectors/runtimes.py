@@ -41,7 +41,8 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def build_detector(runtime: str, name: str, weights: str | Path, *, imgsz: int, confidence: float, iou: float,
-                   device: str, threads: int | None, half: bool = False, **extra: Any) -> Detector:
+                   device: str, threads: int | None, half: bool = False, max_batch: int = 1,
+                   **extra: Any) -> Detector:
     """A detector for a resolved runtime (see `resolve_backend`)."""
     if runtime == "onnxruntime":
         from .onnx import OnnxYoloDetector
@@ -52,7 +53,7 @@ def build_detector(runtime: str, name: str, weights: str | Path, *, imgsz: int, 
         from .openvino import OpenVinoYoloDetector
 
         return OpenVinoYoloDetector(name, weights, imgsz=imgsz, confidence=confidence, iou=iou, threads=threads,
-                                    device=device, **extra)
+                                    device=device, max_batch=max_batch, **extra)
     if runtime == "torch":
         from .yolo import YoloDetector
 

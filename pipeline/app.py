@@ -53,7 +53,7 @@ def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     device = "cpu" if cfg.device == "auto" else ("cuda:0" if cfg.device == "cuda" else cfg.device)
     runtime = resolve_backend(cfg.backend, device)
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
-                          device=device, threads=cfg.threads, half=cfg.half)
+                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size)
 
 
 @dataclass

@@ -108,6 +108,8 @@ class Recorder:
             "cpu_s_per_frame": round(cpu / total, 4) if total else None,
             "peak_rss_mb": round(max(r for _, r in self.rss) / 2**20, 1) if self.rss else None,
             "rss_growth_after_warmup": round((max(after) - rss_warm) / rss_warm, 4) if rss_warm else None,
+            # (seconds since start, MB) every ~10 s, to see whether memory settles or keeps growing
+            "rss_timeline_mb": [(round(t), round(r / 2**20, 1)) for t, r in self.rss[::20]],
         }
 
 
@@ -236,11 +238,11 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
             if len(frames) >= 64:
                 break
     runtime = resolve_backend("auto", "cpu")
+    batch = min(len(args.urls), 8)
     det = build_detector(runtime, "m", args.weights, imgsz=args.imgsz, confidence=0.25, iou=0.45, device="cpu",
-                         threads=os.cpu_count())
+                         threads=os.cpu_count(), max_batch=batch)
     det.load()
     det.warmup()
-    batch = min(len(args.urls), 8)
     rec = Recorder(args.warmup, args.seconds)
     i = 0
     while not rec.done:
