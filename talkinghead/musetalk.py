@@ -133,6 +133,14 @@ class PreparedFace:
     mask: np.ndarray  # uint8, blend-crop sized
 
 
+@dataclass(frozen=True)
+class LipSyncJob:
+    """One frame's model work: the avatar frame's 8-channel latents and its audio prompt."""
+
+    latents: Any  # (1, 8, h, w)
+    prompt: Any  # (prompt_len, d_model)
+
+
 class MuseTalk:
     """The three models and the published inference. One instance per lipsync executor slot."""
 
@@ -239,17 +247,31 @@ class MuseTalk:
     # -- generation -------------------------------------------------------------------------------
     def generate(self, faces: list[PreparedFace], prompts: Any) -> list[np.ndarray]:
         """One UNet step at timestep 0 and a VAE decode for a batch; returns the blended frames."""
+        generated = self.generate_faces([f.latents for f in faces], prompts)
+        return [self.paste(f, g) for f, g in zip(faces, generated, strict=True)]
+
+    def generate_faces(self, latents: list[Any], prompts: Any) -> list[np.ndarray]:
+        """The model part of a batch: UNet at timestep 0 + VAE decode -> 256x256 BGR faces.
+
+        This is what a lipsync executor slot runs; blending them back (`paste`) is left to the
+        caller's thread, so the slot's worker only does model work.
+        """
         import torch
 
         with torch.inference_mode():
-            latents = torch.cat([f.latents for f in faces]).to(self.device, self.dtype)
+            x = torch.cat(list(latents)).to(self.device, self.dtype)
+            prompts = torch.stack(list(prompts)) if isinstance(prompts, (list, tuple)) else prompts
             audio = prompts.to(self.device, self.dtype) + self._pe
             t = torch.zeros(1, device=self.device, dtype=torch.long)
-            pred = self.unet(latents, t, encoder_hidden_states=audio).sample
+            pred = self.unet(x, t, encoder_hidden_states=audio).sample
             image = self.vae.decode(pred / self.scaling).sample
             image = (image / 2 + 0.5).clamp(0, 1)
             faces_rgb = (image.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-        return [self.paste(f, face[..., ::-1]) for f, face in zip(faces, faces_rgb, strict=True)]
+        return [np.ascontiguousarray(f[..., ::-1]) for f in faces_rgb]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the loaded weights (UNet, VAE, Whisper encoder): the floor of a slot's memory."""
+        return sum(p.numel() * p.element_size() for m in (self.unet, self.vae, self.encoder) for p in m.parameters())
 
     @staticmethod
     def paste(face: PreparedFace, generated_bgr: np.ndarray) -> np.ndarray:
@@ -262,6 +284,45 @@ class MuseTalk:
         a = (face.mask.astype(np.float32) / 255.0)[..., None]
         out[cy1:cy2, cx1:cx2] = (large * a + out[cy1:cy2, cx1:cx2] * (1 - a)).round().astype(np.uint8)
         return out
+
+
+class MuseTalkSlotModel:
+    """MuseTalk behind the executor-slot protocol (load / warmup / infer / close).
+
+    `infer(jobs)` runs one UNet + VAE batch over jobs of any sessions and returns their 256x256
+    BGR faces. `threads` caps torch's intra-op threads on a CPU slot (the slot's share of the cores).
+    """
+
+    kind = "lipsync"
+
+    def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
+                 threads: int | None = None) -> None:
+        self.model = MuseTalk(root, version, device=device, half=half)
+        self.threads = threads
+
+    def load(self) -> None:
+        if self.threads and self.model.device == "cpu":
+            import torch
+
+            torch.set_num_threads(self.threads)
+        self.model.load()
+
+    def warmup(self) -> None:
+        import torch
+
+        m = self.model
+        side = CROP // (2 ** (len(m.vae.config.block_out_channels) - 1))
+        latents = torch.zeros(1, 8, side, side)
+        self.infer([LipSyncJob(latents, torch.zeros(m.prompt_len, m.d_model))])
+
+    def infer(self, jobs: list[LipSyncJob]) -> list[np.ndarray]:
+        return self.model.generate_faces([j.latents for j in jobs], [j.prompt for j in jobs])
+
+    def close(self) -> None:
+        self.model.unet = None
+
+    def memory_bytes(self) -> int:
+        return self.model.memory_bytes()
 
 
 def ping_pong(frames: list[Any]) -> list[Any]:

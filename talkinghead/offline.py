@@ -1,61 +1,116 @@
 """Offline rendering with MuseTalk: a whole audio file to a lip-synced video with its sound.
 
-Audio prompts are computed for the whole input once (as MuseTalk's own scripts do), frames are
-generated in batches on the model, and each frame is written with its own 40 ms of audio. Silent
-frames (below `silence_db`) skip the UNet and show the avatar's own frame, cross-faded over a few
-frames so the mouth does not snap shut.
+Audio prompts are computed for the whole input once (as MuseTalk's own scripts do). The voiced
+frames are cut into time segments of one batch each and dealt round-robin to the lipsync slots
+(`submit(jobs, k)` sends segment k to slot k mod n), with a bounded number of segments in flight;
+the results are blended and written in time order into one encoder. Each frame depends only on
+its own audio window and avatar frame, so splitting changes nothing in the output: no seam,
+whatever the number of slots, and memory stays bounded however long the input is.
+
+Silent frames (below `silence_db`) skip the model and show the avatar's own frame, cross-faded
+over a few frames so the mouth does not snap shut.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 
 from .audio import SAMPLES_PER_FRAME, rms_db
 from .avatar import Avatar
-from .musetalk import MuseTalk, ping_pong
+from .musetalk import LipSyncJob, MuseTalk, ping_pong
 
 CROSSFADE_FRAMES = 3
 
+Submit = Callable[[list[LipSyncJob], int], "Future[list[np.ndarray]]"]
+
+
+class Crossfade:
+    """After speech, ease from the last spoken frame to the avatar's own frames over a few frames."""
+
+    def __init__(self, frames: int = CROSSFADE_FRAMES) -> None:
+        self.frames = frames
+        self.last: np.ndarray | None = None
+        self.since = frames
+
+    def spoken(self, frame: np.ndarray) -> np.ndarray:
+        self.last, self.since = frame, 0
+        return frame
+
+    def idle(self, idle: np.ndarray) -> np.ndarray:
+        self.since += 1
+        if self.last is None or self.since > self.frames:
+            return idle
+        a = self.since / (self.frames + 1)
+        return (self.last.astype(np.float32) * (1 - a) + idle.astype(np.float32) * a).round().astype(np.uint8)
+
+
+def local_submit(model: MuseTalk) -> Submit:
+    """Run each segment at once on `model` in the calling thread (one slot, no executor)."""
+
+    def submit(jobs: list[LipSyncJob], k: int) -> Future[list[np.ndarray]]:
+        fut: Future[list[np.ndarray]] = Future()
+        try:
+            fut.set_result(model.generate_faces([j.latents for j in jobs], [j.prompt for j in jobs]))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+    return submit
+
 
 def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, batch_size: int = 8,
-           silence_db: float = -50.0, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
-    """Write len(samples)/640 frames (rounded up) to `sink`; returns counts of generated and idle frames."""
+           silence_db: float = -50.0, progress: Callable[[int, int], None] | None = None,
+           submit: Submit | None = None, in_flight: int = 2) -> dict[str, int]:
+    """Write len(samples)/640 frames (rounded up) to `sink`; returns counts of generated and idle frames.
+
+    `model` computes the audio prompts and the avatar latents; `submit` runs the UNet + VAE
+    segments (default: `model` itself, here). At most `in_flight` segments wait for their results.
+    """
+    import torch
+
+    submit = submit or local_submit(model)
     n = -(-len(samples) // SAMPLES_PER_FRAME)
     padded = np.zeros(n * SAMPLES_PER_FRAME, np.float32)
     padded[:len(samples)] = samples
     chunks = padded.reshape(n, SAMPLES_PER_FRAME)
     prompts = model.audio_prompts(samples)
     faces = ping_pong([model.prepare_face(avatar.image, avatar.box)])
-    silent = [rms_db(c) < silence_db or i >= len(prompts) for i, c in enumerate(chunks)]
+    voiced = [i for i, c in enumerate(chunks) if i < len(prompts) and rms_db(c) >= silence_db]
+    segments = [voiced[i:i + batch_size] for i in range(0, len(voiced), batch_size)]
+    pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()
+    next_segment = 0
+
+    def fill() -> None:
+        nonlocal next_segment
+        while len(pending) < max(1, in_flight) and next_segment < len(segments):
+            idx = segments[next_segment]
+            jobs = [LipSyncJob(faces[i % len(faces)].latents, prompts[i]) for i in idx]
+            pending.append((idx, submit(jobs, next_segment)))
+            next_segment += 1
+
+    fade = Crossfade()
     counts = {"frames": 0, "generated": 0, "idle": 0}
-    last: np.ndarray | None = None
-    since_voice = CROSSFADE_FRAMES
-    i = 0
-    while i < n:
-        if silent[i]:
-            idle = faces[i % len(faces)].frame
-            since_voice += 1
-            if last is not None and since_voice <= CROSSFADE_FRAMES:  # ease from the last spoken frame
-                a = since_voice / (CROSSFADE_FRAMES + 1)
-                frame = (last.astype(np.float32) * (1 - a) + idle.astype(np.float32) * a).round().astype(np.uint8)
+    ready: dict[int, np.ndarray] = {}
+    with torch.inference_mode():
+        fill()
+        for i in range(n):
+            face = faces[i % len(faces)]
+            if i in ready or (pending and pending[0][0][0] == i):
+                if i not in ready:
+                    idx, fut = pending.popleft()
+                    ready.update(zip(idx, fut.result(), strict=True))
+                    fill()
+                frame = fade.spoken(MuseTalk.paste(face, ready.pop(i)))
+                counts["generated"] += 1
             else:
-                frame = idle
+                frame = fade.idle(face.frame)
+                counts["idle"] += 1
             sink.write(frame, chunks[i])  # type: ignore[attr-defined]
-            counts["idle"] += 1
-            i += 1
-        else:
-            j = i
-            while j < n and j - i < batch_size and not silent[j]:
-                j += 1
-            frames = model.generate([faces[k % len(faces)] for k in range(i, j)], prompts[i:j])
-            for k, frame in zip(range(i, j), frames, strict=True):
-                sink.write(frame, chunks[k])  # type: ignore[attr-defined]
-            last, since_voice = frames[-1], 0
-            counts["generated"] += j - i
-            i = j
-        counts["frames"] = i
-        if progress is not None:
-            progress(i, n)
+            counts["frames"] = i + 1
+            if progress is not None:
+                progress(i + 1, n)
     return counts

@@ -73,7 +73,10 @@ def main() -> int:
         name, _, path = spec.partition("=")
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
-        factory.set_latency(20)  # ms of jitter buffer: TCP needs little, and a teardown drops what it holds
+        factory.set_latency(20)  # ms of jitter buffer: TCP needs little
+        # on TEARDOWN send EOS through the pipeline and wait for it at the file: the jitter buffer and
+        # queues drain into the muxer and the file is finalised, instead of being cut mid-stream
+        factory.set_eos_shutdown(True)
         factory.set_launch(record_pipeline(path))
         factory.set_shared(False)
         mounts.add_factory("/" + name.strip("/"), factory)
