@@ -37,6 +37,7 @@ from .broker import EmbeddedBroker
 from .config import Config, ConfigError, ModelConfig, StreamConfig
 from .devices import GB, DeviceInfo, SlotAssignment, decode_threads, discover, plan_slots, slot_layout
 from .executor import ExecutorSlot
+from .lipsync import LipSyncError, LipSyncPool, musetalk_pool
 from .placement import PlacementError, Placer
 from .publisher import Publisher
 from .result import PAYLOAD_VERSION, Result
@@ -88,6 +89,9 @@ class Pipeline:
         self.placers: dict[str, Placer] = {}  # per model: streams move only between slots of their model
         self.model_errors: dict[str, str] = {}
         self.sessions: dict[str, Any] = {}  # talking-head sessions by name (talkinghead.TalkSession)
+        self.lipsync: LipSyncPool | None = None  # MuseTalk slots, started with the first musetalk session
+        self._lipsync_frontend: Any = None  # VAE + Whisper for the sessions' side (talkinghead.musetalk.MuseTalk)
+        self._lipsync_lock = asyncio.Lock()
         self.broker: EmbeddedBroker | None = None
         self.publisher: Publisher | None = None
         self.started_at = time.time()
@@ -139,6 +143,9 @@ class Pipeline:
         for slot in self.slots.values():
             with contextlib.suppress(Exception):
                 await slot.close()
+        if self.lipsync is not None:
+            with contextlib.suppress(Exception):
+                await self.lipsync.close()
         for rt in self.streams.values():
             self._publish_state(rt, STOPPED, None)
         self._publish_stats()
@@ -520,9 +527,15 @@ class Pipeline:
         self._publish_session_state(name, "starting", None)
         try:
             avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box)
+            if cfg.backend == "musetalk":
+                backend: Any = await self._musetalk_backend(name, avatar)
+            else:
+                backend = EnergyLipSync(avatar)
             w, h = avatar.size
             sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
         except Exception as exc:
+            if self.lipsync is not None:
+                self.lipsync.release(name)
             self._publish_session_state(name, "failed", str(exc))
             raise
         topic = self.publisher.topic("talk", name, "audio")
@@ -540,7 +553,11 @@ class Pipeline:
                     log.warning("session %s: %s", name, exc)
 
             audio = push
-            self.publisher.subscribe(topic, on_audio)
+            subscribed = self.publisher.subscribe(topic, on_audio)
+            if subscribed is not None:
+                # `live` must mean the audio topic is listened to: wait for the broker's SUBACK
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(subscribed), 5.0)
         else:
             audio = iter_audio(cfg.audio)
         loop = asyncio.get_running_loop()
@@ -549,7 +566,7 @@ class Pipeline:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._publish_session_state, session, state, error)
 
-        session = TalkSession(name, EnergyLipSync(avatar), audio, sink, realtime=True, on_state=on_state)
+        session = TalkSession(name, backend, audio, sink, realtime=True, on_state=on_state)
         self.sessions[name] = session
         session.start()
         log.info("session %s: started (%s -> %s)", name, "mqtt" if cfg.audio == "mqtt" else
@@ -562,7 +579,41 @@ class Pipeline:
         if self.publisher is not None:
             self.publisher.unsubscribe(self.publisher.topic("talk", name, "audio"))
         await asyncio.to_thread(session.stop)
+        if self.lipsync is not None:
+            self.lipsync.release(name)
         self._publish_session_state(name, "stopped", None, session.snapshot())
+
+    async def _musetalk_backend(self, name: str, avatar: Any) -> Any:
+        """A live MuseTalk backend for one session, on the lipsync slots (started with the first session)."""
+        from talkinghead.live import MuseTalkLive
+        from talkinghead.musetalk import MuseTalk, ping_pong
+
+        lcfg = self.config.lipsync
+        assert lcfg.weights is not None  # the config requires it for musetalk sessions
+        async with self._lipsync_lock:
+            if self.lipsync is None:
+                pinned = None if lcfg.device == "auto" else ("cuda:0" if lcfg.device == "cuda" else lcfg.device)
+                if self.device_facts is None:
+                    self.device_facts = await asyncio.to_thread(discover)
+                pool = musetalk_pool(lcfg.weights, lcfg.version, slots=lcfg.slots, batch_size=lcfg.batch_size,
+                                     batch_timeout=lcfg.batch_timeout_ms / 1000, slot_memory_gb=lcfg.slot_memory_gb,
+                                     usable_fraction=self.config.devices.usable_fraction,
+                                     device_facts=self.device_facts, device=pinned)
+                others = {r for r in self.runtimes.values() if r != "torch"}
+                if others and "cpu" in pool.devices:
+                    raise LipSyncError(f"MuseTalk runs on torch, and this process's CPU already runs "
+                                       f"{', '.join(sorted(others))} for detection: one inference runtime per "
+                                       "process on the CPU (run talking heads in a second framegrid process, "
+                                       "or give MuseTalk a GPU)")
+                frontend = MuseTalk(lcfg.weights, lcfg.version, device=pool.devices[0], parts={"vae", "whisper"})
+                await asyncio.to_thread(frontend.load)
+                await pool.start()
+                self._lipsync_frontend, self.lipsync = frontend, pool
+        pool, frontend = self.lipsync, self._lipsync_frontend
+        faces = await asyncio.to_thread(lambda: ping_pong([frontend.prepare_face(avatar.image, avatar.box)]))
+        slot = pool.place(name)
+        log.info("session %s: MuseTalk on %s", name, slot)
+        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block)
 
     def _publish_session_state(self, name: str, state: str, error: str | None,
                                snapshot: dict[str, Any] | None = None) -> None:
@@ -698,7 +749,9 @@ class Pipeline:
             "uptime_s": round(time.time() - self.started_at, 1),
             "streams": streams,
             "mqtt": pub,
-            "talk": {name: session.snapshot() for name, session in self.sessions.items()},
+            "talk": {name: {**session.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None}
+                     for name, session in self.sessions.items()},
+            "lipsync": self.lipsync.snapshot() if self.lipsync is not None else None,
             "executors": {
                 s.name: {"healthy": s.healthy, "batches": s.batches, "frames": s.frames, "errors": s.errors,
                          "service_ms_per_frame": None if s.service_ms_per_frame is None

@@ -228,33 +228,46 @@ def cmd_talk(args: argparse.Namespace) -> int:
 
 
 def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
+    """Offline MuseTalk: audio prompts and avatar latents here; UNet + VAE segments dealt to the lipsync slots."""
     from talkinghead import AudioError, load_audio
     from talkinghead.musetalk import MuseTalk, MuseTalkError
     from talkinghead.offline import render
+
+    from .lipsync import LipSyncError, musetalk_pool
 
     if args.weights is None:
         print("talk: --backend musetalk needs --weights DIR (the MuseTalk models folder)", file=sys.stderr)
         sink.close()
         return 2
-    model = MuseTalk(args.weights, args.version)
+    frontend = MuseTalk(args.weights, args.version, parts={"vae", "whisper"})
+    pool = None
     t0 = time.monotonic()
     try:
-        model.load()
+        frontend.load()
         samples = load_audio(args.audio)
+        pool = musetalk_pool(args.weights, args.version, slots=args.slots, batch_size=args.batch_size,
+                             slot_memory_gb=args.slot_memory_gb).start_in_thread()
 
         def progress(done: int, total: int) -> None:
             bar = "#" * int(30 * done / max(total, 1))
             print(f"\rtalk: [{bar:<30}] {done}/{total} frames", end="", file=sys.stderr, flush=True)
 
-        counts = render(model, avatar, samples, sink, batch_size=args.batch_size, progress=progress)
-    except (MuseTalkError, AudioError) as exc:
+        def submit(jobs: list[Any], k: int) -> Any:
+            return pool.submit("offline", jobs, slot=k)  # type: ignore[union-attr]
+
+        counts = render(frontend, avatar, samples, sink, batch_size=args.batch_size, progress=progress,
+                        submit=submit, in_flight=2 * pool.n)
+    except (MuseTalkError, AudioError, LipSyncError) as exc:
         print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     finally:
         sink.close()
+        if pool is not None:
+            pool.shutdown()
     print(file=sys.stderr)
     print(f"talk: {counts['frames']} frames ({counts['generated']} generated, {counts['idle']} silent) in "
-          f"{time.monotonic() - t0:.1f} s -> {redact_text(args.out)} (MuseTalk {args.version})")
+          f"{time.monotonic() - t0:.1f} s on {pool.n} lipsync slot{'s' if pool.n != 1 else ''} -> "
+          f"{redact_text(args.out)} (MuseTalk {args.version})")
     return 0
 
 
@@ -285,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
     p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
     p.add_argument("--version", choices=["v15", "v1"], default="v15")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="frames per UNet batch (musetalk)")
+    p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
+    p.add_argument("--slot-memory-gb", type=float, default=8.0, help="GPU memory one MuseTalk slot needs")
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("avatar", help="avatar tools")
     avatar_sub = p.add_subparsers(dest="avatar_command", required=True)

@@ -160,8 +160,24 @@ class TalkConfig(Strict):
     audio: str = Field(min_length=1, description="'mqtt' (PCM chunks on <prefix>/talk/<name>/audio), a file, or "
                        "any FFmpeg URL")
     out: str = Field(min_length=1, description="sink: a file, a .m3u8 HLS playlist, rtsp:// or rtmp:// URL")
-    backend: Literal["energy"] = Field("energy", description="live backend (MuseTalk runs offline: framegrid talk)")
+    backend: Literal["energy", "musetalk"] = Field(
+        "energy", description="energy (loudness-driven mouth, no weights) or musetalk (needs [lipsync] weights)")
     enabled: bool = True
+
+
+class LipSyncConfig(Strict):
+    weights: Path | None = Field(None, description="MuseTalk models folder in the official layout (musetalkV15/, "
+                                 "sd-vae/, whisper/), relative to the config")
+    version: Literal["v15", "v1"] = Field("v15", description="MuseTalk version")
+    slots: int | None = Field(None, ge=1, le=64, description="lipsync slots (model copies); default: planned "
+                              "from GPU memory / slot_memory_gb, 1 on a CPU")
+    slot_memory_gb: float = Field(8.0, gt=0, le=1024, description="GPU memory one MuseTalk slot needs (upstream "
+                                  "reports 4-12 GB in fp16)")
+    batch_size: int = Field(8, ge=1, le=256, description="most frames per UNet batch, across the slot's sessions")
+    batch_timeout_ms: float = Field(20.0, ge=0, le=10_000, description="how long a batch waits for other "
+                                    "sessions' frames")
+    block: int = Field(4, ge=1, le=64, description="frames a session renders per request (latency vs batching)")
+    device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="auto, cpu, or cuda[:N]")
 
 
 class LogConfig(Strict):
@@ -175,6 +191,7 @@ class Config(Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     talk: dict[Name, TalkConfig] = Field(default_factory=dict)
+    lipsync: LipSyncConfig = Field(default_factory=LipSyncConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -184,6 +201,9 @@ class Config(Strict):
             if stream.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none defined"
                 errors.append(f"streams.{name}.model: unknown model '{stream.model}' (models: {known})")
+        for name, talk in self.talk.items():
+            if talk.backend == "musetalk" and self.lipsync.weights is None:
+                errors.append(f"talk.{name}.backend: musetalk needs lipsync.weights (the MuseTalk models folder)")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -256,7 +276,7 @@ def parse_config(
                 err["input"], dict | list
             ):
                 msg += f" (got {redact_text(repr(err['input']))[:80]})"
-            if loc == "" and msg.startswith("streams."):
+            if loc == "" and msg.startswith(("streams.", "talk.")):
                 for part in msg.split("; "):
                     key, _, text = part.partition(": ")
                     errors.append((key, text))
@@ -293,7 +313,10 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
             if value != "mqtt" and is_local_file(value) and not Path(value).is_absolute():
                 update[key] = str(base_dir / value)
         talk[name] = t.model_copy(update=update)
-    return config.model_copy(update={"models": models, "streams": streams, "talk": talk})
+    lipsync = config.lipsync
+    if lipsync.weights is not None and not lipsync.weights.is_absolute():
+        lipsync = lipsync.model_copy(update={"weights": base_dir / lipsync.weights})
+    return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync})
 
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
@@ -314,6 +337,13 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
             errors.append((f"talk.{name}.avatar", f"file not found: {t.avatar}"))
         if t.enabled and t.audio != "mqtt" and is_local_file(t.audio) and not Path(t.audio).exists():
             errors.append((f"talk.{name}.audio", f"file not found: {t.audio}"))
+    if config.lipsync.weights is not None and any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
+        from talkinghead.musetalk import MuseTalkError, check_layout
+
+        try:
+            check_layout(config.lipsync.weights, config.lipsync.version)
+        except MuseTalkError as exc:
+            errors.append(("lipsync.weights", str(exc)))
     return errors
 
 

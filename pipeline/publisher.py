@@ -40,6 +40,13 @@ class Message:
     queued_mono: float = field(default_factory=time.monotonic)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as plain JSON values (a stray numpy number must not stop publishing)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot publish a {type(value).__name__} as JSON")
+
+
 class Publisher:
     """Owns one MQTT connection; run `run()` as a task, call `publish()` from the loop."""
 
@@ -83,7 +90,7 @@ class Publisher:
         elif isinstance(payload, str):
             data = payload.encode()
         else:
-            data = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+            data = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_plain).encode()
         msg = Message(topic, data, self.cfg.qos if qos is None else qos, retain)
         if retain and data:
             self._retained[topic] = msg
@@ -103,12 +110,18 @@ class Publisher:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def subscribe(self, topic_filter: str, callback: Any) -> None:
-        """Deliver messages on `topic_filter` to `callback(topic, payload)`; renewed on every connect."""
+    def subscribe(self, topic_filter: str, callback: Any) -> asyncio.Task[Any] | None:
+        """Deliver messages on `topic_filter` to `callback(topic, payload)`; renewed on every connect.
+
+        Returns the task of the SUBSCRIBE (done when the broker acknowledged it), or None while
+        disconnected (the subscription is then made on connect).
+        """
         self._subscriptions[topic_filter] = callback
         client = self._client
         if client is not None:
-            asyncio.get_running_loop().create_task(client.subscribe(topic_filter, qos=1), name="mqtt.subscribe")
+            return asyncio.get_running_loop().create_task(client.subscribe(topic_filter, qos=1),
+                                                          name="mqtt.subscribe")
+        return None
 
     def unsubscribe(self, topic_filter: str) -> None:
         self._subscriptions.pop(topic_filter, None)

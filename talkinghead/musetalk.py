@@ -146,16 +146,25 @@ class MuseTalk:
 
     kind = "lipsync"
 
+    PARTS = frozenset({"unet", "vae", "whisper"})
+
     def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, parts: frozenset[str] | set[str] = PARTS) -> None:
+        """`parts` chooses which weights to load: a lipsync slot needs the UNet and the VAE (decode);
+        the session side needs the VAE (avatar latents) and Whisper (audio prompts)."""
         self.root = Path(root)
         self.version = version
         self.device = device
         self.half = device.startswith("cuda") if half is None else half  # fp16 on CUDA, fp32 on CPU
         self.seed = seed
+        self.parts = frozenset(parts)
+        if not self.parts <= self.PARTS:
+            raise ValueError(f"unknown MuseTalk parts: {sorted(self.parts - self.PARTS)}")
         self.extra_margin = 10 if version == "v15" else 0
         self.expand = 1.5 if version == "v15" else 1.2
         self.unet: Any = None
+        self.vae: Any = None
+        self.encoder: Any = None
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -163,17 +172,25 @@ class MuseTalk:
         try:
             import torch
             from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import AutoFeatureExtractor, WhisperModel
+            from transformers import AutoFeatureExtractor, WhisperConfig, WhisperModel
 
             dtype = torch.float16 if self.half else torch.float32
             config = json.loads(paths["unet_config"].read_text())
-            unet = UNet2DConditionModel(**config)
-            state = torch.load(paths["unet"], map_location="cpu", weights_only=True)
-            unet.load_state_dict(state)
-            self.unet = unet.to(self.device, dtype).eval()
-            self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype).to(self.device).eval()
-            whisper = WhisperModel.from_pretrained(paths["whisper"], dtype=dtype)
-            self.encoder = whisper.encoder.to(self.device).eval()
+            if "unet" in self.parts:
+                unet = UNet2DConditionModel(**config)
+                state = torch.load(paths["unet"], map_location="cpu", weights_only=True)
+                unet.load_state_dict(state)
+                self.unet = unet.to(self.device, dtype).eval()
+            if "vae" in self.parts:
+                self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype).to(self.device).eval()
+            self.vae_config = (self.vae.config if self.vae is not None
+                               else AutoencoderKL.load_config(paths["vae"]))
+            if "whisper" in self.parts:
+                whisper = WhisperModel.from_pretrained(paths["whisper"], dtype=dtype)
+                self.encoder = whisper.encoder.to(self.device).eval()
+                wcfg = self.encoder.config
+            else:
+                wcfg = WhisperConfig.from_pretrained(paths["whisper"])
             self.features = AutoFeatureExtractor.from_pretrained(paths["whisper"])
         except MuseTalkError:
             raise
@@ -181,12 +198,14 @@ class MuseTalk:
             raise MuseTalkError(f"cannot load MuseTalk from {self.root}: {exc}. "
                                 + DOWNLOADS.format(root=self.root)) from exc
         self.dtype = dtype
-        wcfg = self.encoder.config
         self.d_model = int(wcfg.d_model)
         self.layers = int(wcfg.encoder_layers) + 1  # embeddings + every layer: all hidden states
         # feature frames per second after the encoder's stride-2 convolution
         self.audio_fps = int(self.features.sampling_rate / self.features.hop_length / 2)
-        self.scaling = float(self.vae.config.scaling_factor)
+        vcfg = self.vae_config
+        self.scaling = float(vcfg["scaling_factor"] if isinstance(vcfg, dict) else vcfg.scaling_factor)
+        blocks = vcfg["block_out_channels"] if isinstance(vcfg, dict) else vcfg.block_out_channels
+        self.latent_side = CROP // (2 ** (len(blocks) - 1))
         if int(config.get("cross_attention_dim", self.d_model)) != self.d_model:
             raise MuseTalkError(f"UNet cross_attention_dim {config.get('cross_attention_dim')} does not match "
                                 f"Whisper d_model {self.d_model}")
@@ -271,7 +290,8 @@ class MuseTalk:
 
     def memory_bytes(self) -> int:
         """Bytes of the loaded weights (UNet, VAE, Whisper encoder): the floor of a slot's memory."""
-        return sum(p.numel() * p.element_size() for m in (self.unet, self.vae, self.encoder) for p in m.parameters())
+        return sum(p.numel() * p.element_size() for m in (self.unet, self.vae, self.encoder) if m is not None
+                   for p in m.parameters())
 
     @staticmethod
     def paste(face: PreparedFace, generated_bgr: np.ndarray) -> np.ndarray:
@@ -297,7 +317,7 @@ class MuseTalkSlotModel:
 
     def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
                  threads: int | None = None) -> None:
-        self.model = MuseTalk(root, version, device=device, half=half)
+        self.model = MuseTalk(root, version, device=device, half=half, parts={"unet", "vae"})
         self.threads = threads
 
     def load(self) -> None:
@@ -311,8 +331,7 @@ class MuseTalkSlotModel:
         import torch
 
         m = self.model
-        side = CROP // (2 ** (len(m.vae.config.block_out_channels) - 1))
-        latents = torch.zeros(1, 8, side, side)
+        latents = torch.zeros(1, 8, m.latent_side, m.latent_side)
         self.infer([LipSyncJob(latents, torch.zeros(m.prompt_len, m.d_model))])
 
     def infer(self, jobs: list[LipSyncJob]) -> list[np.ndarray]:

@@ -4,7 +4,13 @@ Each 40 ms audio chunk becomes exactly one video frame, and the two travel toget
 so lip sync cannot drift. In real time, frame i is due at start + i/25 s; when generation falls
 behind, the session repeats its last frame for the late chunks (visible, counted, and reported
 as `degraded`) and keeps the audio whole. Silence (a chunk below `silence_db`) skips the model
-and shows the avatar's own frame; the mouth's release smoothing makes that a short cross-fade.
+and shows the avatar's own frame, with a short cross-fade.
+
+Backends come in two shapes. A per-frame backend (`openness` / `render`, the `energy` one) is
+driven chunk by chunk; the session smooths its mouth opening (attack/release), which makes the
+return to silence a short cross-fade. A block backend (`render_block`, MuseTalk on lipsync slots)
+gets `block` chunks at a time plus `lookahead` chunks of the audio that follows (its audio window
+reaches two frames ahead), and submits the voiced frames as one batch to its executor slot.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .audio import FPS, FrameChunker, PushAudio, rms_db
+from .audio import FPS, SAMPLES_PER_FRAME, FrameChunker, PushAudio, rms_db
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,17 @@ class LipSyncBackend(Protocol):
     def openness(self, chunk: np.ndarray) -> float: ...
 
     def render(self, openness: float) -> np.ndarray: ...
+
+
+class BlockBackend(Protocol):
+    name: str
+    block: int
+    lookahead: int
+
+    def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]
+                     ) -> list[np.ndarray]: ...
+
+    def idle_frame(self) -> np.ndarray: ...
 
 
 class Sink(Protocol):
@@ -43,12 +60,14 @@ class SessionStats:
     inferred: int = 0  # frames the backend generated
     idle: int = 0  # silent chunks: the avatar's own frame
     late: int = 0  # chunks whose frame was repeated because generation fell behind
-    render_ms: list[float] = field(default_factory=list)
+    errors: int = 0  # chunks whose generation failed (executor error): last frame shown
+    render_ms: list[float] = field(default_factory=list)  # per frame
 
     def snapshot(self, elapsed: float) -> dict[str, Any]:
         r = self.render_ms[-250:]
         return {
             "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late,
+            "errors": self.errors,
             "output_fps": round(self.frames / elapsed, 2) if elapsed > 0 else None,
             "infer_fps": round(self.inferred / elapsed, 2) if elapsed > 0 else None,
             "render_ms_p50": round(float(np.median(r)), 2) if r else None,
@@ -58,7 +77,7 @@ class SessionStats:
 class TalkSession:
     """Runs on its own thread; `start()`, then `wait()` or `stop()`."""
 
-    def __init__(self, name: str, backend: LipSyncBackend, audio: Iterable[np.ndarray] | PushAudio, sink: Sink,
+    def __init__(self, name: str, backend: LipSyncBackend | BlockBackend, audio: Iterable[np.ndarray] | PushAudio, sink: Sink,
                  realtime: bool = True, silence_db: float = -50.0, attack: float = 0.7, release: float = 0.45,
                  on_state: Callable[[str, str, str | None], None] | None = None,
                  on_frame: Callable[[int, float], None] | None = None) -> None:
@@ -102,64 +121,93 @@ class TalkSession:
             except Exception:
                 log.exception("session %s: state listener failed", self.name)
 
-    def _chunks(self) -> Iterator[np.ndarray | None]:
-        """40 ms chunks; None means 'no audio yet' (pushed input waiting for data)."""
+    def _due(self) -> float:
+        return self.started_at + self.stats.frames / FPS
+
+    def _blocks(self, block: int, ahead: int) -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
+        """(chunks, lookahead) pairs; a None chunk means 'no audio yet' (pushed input running dry).
+
+        Pushed audio that runs dry is waited for until the next frame is due; then what is held
+        goes out (a short block without lookahead) or one None keeps the clock.
+        """
+        held: list[np.ndarray] = []
+
+        def full() -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
+            while len(held) >= block + ahead:
+                yield list(held[:block]), held[block:block + ahead]
+                del held[:block]
+
         if isinstance(self.audio, PushAudio):
             while not self._stop.is_set():
                 c = self.audio.pop()
-                if c is None and self.audio.closed:
+                if c is not None:
+                    held.append(c)
+                    yield from full()
+                    continue
+                if self.audio.closed:
+                    break
+                if self.realtime:
+                    self._stop.wait(max(0.0, self._due() - time.monotonic()))
+                else:
+                    self._stop.wait(0.005)
+                c = self.audio.pop()
+                if c is not None:
+                    held.append(c)
+                    yield from full()
+                elif held:
+                    yield list(held[:block]), []
+                    del held[:block]
+                elif self.realtime:
+                    yield [None], []
+        else:
+            chunker = FrameChunker()
+            for samples in self.audio:
+                for c in chunker.push(samples):
+                    held.append(c)
+                    yield from full()
+                if self._stop.is_set():
                     return
-                yield c
-            return
-        chunker = FrameChunker()
-        for block in self.audio:
-            yield from chunker.push(block)
-            if self._stop.is_set():
-                return
-        yield from chunker.flush()
+            held.extend(chunker.flush())
+        while held and not self._stop.is_set():
+            yield list(held[:block]), held[block:block + ahead]
+            del held[:block]
 
     def _run(self) -> None:
-        from .audio import SAMPLES_PER_FRAME
-
+        block = int(getattr(self.backend, "block", 1))
+        ahead = int(getattr(self.backend, "lookahead", 0))
         level = 0.0
         last: np.ndarray | None = None
-        t0 = time.monotonic()
+        self.started_at = time.monotonic()
         self._set_state("live")
         try:
-            for chunk in self._chunks():
+            for raw, lookahead in self._blocks(block, ahead):
                 if self._stop.is_set():
                     break
-                due = t0 + self.stats.frames / FPS
-                if self.realtime:
-                    wait = due - time.monotonic()
-                    if wait > 0:
-                        self._stop.wait(wait)
-                if chunk is None:  # pushed audio ran dry: keep the clock with silence
-                    chunk = np.zeros(SAMPLES_PER_FRAME, np.float32)
+                chunks = [np.zeros(SAMPLES_PER_FRAME, np.float32) if c is None else c for c in raw]
+                due = self._due()
                 behind = self.realtime and time.monotonic() - due > 1.0 / FPS
                 if behind and last is not None:
-                    frame = last  # degrade visibly, never let audio drift
-                    self.stats.late += 1
+                    frames = [last] * len(chunks)  # degrade visibly, never let audio drift
+                    self.stats.late += len(chunks)
                     self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")
                 else:
                     if self.state == "degraded":
                         self._set_state("live")  # caught up
-                    silent = rms_db(chunk) < self.silence_db
-                    target = 0.0 if silent else self.backend.openness(chunk)
-                    k = self.attack if target > level else self.release
-                    level += k * (target - level)
                     t = time.perf_counter()
-                    frame = self.backend.render(level)
-                    self.stats.render_ms.append((time.perf_counter() - t) * 1000)
-                    if silent and level < 0.02:
-                        self.stats.idle += 1
+                    if hasattr(self.backend, "render_block"):
+                        frames = self._render_block(chunks, lookahead, last)
                     else:
-                        self.stats.inferred += 1
-                    if self.on_frame is not None:
-                        self.on_frame(self.stats.frames, level)
-                self.sink.write(frame, chunk)
-                last = frame
-                self.stats.frames += 1
+                        frames, level = self._render_frames(chunks, level)
+                    ms = (time.perf_counter() - t) * 1000 / len(chunks)
+                    self.stats.render_ms.extend([ms] * len(chunks))
+                for chunk, frame in zip(chunks, frames, strict=True):
+                    if self.realtime:
+                        wait = self._due() - time.monotonic()
+                        if wait > 0:
+                            self._stop.wait(wait)
+                    self.sink.write(frame, chunk)
+                    self.stats.frames += 1
+                last = frames[-1]
             self._set_state("ended")
         except Exception as exc:  # this session only: others keep running
             self._set_state("failed", str(exc))
@@ -168,6 +216,47 @@ class TalkSession:
                 self.sink.close()
             except Exception as exc:
                 log.warning("session %s: closing sink: %s", self.name, exc)
+
+    def _render_frames(self, chunks: list[np.ndarray], level: float) -> tuple[list[np.ndarray], float]:
+        """Per-frame backend: smoothed openness per chunk; silence eases back to the avatar's frame."""
+        backend: Any = self.backend
+        frames = []
+        for chunk in chunks:
+            silent = bool(rms_db(chunk) < self.silence_db)
+            target = 0.0 if silent else backend.openness(chunk)
+            k = self.attack if target > level else self.release
+            level += k * (target - level)
+            frames.append(backend.render(level))
+            if silent and level < 0.02:
+                self.stats.idle += 1
+            else:
+                self.stats.inferred += 1
+            if self.on_frame is not None:
+                self.on_frame(self.stats.frames + len(frames) - 1, level)
+        return frames, level
+
+    def _render_block(self, chunks: list[np.ndarray], lookahead: list[np.ndarray],
+                      last: np.ndarray | None) -> list[np.ndarray]:
+        """Block backend: the voiced chunks go to the model as one batch; an executor failure shows
+        the last frame for this block (counted as `errors`) and the session goes on."""
+        backend: Any = self.backend
+        voiced = [bool(rms_db(c) >= self.silence_db) for c in chunks]
+        try:
+            frames = backend.render_block(chunks, voiced, lookahead)
+        except Exception as exc:
+            self.stats.errors += len(chunks)
+            self._set_state("degraded", f"generation failed: {exc}")
+            hold = last if last is not None else backend.idle_frame()
+            return [hold] * len(chunks)
+        if self.state == "degraded":
+            self._set_state("live")
+        n_voiced = sum(voiced)
+        self.stats.inferred += n_voiced
+        self.stats.idle += len(chunks) - n_voiced
+        if self.on_frame is not None:
+            for k, v in enumerate(voiced):
+                self.on_frame(self.stats.frames + k, float(v))
+        return frames
 
     def snapshot(self) -> dict[str, Any]:
         return {"session": self.name, "state": self.state, "error": self.error, "backend": self.backend.name,

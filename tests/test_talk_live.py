@@ -14,6 +14,7 @@ import pytest
 from pipeline import parse_config
 
 from .conftest import Mosquitto, Subscriber, start_pipeline, wait_until
+from .test_musetalk import tiny  # noqa: F401 - fixture
 from .test_talkinghead import face_image, probe_output, tone_on_off  # noqa: F401 - fixture
 
 
@@ -65,3 +66,68 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
     # 2 s of speech plus the silence the session kept the clock with while waiting for it
     # MPEG-TS keeps AAC's 1024 priming samples (64 ms at 16 kHz) and the last frame's padding
     assert fps == 25 and n >= 50 and -0.04 <= audio_s - n / 25 <= 0.13
+
+
+@pytest.mark.slow
+async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
+    tmp_path: Path, face_image: Path, tiny: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+) -> None:
+    """A live MuseTalk session (tiny random weights in the official layout) fed over MQTT: its frames
+    are generated on the pipeline's lipsync slot, the output has all the audio, stats show the slot."""
+    out = tmp_path / "anna.mkv"
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
+        "lipsync": {"weights": str(tiny), "slots": 1, "block": 4},
+        "talk": {"anna": {"avatar": str(face_image), "audio": "mqtt", "out": str(out), "backend": "musetalk"}},
+        "pipeline": {"status_interval": 0},
+        "devices": {"cpu_slots": 1},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{topic_prefix}-tts")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        await wait_until(lambda: "anna" in pipeline.sessions and pipeline.sessions["anna"].state == "live", 60,
+                         "session live")
+        topic = f"{topic_prefix}/talk/anna/audio"
+        pcm = (tone_on_off([(1.0, True), (0.4, False), (0.6, True)]) * 32767).astype("<i2").tobytes()
+        for i in range(0, len(pcm), 3200):
+            pub.publish(topic, pcm[i:i + 3200], qos=1).wait_for_publish(5)
+        pub.publish(topic, b"", qos=1).wait_for_publish(5)
+        try:
+            await wait_until(lambda: pipeline.sessions["anna"].state == "ended", 60, "session ended")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {pipeline.stats_payload()}") from None
+        await asyncio.sleep(1.2)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        await shutdown()
+        sub.close()
+    states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
+    ended = next(s for s in states if s["state"] == "ended")
+    # every frame is accounted for: generated on the slot, silent (the avatar's own), or late (the
+    # last frame repeated while generation caught up with real time: the CPU decides how many)
+    assert ended["errors"] == 0 and ended["inferred"] > 0, json.dumps(ended)
+    assert ended["frames"] == ended["inferred"] + ended["idle"] + ended["late"]
+    stats = [json.loads(m.payload) for m in sub.of("/stats")]
+    lipsync = [s["lipsync"] for s in stats if s.get("lipsync")]
+    assert lipsync and lipsync[-1]["slots"]["lipsync.0"]["frames"] == ended["inferred"]
+    assert any(s["talk"].get("anna", {}).get("slot") == "lipsync.0" for s in stats if s.get("talk"))
+    n, fps, audio_s, _ = probe_output(out)
+    assert fps == 25 and n >= 50 and 0 <= audio_s - n / 25 <= 1024 / 16_000
+
+
+def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> None:  # noqa: F811
+    from pipeline import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"talk": {"a": {"avatar": str(face_image), "audio": "mqtt", "out": "x.mp4",
+                                     "backend": "musetalk"}}}, tmp_path)
+    assert "talk.a.backend" in str(err.value) and "lipsync.weights" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config({"lipsync": {"weights": str(tmp_path / "none")},
+                      "talk": {"a": {"avatar": str(face_image), "audio": "mqtt", "out": "x.mp4",
+                                     "backend": "musetalk"}}}, tmp_path)
+    assert "lipsync.weights" in str(err.value) and "musetalkV15/unet.pth" in str(err.value)
