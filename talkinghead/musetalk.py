@@ -31,6 +31,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .faceparse import CHECKPOINT
+
 CROP = 256  # MuseTalk works on 256x256 face crops
 VIDEO_FPS = 25
 WINDOW_LEFT = 2  # video frames of context each side (v1.5: audio_padding_length_left/right)
@@ -44,7 +46,8 @@ DOWNLOADS = (
     "Download from Hugging Face on a machine with internet access and copy into {root}: "
     "TMElyralab/MuseTalk (musetalkV15/unet.pth and musetalk.json, or musetalk/ for v1.0), "
     "stabilityai/sd-vae-ft-mse -> sd-vae/, openai/whisper-tiny -> whisper/ "
-    "(optional: face-parse-bisent/79999_iter.pth and resnet18-5c106cde.pth)."
+    "(optional: face-parse-bisent/79999_iter.pth, the face-parsing BiSeNet for the blend mask; without it a "
+    "geometric lower-face mask is used)."
 )
 
 
@@ -105,21 +108,29 @@ def blend_region(box: tuple[int, int, int, int], width: int, height: int, expand
     return max(0, xc - s), max(0, yc - s), min(width, xc + s), min(height, yc + s)
 
 
-def geometric_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], upper_boundary_ratio: float = 0.5
-                   ) -> np.ndarray:
-    """The blend mask without face parsing: the face box below the upper boundary, blurred.
+def blend_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], parsed: np.ndarray | None = None,
+               upper_boundary_ratio: float = 0.5) -> np.ndarray:
+    """MuseTalk's blend mask over the blend crop: the face inside its box, below the upper boundary, blurred.
 
-    Same upper boundary (a share of the blend crop's height) and blur (10% of its width, odd) as
-    MuseTalk's parsing-based mask; the parsed skin/lips shape is replaced by the face box.
+    `parsed` is the face-parsing mask (0/255) of the blend crop (skin, mouth, lips); without it
+    the whole face box is used (the geometric mask). Upper boundary (a share of the crop's height)
+    and blur (10% of its width, odd) as MuseTalk's `get_image_prepare_material`.
     """
     cx1, cy1, cx2, cy2 = crop
     w, h = cx2 - cx1, cy2 - cy1
     mask = np.zeros((h, w), np.uint8)
     x1, y1, x2, y2 = box
-    mask[max(0, y1 - cy1):y2 - cy1, max(0, x1 - cx1):x2 - cx1] = 255
+    sy, sx = slice(max(0, y1 - cy1), y2 - cy1), slice(max(0, x1 - cx1), x2 - cx1)
+    mask[sy, sx] = 255 if parsed is None else parsed[sy, sx]
     mask[: int(h * upper_boundary_ratio)] = 0
     k = int(0.1 * w // 2 * 2) + 1
     return cv2.GaussianBlur(mask, (k, k), 0)
+
+
+def geometric_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], upper_boundary_ratio: float = 0.5
+                   ) -> np.ndarray:
+    """The blend mask without face parsing (the face box stands in for the parsed skin and lips)."""
+    return blend_mask(box, crop, None, upper_boundary_ratio)
 
 
 @dataclass
@@ -165,6 +176,7 @@ class MuseTalk:
         self.unet: Any = None
         self.vae: Any = None
         self.encoder: Any = None
+        self.parser: Any = None  # face parsing (BiSeNet) when its checkpoint is present
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -183,6 +195,10 @@ class MuseTalk:
                 self.unet = unet.to(self.device, dtype).eval()
             if "vae" in self.parts:
                 self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype).to(self.device).eval()
+                if "whisper" in self.parts and (self.root / CHECKPOINT).is_file():  # the avatar-preparing side
+                    from .faceparse import FaceParser
+
+                    self.parser = FaceParser(self.root / CHECKPOINT, self.device)
             self.vae_config = (self.vae.config if self.vae is not None
                                else AutoencoderKL.load_config(paths["vae"]))
             if "whisper" in self.parts:
@@ -220,7 +236,11 @@ class MuseTalk:
         crop = cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_LANCZOS4)
         h, w = frame.shape[:2]
         region = blend_region(box, w, h, self.expand)
-        return PreparedFace(frame, box, self.encode_crop(crop), region, geometric_mask(box, region))
+        parsed = None
+        if self.parser is not None:
+            rx1, ry1, rx2, ry2 = region
+            parsed = self.parser(frame[ry1:ry2, rx1:rx2])
+        return PreparedFace(frame, box, self.encode_crop(crop), region, blend_mask(box, region, parsed))
 
     def encode_crop(self, crop_bgr: np.ndarray) -> Any:
         import torch

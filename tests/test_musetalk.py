@@ -145,3 +145,48 @@ def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: 
     rc = main(["talk", "--backend", "musetalk", "--weights", str(tmp_path / "none"), "--avatar", str(face_image),
                "--audio", str(wav), "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "musetalkV15/unet.pth" in capsys.readouterr().err
+
+
+def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    """A face-parsing BiSeNet checkpoint (random weights, the published architecture's names) loads
+    through the loader and shapes the blend mask: inside the face box, below the upper boundary."""
+    import torch
+
+    from talkinghead.faceparse import CHECKPOINT, FACE_CLASSES, FaceParser, build_bisenet
+    from talkinghead.musetalk import blend_mask, geometric_mask
+
+    root = tmp_path / "weights"
+    shutil.copytree(tiny, root)
+    torch.manual_seed(3)
+    net = build_bisenet()
+    for m in net.modules():  # random batch-norm statistics, so the random net's labels vary over the image
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    (root / CHECKPOINT).parent.mkdir(parents=True)
+    torch.save(net.state_dict(), root / CHECKPOINT)
+    names = set(net.state_dict())
+    for key in ("cp.resnet.layer4.1.bn2.running_var", "cp.arm32.conv_atten.weight", "ffm.convblk.conv.weight",
+                "conv_out.conv_out.weight", "conv_out16.conv.bn.weight"):
+        assert key in names  # the checkpoint's parameter names
+    m = MuseTalk(root, "v15", parts={"vae", "whisper"})
+    m.load()
+    assert m.parser is not None
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    face = m.prepare_face(avatar.image, avatar.box)
+    cx1, cy1, cx2, cy2 = face.crop
+    parsed = m.parser(avatar.image[cy1:cy2, cx1:cx2])
+    assert parsed.shape == (cy2 - cy1, cx2 - cx1) and set(np.unique(parsed)) <= {0, 255}
+    assert 0 < (parsed > 0).mean() < 1 and len(FACE_CLASSES) == 4
+    assert np.array_equal(face.mask, blend_mask(avatar.box, face.crop, parsed))  # the loader wired it in
+    k = int(0.1 * face.mask.shape[1] // 2 * 2) + 1  # blur width
+    assert face.mask[: int(face.mask.shape[0] * 0.5) - k].max() == 0  # nothing above the upper boundary
+    geo = geometric_mask(avatar.box, face.crop)
+    assert (face.mask <= geo).all()  # never outside the (blurred) face box
+    # parsing shapes the mask: where the parser finds no face, nothing is blended
+    no_left = np.full_like(parsed, 255)
+    no_left[:, : no_left.shape[1] // 2] = 0
+    shaped = blend_mask(avatar.box, face.crop, no_left)
+    half = shaped.shape[1] // 2 - k
+    assert shaped[:, :half].max() == 0 and geo[:, :half].max() > 0 and shaped.max() > 0
+    assert FaceParser(root / CHECKPOINT)(avatar.image).shape == avatar.image.shape[:2]

@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 
-def make(out: Path, version: str = "v15", seed: int = 0) -> Path:
+def make(out: Path, version: str = "v15", seed: int = 0, face_parse: bool = False) -> Path:
+    """Write the models; `face_parse` adds a randomly initialised face-parsing BiSeNet checkpoint
+    (the real architecture, which has one fixed size: about 50 MB)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
@@ -43,6 +45,11 @@ def make(out: Path, version: str = "v15", seed: int = 0) -> Path:
     (out / folder).mkdir(parents=True, exist_ok=True)
     (out / folder / "musetalk.json").write_text(json.dumps(config, indent=2))
     torch.save(unet.state_dict(), out / folder / weights)
+    if face_parse:
+        from talkinghead.faceparse import CHECKPOINT, build_bisenet
+
+        (out / CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(build_bisenet().state_dict(), out / CHECKPOINT)
     return out
 
 
@@ -51,5 +58,6 @@ if __name__ == "__main__":
     ap.add_argument("out", type=Path)
     ap.add_argument("--version", choices=["v15", "v1"], default="v15")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--face-parse", action="store_true", help="also a random face-parsing BiSeNet checkpoint")
     a = ap.parse_args()
-    print(make(a.out, a.version, a.seed))
+    print(make(a.out, a.version, a.seed, a.face_parse))
