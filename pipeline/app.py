@@ -53,8 +53,9 @@ def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     """The detector for one slot. `cfg.device` is the slot's device ("cpu", "cuda:N"; "auto" = CPU)."""
     device = "cpu" if cfg.device == "auto" else ("cuda:0" if cfg.device == "cuda" else cfg.device)
     runtime = resolve_backend(cfg.backend, device)
+    extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
-                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size)
+                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size, **extra)
 
 
 @dataclass

@@ -104,6 +104,9 @@ class ModelConfig(Strict):
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="auto (every planned device), cpu, or cuda[:N]")
     half: bool = Field(False, description="FP16 (CUDA only)")
+    cpu_precision: Literal["auto", "f32", "bf16"] = Field(
+        "auto", description="OpenVINO inference precision on the CPU: auto = the CPU's fastest (bf16 where it has "
+        "BF16 units), f32 = full precision")
     classes: list[str] | None = Field(None, description="publish only these labels")
     threads: int | None = Field(None, ge=1, le=256, description="inference threads per CPU slot "
                                 "(default: cores / CPU slots)")

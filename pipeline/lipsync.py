@@ -56,6 +56,11 @@ class _SlotRuntime:
     state: str = "starting"  # healthy | restarting | failed
     restarts: list[float] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    memory_bytes: int | None = None  # measured from the loaded model
+
+    @property
+    def device(self) -> str:
+        return self.slot.device
 
 
 class LipSyncPool:
@@ -64,12 +69,14 @@ class LipSyncPool:
 
     def __init__(self, factory: ModelFactory, slots: int = 1, batch_size: int = 8, batch_timeout: float = 0.02,
                  hang_timeout: float = 30.0, max_queue: int = 64, restart_budget: int = 3,
-                 restart_window: float = 300.0, devices: list[str] | None = None) -> None:
+                 restart_window: float = 300.0, devices: list[str] | None = None,
+                 slot_memory_bytes: int | None = None) -> None:
         if slots < 1:
             raise ValueError("a lipsync pool needs at least one slot")
         self.factory = factory
         self.n = slots
         self.devices = devices or ["cpu"] * slots
+        self.slot_memory_bytes = slot_memory_bytes  # planned per GPU slot, checked against the loaded model
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
         self.hang_timeout = hang_timeout
@@ -94,6 +101,14 @@ class LipSyncPool:
                                 hang_timeout=self.hang_timeout)
             self.slots.append(_SlotRuntime(name, slot))
         await asyncio.gather(*(self._start_slot(rt) for rt in self.slots))
+        for rt in self.slots:
+            measure = getattr(rt.slot.detector, "memory_bytes", None)
+            if rt.state == "healthy" and measure is not None:
+                rt.memory_bytes = int(measure())
+                if self.slot_memory_bytes and rt.device != "cpu" and rt.memory_bytes > self.slot_memory_bytes:
+                    log.warning("%s: the loaded model needs %.1f GB, more than the %.1f GB planned per slot: "
+                                "raise lipsync.slot_memory_gb so that slots are not packed too tightly",
+                                rt.name, rt.memory_bytes / 2**30, self.slot_memory_bytes / 2**30)
         if not any(rt.state == "healthy" for rt in self.slots):
             raise LipSyncError("no lipsync slot could start: "
                                + "; ".join(f"{rt.name}: {rt.slot.last_error}" for rt in self.slots))
@@ -294,6 +309,7 @@ class LipSyncPool:
                 "state": rt.state, "device": rt.slot.device, "batches": rt.slot.batches, "frames": rt.slot.frames,
                 "errors": rt.slot.errors, "last_error": rt.slot.last_error, "queued": len(rt.queue),
                 "restarts": max(0, len(rt.restarts)),
+                "memory_gb": round(rt.memory_bytes / 2**30, 3) if rt.memory_bytes is not None else None,
                 "service_ms_per_frame": round(rt.slot.service_ms_per_frame, 2)
                 if rt.slot.service_ms_per_frame is not None else None,
                 "sessions": sorted(s for s, i in self.placement.items() if self.slots[i] is rt),
@@ -324,4 +340,4 @@ def musetalk_pool(weights: str | Path, version: str = "v15", slots: int | None =
         return MuseTalkSlotModel(weights, version, device=a.device, half=half, threads=a.threads)
 
     return LipSyncPool(factory, slots=len(layout), batch_size=batch_size, batch_timeout=batch_timeout,
-                       devices=[a.device for a in layout])
+                       devices=[a.device for a in layout], slot_memory_bytes=int(slot_memory_gb * GB))

@@ -1,8 +1,10 @@
 """Talking heads: turn audio into a lip-synced avatar video, streamed out live with its sound.
 
-Today: avatar preparation (dlib landmarks, MuseTalk's crop rule, cached), audio inputs (file,
-FFmpeg URL, pushed PCM), the `energy` backend, live and offline sessions, and A/V sinks
-(`streams.sinks`). The MuseTalk backend is not implemented yet.
+Avatar preparation (dlib landmarks, MuseTalk's crop rule, cached), audio inputs (file, FFmpeg
+URL, pushed PCM), sessions with one 40 ms audio chunk per video frame, and two backends: the
+light `energy` one (loudness-driven mouth, no weights) and MuseTalk (v1.5 / v1.0, from a local
+weights folder), whose model work runs on lipsync executor slots (`pipeline.lipsync`) live, or
+split into segments across them offline. Sinks are `streams.sinks.AVSink`.
 """
 
 from .audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, AudioError, PushAudio, load_audio

@@ -339,6 +339,7 @@ class MuseTalkSlotModel:
                  threads: int | None = None) -> None:
         self.model = MuseTalk(root, version, device=device, half=half, parts={"unet", "vae"})
         self.threads = threads
+        self.activation_bytes = 0
 
     def load(self) -> None:
         if self.threads and self.model.device == "cpu":
@@ -352,7 +353,13 @@ class MuseTalkSlotModel:
 
         m = self.model
         latents = torch.zeros(1, 8, m.latent_side, m.latent_side)
+        cuda = m.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(m.device)
+            before = torch.cuda.memory_allocated(m.device)
         self.infer([LipSyncJob(latents, torch.zeros(m.prompt_len, m.d_model))])
+        if cuda:  # activations of one frame on top of the weights (per-device figure: approximate)
+            self.activation_bytes = max(0, torch.cuda.max_memory_allocated(m.device) - before)
 
     def infer(self, jobs: list[LipSyncJob]) -> list[np.ndarray]:
         return self.model.generate_faces([j.latents for j in jobs], [j.prompt for j in jobs])
@@ -361,7 +368,8 @@ class MuseTalkSlotModel:
         self.model.unet = None
 
     def memory_bytes(self) -> int:
-        return self.model.memory_bytes()
+        """Weights, plus on CUDA the activations of the warm-up frame (batches need more)."""
+        return self.model.memory_bytes() + self.activation_bytes
 
 
 def ping_pong(frames: list[Any]) -> list[Any]:

@@ -45,3 +45,24 @@ def test_bench_streams_short_run(tmp_path: Path) -> None:
                 "framegrid_over_attainable_fps"):
         assert res["ratios"][key] is not None and res["ratios"][key] > 0, key
     assert "framegrid/ultralytics" in proc.stdout  # the table
+
+
+@pytest.mark.slow
+def test_bench_talkinghead_short_run(tmp_path: Path) -> None:
+    """The talking-head benchmark on tiny models: every stage, the live ladder and the offline slots."""
+    out = tmp_path / "talk.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_talkinghead.py"), "--live-seconds", "2", "--max-sessions", "2",
+         "--offline-seconds", "2", "--slots", "1", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=280, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["models"].startswith("tiny random models")
+    stages = report["stages_ms_per_frame"]
+    assert set(stages) == {"features", "unet", "decode", "blend", "encode", "total"}
+    assert all(v > 0 for v in stages.values())
+    assert report["live"] and all(r["frames"] == 50 * r["sessions"] for r in report["live"])
+    assert [r["slots"] for r in report["offline"]] == [1, 2] and report["offline"][0]["speedup"] == 1.0
+    assert all(r["frames"] == 50 and r["fps"] > 0 for r in report["offline"])
+    assert "sustainable at 25 fps" in proc.stdout

@@ -68,6 +68,7 @@ def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTa
         snap = pool.snapshot()
         assert snap["batches"] == 1 and snap["mean_batch"] == 8  # one UNet call for both sessions
         assert snap["slots"]["lipsync.0"]["sessions"] == ["a", "b"]
+        assert snap["slots"]["lipsync.0"]["memory_gb"] > 0  # measured from the loaded model
         c = pool.submit("a", [LipSyncJob(latents, prompt)] * 12)  # more than a batch: still served, whole
         assert len(c.result(30)) == 12
     finally:
@@ -190,3 +191,16 @@ def test_pool_threads_are_daemons_and_shutdown_is_clean(tiny: Path) -> None:  # 
     time.sleep(0.2)
     assert "lipsync.loop" not in {t.name for t in threading.enumerate()} - before
     assert pool.submit("x", []).exception() is not None  # a closed pool refuses at once
+
+
+def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:  # noqa: F811
+    """Invented device facts (no GPU is touched before start): slots per GPU from free memory."""
+    gb = 2**30
+    facts = [DeviceInfo("cuda:0", "cuda", "big GPU", 24 * gb, 24 * gb), DeviceInfo("cuda:1", "cuda", "small GPU",
+                                                                                  16 * gb, 16 * gb),
+             DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=16)]
+    pool = musetalk_pool(tiny, slot_memory_gb=8.0, device_facts=facts)
+    assert pool.n == 3 and pool.devices == ["cuda:0", "cuda:0", "cuda:1"]  # 21.6 GB -> 2, 14.4 GB -> 1
+    assert musetalk_pool(tiny, slots=4, device_facts=facts).devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert musetalk_pool(tiny, device_facts=CPU).devices == ["cpu"]
+    assert musetalk_pool(tiny, device_facts=facts, device="cuda:1").devices == ["cuda:1"]

@@ -70,9 +70,14 @@ def test_export_is_cached_and_keyed(weights: Path, cls: type) -> None:
     assert cache_path(weights, 320, "onnx") != cache_path(weights, 320, "openvino")
 
 
-@pytest.mark.parametrize("cls", [OnnxYoloDetector, OpenVinoYoloDetector], ids=["onnxruntime", "openvino"])
-def test_same_objects_as_torch(weights: Path, images: list[np.ndarray], torch_reference: list, cls: type) -> None:
-    det = cls("m", weights, imgsz=320, confidence=0.3, threads=2)
+@pytest.mark.parametrize(("cls", "extra"), [(OnnxYoloDetector, {}), (OpenVinoYoloDetector, {"inference_precision": "f32"}),
+                                            (OpenVinoYoloDetector, {"inference_precision": "auto"})],
+                         ids=["onnxruntime", "openvino-f32", "openvino-auto"])
+def test_same_objects_as_torch(weights: Path, images: list[np.ndarray], torch_reference: list, cls: type,
+                               extra: dict[str, str]) -> None:
+    """Every runtime, at every precision it may pick by itself (OpenVINO's `auto` is bf16 on CPUs
+    with BF16 units), finds the same objects as torch."""
+    det = cls("m", weights, imgsz=320, confidence=0.3, threads=2, **extra)
     det.load()
     assert same_objects(det.infer(images), torch_reference) >= 30
     # one image at a time (square input) finds the same as the rectangular batch

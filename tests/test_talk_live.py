@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +17,37 @@ from pipeline import parse_config
 from .conftest import Mosquitto, Subscriber, start_pipeline, wait_until
 from .test_musetalk import tiny  # noqa: F401 - fixture
 from .test_talkinghead import face_image, probe_output, tone_on_off  # noqa: F401 - fixture
+
+
+async def speak(config: Any, mosquitto: Mosquitto, prefix: str, session: str, pcm: bytes,
+                extra: tuple[bytes, ...] = (), timeout: float = 60) -> Subscriber:
+    """Run the pipeline, push `pcm` (then `extra` messages, then the empty end-of-audio message) to
+    the session's audio topic in 100 ms chunks, faster than real time as a TTS engine sends, wait for
+    the session to end and for a stats message; returns the subscriber that saw everything."""
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{prefix}-tts")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        await wait_until(lambda: session in pipeline.sessions and pipeline.sessions[session].state == "live",
+                         timeout, "session live")
+        topic = f"{prefix}/talk/{session}/audio"
+        for i in range(0, len(pcm), 3200):
+            pub.publish(topic, pcm[i:i + 3200], qos=1).wait_for_publish(5)
+        for message in (*extra, b""):
+            pub.publish(topic, message, qos=1).wait_for_publish(5)
+        try:
+            await wait_until(lambda: pipeline.sessions[session].state == "ended", timeout, "session ended")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {pipeline.stats_payload()}") from None
+        await asyncio.sleep(1.2)  # a stats message with the session in it
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        await shutdown()
+        sub.close()
+    return sub
 
 
 @pytest.mark.slow
@@ -31,27 +63,9 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
                  "nobody": {"avatar": str(wall), "audio": "mqtt", "out": str(tmp_path / "x.mp4")}},
         "pipeline": {"status_interval": 0},
     }, tmp_path)
-    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline, shutdown = await start_pipeline(config)
-    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{topic_prefix}-tts")
-    pub.connect("127.0.0.1", mosquitto.port)
-    pub.loop_start()
-    try:
-        await wait_until(lambda: "anna" in pipeline.sessions and pipeline.sessions["anna"].state == "live", 20,
-                         "session live")
-        topic = f"{topic_prefix}/talk/anna/audio"
-        pcm = (tone_on_off([(0.5, True), (0.5, False)] * 2) * 32767).astype("<i2").tobytes()
-        for i in range(0, len(pcm), 3200):  # 100 ms chunks, faster than real time, as a TTS engine sends
-            pub.publish(topic, pcm[i:i + 3200], qos=1).wait_for_publish(5)
-        pub.publish(topic, b"\x01", qos=1).wait_for_publish(5)  # odd length: refused, session unaffected
-        pub.publish(topic, b"", qos=1).wait_for_publish(5)  # end of audio
-        await wait_until(lambda: pipeline.sessions["anna"].state == "ended", 20, "session ended")
-        await asyncio.sleep(1.2)  # a stats message with the session in it
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        await shutdown()
-        sub.close()
+    pcm = (tone_on_off([(0.5, True), (0.5, False)] * 2) * 32767).astype("<i2").tobytes()
+    # an odd-length chunk is refused and the session is unaffected
+    sub = await speak(config, mosquitto, topic_prefix, "anna", pcm, extra=(b"\x01",), timeout=20)
     states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
     seen = [s["state"] for s in states]
     # (`degraded` in between when the CPU is busy); `stopped` at shutdown
@@ -82,29 +96,8 @@ async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
         "pipeline": {"status_interval": 0},
         "devices": {"cpu_slots": 1},
     }, tmp_path)
-    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline, shutdown = await start_pipeline(config)
-    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{topic_prefix}-tts")
-    pub.connect("127.0.0.1", mosquitto.port)
-    pub.loop_start()
-    try:
-        await wait_until(lambda: "anna" in pipeline.sessions and pipeline.sessions["anna"].state == "live", 60,
-                         "session live")
-        topic = f"{topic_prefix}/talk/anna/audio"
-        pcm = (tone_on_off([(1.0, True), (0.4, False), (0.6, True)]) * 32767).astype("<i2").tobytes()
-        for i in range(0, len(pcm), 3200):
-            pub.publish(topic, pcm[i:i + 3200], qos=1).wait_for_publish(5)
-        pub.publish(topic, b"", qos=1).wait_for_publish(5)
-        try:
-            await wait_until(lambda: pipeline.sessions["anna"].state == "ended", 60, "session ended")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}: {pipeline.stats_payload()}") from None
-        await asyncio.sleep(1.2)
-    finally:
-        pub.loop_stop()
-        pub.disconnect()
-        await shutdown()
-        sub.close()
+    pcm = (tone_on_off([(1.0, True), (0.4, False), (0.6, True)]) * 32767).astype("<i2").tobytes()
+    sub = await speak(config, mosquitto, topic_prefix, "anna", pcm)
     states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
     ended = next(s for s in states if s["state"] == "ended")
     # every frame is accounted for: generated on the slot, silent (the avatar's own), or late (the
