@@ -587,7 +587,7 @@ class Pipeline:
     async def _musetalk_backend(self, name: str, avatar: Any) -> Any:
         """A live MuseTalk backend for one session, on the lipsync slots (started with the first session)."""
         from talkinghead.live import MuseTalkLive
-        from talkinghead.musetalk import MuseTalk, ping_pong
+        from talkinghead.musetalk import MuseTalk
 
         lcfg = self.config.lipsync
         assert lcfg.weights is not None  # the config requires it for musetalk sessions
@@ -611,10 +611,11 @@ class Pipeline:
                 await pool.start()
                 self._lipsync_frontend, self.lipsync = frontend, pool
         pool, frontend = self.lipsync, self._lipsync_frontend
-        faces = await asyncio.to_thread(lambda: ping_pong([frontend.prepare_face(avatar.image, avatar.box)]))
+        faces = await asyncio.to_thread(frontend.prepare_faces, avatar)
         slot = pool.place(name)
         log.info("session %s: MuseTalk on %s", name, slot)
-        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block)
+        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block,
+                            timeout=lcfg.timeout)
 
     def _publish_session_state(self, name: str, state: str, error: str | None,
                                snapshot: dict[str, Any] | None = None) -> None:

@@ -165,6 +165,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
         n = sum(1 for s in config.streams.values() if s.enabled)
         print(f"decode: {n} stream(s), {decode_threads(cores, n, config.pipeline.decode_threads)} FFmpeg "
               f"thread(s) each")
+    lcfg = config.lipsync
+    if any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
+        print("plan (lipsync slots, MuseTalk):")
+        lplans = plan_slots(devices, int(lcfg.slot_memory_gb * GB), cfg.usable_fraction, cpu_slots=lcfg.slots or 1,
+                            kind="lipsync")
+        for p in lplans:
+            print(f"  {p.reason}")
+        if lcfg.slots is not None:
+            print(f"  lipsync.slots = {lcfg.slots} (configured)")
     return 0
 
 
@@ -177,15 +186,41 @@ def _box(text: str | None) -> tuple[int, int, int, int] | None:
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def _progress_bar(label: str) -> Any:
+    def progress(done: int, total: int) -> None:
+        bar = "#" * int(30 * done / max(total, 1))
+        print(f"\r{label}: [{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr,
+              flush=True)
+
+    return progress
+
+
 def cmd_avatar_prepare(args: argparse.Namespace) -> int:
+    """Find the face in every frame of a photo or video and cache it; with --weights, MuseTalk's latents too."""
     from talkinghead import AvatarError, prepare_avatar
 
     try:
-        avatar = prepare_avatar(args.image, name=args.name, box=_box(args.box), extra_margin=args.extra_margin)
+        avatar = prepare_avatar(args.image, name=args.name, box=_box(args.box), extra_margin=args.extra_margin,
+                                max_frames=args.max_frames, progress=_progress_bar("faces"))
     except AvatarError as exc:
         print(f"avatar: {exc}", file=sys.stderr)
         return 2
-    print(f"avatar {avatar.name}: {avatar.size[0]}x{avatar.size[1]}, face box {avatar.box}, mouth {avatar.mouth}")
+    n = len(avatar.frames)
+    print(f"avatar {avatar.name}: {avatar.size[0]}x{avatar.size[1]}, {n} frame{'s' if n != 1 else ''}, "
+          f"face box {avatar.box}, mouth {avatar.mouth}")
+    if args.weights is not None:
+        from talkinghead.musetalk import MuseTalk, MuseTalkError
+
+        model = MuseTalk(args.weights, args.version, parts={"vae", "whisper"})
+        try:
+            model.load()
+            faces = model.prepare_faces(avatar, progress=_progress_bar("latents"))
+        except MuseTalkError as exc:
+            print(f"avatar: {exc}", file=sys.stderr)
+            return 2
+        parsing = "face parsing" if model.parser is not None else "geometric mask"
+        print(f"avatar {avatar.name}: MuseTalk {args.version} latents and masks cached ({len(faces)} frames in "
+              f"ping-pong order, {parsing})")
     return 0
 
 
@@ -304,11 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("avatar", help="avatar tools")
     avatar_sub = p.add_subparsers(dest="avatar_command", required=True)
-    p = avatar_sub.add_parser("prepare", help="find the face and cache the avatar")
-    p.add_argument("image", type=Path)
+    p = avatar_sub.add_parser("prepare", help="find the face (per frame of a video) and cache the avatar")
+    p.add_argument("image", type=Path, help="a photo, or a short video (.mp4, .mov, .mkv, ...)")
     p.add_argument("--name")
     p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
     p.add_argument("--extra-margin", type=int, default=10, help="MuseTalk v1.5 chin margin (0 = v1.0)")
+    p.add_argument("--max-frames", type=int, default=250, help="frames kept of a video avatar")
+    p.add_argument("--weights", type=Path, help="MuseTalk folder: also cache the VAE latents and blend masks")
+    p.add_argument("--version", choices=["v15", "v1"], default="v15")
     p.set_defaults(func=cmd_avatar_prepare)
     args = ap.parse_args(argv)
     return int(args.func(args))

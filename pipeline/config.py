@@ -158,7 +158,7 @@ class DevicesConfig(Strict):
 
 
 class TalkConfig(Strict):
-    avatar: Path = Field(description="photo with a frontal face (relative to the config)")
+    avatar: Path = Field(description="photo or short video with a frontal face (relative to the config)")
     box: tuple[int, int, int, int] | None = Field(None, description="face box x1, y1, x2, y2 instead of detection")
     audio: str = Field(min_length=1, description="'mqtt' (PCM chunks on <prefix>/talk/<name>/audio), a file, or "
                        "any FFmpeg URL")
@@ -180,6 +180,8 @@ class LipSyncConfig(Strict):
     batch_timeout_ms: float = Field(20.0, ge=0, le=10_000, description="how long a batch waits for other "
                                     "sessions' frames")
     block: int = Field(4, ge=1, le=64, description="frames a session renders per request (latency vs batching)")
+    timeout: float = Field(2.0, gt=0, le=600, description="seconds a live session waits for a block's frames "
+                           "before showing its last frame instead")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="auto, cpu, or cuda[:N]")
 
 

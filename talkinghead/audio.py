@@ -9,6 +9,7 @@ video cannot drift apart.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,26 +94,33 @@ class PushAudio:
 
     def __init__(self, max_seconds: float = 10.0) -> None:
         self._chunker = FrameChunker()
-        self._chunks: deque[np.ndarray] = deque(maxlen=int(max_seconds * FPS))
+        # (chunk, monotonic arrival time): the session measures audio-in to frame-out latency
+        self._chunks: deque[tuple[np.ndarray, float]] = deque(maxlen=int(max_seconds * FPS))
         self._lock = threading.Lock()
         self.dropped = 0
         self.closed = False
+        self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
 
     def push_pcm16(self, data: bytes) -> None:
+        now = time.monotonic()
         with self._lock:
             for c in self._chunker.push(pcm16_to_float(data)):
                 if len(self._chunks) == self._chunks.maxlen:
                     self.dropped += 1
-                self._chunks.append(c)
+                self._chunks.append((c, now))
 
     def close(self) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._chunks.extend(self._chunker.flush())
+            self._chunks.extend((c, now) for c in self._chunker.flush())
             self.closed = True
 
     def pop(self) -> np.ndarray | None:
         with self._lock:
-            return self._chunks.popleft() if self._chunks else None
+            if not self._chunks:
+                return None
+            chunk, self.last_arrival = self._chunks.popleft()
+            return chunk
 
 
 def rms_db(chunk: np.ndarray) -> float:

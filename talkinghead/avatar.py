@@ -1,11 +1,14 @@
 """Avatars: the face to animate, found once and cached.
 
-`prepare_avatar(image, ...)` finds the face with dlib's HOG detector and its 68-point landmark
+An avatar is a photo or a short video (MuseTalk's avatars are videos: their frames play in
+ping-pong order, forward then backward, so the loop has no jump). `prepare_avatar(path, ...)`
+finds the face in every frame with dlib's HOG detector and its 68-point landmark
 model (shipped by the `face-recognition-models` package: nothing is downloaded at run time),
 then applies MuseTalk's crop rule: the box spans the landmarks horizontally and, vertically,
 from the chin up to the chin's mirror image above the nose (landmark 29); v1.5 extends the
-bottom by `extra_margin` pixels. A manual `box` overrides detection. The result (box, landmarks,
-mouth region) is cached on disk keyed by the image's content and the parameters.
+bottom by `extra_margin` pixels. A manual `box` overrides detection. A video frame where no
+face is found borrows the box of the nearest frame that has one. The result (per frame: box,
+landmarks, mouth region) is cached on disk keyed by the file's content and the parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,10 +40,17 @@ class Avatar:
     box: tuple[int, int, int, int]  # x1, y1, x2, y2: MuseTalk's crop box
     landmarks: np.ndarray | None  # (68, 2) float32, None with a manual box
     mouth: tuple[int, int, int, int]  # x1, y1, x2, y2 of the mouth (landmarks 48-67, or the box's lower middle)
+    sequence: tuple[Avatar, ...] = ()  # a video avatar's frames (this one is the first); () for a photo
+    key: str = ""  # content + parameters digest: what caches derived from the avatar are keyed by
 
     @property
     def size(self) -> tuple[int, int]:
         return int(self.image.shape[1]), int(self.image.shape[0])
+
+    @property
+    def frames(self) -> tuple[Avatar, ...]:
+        """Every frame of the avatar in playing order (one for a photo)."""
+        return self.sequence or (self,)
 
 
 @dataclass(frozen=True)
@@ -93,36 +104,92 @@ def _mouth_from_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]
     return x1 + w // 4, y1 + int(h * 0.62), x2 - w // 4, y1 + int(h * 0.85)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+
+
 def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[int, int, int, int] | None = None,
-                   extra_margin: int = 10, cache_dir: Path | None = None) -> Avatar:
-    """Load the image, find (or take) the face box, and cache the result keyed by its inputs."""
+                   extra_margin: int = 10, cache_dir: Path | None = None, max_frames: int = 250,
+                   progress: Callable[[int, int], None] | None = None) -> Avatar:
+    """Load the photo or video, find (or take) the face box per frame, and cache the result keyed by its inputs.
+
+    A video keeps at most `max_frames` frames (10 s at 25 fps); `progress(done, total)` is called
+    per frame while faces are searched.
+    """
     path = Path(image_path)
     name = name or path.stem
     if not path.is_file():
         raise AvatarError(f"avatar {name}: image not found: {path}")
     data = path.read_bytes()
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise AvatarError(f"avatar {name}: {path} is not an image OpenCV can read")
-    h, w = image.shape[:2]
-    key = hashlib.sha256(data + json.dumps([box, extra_margin, "v1"]).encode()).hexdigest()[:16]
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        images = _video_frames(path, name, max_frames)
+    else:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise AvatarError(f"avatar {name}: {path} is not an image OpenCV can read")
+        images = [image]
+    h, w = images[0].shape[:2]
+    key = hashlib.sha256(data + json.dumps([box, extra_margin, max_frames, "v2"]).encode()).hexdigest()[:16]
     cache = (cache_dir or default_state_dir() / "avatars") / f"{path.stem}.{key}.json"
     if cache.is_file():
-        c = _Cached(**json.loads(cache.read_text()))
-        lm = np.array(c.landmarks, np.float32) if c.landmarks is not None else None
-        return Avatar(name, image, tuple(c.box), lm, tuple(c.mouth))  # type: ignore[arg-type]
+        found = [_Cached(**c) for c in json.loads(cache.read_text())]
+    else:
+        found = _find_faces(images, name, box, extra_margin, progress)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps([asdict(c) for c in found]))
+    frames = tuple(
+        Avatar(name, img, tuple(c.box), None if c.landmarks is None else np.array(c.landmarks, np.float32),  # type: ignore[arg-type]
+               tuple(c.mouth), key=key)  # type: ignore[arg-type]
+        for img, c in zip(images, found, strict=True))
+    first = frames[0]
+    if len(frames) == 1:
+        return first
+    return Avatar(name, first.image, first.box, first.landmarks, first.mouth, sequence=frames, key=key)
+
+
+def _video_frames(path: Path, name: str, max_frames: int) -> list[np.ndarray]:
+    import av
+
+    images: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as c:
+            for vf in c.decode(video=0):
+                images.append(vf.to_ndarray(format="bgr24"))
+                if len(images) >= max_frames:
+                    break
+    except (av.error.FFmpegError, OSError, IndexError) as exc:
+        raise AvatarError(f"avatar {name}: {path} is not a video PyAV can read: {exc}") from exc
+    if not images:
+        raise AvatarError(f"avatar {name}: {path} has no video frames")
+    return images
+
+
+def _find_faces(images: list[np.ndarray], name: str, box: tuple[int, int, int, int] | None, extra_margin: int,
+                progress: Callable[[int, int], None] | None) -> list[_Cached]:
+    h, w = images[0].shape[:2]
     if box is not None:
         x1, y1, x2, y2 = (int(v) for v in box)
         if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
             raise AvatarError(f"avatar {name}: box {box} is outside the {w}x{h} image")
-        landmarks = None
         fbox = (x1, y1, x2, y2)
-        mouth = _mouth_from_box(fbox)
-    else:
-        landmarks = detect_landmarks(image, name)
-        fbox = musetalk_box(landmarks, w, h, extra_margin)
-        m = landmarks[48:68]
-        mouth = (int(m[:, 0].min()), int(m[:, 1].min()), int(m[:, 0].max()), int(m[:, 1].max()))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(asdict(_Cached(fbox, None if landmarks is None else landmarks.tolist(), mouth))))
-    return Avatar(name, image, fbox, landmarks, mouth)
+        return [_Cached(fbox, None, _mouth_from_box(fbox))] * len(images)
+    found: list[_Cached | None] = []
+    for i, image in enumerate(images):
+        try:
+            landmarks = detect_landmarks(image, name)
+        except AvatarError:
+            if len(images) == 1:
+                raise
+            found.append(None)  # borrows a neighbour's box below
+        else:
+            fbox = musetalk_box(landmarks, w, h, extra_margin)
+            m = landmarks[48:68]
+            mouth = (int(m[:, 0].min()), int(m[:, 1].min()), int(m[:, 0].max()), int(m[:, 1].max()))
+            found.append(_Cached(fbox, landmarks.tolist(), mouth))
+        if progress is not None:
+            progress(i + 1, len(images))
+    have = [i for i, c in enumerate(found) if c is not None]
+    if not have:
+        raise AvatarError(f"avatar {name}: no face found in any of its {len(images)} frames; use a frontal "
+                          "video or set `box` (x1, y1, x2, y2) in the avatar config")
+    return [c if c is not None else found[min(have, key=lambda j: abs(j - i))]  # type: ignore[misc]
+            for i, c in enumerate(found)]

@@ -23,14 +23,16 @@ from .offline import Crossfade
 
 class MuseTalkLive:
     """One session's MuseTalk backend. `frontend` is a MuseTalk loaded with the VAE and Whisper
-    (avatar latents, audio prompts); the UNet and the VAE decode run behind `submit`."""
+    (avatar latents, audio prompts); the UNet and the VAE decode run behind `submit`. A block whose
+    frames are not back within `timeout` seconds counts as failed (the session shows its last
+    frame and goes on), so a stuck slot cannot freeze a live stream."""
 
     name = "musetalk"
     lookahead = WINDOW_RIGHT
 
     def __init__(self, frontend: MuseTalk, faces: list[PreparedFace],
                  submit: Callable[[list[LipSyncJob]], Future[list[np.ndarray]]], block: int = 8,
-                 context: float = 1.0, timeout: float = 30.0) -> None:
+                 context: float = 1.0, timeout: float = 2.0) -> None:
         if not faces:
             raise ValueError("a MuseTalk session needs at least one prepared avatar frame")
         self.frontend = frontend

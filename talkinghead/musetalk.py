@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,47 @@ class MuseTalk:
             rx1, ry1, rx2, ry2 = region
             parsed = self.parser(frame[ry1:ry2, rx1:rx2])
         return PreparedFace(frame, box, self.encode_crop(crop), region, blend_mask(box, region, parsed))
+
+    def prepare_faces(self, avatar: Any, cache_dir: Path | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> list[PreparedFace]:
+        """Every frame of an avatar prepared, in MuseTalk's ping-pong order; the latents and masks are
+        cached on disk keyed by the avatar and by what shapes them (VAE, face parsing, version)."""
+        import hashlib
+
+        import torch
+
+        frames = avatar.frames
+        cache = None
+        if avatar.key:
+            from detectors.offline import default_state_dir
+
+            parts = [self.version, self.seed, self.expand, json.dumps(dict(self.vae.config), sort_keys=True, default=str)]
+            for f in sorted((self.root / "sd-vae").glob("*")) + [self.root / CHECKPOINT]:
+                if f.is_file():
+                    st = f.stat()
+                    parts += [f.name, st.st_size, st.st_mtime_ns]
+            digest = hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+            cache = (cache_dir or default_state_dir() / "avatars") / f"{avatar.name}.{avatar.key}.{digest}.npz"
+        if cache is not None and cache.is_file():
+            with np.load(cache) as z:
+                latents, crops = z["latents"], z["crops"]
+                masks = [z[f"mask_{i}"] for i in range(len(frames))]
+            prepared = [PreparedFace(a.image, a.box, torch.from_numpy(latents[i]).to(self.device, self.dtype),
+                                     tuple(int(v) for v in crops[i]), masks[i]) for i, a in enumerate(frames)]
+            return ping_pong(prepared)
+        prepared = []
+        for i, a in enumerate(frames):
+            prepared.append(self.prepare_face(a.image, a.box))
+            if progress is not None:
+                progress(i + 1, len(frames))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, latents=np.stack([p.latents.float().cpu().numpy() for p in prepared]),
+                     crops=np.array([p.crop for p in prepared]),
+                     **{f"mask_{i}": p.mask for i, p in enumerate(prepared)})
+            tmp.replace(cache)
+        return ping_pong(prepared)
 
     def encode_crop(self, crop_bgr: np.ndarray) -> Any:
         import torch

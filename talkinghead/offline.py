@@ -21,7 +21,7 @@ import numpy as np
 
 from .audio import SAMPLES_PER_FRAME, rms_db
 from .avatar import Avatar
-from .musetalk import LipSyncJob, MuseTalk, ping_pong
+from .musetalk import LipSyncJob, MuseTalk
 
 CROSSFADE_FRAMES = 3
 
@@ -78,7 +78,7 @@ def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, b
     padded[:len(samples)] = samples
     chunks = padded.reshape(n, SAMPLES_PER_FRAME)
     prompts = model.audio_prompts(samples)
-    faces = ping_pong([model.prepare_face(avatar.image, avatar.box)])
+    faces = model.prepare_faces(avatar)
     voiced = [i for i, c in enumerate(chunks) if i < len(prompts) and rms_db(c) >= silence_db]
     segments = [voiced[i:i + batch_size] for i in range(0, len(voiced), batch_size)]
     pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()

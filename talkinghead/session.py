@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -62,15 +63,19 @@ class SessionStats:
     late: int = 0  # chunks whose frame was repeated because generation fell behind
     errors: int = 0  # chunks whose generation failed (executor error): last frame shown
     render_ms: list[float] = field(default_factory=list)  # per frame
+    latency_ms: list[float] = field(default_factory=list)  # pushed audio: chunk arrival -> its frame written
 
     def snapshot(self, elapsed: float) -> dict[str, Any]:
         r = self.render_ms[-250:]
+        lat = self.latency_ms[-250:]
         return {
             "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late,
             "errors": self.errors,
             "output_fps": round(self.frames / elapsed, 2) if elapsed > 0 else None,
             "infer_fps": round(self.inferred / elapsed, 2) if elapsed > 0 else None,
             "render_ms_p50": round(float(np.median(r)), 2) if r else None,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 1) if lat else None,
         }
 
 
@@ -94,6 +99,7 @@ class TalkSession:
         self.state = "starting"
         self.error: str | None = None
         self._stop = threading.Event()
+        self._arrivals: deque[float | None] = deque()  # pushed chunks handed out, not yet written
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
         self.started_at = 0.0
 
@@ -127,6 +133,9 @@ class TalkSession:
     def _blocks(self, block: int, ahead: int) -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
         """(chunks, lookahead) pairs; a None chunk means 'no audio yet' (pushed input running dry).
 
+        For pushed audio, `self._arrivals` holds the arrival time of every chunk handed out and
+        not yet written (the session's latency figure).
+
         Pushed audio that runs dry is waited for until the next frame is due; then what is held
         goes out (a short block without lookahead) or one None keeps the clock.
         """
@@ -142,6 +151,7 @@ class TalkSession:
                 c = self.audio.pop()
                 if c is not None:
                     held.append(c)
+                    self._arrivals.append(self.audio.last_arrival)
                     yield from full()
                     continue
                 if self.audio.closed:
@@ -153,11 +163,13 @@ class TalkSession:
                 c = self.audio.pop()
                 if c is not None:
                     held.append(c)
+                    self._arrivals.append(self.audio.last_arrival)
                     yield from full()
                 elif held:
                     yield list(held[:block]), []
                     del held[:block]
                 elif self.realtime:
+                    self._arrivals.append(None)
                     yield [None], []
         else:
             chunker = FrameChunker()
@@ -173,6 +185,7 @@ class TalkSession:
             del held[:block]
 
     def _run(self) -> None:
+        self._arrivals.clear()
         block = int(getattr(self.backend, "block", 1))
         ahead = int(getattr(self.backend, "lookahead", 0))
         level = 0.0
@@ -207,6 +220,9 @@ class TalkSession:
                             self._stop.wait(wait)
                     self.sink.write(frame, chunk)
                     self.stats.frames += 1
+                    arrived = self._arrivals.popleft() if self._arrivals else None
+                    if arrived is not None:
+                        self.stats.latency_ms.append((time.monotonic() - arrived) * 1000)
                 last = frames[-1]
             self._set_state("ended")
         except Exception as exc:  # this session only: others keep running

@@ -204,3 +204,49 @@ def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:  # noqa:
     assert musetalk_pool(tiny, slots=4, device_facts=facts).devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert musetalk_pool(tiny, device_facts=CPU).devices == ["cpu"]
     assert musetalk_pool(tiny, device_facts=facts, device="cuda:1").devices == ["cuda:1"]
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt = "yuv444p"
+        s.codec_context.options = {"crf": "0"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="bgr24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    """A video avatar: a face per frame (a frame without one borrows its neighbour's box), MuseTalk
+    latents and masks for every frame in ping-pong order, cached on disk and reloaded unchanged."""
+    import cv2
+
+    base = cv2.imread(str(face_image))
+    shifted = [np.roll(base, 8 * k, axis=1) for k in range(4)]
+    blank = np.full_like(base, 127)
+    video = write_video(tmp_path / "anna.mp4", [shifted[0], shifted[1], blank, shifted[2], shifted[3]])
+    seen: list[tuple[int, int]] = []
+    avatar = prepare_avatar(video, cache_dir=tmp_path / "cache", progress=lambda d, t: seen.append((d, t)))
+    assert len(avatar.frames) == 5 and seen[-1] == (5, 5)
+    boxes = [a.box for a in avatar.frames]
+    assert boxes[2] in (boxes[1], boxes[3])  # the blank frame borrowed a neighbour's face
+    assert 6 <= boxes[1][0] - boxes[0][0] <= 10 and 14 <= boxes[4][0] - boxes[3][0] + 8 <= 18  # it follows the face
+    again = prepare_avatar(video, cache_dir=tmp_path / "cache")
+    assert [a.box for a in again.frames] == boxes and again.key == avatar.key  # from the cache
+    faces = frontend.prepare_faces(avatar, cache_dir=tmp_path / "cache")
+    assert len(faces) == 10 and [f.box for f in faces] == boxes + boxes[::-1]  # ping-pong
+    cached = list((tmp_path / "cache").glob("*.npz"))
+    assert len(cached) == 1
+    reloaded = frontend.prepare_faces(avatar, cache_dir=tmp_path / "cache")
+    for a, b in zip(faces, reloaded, strict=True):
+        assert np.array_equal(a.latents.numpy(), b.latents.numpy()) and np.array_equal(a.mask, b.mask)
+        assert a.crop == b.crop
+    with pytest.raises(Exception, match="no face found in any of its 2 frames"):
+        prepare_avatar(write_video(tmp_path / "wall.mp4", [blank, blank]), cache_dir=tmp_path / "cache")

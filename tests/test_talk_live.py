@@ -104,6 +104,7 @@ async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
     # last frame repeated while generation caught up with real time: the CPU decides how many)
     assert ended["errors"] == 0 and ended["inferred"] > 0, json.dumps(ended)
     assert ended["frames"] == ended["inferred"] + ended["idle"] + ended["late"]
+    assert ended["latency_ms_p50"] is not None and ended["latency_ms_p50"] > 0  # audio in -> frame out
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
     lipsync = [s["lipsync"] for s in stats if s.get("lipsync")]
     assert lipsync and lipsync[-1]["slots"]["lipsync.0"]["frames"] == ended["inferred"]

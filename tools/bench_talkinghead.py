@@ -104,12 +104,12 @@ def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int
     from streams.sinks import AVSink
     from talkinghead import TalkSession
     from talkinghead.live import MuseTalkLive
-    from talkinghead.musetalk import MuseTalk, ping_pong
+    from talkinghead.musetalk import MuseTalk
 
     cores = os.cpu_count() or 1
     frontend = MuseTalk(weights, parts={"vae", "whisper"})
     frontend.load()
-    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+    faces = frontend.prepare_faces(avatar)
     facts = [DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=cores)]
     pool = musetalk_pool(weights, slots=1, batch_size=batch, batch_timeout=0.02, device_facts=facts)
     pool.start_in_thread()
