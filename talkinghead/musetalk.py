@@ -311,9 +311,9 @@ class MuseTalk:
                 hidden = self.encoder(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
                 feats.append(torch.stack(hidden, dim=2))  # 1 x T x layers x d_model
         whole = torch.cat(feats, dim=1)
-        seconds = len(samples) / sample_rate
-        frames = math.floor(seconds * VIDEO_FPS)
-        whole = whole[:, : math.ceil(seconds * self.audio_fps)]
+        # integer arithmetic: 28 chunks of 640 samples are 1.12 s, and 1.12 * 25 is 27.999... in floats
+        frames = len(samples) * VIDEO_FPS // sample_rate
+        whole = whole[:, : -(-len(samples) * self.audio_fps // sample_rate)]
         per = self.audio_fps // VIDEO_FPS
         left = torch.zeros_like(whole[:, : per * WINDOW_LEFT])
         right = torch.zeros_like(whole[:, : per * 3 * WINDOW_RIGHT])

@@ -100,6 +100,7 @@ class TalkSession:
         self.error: str | None = None
         self._stop = threading.Event()
         self._arrivals: deque[float | None] = deque()  # pushed chunks handed out, not yet written
+        self._flip_logged_at = -1e9
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
         self.started_at = 0.0
 
@@ -119,8 +120,14 @@ class TalkSession:
         if state == self.state and error == self.error:
             return
         self.state, self.error = state, error
-        log.log(logging.WARNING if error else logging.INFO, "session %s: %s%s", self.name, state,
-                f" ({error})" if error else "")
+        now = time.monotonic()
+        # a session near its real-time limit flips live <-> degraded every few blocks: every change is
+        # published, but the log says so at most once per 10 s
+        if state not in ("live", "degraded") or now - self._flip_logged_at >= 10.0:
+            if state in ("live", "degraded"):
+                self._flip_logged_at = now
+            log.log(logging.WARNING if error else logging.INFO, "session %s: %s%s", self.name, state,
+                    f" ({error})" if error else "")
         if self.on_state is not None:
             try:
                 self.on_state(self.name, state, error)

@@ -190,3 +190,9 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     half = shaped.shape[1] // 2 - k
     assert shaped[:, :half].max() == 0 and geo[:, :half].max() > 0 and shaped.max() > 0
     assert FaceParser(root / CHECKPOINT)(avatar.image).shape == avatar.image.shape[:2]
+
+
+def test_prompt_count_is_exact_for_whole_chunks(model: MuseTalk) -> None:
+    """One prompt per 40 ms chunk, for every length (floats would lose one at 28 chunks: 1.12 s * 25)."""
+    for n in (1, 7, 28, 29, 57):
+        assert len(model.audio_prompts(np.zeros(n * 640, np.float32))) == n

@@ -258,6 +258,9 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     system = args.worker
     if system == "framegrid":
         out = run_framegrid(args, "auto")
@@ -299,6 +302,8 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
         return {"error": f"exit {proc.returncode}: {tail}"}
     result = json.loads(out.read_text())
     out.unlink()
+    # what the system warned about while it ran (reconnects, stalls): helps read a bad row
+    result["warnings"] = [line for line in (proc.stderr or "").splitlines() if "WARNING" in line or "ERROR" in line][-20:]
     return result
 
 
