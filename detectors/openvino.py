@@ -94,6 +94,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
                 self._requests.pop(next(iter(self._requests)))
             self._requests[shape] = request
             self._compiling.discard(shape)
+        log.info("model %s: compiled static shape %s (%d kept)", self.name, list(shape), len(self._requests))
         return request
 
     def _request_for(self, shape: tuple[int, ...]) -> Any:
