@@ -72,6 +72,7 @@ class ExportedYoloDetector:
         self.max_detections = max_detections
         self.device = device
         self.precision = precision
+        self._input_buffers: dict[tuple[int, ...], np.ndarray] = {}
         self.rect = rect
         self.stride = 32
         self.class_names: tuple[str, ...] = ()
@@ -108,7 +109,12 @@ class ExportedYoloDetector:
             return []
         t0 = time.perf_counter()
         geos = batch_geometry([im.shape[:2] for im in images], self.imgsz, self.stride, rect=self.rect)
-        batch = to_nchw_float([letterbox(im, g) for im, g in zip(images, geos, strict=True)])
+        padded = [letterbox(im, g) for im, g in zip(images, geos, strict=True)]
+        shape = (len(padded), 3, *padded[0].shape[:2])
+        # one input buffer per batch shape, reused: a slot runs one batch at a time
+        batch = self._input_buffers[shape] = to_nchw_float(padded, self._input_buffers.get(shape))
+        if len(self._input_buffers) > 32:
+            self._input_buffers.pop(next(iter(self._input_buffers)))
         t1 = time.perf_counter()
         try:
             out = self._run(batch)

@@ -38,6 +38,7 @@ from .config import Config, ConfigError, ModelConfig, StreamConfig
 from .devices import GB, DeviceInfo, SlotAssignment, decode_threads, discover, plan_slots, slot_layout
 from .executor import ExecutorSlot
 from .lipsync import LipSyncError, LipSyncPool, musetalk_pool
+from .memory import fix_mmap_threshold
 from .placement import PlacementError, Placer
 from .publisher import Publisher
 from .result import PAYLOAD_VERSION, Result
@@ -102,6 +103,7 @@ class Pipeline:
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        fix_mmap_threshold(self.config.pipeline.malloc_mmap_threshold_kb)  # before the first frame is decoded
         mqtt = self.config.mqtt
         if mqtt.url == "embedded":
             self.broker = EmbeddedBroker("127.0.0.1", mqtt.embedded_port)

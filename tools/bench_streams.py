@@ -127,7 +127,9 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         "models": {"m": {"type": "yolo", "weights": str(args.weights), "imgsz": args.imgsz, "backend": backend,
                          "batch_size": min(len(streams), 8)}},
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
-        "pipeline": {"status_interval": 0, "max_frame_age": 2.0},
+        "pipeline": {"status_interval": 0, "max_frame_age": 2.0,
+                     **({} if args.malloc_mmap_threshold_kb is None
+                        else {"malloc_mmap_threshold_kb": args.malloc_mmap_threshold_kb})},
         "devices": {"cpu_slots": args.cpu_slots},
     }, ROOT)
     rec = Recorder(args.warmup, args.seconds)
@@ -292,6 +294,8 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--out", str(out),
            "--imgsz", str(imgsz), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
            "--weights", str(args.weights), "--video", str(video), "--cpu-slots", str(args.cpu_slots),
+           *(["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
+             if args.malloc_mmap_threshold_kb is not None else []),
            "--urls", *urls]
     if mqtt:
         cmd += ["--mqtt", mqtt]
@@ -364,6 +368,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=Path("bench-streams.json"))
     ap.add_argument("--video", type=Path, help="camera video (default: a synthetic one, made once)")
     ap.add_argument("--cpu-slots", type=int, default=1, help="framegrid's CPU executor slots (devices.cpu_slots)")
+    ap.add_argument("--malloc-mmap-threshold-kb", type=int, help="framegrid's pipeline.malloc_mmap_threshold_kb "
+                    "(default: the config default; 0 = glibc's dynamic threshold)")
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
