@@ -35,7 +35,16 @@ from streams import (
 
 from .broker import EmbeddedBroker
 from .config import Config, ConfigError, ModelConfig, StreamConfig
-from .devices import GB, DeviceInfo, SlotAssignment, decode_threads, discover, plan_slots, slot_layout
+from .devices import (
+    GB,
+    DeviceInfo,
+    SlotAssignment,
+    decode_threads,
+    discover,
+    pinned_device,
+    plan_slots,
+    slot_layout,
+)
 from .executor import ExecutorSlot
 from .lipsync import LipSyncError, LipSyncPool, musetalk_pool
 from .memory import fix_mmap_threshold
@@ -52,7 +61,7 @@ DetectorFactory = Callable[[str, ModelConfig], Detector]
 
 def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     """The detector for one slot. `cfg.device` is the slot's device ("cpu", "cuda:N"; "auto" = CPU)."""
-    device = "cpu" if cfg.device == "auto" else ("cuda:0" if cfg.device == "cuda" else cfg.device)
+    device = pinned_device(cfg.device) or "cpu"
     runtime = resolve_backend(cfg.backend, device)
     extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
@@ -182,9 +191,8 @@ class Pipeline:
             plans = plan_slots(self.device_facts, int((mcfg.slot_memory_gb or dcfg.slot_memory_gb) * GB),
                                dcfg.usable_fraction, dict(dcfg.overrides), dcfg.cpu_slots, dcfg.cpu_threads_per_slot,
                                use_cpu_with_gpus=dcfg.use_cpu_with_gpus)
-            pinned = None if mcfg.device == "auto" else ("cuda:0" if mcfg.device == "cuda" else mcfg.device)
             try:
-                layout = slot_layout(plans, mcfg.slots, pinned, mcfg.threads)
+                layout = slot_layout(plans, mcfg.slots, pinned_device(mcfg.device), mcfg.threads)
             except ValueError as exc:
                 raise ConfigError([(f"models.{name}.device", str(exc))]) from exc
             self.layouts[name] = layout
@@ -595,13 +603,12 @@ class Pipeline:
         assert lcfg.weights is not None  # the config requires it for musetalk sessions
         async with self._lipsync_lock:
             if self.lipsync is None:
-                pinned = None if lcfg.device == "auto" else ("cuda:0" if lcfg.device == "cuda" else lcfg.device)
                 if self.device_facts is None:
                     self.device_facts = await asyncio.to_thread(discover)
                 pool = musetalk_pool(lcfg.weights, lcfg.version, slots=lcfg.slots, batch_size=lcfg.batch_size,
                                      batch_timeout=lcfg.batch_timeout_ms / 1000, slot_memory_gb=lcfg.slot_memory_gb,
                                      usable_fraction=self.config.devices.usable_fraction,
-                                     device_facts=self.device_facts, device=pinned)
+                                     device_facts=self.device_facts, device=pinned_device(lcfg.device))
                 others = {r for r in self.runtimes.values() if r != "torch"}
                 if others and "cpu" in pool.devices:
                     raise LipSyncError(f"MuseTalk runs on torch, and this process's CPU already runs "

@@ -168,9 +168,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
     lcfg = config.lipsync
     if any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
         print("plan (lipsync slots, MuseTalk):")
-        lplans = plan_slots(devices, int(lcfg.slot_memory_gb * GB), cfg.usable_fraction, cpu_slots=lcfg.slots or 1,
-                            kind="lipsync")
-        for p in lplans:
+        from .lipsync import plan_lipsync
+
+        for p in plan_lipsync(devices, lcfg.slot_memory_gb, cfg.usable_fraction, lcfg.slots):
             print(f"  {p.reason}")
         if lcfg.slots is not None:
             print(f"  lipsync.slots = {lcfg.slots} (configured)")
@@ -283,14 +283,10 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
         pool = musetalk_pool(args.weights, args.version, slots=args.slots, batch_size=args.batch_size,
                              slot_memory_gb=args.slot_memory_gb).start_in_thread()
 
-        def progress(done: int, total: int) -> None:
-            bar = "#" * int(30 * done / max(total, 1))
-            print(f"\rtalk: [{bar:<30}] {done}/{total} frames", end="", file=sys.stderr, flush=True)
-
         def submit(jobs: list[Any], k: int) -> Any:
             return pool.submit("offline", jobs, slot=k)  # type: ignore[union-attr]
 
-        counts = render(frontend, avatar, samples, sink, batch_size=args.batch_size, progress=progress,
+        counts = render(frontend, avatar, samples, sink, batch_size=args.batch_size, progress=_progress_bar("talk"),
                         submit=submit, in_flight=2 * pool.n)
     except (MuseTalkError, AudioError, LipSyncError) as exc:
         print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
@@ -299,7 +295,6 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
         sink.close()
         if pool is not None:
             pool.shutdown()
-    print(file=sys.stderr)
     print(f"talk: {counts['frames']} frames ({counts['generated']} generated, {counts['idle']} silent) in "
           f"{time.monotonic() - t0:.1f} s on {pool.n} lipsync slot{'s' if pool.n != 1 else ''} -> "
           f"{redact_text(args.out)} (MuseTalk {args.version})")

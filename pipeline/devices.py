@@ -167,6 +167,13 @@ class SlotAssignment:
     threads: int | None
 
 
+def pinned_device(setting: str) -> str | None:
+    """A `device` setting as a device id: None for "auto" (every planned device), "cuda" -> "cuda:0"."""
+    if setting == "auto":
+        return None
+    return "cuda:0" if setting == "cuda" else setting
+
+
 def slot_layout(plans: list[SlotPlan], explicit: int | None = None, device: str | None = None,
                 threads: int | None = None) -> list[SlotAssignment]:
     """Expand a plan into one assignment per slot.

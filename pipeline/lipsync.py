@@ -28,7 +28,7 @@ from typing import Any
 
 from streams import Backoff
 
-from .devices import GB, DeviceInfo, discover, plan_slots, slot_layout
+from .devices import GB, DeviceInfo, SlotPlan, discover, plan_slots, slot_layout
 from .executor import ExecutorSlot
 
 log = logging.getLogger(__name__)
@@ -273,15 +273,13 @@ class LipSyncPool:
         i = self.slots.index(rt)
         rt.state = "restarting"
         log.error("%s: model call failed (%s): moving its sessions, restarting", rt.name, exc)
-        healthy = [j for j, r in enumerate(self.slots) if r.state == "healthy"]
         with self._lock:
             moved = [s for s, j in self.placement.items() if j == i]
         for s in moved:
-            if healthy:
+            try:
                 self.place(s)
-            else:
-                with self._lock:
-                    self.placement.pop(s, None)
+            except LipSyncError:  # nowhere to go: placed again on its next submit
+                self.release(s)
         while rt.queue:
             self._enqueue(i, rt.queue.popleft())  # to a healthy slot, or failed at once
         now = time.monotonic()
@@ -308,13 +306,19 @@ class LipSyncPool:
             "slots": {rt.name: {
                 "state": rt.state, "device": rt.slot.device, "batches": rt.slot.batches, "frames": rt.slot.frames,
                 "errors": rt.slot.errors, "last_error": rt.slot.last_error, "queued": len(rt.queue),
-                "restarts": max(0, len(rt.restarts)),
+                "restarts": len(rt.restarts),
                 "memory_gb": round(rt.memory_bytes / 2**30, 3) if rt.memory_bytes is not None else None,
                 "service_ms_per_frame": round(rt.slot.service_ms_per_frame, 2)
                 if rt.slot.service_ms_per_frame is not None else None,
                 "sessions": sorted(s for s, i in self.placement.items() if self.slots[i] is rt),
             } for rt in self.slots},
         }
+
+
+def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float, usable_fraction: float = 0.9,
+                 slots: int | None = None) -> list[SlotPlan]:
+    """Lipsync slots per device: per GPU from its free memory, on a CPU-only machine `slots` (default 1)."""
+    return plan_slots(facts, int(slot_memory_gb * GB), usable_fraction, cpu_slots=slots or 1, kind="lipsync")
 
 
 def musetalk_pool(weights: str | Path, version: str = "v15", slots: int | None = None, batch_size: int = 8,
@@ -330,7 +334,7 @@ def musetalk_pool(weights: str | Path, version: str = "v15", slots: int | None =
     from talkinghead.musetalk import MuseTalkSlotModel
 
     facts = device_facts if device_facts is not None else discover()
-    plans = plan_slots(facts, int(slot_memory_gb * GB), usable_fraction, cpu_slots=slots or 1, kind="lipsync")
+    plans = plan_lipsync(facts, slot_memory_gb, usable_fraction, slots)
     for p in plans:
         log.info("lipsync plan: %s", p.reason)
     layout = slot_layout(plans, explicit=slots, device=device)

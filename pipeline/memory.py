@@ -5,7 +5,8 @@ on, big buffers allocated and freed many times a second by decoder and inference
 from per-thread heaps, which fragment and keep their peak: with 8 cameras at 640, RSS climbed in
 steps for minutes (755 -> 957 MB) while Python's own allocations stayed flat. A fixed threshold
 keeps such buffers on mmap, returned to the system when freed; together with the detectors'
-reused input buffers it measured +0.3% RSS after warm-up (vs +9.5%) at the same throughput.
+reused input buffers it measured +0.3% RSS a minute after warm-up (vs +9.5%) at the same
+throughput. Over ten minutes RSS still grew in steps (+17.8%): the rest is not attributed yet.
 """
 
 from __future__ import annotations

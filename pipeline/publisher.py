@@ -72,6 +72,7 @@ class Publisher:
         self.published_by_kind: dict[str, int] = {}  # acknowledged by the broker (QoS 1/2) or sent (QoS 0)  # the same, by the topic's last level (detections, stats, ...)
         self.resent = 0  # in flight when the connection broke, sent again
         self.send_ms: deque[float] = deque(maxlen=512)
+        self.dropped_unencodable = 0  # payloads json could not encode (NaN, unknown types): counted, never raised
         self._subscriptions: dict[str, Any] = {}  # topic filter -> callback(topic, payload), called on the loop
         self.received = 0  # queued -> acknowledged (QoS 1/2) or sent (QoS 0)
         self.last_error: str | None = None
@@ -90,7 +91,14 @@ class Publisher:
         elif isinstance(payload, str):
             data = payload.encode()
         else:
-            data = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_plain).encode()
+            try:
+                data = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=_plain).encode()
+            except (TypeError, ValueError) as exc:  # a NaN or an unknown type: this message only
+                kind = topic.rsplit("/", 1)[-1]
+                self.dropped_unencodable += 1
+                self.dropped_by_kind[kind] = self.dropped_by_kind.get(kind, 0) + 1
+                log.error("mqtt: cannot encode a %s message as JSON (%s): dropped", kind, exc)
+                return
         msg = Message(topic, data, self.cfg.qos if qos is None else qos, retain)
         if retain and data:
             self._retained[topic] = msg
@@ -146,6 +154,7 @@ class Publisher:
             "published": self.published,
             "buffered": len(self._buffer),
             "dropped_overflow": self.dropped_overflow,
+            "dropped_unencodable": self.dropped_unencodable,
             "dropped_by_kind": dict(self.dropped_by_kind),
             "published_by_kind": dict(self.published_by_kind),
             "resent": self.resent,

@@ -62,12 +62,13 @@ class SessionStats:
     idle: int = 0  # silent chunks: the avatar's own frame
     late: int = 0  # chunks whose frame was repeated because generation fell behind
     errors: int = 0  # chunks whose generation failed (executor error): last frame shown
-    render_ms: list[float] = field(default_factory=list)  # per frame
-    latency_ms: list[float] = field(default_factory=list)  # pushed audio: chunk arrival -> its frame written
+    # the last 250 frames' figures: a session can run for days
+    render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # per frame
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # pushed chunk arrival -> written
 
     def snapshot(self, elapsed: float) -> dict[str, Any]:
-        r = self.render_ms[-250:]
-        lat = self.latency_ms[-250:]
+        r = list(self.render_ms)
+        lat = list(self.latency_ms)
         return {
             "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late,
             "errors": self.errors,
@@ -156,22 +157,15 @@ class TalkSession:
         if isinstance(self.audio, PushAudio):
             while not self._stop.is_set():
                 c = self.audio.pop()
+                if c is None and not self.audio.closed:  # dry: wait until the next frame is due
+                    self._stop.wait(max(0.0, self._due() - time.monotonic()) if self.realtime else 0.005)
+                    c = self.audio.pop()
                 if c is not None:
                     held.append(c)
                     self._arrivals.append(self.audio.last_arrival)
                     yield from full()
-                    continue
-                if self.audio.closed:
+                elif self.audio.closed:
                     break
-                if self.realtime:
-                    self._stop.wait(max(0.0, self._due() - time.monotonic()))
-                else:
-                    self._stop.wait(0.005)
-                c = self.audio.pop()
-                if c is not None:
-                    held.append(c)
-                    self._arrivals.append(self.audio.last_arrival)
-                    yield from full()
                 elif held:
                     yield list(held[:block]), []
                     del held[:block]
@@ -271,8 +265,6 @@ class TalkSession:
             self._set_state("degraded", f"generation failed: {exc}")
             hold = last if last is not None else backend.idle_frame()
             return [hold] * len(chunks)
-        if self.state == "degraded":
-            self._set_state("live")
         n_voiced = sum(voiced)
         self.stats.inferred += n_voiced
         self.stats.idle += len(chunks) - n_voiced
