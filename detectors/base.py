@@ -86,6 +86,18 @@ class Detector(Protocol):
 
     def warmup(self) -> None: ...
 
-    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
+    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+              ) -> list[Detections]:
+        """Detections per image, boxes in source pixels: `sizes[i]` is the (w, h) of the picture
+        image i was scaled from (None: the images are the source pictures)."""
+        ...
 
     def close(self) -> None: ...
+
+
+def to_source_pixels(dets: list[Detections], images: Sequence[np.ndarray],
+                     sizes: Sequence[tuple[int, int]] | None) -> list[Detections]:
+    """Boxes in image pixels -> in the pixels of the pictures the images were scaled from."""
+    if sizes is None:
+        return dets
+    return [d.scaled(w / im.shape[1], h / im.shape[0]) for d, im, (w, h) in zip(dets, images, sizes, strict=True)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError
+from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError, to_source_pixels
 from .export import ensure_export
 from .letterbox import Geometry, batch_geometry, letterbox, to_nchw_float
 from .yolo import missing_weights_message
@@ -102,7 +102,8 @@ class ExportedYoloDetector:
     def warmup(self) -> None:
         self.infer([np.zeros((self.imgsz, self.imgsz, 3), np.uint8)])
 
-    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+              ) -> list[Detections]:
         if self.export_path is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
@@ -125,7 +126,8 @@ class ExportedYoloDetector:
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000,
                    "postprocess": (t3 - t2) * 1000, "batch_total": (t3 - t0) * 1000}
-        return [Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings)) for d in results]
+        return to_source_pixels([Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings))
+                                 for d in results], images, sizes)
 
     def _decode(self, pred: np.ndarray, geo: Geometry) -> Detections:
         pred = pred.T  # (anchors, 4 + classes)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError
+from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError, to_source_pixels
 from .letterbox import Geometry, batch_geometry, letterbox, letterbox_torch, to_nchw_float
 from .offline import prepare_ultralytics_offline
 
@@ -150,7 +150,8 @@ class YoloDetector:
                    for i, (im, g) in enumerate(zip(images, geos, strict=True))]
         return torch.stack(tensors), geos
 
-    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
+              ) -> list[Detections]:
         if self._model is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
@@ -185,7 +186,7 @@ class YoloDetector:
             out.append((geo.to_source(k[:, :4]), k[:, 4].astype(np.float32), cls, labels))
         post += (time.perf_counter() - t0) * 1000
         timings = {"preprocess": pre, "inference": inf, "postprocess": post, "batch_total": pre + inf + post}
-        return [Detections(b, c, k, lab, dict(timings)) for b, c, k, lab in out]
+        return to_source_pixels([Detections(b, c, k, lab, dict(timings)) for b, c, k, lab in out], images, sizes)
 
     def close(self) -> None:
         self._model = None

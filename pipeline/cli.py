@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streams import RedactingFilter, SourceOptions, StreamError, probe, redact_text
+from streams import RedactingFilter, SourceSettings, StreamError, probe, redact_text
 
 from .config import Config, ConfigError, load_config
 
@@ -114,7 +114,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    opts = SourceOptions(open_timeout=args.timeout, stall_timeout=args.timeout, transport=args.transport)
+    opts = SourceSettings(open_timeout=args.timeout, stall_timeout=args.timeout, transport=args.transport)
     try:
         result = probe(args.url, opts)
     except StreamError as exc:
@@ -125,9 +125,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .app import Pipeline
     from .config import Config
     from .devices import GB, decode_threads, discover, plan_slots
+    from .planning import plan_models
 
     config = Config()
     if args.config is not None:
@@ -150,17 +150,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"  {p.reason}")
     print(f"total: {sum(p.slots for p in plans)} slot(s)")
     if args.config is not None and config.models:
-        pipeline = Pipeline(config, devices=devices)
         try:
-            layouts = pipeline.plan(sorted(config.models))
+            plan = plan_models(config.models, sorted(config.models), cfg, devices)
         except ConfigError as exc:
             print(redact_text(str(exc)), file=sys.stderr)
             return 2
         print("models:")
-        for name, layout in layouts.items():
-            where = ", ".join(a.device + (f" ({a.threads} threads)" if a.threads else "") for a in layout)
-            runtime = pipeline.runtimes.get(name)
-            print(f"  {name}: {len(layout)} slot(s) on {where}" + (f"; CPU runtime {runtime}" if runtime else ""))
+        for name in plan.layouts:
+            print(f"  {name}: {plan.describe(name)}")
         cores = next((d.cores for d in devices if d.kind == "cpu"), 1) or 1
         n = sum(1 for s in config.streams.values() if s.enabled)
         print(f"decode: {n} stream(s), {decode_threads(cores, n, config.pipeline.decode_threads)} FFmpeg "
@@ -268,6 +265,7 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
     from talkinghead.musetalk import MuseTalk, MuseTalkError
     from talkinghead.offline import render
 
+    from .config import LipSyncConfig
     from .lipsync import LipSyncError, musetalk_pool
 
     if args.weights is None:
@@ -280,13 +278,14 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
     try:
         frontend.load()
         samples = load_audio(args.audio)
-        pool = musetalk_pool(args.weights, args.version, slots=args.slots, batch_size=args.batch_size,
-                             slot_memory_gb=args.slot_memory_gb).start_in_thread()
+        given = {k: v for k, v in (("slots", args.slots), ("batch_size", args.batch_size),
+                                   ("slot_memory_gb", args.slot_memory_gb)) if v is not None}
+        pool = musetalk_pool(LipSyncConfig(weights=args.weights, version=args.version, **given)).start_in_thread()
 
         def submit(jobs: list[Any], k: int) -> Any:
             return pool.submit("offline", jobs, slot=k)  # type: ignore[union-attr]
 
-        counts = render(frontend, avatar, samples, sink, batch_size=args.batch_size, progress=_progress_bar("talk"),
+        counts = render(frontend, avatar, samples, sink, batch_size=pool.settings.batch_size, progress=_progress_bar("talk"),
                         submit=submit, in_flight=2 * pool.n)
     except (MuseTalkError, AudioError, LipSyncError) as exc:
         print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
@@ -328,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
     p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
     p.add_argument("--version", choices=["v15", "v1"], default="v15")
-    p.add_argument("--batch-size", type=int, default=8, help="frames per UNet batch (musetalk)")
+    p.add_argument("--batch-size", type=int, help="frames per UNet batch (musetalk; default: lipsync.batch_size's)")
     p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
-    p.add_argument("--slot-memory-gb", type=float, default=8.0, help="GPU memory one MuseTalk slot needs")
+    p.add_argument("--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: "
+                   "lipsync.slot_memory_gb's)")
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("avatar", help="avatar tools")
     avatar_sub = p.add_subparsers(dest="avatar_command", required=True)

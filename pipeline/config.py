@@ -18,13 +18,16 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from streams import is_local_file, redact_text, url_password
+from streams import SourceSettings, is_local_file, redact_text, url_password
+
+from .errors import FramegridError
+from .slots import PoolSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
-class ConfigError(Exception):
+class ConfigError(FramegridError):
     """Invalid configuration; `errors` lists (key path, message) pairs."""
 
     def __init__(self, errors: list[tuple[str, str]], source: str = "config") -> None:
@@ -101,6 +104,8 @@ class ModelConfig(Strict):
                                 "declared hung (at least 10x its measured time)")
     restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
     restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
+    restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts "
+                                       "(full-jitter backoff)")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="auto (every planned device), cpu, or cuda[:N]")
     half: bool = Field(False, description="FP16 (CUDA only)")
@@ -111,20 +116,20 @@ class ModelConfig(Strict):
     threads: int | None = Field(None, ge=1, le=256, description="inference threads per CPU slot "
                                 "(default: cores / CPU slots)")
 
+    def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
+        return PoolSettings(self.batch_size, pipeline.batch_timeout_ms / 1000, self.hang_timeout, self.restart_budget,
+                            self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
+                            pipeline.rebalance_band)
 
-class StreamConfig(Strict):
+
+class StreamConfig(SourceSettings):
+    """A stream: the source's own settings (`streams.SourceSettings`: transport, timeouts, reconnect,
+    pacing) plus what the pipeline needs."""
+
     url: str = Field(min_length=1, description="any FFmpeg URL or a file path (relative to the config)")
     model: str = Field(description="name of a [models.<name>] table")
     max_fps: float | None = Field(None, gt=0, le=1000, description="process at most this many frames/s")
     enabled: bool = Field(True, description="false keeps it configured but not running")
-    transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport")
-    realtime: bool | None = Field(None, description="pace files at native rate (default: yes for files)")
-    loop: bool | None = Field(None, description="restart files at the end (default: yes for files)")
-    open_timeout: float = Field(10.0, gt=0, le=600, description="seconds to open before retrying")
-    stall_timeout: float = Field(10.0, gt=0, le=600, description="seconds without a frame before reconnecting")
-    reconnect_cap: float = Field(30.0, gt=0, le=3600, description="max seconds between reconnect attempts")
-    max_retries: int | None = Field(None, ge=0, description="consecutive failures before 'failed'")
-    ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra demuxer options")
 
     @field_validator("url")
     @classmethod
@@ -136,7 +141,8 @@ class StreamConfig(Strict):
 
 class PipelineConfig(Strict):
     max_frame_age: float = Field(1.0, gt=0, le=60, description="older frames are dropped (too_old)")
-    batch_timeout_ms: float = Field(15.0, ge=0, le=10_000, description="wait this long to fill a batch")
+    batch_timeout_ms: float = Field(15.0, ge=0, le=10_000, description="most a partial batch waits for frames "
+                                    "due soon (it waits only when one is)")
     status_interval: float = Field(5.0, ge=0, le=3600, description="seconds between console status; 0 = off")
     decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = cores / streams, "
                                 "at least 1)")
@@ -186,6 +192,18 @@ class LipSyncConfig(Strict):
     timeout: float = Field(2.0, gt=0, le=600, description="seconds a live session waits for a block's frames "
                            "before showing its last frame instead")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="auto, cpu, or cuda[:N]")
+    hang_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a batch may run before the slot is "
+                                "declared hung (at least 10x its measured time)")
+    restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
+    restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
+    restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts")
+    max_queue: int = Field(64, ge=1, le=10_000, description="requests waiting per session; beyond it a request "
+                           "fails at once (the session shows its last frame)")
+
+    def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
+        return PoolSettings(self.batch_size, self.batch_timeout_ms / 1000, self.hang_timeout, self.restart_budget,
+                            self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
+                            pipeline.rebalance_band)
 
 
 class LogConfig(Strict):

@@ -1,16 +1,12 @@
-"""`lipsync` executor slots: one lip-sync model copy per slot, batched across the sessions on it.
+"""Lip-sync on the shared slot machinery: a session's request queue and the lip-sync job adapter.
 
-The same slot machinery as detection (`ExecutorSlot`: a worker thread per slot, watchdog,
-measured service time). Sessions run on their own threads and call `submit(session, jobs)`,
-which returns a `concurrent.futures.Future`; the jobs cross into the loop through
-`call_soon_threadsafe` (the one thread-to-loop boundary), and each slot's batcher merges the waiting jobs of all its sessions
-into batches of at most `batch_size`, shipping a batch when it is full or `batch_timeout` after
-its first job. Blending and encoding stay on the session threads, off the inference thread.
-
-A session is placed on the healthy slot with the fewest sessions; a slot whose model call fails
-is taken out, its sessions move to healthy slots at once (their next jobs go there), the failed
-batch's futures raise (the sessions show their last frame for those frames), and the slot is
-restarted with backoff within a restart budget. This module never blocks the loop.
+Talk sessions run on their own threads and call `LipSyncPool.submit(session, jobs)`, which
+returns a `concurrent.futures.Future` with one output per job. The request goes into the
+session's `SessionFeed` on the caller's thread (bounded; beyond `max_queue` it fails at once)
+and the slot's batcher is woken through the one thread-to-loop hand-off. From there it is
+exactly detection's path (`pipeline.slots`): one batcher per slot merges the waiting requests
+of all its sessions into UNet+VAE batches, placement and failover by the pool's placer,
+restarts by its policy. Blending and encoding stay on the session threads.
 """
 
 from __future__ import annotations
@@ -19,110 +15,158 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from streams import Backoff
+from streams import SYSTEM_CLOCK, Clock
 
-from .devices import GB, DeviceInfo, SlotPlan, discover, plan_slots, slot_layout
-from .executor import ExecutorSlot
+from .config import LipSyncConfig, PipelineConfig
+from .devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
+from .errors import PoolError, SlotError
+from .handoff import Handoff
+from .slots import Model, PoolSettings, SlotPool, Taken
 
 log = logging.getLogger(__name__)
 
-ModelFactory = Callable[[int], Any]  # slot index -> an unloaded model (load / warmup / infer / close)
-
-
-class LipSyncError(RuntimeError):
-    """No healthy lipsync slot, or the pool is closed."""
+LipSyncError = PoolError  # the name callers know: no healthy lipsync slot, or the pool is closed
+T = TypeVar("T")
+LIVE_FPS = 25.0  # a live session asks for 25 frames a second until its requests are measured
 
 
 @dataclass
-class _Request:
+class Request:
     jobs: list[Any]
     future: concurrent.futures.Future[list[Any]]
-    queued_at: float = field(default_factory=time.perf_counter)
+    queued_at: float
 
 
-@dataclass
-class _SlotRuntime:
-    name: str
-    slot: ExecutorSlot
-    queue: deque[_Request] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    state: str = "starting"  # healthy | restarting | failed
-    restarts: list[float] = field(default_factory=list)
-    task: asyncio.Task[None] | None = None
-    memory_bytes: int | None = None  # measured from the loaded model
+@dataclass(eq=False)
+class SessionFeed:
+    """One session's waiting requests (thread-safe, bounded) as a batcher member."""
 
-    @property
-    def device(self) -> str:
-        return self.slot.device
+    key: str
+    max_queue: int
+    clock: Clock
+    queue: deque[Request] = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    notify: Callable[[], None] | None = None
+    last_at: float | None = None
+    interval: float | None = None  # EWMA between requests
+    jobs_per_request: float = 1.0
+
+    def push(self, jobs: list[Any], future: concurrent.futures.Future[list[Any]]) -> None:
+        now = self.clock.mono()
+        with self.lock:
+            if len(self.queue) >= self.max_queue:
+                future.set_exception(PoolError(f"session {self.key}: queue full ({self.max_queue} requests waiting)"))
+                return
+            self.queue.append(Request(jobs, future, now))
+            if self.last_at is not None:
+                gap = now - self.last_at
+                self.interval = gap if self.interval is None else 0.8 * self.interval + 0.2 * gap
+            self.last_at = now
+            self.jobs_per_request = 0.8 * self.jobs_per_request + 0.2 * max(1, len(jobs))
+        notify = self.notify
+        if notify is not None:
+            notify()
+
+    def waiting_since(self) -> float | None:
+        with self.lock:
+            return self.queue[0].queued_at if self.queue else None
+
+    def ready_at(self, now: float) -> float | None:
+        with self.lock:
+            if self.queue:
+                return self.queue[0].queued_at
+            if self.last_at is None or self.interval is None:
+                return None
+            expected = self.last_at + self.interval
+            return None if expected < now - self.interval else expected  # gone quiet: not waited for
+
+    def take(self, now: float, room: int) -> list[Request]:
+        out: list[Request] = []
+        with self.lock:
+            while self.queue and (not out or sum(len(r.jobs) for r in out) + len(self.queue[0].jobs) <= room):
+                out.append(self.queue.popleft())
+        return out
+
+    def rate(self) -> float | None:
+        return self.jobs_per_request / self.interval if self.interval else LIVE_FPS
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        self.notify = notify
+
+    def fail_all(self, exc: BaseException) -> None:
+        with self.lock:
+            waiting, self.queue = list(self.queue), deque()
+        for r in waiting:
+            if not r.future.done():
+                r.future.set_exception(exc)
+
+
+class LipSyncJobs:
+    """The lip-sync job adapter: requests of jobs in, one output per job back to each request's future."""
+
+    def size(self, item: Request) -> int:
+        return len(item.jobs)
+
+    def call(self, requests: list[Request]) -> tuple[Any, ...]:
+        return ([j for r in requests for j in r.jobs],)
+
+    def deliver(self, taken: list[Taken], outputs: list[Any], shipped_at: float) -> None:
+        k = 0
+        for _, req in taken:
+            if not req.future.done():
+                req.future.set_result(outputs[k:k + len(req.jobs)])
+            k += len(req.jobs)
+
+    def failed(self, taken: list[Taken], exc: SlotError) -> None:
+        for _, req in taken:
+            if not req.future.done():
+                req.future.set_exception(exc)
 
 
 class LipSyncPool:
-    """N lipsync slots and their batchers. Start with `await start()` on the loop that will own them,
-    or `start_in_thread()` for a process without one (offline jobs, tools)."""
+    """The lipsync slots. Start with `await start()` on the loop that will own them, or
+    `start_in_thread()` for a process without one (offline jobs, tools). Its methods may be
+    called from any thread."""
 
-    def __init__(self, factory: ModelFactory, slots: int = 1, batch_size: int = 8, batch_timeout: float = 0.02,
-                 hang_timeout: float = 30.0, max_queue: int = 64, restart_budget: int = 3,
-                 restart_window: float = 300.0, devices: list[str] | None = None,
-                 slot_memory_bytes: int | None = None) -> None:
-        if slots < 1:
-            raise ValueError("a lipsync pool needs at least one slot")
-        self.factory = factory
-        self.n = slots
-        self.devices = devices or ["cpu"] * slots
+    def __init__(self, factory: Callable[[int], Model], devices: list[str], settings: PoolSettings,
+                 max_queue: int, slot_memory_bytes: int | None = None, clock: Clock = SYSTEM_CLOCK,
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.devices = devices
+        self.settings = settings
+        self.max_queue = max_queue
         self.slot_memory_bytes = slot_memory_bytes  # planned per GPU slot, checked against the loaded model
-        self.batch_size = batch_size
-        self.batch_timeout = batch_timeout
-        self.hang_timeout = hang_timeout
-        self.max_queue = max_queue  # requests waiting per slot; beyond it submit() fails fast
-        self.restart_budget, self.restart_window = restart_budget, restart_window
-        self.slots: list[_SlotRuntime] = []
-        self.placement: dict[str, int] = {}  # session -> slot index
+        self.clock = clock
+        self.pool = SlotPool("lipsync", factory, devices, LipSyncJobs(), settings, clock=clock, on_change=on_change)
+        self.memory_bytes: dict[str, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._closed = False
+        self._handoff: Handoff | None = None
         self._thread: threading.Thread | None = None
-        self.batches = 0
-        self.batch_sizes: deque[int] = deque(maxlen=500)
+        self._closed = False
+
+    @property
+    def n(self) -> int:
+        return len(self.devices)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every slot's model (in its worker thread) and start the batchers."""
         self.loop = asyncio.get_running_loop()
-        for i in range(self.n):
-            name = f"lipsync.{i}"
-            slot = ExecutorSlot(name, self.factory(i), device=self.devices[i % len(self.devices)],
-                                hang_timeout=self.hang_timeout)
-            self.slots.append(_SlotRuntime(name, slot))
-        await asyncio.gather(*(self._start_slot(rt) for rt in self.slots))
-        for rt in self.slots:
-            measure = getattr(rt.slot.detector, "memory_bytes", None)
-            if rt.state == "healthy" and measure is not None:
-                rt.memory_bytes = int(measure())
-                if self.slot_memory_bytes and rt.device != "cpu" and rt.memory_bytes > self.slot_memory_bytes:
+        self._handoff = Handoff(self.loop)
+        await self.pool.start()
+        for name, slot in self.pool.slots.items():
+            measure = getattr(slot.model, "memory_bytes", None)
+            if self.pool.placer.slots[name].healthy and measure is not None:
+                used = self.memory_bytes[name] = int(measure())
+                if self.slot_memory_bytes and slot.device != "cpu" and used > self.slot_memory_bytes:
                     log.warning("%s: the loaded model needs %.1f GB, more than the %.1f GB planned per slot: "
                                 "raise lipsync.slot_memory_gb so that slots are not packed too tightly",
-                                rt.name, rt.memory_bytes / 2**30, self.slot_memory_bytes / 2**30)
-        if not any(rt.state == "healthy" for rt in self.slots):
-            raise LipSyncError("no lipsync slot could start: "
-                               + "; ".join(f"{rt.name}: {rt.slot.last_error}" for rt in self.slots))
-        for rt in self.slots:
-            rt.task = asyncio.create_task(self._batcher(rt), name=f"{rt.name}.batcher")
-
-    async def _start_slot(self, rt: _SlotRuntime) -> None:
-        try:
-            await rt.slot.start(warmup=True)
-            rt.state = "healthy"
-        except Exception as exc:
-            rt.slot.last_error = str(exc)
-            rt.state = "failed"
-            log.error("%s: cannot start: %s", rt.name, exc)
+                                name, used / GB, self.slot_memory_bytes / GB)
 
     def start_in_thread(self, timeout: float = 600.0) -> LipSyncPool:
         """Run the pool on a loop of its own in a daemon thread (for callers without a loop)."""
@@ -152,15 +196,10 @@ class LipSyncPool:
 
     async def close(self) -> None:
         self._closed = True
-        for rt in self.slots:
-            if rt.task is not None:
-                rt.task.cancel()
-            while rt.queue:
-                req = rt.queue.popleft()
-                if not req.future.done():
-                    req.future.set_exception(LipSyncError("lipsync pool closed"))
-        await asyncio.gather(*(t for rt in self.slots if (t := rt.task) is not None), return_exceptions=True)
-        await asyncio.gather(*(rt.slot.close() for rt in self.slots), return_exceptions=True)
+        await self.pool.close()
+        for feed in list(self.pool.feeds.values()):
+            assert isinstance(feed, SessionFeed)
+            feed.fail_all(PoolError("lipsync pool closed"))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Close a pool started with `start_in_thread` (from any other thread)."""
@@ -171,148 +210,92 @@ class LipSyncPool:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _on_loop(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the pool's loop (the placer and slot table are the loop's) and return its value."""
+        loop = self.loop
+        if loop is None:
+            raise PoolError("lipsync pool is not running")
+        try:
+            if asyncio.get_running_loop() is loop:
+                return fn()
+        except RuntimeError:
+            pass
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(30)
+
     # -- sessions ---------------------------------------------------------------------------------
     def place(self, session: str) -> str:
-        """Put a session on the healthy slot with the fewest sessions; returns the slot's name."""
-        with self._lock:
-            healthy = [i for i, rt in enumerate(self.slots) if rt.state == "healthy"]
-            if not healthy:
-                raise LipSyncError("no healthy lipsync slot")
-            load = {i: 0 for i in healthy}
-            for s, i in self.placement.items():
-                if i in load and s != session:
-                    load[i] += 1
-            best = min(healthy, key=lambda i: (load[i], i))
-            self.placement[session] = best
-            return self.slots[best].name
+        """Put a session on the healthy slot with the most headroom; returns the slot's name."""
+        return self._on_loop(lambda: self._place(session, None))
+
+    def _place(self, key: str, pin: int | None) -> str:
+        feed = self.pool.feeds.get(key)
+        if feed is None:
+            feed = SessionFeed(key, self.max_queue, self.clock)
+        if pin is None:
+            return self.pool.place(feed)
+        return self.pool.pin(feed, self.pool.slot_names()[pin % self.n])
 
     def release(self, session: str) -> None:
-        with self._lock:
-            self.placement.pop(session, None)
+        if self.loop is None or self._closed:
+            return
+        self._on_loop(lambda: [self.pool.remove(k) for k in list(self.pool.feeds)
+                               if k == session or k.startswith(f"{session}#")])
 
     def slot_of(self, session: str) -> str | None:
-        i = self.placement.get(session)
-        return None if i is None else self.slots[i].name
+        return self.pool.slot_of(session)
 
     def submit(self, session: str, jobs: list[Any], slot: int | None = None) -> concurrent.futures.Future[list[Any]]:
-        """Queue `jobs` for the session's slot (or slot index `slot`); thread-safe, never blocks.
+        """Queue `jobs` for the session's slot (or for slot index `slot`); thread-safe, never blocks.
 
         The future's result has one output per job, in order.
         """
         fut: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        if self._closed or self.loop is None:
-            fut.set_exception(LipSyncError("lipsync pool is not running"))
+        handoff = self._handoff
+        if self._closed or handoff is None:
+            fut.set_exception(PoolError("lipsync pool is not running"))
             return fut
-        if slot is None:
-            i = self.placement.get(session)
-            if i is None:
-                self.place(session)
-                i = self.placement[session]
-        else:
-            i = slot % len(self.slots)
-        self.loop.call_soon_threadsafe(self._enqueue, i, _Request(list(jobs), fut))
+        key = session if slot is None else f"{session}#{slot % self.n}"
+        feed = self.pool.feeds.get(key)
+        if feed is not None:
+            assert isinstance(feed, SessionFeed)
+            feed.push(list(jobs), fut)
+        else:  # first request of this session: placed on the loop, then queued
+            handoff.call(self._place_and_push, key, slot, list(jobs), fut)
         return fut
 
-    def _enqueue(self, i: int, req: _Request) -> None:
-        rt = self.slots[i]
-        if rt.state != "healthy":  # moved away while the request crossed over: any healthy slot
-            alive = [r for r in self.slots if r.state == "healthy"]
-            if not alive:
-                req.future.set_exception(LipSyncError("no healthy lipsync slot"))
-                return
-            rt = min(alive, key=lambda r: len(r.queue))
-        if len(rt.queue) >= self.max_queue:
-            req.future.set_exception(LipSyncError(f"{rt.name}: queue full ({self.max_queue} requests waiting)"))
+    def _place_and_push(self, key: str, slot: int | None, jobs: list[Any],
+                        fut: concurrent.futures.Future[list[Any]]) -> None:
+        try:
+            self._place(key, slot)
+        except Exception as exc:
+            fut.set_exception(exc)
             return
-        rt.queue.append(req)
-        rt.wake.set()
-
-    # -- batching ---------------------------------------------------------------------------------
-    async def _batcher(self, rt: _SlotRuntime) -> None:
-        while True:
-            while not rt.queue or rt.state != "healthy":
-                rt.wake.clear()
-                await rt.wake.wait()
-            deadline = rt.queue[0].queued_at + self.batch_timeout
-            # wait for more sessions' jobs until the batch is full or its deadline passes
-            while sum(len(r.jobs) for r in rt.queue) < self.batch_size:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                rt.wake.clear()
-                try:
-                    await asyncio.wait_for(rt.wake.wait(), left)
-                except TimeoutError:
-                    break
-            taken: list[_Request] = []
-            n = 0
-            while rt.queue and (not taken or n + len(rt.queue[0].jobs) <= self.batch_size):
-                req = rt.queue.popleft()
-                taken.append(req)
-                n += len(req.jobs)
-            jobs = [j for r in taken for j in r.jobs]
-            try:
-                out = await rt.slot.infer(jobs)
-            except Exception as exc:
-                for r in taken:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                await self._fail(rt, exc)
-                continue
-            self.batches += 1
-            self.batch_sizes.append(len(jobs))
-            k = 0
-            for r in taken:
-                if not r.future.done():
-                    r.future.set_result(out[k:k + len(r.jobs)])
-                k += len(r.jobs)
-            await asyncio.sleep(0)  # let the loop breathe between batches
-
-    async def _fail(self, rt: _SlotRuntime, exc: BaseException) -> None:
-        """Take the slot out, move its sessions and waiting jobs, restart it with backoff."""
-        i = self.slots.index(rt)
-        rt.state = "restarting"
-        log.error("%s: model call failed (%s): moving its sessions, restarting", rt.name, exc)
-        with self._lock:
-            moved = [s for s, j in self.placement.items() if j == i]
-        for s in moved:
-            try:
-                self.place(s)
-            except LipSyncError:  # nowhere to go: placed again on its next submit
-                self.release(s)
-        while rt.queue:
-            self._enqueue(i, rt.queue.popleft())  # to a healthy slot, or failed at once
-        now = time.monotonic()
-        rt.restarts = [t for t in rt.restarts if now - t < self.restart_window] + [now]
-        if len(rt.restarts) > self.restart_budget:
-            rt.state = "failed"
-            log.error("%s: restarted %d times in %.0fs: failed", rt.name, len(rt.restarts) - 1,
-                      self.restart_window)
-            return
-        await rt.slot.close()
-        backoff = Backoff(base=0.5, cap=10.0, attempts=len(rt.restarts) - 1)
-        await asyncio.sleep(backoff.next_delay())
-        rt.slot = ExecutorSlot(rt.name, self.factory(i), device=rt.slot.device, hang_timeout=self.hang_timeout)
-        await self._start_slot(rt)
-        if rt.state == "healthy":
-            log.info("%s: restarted", rt.name)
+        feed = self.pool.feeds[key]
+        assert isinstance(feed, SessionFeed)
+        feed.push(jobs, fut)
 
     # -- observability ----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
-        sizes = list(self.batch_sizes)
-        return {
-            "batches": self.batches,
-            "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
-            "slots": {rt.name: {
-                "state": rt.state, "device": rt.slot.device, "batches": rt.slot.batches, "frames": rt.slot.frames,
-                "errors": rt.slot.errors, "last_error": rt.slot.last_error, "queued": len(rt.queue),
-                "restarts": len(rt.restarts),
-                "memory_gb": round(rt.memory_bytes / 2**30, 3) if rt.memory_bytes is not None else None,
-                "service_ms_per_frame": round(rt.slot.service_ms_per_frame, 2)
-                if rt.slot.service_ms_per_frame is not None else None,
-                "sessions": sorted(s for s, i in self.placement.items() if self.slots[i] is rt),
-            } for rt in self.slots},
-        }
+        return self._on_loop(self._snapshot)
+
+    def _snapshot(self) -> dict[str, Any]:
+        slots = self.pool.snapshot(members_key="sessions")
+        batches = sum(b.batches for b in self.pool.batchers.values())
+        items = sum(b.items for b in self.pool.batchers.values())
+        jobs = sum(s.frames for s in self.pool.slots.values())
+        for name, snap in slots.items():
+            snap["sessions"] = sorted({k.split("#")[0] for k in snap["sessions"]})
+            members = self.pool.placer.slots[name].members
+            snap["queued"] = sum(len(f.queue) for k, f in self.pool.feeds.items()
+                                 if k in members and isinstance(f, SessionFeed))
+            used = self.memory_bytes.get(name)
+            snap["memory_gb"] = round(used / GB, 3) if used is not None else None
+        return {"batches": batches, "requests": items, "mean_batch": round(jobs / batches, 2) if batches else None,
+                "slots": slots}
 
 
 def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float, usable_fraction: float = 0.9,
@@ -321,27 +304,30 @@ def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float, usable_fraction
     return plan_slots(facts, int(slot_memory_gb * GB), usable_fraction, cpu_slots=slots or 1, kind="lipsync")
 
 
-def musetalk_pool(weights: str | Path, version: str = "v15", slots: int | None = None, batch_size: int = 8,
-                  batch_timeout: float = 0.02, slot_memory_gb: float = 8.0, usable_fraction: float = 0.9,
+def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None, usable_fraction: float = 0.9,
                   device_facts: list[DeviceInfo] | None = None, half: bool | None = None,
-                  device: str | None = None) -> LipSyncPool:
+                  on_change: Callable[[], None] | None = None, clock: Clock = SYSTEM_CLOCK) -> LipSyncPool:
     """A pool of MuseTalk lipsync slots laid out by the device plan.
 
     Per GPU: floor(free memory x usable_fraction / slot_memory_gb) slots; on a CPU-only machine
-    `slots` (default 1), each with cores / slots torch threads. `slots` given on a GPU machine
+    `cfg.slots` (default 1), each with cores / slots torch threads. `cfg.slots` on a GPU machine
     spreads that many over the planned devices.
     """
     from talkinghead.musetalk import MuseTalkSlotModel
 
+    if cfg.weights is None:
+        raise PoolError("lipsync.weights is not set (the MuseTalk models folder)")
+    weights: Path = cfg.weights
     facts = device_facts if device_facts is not None else discover()
-    plans = plan_lipsync(facts, slot_memory_gb, usable_fraction, slots)
+    plans = plan_lipsync(facts, cfg.slot_memory_gb, usable_fraction, cfg.slots)
     for p in plans:
         log.info("lipsync plan: %s", p.reason)
-    layout = slot_layout(plans, explicit=slots, device=device)
+    layout = slot_layout(plans, explicit=cfg.slots, device=pinned_device(cfg.device))
 
     def factory(i: int) -> MuseTalkSlotModel:
         a = layout[i]
-        return MuseTalkSlotModel(weights, version, device=a.device, half=half, threads=a.threads)
+        return MuseTalkSlotModel(weights, cfg.version, device=a.device, half=half, threads=a.threads)
 
-    return LipSyncPool(factory, slots=len(layout), batch_size=batch_size, batch_timeout=batch_timeout,
-                       devices=[a.device for a in layout], slot_memory_bytes=int(slot_memory_gb * GB))
+    return LipSyncPool(factory, [a.device for a in layout], cfg.pool_settings(pipeline or PipelineConfig()),
+                       cfg.max_queue, slot_memory_bytes=int(cfg.slot_memory_gb * GB), clock=clock,
+                       on_change=on_change)

@@ -1,27 +1,50 @@
-"""Placement of streams on executor slots: admission, evacuation and minimal rebalancing.
+"""Placement of streams and sessions on executor slots: admission, evacuation, minimal rebalancing.
 
 Pure logic, no I/O and no clock, so the running pipeline and `tools/simulate_cluster.py` drive
-the same code. A stream's cost is the share of one slot's time it needs: `fps x service time per
-frame` (seconds of work per second). A slot is full at `capacity` (1.0 = busy all the time; a
-little less keeps headroom for jitter).
+the same code. A member (a detection stream or a talk session) costs the share of one slot's
+time it needs: `fps x service time per frame` (seconds of work per second). A slot is full at
+`capacity` (1.0 = busy all the time; a little less keeps headroom for jitter).
+
+The `Placer` holds the only member-to-slot table and the only health record of each slot
+(`SlotRecord.state`); everything else (the batchers, the devices and stats payloads) reads them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .errors import PlacementError
+
+__all__ = ["Move", "PlacementError", "Placer", "SlotRecord", "SlotState"]
+
+
+class SlotState(StrEnum):
+    STARTING = "starting"  # loading its model
+    HEALTHY = "healthy"  # serving its members
+    RESTARTING = "restarting"  # a model call failed or hung; its members moved away; restarting with backoff
+    FAILED = "failed"  # could not start, or its restart budget is spent
 
 
 @dataclass
-class SlotLoad:
+class SlotRecord:
+    """Everything known about one executor slot's place in the pool (one record per slot)."""
+
     name: str
-    healthy: bool = True
+    state: SlotState = SlotState.HEALTHY
     capacity: float = 0.9
-    streams: dict[str, float] = field(default_factory=dict)  # stream -> cost
+    members: dict[str, float] = field(default_factory=dict)  # stream or session -> cost
+    restarts: list[float] = field(default_factory=list)  # monotonic times of recent restarts
+    last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is SlotState.HEALTHY
 
     @property
     def load(self) -> float:
-        return sum(self.streams.values())
+        return sum(self.members.values())
 
     @property
     def headroom(self) -> float:
@@ -40,26 +63,23 @@ class Move:
     cost: float
 
 
-class PlacementError(Exception):
-    """A stream fits on no healthy slot (admission control)."""
-
-
 class Placer:
-    """Decides where streams run. Holds the slot table; callers apply the moves it returns."""
+    """Decides where streams and sessions run. Holds the slot table; callers apply the moves it returns."""
 
     def __init__(self, band: float = 0.10) -> None:
         self.band = band  # rebalance until max/mean utilisation <= 1 + band
-        self.slots: dict[str, SlotLoad] = {}
+        self.slots: dict[str, SlotRecord] = {}
 
     # -- slots ---------------------------------------------------------------------------------
-    def add_slot(self, name: str, capacity: float = 0.9) -> None:
-        self.slots[name] = SlotLoad(name, True, capacity)
+    def add_slot(self, name: str, capacity: float = 0.9, state: SlotState = SlotState.HEALTHY) -> SlotRecord:
+        self.slots[name] = record = SlotRecord(name, state, capacity)
+        return record
 
-    def healthy(self) -> list[SlotLoad]:
+    def healthy(self) -> list[SlotRecord]:
         return [s for s in self.slots.values() if s.healthy]
 
-    def where(self, stream: str) -> str | None:
-        return next((s.name for s in self.slots.values() if stream in s.streams), None)
+    def where(self, member: str) -> str | None:
+        return next((s.name for s in self.slots.values() if member in s.members), None)
 
     # -- decisions -----------------------------------------------------------------------------
     def place(self, stream: str, cost: float, candidates: list[str] | None = None, force: bool = False) -> str:
@@ -74,37 +94,45 @@ class Placer:
         if best.headroom < cost and not force:
             raise PlacementError(f"stream {stream}: needs {cost:.3f} of a slot, the most any slot has free is "
                                  f"{max(0.0, best.headroom):.3f}")
-        best.streams[stream] = cost
+        self.remove(stream)
+        best.members[stream] = cost
         return best.name
 
-    def remove(self, stream: str) -> None:
+    def assign(self, member: str, slot: str, cost: float) -> None:
+        """Put a member on a given slot (pinned work, e.g. offline segments dealt to slot k)."""
+        self.remove(member)
+        self.slots[slot].members[member] = cost
+
+    def remove(self, member: str) -> None:
         for s in self.slots.values():
-            s.streams.pop(stream, None)
+            s.members.pop(member, None)
 
-    def update_cost(self, stream: str, cost: float) -> None:
+    def update_cost(self, member: str, cost: float) -> None:
         for s in self.slots.values():
-            if stream in s.streams:
-                s.streams[stream] = cost
+            if member in s.members:
+                s.members[member] = cost
 
-    def evacuate(self, slot: str) -> tuple[list[Move], list[str]]:
-        """Mark a slot unhealthy and move all its streams (largest first) to healthy slots.
+    def evacuate(self, slot: str, state: SlotState = SlotState.RESTARTING,
+                 force: bool = False) -> tuple[list[Move], list[str]]:
+        """Take a slot out (`state`) and move its members (largest first) to healthy slots.
 
-        Returns the moves and the streams that fit nowhere: those are unplaced, and the caller
-        reports them refused rather than overloading a healthy slot.
+        Returns the moves and the members that fit nowhere (with `force`: only when no slot is
+        healthy). Those stay on the slot they were on and wait for it to come back, rather than
+        overloading a healthy slot.
         """
         dead = self.slots[slot]
-        dead.healthy = False
-        moves, refused = [], []
-        for stream, cost in sorted(dead.streams.items(), key=lambda kv: -kv[1]):
+        dead.state = state
+        moves, stay = [], {}
+        for member, cost in sorted(dead.members.items(), key=lambda kv: -kv[1]):
             pool = self.healthy()
             target = max(pool, key=lambda s: (s.headroom, s.name)) if pool else None
-            if target is None or target.headroom < cost:
-                refused.append(stream)
+            if target is None or (target.headroom < cost and not force):
+                stay[member] = cost
                 continue
-            target.streams[stream] = cost
-            moves.append(Move(stream, slot, target.name, cost))
-        dead.streams = {}
-        return moves, refused
+            target.members[member] = cost
+            moves.append(Move(member, slot, target.name, cost))
+        dead.members = stay
+        return moves, list(stay)
 
     def imbalance(self) -> float:
         """max / mean utilisation over healthy slots (1.0 = perfectly even)."""
@@ -124,8 +152,8 @@ class Placer:
         for s in pool:
             ceiling = s.capacity * (total / cap) * (1 + self.band)
             excess = s.load - ceiling
-            if excess > 1e-12 and s.streams:
-                largest = sorted(s.streams.values(), reverse=True)
+            if excess > 1e-12 and s.members:
+                largest = sorted(s.members.values(), reverse=True)
                 shed = 0.0
                 for c in largest:
                     shed += c
@@ -138,7 +166,7 @@ class Placer:
         """Greedy: move the stream that best evens the most and least loaded slots, until every
         slot is within the band or no move helps. Few moves by construction (largest useful first)."""
         moves: list[Move] = []
-        limit = max_moves if max_moves is not None else 10 * sum(len(s.streams) for s in self.slots.values())
+        limit = max_moves if max_moves is not None else 10 * sum(len(s.members) for s in self.slots.values())
         while len(moves) < limit:
             pool = self.healthy()
             if len(pool) < 2 or self.imbalance() <= 1 + self.band:
@@ -148,14 +176,14 @@ class Placer:
             # moving cost c changes utilisations to (L_hi - c)/C_hi and (L_lo + c)/C_lo;
             # the ideal c equalises them
             ideal = (hi.load * lo.capacity - lo.load * hi.capacity) / (hi.capacity + lo.capacity)
-            fits = [(st, c) for st, c in hi.streams.items() if c <= lo.headroom + 1e-12]
+            fits = [(st, c) for st, c in hi.members.items() if c <= lo.headroom + 1e-12]
             if not fits:
                 break
             stream, cost = min(fits, key=lambda kv: abs(kv[1] - ideal))
             new_hi, new_lo = (hi.load - cost) / hi.capacity, (lo.load + cost) / lo.capacity
             if max(new_hi, new_lo) >= hi.utilisation - 1e-12:
                 break  # no improvement possible with a single move
-            del hi.streams[stream]
-            lo.streams[stream] = cost
+            del hi.members[stream]
+            lo.members[stream] = cost
             moves.append(Move(stream, hi.name, lo.name, cost))
         return moves

@@ -18,6 +18,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ class Publisher:
     """Owns one MQTT connection; run `run()` as a task, call `publish()` from the loop."""
 
     def __init__(self, cfg: MqttConfig, host: str | None = None, port: int | None = None,
-                 secrets: tuple[str, ...] = ()) -> None:
+                 secrets: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.host = host or cfg.host
         self.port = port or cfg.port

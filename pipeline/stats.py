@@ -1,19 +1,21 @@
 """Per-stream counters and latency percentiles, turned into periodic snapshots.
 
-Counters only grow; rates are computed between two snapshots. Latency samples live in a
-fixed-size ring, so memory is bounded whatever the uptime.
+Counters only grow; rates are computed between two snapshots. Decoded and stale counts are the
+mailbox's own (not copied). Latency samples live in fixed-size rings, so memory is bounded
+whatever the uptime.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-DROP_CAUSES = ("stale", "too_old", "error", "no_model")
+from streams import Mailbox
+
+DROP_CAUSES = ("stale", "too_old", "error")  # stale: overwritten in the mailbox; the others: dropped here
 
 
 def percentile(values: list[float] | deque[float], q: float) -> float | None:
@@ -24,14 +26,12 @@ def percentile(values: list[float] | deque[float], q: float) -> float | None:
 
 @dataclass
 class StreamStats:
-    stream: str
-    decoded: int = 0  # frames the decoder produced (mirrors the latest slot)
+    mailbox: Mailbox
     processed: int = 0
-    published: int = 0
-    drops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_CAUSES, 0))
+    drops: dict[str, int] = field(default_factory=lambda: {"too_old": 0, "error": 0})
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=512))
     stage_ms: dict[str, deque[float]] = field(default_factory=dict)
-    _last_t: float = field(default_factory=time.monotonic)
+    _last_t: float | None = None
     _last_decoded: int = 0
     _last_processed: int = 0
     fps_in: float = 0.0
@@ -49,28 +49,32 @@ class StreamStats:
                 ring = self.stage_ms[k] = deque(maxlen=256)
             ring.append(v)
 
-    def restart_window(self) -> None:
-        self._last_t = time.monotonic()
-        self._last_decoded, self._last_processed = self.decoded, self.processed
+    def restart_window(self, now: float) -> None:
+        """Rates count from here (a stream starts decoding), not from model loading."""
+        self._last_t = now
+        self._last_decoded, self._last_processed = self.mailbox.received, self.processed
 
-    def tick(self, now: float | None = None) -> None:
+    def tick(self, now: float) -> None:
         """Update fps figures from the counters since the previous tick."""
-        now = time.monotonic() if now is None else now
+        if self._last_t is None:
+            self.restart_window(now)
+            return
         dt = now - self._last_t
         if dt < 1.0:  # several readers tick; a rate over a sliver of time is noise
             return
-        self.fps_in = (self.decoded - self._last_decoded) / dt
+        decoded = self.mailbox.received
+        self.fps_in = (decoded - self._last_decoded) / dt
         self.fps_processed = (self.processed - self._last_processed) / dt
-        self._last_t, self._last_decoded, self._last_processed = now, self.decoded, self.processed
+        self._last_t, self._last_decoded, self._last_processed = now, decoded, self.processed
 
     def snapshot(self) -> dict[str, Any]:
         lat = self.latency_ms
         return {
-            "decoded": self.decoded,
+            "decoded": self.mailbox.received,
             "processed": self.processed,
             "fps_in": round(self.fps_in, 2),
             "fps_processed": round(self.fps_processed, 2),
-            "drops": dict(self.drops),
+            "drops": {"stale": self.mailbox.dropped_stale, **self.drops},
             "latency_ms": {
                 "p50": _r(percentile(lat, 50)),
                 "p95": _r(percentile(lat, 95)),

@@ -1,22 +1,23 @@
-"""Media I/O with PyAV: live sources with reconnect, keep-latest hand-off, probing, test scenes."""
+"""Media I/O with PyAV: live sources with reconnect, one-frame mailboxes, probing, test scenes."""
 
 from .backoff import Backoff
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
 from .frame import Frame
-from .latest import LatestFrame
+from .clock import SYSTEM_CLOCK, Clock
+from .mailbox import Mailbox
 from .redact import RedactingFilter, redact_text, redact_url, url_password
 from .source import (
     CONNECTING,
     ENDED,
     FAILED,
     RECONNECTING,
-    STATES,
     STOPPED,
     STREAMING,
     ProbeResult,
     Source,
-    SourceOptions,
+    SourceSettings,
     SourceState,
+    StreamState,
     is_local_file,
     probe,
 )
@@ -26,21 +27,23 @@ __all__ = [
     "ENDED",
     "FAILED",
     "RECONNECTING",
-    "STATES",
     "STOPPED",
     "STREAMING",
+    "SYSTEM_CLOCK",
     "Backoff",
+    "Clock",
     "Frame",
-    "LatestFrame",
+    "Mailbox",
     "NotVideoError",
     "ProbeResult",
     "RedactingFilter",
     "Source",
     "SourceOpenError",
-    "SourceOptions",
+    "SourceSettings",
     "SourceState",
     "StreamError",
     "StreamStalled",
+    "StreamState",
     "is_local_file",
     "probe",
     "redact_text",

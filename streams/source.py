@@ -18,25 +18,42 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
 
 import av
+from pydantic import BaseModel, ConfigDict, Field
 
 from .backoff import Backoff
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
 from .frame import Frame, fit_size
 from .redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
-CONNECTING = "connecting"
-STREAMING = "streaming"
-RECONNECTING = "reconnecting"
-FAILED = "failed"
-ENDED = "ended"
-STOPPED = "stopped"
-STATES = (CONNECTING, STREAMING, RECONNECTING, FAILED, ENDED, STOPPED)
+class StreamState(StrEnum):
+    """The one list of a stream's states. The source moves through the middle ones; the pipeline
+    sets `starting` (configured, its model still loading), `refused` (admission control found no
+    executor slot with room) and `failed` (also when its model cannot load)."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    ENDED = "ended"
+    STOPPED = "stopped"
+    REFUSED = "refused"
+
+
+CONNECTING = StreamState.CONNECTING
+STREAMING = StreamState.STREAMING
+RECONNECTING = StreamState.RECONNECTING
+FAILED = StreamState.FAILED
+ENDED = StreamState.ENDED
+STOPPED = StreamState.STOPPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,29 +61,30 @@ class SourceState:
     """A snapshot of a source's state, safe to publish (no credentials)."""
 
     stream: str
-    state: str
+    state: StreamState
     since: float
     reconnects: int
     error: str | None = None
 
 
-@dataclass(slots=True)
-class SourceOptions:
-    """How a source opens and keeps its stream; mirrors the per-stream config."""
+class SourceSettings(BaseModel):
+    """How a source opens and keeps its stream: the media part of a stream's config.
 
-    open_timeout: float = 10.0
-    stall_timeout: float = 10.0
-    transport: str = "tcp"  # rtsp only: tcp | udp
-    realtime: bool | None = None  # pace at native rate; None = yes for local files, no otherwise
-    loop: bool | None = None  # restart at end; None = yes for local files, no otherwise
-    reconnect_base: float = 0.5
-    reconnect_cap: float = 30.0
-    max_retries: int | None = None  # consecutive failures before `failed`; None = forever
-    decode_threads: int = 0  # 0 = FFmpeg decides
-    # convert straight to the size the model needs (fit inside max_side x max_side, never upscale)
-    # with fast bilinear scaling; the frame remembers its source size so boxes map back to it
-    max_side: int | None = None
-    ffmpeg_options: dict[str, str] = field(default_factory=dict)
+    The one place these defaults live; the pipeline's per-stream config extends this model, so a
+    stream's config is the source's settings as they are.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP transport")
+    realtime: bool | None = Field(None, description="pace files at native rate (default: yes for files)")
+    loop: bool | None = Field(None, description="restart files at the end (default: yes for files)")
+    open_timeout: float = Field(10.0, gt=0, le=600, description="seconds to open before retrying")
+    stall_timeout: float = Field(10.0, gt=0, le=600, description="seconds without a frame before reconnecting")
+    reconnect_base: float = Field(0.5, gt=0, le=60, description="first reconnect delay ceiling (full jitter)")
+    reconnect_cap: float = Field(30.0, gt=0, le=3600, description="max seconds between reconnect attempts")
+    max_retries: int | None = Field(None, ge=0, description="consecutive failures before 'failed'")
+    ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra demuxer options")
 
 
 def is_local_file(url: str) -> bool:
@@ -75,7 +93,7 @@ def is_local_file(url: str) -> bool:
     return "://" not in url and ":" not in url.split("/")[0]
 
 
-def ffmpeg_options(url: str, opts: SourceOptions) -> dict[str, str]:
+def ffmpeg_options(url: str, opts: SourceSettings) -> dict[str, str]:
     """Demuxer options: low-latency defaults for network streams, user options on top."""
     out: dict[str, str] = {}
     if url.startswith(("rtsp://", "rtsps://")):
@@ -95,7 +113,7 @@ def ffmpeg_options(url: str, opts: SourceOptions) -> dict[str, str]:
     return out
 
 
-def open_container(url: str, opts: SourceOptions) -> Any:
+def open_container(url: str, opts: SourceSettings) -> Any:
     """av.open with timeouts; errors mapped to ours with the URL redacted."""
     try:
         return av.open(
@@ -134,13 +152,21 @@ class Source:
         url: str,
         on_frame: Callable[[Frame], None],
         on_state: Callable[[SourceState], None] | None = None,
-        options: SourceOptions | None = None,
+        options: SourceSettings | None = None,
         backoff: Backoff | None = None,
+        decode_threads: int = 0,
+        max_side: int | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """`decode_threads`: FFmpeg threads (0 = FFmpeg decides). `max_side`: convert straight to
+        fit inside max_side x max_side (never upscaled); the frame remembers its source size."""
         self.stream = stream
         self._url = url
         self.url_redacted = redact_url(url)
-        self.options = options or SourceOptions()
+        self.options = options or SourceSettings()
+        self.decode_threads = decode_threads
+        self.max_side = max_side
+        self.clock = clock
         self._on_frame = on_frame
         self._on_state = on_state
         self.local = is_local_file(url)
@@ -150,10 +176,8 @@ class Source:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._state = SourceState(stream, CONNECTING, time.time(), 0)
-        self.frames_decoded = 0
-        self.decode_errors = 0
-        self.last_frame_mono: float | None = None
+        self._state = SourceState(stream, CONNECTING, clock.wall(), 0)
+        self.decode_errors = 0  # corrupt packets skipped (published in the stream's stats)
         self.width: int | None = None
         self.height: int | None = None
         self.codec: str | None = None
@@ -180,7 +204,7 @@ class Source:
         with self._lock:
             return self._state
 
-    def _set_state(self, state: str, error: str | None = None, reconnect: bool = False) -> None:
+    def _set_state(self, state: StreamState, error: str | None = None, reconnect: bool = False) -> None:
         with self._lock:
             old = self._state
             if old.state == state and old.error == error and not reconnect:
@@ -190,7 +214,7 @@ class Source:
             new = SourceState(
                 self.stream,
                 state,
-                time.time() if state != old.state else old.since,
+                self.clock.wall() if state != old.state else old.since,
                 old.reconnects + (1 if reconnect else 0),
                 error,
             )
@@ -267,18 +291,18 @@ class Source:
             vstream = first_video_stream(container, self._url)
             ctx = vstream.codec_context
             ctx.thread_type = "AUTO"
-            if self.options.decode_threads:
-                ctx.thread_count = self.options.decode_threads
+            if self.decode_threads:
+                ctx.thread_count = self.decode_threads
             self.codec = ctx.name
             rate = vstream.average_rate or vstream.guessed_rate
             self.fps = float(rate) if rate else None
             pace_start: float | None = None
             first_pts: float | None = None
-            last_frame = time.monotonic()
+            last_frame = self.clock.mono()
             for packet in container.demux(vstream):
                 if self._stop.is_set():
                     return
-                now = time.monotonic()
+                now = self.clock.mono()
                 if now - last_frame > self.options.stall_timeout:
                     raise StreamStalled(f"no frame for {now - last_frame:.1f}s")
                 t0 = time.perf_counter()
@@ -288,8 +312,8 @@ class Source:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
                 for vf in frames:
-                    if self.options.max_side and max(vf.width, vf.height) > self.options.max_side:
-                        w, h = fit_size(vf.width, vf.height, self.options.max_side)
+                    if self.max_side and max(vf.width, vf.height) > self.max_side:
+                        w, h = fit_size(vf.width, vf.height, self.max_side)
                         image = vf.to_ndarray(format="bgr24", width=w, height=h, interpolation="FAST_BILINEAR")
                     else:
                         image = vf.to_ndarray(format="bgr24")
@@ -301,11 +325,9 @@ class Source:
                         pace_start = self._pace(pace_start, pts - first_pts)
                         if self._stop.is_set():
                             return
-                    mono = time.monotonic()
+                    mono = self.clock.mono()
                     last_frame = mono
-                    self.last_frame_mono = mono
                     self.width, self.height = vf.width, vf.height
-                    self.frames_decoded += 1
                     if self._state.state != STREAMING:
                         self._set_state(STREAMING)
                     rel = (pts - first_pts) if (pts is not None and first_pts is not None) else None
@@ -314,7 +336,7 @@ class Source:
                         stream_pts = pts_offset + rel if rel is not None else None
                     else:
                         stream_pts = pts
-                    yield Frame(self.stream, index, image, time.time(), stream_pts, decode_ms, mono,
+                    yield Frame(self.stream, index, image, self.clock.wall(), stream_pts, decode_ms, mono,
                                 (vf.width, vf.height))
                     index += 1
                     t0 = time.perf_counter()
@@ -323,7 +345,7 @@ class Source:
 
     def _pace(self, start: float | None, rel_pts: float) -> float:
         """Sleep until the frame's presentation time; returns the (possibly reset) start."""
-        now = time.monotonic()
+        now = self.clock.mono()
         if start is None:
             return now - rel_pts
         target = start + rel_pts
@@ -353,9 +375,9 @@ class ProbeResult:
                 f"opened in {self.open_ms:.0f} ms, first frame after {self.first_frame_ms:.0f} ms")
 
 
-def probe(url: str, options: SourceOptions | None = None) -> ProbeResult:
+def probe(url: str, options: SourceSettings | None = None) -> ProbeResult:
     """Open a URL, decode one frame and report what it is; raises StreamError subclasses."""
-    opts = options or SourceOptions()
+    opts = options or SourceSettings()
     t0 = time.perf_counter()
     container = open_container(url, opts)
     try:

@@ -31,8 +31,9 @@ class MuseTalkLive:
     lookahead = WINDOW_RIGHT
 
     def __init__(self, frontend: MuseTalk, faces: list[PreparedFace],
-                 submit: Callable[[list[LipSyncJob]], Future[list[np.ndarray]]], block: int = 8,
-                 context: float = 1.0, timeout: float = 2.0) -> None:
+                 submit: Callable[[list[LipSyncJob]], Future[list[np.ndarray]]], block: int,
+                 timeout: float, context: float = 1.0) -> None:
+        """`block` frames per request and `timeout` per block: the session's settings (`[lipsync]`)."""
         if not faces:
             raise ValueError("a MuseTalk session needs at least one prepared avatar frame")
         self.frontend = frontend

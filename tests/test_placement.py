@@ -38,10 +38,10 @@ def test_evacuate_moves_everything_that_fits_largest_first() -> None:
         p.place(f"x{i}", c)
     victim = p.where("x0")
     assert victim is not None
-    before = set(p.slots[victim].streams)
+    before = set(p.slots[victim].members)
     moves, refused = p.evacuate(victim)
     assert {m.stream for m in moves} | set(refused) == before
-    assert not p.slots[victim].streams and not p.slots[victim].healthy
+    assert set(p.slots[victim].members) == set(refused) and not p.slots[victim].healthy
     assert all(s.load <= s.capacity + 1e-9 for s in p.healthy())
     assert [m.cost for m in moves] == sorted((m.cost for m in moves), reverse=True)
 
@@ -52,12 +52,12 @@ def test_rebalance_reaches_band_with_few_moves() -> None:
         p = make(6)
         costs = [rng.choice([0.02, 0.05, 0.08, 0.1]) for _ in range(40)]
         for i, c in enumerate(costs):  # all on two slots: a badly skewed start
-            p.slots[f"s{i % 2}"].streams[f"c{i}"] = c
+            p.slots[f"s{i % 2}"].members[f"c{i}"] = c
         need = p.min_moves_needed()
         moves = p.rebalance()
         assert p.imbalance() <= 1.10 + 1e-9, trial
         assert len(moves) <= 2 * need, (trial, len(moves), need)
-        assert sum(len(s.streams) for s in p.slots.values()) == 40  # nothing lost
+        assert sum(len(s.members) for s in p.slots.values()) == 40  # nothing lost
 
 
 def test_simulation_invariants() -> None:

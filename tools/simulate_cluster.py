@@ -97,7 +97,7 @@ class Cluster:
         for s in self.placer.healthy():
             over = s.load / (s.capacity / 0.9)  # share of the slot's real throughput in use
             if over > 1.0:
-                lost += sum(self.fps[x] for x in s.streams) * (1 - 1.0 / over)
+                lost += sum(self.fps[x] for x in s.members) * (1 - 1.0 / over)
         return lost
 
 
@@ -116,7 +116,7 @@ def scenario(name: str, cluster: Cluster, events: list[tuple[str, object]], rng:
             moved, refused_list = [], []
             streams_lost_fps = 0.0
             for slot in cluster.gpu_slots[victim]:
-                streams_lost_fps += sum(cluster.fps[x] for x in cluster.placer.slots[slot].streams)
+                streams_lost_fps += sum(cluster.fps[x] for x in cluster.placer.slots[slot].members)
                 m, r = cluster.placer.evacuate(slot)
                 moved += m
                 refused_list += r
@@ -132,7 +132,7 @@ def scenario(name: str, cluster: Cluster, events: list[tuple[str, object]], rng:
             row["min_moves_needed"] = need
             row["moves"] = len(moves)
     row["slots"] = len(cluster.placer.healthy())
-    row["streams"] = sum(len(s.streams) for s in cluster.placer.healthy())
+    row["streams"] = sum(len(s.members) for s in cluster.placer.healthy())
     row["imbalance_max_mean"] = round(cluster.placer.imbalance(), 3)
     row["mean_utilisation"] = round(
         sum(s.utilisation for s in cluster.placer.healthy()) / max(1, len(cluster.placer.healthy())), 3)

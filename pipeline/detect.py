@@ -1,0 +1,143 @@
+"""Detection on the shared slot machinery: a stream's feed and the detection job adapter.
+
+`StreamFeed` serves one stream's mailbox to its slot's batcher, keeping the stream's `max_fps`
+phase and dropping frames older than `max_frame_age` (cause `too_old`) instead of inferring
+them. `DetectJobs` turns a batch of frames into one detector call and each answer into a
+`Result` (boxes in source pixels, classes filtered, per-stage timings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from detectors import Detections, Detector, DetectorError
+from detectors.runtimes import build_detector, resolve_backend
+from streams import Clock, Frame
+
+from .config import ModelConfig, PipelineConfig
+from .devices import SlotAssignment, pinned_device
+from .errors import SlotError
+from .ingest import StreamRecord
+from .results import Results
+from .slots import SlotPool, Spawn, Taken
+
+DetectorFactory = Callable[[str, ModelConfig], Detector]
+
+
+def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
+    """The detector for one slot. `cfg.device` is the slot's device ("cpu", "cuda:N"; "auto" = CPU)."""
+    device = pinned_device(cfg.device) or "cpu"
+    runtime = resolve_backend(cfg.backend, device)
+    extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
+    return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
+                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size, **extra)
+
+
+class StreamFeed:
+    """One stream as a batcher member: its mailbox, rate limit and frame-age rule."""
+
+    def __init__(self, record: StreamRecord, max_frame_age: float) -> None:
+        self.key = record.name
+        self.record = record
+        self.mailbox = record.mailbox
+        self.max_fps = record.cfg.max_fps
+        self.max_frame_age = max_frame_age
+        self.next_due = 0.0
+
+    def waiting_since(self) -> float | None:
+        return self.mailbox.waiting_since
+
+    def ready_at(self, now: float) -> float | None:
+        if self.mailbox.waiting_since is not None:
+            return self.next_due
+        expected, interval = self.mailbox.expected_next(), self.mailbox.interval
+        if expected is None or interval is None or expected < now - interval:
+            return None  # not measured yet, or overdue (a stalled camera never holds a batch back)
+        return max(expected, self.next_due)
+
+    def take(self, now: float, room: int) -> list[Frame]:
+        frame = self.mailbox.take()
+        if frame is None:
+            return []
+        if now - frame.captured_mono > self.max_frame_age:
+            self.record.stats.drop("too_old")
+            return []
+        if self.max_fps:
+            interval = 1.0 / self.max_fps
+            # keep the phase (so 15 fps in, 10 fps out really gives 10), but never bank credit
+            base = self.next_due if now - self.next_due < interval else now
+            self.next_due = base + interval
+        return [frame]
+
+    def rate(self) -> float | None:
+        interval = self.mailbox.interval
+        measured = 1.0 / interval if interval else None
+        rates = [r for r in (measured, self.max_fps) if r]
+        return min(rates) if rates else None
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        self.mailbox.set_notify(notify)
+
+
+class DetectJobs:
+    """The detection job adapter: frames in, results out."""
+
+    def __init__(self, model: str, classes: Sequence[str] | None, results: Results, clock: Clock) -> None:
+        self.model = model
+        self.classes = set(classes) if classes is not None else None
+        self.results = results
+        self.clock = clock
+
+    def size(self, item: Frame) -> int:
+        return 1
+
+    def call(self, frames: list[Frame]) -> tuple[Any, ...]:
+        return [f.image for f in frames], [(f.width, f.height) for f in frames]
+
+    def deliver(self, taken: list[Taken], outputs: list[Detections], shipped_at: float) -> None:
+        inferred_at = self.clock.wall()
+        for (feed, frame), det in zip(taken, outputs, strict=True):
+            record: StreamRecord = feed.record  # type: ignore[attr-defined]
+            if not record.live:  # removed while in flight
+                continue
+            if self.classes is not None:
+                det = _only(det, self.classes)
+            timings = {"decode": frame.decode_ms, "queue": (shipped_at - frame.captured_mono) * 1000,
+                       **det.timings_ms}
+            self.results.emit(record, self.model, frame, det, timings, inferred_at)
+
+    def failed(self, taken: list[Taken], exc: SlotError) -> None:
+        for feed, _ in taken:
+            feed.record.stats.drop("error")  # type: ignore[attr-defined]
+
+
+def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipeline: PipelineConfig,
+                factory: DetectorFactory, results: Results, clock: Clock, on_change: Callable[[], None],
+                spawn: Spawn | None = None) -> SlotPool:
+    """The slots of one detection model, as planned."""
+
+    def make(i: int) -> Detector:
+        a = layout[i]
+        return factory(name, cfg.model_copy(update={"device": a.device, "threads": a.threads}))
+
+    def check(det: Detector) -> None:
+        unknown = sorted(set(cfg.classes or ()) - set(det.class_names))
+        if unknown:
+            raise DetectorError(f"model {name}: classes {unknown} not in model (has {', '.join(det.class_names)})")
+
+    side = cfg.imgsz  # a calibration batch of model-sized 16:9 frames seeds the slots' service time
+    frames = [np.zeros((side * 9 // 16, side, 3), np.uint8)] * cfg.batch_size
+    return SlotPool(name, make, [a.device for a in layout], DetectJobs(name, cfg.classes, results, clock),
+                    cfg.pool_settings(pipeline), clock=clock, calibration=((frames, None), len(frames)),
+                    check=check, on_change=on_change, spawn=spawn)
+
+
+def _only(det: Detections, wanted: set[str]) -> Detections:
+    keep = [i for i, label in enumerate(det.labels) if label in wanted]
+    if len(keep) == len(det.labels):
+        return det
+    return Detections(det.boxes[keep], det.confidences[keep], det.class_ids[keep],
+                      tuple(det.labels[i] for i in keep), det.timings_ms)

@@ -1,0 +1,54 @@
+"""The one thread-to-loop boundary: decode threads, worker threads and talk sessions reach the
+asyncio loop only through `Handoff`, which wraps `loop.call_soon_threadsafe`.
+
+A hand-off after the loop has closed (shutdown) is dropped quietly: the thread that made it is
+being stopped anyway. `Waker` coalesces wake-ups: however many frames a decode thread puts in
+one loop turn, the loop is woken once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class Handoff:
+    """Runs callables on one event loop from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Schedule `fn(*args)` on the loop; never blocks, never raises (a closed loop drops it)."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed between the check and the call
+            pass
+
+    def waker(self, event: asyncio.Event) -> Waker:
+        return Waker(self, event)
+
+
+class Waker:
+    """Sets an asyncio.Event from any thread, at most one pending hand-off at a time."""
+
+    __slots__ = ("_handoff", "_event", "_pending")
+
+    def __init__(self, handoff: Handoff, event: asyncio.Event) -> None:
+        self._handoff = handoff
+        self._event = event
+        self._pending = threading.Event()
+
+    def __call__(self) -> None:
+        if self._pending.is_set():
+            return
+        self._pending.set()
+        self._handoff.call(self._fire)
+
+    def _fire(self) -> None:
+        self._pending.clear()
+        self._event.set()

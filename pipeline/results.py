@@ -1,0 +1,104 @@
+"""Results: the value that leaves the pipeline for one processed frame, and where it goes.
+
+`Results.emit` is the one output seam: it numbers the stream's results (on the loop, so in
+order), stamps the publish stage, records the stream's latency, and hands the `Result` to every
+`ResultSink`: the MQTT publisher always; the benchmark's recorder, and later the HTTP API or a
+tracker, by `Pipeline(..., sinks=[...])` or `pipeline.results.add_sink`. A sink that raises
+costs only its own copy of that result.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from detectors import Detections
+from streams import Clock, Frame
+
+if TYPE_CHECKING:
+    from .ingest import StreamRecord
+    from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """Detections for one frame (boxes in source pixels) plus everything needed to judge their timeliness."""
+
+    stream: StreamRecord
+    seq: int
+    model: str
+    frame: Frame
+    inferred_at: float  # unix s: model returned
+    published_at: float  # unix s: handed to the sinks
+    detections: Detections
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.published_at - self.frame.captured_at) * 1000
+
+    def payload(self) -> dict[str, Any]:
+        f = self.frame
+        return {
+            "v": PAYLOAD_VERSION,
+            "stream": self.stream.name,
+            "seq": self.seq,
+            "model": self.model,
+            "frame": f.index,
+            "pts": None if f.pts is None else round(f.pts, 4),
+            "captured_at": round(f.captured_at, 6),
+            "inferred_at": round(self.inferred_at, 6),
+            "published_at": round(self.published_at, 6),
+            "latency_ms": round(self.latency_ms, 2),
+            "width": f.width,
+            "height": f.height,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
+            "detections": self.detections.to_json(),
+        }
+
+
+class ResultSink(Protocol):
+    """A consumer of results. `emit` runs on the loop: it must not block (queue, then return)."""
+
+    def emit(self, result: Result) -> None: ...
+
+
+class MqttResults:
+    """Every result as JSON on `<prefix>/streams/<stream>/detections`."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+
+    def emit(self, result: Result) -> None:
+        self.publisher.publish(self.publisher.topic("streams", result.stream.name, "detections"), result.payload())
+
+
+class Results:
+    def __init__(self, clock: Clock, sinks: list[ResultSink] | None = None) -> None:
+        self.clock = clock
+        self.sinks: list[ResultSink] = list(sinks or [])
+        self.sink_errors = 0  # published in stats
+
+    def add_sink(self, sink: ResultSink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, record: StreamRecord, model: str, frame: Frame, det: Detections, timings: dict[str, float],
+             inferred_at: float) -> None:
+        now = self.clock.wall()
+        # the publish stage: model returned -> handed to the sinks (the MQTT client's own send/ack
+        # time is in stats as mqtt.send_ms)
+        timings["publish"] = max(0.0, (now - inferred_at) * 1000)
+        record.seq += 1
+        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings)
+        record.stats.record(result.latency_ms, timings)
+        for sink in self.sinks:
+            try:
+                sink.emit(result)
+            except Exception:
+                self.sink_errors += 1
+                log.exception("result sink %s failed on %s #%d", type(sink).__name__, record.name, result.seq)

@@ -1,0 +1,538 @@
+"""The one executor-slot machinery, for detection and lip-sync alike.
+
+A `SlotPool` is one model's slots: each slot is a model copy on its own worker thread (`Slot`)
+fed by one arrival-driven `Batcher`. The pool's `Placer` holds the only member-to-slot table and
+the only health record per slot; members are detection streams or talk sessions, each behind a
+`Feed`. What detection and lip-sync do differently lives in a small `JobAdapter` (how items
+become one model call and how outputs go back); everything else is shared:
+
+    Feed (mailbox / session queue) --> Batcher (per slot, on the loop) --> Slot (worker thread)
+                                           |                                  |
+                                     JobAdapter.deliver  <----  outputs  <----+
+    faults --> SlotPool: Placer.evacuate (members move at once) --> restart with backoff, in budget
+
+The loop only moves references and awaits: model calls run on the slots' worker threads. A
+failing or hanging model call costs that batch and takes the slot out; it never stops the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from streams import SYSTEM_CLOCK, Backoff, Clock
+
+from .errors import PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
+from .handoff import Handoff
+from .placement import Move, Placer, SlotRecord, SlotState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_S = 0.05  # per frame, before a slot has measured itself
+
+
+class Model(Protocol):
+    """What a slot runs: a detector, a lip-sync model, or a test's fake."""
+
+    def load(self) -> None: ...
+
+    def warmup(self) -> None: ...
+
+    def infer(self, *args: Any) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """How a pool batches, watches and restarts its slots; built from the config (its defaults live there)."""
+
+    batch_size: int
+    batch_timeout: float  # seconds a partial batch may wait, and only when waiting pays
+    hang_timeout: float  # floor of the watchdog; it grows with the measured batch time
+    restart_budget: int  # restarts allowed within restart_window; one more fault: failed
+    restart_window: float
+    restart_backoff_cap: float
+    admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
+    rebalance_band: float
+
+
+# -- one slot ----------------------------------------------------------------------------------------
+class Slot:
+    """A model copy on its own worker thread, with a watchdog and a measured service time."""
+
+    def __init__(self, name: str, model: Model, device: str, hang_timeout: float, clock: Clock = SYSTEM_CLOCK,
+                 hang_factor: float = 10.0) -> None:
+        self.name = name
+        self.model = model
+        self.device = device
+        self.hang_timeout = hang_timeout
+        self.hang_factor = hang_factor
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot[{name}]")
+        self.batches = 0
+        self.frames = 0
+        self.errors = 0
+        self.service_s_per_frame: float | None = None  # EWMA of the batch time per output
+        self._closed = False
+
+    async def start(self, calibration: tuple[tuple[Any, ...], int] | None = None) -> None:
+        """Load and warm up the model; a calibration call (args, outputs) seeds the service time,
+        so placement knows a member's cost before the first real batch."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self.model.load)
+        await loop.run_in_executor(self._pool, self.model.warmup)
+        if calibration is not None:
+            args, n = calibration
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self._pool, lambda: self.model.infer(*args))
+            self.service_s_per_frame = (time.perf_counter() - t0) / max(1, n)
+
+    async def infer(self, args: tuple[Any, ...], n: int) -> list[Any]:
+        """One model call on the worker thread; backend errors come back as SlotError subclasses."""
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        limit = max(self.hang_timeout, (self.service_s_per_frame or 0.0) * n * self.hang_factor)
+        try:
+            fut = loop.run_in_executor(self._pool, lambda: self.model.infer(*args))
+            try:
+                # the watchdog: a model call that never returns must not hold its members hostage
+                out = await asyncio.wait_for(asyncio.shield(fut), limit)
+            except TimeoutError:
+                raise SlotHang(f"slot {self.name}: batch of {n} still running after {limit:.1f}s (hang)") from None
+            if len(out) != n:
+                raise SlotError(f"slot {self.name}: model returned {len(out)} outputs for {n} inputs")
+        except SlotError:
+            self.errors += 1
+            raise
+        except Exception as exc:
+            self.errors += 1
+            raise slot_error(self.name, exc) from exc
+        per = (time.perf_counter() - t0) / max(1, n)
+        prev = self.service_s_per_frame
+        self.service_s_per_frame = per if prev is None else 0.8 * prev + 0.2 * per
+        self.batches += 1
+        self.frames += n
+        return out
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            # bounded: after a hang the worker may never come back to run close()
+            await asyncio.wait_for(loop.run_in_executor(self._pool, self.model.close), 5.0)
+        except TimeoutError:
+            log.warning("slot %s: worker still busy; abandoning it", self.name)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- members and jobs -------------------------------------------------------------------------------
+class Feed(Protocol):
+    """One member's supply of work (a stream's mailbox, a session's request queue)."""
+
+    key: str
+
+    def waiting_since(self) -> float | None:
+        """Monotonic arrival of the oldest item waiting (None: nothing waiting)."""
+        ...
+
+    def ready_at(self, now: float) -> float | None:
+        """When this feed can next give an item: <= now if now; None if not known to come soon."""
+        ...
+
+    def take(self, now: float, room: int) -> list[Any]:
+        """The items to batch now (at least one if any is fit; never more than `room` unless the
+        first alone is larger). May drop items (counted by cause) and return none."""
+        ...
+
+    def rate(self) -> float | None:
+        """Outputs per second this member asks for (placement cost), None before it is known."""
+        ...
+
+    def set_notify(self, notify: Callable[[], None] | None) -> None:
+        """Called from any thread when an item arrives (wakes the batcher of the member's slot)."""
+        ...
+
+
+Taken = tuple[Feed, Any]
+
+
+class JobAdapter(Protocol):
+    """What a kind of work does differently: how items become one model call, and where outputs go."""
+
+    def size(self, item: Any) -> int:
+        """Outputs the item needs (a frame: 1; a lip-sync request: its jobs)."""
+        ...
+
+    def call(self, items: list[Any]) -> tuple[Any, ...]:
+        """The model's infer(*args) arguments for these items."""
+        ...
+
+    def deliver(self, taken: list[Taken], outputs: list[Any], shipped_at: float) -> None:
+        """Hand the outputs on (on the loop; must not block)."""
+        ...
+
+    def failed(self, taken: list[Taken], exc: SlotError) -> None:
+        """These items were lost to a failed model call (count them, release waiters)."""
+        ...
+
+
+# -- the batcher ------------------------------------------------------------------------------------
+class Batcher:
+    """Arrival-driven batches for one slot: no tick.
+
+    When the slot is free it takes what is ready now, oldest-waiting member first, up to the
+    batch size. It waits (at most the batch timeout after its first item) only when waiting pays:
+    the batch is partial and another member's next item is due before the deadline. A member's
+    rate limit (`max_fps` phase) and frame age are its feed's business.
+    """
+
+    def __init__(self, slot: Slot, record: SlotRecord, members: Callable[[], Iterable[Feed]],
+                 adapter: JobAdapter, settings: PoolSettings, clock: Clock,
+                 on_fault: Callable[[Batcher, SlotError], None]) -> None:
+        self.slot = slot
+        self.record = record
+        self.members = members
+        self.adapter = adapter
+        self.batch_size = settings.batch_size  # halved for good after an out-of-memory
+        self.batch_timeout = settings.batch_timeout
+        self.clock = clock
+        self.on_fault = on_fault
+        self.wake = asyncio.Event()
+        self.waker = Handoff(asyncio.get_running_loop()).waker(self.wake)  # for feeds' threads
+        self.batches = 0
+        self.items = 0
+
+    async def run(self) -> None:
+        while True:
+            taken = await self._collect()
+            try:
+                await self._ship(taken)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # an adapter's bug costs this batch, never the pool
+                log.exception("slot %s: batch of %d could not be delivered", self.slot.name, len(taken))
+
+    async def _collect(self) -> list[Taken]:
+        taken: list[Taken] = []
+        used: set[str] = set()
+        filled = 0
+        deadline: float | None = None
+        while True:
+            self.wake.clear()
+            now = self.clock.mono()
+            if not self.record.healthy:  # taken out: wait for the restart to wake us
+                await self.wake.wait()
+                continue
+            members = [f for f in self.members() if f.key not in used]
+            ready = []
+            for f in members:
+                since, at = f.waiting_since(), f.ready_at(now)
+                if since is not None and at is not None and at <= now:
+                    ready.append((since, f.key, f))
+            for _, _, f in sorted(ready, key=lambda r: (r[0], r[1])):
+                if filled >= self.batch_size:
+                    break
+                items = f.take(now, self.batch_size - filled)
+                if items:
+                    used.add(f.key)
+                    taken.extend((f, it) for it in items)
+                    filled += sum(self.adapter.size(it) for it in items)
+            if filled >= self.batch_size:
+                return taken
+            upcoming = [at for f in members if f.key not in used and (at := f.ready_at(now)) is not None]
+            if taken:
+                if deadline is None:
+                    deadline = now + self.batch_timeout
+                due = [at for at in upcoming if at <= deadline]
+                if now >= deadline or not due:
+                    return taken  # waiting would not pay: run the partial batch now
+                first = min(due)
+                timeout = first - now if first > now else deadline - now  # late: until it arrives or the deadline
+            else:
+                later = [at for at in upcoming if at > now]
+                timeout = min(later) - now if later else None  # a rate-limited member's turn, or any arrival
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _ship(self, taken: list[Taken]) -> None:
+        shipped_at = self.clock.mono()
+        items = [it for _, it in taken]
+        n = sum(self.adapter.size(it) for it in items)
+        try:
+            outputs = await self.slot.infer(self.adapter.call(items), n)
+        except SlotOutOfMemory as exc:
+            if len(taken) < 2:
+                self._lost(taken, exc)
+                return
+            # out of memory: the same items again at half the batch size, and keep that size
+            half = len(taken) // 2
+            self.batch_size = max(1, half)
+            log.warning("slot %s: out of memory at batch %d; batch size now %d", self.slot.name, len(taken),
+                        self.batch_size)
+            await self._ship(taken[:half])
+            await self._ship(taken[half:])
+            return
+        except SlotError as exc:
+            self._lost(taken, exc)
+            return
+        self.batches += 1
+        self.items += len(items)
+        self.adapter.deliver(taken, outputs, shipped_at)
+
+    def _lost(self, taken: list[Taken], exc: SlotError) -> None:
+        log.error("slot %s: batch of %d failed: %s", self.slot.name, len(taken), exc)
+        self.adapter.failed(taken, exc)
+        self.on_fault(self, exc)
+
+
+# -- the pool ---------------------------------------------------------------------------------------
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def _create_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.get_running_loop().create_task(coro, name=name)
+
+
+class SlotPool:
+    """One model's executor slots: placement, batching, failover and restarts.
+
+    `factory(i)` makes slot i's (unloaded) model; `devices[i]` is where it runs. `check(model)`
+    may reject a loaded model (raising). `on_change()` is called whenever a slot's state or its
+    members change (the devices payload). Members join with `place(feed)`.
+    """
+
+    def __init__(self, name: str, factory: Callable[[int], Model], devices: Sequence[str], adapter: JobAdapter,
+                 settings: PoolSettings, *, clock: Clock = SYSTEM_CLOCK,
+                 calibration: tuple[tuple[Any, ...], int] | None = None,
+                 check: Callable[[Any], None] | None = None, on_change: Callable[[], None] | None = None,
+                 spawn: Spawn | None = None) -> None:
+        if not devices:
+            raise PoolError(f"pool {name}: no slot planned")
+        self.name = name
+        self.factory = factory
+        self.devices = list(devices)
+        self.adapter = adapter
+        self.settings = settings
+        self.clock = clock
+        self.calibration = calibration
+        self.check = check
+        self.on_change = on_change or (lambda: None)
+        self.spawn = spawn or _create_task
+        self.placer = Placer(settings.rebalance_band)
+        self.feeds: dict[str, Feed] = {}
+        self.slots: dict[str, Slot] = {}
+        self.batchers: dict[str, Batcher] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._restarting: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def slot_names(self) -> list[str]:
+        return [f"{self.name}.{i}" for i in range(len(self.devices))]
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every slot (in parallel, each on its worker thread) and start their batchers.
+
+        Raises PoolError naming each slot's error when none could start; slots that could not
+        start are `failed`, the others serve.
+        """
+        for i, name in enumerate(self.slot_names()):
+            record = self.placer.add_slot(name, state=SlotState.STARTING)
+            self.slots[name] = Slot(name, self.factory(i), self.devices[i], self.settings.hang_timeout, self.clock)
+            self.batchers[name] = Batcher(self.slots[name], record, self._members_of(name), self.adapter,
+                                          self.settings, self.clock, self._on_fault)
+        await asyncio.gather(*(self._start_slot(name) for name in self.slots))
+        if not self.placer.healthy():
+            errors = "; ".join(f"{n}: {r.last_error}" for n, r in self.placer.slots.items())
+            await self.close()
+            raise PoolError(errors)
+        for name, batcher in self.batchers.items():
+            self._tasks[name] = self.spawn(batcher.run(), f"slot[{name}].batcher")
+        self.on_change()
+
+    async def _start_slot(self, name: str) -> bool:
+        slot, record = self.slots[name], self.placer.slots[name]
+        try:
+            await slot.start(self.calibration)
+            if self.check is not None:
+                self.check(slot.model)
+        except Exception as exc:
+            record.state, record.last_error = SlotState.FAILED, str(exc)
+            log.error("slot %s: cannot start: %s", name, exc)
+            await slot.close()
+            return False
+        record.state = SlotState.HEALTHY
+        return True
+
+    async def close(self) -> None:
+        self.closed = True
+        tasks = [*self._tasks.values(), *self._restarting]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for feed in self.feeds.values():
+            feed.set_notify(None)
+        await asyncio.gather(*(s.close() for s in self.slots.values()), return_exceptions=True)
+
+    # -- members -----------------------------------------------------------------------------------
+    def _members_of(self, name: str) -> Callable[[], list[Feed]]:
+        record_members = lambda: self.placer.slots[name].members  # noqa: E731 - read at call time
+        return lambda: [self.feeds[k] for k in record_members() if k in self.feeds]
+
+    def cost(self, feed: Feed, slot: str | None = None) -> float:
+        """Share of a slot the member needs: its rate x the slot's measured time per output."""
+        rate = feed.rate() or 15.0  # a typical camera until measured
+        times = [s.service_s_per_frame for n, s in self.slots.items() if (slot is None or n == slot)
+                 and s.service_s_per_frame is not None]
+        return rate * (max(times) if times else DEFAULT_SERVICE_S)
+
+    def place(self, feed: Feed) -> str:
+        """Put a member on the healthy slot with the most headroom; PlacementError when none admits it."""
+        if self.closed:
+            raise PoolError(f"pool {self.name} is closed")
+        slot = self.placer.place(feed.key, self.cost(feed), force=not self.settings.admission_control)
+        self.feeds[feed.key] = feed
+        self._attach(feed, slot)
+        self.on_change()
+        return slot
+
+    def pin(self, feed: Feed, slot: str) -> str:
+        """Put a member on a given slot (placed normally instead when that slot is not healthy)."""
+        if not self.placer.slots[slot].healthy:
+            return self.place(feed)
+        self.placer.assign(feed.key, slot, self.cost(feed, slot))
+        self.feeds[feed.key] = feed
+        self._attach(feed, slot)
+        self.on_change()
+        return slot
+
+    def remove(self, key: str) -> Feed | None:
+        """Take a member out; an item of its in flight is still delivered."""
+        self.placer.remove(key)
+        feed = self.feeds.pop(key, None)
+        if feed is not None:
+            feed.set_notify(None)
+            self.on_change()
+        return feed
+
+    def slot_of(self, key: str) -> str | None:
+        return self.placer.where(key)
+
+    def members(self, slot: str) -> list[str]:
+        return sorted(self.placer.slots[slot].members)
+
+    def state(self, slot: str) -> SlotState:
+        return self.placer.slots[slot].state
+
+    def _attach(self, feed: Feed, slot: str) -> None:
+        batcher = self.batchers[slot]
+        feed.set_notify(batcher.waker)
+        batcher.wake.set()
+
+    def _apply(self, moves: Iterable[Move]) -> list[Move]:
+        applied = []
+        for move in moves:
+            feed = self.feeds.get(move.stream)
+            if feed is None:
+                continue
+            self._attach(feed, move.target)
+            applied.append(move)
+        return applied
+
+    def rebalance(self) -> list[Move]:
+        """Refresh costs from measured rates and service times, then apply the fewest moves that
+        even the load. Lossless: an item in flight on the old slot is delivered from there, the
+        member's next item goes to the new slot (no await between the table change and re-wiring)."""
+        for record in self.placer.slots.values():
+            for key in record.members:
+                if key in self.feeds:
+                    record.members[key] = self.cost(self.feeds[key], record.name)
+        applied = self._apply(self.placer.rebalance())
+        for m in applied:
+            log.info("%s: moved %s -> %s (rebalance)", m.stream, m.source, m.target)
+        if applied:
+            self.on_change()
+        return applied
+
+    # -- failover ----------------------------------------------------------------------------------
+    def _on_fault(self, batcher: Batcher, exc: SlotError) -> None:
+        """A model call failed or hung: take the slot out, move its members at once, restart it."""
+        name = batcher.slot.name
+        record = self.placer.slots[name]
+        if not record.healthy or self.closed:
+            return
+        record.last_error = str(exc)
+        moves, stay = self.placer.evacuate(name, force=not self.settings.admission_control)
+        moved = self._apply(moves)
+        log.warning("slot %s: unhealthy (%s); moved %s", name, exc,
+                    ", ".join(f"{m.stream}->{m.target}" for m in moved) or "nothing")
+        if stay:
+            log.warning("slot %s: %s wait(s) for its restart (no healthy slot with room)", name, ", ".join(stay))
+        self.on_change()
+        task = self.spawn(self._restart(name), f"slot[{name}].restart")
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
+
+    async def _restart(self, name: str) -> None:
+        record, policy = self.placer.slots[name], self.settings
+        backoff = Backoff(0.5, policy.restart_backoff_cap)
+        while not self.closed:
+            now = self.clock.mono()
+            record.restarts = [t for t in record.restarts if now - t < policy.restart_window]
+            if len(record.restarts) >= policy.restart_budget:
+                record.state = SlotState.FAILED
+                log.error("slot %s: failed (%d restart(s) within %.0fs; last error: %s)", name,
+                          len(record.restarts), policy.restart_window, record.last_error)
+                self.on_change()
+                return
+            record.restarts.append(now)
+            backoff.attempts = len(record.restarts) - 1
+            await self.slots[name].close()
+            await asyncio.sleep(backoff.next_delay())
+            index = self.slot_names().index(name)
+            slot = Slot(name, self.factory(index), self.devices[index], self.settings.hang_timeout, self.clock)
+            self.slots[name] = slot
+            self.batchers[name].slot = slot
+            if not await self._start_slot(name):
+                continue  # state failed for now; the budget decides whether to try again
+            for key in record.members:  # members that waited here
+                if key in self.feeds:
+                    record.members[key] = self.cost(self.feeds[key], name)
+            log.info("slot %s: restarted", name)
+            self.batchers[name].wake.set()
+            self.on_change()
+            return
+
+    # -- observability ------------------------------------------------------------------------------
+    def snapshot(self, members_key: str = "streams") -> dict[str, dict[str, Any]]:
+        """Per slot: the health record and the worker's counters (what `devices` and `stats` publish)."""
+        out = {}
+        for name, record in self.placer.slots.items():
+            slot, batcher = self.slots[name], self.batchers[name]
+            service = slot.service_s_per_frame
+            out[name] = {
+                "model": self.name,
+                "device": slot.device,
+                "state": record.state.value,
+                "restarts": len(record.restarts),
+                "batches": slot.batches,
+                "frames": slot.frames,
+                "errors": slot.errors,
+                "batch_size": batcher.batch_size,
+                "mean_batch": round(batcher.items / batcher.batches, 2) if batcher.batches else None,
+                "last_error": record.last_error,
+                "service_ms_per_frame": None if service is None else round(service * 1000, 2),
+                members_key: sorted(record.members),
+            }
+        return out

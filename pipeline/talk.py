@@ -1,0 +1,152 @@
+"""Talk sessions: live talking heads inside the pipeline (avatar + audio in, A/V sink out).
+
+Audio `mqtt` listens on `<prefix>/talk/<name>/audio` for s16le mono 16 kHz PCM chunks (an empty
+message ends the audio). State goes to `<prefix>/talk/<name>/state` (retained) and figures into
+`stats`. MuseTalk sessions run their UNet+VAE on the lipsync slots (`pipeline.lipsync`, the same
+slot machinery as detection), started with the first such session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from streams import Clock, redact_text
+
+from .config import Config, TalkConfig
+from .devices import DeviceInfo
+from .errors import PoolError
+from .handoff import Handoff
+from .lipsync import LipSyncPool, musetalk_pool
+from .publisher import Publisher
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class TalkSessions:
+    def __init__(self, config: Config, publisher: Publisher, telemetry: Telemetry, handoff: Handoff, clock: Clock,
+                 secrets: Sequence[str], device_facts: Callable[[], list[DeviceInfo]],
+                 cpu_runtimes: Callable[[], set[str]], on_change: Callable[[], None]) -> None:
+        self.config = config
+        self.publisher = publisher
+        self.telemetry = telemetry
+        self.handoff = handoff
+        self.clock = clock
+        self.secrets = secrets
+        self.device_facts = device_facts
+        self.cpu_runtimes = cpu_runtimes
+        self.on_change = on_change
+        self.sessions: dict[str, Any] = {}  # talkinghead.TalkSession by name
+        self.lipsync: LipSyncPool | None = None  # started with the first musetalk session
+        self._frontend: Any = None  # VAE + Whisper for the sessions' side (talkinghead.musetalk.MuseTalk)
+        self._lock = asyncio.Lock()
+
+    def _state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any] | None = None) -> None:
+        session = self.sessions.get(name)
+        snap = snapshot or (session.snapshot() if session is not None else {})
+        self.telemetry.session_state(name, state, error, snap)
+
+    async def start(self, name: str, cfg: TalkConfig) -> None:
+        """Start a live session. Raises on a bad avatar or sink after publishing the `failed` state."""
+        from streams.sinks import AVSink
+        from talkinghead import EnergyLipSync, PushAudio, TalkSession, prepare_avatar
+        from talkinghead.audio import iter_audio
+
+        if name in self.sessions:
+            raise ValueError(f"session {name} already exists")
+        self._state(name, "starting", None)
+        try:
+            avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box)
+            backend: Any = (await self._musetalk_backend(name, avatar) if cfg.backend == "musetalk"
+                            else EnergyLipSync(avatar))
+            w, h = avatar.size
+            sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
+        except Exception as exc:
+            if self.lipsync is not None:
+                self.lipsync.release(name)
+            self._state(name, "failed", str(exc))
+            raise
+        audio: Any
+        if cfg.audio == "mqtt":
+            push = PushAudio()
+
+            def on_audio(_topic: str, payload: bytes) -> None:
+                if not payload:
+                    push.close()
+                    return
+                try:
+                    push.push_pcm16(payload)
+                except Exception as exc:  # an odd-length chunk: this chunk only
+                    log.warning("session %s: %s", name, exc)
+
+            audio = push
+            subscribed = self.publisher.subscribe(self.publisher.topic("talk", name, "audio"), on_audio)
+            if subscribed is not None:
+                # `live` must mean the audio topic is listened to: wait for the broker's SUBACK
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(subscribed), 5.0)
+        else:
+            audio = iter_audio(cfg.audio)
+
+        def on_state(session: str, state: str, error: str | None) -> None:  # on the session's thread
+            self.handoff.call(self._state, session, state, error)
+
+        session = TalkSession(name, backend, audio, sink, realtime=True, on_state=on_state)
+        self.sessions[name] = session
+        session.start()
+        log.info("session %s: started (%s -> %s)", name, "mqtt" if cfg.audio == "mqtt" else
+                 redact_text(cfg.audio, tuple(self.secrets)), redact_text(cfg.out, tuple(self.secrets)))
+
+    async def stop(self, name: str) -> None:
+        session = self.sessions.pop(name, None)
+        if session is None:
+            raise KeyError(f"no session {name}")
+        self.publisher.unsubscribe(self.publisher.topic("talk", name, "audio"))
+        await asyncio.to_thread(session.stop)
+        if self.lipsync is not None:
+            self.lipsync.release(name)
+        self._state(name, "stopped", None, session.snapshot())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(name) for name in list(self.sessions)))
+        if self.lipsync is not None:
+            with contextlib.suppress(Exception):
+                await self.lipsync.close()
+
+    async def _musetalk_backend(self, name: str, avatar: Any) -> Any:
+        """A live MuseTalk backend for one session, on the lipsync slots (started with the first session)."""
+        from talkinghead.live import MuseTalkLive
+        from talkinghead.musetalk import MuseTalk
+
+        lcfg = self.config.lipsync
+        assert lcfg.weights is not None  # the config requires it for musetalk sessions
+        async with self._lock:
+            if self.lipsync is None:
+                facts = await asyncio.to_thread(self.device_facts)
+                pool = musetalk_pool(lcfg, self.config.pipeline, self.config.devices.usable_fraction, facts,
+                                     on_change=self.on_change, clock=self.clock)
+                others = {r for r in self.cpu_runtimes() if r != "torch"}
+                if others and "cpu" in pool.devices:
+                    raise PoolError(f"MuseTalk runs on torch, and this process's CPU already runs "
+                                    f"{', '.join(sorted(others))} for detection: one inference runtime per "
+                                    "process on the CPU (run talking heads in a second framegrid process, "
+                                    "or give MuseTalk a GPU)")
+                frontend = MuseTalk(lcfg.weights, lcfg.version, device=pool.devices[0], parts={"vae", "whisper"})
+                await asyncio.to_thread(frontend.load)
+                await pool.start()
+                self._frontend, self.lipsync = frontend, pool
+        pool, frontend = self.lipsync, self._frontend
+        assert pool is not None
+        faces = await asyncio.to_thread(frontend.prepare_faces, avatar)
+        slot = pool.place(name)
+        log.info("session %s: MuseTalk on %s", name, slot)
+        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block,
+                            timeout=lcfg.timeout)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: {**s.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None}
+                for name, s in self.sessions.items()}

@@ -1,0 +1,118 @@
+"""Telemetry: what the pipeline says about itself, built from the one record of each fact.
+
+Stream state (retained, `<prefix>/streams/<name>/state`) from the stream records; slot state
+(retained, `<prefix>/devices`) and the stats' executors from the pools' placers and slots;
+periodic stats (`<prefix>/stats`) from the records, pools, sessions and the publisher. Nothing
+here keeps a copy of a state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from streams import Clock, StreamState, redact_text
+
+from .config import MqttConfig
+from .ingest import StreamRecord
+from .publisher import Publisher
+from .results import PAYLOAD_VERSION
+from .slots import SlotPool
+
+
+class Telemetry:
+    def __init__(self, publisher: Publisher, mqtt: MqttConfig, clock: Clock, secrets: Sequence[str]) -> None:
+        self.publisher = publisher
+        self.mqtt = mqtt
+        self.clock = clock
+        self.secrets = secrets
+        self.started_at = clock.wall()
+        self.last_stats: dict[str, Any] | None = None
+
+    def _redact(self, text: str | None) -> str | None:
+        return redact_text(text, tuple(self.secrets)) if text else None
+
+    # -- streams ---------------------------------------------------------------------------------
+    def stream_state_payload(self, record: StreamRecord) -> dict[str, Any]:
+        return {
+            "v": PAYLOAD_VERSION,
+            "stream": record.name,
+            "state": record.state.value,
+            "since": round(record.since, 3),
+            "reconnects": record.reconnects,
+            "error": self._redact(record.error),
+            "model": record.model,
+            "url": self._redact(record.cfg.url),
+        }
+
+    def stream_state(self, record: StreamRecord) -> None:
+        if record.state is StreamState.STARTING:
+            return  # nothing to tell yet
+        self.publisher.publish(self.publisher.topic("streams", record.name, "state"),
+                               self.stream_state_payload(record), qos=self.mqtt.state_qos, retain=True)
+
+    def stream_removed(self, name: str) -> None:
+        """An empty retained message deletes the retained state."""
+        self.publisher.publish(self.publisher.topic("streams", name, "state"), b"", qos=self.mqtt.state_qos,
+                               retain=True)
+
+    # -- slots -----------------------------------------------------------------------------------
+    def devices_payload(self, pools: Mapping[str, SlotPool]) -> dict[str, Any]:
+        slots: dict[str, Any] = {}
+        for pool in pools.values():
+            for name, snap in pool.snapshot().items():
+                slots[name] = {k: snap[k] for k in ("model", "device", "state", "restarts", "errors", "streams")}
+                slots[name]["last_error"] = self._redact(snap["last_error"])
+        return {"v": PAYLOAD_VERSION, "at": round(self.clock.wall(), 3), "slots": slots}
+
+    def devices(self, pools: Mapping[str, SlotPool]) -> None:
+        self.publisher.publish(self.publisher.topic("devices"), self.devices_payload(pools),
+                               qos=self.mqtt.state_qos, retain=True)
+
+    # -- sessions --------------------------------------------------------------------------------
+    def session_state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any]) -> None:
+        payload = {"v": PAYLOAD_VERSION, "session": name, "state": state, "at": round(self.clock.wall(), 3),
+                   "error": self._redact(error),
+                   **{k: v for k, v in snapshot.items() if k not in ("session", "state", "error")}}
+        self.publisher.publish(self.publisher.topic("talk", name, "state"), payload, qos=self.mqtt.state_qos,
+                               retain=True)
+
+    # -- stats -----------------------------------------------------------------------------------
+    def stats_payload(self, records: Mapping[str, StreamRecord], pools: Mapping[str, SlotPool],
+                      talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int) -> dict[str, Any]:
+        now = self.clock.mono()
+        streams = {}
+        for record in records.values():
+            record.stats.tick(now)
+            snap = record.stats.snapshot()
+            snap["state"] = record.state.value
+            snap["decode_errors"] = record.source.decode_errors if record.source is not None else 0
+            streams[record.name] = snap
+        executors = {}
+        for pool in pools.values():
+            for name, s in pool.snapshot().items():
+                executors[name] = {"state": s["state"], "healthy": s["state"] == "healthy",
+                                   **{k: s[k] for k in ("batches", "frames", "errors", "batch_size", "mean_batch",
+                                                        "service_ms_per_frame")}}
+        wall = self.clock.wall()
+        return {
+            "v": PAYLOAD_VERSION,
+            "at": round(wall, 3),
+            "uptime_s": round(wall - self.started_at, 1),
+            "streams": streams,
+            "mqtt": self.publisher.counters(),
+            "results": {"sink_errors": sink_errors},
+            "talk": talk,
+            "lipsync": lipsync,
+            "executors": executors,
+        }
+
+    def stats(self, payload: dict[str, Any]) -> None:
+        self.last_stats = payload
+        self.publisher.publish(self.publisher.topic("stats"), payload, qos=self.mqtt.stats_qos)
+
+    async def stats_loop(self, build: Callable[[], dict[str, Any]]) -> None:
+        while True:
+            await asyncio.sleep(self.mqtt.stats_interval)
+            self.stats(build())

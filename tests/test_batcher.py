@@ -1,0 +1,168 @@
+"""Batching rules of the one slot machinery, with a fake detector injected through the pool's factory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from detectors import Detections
+from pipeline import DetectJobs, PoolSettings, Result, Results, SlotPool, StreamConfig, StreamFeed, StreamRecord
+from pipeline.stats import StreamStats
+from streams import SYSTEM_CLOCK, Frame, Mailbox
+
+
+class FakeDetector:
+    """Sleeps `delay` per batch (releasing the GIL, like a model) and records batch sizes."""
+
+    name = "fake"
+    class_names = ("thing",)
+
+    def __init__(self, delay: float = 0.01, fail_on: set[int] | None = None) -> None:
+        self.delay = delay
+        self.fail_on = fail_on or set()
+        self.batches: list[int] = []
+
+    def load(self) -> None: ...
+
+    def warmup(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def infer(self, images: Sequence[np.ndarray], sizes: object = None) -> list[Detections]:
+        self.batches.append(len(images))
+        time.sleep(self.delay)
+        if len(self.batches) in self.fail_on:
+            raise RuntimeError("model exploded")
+        return [Detections.empty() for _ in images]
+
+
+class Collect:
+    """A result sink keeping (stream, frame index, result)."""
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+
+    def emit(self, result: Result) -> None:
+        self.results.append(result)
+
+    def of(self, stream: str) -> list[int]:
+        return [r.frame.index for r in self.results if r.stream.name == stream]
+
+
+def frame(stream: str, i: int, age: float = 0.0) -> Frame:
+    return Frame(stream, i, np.zeros((8, 8, 3), np.uint8), time.time() - age, None, 0.0, time.monotonic() - age)
+
+
+def record(name: str, max_fps: float | None = None) -> StreamRecord:
+    mailbox = Mailbox(name)
+    return StreamRecord(name, StreamConfig(url=f"{name}.mp4", model="m", max_fps=max_fps), mailbox,
+                        StreamStats(mailbox))
+
+
+def settings(batch_size: int = 4, batch_timeout: float = 0.01) -> PoolSettings:
+    return PoolSettings(batch_size, batch_timeout, hang_timeout=10.0, restart_budget=3, restart_window=300.0,
+                        restart_backoff_cap=1.0, admission_control=False, rebalance_band=0.1)
+
+
+async def producer(mailbox: Mailbox, stream: str, fps: float, seconds: float, offset: float = 0.0) -> None:
+    """Feeds frames from a thread, like a decoder."""
+
+    def run() -> None:
+        time.sleep(offset)
+        t_end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < t_end:
+            mailbox.put(frame(stream, i))
+            i += 1
+            time.sleep(1 / fps)
+
+    await asyncio.to_thread(run)
+
+
+async def run_pool(det: FakeDetector, streams: dict[str, tuple[float, float | None]], seconds: float,
+                   batch_size: int = 4, batch_timeout: float = 0.01, max_age: float = 1.0, offsets: bool = False
+                   ) -> tuple[SlotPool, dict[str, StreamRecord], Collect]:
+    sink = Collect()
+    pool = SlotPool("m", lambda i: det, ["cpu"], DetectJobs("m", None, Results(SYSTEM_CLOCK, [sink]), SYSTEM_CLOCK),
+                    settings(batch_size, batch_timeout))
+    await pool.start()
+    records = {}
+    for name, (_, max_fps) in streams.items():
+        records[name] = record(name, max_fps)
+        pool.place(StreamFeed(records[name], max_age))
+    await asyncio.gather(*(producer(records[n].mailbox, n, fps, seconds, offset=(0.004 * k if offsets else 0))
+                           for k, (n, (fps, _)) in enumerate(streams.items())))
+    await asyncio.sleep(0.1)
+    await pool.close()
+    return pool, records, sink
+
+
+async def test_fair_across_streams_when_the_model_is_the_bottleneck() -> None:
+    # 4 streams at 30 fps, batches of 2 at 25 ms: the model can take ~80 of 120 frames/s
+    det = FakeDetector(delay=0.025)
+    _, records, sink = await run_pool(det, {f"s{i}": (30, None) for i in range(4)}, 2.0, batch_size=2)
+    counts = [len(sink.of(name)) for name in records]
+    assert min(counts) / max(counts) >= 0.8, counts
+    assert all(r.mailbox.dropped_stale > 0 for r in records.values())  # overwritten, counted
+    assert max(det.batches) == 2
+    assert np.mean(det.batches) > 1.8  # under overload batches fill
+
+
+async def test_max_fps_is_honoured() -> None:
+    _, _, sink = await run_pool(FakeDetector(0.002), {"fast": (30, 5.0), "free": (30, None)}, 2.0)
+    fast, free = len(sink.of("fast")), len(sink.of("free"))
+    assert 8 <= fast <= 11, fast  # 5 fps for 2 s
+    assert free >= 45, free
+
+
+async def test_a_lone_stream_never_waits_for_a_batch() -> None:
+    det = FakeDetector(0.001)
+    _, _, sink = await run_pool(det, {"only": (20, None)}, 1.0, batch_size=8, batch_timeout=0.5)
+    assert len(sink.of("only")) >= 15
+    assert set(det.batches) == {1}  # nothing else is due: a lone stream's frame runs at once
+    queue = [r.timings_ms["queue"] for r in sink.results]
+    assert np.median(queue) < 5.0, np.median(queue)  # not the 500 ms timeout, not a tick
+
+
+async def test_waits_for_frames_due_within_the_timeout() -> None:
+    """Two 10 fps cameras 4 ms apart: waiting pays (the other frame is due), so batches of 2 form;
+    with a 1 ms timeout waiting cannot pay, and each frame runs alone at once."""
+    det = FakeDetector(0.001)
+    _, _, sink = await run_pool(det, {"a": (10, None), "b": (10, None)}, 2.0, batch_size=2, batch_timeout=0.05,
+                                offsets=True)
+    later = det.batches[4:]  # once both arrival intervals are measured
+    assert later and np.mean(later) > 1.7, det.batches
+    det2 = FakeDetector(0.001)
+    await run_pool(det2, {"a": (10, None), "b": (10, None)}, 1.0, batch_size=2, batch_timeout=0.001, offsets=True)
+    assert set(det2.batches[4:]) == {1}, det2.batches
+
+
+async def test_old_frames_are_dropped_not_inferred() -> None:
+    det = FakeDetector(0.001)
+    sink = Collect()
+    pool = SlotPool("m", lambda i: det, ["cpu"], DetectJobs("m", None, Results(SYSTEM_CLOCK, [sink]), SYSTEM_CLOCK),
+                    settings())
+    await pool.start()
+    rec = record("s")
+    pool.place(StreamFeed(rec, 0.5))
+    await asyncio.sleep(0.05)
+    rec.mailbox.put(frame("s", 1, age=2.0))
+    await asyncio.sleep(0.1)
+    rec.mailbox.put(frame("s", 2, age=0.0))
+    await asyncio.sleep(0.1)
+    await pool.close()
+    assert sink.of("s") == [2]
+    assert rec.stats.drops["too_old"] == 1
+
+
+async def test_a_failing_batch_costs_only_that_batch_and_the_slot_restarts() -> None:
+    det = FakeDetector(0.005, fail_on={4})  # the 4th model call raises (no calibration call here)
+    pool, records, sink = await run_pool(det, {"a": (20, None)}, 1.5)
+    assert records["a"].stats.drops["error"] >= 1
+    assert len(sink.of("a")) >= 12  # it went on after the failure (on the restarted slot)
+    record_ = pool.placer.slots["m.0"]
+    assert len(record_.restarts) == 1 and "model exploded" in (record_.last_error or "")
