@@ -127,7 +127,7 @@ def test_slot_layout_from_plan() -> None:
 
 
 def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None:
-    from pipeline import Pipeline, parse_config
+    from pipeline import parse_config, plan_models
 
     from .conftest import MODEL
 
@@ -138,11 +138,9 @@ def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None
         "streams": {"a": {"url": "rtsp://127.0.0.1:9/a", "model": "big"},
                     "b": {"url": "rtsp://127.0.0.1:9/b", "model": "pinned"}},
     }, tmp_path)
-    p = Pipeline(cfg, devices=gpus)
-    for name, scfg in cfg.streams.items():
-        p._add_runtime(name, scfg)
-    layouts = p.plan()
+    plan = plan_models(cfg.models, ["big", "pinned"], cfg.devices, gpus)
+    layouts = plan.layouts
     # 78*0.9/20 -> 3 slots on the A100, 23*0.9/20 -> 1 on the L4
     assert [a.device for a in layouts["big"]] == ["cuda:0"] * 3 + ["cuda:1"]
     assert [a.device for a in layouts["pinned"]] == ["cuda:1", "cuda:1"]
-    assert p.runtimes == {}  # nothing on the CPU: no CPU runtime chosen
+    assert plan.runtimes == {}  # nothing on the CPU: no CPU runtime chosen

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.lipsync import LipSyncPool, musetalk_pool
+from pipeline.config import LipSyncConfig, PipelineConfig
 from pipeline.devices import DeviceInfo
+from pipeline.lipsync import LipSyncPool, musetalk_pool
 from talkinghead import TalkSession, prepare_avatar
 from talkinghead.live import MuseTalkLive
 from talkinghead.musetalk import LipSyncJob, MuseTalk, MuseTalkSlotModel, ping_pong
@@ -56,17 +57,23 @@ def test_slot_model_loads_only_what_a_slot_needs(tiny: Path, frontend: MuseTalk)
 
 
 def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTalk) -> None:  # noqa: F811
-    pool = musetalk_pool(tiny, slots=1, batch_size=8, batch_timeout=0.5, device_facts=CPU).start_in_thread()
+    pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1, batch_size=8, batch_timeout_ms=500),
+                         device_facts=CPU).start_in_thread()
     try:
         latents = torch_zeros_latents(frontend)
         prompt = frontend.audio_prompts(np.zeros(16_000, np.float32))[0]
         jobs = [LipSyncJob(latents, prompt)] * 4
+        busy = pool.submit("w", [LipSyncJob(latents, prompt)] * 8)  # occupies the slot for a while
+        time.sleep(0.02)
         a = pool.submit("a", jobs)
         b = pool.submit("b", jobs)
         outs = a.result(30), b.result(30)
+        assert len(busy.result(30)) == 8
         assert [len(o) for o in outs] == [4, 4] and outs[0][0].shape == (256, 256, 3)
         snap = pool.snapshot()
-        assert snap["batches"] == 1 and snap["mean_batch"] == 8  # one UNet call for both sessions
+        # the free slot took what was ready: one UNet call for both sessions (after the busy one)
+        assert snap["batches"] == 2 and snap["mean_batch"] == 8, snap
+        pool.release("w")
         assert snap["slots"]["lipsync.0"]["sessions"] == ["a", "b"]
         assert snap["slots"]["lipsync.0"]["memory_gb"] > 0  # measured from the loaded model
         c = pool.submit("a", [LipSyncJob(latents, prompt)] * 12)  # more than a batch: still served, whole
@@ -87,7 +94,8 @@ def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTa
     audio = tone_on_off([(0.6, True), (0.2, False), (0.8, True)])  # 40 frames, 5 of them silent
     outputs = {}
     for slots in (1, 2):
-        pool = musetalk_pool(tiny, slots=slots, batch_size=4, device_facts=CPU).start_in_thread()
+        pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=slots, batch_size=4), device_facts=CPU
+                             ).start_in_thread()
         try:
             sink = FrameSink()
             counts = render(frontend, avatar, audio, sink, batch_size=4, in_flight=2 * slots,
@@ -111,12 +119,14 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
 
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
     faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
-    pool = musetalk_pool(tiny, slots=1, batch_size=8, batch_timeout=0.05, device_facts=CPU).start_in_thread()
+    pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1, batch_size=8, batch_timeout_ms=50),
+                         device_facts=CPU).start_in_thread()
     audio = tone_on_off([(0.6, True), (0.4, False), (1.0, True)])  # 2 s: 50 frames, 10 silent
     sessions = []
     try:
         for name in ("s1", "s2"):
-            backend = MuseTalkLive(frontend, faces, lambda jobs, n=name: pool.submit(n, jobs), block=4)
+            backend = MuseTalkLive(frontend, faces, lambda jobs, n=name: pool.submit(n, jobs), block=4,
+                                   timeout=10.0)
             w, h = avatar.size
             out = tmp_path / f"{name}.mkv"
             sessions.append((TalkSession(name, backend, [audio], AVSink(str(out), w, h), realtime=False), out))
@@ -161,10 +171,12 @@ def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseT
         # slot 0's first model fails on its 3rd batch (warm-up is the 1st); its replacement is sound
         return FailsAfter(tiny, "v15", threads=1, n=2 if made.count(0) == 1 and i == 0 else 10**9)
 
-    pool = LipSyncPool(factory, slots=2, batch_size=4, batch_timeout=0.01).start_in_thread()
+    lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0)
+    pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue
+                       ).start_in_thread()
     try:
         assert pool.place("talk") == "lipsync.0"
-        backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4)
+        backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4, timeout=10.0)
         sink = FrameSink()
         session = TalkSession("talk", backend, [tone_on_off([(2.0, True)])], sink, realtime=False)
         session.start()
@@ -186,7 +198,7 @@ def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseT
 
 def test_pool_threads_are_daemons_and_shutdown_is_clean(tiny: Path) -> None:  # noqa: F811
     before = {t.name for t in threading.enumerate()}
-    pool = musetalk_pool(tiny, slots=1, device_facts=CPU).start_in_thread()
+    pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1), device_facts=CPU).start_in_thread()
     pool.shutdown()
     time.sleep(0.2)
     assert "lipsync.loop" not in {t.name for t in threading.enumerate()} - before
@@ -199,11 +211,12 @@ def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:  # noqa:
     facts = [DeviceInfo("cuda:0", "cuda", "big GPU", 24 * gb, 24 * gb), DeviceInfo("cuda:1", "cuda", "small GPU",
                                                                                   16 * gb, 16 * gb),
              DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=16)]
-    pool = musetalk_pool(tiny, slot_memory_gb=8.0, device_facts=facts)
+    pool = musetalk_pool(LipSyncConfig(weights=tiny, slot_memory_gb=8.0), device_facts=facts)
     assert pool.n == 3 and pool.devices == ["cuda:0", "cuda:0", "cuda:1"]  # 21.6 GB -> 2, 14.4 GB -> 1
-    assert musetalk_pool(tiny, slots=4, device_facts=facts).devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
-    assert musetalk_pool(tiny, device_facts=CPU).devices == ["cpu"]
-    assert musetalk_pool(tiny, device_facts=facts, device="cuda:1").devices == ["cuda:1"]
+    assert musetalk_pool(LipSyncConfig(weights=tiny, slots=4), device_facts=facts).devices == [
+        "cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert musetalk_pool(LipSyncConfig(weights=tiny), device_facts=CPU).devices == ["cpu"]
+    assert musetalk_pool(LipSyncConfig(weights=tiny, device="cuda:1"), device_facts=facts).devices == ["cuda:1"]
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:

@@ -154,8 +154,9 @@ def test_nms_and_geometry_round_trip() -> None:
 
 
 def test_backend_choice(weights: Path, tmp_path: Path) -> None:
-    from pipeline import Pipeline, default_detector_factory, parse_config
+    from pipeline import default_detector_factory, parse_config, plan_models
     from pipeline.config import ConfigError
+    from pipeline.devices import DeviceInfo
 
     assert resolve_backend("auto", "cuda:0") == "torch"  # the CUDA-stream path
     assert resolve_backend("auto", "cpu") == next(r for r in CPU_PREFERENCE if installed(r))
@@ -174,8 +175,10 @@ def test_backend_choice(weights: Path, tmp_path: Path) -> None:
         "streams": {"s1": {"url": "rtsp://127.0.0.1:9/a", "model": "a"},
                     "s2": {"url": "rtsp://127.0.0.1:9/b", "model": "b"}},
     }, tmp_path)
-    p = Pipeline(mixed)
-    for name, scfg in mixed.streams.items():
-        p._add_runtime(name, scfg)
+    cpu = [DeviceInfo("cpu", "cpu", "test CPU", 0, 0, cores=2)]
     with pytest.raises(ConfigError, match="one inference runtime per process"):
-        p.plan()
+        plan_models(mixed.models, ["a", "b"], mixed.devices, cpu)
+    # ... also when the second one comes later, while the first runs
+    first = plan_models(mixed.models, ["a"], mixed.devices, cpu)
+    with pytest.raises(ConfigError, match="one inference runtime per process"):
+        plan_models(mixed.models, ["b"], mixed.devices, cpu, running=first.runtimes)

@@ -17,9 +17,9 @@ from streams import (
     STREAMING,
     Backoff,
     Frame,
-    LatestFrame,
+    Mailbox,
     Source,
-    SourceOptions,
+    SourceSettings,
     SourceState,
     redact_text,
     redact_url,
@@ -61,14 +61,18 @@ def _frame(stream: str, i: int) -> Frame:
     return Frame(stream, i, np.zeros((4, 4, 3), np.uint8), time.time(), i / 10, 0.1, time.monotonic())
 
 
-def test_latest_frame_overwrites_and_counts_stale() -> None:
+def test_mailbox_overwrites_and_counts_stale() -> None:
     notified = []
-    slot = LatestFrame("s", lambda: notified.append(1))
+    box = Mailbox("s", lambda: notified.append(1))
     for i in range(5):
-        slot.put(_frame("s", i))
-    assert slot.take().index == 4  # type: ignore[union-attr]
-    assert slot.take() is None
-    assert (slot.received, slot.dropped_stale, len(notified)) == (5, 4, 5)
+        box.put(_frame("s", i))
+    assert box.waiting_since is not None and box.interval is not None
+    first_wait = box.waiting_since
+    assert box.take().index == 4  # type: ignore[union-attr]
+    assert box.take() is None and box.waiting_since is None
+    assert (box.received, box.dropped_stale, len(notified)) == (5, 4, 5)
+    box.put(_frame("s", 5))
+    assert box.waiting_since is not None and box.waiting_since >= first_wait  # waits from the first untaken put
 
 
 def test_frame_rejects_wrong_shapes() -> None:
@@ -95,7 +99,7 @@ def test_unreachable_url_reconnects_with_redacted_error() -> None:
     states: list[SourceState] = []
     url = f"rtsp://cam:Very-Secret-1@127.0.0.1:{free_port()}/x"
     src = Source("dead", url, lambda f: None, states.append,
-                 SourceOptions(open_timeout=2, stall_timeout=2, reconnect_base=0.05, reconnect_cap=0.2))
+                 SourceSettings(open_timeout=2, stall_timeout=2, reconnect_base=0.05, reconnect_cap=0.2))
     src.start()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and src.state.reconnects < 3:
@@ -166,8 +170,8 @@ def test_decoder_converts_to_model_size_and_keeps_source_size(short_video: Path)
     from streams.frame import fit_size
 
     frames: list[Frame] = []
-    src = Source("f", str(short_video), frames.append, options=SourceOptions(realtime=False, loop=False,
-                                                                             max_side=160))
+    src = Source("f", str(short_video), frames.append, options=SourceSettings(realtime=False, loop=False),
+                 max_side=160)
     src.start()
     deadline = time.monotonic() + 10
     while len(frames) < 5 and time.monotonic() < deadline:
@@ -180,8 +184,8 @@ def test_decoder_converts_to_model_size_and_keeps_source_size(short_video: Path)
     assert fit_size(1080, 1920, 320) == (180, 320)
     # a larger model size than the picture: no upscaling, no source_size
     same: list[Frame] = []
-    src = Source("g", str(short_video), same.append, options=SourceOptions(realtime=False, loop=False,
-                                                                           max_side=640))
+    src = Source("g", str(short_video), same.append, options=SourceSettings(realtime=False, loop=False),
+                 max_side=640)
     src.start()
     deadline = time.monotonic() + 10
     while not same and time.monotonic() < deadline:

@@ -134,26 +134,19 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     }, ROOT)
     rec = Recorder(args.warmup, args.seconds)
 
+    class Latency:
+        """A result sink: capture-to-publish latency of every result (published to MQTT as well)."""
+
+        def emit(self, result: Any) -> None:
+            rec.record(result.stream.name, result.published_at - result.frame.captured_at)
+
     async def main() -> dict[str, Any]:
-        pipeline = Pipeline(cfg)
-        publish = pipeline._publish_result
-
-        def hook(rt: Any, result: Any) -> None:
-            publish(rt, result)
-            rec.record(rt.name, time.time() - result.captured_at)
-
-        pipeline._publish_result = hook  # type: ignore[method-assign]
-        stop = asyncio.Event()
-        task = asyncio.create_task(pipeline.run(stop))
-        while not rec.done:
-            await asyncio.sleep(0.2)
-            if task.done():
-                task.result()
-        out = rec.summary(list(streams), args.seconds)
-        out["runtime"] = next(iter(pipeline.runtimes.values()), "torch")
-        out["stages_ms_p50"] = pipeline.stats_payload()["streams"]["cam0"]["stage_ms_p50"]
-        stop.set()
-        await asyncio.wait_for(task, 60)
+        async with Pipeline(cfg, sinks=[Latency()]) as pipeline:
+            while not rec.done:
+                await asyncio.sleep(0.2)
+            out = rec.summary(list(streams), args.seconds)
+            out["runtime"] = next(iter(pipeline.plan.runtimes.values()), "torch")
+            out["stages_ms_p50"] = pipeline.stats_payload()["streams"]["cam0"]["stage_ms_p50"]
         return out
 
     return asyncio.run(main())

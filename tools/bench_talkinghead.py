@@ -100,6 +100,7 @@ def stage_costs(weights: Path, avatar: Any, batch: int, block: int, workdir: Pat
 def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int, block: int,
                   workdir: Path) -> dict[str, Any]:
     from pipeline.devices import DeviceInfo
+    from pipeline.config import LipSyncConfig
     from pipeline.lipsync import musetalk_pool
     from streams.sinks import AVSink
     from talkinghead import TalkSession
@@ -111,13 +112,15 @@ def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int
     frontend.load()
     faces = frontend.prepare_faces(avatar)
     facts = [DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=cores)]
-    pool = musetalk_pool(weights, slots=1, batch_size=batch, batch_timeout=0.02, device_facts=facts)
+    pool = musetalk_pool(LipSyncConfig(weights=weights, slots=1, batch_size=batch, batch_timeout_ms=20),
+                         device_facts=facts)
     pool.start_in_thread()
     audio = voiced_audio(seconds)
     sessions = []
     try:
         for i in range(k):
-            backend = MuseTalkLive(frontend, faces, lambda jobs, n=f"s{i}": pool.submit(n, jobs), block=block)
+            backend = MuseTalkLive(frontend, faces, lambda jobs, n=f"s{i}": pool.submit(n, jobs), block=block,
+                                   timeout=LipSyncConfig().timeout)
             w, h = avatar.size
             sink = AVSink(str(workdir / f"live{k}-{i}.mkv"), w, h)
             sessions.append(TalkSession(f"s{i}", backend, [audio], sink, realtime=True))
@@ -138,6 +141,7 @@ def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int
 
 def offline(weights: Path, avatar: Any, slots: int, seconds: float, batch: int) -> dict[str, Any]:
     from pipeline.devices import DeviceInfo
+    from pipeline.config import LipSyncConfig
     from pipeline.lipsync import musetalk_pool
     from talkinghead.musetalk import MuseTalk
     from talkinghead.offline import render
@@ -146,7 +150,8 @@ def offline(weights: Path, avatar: Any, slots: int, seconds: float, batch: int) 
     frontend = MuseTalk(weights, parts={"vae", "whisper"})
     frontend.load()
     facts = [DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=cores)]
-    pool = musetalk_pool(weights, slots=slots, batch_size=batch, device_facts=facts).start_in_thread()
+    pool = musetalk_pool(LipSyncConfig(weights=weights, slots=slots, batch_size=batch), device_facts=facts
+                         ).start_in_thread()
     audio = voiced_audio(seconds)
     try:
         t0 = time.perf_counter()
