@@ -90,7 +90,7 @@ class Placer:
         pool = [s for s in self.healthy() if candidates is None or s.name in candidates]
         if not pool:
             raise PlacementError(f"stream {stream}: no healthy executor slot")
-        best = max(pool, key=lambda s: (s.headroom, s.name))
+        best = min(pool, key=lambda s: (-s.headroom, s.name))
         if best.headroom < cost and not force:
             raise PlacementError(f"stream {stream}: needs {cost:.3f} of a slot, the most any slot has free is "
                                  f"{max(0.0, best.headroom):.3f}")
@@ -125,7 +125,7 @@ class Placer:
         moves, stay = [], {}
         for member, cost in sorted(dead.members.items(), key=lambda kv: -kv[1]):
             pool = self.healthy()
-            target = max(pool, key=lambda s: (s.headroom, s.name)) if pool else None
+            target = min(pool, key=lambda s: (-s.headroom, s.name)) if pool else None
             if target is None or (target.headroom < cost and not force):
                 stay[member] = cost
                 continue

@@ -359,7 +359,6 @@ class SlotPool:
             raise PoolError(errors)
         for name, batcher in self.batchers.items():
             self._tasks[name] = self.spawn(batcher.run(), f"slot[{name}].batcher")
-        self.on_change()
 
     async def _start_slot(self, name: str) -> bool:
         slot, record = self.slots[name], self.placer.slots[name]

@@ -139,6 +139,7 @@ class TalkSessions:
                 await asyncio.to_thread(frontend.load)
                 await pool.start()
                 self._frontend, self.lipsync = frontend, pool
+                self.on_change()
         pool, frontend = self.lipsync, self._frontend
         assert pool is not None
         faces = await asyncio.to_thread(frontend.prepare_faces, avatar)

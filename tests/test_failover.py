@@ -115,6 +115,10 @@ class Misbehaves(RaisesAfter):
         super().__init__(inner, n)
         self.mode = mode
         self.batch_sizes: list[int] = []
+        if mode == "oom":
+            import torch  # imported here, not in the worker thread (slow the first time: the watchdog is 1 s)
+
+            self.oom = torch.OutOfMemoryError  # the type torch raises on a CUDA OOM: recognised by type, not text
 
     def infer(self, images: Sequence[np.ndarray], sizes: object = None) -> list[Detections]:
         self.calls += 1
@@ -122,9 +126,7 @@ class Misbehaves(RaisesAfter):
         if self.mode == "hang" and self.calls == self.n + 1:
             time.sleep(6)  # far past the 1 s watchdog; finite so the test process can exit
         if self.mode == "oom" and self.calls > self.n and len(images) > 1:
-            import torch  # the type torch raises on a CUDA OOM (recognised by type, not by its text)
-
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            raise self.oom("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return self.inner.infer(images, sizes)  # type: ignore[attr-defined,no-any-return]
 
 

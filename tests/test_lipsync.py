@@ -70,10 +70,10 @@ def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTa
         outs = a.result(30), b.result(30)
         assert len(busy.result(30)) == 8
         assert [len(o) for o in outs] == [4, 4] and outs[0][0].shape == (256, 256, 3)
+        pool.release("w")
         snap = pool.snapshot()
         # the free slot took what was ready: one UNet call for both sessions (after the busy one)
         assert snap["batches"] == 2 and snap["mean_batch"] == 8, snap
-        pool.release("w")
         assert snap["slots"]["lipsync.0"]["sessions"] == ["a", "b"]
         assert snap["slots"]["lipsync.0"]["memory_gb"] > 0  # measured from the loaded model
         c = pool.submit("a", [LipSyncJob(latents, prompt)] * 12)  # more than a batch: still served, whole
