@@ -1,4 +1,4 @@
-"""The decoded frame that crosses from a decode thread to the scheduler."""
+"""The decoded frame that crosses from a decode thread to the batcher (through its mailbox)."""
 
 from __future__ import annotations
 

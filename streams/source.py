@@ -2,7 +2,7 @@
 
 A `Source` opens any URL FFmpeg understands (RTSP over TCP by default, files, HTTP, lavfi...),
 decodes video on its own thread and hands each frame to a callback that must not block (the
-keep-latest slot). It never waits for a consumer. Open and reads carry timeouts so nothing
+stream's mailbox). It never waits for a consumer. Open and reads carry timeouts so nothing
 hangs; a stream that goes quiet for `stall_timeout` is reconnected with full-jitter backoff.
 A local file can be paced at its native rate and looped, so it behaves like a live camera.
 

@@ -1,4 +1,4 @@
-"""Media layer: redaction, backoff, keep-latest slot, file pacing and looping, failures, probe."""
+"""Media layer: redaction, backoff, the one-frame mailbox, file pacing and looping, failures, probe."""
 
 from __future__ import annotations
 

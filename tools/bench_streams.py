@@ -8,7 +8,7 @@ For each (cameras, imgsz) it starts the test RTSP server (tools/rtsp_server.py) 
 playing a synthetic shapes video (640x360 at 15 fps), and runs each system in its own process
 (one inference runtime per process, CPU time and memory measured per system):
 
-  framegrid         the real pipeline (sources, scheduler, slots, MQTT publishing to a local
+  framegrid         the real pipeline (sources, batchers, slots, MQTT publishing to a local
                     Mosquitto, or the embedded broker when Mosquitto is absent), backend `auto`
   framegrid-torch   the same with backend torch, for reference
   ultralytics       `YOLO(weights).predict(source=<.streams file>, stream=True)`, torch, what most
