@@ -17,7 +17,7 @@ from typing import Any
 
 from streams import RedactingFilter, SourceSettings, StreamError, probe, redact_text
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, LipSyncConfig, load_config
 
 log = logging.getLogger("framegrid")
 
@@ -125,7 +125,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .config import Config
     from .devices import GB, decode_threads, discover, plan_slots
     from .planning import plan_models
 
@@ -265,7 +264,6 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
     from talkinghead.musetalk import MuseTalk, MuseTalkError
     from talkinghead.offline import render
 
-    from .config import LipSyncConfig
     from .lipsync import LipSyncError, musetalk_pool
 
     if args.weights is None:
@@ -312,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("probe", help="print codec, resolution and frame rate of a stream")
     p.add_argument("url")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=SourceSettings.model_fields["open_timeout"].default,
+                   help="seconds to open and to wait for a frame")
     p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("devices", help="list devices and the executor-slot plan, before loading anything")
@@ -341,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-margin", type=int, default=10, help="MuseTalk v1.5 chin margin (0 = v1.0)")
     p.add_argument("--max-frames", type=int, default=250, help="frames kept of a video avatar")
     p.add_argument("--weights", type=Path, help="MuseTalk folder: also cache the VAE latents and blend masks")
-    p.add_argument("--version", choices=["v15", "v1"], default="v15")
+    p.add_argument("--version", choices=["v15", "v1"], default=LipSyncConfig.model_fields["version"].default)
     p.set_defaults(func=cmd_avatar_prepare)
     args = ap.parse_args(argv)
     return int(args.func(args))

@@ -75,7 +75,7 @@ class Publisher:
         self.send_ms: deque[float] = deque(maxlen=512)
         self.dropped_unencodable = 0  # payloads json could not encode (NaN, unknown types): counted, never raised
         self._subscriptions: dict[str, Any] = {}  # topic filter -> callback(topic, payload), called on the loop
-        self.received = 0  # queued -> acknowledged (QoS 1/2) or sent (QoS 0)
+        self.received = 0  # messages received on our subscriptions (talk audio)
         self.last_error: str | None = None
 
     @property
@@ -159,6 +159,8 @@ class Publisher:
             "dropped_by_kind": dict(self.dropped_by_kind),
             "published_by_kind": dict(self.published_by_kind),
             "resent": self.resent,
+            "received": self.received,
+            "last_error": self.last_error,
             "send_ms": {"p50": _r(percentile(self.send_ms, 50)), "p95": _r(percentile(self.send_ms, 95))},
         }
 

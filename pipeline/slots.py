@@ -484,8 +484,19 @@ class SlotPool:
         task.add_done_callback(self._restarting.discard)
 
     async def _restart(self, name: str) -> None:
+        try:
+            await self._restart_with_backoff(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not take the pipeline's TaskGroup down: the slot fails
+            log.exception("slot %s: restart failed", name)
+            record = self.placer.slots[name]
+            record.state, record.last_error = SlotState.FAILED, f"restart failed: {exc}"
+            self.on_change()
+
+    async def _restart_with_backoff(self, name: str) -> None:
         record, policy = self.placer.slots[name], self.settings
-        backoff = Backoff(0.5, policy.restart_backoff_cap)
+        backoff = Backoff(min(0.5, policy.restart_backoff_cap), policy.restart_backoff_cap)
         while not self.closed:
             now = self.clock.mono()
             record.restarts = [t for t in record.restarts if now - t < policy.restart_window]

@@ -166,3 +166,35 @@ async def test_a_failing_batch_costs_only_that_batch_and_the_slot_restarts() -> 
     assert len(sink.of("a")) >= 12  # it went on after the failure (on the restarted slot)
     record_ = pool.placer.slots["m.0"]
     assert len(record_.restarts) == 1 and "model exploded" in (record_.last_error or "")
+
+
+async def test_restart_budget_then_failed() -> None:
+    """One rule for every pool: `restart_budget` restarts within the window, the next fault leaves the slot failed."""
+    det = FakeDetector(0.001, fail_on=set(range(2, 100)))  # every call after the first raises
+    sink = Collect()
+    pool = SlotPool("m", lambda i: det, ["cpu"], DetectJobs("m", None, Results(SYSTEM_CLOCK, [sink]), SYSTEM_CLOCK),
+                    PoolSettings(4, 0.01, 10.0, restart_budget=2, restart_window=300.0, restart_backoff_cap=0.1,
+                                 admission_control=False, rebalance_band=0.1))
+    await pool.start()
+    rec = record("s")
+    pool.place(StreamFeed(rec, 1.0))
+    try:
+        deadline = time.monotonic() + 10
+        while pool.state("m.0") != "failed" and time.monotonic() < deadline:
+            rec.mailbox.put(frame("s", 0))
+            await asyncio.sleep(0.02)
+        assert pool.state("m.0") == "failed"
+        assert len(pool.placer.slots["m.0"].restarts) == 2 and rec.stats.drops["error"] == 3
+    finally:
+        await pool.close()
+
+
+def test_out_of_memory_is_recognised_by_type_not_text() -> None:
+    import torch
+
+    from pipeline.errors import SlotOutOfMemory, is_out_of_memory, slot_error
+
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("CUDA out of memory (a message, not the type)"))
+    assert isinstance(slot_error("m.0", torch.OutOfMemoryError("x")), SlotOutOfMemory)
+    assert "m.0" in str(slot_error("m.0", RuntimeError("boom")))
