@@ -78,6 +78,11 @@ class Pipeline:
             await self._task  # raises what stopped it
         return self
 
+    @property
+    def done(self) -> bool:
+        """True once a pipeline entered with `async with` has stopped (on its own only after an error)."""
+        return self._task is not None and self._task.done()
+
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
         if self._task is not None:
@@ -107,7 +112,7 @@ class Pipeline:
                 for name, cfg in self.registry.streams.items():
                     self.ingest.add(name, cfg)
                 self._plan(self.registry.models_in_use())
-                for name, layout in self.plan.layouts.items():
+                for name in self.plan.layouts:
                     log.info("model %s: %s", name, self.plan.describe(name))
                 for name in self.registry.models_in_use():
                     await self._load_model(name)

@@ -386,8 +386,8 @@ class SlotPool:
 
     # -- members -----------------------------------------------------------------------------------
     def _members_of(self, name: str) -> Callable[[], list[Feed]]:
-        record_members = lambda: self.placer.slots[name].members  # noqa: E731 - read at call time
-        return lambda: [self.feeds[k] for k in record_members() if k in self.feeds]
+        """A batcher's members, read from the placer's table at every call (it is the only table)."""
+        return lambda: [self.feeds[k] for k in self.placer.slots[name].members if k in self.feeds]
 
     def cost(self, feed: Feed, slot: str | None = None) -> float:
         """Share of a slot the member needs: its rate x the slot's measured time per output."""

@@ -7,7 +7,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import pytest
 
 from detectors import Detections
 from pipeline import DetectJobs, PoolSettings, Result, Results, SlotPool, StreamConfig, StreamFeed, StreamRecord
@@ -132,8 +131,8 @@ async def test_waits_for_frames_due_within_the_timeout() -> None:
     """Two 10 fps cameras 4 ms apart: waiting pays (the other frame is due), so batches of 2 form;
     with a 1 ms timeout waiting cannot pay, and each frame runs alone at once."""
     det = FakeDetector(0.001)
-    _, _, sink = await run_pool(det, {"a": (10, None), "b": (10, None)}, 2.0, batch_size=2, batch_timeout=0.05,
-                                offsets=True)
+    await run_pool(det, {"a": (10, None), "b": (10, None)}, 2.0, batch_size=2, batch_timeout=0.05,
+                   offsets=True)
     later = det.batches[4:]  # once both arrival intervals are measured
     assert later and np.mean(later) > 1.7, det.batches
     det2 = FakeDetector(0.001)

@@ -142,7 +142,7 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         async with Pipeline(cfg, sinks=[Latency()]) as pipeline:
-            while not rec.done:
+            while not rec.done and not pipeline.done:  # a pipeline that died raises on leaving the block
                 await asyncio.sleep(0.2)
             out = rec.summary(list(streams), args.seconds)
             out["runtime"] = next(iter(pipeline.plan.runtimes.values()), "torch")
