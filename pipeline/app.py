@@ -227,7 +227,7 @@ class Pipeline:
 
     def _all_pools(self) -> dict[str, SlotPool]:
         pools = dict(self.pools)
-        if self.talk.lipsync is not None and self.talk.lipsync.pool.slots:
+        if self.talk.lipsync is not None:  # set once its slots have started
             pools["lipsync"] = self.talk.lipsync.pool
         return pools
 
@@ -240,8 +240,8 @@ class Pipeline:
     def stats_payload(self) -> dict[str, Any]:
         lipsync = self.talk.lipsync
         return self.telemetry.stats_payload(self.ingest.records, self.pools, self.talk.snapshot(),
-                                            lipsync._snapshot() if lipsync is not None and lipsync.pool.slots
-                                            else None, self.results.sink_errors)
+                                            lipsync.snapshot() if lipsync is not None else None,
+                                            self.results.sink_errors)
 
     # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
     def _running(self) -> None:

@@ -86,7 +86,22 @@ class MqttConfig(Strict):
         return urlsplit(self.url).scheme in ("mqtts", "ssl")
 
 
-class ModelConfig(Strict):
+class SlotPoolConfig(Strict):
+    """The restart rule every executor-slot pool follows (detection models and lipsync alike)."""
+
+    restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
+    restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
+    restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts "
+                                       "(full-jitter backoff)")
+
+    def _pool_settings(self, batch_size: int, batch_timeout_ms: float, hang_timeout: float,
+                       pipeline: PipelineConfig) -> PoolSettings:
+        return PoolSettings(batch_size, batch_timeout_ms / 1000, hang_timeout, self.restart_budget,
+                            self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
+                            pipeline.rebalance_band)
+
+
+class ModelConfig(SlotPoolConfig):
     type: Literal["yolo"] = Field(description="backend family")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="auto: torch on CUDA, else the fastest installed CPU runtime (openvino, onnxruntime, "
@@ -102,10 +117,6 @@ class ModelConfig(Strict):
                                          "needs (default: devices.slot_memory_gb)")
     hang_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a batch may run before the slot is "
                                 "declared hung (at least 10x its measured time)")
-    restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
-    restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
-    restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts "
-                                       "(full-jitter backoff)")
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="auto (every planned device), cpu, or cuda[:N]")
     half: bool = Field(False, description="FP16 (CUDA only)")
@@ -117,9 +128,7 @@ class ModelConfig(Strict):
                                 "(default: cores / CPU slots)")
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
-        return PoolSettings(self.batch_size, pipeline.batch_timeout_ms / 1000, self.hang_timeout, self.restart_budget,
-                            self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
-                            pipeline.rebalance_band)
+        return self._pool_settings(self.batch_size, pipeline.batch_timeout_ms, self.hang_timeout, pipeline)
 
 
 class StreamConfig(SourceSettings):
@@ -177,7 +186,7 @@ class TalkConfig(Strict):
     enabled: bool = True
 
 
-class LipSyncConfig(Strict):
+class LipSyncConfig(SlotPoolConfig):
     weights: Path | None = Field(None, description="MuseTalk models folder in the official layout (musetalkV15/, "
                                  "sd-vae/, whisper/), relative to the config")
     version: Literal["v15", "v1"] = Field("v15", description="MuseTalk version")
@@ -194,16 +203,11 @@ class LipSyncConfig(Strict):
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="auto, cpu, or cuda[:N]")
     hang_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a batch may run before the slot is "
                                 "declared hung (at least 10x its measured time)")
-    restart_budget: int = Field(3, ge=0, le=100, description="slot restarts allowed per restart_window")
-    restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
-    restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts")
     max_queue: int = Field(64, ge=1, le=10_000, description="requests waiting per session; beyond it a request "
                            "fails at once (the session shows its last frame)")
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
-        return PoolSettings(self.batch_size, self.batch_timeout_ms / 1000, self.hang_timeout, self.restart_budget,
-                            self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
-                            pipeline.rebalance_band)
+        return self._pool_settings(self.batch_size, self.batch_timeout_ms, self.hang_timeout, pipeline)
 
 
 class LogConfig(Strict):

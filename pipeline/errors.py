@@ -54,7 +54,5 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def slot_error(slot: str, exc: BaseException) -> SlotError:
     """Map a backend's exception to ours (the caller raises it `from exc`)."""
-    if isinstance(exc, SlotError):
-        return exc
     kind = SlotOutOfMemory if is_out_of_memory(exc) else SlotError
     return kind(f"slot {slot}: {exc}")

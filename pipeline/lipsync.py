@@ -242,8 +242,11 @@ class LipSyncPool:
     def release(self, session: str) -> None:
         if self.loop is None or self._closed:
             return
-        self._on_loop(lambda: [self.pool.remove(k) for k in list(self.pool.feeds)
-                               if k == session or k.startswith(f"{session}#")])
+        def remove() -> None:
+            for key in [k for k in self.pool.feeds if k == session or k.startswith(f"{session}#")]:
+                self.pool.remove(key)
+
+        self._on_loop(remove)
 
     def slot_of(self, session: str) -> str | None:
         return self.pool.slot_of(session)
@@ -284,8 +287,7 @@ class LipSyncPool:
 
     def _snapshot(self) -> dict[str, Any]:
         slots = self.pool.snapshot(members_key="sessions")
-        batches = sum(b.batches for b in self.pool.batchers.values())
-        items = sum(b.items for b in self.pool.batchers.values())
+        batches = sum(s.batches for s in self.pool.slots.values())
         jobs = sum(s.frames for s in self.pool.slots.values())
         for name, snap in slots.items():
             snap["sessions"] = sorted({k.split("#")[0] for k in snap["sessions"]})
@@ -294,7 +296,7 @@ class LipSyncPool:
                                  if k in members and isinstance(f, SessionFeed))
             used = self.memory_bytes.get(name)
             snap["memory_gb"] = round(used / GB, 3) if used is not None else None
-        return {"batches": batches, "requests": items, "mean_batch": round(jobs / batches, 2) if batches else None,
+        return {"batches": batches, "mean_batch": round(jobs / batches, 2) if batches else None,
                 "slots": slots}
 
 

@@ -208,8 +208,6 @@ class Batcher:
         self.on_fault = on_fault
         self.wake = asyncio.Event()
         self.waker = Handoff(asyncio.get_running_loop()).waker(self.wake)  # for feeds' threads
-        self.batches = 0
-        self.items = 0
 
     async def run(self) -> None:
         while True:
@@ -286,8 +284,6 @@ class Batcher:
         except SlotError as exc:
             self._lost(taken, exc)
             return
-        self.batches += 1
-        self.items += len(items)
         self.adapter.deliver(taken, outputs, shipped_at)
 
     def _lost(self, taken: list[Taken], exc: SlotError) -> None:
@@ -529,7 +525,7 @@ class SlotPool:
         """Per slot: the health record and the worker's counters (what `devices` and `stats` publish)."""
         out = {}
         for name, record in self.placer.slots.items():
-            slot, batcher = self.slots[name], self.batchers[name]
+            slot = self.slots[name]
             service = slot.service_s_per_frame
             out[name] = {
                 "model": self.name,
@@ -539,8 +535,8 @@ class SlotPool:
                 "batches": slot.batches,
                 "frames": slot.frames,
                 "errors": slot.errors,
-                "batch_size": batcher.batch_size,
-                "mean_batch": round(batcher.items / batcher.batches, 2) if batcher.batches else None,
+                "batch_size": self.batchers[name].batch_size,
+                "mean_batch": round(slot.frames / slot.batches, 2) if slot.batches else None,  # outputs per call
                 "last_error": record.last_error,
                 "service_ms_per_frame": None if service is None else round(service * 1000, 2),
                 members_key: sorted(record.members),

@@ -178,9 +178,6 @@ class Source:
         self._lock = threading.Lock()
         self._state = SourceState(stream, CONNECTING, clock.wall(), 0)
         self.decode_errors = 0  # corrupt packets skipped (published in the stream's stats)
-        self.width: int | None = None
-        self.height: int | None = None
-        self.codec: str | None = None
         self.fps: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -293,7 +290,6 @@ class Source:
             ctx.thread_type = "AUTO"
             if self.decode_threads:
                 ctx.thread_count = self.decode_threads
-            self.codec = ctx.name
             rate = vstream.average_rate or vstream.guessed_rate
             self.fps = float(rate) if rate else None
             pace_start: float | None = None
@@ -327,7 +323,6 @@ class Source:
                             return
                     mono = self.clock.mono()
                     last_frame = mono
-                    self.width, self.height = vf.width, vf.height
                     if self._state.state != STREAMING:
                         self._set_state(STREAMING)
                     rel = (pts - first_pts) if (pts is not None and first_pts is not None) else None
