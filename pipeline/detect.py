@@ -51,9 +51,16 @@ class StreamFeed:
         return self.mailbox.waiting_since
 
     def ready_at(self, now: float) -> float | None:
-        if self.mailbox.waiting_since is not None:
-            return self.next_due
         expected, interval = self.mailbox.expected_next(), self.mailbox.interval
+        if self.mailbox.waiting_since is not None:
+            if self.next_due <= now or expected is None or expected < now:
+                return self.next_due
+            # rate-limited and early: serve whichever frame is nearer the due time, this one now or
+            # the next one when it arrives (holding this one until due would only age it)
+            held = self.mailbox.last_put
+            if held is not None and self.next_due - held <= expected - self.next_due:
+                return now
+            return expected
         if expected is None or interval is None or expected < now - interval:
             return None  # not measured yet, or overdue (a stalled camera never holds a batch back)
         return max(expected, self.next_due)
@@ -67,7 +74,8 @@ class StreamFeed:
             return []
         if self.max_fps:
             interval = 1.0 / self.max_fps
-            # keep the phase (so 15 fps in, 10 fps out really gives 10), but never bank credit
+            # keep the phase (so 15 fps in, 10 fps out really gives 10; a frame taken early counts
+            # for its due time), but never bank credit
             base = self.next_due if now - self.next_due < interval else now
             self.next_due = base + interval
         return [frame]

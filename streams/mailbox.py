@@ -77,6 +77,11 @@ class Mailbox:
         """Measured seconds between frames (None until two frames arrived)."""
         return self._interval
 
+    @property
+    def last_put(self) -> float | None:
+        """Capture time (monotonic) of the newest frame put."""
+        return self._last_put
+
     def expected_next(self) -> float | None:
         """When the next frame should arrive (monotonic), from the measured interval."""
         last, interval = self._last_put, self._interval

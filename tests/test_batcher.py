@@ -197,3 +197,12 @@ def test_out_of_memory_is_recognised_by_type_not_text() -> None:
     assert not is_out_of_memory(RuntimeError("CUDA out of memory (a message, not the type)"))
     assert isinstance(slot_error("m.0", torch.OutOfMemoryError("x")), SlotOutOfMemory)
     assert "m.0" in str(slot_error("m.0", RuntimeError("boom")))
+
+
+async def test_a_rate_limited_stream_serves_the_frame_nearest_its_due_time() -> None:
+    """15 fps in, max_fps 10 out: the rate holds, and a frame is not held back until its stream is due
+    (that only aged it: the queue stage was about half a frame interval, ~17 ms at the median)."""
+    _, _, sink = await run_pool(FakeDetector(0.002), {"s": (15, 10.0)}, 3.0)
+    assert 27 <= len(sink.of("s")) <= 32, len(sink.of("s"))
+    queue = [r.timings_ms["queue"] for r in sink.results]
+    assert np.median(queue) < 5.0, np.median(queue)
