@@ -1,9 +1,11 @@
 """The detector protocol and the values it returns.
 
-A backend is `load() / warmup() / infer(images) -> list[Detections] / close()`, chosen by the
-model's `type` key. `infer` takes a batch of BGR uint8 images (any sizes) and returns, per
-image, boxes in that image's own pixel coordinates. Backends are called from one executor
-worker thread at a time; they may block and must release the GIL while they compute.
+A backend is `load() / warmup() / infer(pictures) -> list[Detections] / close()`, chosen by the
+model's `type` key. `infer` takes a batch of pictures (any sizes): BGR uint8 arrays, or decoded
+frames that convert themselves to BGR only when asked (`Picture`), so a frame that is never
+dispatched is never converted, and one that is gets converted once, on the slot's thread. It
+returns, per picture, boxes in that picture's own pixel coordinates. Backends are called from one
+slot worker thread at a time; they may block and must release the GIL while they compute.
 """
 
 from __future__ import annotations
@@ -56,13 +58,6 @@ class Detections:
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), ())
 
-    def scaled(self, sx: float, sy: float) -> Detections:
-        """The same detections with boxes scaled by (sx, sy): image pixels -> source pixels."""
-        if sx == 1.0 and sy == 1.0:
-            return self
-        boxes = self.boxes * np.array([sx, sy, sx, sy], np.float32)
-        return Detections(boxes, self.confidences, self.class_ids, self.labels, self.timings_ms)
-
     def to_json(self, decimals: int = 1) -> list[dict[str, object]]:
         return [
             {
@@ -76,6 +71,34 @@ class Detections:
 
 
 @runtime_checkable
+class Picture(Protocol):
+    """A decoded picture that converts itself to BGR uint8 HxWx3 when asked (at most once)."""
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    def bgr(self) -> np.ndarray: ...
+
+
+Image = np.ndarray | Picture
+
+
+def picture_size(image: Image) -> tuple[int, int]:
+    """(h, w) of a picture or an array, without converting anything."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    return int(image.height), int(image.width)
+
+
+def bgr_of(image: Image) -> np.ndarray:
+    """The BGR uint8 pixels of a picture or an array (a picture converts itself here, once)."""
+    return image if isinstance(image, np.ndarray) else image.bgr()
+
+
+@runtime_checkable
 class Detector(Protocol):
     """What an executor needs from a model backend."""
 
@@ -86,18 +109,8 @@ class Detector(Protocol):
 
     def warmup(self) -> None: ...
 
-    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
-              ) -> list[Detections]:
-        """Detections per image, boxes in source pixels: `sizes[i]` is the (w, h) of the picture
-        image i was scaled from (None: the images are the source pictures)."""
+    def infer(self, images: Sequence[Image]) -> list[Detections]:
+        """Detections per picture, boxes in that picture's pixels."""
         ...
 
     def close(self) -> None: ...
-
-
-def to_source_pixels(dets: list[Detections], images: Sequence[np.ndarray],
-                     sizes: Sequence[tuple[int, int]] | None) -> list[Detections]:
-    """Boxes in image pixels -> in the pixels of the pictures the images were scaled from."""
-    if sizes is None:
-        return dets
-    return [d.scaled(w / im.shape[1], h / im.shape[0]) for d, im, (w, h) in zip(dets, images, sizes, strict=True)]

@@ -5,6 +5,11 @@ in `rect` mode only the padding needed to reach a multiple of the stride), so ev
 feeds the network exactly what the model saw at validation, and boxes map back to source pixels
 with the same gain and offsets. The torch version runs wherever its tensors live: on a CUDA
 slot it resizes, pads, normalises and reorders on the device.
+
+On the host, `InputBuffers` letterboxes a batch of pictures straight into the network's input
+buffer (reused per batch shape): each picture is converted to BGR once (decoded frames convert
+only here, on the slot's thread, and only when dispatched), resized with OpenCV's bilinear as
+ultralytics does, and written into its place; only the padding strips are filled around it.
 """
 
 from __future__ import annotations
@@ -33,10 +38,14 @@ class Geometry:
     gain: float
 
     def to_source(self, boxes: np.ndarray) -> np.ndarray:
-        """Boxes (N, 4) xyxy in network pixels -> source pixels, clipped to the image."""
+        """Boxes (N, 4) xyxy in network pixels -> source pixels, clipped to the image.
+
+        Each axis uses the gain its rounded side really got (as ultralytics' `scale_boxes` does),
+        so an odd size such as 1000x562 maps back exactly, not with the one nominal gain.
+        """
         out = boxes.astype(np.float32, copy=True)
-        out[:, [0, 2]] = ((out[:, [0, 2]] - self.left) / self.gain).clip(0, self.src_w)
-        out[:, [1, 3]] = ((out[:, [1, 3]] - self.top) / self.gain).clip(0, self.src_h)
+        out[:, [0, 2]] = ((out[:, [0, 2]] - self.left) * (self.src_w / self.new_w)).clip(0, self.src_w)
+        out[:, [1, 3]] = ((out[:, [1, 3]] - self.top) * (self.src_h / self.new_h)).clip(0, self.src_h)
         return out
 
 
@@ -60,29 +69,66 @@ def batch_geometry(shapes: list[tuple[int, int]], imgsz: int, stride: int = 32,
     return [geometry(w, h, imgsz, stride, rect=rect and same) for h, w in shapes]
 
 
+def resized(image: np.ndarray, geo: Geometry, dst: np.ndarray | None = None) -> np.ndarray:
+    """The picture scaled to its place inside the padding (OpenCV bilinear, as ultralytics)."""
+    if (image.shape[1], image.shape[0]) == (geo.new_w, geo.new_h):
+        if dst is None:
+            return image
+        dst[...] = image
+        return dst
+    return cv2.resize(image, (geo.new_w, geo.new_h), dst=dst, interpolation=cv2.INTER_LINEAR)
+
+
 def letterbox(image: np.ndarray, geo: Geometry) -> np.ndarray:
     """BGR uint8 HxWx3 -> the padded network image (BGR uint8), OpenCV on the host."""
-    if (image.shape[1], image.shape[0]) != (geo.new_w, geo.new_h):
-        image = cv2.resize(image, (geo.new_w, geo.new_h), interpolation=cv2.INTER_LINEAR)
     out = np.full((geo.out_h, geo.out_w, 3), PAD_VALUE, np.uint8)
-    out[geo.top:geo.top + geo.new_h, geo.left:geo.left + geo.new_w] = image
+    resized(image, geo, out[geo.top:geo.top + geo.new_h, geo.left:geo.left + geo.new_w])
     return out
 
 
-def to_nchw_float(images: list[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
-    """Padded BGR uint8 images (same size) -> RGB float32 NCHW in [0, 1].
+Layout = str  # "nchw-f32": RGB float32 in [0, 1] (ONNX, torch); "nhwc-u8": BGR uint8 (OpenVINO converts)
+SCALE = np.float32(1 / 255)
 
-    Written straight into `out` when it has the right shape (a slot reuses one buffer per batch
-    shape: a 8x3x384x640 batch is 23 MB, and allocating it anew for every batch fragments the heap).
+
+class InputBuffers:
+    """The network input of a batch, letterboxed in place, in a buffer reused per batch shape.
+
+    A 8x3x384x640 float batch is 23 MB: allocating it anew for every batch fragments the heap. A
+    slot runs one batch at a time, so one buffer per shape is enough; at most `keep` shapes stay.
     """
-    h, w = images[0].shape[:2]
-    shape = (len(images), 3, h, w)
-    if out is None or out.shape != shape or out.dtype != np.float32:
-        out = np.empty(shape, np.float32)
-    scale = np.float32(1 / 255)
-    for i, im in enumerate(images):
-        np.multiply(im[..., ::-1].transpose(2, 0, 1), scale, out=out[i])
-    return out
+
+    def __init__(self, layout: Layout = "nchw-f32", keep: int = 16) -> None:
+        if layout not in ("nchw-f32", "nhwc-u8"):
+            raise ValueError(f"unknown input layout {layout!r}")
+        self.layout = layout
+        self.keep = keep
+        self._buffers: dict[tuple[int, ...], np.ndarray] = {}
+
+    def _buffer(self, n: int, h: int, w: int) -> np.ndarray:
+        shape = (n, 3, h, w) if self.layout == "nchw-f32" else (n, h, w, 3)
+        buf = self._buffers.pop(shape, None)  # re-inserted: most recently used last
+        if buf is None:
+            buf = np.empty(shape, np.float32 if self.layout == "nchw-f32" else np.uint8)
+            while len(self._buffers) >= self.keep:
+                self._buffers.pop(next(iter(self._buffers)))
+        self._buffers[shape] = buf
+        return buf
+
+    def fill(self, images: list[np.ndarray], geos: list[Geometry]) -> np.ndarray:
+        """BGR pictures + their geometries (one output size) -> the batch, ready for the runtime."""
+        out = self._buffer(len(images), geos[0].out_h, geos[0].out_w)
+        for i, (im, g) in enumerate(zip(images, geos, strict=True)):
+            y0, y1, x0, x1 = g.top, g.top + g.new_h, g.left, g.left + g.new_w
+            if self.layout == "nhwc-u8":
+                one = out[i]
+                resized(im, g, one[y0:y1, x0:x1])
+                pad = PAD_VALUE
+            else:
+                one = out[i].transpose(1, 2, 0)  # HxWxC view of the CHW planes
+                np.multiply(resized(im, g)[..., ::-1], SCALE, out=one[y0:y1, x0:x1])
+                pad = PAD_VALUE * SCALE
+            one[:y0], one[y1:], one[y0:y1, :x0], one[y0:y1, x1:] = pad, pad, pad, pad
+        return out
 
 
 def letterbox_torch(image: Any, geo: Geometry, dtype: Any) -> Any:

@@ -2,8 +2,10 @@
 
 The `.pt` is exported once with ultralytics' exporter (in a child process, see
 `detectors.export`) and cached. Inference is letterbox (OpenCV, rectangular when a batch shares
-one size; the exports have dynamic shapes) -> NCHW float -> runtime -> confidence filter ->
-class-aware NMS -> boxes mapped back to source pixels, in numpy, with an explicit thread budget.
+one size; the exports have dynamic shapes) straight into the input buffer -> runtime ->
+confidence filter -> NMS (class-aware unless `agnostic`) -> boxes mapped back to source pixels,
+in numpy, with an explicit thread budget. The defaults are ultralytics' `predict()` defaults
+(confidence 0.25, IoU 0.7, 300 boxes, class-aware), so the answers are the model's own.
 `ExportedYoloDetector` holds all of that; a runtime subclass only opens a session and runs it.
 """
 
@@ -18,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError, to_source_pixels
+from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
 from .export import ensure_export
-from .letterbox import Geometry, batch_geometry, letterbox, to_nchw_float
+from .letterbox import Geometry, InputBuffers, batch_geometry
 from .yolo import missing_weights_message
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,11 @@ class ExportedYoloDetector:
 
     runtime = "exported"
     export_format = "onnx"
+    input_layout = "nchw-f32"  # what `_run` takes (see `letterbox.InputBuffers`)
 
     def __init__(self, name: str, weights: str | Path, imgsz: int = 640, confidence: float = 0.25,
-                 iou: float = 0.45, threads: int | None = None, max_detections: int = 300,
-                 device: str = "cpu", precision: str = "fp32", rect: bool = True) -> None:
+                 iou: float = 0.7, threads: int | None = None, max_detections: int = 300,
+                 device: str = "cpu", precision: str = "fp32", rect: bool = True, agnostic: bool = False) -> None:
         self.name = name
         self.weights = Path(weights)
         self.imgsz = imgsz
@@ -72,7 +75,8 @@ class ExportedYoloDetector:
         self.max_detections = max_detections
         self.device = device
         self.precision = precision
-        self._input_buffers: dict[tuple[int, ...], np.ndarray] = {}
+        self.agnostic = agnostic
+        self._inputs = InputBuffers(self.input_layout)
         self.rect = rect
         self.stride = 32
         self.class_names: tuple[str, ...] = ()
@@ -83,6 +87,7 @@ class ExportedYoloDetector:
         raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        """One batch in `input_layout` -> the raw (N, 4 + classes, anchors) predictions."""
         raise NotImplementedError
 
     def _resolve_export(self) -> Path:
@@ -102,20 +107,14 @@ class ExportedYoloDetector:
     def warmup(self) -> None:
         self.infer([np.zeros((self.imgsz, self.imgsz, 3), np.uint8)])
 
-    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
-              ) -> list[Detections]:
+    def infer(self, images: Sequence[Image]) -> list[Detections]:
         if self.export_path is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
             return []
         t0 = time.perf_counter()
-        geos = batch_geometry([im.shape[:2] for im in images], self.imgsz, self.stride, rect=self.rect)
-        padded = [letterbox(im, g) for im, g in zip(images, geos, strict=True)]
-        shape = (len(padded), 3, *padded[0].shape[:2])
-        # one input buffer per batch shape, reused: a slot runs one batch at a time
-        batch = self._input_buffers[shape] = to_nchw_float(padded, self._input_buffers.get(shape))
-        if len(self._input_buffers) > 32:
-            self._input_buffers.pop(next(iter(self._input_buffers)))
+        geos = batch_geometry([picture_size(im) for im in images], self.imgsz, self.stride, rect=self.rect)
+        batch = self._inputs.fill([bgr_of(im) for im in images], geos)
         t1 = time.perf_counter()
         try:
             out = self._run(batch)
@@ -126,8 +125,7 @@ class ExportedYoloDetector:
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000,
                    "postprocess": (t3 - t2) * 1000, "batch_total": (t3 - t0) * 1000}
-        return to_source_pixels([Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings))
-                                 for d in results], images, sizes)
+        return [Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings)) for d in results]
 
     def _decode(self, pred: np.ndarray, geo: Geometry) -> Detections:
         pred = pred.T  # (anchors, 4 + classes)
@@ -140,7 +138,8 @@ class ExportedYoloDetector:
         p, cls, conf = pred[mask], cls[mask], conf[mask]
         xy, wh = p[:, :2], p[:, 2:4] / 2
         boxes = np.concatenate([xy - wh, xy + wh], 1)
-        keep = nms(boxes + cls[:, None] * MAX_WH, conf, self.iou)[: self.max_detections]  # class-aware
+        offset = 0.0 if self.agnostic else cls[:, None] * MAX_WH  # class-aware: boxes of classes never meet
+        keep = nms(boxes + offset, conf, self.iou)[: self.max_detections]
         boxes, conf, cls = geo.to_source(boxes[keep]), conf[keep], cls[keep]
         labels = tuple(self.class_names[c] if c < len(self.class_names) else str(c) for c in cls)
         return Detections(boxes, conf.astype(np.float32), cls.astype(np.int32), labels)

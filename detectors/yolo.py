@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Detections, InferenceError, ModelLoadError, WeightsNotFoundError, to_source_pixels
-from .letterbox import Geometry, batch_geometry, letterbox, letterbox_torch, to_nchw_float
+from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
+from .letterbox import Geometry, InputBuffers, batch_geometry, letterbox_torch
 from .offline import prepare_ultralytics_offline
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class YoloDetector:
         weights: str | Path,
         imgsz: int = 640,
         confidence: float = 0.25,
-        iou: float = 0.45,
+        iou: float = 0.7,
         device: str = "cpu",
         half: bool = False,
         max_detections: int = 300,
@@ -61,6 +61,7 @@ class YoloDetector:
         torch_threads: int | None = None,
         rect: bool = True,
         device_preprocess: bool | None = None,
+        agnostic: bool = False,
     ) -> None:
         self.name = name
         self.weights = Path(weights)
@@ -73,6 +74,8 @@ class YoloDetector:
         self.classes = list(classes) if classes is not None else None
         self.torch_threads = torch_threads
         self.rect = rect
+        self.agnostic = agnostic
+        self._inputs = InputBuffers("nchw-f32")
         # letterbox on the device: always on CUDA; on the CPU only when asked (tests of that path)
         self.device_preprocess = bool(device_preprocess)
         self.class_names: tuple[str, ...] = ()
@@ -137,21 +140,20 @@ class YoloDetector:
         buf.copy_(host)  # safe to reuse: the previous batch was synchronised before we got here
         return buf.to(self._device, non_blocking=True)
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[Any, list[Geometry]]:
-        """Images -> (N, 3, H, W) tensor on the model's device, plus each image's letterbox geometry."""
+    def preprocess(self, images: Sequence[Image]) -> tuple[Any, list[Geometry]]:
+        """Pictures -> (N, 3, H, W) tensor on the model's device, plus each one's letterbox geometry."""
         import torch
 
-        geos = batch_geometry([im.shape[:2] for im in images], self.imgsz, self.stride, rect=self.rect)
+        geos = batch_geometry([picture_size(im) for im in images], self.imgsz, self.stride, rect=self.rect)
+        pixels = [bgr_of(im) for im in images]
         if self._stream is None and not self.device_preprocess:
             # on the CPU OpenCV's resize beats torch's interpolate; the network input is the same
-            host = torch.from_numpy(to_nchw_float([letterbox(im, g) for im, g in zip(images, geos, strict=True)]))
-            return host.to(self._dtype), geos
+            return torch.from_numpy(self._inputs.fill(pixels, geos)).to(self._dtype), geos
         tensors = [letterbox_torch(self._to_device(i, im), g, self._dtype)
-                   for i, (im, g) in enumerate(zip(images, geos, strict=True))]
+                   for i, (im, g) in enumerate(zip(pixels, geos, strict=True))]
         return torch.stack(tensors), geos
 
-    def infer(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None
-              ) -> list[Detections]:
+    def infer(self, images: Sequence[Image]) -> list[Detections]:
         if self._model is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
@@ -168,7 +170,7 @@ class YoloDetector:
                 preds = self._model(batch)
                 clock.mark()
                 kept = nms.non_max_suppression(
-                    preds, self.confidence, self.iou, self.classes, False, max_det=self.max_detections, nc=0,
+                    preds, self.confidence, self.iou, self.classes, self.agnostic, max_det=self.max_detections, nc=0,
                     end2end=getattr(self._model, "end2end", False),
                 )
                 host = [k.to("cpu", non_blocking=self._stream is not None) for k in kept]
@@ -186,7 +188,7 @@ class YoloDetector:
             out.append((geo.to_source(k[:, :4]), k[:, 4].astype(np.float32), cls, labels))
         post += (time.perf_counter() - t0) * 1000
         timings = {"preprocess": pre, "inference": inf, "postprocess": post, "batch_total": pre + inf + post}
-        return to_source_pixels([Detections(b, c, k, lab, dict(timings)) for b, c, k, lab in out], images, sizes)
+        return [Detections(b, c, k, lab, dict(timings)) for b, c, k, lab in out]
 
     def close(self) -> None:
         self._model = None

@@ -205,8 +205,7 @@ class Pipeline:
         cpu = next((d for d in self._facts() if d.kind == "cpu"), None)
         threads = decode_threads((cpu.cores if cpu else None) or 1, len(self.ingest.records),
                                  self.config.pipeline.decode_threads)
-        max_side = self.registry.models[record.model].imgsz if self.config.pipeline.decode_resize else None
-        self.ingest.start(record, threads, max_side)
+        self.ingest.start(record, threads)
 
     @property
     def streams(self) -> dict[str, StreamRecord]:

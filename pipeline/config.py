@@ -108,8 +108,11 @@ class ModelConfig(SlotPoolConfig):
         "torch); exported graphs are made once and cached next to the weights")
     weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
     imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="inference size")
-    confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence")
-    iou: float = Field(0.45, gt=0.0, le=1.0, description="NMS IoU threshold")
+    confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence (ultralytics' default)")
+    iou: float = Field(0.7, gt=0.0, le=1.0, description="NMS IoU threshold (ultralytics' default)")
+    max_det: int = Field(300, ge=1, le=10_000, description="most boxes per frame (ultralytics' default)")
+    agnostic_nms: bool = Field(False, description="NMS across classes (a box suppresses overlapping boxes of "
+                               "any class)")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
     slots: int | None = Field(None, ge=1, le=64, description="executor slots (model copies, one worker thread "
                               "each); default: planned from the devices (see `framegrid devices`)")
@@ -155,8 +158,6 @@ class PipelineConfig(Strict):
     status_interval: float = Field(5.0, ge=0, le=3600, description="seconds between console status; 0 = off")
     decode_threads: int = Field(0, ge=0, le=64, description="FFmpeg threads per decoder (0 = cores / streams, "
                                 "at least 1)")
-    decode_resize: bool = Field(True, description="decoders convert straight to the model's input size "
-                                "(fast bilinear); boxes stay in source pixels")
     rebalance_interval: float = Field(30.0, ge=0, le=86400, description="seconds between rebalancing; 0 = off")
     rebalance_band: float = Field(0.10, gt=0, le=10, description="rebalance until max/mean load <= 1 + band")
     admission_control: bool = Field(False, description="refuse streams that fit on no slot (state 'refused')")

@@ -33,7 +33,8 @@ def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     runtime = resolve_backend(cfg.backend, device)
     extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
-                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size, **extra)
+                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size,
+                          max_detections=cfg.max_det, agnostic=cfg.agnostic_nms, **extra)
 
 
 class StreamFeed:
@@ -103,7 +104,8 @@ class DetectJobs:
         return 1
 
     def call(self, frames: list[Frame]) -> tuple[Any, ...]:
-        return [f.image for f in frames], [(f.width, f.height) for f in frames]
+        # the decoded pictures themselves: each converts to BGR on the slot's thread, once
+        return ([f.picture for f in frames],)
 
     def deliver(self, taken: list[Taken], outputs: list[Detections], shipped_at: float) -> None:
         inferred_at = self.clock.wall()
@@ -139,7 +141,7 @@ def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipel
     side = cfg.imgsz  # a calibration batch of model-sized 16:9 frames seeds the slots' service time
     frames = [np.zeros((side * 9 // 16, side, 3), np.uint8)] * cfg.batch_size
     return SlotPool(name, make, [a.device for a in layout], DetectJobs(name, cfg.classes, results, clock),
-                    cfg.pool_settings(pipeline), clock=clock, calibration=((frames, None), len(frames)),
+                    cfg.pool_settings(pipeline), clock=clock, calibration=((frames,), len(frames)),
                     check=check, on_change=on_change, spawn=spawn)
 
 

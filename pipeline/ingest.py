@@ -67,12 +67,12 @@ class Ingest:
             record.reconnects = reconnects
         self.on_state(record)
 
-    def start(self, record: StreamRecord, decode_threads: int, max_side: int | None) -> None:
+    def start(self, record: StreamRecord, decode_threads: int) -> None:
         """Start decoding into the record's mailbox (the batcher of its slot is already wired)."""
         record.stats.restart_window(self.clock.mono())
         record.source = Source(record.name, record.cfg.url, record.mailbox.put,
                                lambda st: self.handoff.call(self._source_state, record, st), record.cfg,
-                               decode_threads=decode_threads, max_side=max_side, clock=self.clock)
+                               decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
         record.source.start()
 
     def _source_state(self, record: StreamRecord, st: SourceState) -> None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .backoff import Backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
-from .frame import Frame, fit_size
+from .frame import Frame, VideoPicture
 from .redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,13 @@ class SourceSettings(BaseModel):
     reconnect_cap: float = Field(30.0, gt=0, le=3600, description="max seconds between reconnect attempts")
     max_retries: int | None = Field(None, ge=0, description="consecutive failures before 'failed'")
     ffmpeg_options: dict[str, str] = Field(default_factory=dict, description="extra demuxer options")
+    skip_frames: Literal["auto", "none", "nonref", "nonkey"] = Field(
+        "auto", description="frames the decoder does not decode at all: nonref (B-frames and other "
+        "non-reference frames), nonkey (all but keyframes); auto = nonref when max_fps is at most a third of "
+        "the camera's rate, else none")
+    hwaccel: str | None = Field(None, pattern=r"^(cuda|vaapi|qsv|drm|vulkan|videotoolbox|d3d11va|d3d12va|dxva2)$",
+                                description="hardware decoder device type (FFmpeg's), falling back to "
+                                "software when the device or codec is not supported")
 
 
 def is_local_file(url: str) -> bool:
@@ -113,6 +120,15 @@ def ffmpeg_options(url: str, opts: SourceSettings) -> dict[str, str]:
     return out
 
 
+def hw_accel(opts: SourceSettings) -> Any:
+    """FFmpeg's hardware decoder for `opts.hwaccel` (software fallback allowed), or None."""
+    if not opts.hwaccel:
+        return None
+    from av.codec.hwaccel import HWAccel
+
+    return HWAccel(opts.hwaccel, allow_software_fallback=True)
+
+
 def open_container(url: str, opts: SourceSettings) -> Any:
     """av.open with timeouts; errors mapped to ours with the URL redacted."""
     try:
@@ -120,6 +136,7 @@ def open_container(url: str, opts: SourceSettings) -> Any:
             url,
             options=ffmpeg_options(url, opts),
             timeout=(opts.open_timeout, opts.stall_timeout),
+            **({"hwaccel": hw_accel(opts)} if opts.hwaccel else {}),
         )
     except av.error.FFmpegError as exc:
         raise SourceOpenError(f"cannot open {redact_url(url)}: {_describe(exc)}") from exc
@@ -155,17 +172,17 @@ class Source:
         options: SourceSettings | None = None,
         backoff: Backoff | None = None,
         decode_threads: int = 0,
-        max_side: int | None = None,
+        wanted_fps: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """`decode_threads`: FFmpeg threads (0 = FFmpeg decides). `max_side`: convert straight to
-        fit inside max_side x max_side (never upscaled); the frame remembers its source size."""
+        """`decode_threads`: FFmpeg threads (0 = FFmpeg decides). `wanted_fps`: the most frames per
+        second anyone will use (the stream's max_fps), for `skip_frames = "auto"`."""
         self.stream = stream
         self._url = url
         self.url_redacted = redact_url(url)
         self.options = options or SourceSettings()
         self.decode_threads = decode_threads
-        self.max_side = max_side
+        self.wanted_fps = wanted_fps
         self.clock = clock
         self._on_frame = on_frame
         self._on_state = on_state
@@ -179,6 +196,8 @@ class Source:
         self._state = SourceState(stream, CONNECTING, clock.wall(), 0)
         self.decode_errors = 0  # corrupt packets skipped (published in the stream's stats)
         self.fps: float | None = None
+        self.skipping = "none"  # what the decoder skips now (resolved from skip_frames per connection)
+        self.hw_decoding = False  # whether the open decoder really runs on hardware
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -282,6 +301,14 @@ class Source:
             self._stop.wait(delay)
         self._set_state(STOPPED)
 
+    def skip_mode(self, fps: float | None) -> str:
+        """What the decoder may skip for a camera of `fps` (see `SourceSettings.skip_frames`)."""
+        mode = self.options.skip_frames
+        if mode != "auto":
+            return mode
+        wanted = self.wanted_fps
+        return "nonref" if wanted and fps and wanted * 3 <= fps else "none"
+
     def _decode_once(self, pts_offset: float, index: int) -> Iterator[Frame]:
         container = open_container(self._url, self.options)
         try:
@@ -292,6 +319,9 @@ class Source:
                 ctx.thread_count = self.decode_threads
             rate = vstream.average_rate or vstream.guessed_rate
             self.fps = float(rate) if rate else None
+            self.skipping = self.skip_mode(self.fps)
+            ctx.skip_frame = self.skipping.upper()
+            self.hw_decoding = bool(getattr(ctx, "is_hwaccel", False))
             pace_start: float | None = None
             first_pts: float | None = None
             last_frame = self.clock.mono()
@@ -308,11 +338,6 @@ class Source:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
                 for vf in frames:
-                    if self.max_side and max(vf.width, vf.height) > self.max_side:
-                        w, h = fit_size(vf.width, vf.height, self.max_side)
-                        image = vf.to_ndarray(format="bgr24", width=w, height=h, interpolation="FAST_BILINEAR")
-                    else:
-                        image = vf.to_ndarray(format="bgr24")
                     decode_ms = (time.perf_counter() - t0) * 1000
                     pts = float(vf.time) if vf.time is not None else None
                     if pts is not None and first_pts is None:
@@ -331,8 +356,8 @@ class Source:
                         stream_pts = pts_offset + rel if rel is not None else None
                     else:
                         stream_pts = pts
-                    yield Frame(self.stream, index, image, self.clock.wall(), stream_pts, decode_ms, mono,
-                                (vf.width, vf.height))
+                    # the picture stays as decoded: converted only if a slot takes it (see streams.frame)
+                    yield Frame(self.stream, index, VideoPicture(vf), self.clock.wall(), stream_pts, decode_ms, mono)
                     index += 1
                     t0 = time.perf_counter()
         finally:

@@ -31,7 +31,7 @@ class FakeDetector:
 
     def close(self) -> None: ...
 
-    def infer(self, images: Sequence[np.ndarray], sizes: object = None) -> list[Detections]:
+    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
         self.batches.append(len(images))
         time.sleep(self.delay)
         if len(self.batches) in self.fail_on:

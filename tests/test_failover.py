@@ -36,11 +36,11 @@ class RaisesAfter:
     def warmup(self) -> None:
         self.inner.warmup()  # type: ignore[attr-defined]
 
-    def infer(self, images: Sequence[np.ndarray], sizes: object = None) -> list[Detections]:
+    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
         self.calls += 1
         if self.calls > self.n:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
-        return self.inner.infer(images, sizes)  # type: ignore[attr-defined,no-any-return]
+        return self.inner.infer(images)  # type: ignore[attr-defined,no-any-return]
 
     def close(self) -> None:
         self.inner.close()  # type: ignore[attr-defined]
@@ -120,14 +120,14 @@ class Misbehaves(RaisesAfter):
 
             self.oom = torch.OutOfMemoryError  # the type torch raises on a CUDA OOM: recognised by type, not text
 
-    def infer(self, images: Sequence[np.ndarray], sizes: object = None) -> list[Detections]:
+    def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
         self.calls += 1
         self.batch_sizes.append(len(images))
         if self.mode == "hang" and self.calls == self.n + 1:
             time.sleep(6)  # far past the 1 s watchdog; finite so the test process can exit
         if self.mode == "oom" and self.calls > self.n and len(images) > 1:
             raise self.oom("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return self.inner.infer(images, sizes)  # type: ignore[attr-defined,no-any-return]
+        return self.inner.infer(images)  # type: ignore[attr-defined,no-any-return]
 
 
 async def run_two_slots(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, prefix: str,

@@ -166,29 +166,27 @@ def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
     assert pts == sorted(pts) and pts[-1] - pts[0] == pytest.approx((len(pts) - 1) / 15, abs=0.2)
 
 
-def test_decoder_converts_to_model_size_and_keeps_source_size(short_video: Path) -> None:
-    from streams.frame import fit_size
+def test_frames_are_converted_only_when_dispatched_and_as_the_reference_does(short_video: Path) -> None:
+    """The decoder hands over pictures as decoded; one converts on first use to FFmpeg's own BGR."""
+    import av
+
+    from streams.frame import VideoPicture
 
     frames: list[Frame] = []
-    src = Source("f", str(short_video), frames.append, options=SourceSettings(realtime=False, loop=False),
-                 max_side=160)
+    src = Source("f", str(short_video), frames.append, options=SourceSettings(realtime=False, loop=False))
     src.start()
     deadline = time.monotonic() + 10
-    while len(frames) < 5 and time.monotonic() < deadline:
+    while src.state.state != "ended" and time.monotonic() < deadline:
         time.sleep(0.05)
     src.stop(5)
-    f = frames[0]
-    assert f.image.shape == (90, 160, 3)  # 320x180 fitted into 160: the letterbox has nothing to resize
-    assert (f.width, f.height) == (320, 180) and f.scale == (2.0, 2.0)  # results are in source pixels
-    assert fit_size(1920, 1080, 640) == (640, 360) and fit_size(320, 180, 640) == (320, 180)
-    assert fit_size(1080, 1920, 320) == (180, 320)
-    # a larger model size than the picture: no upscaling, no source_size
-    same: list[Frame] = []
-    src = Source("g", str(short_video), same.append, options=SourceSettings(realtime=False, loop=False),
-                 max_side=640)
-    src.start()
-    deadline = time.monotonic() + 10
-    while not same and time.monotonic() < deadline:
-        time.sleep(0.05)
-    src.stop(5)
-    assert same[0].image.shape == (180, 320, 3) and same[0].scale == (1.0, 1.0)
+    assert len(frames) == 15 and all(isinstance(f.picture, VideoPicture) for f in frames)
+    assert not any(f.picture.converted for f in frames)  # decoding alone converts nothing
+    assert (frames[3].width, frames[3].height) == (320, 180)  # known without converting
+    assert not frames[3].picture.converted
+    with av.open(str(short_video)) as c:
+        reference = [vf.to_ndarray(format="bgr24") for vf in c.decode(video=0)]
+    got = frames[7].image
+    assert frames[7].picture.converted and frames[7].picture.convert_ms is not None
+    assert got.shape == (180, 320, 3) and np.array_equal(got, reference[7])
+    assert frames[7].image is got  # converted once
+    assert sum(f.picture.converted for f in frames) == 1
