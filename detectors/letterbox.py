@@ -14,13 +14,15 @@ ultralytics does, and written into its place; only the padding strips are filled
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 
 PAD_VALUE = 114
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +64,34 @@ def geometry(src_w: int, src_h: int, imgsz: int, stride: int = 32, rect: bool = 
     return Geometry(src_w, src_h, new_w, new_h, left, top, new_w + left + right, new_h + top + bottom, gain)
 
 
-def batch_geometry(shapes: list[tuple[int, int]], imgsz: int, stride: int = 32,
-                   rect: bool = True) -> list[Geometry]:
-    """Geometries for a batch of (h, w) shapes: rectangular inputs only when all shapes are equal."""
-    same = len(set(shapes)) == 1
-    return [geometry(w, h, imgsz, stride, rect=rect and same) for h, w in shapes]
+def batch_groups(shapes: list[tuple[int, int]], imgsz: int, stride: int = 32,
+                 rect: bool = True) -> list[tuple[list[int], list[Geometry]]]:
+    """(indices, geometries) per network input size, for a batch of (h, w) shapes.
+
+    Each picture is letterboxed as ultralytics does it alone (with `rect`, its own minimal
+    rectangle), so its answer is the model's own; pictures that land on the same input size
+    (1920x1080 and 1280x720 both give 320x192) share one model call, others get their own.
+    """
+    groups: dict[tuple[int, int], tuple[list[int], list[Geometry]]] = {}
+    for i, (h, w) in enumerate(shapes):
+        g = geometry(w, h, imgsz, stride, rect=rect)
+        idx, geos = groups.setdefault((g.out_w, g.out_h), ([], []))
+        idx.append(i)
+        geos.append(g)
+    return list(groups.values())
+
+
+def infer_in_groups(images: Sequence[Any], shapes: list[tuple[int, int]], imgsz: int, stride: int, rect: bool,
+                    run: Callable[[list[Any], list[Geometry]], list[T]]) -> list[T]:
+    """`run(images, geometries)` once per input size (see `batch_groups`), answers in input order."""
+    groups = batch_groups(shapes, imgsz, stride, rect)
+    if len(groups) == 1:
+        return run(list(images), groups[0][1])
+    out: list[Any] = [None] * len(images)
+    for idx, geos in groups:
+        for i, answer in zip(idx, run([images[i] for i in idx], geos), strict=True):
+            out[i] = answer
+    return out
 
 
 def resized(image: np.ndarray, geo: Geometry, dst: np.ndarray | None = None) -> np.ndarray:

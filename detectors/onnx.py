@@ -22,7 +22,7 @@ import numpy as np
 
 from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
 from .export import ensure_export
-from .letterbox import Geometry, InputBuffers, batch_geometry
+from .letterbox import Geometry, InputBuffers, infer_in_groups
 from .yolo import missing_weights_message
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,12 @@ class ExportedYoloDetector:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
             return []
+        return infer_in_groups(images, [picture_size(im) for im in images], self.imgsz, self.stride, self.rect,
+                               self._infer_group)
+
+    def _infer_group(self, images: list[Image], geos: list[Geometry]) -> list[Detections]:
+        """One model call for pictures that share a network input size."""
         t0 = time.perf_counter()
-        geos = batch_geometry([picture_size(im) for im in images], self.imgsz, self.stride, rect=self.rect)
         batch = self._inputs.fill([bgr_of(im) for im in images], geos)
         t1 = time.perf_counter()
         try:

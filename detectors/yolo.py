@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
-from .letterbox import Geometry, InputBuffers, batch_geometry, letterbox_torch
+from .letterbox import Geometry, InputBuffers, infer_in_groups, letterbox_torch
 from .offline import prepare_ultralytics_offline
 
 log = logging.getLogger(__name__)
@@ -140,24 +140,28 @@ class YoloDetector:
         buf.copy_(host)  # safe to reuse: the previous batch was synchronised before we got here
         return buf.to(self._device, non_blocking=True)
 
-    def preprocess(self, images: Sequence[Image]) -> tuple[Any, list[Geometry]]:
-        """Pictures -> (N, 3, H, W) tensor on the model's device, plus each one's letterbox geometry."""
+    def preprocess(self, images: Sequence[Image], geos: list[Geometry]) -> Any:
+        """Pictures of one network input size -> (N, 3, H, W) tensor on the model's device."""
         import torch
 
-        geos = batch_geometry([picture_size(im) for im in images], self.imgsz, self.stride, rect=self.rect)
         pixels = [bgr_of(im) for im in images]
         if self._stream is None and not self.device_preprocess:
             # on the CPU OpenCV's resize beats torch's interpolate; the network input is the same
-            return torch.from_numpy(self._inputs.fill(pixels, geos)).to(self._dtype), geos
+            return torch.from_numpy(self._inputs.fill(pixels, geos)).to(self._dtype)
         tensors = [letterbox_torch(self._to_device(i, im), g, self._dtype)
                    for i, (im, g) in enumerate(zip(pixels, geos, strict=True))]
-        return torch.stack(tensors), geos
+        return torch.stack(tensors)
 
     def infer(self, images: Sequence[Image]) -> list[Detections]:
         if self._model is None:
             raise InferenceError(f"model {self.name}: infer() before load()")
         if not images:
             return []
+        return infer_in_groups(images, [picture_size(im) for im in images], self.imgsz, self.stride, self.rect,
+                               self._infer_group)
+
+    def _infer_group(self, images: list[Image], geos: list[Geometry]) -> list[Detections]:
+        """One model call for pictures that share a network input size."""
         import torch
         from ultralytics.utils import nms
 
@@ -165,7 +169,7 @@ class YoloDetector:
         with self._lock, torch.inference_mode(), clock.stream_context():
             try:
                 clock.mark()
-                batch, geos = self.preprocess(images)
+                batch = self.preprocess(images, geos)
                 clock.mark()
                 preds = self._model(batch)
                 clock.mark()

@@ -225,10 +225,21 @@ def _bounce(v: float, lo: float, hi: float) -> float:
     return lo + (t if t <= span else 2 * span - t)
 
 
-def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int = 23) -> int:
-    """Encode the scene as H.264 (no B-frames, short GOP, so RTSP clients join fast).
+def camera_scene(width: int, height: int, fps: float = 25.0, seed: int = 7, objects: int = 6) -> MovingScene:
+    """A camera-like scene at any size: objects crossing a textured background at a speed that
+    scales with the picture (about an eighth of the short side per second)."""
+    return MovingScene(seed=seed, width=width, height=height, fps=fps, objects=objects,
+                       speed=min(width, height) * 8.0 / fps / 60.0)
 
-    Returns the number of frames written. Frame `i` has pts `i / fps`.
+
+def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int = 23, gop_seconds: float = 1.0,
+                b_frames: int = 0, start: int = 0) -> int:
+    """Encode the scene as H.264 (by default no B-frames and a 1 s GOP, so RTSP clients join fast).
+
+    Returns the number of frames written. Frame `i` has pts `(start + i) / fps` and shows the
+    scene at index `start + i` (so segments written with consecutive `start`s join seamlessly,
+    even at different sizes: an .ts file concatenated byte-wise is a stream that changes size).
+    The container follows the suffix (.mp4, .mkv, .ts; .h264 is a raw Annex-B stream).
     """
     import av  # local: keeps the renderer importable where only numpy/cv2 are needed
     from fractions import Fraction
@@ -239,13 +250,16 @@ def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int =
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = scene.width, scene.height
         stream.pix_fmt = "yuv420p"
-        gop = max(1, int(round(scene.fps)))
-        stream.options = {"crf": str(crf), "preset": "veryfast", "bf": "0", "g": str(gop),
-                          "tune": "zerolatency"}
+        gop = max(1, int(round(scene.fps * gop_seconds)))
+        stream.options = {"crf": str(crf), "preset": "veryfast", "bf": str(b_frames), "g": str(gop),
+                          **({} if b_frames else {"tune": "zerolatency"})}
         stream.codec_context.time_base = 1 / rate
-        for i, (img, _) in enumerate(scene.frames(count)):
+        bg, _, _ = scene._initial()
+        for i in range(count):
+            img = bg.copy()
+            draw(img, scene.shapes_at(start + i))
             frame = av.VideoFrame.from_ndarray(img, format="bgr24")
-            frame.pts = i
+            frame.pts = start + i
             frame.time_base = 1 / rate
             for packet in stream.encode(frame):
                 container.mux(packet)

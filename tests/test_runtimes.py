@@ -10,7 +10,7 @@ import pytest
 
 from detectors import YoloDetector
 from detectors.export import cache_path
-from detectors.letterbox import batch_geometry, geometry, letterbox, letterbox_torch
+from detectors.letterbox import batch_groups, geometry, letterbox, letterbox_torch
 from detectors.onnx import OnnxYoloDetector, nms
 from detectors.openvino import OpenVinoYoloDetector
 from detectors.runtimes import CPU_PREFERENCE, installed, resolve_backend
@@ -98,9 +98,13 @@ def test_letterbox_matches_ultralytics() -> None:
             ours = letterbox(img, geometry(w, h, 320, 32, rect=rect))
             theirs = LetterBox((320, 320), auto=rect, stride=32)(image=img)
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (h, w, rect)
-    # a batch of mixed shapes falls back to square inputs; equal shapes get the rectangle
-    assert {(g.out_w, g.out_h) for g in batch_geometry([(360, 640), (480, 640)], 320)} == {(320, 320)}
-    assert {(g.out_w, g.out_h) for g in batch_geometry([(360, 640)] * 3, 320)} == {(320, 192)}
+    # each picture gets its own rectangle, as ultralytics gives it alone; one call per input size
+    groups = batch_groups([(360, 640), (480, 640), (1080, 1920), (720, 1280)], 320)
+    assert [(idx, {(g.out_w, g.out_h) for g in geos}) for idx, geos in groups] == [
+        ([0, 2, 3], {(320, 192)}), ([1], {(320, 256)})]
+    assert [g.src_w for g in groups[0][1]] == [640, 1920, 1280]  # each keeps its own scale
+    assert {(g.out_w, g.out_h) for _, geos in batch_groups([(360, 640), (480, 640)], 320, rect=False)
+            for g in geos} == {(320, 320)}
 
 
 def test_device_side_preprocessing_matches_ultralytics(weights: Path, images: list[np.ndarray]) -> None:
@@ -118,8 +122,9 @@ def test_device_side_preprocessing_matches_ultralytics(weights: Path, images: li
     model.predict(images[:1], imgsz=320, verbose=False)  # builds the predictor with its settings
     predictor = model.predictor
     batch = images[:4]
-    for sample in (batch, [batch[0], np.ascontiguousarray(batch[1][:300, :500])]):  # rect and square
-        ours, _ = det.preprocess(sample)
+    for sample, rect in ((batch, True), ([batch[0], np.ascontiguousarray(batch[1][:300, :500])], False)):
+        geos = [geometry(im.shape[1], im.shape[0], 320, 32, rect=rect) for im in sample]
+        ours = det.preprocess(sample, geos)
         theirs = predictor.preprocess(list(sample))
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.float32
         diff = (ours - theirs).abs()

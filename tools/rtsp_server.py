@@ -11,7 +11,8 @@ FFmpeg's RTSP muxer sends it) and writes the received H.264 and AAC into a Matro
 
 Each client gets its own pipeline starting at the file's first frame (unshared media), so a
 client's presentation times count from the start of the file: a test that knows the file's
-ground truth can score detections by timestamp. Runs under Debian's python3 with python3-gi
+ground truth can score detections by timestamp. An Annex-B `.h264` file plays in a loop, for
+ever, with timestamps that keep counting (a camera); an .mp4/.mkv plays once. Runs under Debian's python3 with python3-gi
 (not a virtualenv). Prints `READY <port>` on stdout once it listens; stops on SIGTERM/SIGINT.
 """
 
@@ -29,9 +30,44 @@ from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 
 def pipeline_for(path: str) -> str:
+    if path.endswith((".h264", ".264")):
+        # an Annex-B elementary stream played in a loop: the file has no timestamps, so the parser
+        # makes them from the frame rate in the stream (SPS timing info) and they keep counting
+        # across loops, a camera that never ends
+        return (f'( multifilesrc location="{path}" loop=true caps="video/x-h264,stream-format=byte-stream" '
+                f"! h264parse name=loopparse config-interval=-1 ! video/x-h264,alignment=au "
+                f"! rtph264pay name=pay0 pt=96 )")
     demux = "qtdemux" if path.endswith((".mp4", ".mov")) else "matroskademux"
     return (f'( filesrc location="{path}" ! {demux} ! h264parse config-interval=-1 '
             f"! rtph264pay name=pay0 pt=96 )")
+
+
+def stamp_loop(factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
+    """Give a looped elementary stream timestamps: frame n at n / fps, counting across loops.
+
+    The raw file has none, and a camera's RTP timestamps keep increasing; the sinks then pace
+    the stream at its frame rate (from the stream's SPS timing info, else 25 fps).
+    """
+    parse = media.get_element().get_by_name("loopparse")
+    if parse is None:
+        return
+    count = [0]
+
+    def probe(pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
+        buf = info.get_buffer()
+        caps = pad.get_current_caps()
+        num, den = 25, 1
+        if caps is not None:
+            ok, n, d = caps.get_structure(0).get_fraction("framerate")
+            if ok and n > 0:
+                num, den = n, d
+        duration = Gst.util_uint64_scale(Gst.SECOND, den, num)
+        buf.pts = buf.dts = count[0] * duration
+        buf.duration = duration
+        count[0] += 1
+        return Gst.PadProbeReturn.OK
+
+    parse.get_static_pad("src").add_probe(Gst.PadProbeType.BUFFER, probe)
 
 
 def record_pipeline(path: str) -> str:
@@ -63,6 +99,7 @@ def main() -> int:
         factory = GstRtspServer.RTSPMediaFactory()
         factory.set_launch(pipeline_for(path))
         factory.set_shared(False)
+        factory.connect("media-configure", stamp_loop)
         if args.user:
             perms = GstRtspServer.RTSPPermissions()
             perms.add_permission_for_role("user", "media.factory.access", True)
