@@ -60,6 +60,13 @@ class PoolSettings:
     restart_backoff_cap: float
     admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
     rebalance_band: float
+    cpu_batch_size: int | None = None  # a smaller batch on CPU slots (None: batch_size everywhere)
+
+    def batch_for(self, device: str) -> int:
+        """The most items per batch on a slot of this device."""
+        if device == "cpu" and self.cpu_batch_size is not None:
+            return min(self.batch_size, self.cpu_batch_size)
+        return self.batch_size
 
 
 # -- one slot ----------------------------------------------------------------------------------------
@@ -202,7 +209,7 @@ class Batcher:
         self.record = record
         self.members = members
         self.adapter = adapter
-        self.batch_size = settings.batch_size  # halved for good after an out-of-memory
+        self.batch_size = settings.batch_for(slot.device)  # halved for good after an out-of-memory
         self.batch_timeout = settings.batch_timeout
         self.clock = clock
         self.on_fault = on_fault

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from types import SimpleNamespace
 from typing import Any
 
@@ -92,12 +94,18 @@ def test_overrides_and_cpu_threads() -> None:
     assert only_cpu[0].slots == 2 and "oversubscribed: 24 threads on 16 cores" in only_cpu[0].reason
     with pytest.raises(ValueError):
         plan_slots([CPU], 0)
+    # the default: one single-threaded slot per core, at most 4 (then the threads grow)
+    auto = plan_slots([CPU], 8 * GB, cpu_slots=None)[0]
+    assert (auto.slots, auto.threads_per_slot) == (4, 4) and "auto" in auto.reason
+    two = plan_slots([DeviceInfo("cpu", "cpu", "CPU", 8 * GB, 8 * GB, cores=2)], 8 * GB, cpu_slots=None)[0]
+    assert (two.slots, two.threads_per_slot) == (2, 1)
 
 
 def test_devices_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
-    assert "CPU:" in out and "detect slot" in out and "total: 1 slot(s)" in out
+    cores = os.cpu_count() or 1
+    assert "CPU:" in out and "detect slot" in out and f"total: {min(cores, 4)} slot(s)" in out
 
 
 def test_slot_layout_from_plan() -> None:
