@@ -68,7 +68,7 @@ class StreamFeed:
         return max(expected, self.next_due)
 
     def take(self, now: float, room: int) -> list[Frame]:
-        frame = self.mailbox.take()
+        frame = self.mailbox.take(now)
         if frame is None:
             return []
         if now - frame.captured_mono > self.max_frame_age:

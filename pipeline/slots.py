@@ -200,14 +200,23 @@ class Batcher:
     batch size. It waits (at most the batch timeout after its first item) only when waiting pays:
     the batch is partial and another member's next item is due before the deadline. A member's
     rate limit (`max_fps` phase) and frame age are its feed's business.
+
+    The slots of one device serve the device's members together (`members` is the device's), so
+    a slot that is free takes the oldest waiting frame of any of them: one slot cannot starve its
+    streams while its sibling idles. `in_flight` (shared by the pool) holds the members with an
+    item in a batch; they are skipped until it is delivered, so a member's results stay in order.
     """
 
     def __init__(self, slot: Slot, record: SlotRecord, members: Callable[[], Iterable[Feed]],
                  adapter: JobAdapter, settings: PoolSettings, clock: Clock,
-                 on_fault: Callable[[Batcher, SlotError], None]) -> None:
+                 on_fault: Callable[[Batcher, SlotError], None], in_flight: set[str] | None = None,
+                 on_done: Callable[[], None] | None = None) -> None:
         self.slot = slot
         self.record = record
         self.members = members
+        self.in_flight = in_flight if in_flight is not None else set()
+        self._holding: set[str] = set()  # this batcher's share of in_flight
+        self.on_done = on_done
         self.adapter = adapter
         self.batch_size = settings.batch_for(slot.device)  # halved for good after an out-of-memory
         self.batch_timeout = settings.batch_timeout
@@ -218,13 +227,19 @@ class Batcher:
 
     async def run(self) -> None:
         while True:
-            taken = await self._collect()
+            taken: list[Taken] = []
             try:
+                taken = await self._collect()
                 await self._ship(taken)
             except asyncio.CancelledError:
                 raise
             except Exception:  # an adapter's bug costs this batch, never the pool
                 log.exception("slot %s: batch of %d could not be delivered", self.slot.name, len(taken))
+            finally:
+                self.in_flight.difference_update(self._holding)  # also when cancelled mid-collect
+                self._holding.clear()
+                if taken and self.on_done is not None:
+                    self.on_done()  # their next items may be waiting: any free sibling may take them
 
     async def _collect(self) -> list[Taken]:
         taken: list[Taken] = []
@@ -237,7 +252,7 @@ class Batcher:
             if not self.record.healthy:  # taken out: wait for the restart to wake us
                 await self.wake.wait()
                 continue
-            members = [f for f in self.members() if f.key not in used]
+            members = [f for f in self.members() if f.key not in used and f.key not in self.in_flight]
             ready = []
             for f in members:
                 since, at = f.waiting_since(), f.ready_at(now)
@@ -249,6 +264,8 @@ class Batcher:
                 items = f.take(now, self.batch_size - filled)
                 if items:
                     used.add(f.key)
+                    self.in_flight.add(f.key)
+                    self._holding.add(f.key)
                     taken.extend((f, it) for it in items)
                     filled += sum(self.adapter.size(it) for it in items)
             if filled >= self.batch_size:
@@ -285,8 +302,8 @@ class Batcher:
             self.batch_size = max(1, half)
             log.warning("slot %s: out of memory at batch %d; batch size now %d", self.slot.name, len(taken),
                         self.batch_size)
-            await self._ship(taken[:half])
-            await self._ship(taken[half:])
+            for k in range(0, len(taken), self.batch_size):  # the same items, in batches of the new size
+                await self._ship(taken[k:k + self.batch_size])
             return
         except SlotError as exc:
             self._lost(taken, exc)
@@ -334,6 +351,7 @@ class SlotPool:
         self.spawn = spawn or _create_task
         self.placer = Placer(settings.rebalance_band)
         self.feeds: dict[str, Feed] = {}
+        self.in_flight: set[str] = set()  # members with an item in a batch (on any slot)
         self.slots: dict[str, Slot] = {}
         self.batchers: dict[str, Batcher] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -351,10 +369,13 @@ class SlotPool:
         start are `failed`, the others serve.
         """
         for i, name in enumerate(self.slot_names()):
-            record = self.placer.add_slot(name, state=SlotState.STARTING)
+            self.placer.add_slot(name, state=SlotState.STARTING)
             self.slots[name] = Slot(name, self.factory(i), self.devices[i], self.settings.hang_timeout, self.clock)
-            self.batchers[name] = Batcher(self.slots[name], record, self._members_of(name), self.adapter,
-                                          self.settings, self.clock, self._on_fault)
+        for name in self.slot_names():
+            device = self.slots[name].device
+            self.batchers[name] = Batcher(self.slots[name], self.placer.slots[name], self._members_of(name),
+                                          self.adapter, self.settings, self.clock, self._on_fault, self.in_flight,
+                                          on_done=lambda d=device: self._wake_local(d))
         await asyncio.gather(*(self._start_slot(name) for name in self.slots))
         if not self.placer.healthy():
             errors = "; ".join(f"{n}: {r.last_error}" for n, r in self.placer.slots.items())
@@ -390,7 +411,20 @@ class SlotPool:
     # -- members -----------------------------------------------------------------------------------
     def _members_of(self, name: str) -> Callable[[], list[Feed]]:
         """A batcher's members, read from the placer's table at every call (it is the only table)."""
-        return lambda: [self.feeds[k] for k in self.placer.slots[name].members if k in self.feeds]
+        device = self.slots[name].device
+        group = [n for n, s in self.slots.items() if s.device == device]
+        return lambda: [self.feeds[k] for n in group for k in self.placer.slots[n].members if k in self.feeds]
+
+    def _wake_device(self, device: str) -> Callable[[], None]:
+        """Wake every batcher of the device's slots (from any thread): they share its members."""
+        wakers = [b.waker for b in self.batchers.values() if b.slot.device == device]
+        if len(wakers) == 1:
+            return wakers[0]
+
+        def wake() -> None:
+            for w in wakers:
+                w()
+        return wake
 
     def cost(self, feed: Feed, slot: str | None = None) -> float:
         """Share of a slot the member needs: its rate x the slot's measured time per output."""
@@ -438,9 +472,15 @@ class SlotPool:
         return self.placer.slots[slot].state
 
     def _attach(self, feed: Feed, slot: str) -> None:
-        batcher = self.batchers[slot]
-        feed.set_notify(batcher.waker)
-        batcher.wake.set()
+        device = self.slots[slot].device
+        feed.set_notify(self._wake_device(device))
+        self._wake_local(device)
+
+    def _wake_local(self, device: str) -> None:
+        """Wake the device's batchers from the loop."""
+        for b in self.batchers.values():
+            if b.slot.device == device:
+                b.wake.set()
 
     def _apply(self, moves: Iterable[Move]) -> list[Move]:
         applied = []

@@ -129,14 +129,15 @@ def hw_accel(opts: SourceSettings) -> Any:
     return HWAccel(opts.hwaccel, allow_software_fallback=True)
 
 
-def open_container(url: str, opts: SourceSettings) -> Any:
-    """av.open with timeouts; errors mapped to ours with the URL redacted."""
+def open_container(url: str, opts: SourceSettings, hardware: bool = True) -> Any:
+    """av.open with timeouts (and the hardware decoder when configured and `hardware`); errors
+    mapped to ours with the URL redacted."""
     try:
         return av.open(
             url,
             options=ffmpeg_options(url, opts),
             timeout=(opts.open_timeout, opts.stall_timeout),
-            **({"hwaccel": hw_accel(opts)} if opts.hwaccel else {}),
+            **({"hwaccel": hw_accel(opts)} if opts.hwaccel and hardware else {}),
         )
     except av.error.FFmpegError as exc:
         raise SourceOpenError(f"cannot open {redact_url(url)}: {_describe(exc)}") from exc
@@ -198,6 +199,7 @@ class Source:
         self.fps: float | None = None
         self.skipping = "none"  # what the decoder skips now (resolved from skip_frames per connection)
         self.hw_decoding = False  # whether the open decoder really runs on hardware
+        self.hw_error: str | None = None  # why hardware decoding was given up (then: software for good)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -309,8 +311,21 @@ class Source:
         wanted = self.wanted_fps
         return "nonref" if wanted and fps and wanted * 3 <= fps else "none"
 
+    def _open(self) -> Any:
+        """The container; with `hwaccel`, falls back to software decoding when the device cannot
+        be opened (FFmpeg refuses a missing device instead of falling back by itself)."""
+        if not self.options.hwaccel or self.hw_error is not None:
+            return open_container(self._url, self.options, hardware=False)
+        try:
+            return open_container(self._url, self.options)
+        except SourceOpenError as exc:
+            self.hw_error = str(exc)
+            log.warning("stream %s: hardware decoding (%s) unavailable: %s; decoding in software", self.stream,
+                        self.options.hwaccel, exc)
+            return open_container(self._url, self.options, hardware=False)
+
     def _decode_once(self, pts_offset: float, index: int) -> Iterator[Frame]:
-        container = open_container(self._url, self.options)
+        container = self._open()
         try:
             vstream = first_video_stream(container, self._url)
             ctx = vstream.codec_context

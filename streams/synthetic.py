@@ -252,7 +252,8 @@ def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int =
         stream.pix_fmt = "yuv420p"
         gop = max(1, int(round(scene.fps * gop_seconds)))
         stream.options = {"crf": str(crf), "preset": "veryfast", "bf": str(b_frames), "g": str(gop),
-                          **({} if b_frames else {"tune": "zerolatency"})}
+                          # B-frames in a fixed pattern, none of them a reference (IBBP...)
+                          **({"x264-params": "b-pyramid=none:b-adapt=0"} if b_frames else {"tune": "zerolatency"})}
         stream.codec_context.time_base = 1 / rate
         bg, _, _ = scene._initial()
         for i in range(count):

@@ -68,11 +68,13 @@ def test_mailbox_overwrites_and_counts_stale() -> None:
         box.put(_frame("s", i))
     assert box.waiting_since is not None and box.interval is not None
     first_wait = box.waiting_since
-    assert box.take().index == 4  # type: ignore[union-attr]
+    assert box.take(now=first_wait + 0.001).index == 4  # type: ignore[union-attr]
     assert box.take() is None and box.waiting_since is None
     assert (box.received, box.dropped_stale, len(notified)) == (5, 4, 5)
-    box.put(_frame("s", 5))
-    assert box.waiting_since is not None and box.waiting_since >= first_wait  # waits from the first untaken put
+    later = first_wait + 10.0
+    box.put(Frame("s", 5, np.zeros((4, 4, 3), np.uint8), time.time(), 0.5, 0.1, later))
+    # the stream waits from its last service (round robin under overload), not from the frame's arrival
+    assert box.waiting_since == first_wait + 0.001
 
 
 def test_frame_rejects_wrong_shapes() -> None:
@@ -190,3 +192,47 @@ def test_frames_are_converted_only_when_dispatched_and_as_the_reference_does(sho
     assert got.shape == (180, 320, 3) and np.array_equal(got, reference[7])
     assert frames[7].image is got  # converted once
     assert sum(f.picture.converted for f in frames) == 1
+
+
+def _decode_all(path: Path, **kwargs: object) -> tuple[list[Frame], Source]:
+    frames: list[Frame] = []
+    wanted = kwargs.pop("wanted_fps", None)
+    src = Source("d", str(path), frames.append, options=SourceSettings(realtime=False, loop=False, **kwargs),
+                 wanted_fps=wanted)  # type: ignore[arg-type]
+    src.start()
+    deadline = time.monotonic() + 20
+    while src.state.state not in ("ended", "failed") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    src.stop(5)
+    return frames, src
+
+
+def test_decoder_options_skip_frames_and_hardware_fallback(tmp_path: Path) -> None:
+    """skip_frames: nonkey keeps one frame per GOP, nonref drops B-frames, auto follows max_fps;
+    hwaccel without the device falls back to software and says why."""
+    scene = MovingScene(seed=4, width=320, height=180, fps=25)
+    ip, ibbp = tmp_path / "ip.mp4", tmp_path / "ibbp.mp4"
+    write_video(ip, scene, seconds=2.0, gop_seconds=1.0)  # 50 frames, keyframes at 0 and 25
+    write_video(ibbp, scene, seconds=2.0, gop_seconds=1.0, b_frames=2)
+    everything, src = _decode_all(ibbp, skip_frames="none")
+    assert len(everything) == 50 and src.skipping == "none"
+    keys, src = _decode_all(ip, skip_frames="nonkey")
+    assert len(keys) == 2 and src.skipping == "nonkey"
+    refs, _ = _decode_all(ibbp, skip_frames="nonref")
+    assert 14 <= len(refs) <= 20  # I and P only: about one frame in three
+    pts = [f.pts for f in refs]
+    assert pts == sorted(pts) and pts[-1] > 1.8  # the whole clip, thinned
+    # auto: skip only when max_fps is at most a third of the camera's rate
+    auto_low, src = _decode_all(ibbp, wanted_fps=5.0)
+    assert src.skipping == "nonref" and len(auto_low) == len(refs)
+    auto_high, src = _decode_all(ibbp, wanted_fps=10.0)
+    assert src.skipping == "none" and len(auto_high) == 50
+    # a hardware decoder: used where the device exists, else software with the reason recorded
+    hw, src = _decode_all(ip, hwaccel="cuda", skip_frames="none")
+    assert len(hw) == 50 and src.state.state == "ended"
+    assert src.hw_decoding or (src.hw_error and "cannot open" in src.hw_error)
+    if not src.hw_decoding:  # the software fallback is the plain decoder, pixel for pixel
+        plain, _ = _decode_all(ip, skip_frames="none")
+        assert np.array_equal(hw[10].image, plain[10].image)
+    with pytest.raises(ValueError):
+        SourceSettings(hwaccel="nvidia-magic")

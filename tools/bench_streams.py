@@ -52,6 +52,7 @@ MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 SYSTEMS = ("framegrid", "framegrid-torch", "ultralytics", "ultralytics-openvino", "ceiling-decode", "ceiling")
 DEFAULT_SYSTEMS = ("framegrid", "ultralytics-openvino", "ceiling-decode")
 MAX_FRAME_AGE = 1.0  # framegrid's default pipeline.max_frame_age, used as configured
+WORKER_SLACK = 240  # seconds a worker may take beyond warm-up + measuring (start, export, shutdown)
 
 
 # -- measurement helpers (run inside each worker) ----------------------------------------------------
@@ -152,13 +153,22 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         def emit(self, result: Any) -> None:
             rec.record(result.stream.name, result.published_at - result.frame.captured_at)
 
+    def dump_tasks() -> None:  # a shutdown that does not finish says what it waits for
+        for task in asyncio.all_tasks():
+            print(f"still running: {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+
     async def main() -> dict[str, Any]:
+        asyncio.get_running_loop().call_later(args.seconds + args.warmup + 90, dump_tasks)
         async with Pipeline(cfg, sinks=[Latency()]) as pipeline:
             while not rec.done and not pipeline.done:  # a pipeline that died raises on leaving the block
                 await asyncio.sleep(0.2)
             out = rec.summary(list(streams), args.seconds)
             out["runtime"] = next(iter(pipeline.plan.runtimes.values()), "torch")
-            out["stages_ms_p50"] = pipeline.stats_payload()["streams"]["cam0"]["stage_ms_p50"]
+            stats = pipeline.stats_payload()["streams"]
+            out["stages_ms_p50"] = stats["cam0"]["stage_ms_p50"]
+            # frames each camera delivered (since start): unequal decoding shows up here, not in fairness
+            out["decoded_per_stream"] = {n: s["decoded"] for n, s in stats.items()}
         return out
 
     return asyncio.run(main())
@@ -332,7 +342,11 @@ def run_agreement(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
+    import faulthandler
     import logging
+
+    # a worker that hangs prints every thread's stack and exits, so the row says where it hung
+    faulthandler.dump_traceback_later(args.seconds + args.warmup + WORKER_SLACK - 30, exit=True)
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runs = {
@@ -414,10 +428,13 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
            "--urls", *urls]
     if mqtt:
         cmd += ["--mqtt", mqtt]
-    timeout = args.seconds + args.warmup + 240
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + WORKER_SLACK,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        return {"error": f"timed out; stderr: {(exc.stderr or b'')[-3000:]!r}"}
     if proc.returncode != 0 or not out.stat().st_size:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-40:])
         return {"error": f"exit {proc.returncode}: {tail}"}
     result = json.loads(out.read_text())
     out.unlink()
