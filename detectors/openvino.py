@@ -54,6 +54,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         self._model = with_u8_input(self._core.read_model(xml))
         self._requests: dict[tuple[int, ...], Any] = {}
         self._compiling: set[tuple[int, ...]] = set()
+        self._compile_threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         # the dynamic-shape model serves any shape at once (and fails at load, not at the first frame)
         compiled = self._core.compile_model(self._model, device, config)
@@ -117,8 +118,10 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
             if self.background_compile:
                 if shape not in self._compiling:
                     self._compiling.add(shape)
-                    threading.Thread(target=self._compile_quietly, args=(shape,), daemon=True,
-                                     name=f"ov-compile{list(shape)}").start()
+                    thread = threading.Thread(target=self._compile_quietly, args=(shape,), daemon=True,
+                                              name=f"ov-compile{list(shape)}")
+                    self._compile_threads = [t for t in self._compile_threads if t.is_alive()] + [thread]
+                    thread.start()
                 return self._dynamic
         return self._compile(shape)
 
@@ -134,6 +137,9 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         return np.array(request.get_output_tensor(0).data, copy=True)
 
     def close(self) -> None:
+        # a compile still running when the interpreter exits aborts the process (std::terminate)
+        for thread in getattr(self, "_compile_threads", []):
+            thread.join(30)
         super().close()
         self._requests = {}
         self._dynamic = None

@@ -95,10 +95,10 @@ class SlotPoolConfig(Strict):
                                        "(full-jitter backoff)")
 
     def _pool_settings(self, batch_size: int, batch_timeout_ms: float, hang_timeout: float,
-                       pipeline: PipelineConfig, cpu_batch_size: int | None = None) -> PoolSettings:
+                       pipeline: PipelineConfig, cpu_batch_ms: float | None = None) -> PoolSettings:
         return PoolSettings(batch_size, batch_timeout_ms / 1000, hang_timeout, self.restart_budget,
                             self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
-                            pipeline.rebalance_band, cpu_batch_size)
+                            pipeline.rebalance_band, cpu_batch_ms)
 
 
 class ModelConfig(SlotPoolConfig):
@@ -114,9 +114,10 @@ class ModelConfig(SlotPoolConfig):
     agnostic_nms: bool = Field(False, description="NMS across classes (a box suppresses overlapping boxes of "
                                "any class)")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
-    cpu_batch_size: int = Field(1, ge=1, le=256, description="max frames per batch on a CPU slot: batching "
-                                "buys a CPU runtime little throughput (measured 6% at batch 4) and multiplies "
-                                "latency, so CPU slots take one frame at a time by default")
+    cpu_batch_ms: float | None = Field(30.0, gt=0, le=10_000, description="a CPU slot cuts its batches to what "
+                                       "it runs in this many ms (from its measured time per frame): cheap frames "
+                                       "batch, costly ones go one at a time (a CPU gains little from batching them "
+                                       "and latency grows with every frame); none = always up to batch_size")
     slots: int | None = Field(None, ge=1, le=64, description="executor slots (model copies, one worker thread "
                               "each); default: planned from the devices (see `framegrid devices`)")
     slot_memory_gb: float | None = Field(None, gt=0, le=1024, description="GPU memory one slot of this model "
@@ -135,7 +136,7 @@ class ModelConfig(SlotPoolConfig):
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
         return self._pool_settings(self.batch_size, pipeline.batch_timeout_ms, self.hang_timeout, pipeline,
-                                   self.cpu_batch_size)
+                                   self.cpu_batch_ms)
 
 
 class StreamConfig(SourceSettings):

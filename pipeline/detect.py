@@ -32,9 +32,8 @@ def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     device = pinned_device(cfg.device) or "cpu"
     runtime = resolve_backend(cfg.backend, device)
     extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
-    batch = min(cfg.batch_size, cfg.cpu_batch_size) if device == "cpu" else cfg.batch_size
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
-                          device=device, threads=cfg.threads, half=cfg.half, max_batch=batch,
+                          device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size,
                           max_detections=cfg.max_det, agnostic=cfg.agnostic_nms, **extra)
 
 
@@ -141,7 +140,7 @@ def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipel
 
     side = cfg.imgsz  # a calibration batch of model-sized 16:9 frames seeds the slots' service time
     settings = cfg.pool_settings(pipeline)
-    frames = [np.zeros((side * 9 // 16, side, 3), np.uint8)] * settings.batch_for(layout[0].device if layout else "")
+    frames = [np.zeros((side * 9 // 16, side, 3), np.uint8)] * cfg.batch_size
     return SlotPool(name, make, [a.device for a in layout], DetectJobs(name, cfg.classes, results, clock),
                     settings, clock=clock, calibration=((frames,), len(frames)),
                     check=check, on_change=on_change, spawn=spawn)

@@ -60,13 +60,7 @@ class PoolSettings:
     restart_backoff_cap: float
     admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
     rebalance_band: float
-    cpu_batch_size: int | None = None  # a smaller batch on CPU slots (None: batch_size everywhere)
-
-    def batch_for(self, device: str) -> int:
-        """The most items per batch on a slot of this device."""
-        if device == "cpu" and self.cpu_batch_size is not None:
-            return min(self.batch_size, self.cpu_batch_size)
-        return self.batch_size
+    cpu_batch_ms: float | None = None  # CPU slots: cut batches to what runs in this long (None: no cut)
 
 
 # -- one slot ----------------------------------------------------------------------------------------
@@ -218,7 +212,8 @@ class Batcher:
         self._holding: set[str] = set()  # this batcher's share of in_flight
         self.on_done = on_done
         self.adapter = adapter
-        self.batch_size = settings.batch_for(slot.device)  # halved for good after an out-of-memory
+        self.batch_size = settings.batch_size  # halved for good after an out-of-memory
+        self.batch_ms = settings.cpu_batch_ms
         self.batch_timeout = settings.batch_timeout
         self.clock = clock
         self.on_fault = on_fault
@@ -241,11 +236,21 @@ class Batcher:
                 if taken and self.on_done is not None:
                     self.on_done()  # their next items may be waiting: any free sibling may take them
 
+    def limit(self) -> int:
+        """Items this batch may take: the batch size, on a CPU slot cut to what its measured time per
+        item runs within `cpu_batch_ms` (a CPU gains little from a batch of costly frames and its
+        latency grows with every one; cheap frames still batch)."""
+        per = self.slot.service_s_per_frame
+        if self.batch_ms is None or self.slot.device != "cpu" or not per:
+            return self.batch_size
+        return max(1, min(self.batch_size, int(self.batch_ms / 1000 / per)))
+
     async def _collect(self) -> list[Taken]:
         taken: list[Taken] = []
         used: set[str] = set()
         filled = 0
         deadline: float | None = None
+        limit = self.limit()
         while True:
             self.wake.clear()
             now = self.clock.mono()
@@ -259,16 +264,16 @@ class Batcher:
                 if since is not None and at is not None and at <= now:
                     ready.append((since, f.key, f))
             for _, _, f in sorted(ready, key=lambda r: (r[0], r[1])):
-                if filled >= self.batch_size:
+                if filled >= limit:
                     break
-                items = f.take(now, self.batch_size - filled)
+                items = f.take(now, limit - filled)
                 if items:
                     used.add(f.key)
                     self.in_flight.add(f.key)
                     self._holding.add(f.key)
                     taken.extend((f, it) for it in items)
                     filled += sum(self.adapter.size(it) for it in items)
-            if filled >= self.batch_size:
+            if filled >= limit:
                 return taken
             upcoming = [at for f in members if f.key not in used and (at := f.ready_at(now)) is not None]
             if taken:

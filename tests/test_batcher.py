@@ -15,13 +15,15 @@ from streams import SYSTEM_CLOCK, Frame, Mailbox
 
 
 class FakeDetector:
-    """Sleeps `delay` per batch (releasing the GIL, like a model) and records batch sizes."""
+    """Sleeps `delay` per batch plus `per_frame` per frame (releasing the GIL, like a model) and
+    records batch sizes."""
 
     name = "fake"
     class_names = ("thing",)
 
-    def __init__(self, delay: float = 0.01, fail_on: set[int] | None = None) -> None:
+    def __init__(self, delay: float = 0.01, fail_on: set[int] | None = None, per_frame: float = 0.0) -> None:
         self.delay = delay
+        self.per_frame = per_frame
         self.fail_on = fail_on or set()
         self.batches: list[int] = []
 
@@ -33,7 +35,7 @@ class FakeDetector:
 
     def infer(self, images: Sequence[np.ndarray]) -> list[Detections]:
         self.batches.append(len(images))
-        time.sleep(self.delay)
+        time.sleep(self.delay + self.per_frame * len(images))
         if len(self.batches) in self.fail_on:
             raise RuntimeError("model exploded")
         return [Detections.empty() for _ in images]
@@ -62,9 +64,10 @@ def record(name: str, max_fps: float | None = None) -> StreamRecord:
                         StreamStats(mailbox))
 
 
-def settings(batch_size: int = 4, batch_timeout: float = 0.01) -> PoolSettings:
+def settings(batch_size: int = 4, batch_timeout: float = 0.01, cpu_batch_ms: float | None = None) -> PoolSettings:
     return PoolSettings(batch_size, batch_timeout, hang_timeout=10.0, restart_budget=3, restart_window=300.0,
-                        restart_backoff_cap=1.0, admission_control=False, rebalance_band=0.1)
+                        restart_backoff_cap=1.0, admission_control=False, rebalance_band=0.1,
+                        cpu_batch_ms=cpu_batch_ms)
 
 
 async def producer(mailbox: Mailbox, stream: str, fps: float, seconds: float, offset: float = 0.0) -> None:
@@ -83,11 +86,11 @@ async def producer(mailbox: Mailbox, stream: str, fps: float, seconds: float, of
 
 
 async def run_pool(det: FakeDetector, streams: dict[str, tuple[float, float | None]], seconds: float,
-                   batch_size: int = 4, batch_timeout: float = 0.01, max_age: float = 1.0, offsets: bool = False
-                   ) -> tuple[SlotPool, dict[str, StreamRecord], Collect]:
+                   batch_size: int = 4, batch_timeout: float = 0.01, max_age: float = 1.0, offsets: bool = False,
+                   cpu_batch_ms: float | None = None) -> tuple[SlotPool, dict[str, StreamRecord], Collect]:
     sink = Collect()
     pool = SlotPool("m", lambda i: det, ["cpu"], DetectJobs("m", None, Results(SYSTEM_CLOCK, [sink]), SYSTEM_CLOCK),
-                    settings(batch_size, batch_timeout))
+                    settings(batch_size, batch_timeout, cpu_batch_ms))
     await pool.start()
     records = {}
     for name, (_, max_fps) in streams.items():
@@ -109,6 +112,20 @@ async def test_fair_across_streams_when_the_model_is_the_bottleneck() -> None:
     assert all(r.mailbox.dropped_stale > 0 for r in records.values())  # overwritten, counted
     assert max(det.batches) == 2
     assert np.mean(det.batches) > 1.8  # under overload batches fill
+
+
+async def test_a_cpu_slot_batches_cheap_frames_and_runs_costly_ones_alone() -> None:
+    """Overloaded by 4 streams: with 4 ms per frame batches of 4 fit in cpu_batch_ms = 30; with
+    25 ms per frame a second frame would not, so each runs alone (the time per frame is measured)."""
+    cheap = FakeDetector(delay=0.0, per_frame=0.004)
+    await run_pool(cheap, {f"s{i}": (60, None) for i in range(4)}, 1.5, batch_size=4, cpu_batch_ms=30)
+    assert max(cheap.batches[2:]) == 4 and np.mean(cheap.batches[2:]) > 2.5, cheap.batches
+    costly = FakeDetector(delay=0.0, per_frame=0.025)
+    _, records, sink = await run_pool(costly, {f"s{i}": (30, None) for i in range(4)}, 1.5, batch_size=4,
+                                      cpu_batch_ms=30)
+    assert set(costly.batches[2:]) == {1}, costly.batches  # once the first batches measured the time per frame
+    counts = [len(sink.of(name)) for name in records]
+    assert min(counts) / max(counts) >= 0.8, counts  # still round robin
 
 
 async def test_max_fps_is_honoured() -> None:

@@ -146,7 +146,7 @@ async def run_two_slots(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosq
     config = parse_config(
         {"mqtt": {"url": mosquitto.url, "topic_prefix": prefix, "stats_interval": 1},
          "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320, "slots": 2, "threads": 1,
-                               "hang_timeout": 1.0, "batch_size": 4, "cpu_batch_size": 4}},
+                               "hang_timeout": 1.0, "batch_size": 4, "cpu_batch_ms": None}},
          "streams": streams, "pipeline": {"status_interval": 0, "batch_timeout_ms": 150}},
         tmp_path,
     )

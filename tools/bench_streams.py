@@ -137,8 +137,8 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         "mqtt": {"url": mqtt_url, "topic_prefix": "bench", "stats_interval": 10,
                  **({"embedded_port": 0} if mqtt_url == "embedded" else {})},
         "models": {"m": {"type": "yolo", "weights": str(args.weights), "imgsz": args.imgsz, "backend": backend,
-                         **({"batch_size": args.batch_size, "cpu_batch_size": args.batch_size}
-                            if args.batch_size else {})}},
+                         **({"batch_size": args.batch_size} if args.batch_size else {}),
+                         **({"cpu_batch_ms": args.cpu_batch_ms} if args.cpu_batch_ms else {})}},
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
         "pipeline": {"status_interval": 0, "max_frame_age": MAX_FRAME_AGE,
                      **({} if args.malloc_mmap_threshold_kb is None
@@ -423,6 +423,7 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
            "--weights", str(args.weights), "--video", str(video),
            *(["--cpu-slots", str(args.cpu_slots)] if args.cpu_slots is not None else []),
            *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+           *(["--cpu-batch-ms", str(args.cpu_batch_ms)] if args.cpu_batch_ms else []),
            *(["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
              if args.malloc_mmap_threshold_kb is not None else []),
            "--urls", *urls]
@@ -543,8 +544,8 @@ def main() -> int:
     ap.add_argument("--no-agreement", action="store_true", help="skip the agreement measurement")
     ap.add_argument("--cpu-slots", type=int, help="framegrid's CPU executor slots (devices.cpu_slots; default: "
                     "the config's default)")
-    ap.add_argument("--batch-size", type=int, help="framegrid's batch_size and cpu_batch_size (default: the config's "
-                    "defaults)")
+    ap.add_argument("--batch-size", type=int, help="framegrid's models.batch_size (default: the config's)")
+    ap.add_argument("--cpu-batch-ms", type=float, help="framegrid's models.cpu_batch_ms (default: the config's)")
     ap.add_argument("--malloc-mmap-threshold-kb", type=int, help="framegrid's pipeline.malloc_mmap_threshold_kb "
                     "(default: the config default; 0 = glibc's dynamic threshold)")
     # worker mode (internal)
