@@ -18,6 +18,7 @@ from typing import Any
 from streams import RedactingFilter, SourceSettings, StreamError, probe, redact_text
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
+from .handoff import wait_event
 
 log = logging.getLogger("framegrid")
 
@@ -70,9 +71,7 @@ async def _run(config: Config) -> int:
             return
         await pipeline.ready.wait()
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
+            if not await wait_event(stop, interval):
                 print(redact_text(_status_table(pipeline.stats_payload()), pipeline.secrets),
                       file=sys.stderr, flush=True)
 

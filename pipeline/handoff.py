@@ -52,3 +52,19 @@ class Waker:
     def _fire(self) -> None:
         self._pending.clear()
         self._event.set()
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """`event.wait()` for at most `timeout` seconds (None: for ever); True when the event is set.
+
+    On Python 3.11 `asyncio.wait_for` loses a cancellation that arrives as the awaited thing
+    completes (it returns the result instead of raising), and a loop around it then waits for
+    ever in a task that was told to stop: seen as a shutdown that never finished. `asyncio.timeout`
+    does not lose it; every timed wait in a loop goes through here.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False

@@ -27,6 +27,7 @@ import aiomqtt
 from streams import Backoff, redact_text
 
 from .config import MqttConfig
+from .handoff import wait_event
 from .stats import percentile
 
 log = logging.getLogger(__name__)
@@ -216,10 +217,7 @@ class Publisher:
             if self._closing:
                 break
             delay = backoff.next_delay()
-            try:
-                await asyncio.wait_for(self._close_ev.wait(), timeout=delay)
-            except TimeoutError:
-                pass
+            await wait_event(self._close_ev, delay)
 
     async def _drain(self, client: aiomqtt.Client, reader: asyncio.Task[None] | None = None) -> None:
         window = asyncio.Semaphore(64)  # messages in flight at once: hides broker round-trips

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from streams import SYSTEM_CLOCK, Backoff, Clock
 
 from .errors import PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
-from .handoff import Handoff
+from .handoff import Handoff, wait_event
 from .placement import Move, Placer, SlotRecord, SlotState
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class Slot:
             fut = loop.run_in_executor(self._pool, lambda: self.model.infer(*args))
             try:
                 # the watchdog: a model call that never returns must not hold its members hostage
-                out = await asyncio.wait_for(asyncio.shield(fut), limit)
+                async with asyncio.timeout(limit):  # (not wait_for: see handoff.wait_event)
+                    out = await asyncio.shield(fut)
             except TimeoutError:
                 raise SlotHang(f"slot {self.name}: batch of {n} still running after {limit:.1f}s (hang)") from None
             if len(out) != n:
@@ -128,7 +129,8 @@ class Slot:
         loop = asyncio.get_running_loop()
         try:
             # bounded: after a hang the worker may never come back to run close()
-            await asyncio.wait_for(loop.run_in_executor(self._pool, self.model.close), 5.0)
+            async with asyncio.timeout(5.0):
+                await loop.run_in_executor(self._pool, self.model.close)
         except TimeoutError:
             log.warning("slot %s: worker still busy; abandoning it", self.name)
         finally:
@@ -287,10 +289,7 @@ class Batcher:
             else:
                 later = [at for at in upcoming if at > now]
                 timeout = min(later) - now if later else None  # a rate-limited member's turn, or any arrival
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_event(self.wake, timeout)
 
     async def _ship(self, taken: list[Taken]) -> None:
         shipped_at = self.clock.mono()

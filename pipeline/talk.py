@@ -88,7 +88,8 @@ class TalkSessions:
             if subscribed is not None:
                 # `live` must mean the audio topic is listened to: wait for the broker's SUBACK
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(subscribed), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await asyncio.shield(subscribed)
         else:
             audio = iter_audio(cfg.audio)
 
