@@ -166,7 +166,7 @@ class PipelineConfig(Strict):
     rebalance_interval: float = Field(30.0, ge=0, le=86400, description="seconds between rebalancing; 0 = off")
     rebalance_band: float = Field(0.10, gt=0, le=10, description="rebalance until max/mean load <= 1 + band")
     admission_control: bool = Field(False, description="refuse streams that fit on no slot (state 'refused')")
-    malloc_mmap_threshold_kb: int = Field(128, ge=0, le=65536, description="fixed glibc mmap threshold, so "
+    malloc_mmap_threshold_kb: int = Field(0, ge=0, le=65536, description="fixed glibc mmap threshold, so "
                                           "frame and tensor buffers go back to the system when freed (0 = glibc's "
                                           "dynamic threshold)")
 

@@ -43,8 +43,8 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
         row = res["systems"][system]
         assert "error" not in row, row
         assert FIELDS <= set(row), (system, FIELDS - set(row))
-        # measured from 4 s to 8 s after the system connected: only a looping camera has frames then
-        assert row["processed_fps"] > 10 and set(row["per_stream_fps"]) == {"cam0", "cam1"}
+        # measured from 4 s to 8 s after the system started: only a looping camera has frames then
+        assert set(row["per_stream_fps"]) == {"cam0", "cam1"} and min(row["per_stream_fps"].values()) > 0, row
         assert set(row["latency_ms"]) == {"p50", "p95", "p99", "max"}
         lat = row["latency_ms"]
         assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
