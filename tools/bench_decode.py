@@ -5,8 +5,8 @@
 Renders two camera clips (H.264, 2 s GOP): one with only I and P frames (most cameras) and one
 with two B-frames between references (cameras in "smart"/high-compression modes). Each setting
 decodes the whole clip through `streams.Source` (not paced), as framegrid would, and reports the
-frames handed over and the CPU seconds spent per second of video: how much of a core one such
-camera costs. `hwaccel` is tried with every device type FFmpeg was built with; where the device
+frames handed over and the CPU seconds spent per second of video (the median of `--repeats`
+runs, after a warm-up run): how much of a core one such camera costs. `hwaccel` is tried with every device type FFmpeg was built with; where the device
 is missing, the source falls back to software decoding and the row says so.
 """
 
@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--camera-size", type=parse_size, default=(1280, 720))
     ap.add_argument("--camera-fps", type=float, default=25.0)
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per setting (the median is reported)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from av.codec.hwaccel import hwdevices_available
@@ -74,9 +75,12 @@ def main() -> int:
     ]
     settings += [(f"hwaccel={d}", {"threads": 1, "skip_frames": "none", "hwaccel": d}) for d in hwdevices_available()
                  if d in ("cuda", "vaapi", "qsv", "drm", "vulkan")]
+    decode_cost(clips["IP"], args.seconds, threads=1)  # warm-up: libraries, caches
     for clip, path in clips.items():
         for name, s in settings:
-            row = {"clip": clip, "setting": name, **decode_cost(path, args.seconds, **dict(s))}
+            runs = [decode_cost(path, args.seconds, **dict(s)) for _ in range(args.repeats)]
+            row = {"clip": clip, "setting": name, **sorted(runs, key=lambda r: r["cpu_per_video_second"])[len(runs) // 2],
+                   "cpu_per_video_second_runs": [r["cpu_per_video_second"] for r in runs]}
             rows.append(row)
             print(f"{clip:<5} {name:<32} {row['fps_delivered']:>6} fps delivered  "
                   f"{row['cpu_per_video_second']:>6.3f} CPU s per video s  skipping {row['skipping']:<6} "
