@@ -29,18 +29,18 @@ class Handoff:
         except RuntimeError:  # closed between the check and the call
             pass
 
-    def waker(self, event: asyncio.Event) -> Waker:
-        return Waker(self, event)
+    def waker(self, *events: asyncio.Event) -> Waker:
+        return Waker(self, *events)
 
 
 class Waker:
-    """Sets an asyncio.Event from any thread, at most one pending hand-off at a time."""
+    """Sets asyncio.Events from any thread: one hand-off for all of them, at most one pending."""
 
-    __slots__ = ("_handoff", "_event", "_pending")
+    __slots__ = ("_events", "_handoff", "_pending")
 
-    def __init__(self, handoff: Handoff, event: asyncio.Event) -> None:
+    def __init__(self, handoff: Handoff, *events: asyncio.Event) -> None:
         self._handoff = handoff
-        self._event = event
+        self._events = events
         self._pending = threading.Event()
 
     def __call__(self) -> None:
@@ -51,7 +51,8 @@ class Waker:
 
     def _fire(self) -> None:
         self._pending.clear()
-        self._event.set()
+        for event in self._events:
+            event.set()
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:

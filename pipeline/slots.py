@@ -220,7 +220,6 @@ class Batcher:
         self.clock = clock
         self.on_fault = on_fault
         self.wake = asyncio.Event()
-        self.waker = Handoff(asyncio.get_running_loop()).waker(self.wake)  # for feeds' threads
 
     async def run(self) -> None:
         while True:
@@ -420,15 +419,10 @@ class SlotPool:
         return lambda: [self.feeds[k] for n in group for k in self.placer.slots[n].members if k in self.feeds]
 
     def _wake_device(self, device: str) -> Callable[[], None]:
-        """Wake every batcher of the device's slots (from any thread): they share its members."""
-        wakers = [b.waker for b in self.batchers.values() if b.slot.device == device]
-        if len(wakers) == 1:
-            return wakers[0]
-
-        def wake() -> None:
-            for w in wakers:
-                w()
-        return wake
+        """A feed's notify: wakes every batcher of the device's slots (they share its members) with
+        one hand-off to the loop per frame, from the decode thread."""
+        events = [b.wake for b in self.batchers.values() if b.slot.device == device]
+        return Handoff(asyncio.get_running_loop()).waker(*events)
 
     def cost(self, feed: Feed, slot: str | None = None) -> float:
         """Share of a slot the member needs: its rate x the slot's measured time per output."""

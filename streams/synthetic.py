@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +112,8 @@ def draw(image: np.ndarray, shapes: list[Shape]) -> None:
         cv2.fillPoly(image, [pts], s.color, cv2.LINE_AA, shift=4)
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two xyxy boxes."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -143,7 +144,7 @@ def random_shapes(
             color=_contrasting_color(rng, background),
         )
         box = s.box(width, height)
-        if all(_iou(box, o.box(width, height)) == 0.0 for o in shapes):
+        if all(box_iou(box, o.box(width, height)) == 0.0 for o in shapes):
             shapes.append(s)
     return shapes
 
@@ -200,7 +201,7 @@ class MovingScene:
     def truth_at(self, index: int) -> GroundTruth:
         shapes = self.shapes_at(index)
         boxes = tuple(s.box(self.width, self.height) for s in shapes)
-        occluded = tuple(any(_iou(b, o) > 0 for j, o in enumerate(boxes) if j != i) for i, b in enumerate(boxes))
+        occluded = tuple(any(box_iou(b, o) > 0 for j, o in enumerate(boxes) if j != i) for i, b in enumerate(boxes))
         return GroundTruth(tuple(s.class_id for s in shapes), boxes, occluded)
 
     def frames(self, count: int) -> Iterator[tuple[np.ndarray, GroundTruth]]:

@@ -31,6 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from streams.synthetic import box_iou  # noqa: E402
+
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 CAMERAS: dict[str, tuple[int, int]] = {
     "1080p": (1920, 1080), "720p": (1280, 720), "portrait": (720, 1280), "4x3": (960, 720), "odd": (1000, 562),
@@ -128,17 +130,9 @@ def reference(path: Path, indices: Sequence[int], weights: Path, imgsz: int) -> 
     return out
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
-
-
 def match(ours: list[Box], theirs: list[Box], threshold: float) -> list[tuple[Box, Box]]:
     """Greedy one-to-one pairs of the same class, best IoU first, at IoU >= threshold."""
-    pairs = sorted(((iou(a[0], b[0]), i, j) for i, a in enumerate(ours) for j, b in enumerate(theirs)
+    pairs = sorted(((box_iou(a[0], b[0]), i, j) for i, a in enumerate(ours) for j, b in enumerate(theirs)
                     if a[1] == b[1]), reverse=True)
     used_a, used_b, out = set(), set(), []
     for v, i, j in pairs:
