@@ -8,8 +8,10 @@ of the float one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,55 @@ import numpy as np
 from .onnx import ExportedYoloDetector, parse_names
 
 log = logging.getLogger(__name__)
+
+
+class SharedExclusive:
+    """A readers-writer lock: any number of shared holders, or one exclusive holder (writers first)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting_writers:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# Model surgery and compilation (clone, reshape, compile_model) never overlap an inference in this
+# process: with OpenVINO 2026.4 on 2 cores, background compiles beside other slots' inference hung
+# every thread involved (a full test run under load, at start-up: two slots stuck copying their input
+# into the dynamic-shape request while two compiles of a new static shape sat in clone() and
+# reshape(); a CI run failed the same way before that). Inferences still run in
+# parallel with each other; a compile (a new input shape, rare: static shapes are cached) holds
+# them back for its duration.
+OV_GATE = SharedExclusive()
 
 
 class OpenVinoYoloDetector(ExportedYoloDetector):
@@ -51,13 +102,15 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
             config["INFERENCE_NUM_THREADS"] = self.threads
         device = "GPU" if self.device.startswith("gpu") else "CPU"
         self._config, self._ov_device = config, device
-        self._model = with_u8_input(self._core.read_model(xml))
+        with OV_GATE.exclusive():
+            self._model = with_u8_input(self._core.read_model(xml))
         self._requests: dict[tuple[int, ...], Any] = {}
         self._compiling: set[tuple[int, ...]] = set()
         self._compile_threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         # the dynamic-shape model serves any shape at once (and fails at load, not at the first frame)
-        compiled = self._core.compile_model(self._model, device, config)
+        with OV_GATE.exclusive():
+            compiled = self._core.compile_model(self._model, device, config)
         self._dynamic = compiled.create_infer_request()
         self.effective_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         meta_file = xml.parent / "metadata.yaml"
@@ -91,12 +144,15 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
                     self._compiling.add(shape)
             if not known:
                 self._compile(shape)
-        super().warmup()
+        # warm up on such a frame: it runs a compiled static shape (a square one would start a
+        # background compile right at start-up)
+        self.infer([np.zeros((self.imgsz * 9 // 16, self.imgsz, 3), np.uint8)])
 
     def _compile(self, shape: tuple[int, ...]) -> Any:
-        model = self._model.clone()
-        model.reshape(list(shape))
-        request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
+        with OV_GATE.exclusive():
+            model = self._model.clone()
+            model.reshape(list(shape))
+            request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
         with self._lock:
             if len(self._requests) >= self.max_compiled:
                 self._requests.pop(next(iter(self._requests)))
@@ -133,8 +189,9 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         request = self._request_for(tuple(batch.shape))  # (N, H, W, 3) uint8
-        request.infer({0: batch})
-        return np.array(request.get_output_tensor(0).data, copy=True)
+        with OV_GATE.shared():
+            request.infer({0: batch})
+            return np.array(request.get_output_tensor(0).data, copy=True)
 
     def close(self) -> None:
         # a compile still running when the interpreter exits aborts the process (std::terminate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -25,7 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.servers import Mosquitto, RtspServer, free_port, wait_port  # noqa: E402,F401
+from tools.servers import Mosquitto, RtspServer, free_port, wait_port  # noqa: F401
+
 # keep ultralytics' settings and caches of in-process tests out of the home folder
 os.environ.setdefault("FRAMEGRID_STATE_DIR", str(Path(tempfile.gettempdir()) / "framegrid-test-state"))
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
@@ -162,7 +164,13 @@ def framegrid_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 class Framegrid:
-    """`framegrid run CONFIG` as a child process, its output captured to a file."""
+    """`framegrid run CONFIG` as a child process, its output captured to a file.
+
+    A process the test did not stop (it failed first) is killed when the test ends, and its log is
+    printed then, so the failure report shows what framegrid said.
+    """
+
+    started: ClassVar[list[Framegrid]] = []
 
     def __init__(self, config: Path, env: dict[str, str], log: Path, own_group: bool = False) -> None:
         self.log = log
@@ -170,6 +178,7 @@ class Framegrid:
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT,
                                      env=env, stdout=self._fh, stderr=subprocess.STDOUT,
                                      start_new_session=own_group)
+        Framegrid.started.append(self)
 
     def stop(self, sig: int = 2, timeout: float = 30, group: bool = False) -> int:
         """Signal framegrid (or, with `group`, its whole process group, as `timeout` and systemd do)."""
@@ -190,3 +199,16 @@ class Framegrid:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def _reap_framegrid() -> Iterator[None]:
+    Framegrid.started.clear()
+    yield
+    for fg in Framegrid.started:
+        if fg.proc.poll() is None:
+            fg.proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
+            time.sleep(1)
+            fg.proc.kill()
+            fg.proc.wait(10)
+            print(f"framegrid left running by the test; its log:\n{fg.output()[-20000:]}")
