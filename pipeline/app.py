@@ -53,11 +53,13 @@ class Pipeline:
         self.detector_factory = detector_factory or default_detector_factory
         self.clock = clock
         self.device_facts = devices  # discovered at start when not given (tests give invented ones)
+        self._facts_given = devices is not None
         self.secrets: list[str] = list(config.secrets())
         self.results = Results(clock, sinks)
         self.plan = Plan()
         self.pools: dict[str, SlotPool] = {}  # detection pools by model
         self.model_errors: dict[str, str] = {}
+        self.drained: set[str] = set()  # devices taken out by an operator
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -159,6 +161,13 @@ class Pipeline:
             self.device_facts = discover()
         return self.device_facts
 
+    def live_devices(self) -> list[DeviceInfo]:
+        """Device facts as they are now (memory in use, utilisation, temperature): blocking, call it
+        off the loop. Invented facts (tests) are returned as given."""
+        if self._facts_given:
+            return list(self._facts())
+        return discover()
+
     def _plan(self, names: list[str]) -> None:
         plan = plan_models(self.registry.models, names, self.config.devices, self._facts(), self.plan.runtimes)
         self.plan.layouts.update(plan.layouts)
@@ -224,17 +233,35 @@ class Pipeline:
             await asyncio.sleep(interval)
             self.rebalance()
 
-    def _all_pools(self) -> dict[str, SlotPool]:
+    def drain_device(self, device: str) -> list[Move]:
+        """Move every stream off `device` (maintenance) until `resume_device`; KeyError for an unknown
+        device, PlacementError (nothing changed) when another device cannot take them."""
+        pools = [p for p in self.pools.values() if device in p.devices]
+        if not pools and device not in {d.id for d in self._facts()}:
+            raise KeyError(device)
+        problems = [p for pool in pools if (p := pool.drain_problem(device))]  # all or nothing
+        if problems:
+            raise PlacementError("; ".join(problems))
+        self.drained.add(device)
+        return [m for pool in pools for m in pool.drain(device)]
+
+    def resume_device(self, device: str) -> list[Move]:
+        if device not in {d.id for d in self._facts()}:
+            raise KeyError(device)
+        self.drained.discard(device)
+        return [m for pool in self.pools.values() if device in pool.devices for m in pool.resume(device)]
+
+    def all_pools(self) -> dict[str, SlotPool]:
         pools = dict(self.pools)
         if self.talk.lipsync is not None:  # set once its slots have started
             pools["lipsync"] = self.talk.lipsync.pool
         return pools
 
     def devices_payload(self) -> dict[str, Any]:
-        return self.telemetry.devices_payload(self._all_pools())
+        return self.telemetry.devices_payload(self.all_pools())
 
     def _devices_changed(self) -> None:
-        self.telemetry.devices(self._all_pools())
+        self.telemetry.devices(self.all_pools())
 
     def stats_payload(self) -> dict[str, Any]:
         lipsync = self.talk.lipsync

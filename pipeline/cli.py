@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import signal
 import sys
@@ -56,7 +57,7 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, config_path: Path | None = None) -> int:
     from .app import Pipeline
 
     stop = asyncio.Event()
@@ -64,6 +65,16 @@ async def _run(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     pipeline = Pipeline(config)
+    api = None
+    if config.api.enabled:
+        from .api import ApiError, ApiServer
+
+        api = ApiServer(pipeline, config_path)
+        try:
+            await api.start()
+        except ApiError as exc:
+            log.error("%s", exc)
+            return 2
 
     async def status() -> None:
         interval = config.pipeline.status_interval
@@ -75,11 +86,19 @@ async def _run(config: Config) -> int:
                 print(redact_text(_status_table(pipeline.stats_payload()), pipeline.secrets),
                       file=sys.stderr, flush=True)
 
-    status_task = asyncio.create_task(status(), name="status")
+    async def jobs() -> None:
+        await pipeline.ready.wait()
+        if api is not None:
+            await api.start_jobs()
+
+    side = [asyncio.create_task(status(), name="status"), asyncio.create_task(jobs(), name="api.jobs")]
     try:
         await pipeline.run(stop)
     finally:
-        status_task.cancel()
+        if api is not None:
+            await api.stop()
+        for task in side:
+            task.cancel()
     return 0
 
 
@@ -90,11 +109,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
     setup_logging(args.log_level or config.log.level, config.secrets())
+    # `kill -USR1 <pid>` prints every thread's stack (file, line, function: no values) to stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("framegrid: %d stream(s), %d model(s), mqtt %s", len(config.streams), len(config.models),
              redact_text(config.mqtt.url))
     t0 = time.monotonic()
     try:
-        rc = asyncio.run(_run(config))
+        rc = asyncio.run(_run(config, args.config))
     except Exception as exc:  # report, redacted, and fail
         log.error("framegrid stopped on an error: %s", redact_text(repr(exc), config.secrets()))
         return 1
@@ -108,7 +129,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
-    print(f"{args.config}: ok ({len(config.streams)} stream(s), {len(config.models)} model(s))")
+    from .overlay import overlay_path
+
+    extra = overlay_path(args.config)
+    with_overlay = f" with the runtime changes in {extra.name}" if extra.exists() else ""
+    print(f"{args.config}: ok{with_overlay} ({len(config.streams)} stream(s), {len(config.models)} model(s))")
     return 0
 
 

@@ -218,6 +218,52 @@ class LipSyncConfig(SlotPoolConfig):
         return self._pool_settings(self.batch_size, self.batch_timeout_ms, self.hang_timeout, pipeline)
 
 
+class ApiConfig(Strict):
+    enabled: bool = Field(True, description="serve the HTTP API, /metrics and the web page")
+    listen: str = Field("127.0.0.1:8080", description="host:port to bind (port 0 = any free port); a "
+                        "non-loopback address needs a token")
+    token: SecretStr | None = Field(None, description="bearer token every route but /api/health and /api/ready "
+                                    "needs; use ${FRAMEGRID_TOKEN}")
+    mjpeg_fps: float = Field(5.0, gt=0, le=30, description="most frames/s of a live view (/mjpeg)")
+    max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest file a talk job may upload")
+    jobs_dir: Path | None = Field(None, description="where talk jobs keep their inputs and results (default: "
+                                  "<config name>.jobs beside the config)")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8080 or 0.0.0.0:8080")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: may resolve to anything
+
+    @model_validator(mode="after")
+    def _exposed_needs_token(self) -> ApiConfig:
+        if self.enabled and not self.loopback and (self.token is None or not self.token.get_secret_value()):
+            raise ValueError(f"listen {self.listen} is not a loopback address: set api.token (e.g. token = "
+                             "\"${FRAMEGRID_TOKEN}\") or listen on 127.0.0.1")
+        return self
+
+
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -230,6 +276,7 @@ class Config(Strict):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     talk: dict[Name, TalkConfig] = Field(default_factory=dict)
     lipsync: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -251,6 +298,8 @@ class Config(Strict):
         out = []
         if self.mqtt.password is not None:
             out.append(self.mqtt.password.get_secret_value())
+        if self.api.token is not None:
+            out.append(self.api.token.get_secret_value())
         out += [url_password(stream.url) for stream in self.streams.values()]
         out += [url_password(u) for t in self.talk.values() for u in (t.audio, t.out)]
         return tuple(s for s in out if s)
@@ -336,13 +385,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         name: m.model_copy(update={"weights": (base_dir / m.weights) if not m.weights.is_absolute() else m.weights})
         for name, m in config.models.items()
     }
-    streams = {}
-    for name, s in config.streams.items():
-        url = s.url
-        if is_local_file(url):
-            p = Path(url.removeprefix("file:"))
-            url = str(p if p.is_absolute() else (base_dir / p))
-        streams[name] = s.model_copy(update={"url": url})
+    streams = {name: resolve_stream(s, base_dir) for name, s in config.streams.items()}
     talk = {}
     for name, t in config.talk.items():
         update: dict[str, Any] = {"avatar": t.avatar if t.avatar.is_absolute() else base_dir / t.avatar}
@@ -354,7 +397,19 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     lipsync = config.lipsync
     if lipsync.weights is not None and not lipsync.weights.is_absolute():
         lipsync = lipsync.model_copy(update={"weights": base_dir / lipsync.weights})
-    return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync})
+    api = config.api
+    if api.jobs_dir is not None and not api.jobs_dir.is_absolute():
+        api = api.model_copy(update={"jobs_dir": base_dir / api.jobs_dir})
+    return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync,
+                                     "api": api})
+
+
+def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:
+    """A stream's file URL made absolute against the config's folder (as at load)."""
+    if not is_local_file(cfg.url):
+        return cfg
+    p = Path(cfg.url.removeprefix("file:"))
+    return cfg.model_copy(update={"url": str(p if p.is_absolute() else base_dir / p)})
 
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
@@ -385,15 +440,35 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     return errors
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None, check_files: bool = True) -> Config:
-    """Read and validate a config file; raises ConfigError (with key paths) on any problem."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """The config file's raw tables (before `${ENV}` substitution and the overlay)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([("", f"cannot read config file: {exc.strerror or exc}")], str(path)) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([("", f"not valid TOML: {exc}")], str(path)) from None
-    return parse_config(data, path.resolve().parent, str(path), env=env, check_files=check_files)
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None, check_files: bool = True,
+                overlay: bool = True) -> Config:
+    """Read and validate a config file with its overlay of runtime changes (see `pipeline.overlay`);
+    raises ConfigError (with key paths) on any problem."""
+    from .overlay import OverlayError, apply_overlay, overlay_path, read_overlay
+
+    path = Path(path)
+    data = read_toml(path)
+    source = str(path)
+    if overlay:
+        extra = overlay_path(path)
+        try:
+            entries = read_overlay(extra)
+        except OverlayError as exc:
+            raise ConfigError([("", str(exc))], f"{path} + {extra.name}") from None
+        if entries:
+            source = f"{path} + {extra.name}"
+            streams = data.get("streams", {})
+            data["streams"] = apply_overlay(streams if isinstance(streams, dict) else {}, entries)
+    return parse_config(data, path.resolve().parent, source, env=env, check_files=check_files)

@@ -79,6 +79,7 @@ class StreamFeed:
             # for its due time), but never bank credit
             base = self.next_due if now - self.next_due < interval else now
             self.next_due = base + interval
+        self.record.stats.dispatched += 1
         return [frame]
 
     def rate(self) -> float | None:

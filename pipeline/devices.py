@@ -33,6 +33,7 @@ class DeviceInfo:
     free_bytes: int
     utilization: float | None = None  # percent, GPUs only
     cores: int | None = None  # CPUs only
+    temperature_c: float | None = None  # GPUs only, where NVML reports it
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,26 @@ def _cpu_info() -> DeviceInfo:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return DeviceInfo("cpu", "cpu", "CPU", total, free, None, cores)
+    return DeviceInfo("cpu", "cpu", "CPU", total, free, cpu_utilization(), cores)
+
+
+_cpu_times: tuple[float, float] | None = None  # (busy, total) jiffies at the previous reading
+
+
+def cpu_utilization() -> float | None:
+    """Percent of all cores busy since the previous call (None on the first call or without /proc/stat)."""
+    global _cpu_times
+    try:
+        with open("/proc/stat") as fh:
+            fields = [float(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields)
+    prev, _cpu_times = _cpu_times, (total - idle, total)
+    if prev is None or total <= prev[1]:
+        return None
+    return round(100.0 * (total - idle - prev[0]) / (total - prev[1]), 1)
 
 
 def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
@@ -81,7 +101,12 @@ def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
                     util: float | None = float(nvml.nvmlDeviceGetUtilizationRates(h).gpu)
                 except Exception:
                     util = None
-                devices.append(DeviceInfo(f"cuda:{i}", "cuda", name, int(mem.total), int(mem.free), util))
+                try:
+                    temp: float | None = float(nvml.nvmlDeviceGetTemperature(h, 0))  # NVML_TEMPERATURE_GPU
+                except Exception:
+                    temp = None
+                devices.append(DeviceInfo(f"cuda:{i}", "cuda", name, int(mem.total), int(mem.free), util,
+                                          temperature_c=temp))
         finally:
             try:
                 nvml.nvmlShutdown()

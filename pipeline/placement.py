@@ -25,6 +25,7 @@ class SlotState(StrEnum):
     HEALTHY = "healthy"  # serving its members
     RESTARTING = "restarting"  # a model call failed or hung; its members moved away; restarting with backoff
     FAILED = "failed"  # could not start, or its restart budget is spent
+    DRAINED = "drained"  # taken out by an operator (device maintenance) until resumed
 
 
 @dataclass

@@ -18,6 +18,7 @@ failing or hanging model call costs that batch and takes the slot out; it never 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 from streams import SYSTEM_CLOCK, Backoff, Clock
 
-from .errors import PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
+from .errors import PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
 from .handoff import Handoff, wait_event
 from .placement import Move, Placer, SlotRecord, SlotState
 
@@ -79,6 +80,8 @@ class Slot:
         self.batches = 0
         self.frames = 0
         self.errors = 0
+        self.busy_s = 0.0  # seconds spent in model calls that returned (the busy fraction is its rate)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # inputs per call -> calls
         self.service_s_per_frame: float | None = None  # EWMA of the batch time per output
         self._closed = False
 
@@ -115,7 +118,10 @@ class Slot:
         except Exception as exc:
             self.errors += 1
             raise slot_error(self.name, exc) from exc
-        per = (time.perf_counter() - t0) / max(1, n)
+        took = time.perf_counter() - t0
+        self.busy_s += took
+        self.batch_sizes[n] += 1
+        per = took / max(1, n)
         prev = self.service_s_per_frame
         self.service_s_per_frame = per if prev is None else 0.8 * prev + 0.2 * per
         self.batches += 1
@@ -504,6 +510,46 @@ class SlotPool:
         if applied:
             self.on_change()
         return applied
+
+    # -- maintenance -------------------------------------------------------------------------------
+    def drain(self, device: str) -> list[Move]:
+        """Take every slot of `device` out of service and move its members to other devices' slots
+        (past their capacity when needed: a drain is the operator's call). PlacementError, and
+        nothing changed, when members would have nowhere to go."""
+        problem = self.drain_problem(device)
+        if problem:
+            raise PlacementError(problem)
+        names = [n for n, s in self.slots.items() if s.device == device]
+        for n in names:
+            if self.placer.slots[n].state is SlotState.HEALTHY:
+                self.placer.slots[n].state = SlotState.DRAINED
+        moves = []
+        for n in names:
+            if self.placer.slots[n].state is SlotState.DRAINED:
+                moved, _ = self.placer.evacuate(n, SlotState.DRAINED, force=True)
+                moves += moved
+        applied = self._apply(moves)
+        for m in applied:
+            log.info("%s: moved %s -> %s (drain %s)", m.stream, m.source, m.target, device)
+        self.on_change()
+        return applied
+
+    def drain_problem(self, device: str) -> str | None:
+        """Why `drain(device)` would leave members with nowhere to go (None: it would not)."""
+        names = [n for n, s in self.slots.items() if s.device == device]
+        elsewhere = [r for n, r in self.placer.slots.items() if r.healthy and n not in names]
+        if any(self.placer.slots[n].members for n in names) and not elsewhere:
+            return f"model {self.name}: no healthy slot on another device to take the streams of {device}"
+        return None
+
+    def resume(self, device: str) -> list[Move]:
+        """Put a drained device's slots back in service and rebalance onto them."""
+        for n, s in self.slots.items():
+            if s.device == device and self.placer.slots[n].state is SlotState.DRAINED:
+                self.placer.slots[n].state = SlotState.HEALTHY
+                self.batchers[n].wake.set()
+        self.on_change()
+        return self.rebalance()
 
     # -- failover ----------------------------------------------------------------------------------
     def _on_fault(self, batcher: Batcher, exc: SlotError) -> None:

@@ -28,6 +28,7 @@ def percentile(values: list[float] | deque[float], q: float) -> float | None:
 class StreamStats:
     mailbox: Mailbox
     processed: int = 0
+    dispatched: int = 0  # frames taken for a model call
     drops: dict[str, int] = field(default_factory=lambda: {"too_old": 0, "error": 0})
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=512))
     stage_ms: dict[str, deque[float]] = field(default_factory=dict)
@@ -71,6 +72,7 @@ class StreamStats:
         lat = self.latency_ms
         return {
             "decoded": self.mailbox.received,
+            "dispatched": self.dispatched,
             "processed": self.processed,
             "fps_in": round(self.fps_in, 2),
             "fps_processed": round(self.fps_processed, 2),

@@ -121,6 +121,16 @@ class TalkSessions:
     async def _musetalk_backend(self, name: str, avatar: Any) -> Any:
         """A live MuseTalk backend for one session, on the lipsync slots (started with the first session)."""
         from talkinghead.live import MuseTalkLive
+
+        pool, frontend = await self.ensure_lipsync()
+        faces = await asyncio.to_thread(frontend.prepare_faces, avatar)
+        slot = pool.place(name)
+        log.info("session %s: MuseTalk on %s", name, slot)
+        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=self.config.lipsync.block,
+                            timeout=self.config.lipsync.timeout)
+
+    async def ensure_lipsync(self) -> tuple[LipSyncPool, Any]:
+        """The lipsync slots and the MuseTalk front end (VAE + Whisper), started on first use."""
         from talkinghead.musetalk import MuseTalk
 
         lcfg = self.config.lipsync
@@ -141,13 +151,8 @@ class TalkSessions:
                 await pool.start()
                 self._frontend, self.lipsync = frontend, pool
                 self.on_change()
-        pool, frontend = self.lipsync, self._frontend
-        assert pool is not None
-        faces = await asyncio.to_thread(frontend.prepare_faces, avatar)
-        slot = pool.place(name)
-        log.info("session %s: MuseTalk on %s", name, slot)
-        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block,
-                            timeout=lcfg.timeout)
+        assert self.lipsync is not None
+        return self.lipsync, self._frontend
 
     def snapshot(self) -> dict[str, Any]:
         return {name: {**s.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None}

@@ -190,6 +190,8 @@ class Framegrid:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
+            time.sleep(1)
             self.proc.kill()
             rc = self.proc.wait(5)
             raise AssertionError(f"framegrid did not stop within {timeout}s; log:\n{self.output()}") from None

@@ -1,0 +1,5 @@
+"""The control plane: HTTP API, Prometheus metrics and the web page, served in the pipeline's loop."""
+
+from .server import ApiError, ApiServer
+
+__all__ = ["ApiError", "ApiServer"]

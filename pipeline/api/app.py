@@ -1,0 +1,551 @@
+"""The HTTP API's routes (FastAPI), over the running pipeline's own objects.
+
+Every route reads the one record of its fact (stream records, slot pools, device facts, the
+publisher) or calls the pipeline's runtime methods through `StreamControl` (validated,
+persisted, then applied). Nothing here keeps state of its own but the live-view cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from streams import redact_text
+
+from ..config import Name, StreamConfig, TalkConfig
+from ..control import ChangeError, StreamControl
+from ..errors import PlacementError
+from ..jobs import JobError, TalkJobs
+from .metrics import make_registry
+from .views import LatestResults
+
+STATIC = Path(__file__).parent / "static"
+COOKIE = "framegrid_token"
+
+
+# -- models (the OpenAPI schema) ---------------------------------------------------------------------
+class Health(BaseModel):
+    status: str = Field(description="always 'ok' while the process serves requests")
+    uptime_s: float
+
+
+class Ready(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(description="what is not ready yet (empty when ready)")
+
+
+class Latency(BaseModel):
+    p50: float | None = None
+    p95: float | None = None
+    max: float | None = None
+
+
+class StreamInfo(BaseModel):
+    name: str
+    url: str = Field(description="the source URL with its password masked")
+    model: str
+    max_fps: float | None
+    enabled: bool
+    state: str = Field(description="starting | connecting | running | reconnecting | failed | refused | stopped | "
+                       "disabled")
+    since: float | None = Field(None, description="unix time the state began")
+    error: str | None = None
+    reconnects: int = 0
+    fps_in: float = 0.0
+    fps_out: float = 0.0
+    decoded: int = 0
+    dispatched: int = 0
+    published: int = 0
+    drops: dict[str, int] = Field(default_factory=dict, description="frames dropped, by reason")
+    latency_ms: Latency = Field(default_factory=Latency)
+    objects: dict[str, int] = Field(default_factory=dict, description="objects in its newest result, by label")
+    slot: str | None = Field(None, description="the executor slot serving it")
+    device: str | None = None
+    config: dict[str, Any] = Field(description="the stream's settings (passwords masked)")
+
+
+class NewStream(StreamConfig):
+    """A `[streams.<name>]` table plus its name."""
+
+    name: Name
+
+
+class StreamPatch(BaseModel):
+    model_config = {"extra": "forbid"}
+    max_fps: float | None = Field(None, gt=0, le=1000, description="null = no limit")
+    model: str | None = None
+    enabled: bool | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    backend: str
+    imgsz: int
+    loaded: bool
+    error: str | None = None
+    classes: list[str] = Field(default_factory=list)
+
+
+class SlotInfo(BaseModel):
+    name: str
+    model: str
+    state: str
+    healthy: bool
+    restarts: int
+    errors: int
+    streams: list[str]
+    service_ms_per_frame: float | None
+    last_error: str | None
+
+
+class DeviceOut(BaseModel):
+    id: str
+    kind: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float | None
+    temperature_c: float | None
+    drained: bool
+    slots: list[SlotInfo]
+
+
+class Move(BaseModel):
+    stream: str
+    source: str
+    target: str
+
+
+class Moves(BaseModel):
+    device: str
+    moved: list[Move]
+
+
+class NewSession(TalkConfig):
+    """A `[talk.<name>]` table plus its name."""
+
+    name: Name
+
+
+class SessionInfo(BaseModel):
+    name: str
+    state: str
+    error: str | None = None
+    backend: str | None = None
+    slot: str | None = None
+    figures: dict[str, Any] = Field(default_factory=dict, description="frames, fps, latency (as in stats)")
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: str = Field(description="queued | running | done | failed | cancelled")
+    backend: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float = Field(description="0-1")
+    frames: int = 0
+    total_frames: int | None = None
+    error: str | None = None
+    video: str | None = Field(None, description="URL of the result once done")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# -- the app ----------------------------------------------------------------------------------------
+def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
+              mjpeg_fps: float, closing: asyncio.Event) -> FastAPI:
+    """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
+    started = time.monotonic()
+    latest = LatestResults()
+    pipeline.results.add_sink(latest)
+    registry, latency = make_registry(pipeline, lambda: facts_now)
+    pipeline.results.add_sink(latency)
+    facts_now: list[Any] = []
+    secrets = lambda: tuple(pipeline.secrets)
+    bearer = HTTPBearer(auto_error=False, description="the [api] token")
+
+    def auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        given = creds.credentials if creds is not None else unquote(request.cookies.get(COOKIE, ""))
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="framegrid", version="1", docs_url=None, redoc_url=None,
+                  description="Control a running framegrid: streams, devices, stats, talking heads.")
+    guarded = [Depends(auth)]
+    errors = {401: {"model": Problem, "description": "missing or wrong token"}}
+
+    @app.exception_handler(ChangeError)
+    async def _change_error(request: Request, exc: ChangeError) -> JSONResponse:
+        if exc.status == 422:
+            detail: Any = [{"loc": ["body", *k.split(".")], "msg": redact_text(m, secrets()), "type": "value_error"}
+                           for k, m in exc.errors] or redact_text(str(exc), secrets())
+            return JSONResponse({"detail": detail}, 422)
+        return JSONResponse({"detail": redact_text(str(exc), secrets())}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": list(e.get("loc", ())), "msg": redact_text(str(e.get("msg", "")), secrets()),
+                   "type": e.get("type", "value_error")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, 422)
+
+    def running() -> None:
+        if not pipeline.ready.is_set():
+            raise HTTPException(503, "starting")
+
+    def record_of(name: str) -> Any:
+        running()
+        if name not in control.streams:
+            raise HTTPException(404, f"no stream {name}")
+        return pipeline.streams.get(name)
+
+    def stream_info(name: str) -> StreamInfo:
+        cfg = control.streams[name]
+        r = pipeline.streams.get(name)
+        conf = {k: (redact_text(v, secrets()) if isinstance(v, str) else v)
+                for k, v in cfg.model_dump(mode="json").items()}
+        out = StreamInfo(name=name, url=redact_text(cfg.url, secrets()), model=cfg.model, max_fps=cfg.max_fps,
+                         enabled=cfg.enabled, state="disabled", config=conf)
+        if r is None:
+            return out
+        snap = r.stats.snapshot()
+        pool = pipeline.pools.get(r.model)
+        slot = pool.slot_of(name) if pool is not None else None
+        return out.model_copy(update={
+            "state": r.state.value, "since": round(r.since, 3), "error": redact_text(r.error, secrets()) if r.error
+            else None, "reconnects": r.reconnects, "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"],
+            "decoded": snap["decoded"], "dispatched": snap["dispatched"], "published": r.seq, "drops": snap["drops"],
+            "latency_ms": Latency(**snap["latency_ms"]), "slot": slot, "objects": latest.objects(name),
+            "device": pool.slots[slot].device if slot is not None and pool is not None else None})
+
+    # -- health --------------------------------------------------------------------------------
+    @app.get("/api/health", response_model=Health, tags=["health"], summary="Liveness")
+    async def health() -> Health:
+        return Health(status="ok", uptime_s=round(time.monotonic() - started, 1))
+
+    @app.get("/api/ready", response_model=Ready, tags=["health"], summary="Readiness",
+             responses={503: {"model": Ready, "description": "not ready"}})
+    async def ready(response: Response) -> Ready:
+        reasons = []
+        if not pipeline.ready.is_set():
+            reasons.append("starting")
+        else:
+            for name, r in pipeline.streams.items():
+                pool = pipeline.pools.get(r.model)
+                if pool is None or pool.slot_of(name) is None:
+                    reasons.append(f"stream {name}: no executor slot ({r.state.value})")
+            c = pipeline.publisher.counters()
+            if not c["connected"] and c["buffered"] >= pipeline.config.mqtt.buffer:
+                reasons.append("mqtt: disconnected and its buffer is full")
+        if reasons:
+            response.status_code = 503
+        return Ready(ready=not reasons, reasons=reasons)
+
+    # -- streams -------------------------------------------------------------------------------
+    @app.get("/api/streams", response_model=list[StreamInfo], tags=["streams"], dependencies=guarded,
+             responses=errors)
+    async def list_streams() -> list[StreamInfo]:
+        running()
+        return [stream_info(n) for n in sorted(control.streams)]
+
+    @app.get("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
+             responses={**errors, 404: {"model": Problem}})
+    async def get_stream(name: str) -> StreamInfo:
+        record_of(name)
+        return stream_info(name)
+
+    @app.post("/api/streams", response_model=StreamInfo, status_code=201, tags=["streams"], dependencies=guarded,
+              responses={**errors, 409: {"model": Problem, "description": "a stream of that name exists"}})
+    async def add_stream(body: NewStream) -> StreamInfo:
+        running()
+        raw = body.model_dump(exclude_unset=True, exclude={"name"}, mode="json")
+        await control.add(body.name, raw)
+        return stream_info(body.name)
+
+    @app.patch("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
+               responses={**errors, 404: {"model": Problem}})
+    async def patch_stream(name: str, body: StreamPatch) -> StreamInfo:
+        running()
+        await control.patch(name, body.model_dump(include=body.model_fields_set))
+        latest.forget(name)
+        return stream_info(name)
+
+    @app.delete("/api/streams/{name}", status_code=204, tags=["streams"], dependencies=guarded,
+                responses={**errors, 404: {"model": Problem}})
+    async def delete_stream(name: str) -> Response:
+        running()
+        await control.delete(name)
+        latest.forget(name)
+        latency.forget(name)
+        return Response(status_code=204)
+
+    @app.get("/api/streams/{name}/snapshot.jpg", tags=["streams"], dependencies=guarded,
+             response_class=Response, responses={**errors, 404: {"model": Problem}, 503: {"model": Problem},
+                                                 200: {"content": {"image/jpeg": {}}}})
+    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections")) -> Response:
+        record_of(name)
+        got = await latest.jpeg(name, boxes)
+        if got is None:
+            raise HTTPException(503, f"stream {name} has no processed frame yet")
+        return Response(got[1], media_type="image/jpeg", headers={"Cache-Control": "no-store",
+                                                                   "X-Frame-Seq": str(got[0])})
+
+    @app.get("/api/streams/{name}/mjpeg", tags=["streams"], dependencies=guarded, response_class=StreamingResponse,
+             responses={**errors, 404: {"model": Problem}, 200: {"content": {"multipart/x-mixed-replace": {}}}})
+    async def mjpeg(request: Request, name: str, boxes: bool = Query(True, description="draw the detections"),
+                    fps: float = Query(mjpeg_fps, gt=0, le=30, description=f"most frames/s (capped at {mjpeg_fps})")
+                    ) -> StreamingResponse:
+        record_of(name)
+        interval = 1.0 / min(fps, mjpeg_fps)
+
+        async def frames() -> AsyncIterator[bytes]:
+            sent = None
+            while not closing.is_set() and name in control.streams:
+                got = await latest.jpeg(name, boxes)
+                if got is not None and got[0] != sent:
+                    sent = got[0]
+                    yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(got[1])).encode()
+                           + b"\r\n\r\n" + got[1] + b"\r\n")
+                if await request.is_disconnected():
+                    return
+                try:
+                    await asyncio.wait_for(closing.wait(), interval)
+                except TimeoutError:
+                    pass
+
+        return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/models", response_model=list[ModelInfo], tags=["streams"], dependencies=guarded,
+             responses=errors, summary="Models streams can use")
+    async def models() -> list[ModelInfo]:
+        running()
+        out = []
+        for name, cfg in sorted(pipeline.registry.models.items()):
+            pool = pipeline.pools.get(name)
+            classes: list[str] = []
+            if pool is not None:
+                model = next((s.model for s in pool.slots.values() if getattr(s.model, "class_names", None)), None)
+                classes = list(model.class_names) if model is not None else []
+            err = pipeline.model_errors.get(name)
+            out.append(ModelInfo(name=name, backend=cfg.backend, imgsz=cfg.imgsz, loaded=pool is not None,
+                                 error=redact_text(err, secrets()) if err else None, classes=classes))
+        return out
+
+    # -- devices -------------------------------------------------------------------------------
+    def devices_out(facts: list[Any]) -> list[DeviceOut]:
+        slots: dict[str, list[SlotInfo]] = {}
+        for model, pool in pipeline.all_pools().items():
+            for name, snap in pool.snapshot().items():
+                members = snap.get("streams", [])
+                slots.setdefault(snap["device"], []).append(SlotInfo(
+                    name=name, model=model, state=snap["state"], healthy=snap["state"] == "healthy",
+                    restarts=snap["restarts"], errors=snap["errors"], streams=members,
+                    service_ms_per_frame=snap["service_ms_per_frame"],
+                    last_error=redact_text(snap["last_error"], secrets()) if snap["last_error"] else None))
+        return [DeviceOut(id=d.id, kind=d.kind, name=d.name, memory_total_bytes=d.total_bytes,
+                          memory_used_bytes=max(0, d.total_bytes - d.free_bytes), utilization_percent=d.utilization,
+                          temperature_c=d.temperature_c, drained=d.id in pipeline.drained,
+                          slots=slots.get(d.id, [])) for d in facts]
+
+    @app.get("/api/devices", response_model=list[DeviceOut], tags=["devices"], dependencies=guarded,
+             responses=errors)
+    async def devices() -> list[DeviceOut]:
+        running()
+        return devices_out(await asyncio.to_thread(pipeline.live_devices))
+
+    @app.post("/api/devices/{device}/drain", response_model=Moves, tags=["devices"], dependencies=guarded,
+              responses={**errors, 404: {"model": Problem}, 409: {"model": Problem,
+                                                                  "description": "no other device can take them"}})
+    async def drain(device: str) -> Moves:
+        running()
+        try:
+            moves = pipeline.drain_device(device)
+        except KeyError:
+            raise HTTPException(404, f"no device {device}") from None
+        except PlacementError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
+
+    @app.post("/api/devices/{device}/resume", response_model=Moves, tags=["devices"], dependencies=guarded,
+              responses={**errors, 404: {"model": Problem}})
+    async def resume(device: str) -> Moves:
+        running()
+        try:
+            moves = pipeline.resume_device(device)
+        except KeyError:
+            raise HTTPException(404, f"no device {device}") from None
+        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
+
+    # -- stats and metrics ---------------------------------------------------------------------
+    @app.get("/api/stats", response_model=dict[str, Any], tags=["stats"], dependencies=guarded, responses=errors,
+             summary="The same figures as the MQTT stats topic")
+    async def stats() -> dict[str, Any]:
+        running()
+        return json.loads(redact_text(json.dumps(pipeline.stats_payload()), secrets()))
+
+    @app.get("/metrics", tags=["stats"], dependencies=guarded, response_class=Response,
+             responses={**errors, 200: {"content": {CONTENT_TYPE_LATEST: {}}}}, summary="Prometheus metrics")
+    async def metrics() -> Response:
+        nonlocal facts_now
+        if pipeline.ready.is_set():
+            facts_now = await asyncio.to_thread(pipeline.live_devices)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/live", tags=["stats"], dependencies=guarded, response_class=StreamingResponse,
+             responses={**errors, 200: {"content": {"text/event-stream": {}}}},
+             summary="Server-sent events: streams, devices and stats every second")
+    async def live(request: Request) -> StreamingResponse:
+        running()
+
+        async def events() -> AsyncIterator[bytes]:
+            while not closing.is_set():
+                facts = await asyncio.to_thread(pipeline.live_devices)
+                data = {"streams": [stream_info(n).model_dump() for n in sorted(control.streams)],
+                        "devices": [d.model_dump() for d in devices_out(facts)],
+                        "mqtt": {k: pipeline.publisher.counters()[k] for k in ("connected", "buffered", "published")}}
+                yield f"data: {json.dumps(data)}\n\n".encode()
+                if await request.is_disconnected():
+                    return
+                try:
+                    await asyncio.wait_for(closing.wait(), 1.0)
+                except TimeoutError:
+                    pass
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    # -- talking-head sessions -----------------------------------------------------------------
+    def session_info(name: str, snap: dict[str, Any]) -> SessionInfo:
+        figures = {k: v for k, v in snap.items() if k not in ("session", "state", "error", "backend", "slot")}
+        return SessionInfo(name=name, state=snap.get("state", "unknown"),
+                           error=redact_text(snap["error"], secrets()) if snap.get("error") else None,
+                           backend=snap.get("backend"), slot=snap.get("slot"), figures=figures)
+
+    @app.get("/api/talk/sessions", response_model=list[SessionInfo], tags=["talk"], dependencies=guarded,
+             responses=errors)
+    async def sessions() -> list[SessionInfo]:
+        running()
+        return [session_info(n, s) for n, s in sorted(pipeline.talk.snapshot().items())]
+
+    @app.post("/api/talk/sessions", response_model=SessionInfo, status_code=201, tags=["talk"],
+              dependencies=guarded, responses={**errors, 409: {"model": Problem}, 400: {"model": Problem}})
+    async def start_session(body: NewSession) -> SessionInfo:
+        running()
+        if body.name in pipeline.sessions:
+            raise HTTPException(409, f"session {body.name} already exists")
+        cfg = TalkConfig.model_validate(body.model_dump(exclude={"name"}))
+        if not cfg.avatar.is_absolute():
+            cfg = cfg.model_copy(update={"avatar": control.base_dir / cfg.avatar})
+        if cfg.backend == "musetalk" and pipeline.config.lipsync.weights is None:
+            raise ChangeError(422, "backend: musetalk needs lipsync.weights in the config",
+                              [("backend", "musetalk needs lipsync.weights in the config")])
+        if not cfg.avatar.is_file():
+            raise ChangeError(422, f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: "
+                                                                                         f"{cfg.avatar}")])
+        try:
+            await pipeline.start_session(body.name, cfg)
+        except Exception as exc:
+            raise HTTPException(400, f"session {body.name}: {redact_text(str(exc), secrets())}") from None
+        return session_info(body.name, pipeline.talk.snapshot().get(body.name, {}))
+
+    @app.delete("/api/talk/sessions/{name}", status_code=204, tags=["talk"], dependencies=guarded,
+                responses={**errors, 404: {"model": Problem}})
+    async def stop_session(name: str) -> Response:
+        running()
+        if name not in pipeline.sessions:
+            raise HTTPException(404, f"no session {name}")
+        await pipeline.stop_session(name)
+        return Response(status_code=204)
+
+    # -- talking-head jobs ---------------------------------------------------------------------
+    def job_info(job: Any) -> JobInfo:
+        return JobInfo(**job.public(), video=f"/api/talk/jobs/{job.id}/video" if job.state == "done" else None)
+
+    def jobs_or_503() -> TalkJobs:
+        if jobs is None:
+            raise HTTPException(503, "talk jobs are not available (no jobs folder)")
+        return jobs
+
+    @app.post("/api/talk/jobs", response_model=JobInfo, status_code=201, tags=["talk"], dependencies=guarded,
+              responses={**errors, 413: {"model": Problem}}, summary="Queue an offline render")
+    async def new_job(avatar: UploadFile | None = File(None, description="a photo or short video"),
+                      audio: UploadFile | None = File(None, description="an audio file"),
+                      avatar_path: str | None = Form(None, description="or a file on the server"),
+                      audio_path: str | None = Form(None, description="or a file on the server"),
+                      backend: str = Form("energy", pattern="^(energy|musetalk)$")) -> JobInfo:
+        q = jobs_or_503()
+        try:
+            job = await q.submit(avatar, audio, avatar_path, audio_path, backend)
+        except JobError as exc:
+            raise HTTPException(exc.status, redact_text(str(exc), secrets())) from None
+        return job_info(job)
+
+    @app.get("/api/talk/jobs", response_model=list[JobInfo], tags=["talk"], dependencies=guarded, responses=errors)
+    async def list_jobs() -> list[JobInfo]:
+        return [job_info(j) for j in jobs_or_503().list()]
+
+    @app.get("/api/talk/jobs/{job_id}", response_model=JobInfo, tags=["talk"], dependencies=guarded,
+             responses={**errors, 404: {"model": Problem}})
+    async def get_job(job_id: str) -> JobInfo:
+        job = jobs_or_503().get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job_info(job)
+
+    @app.get("/api/talk/jobs/{job_id}/video", tags=["talk"], dependencies=guarded, response_class=FileResponse,
+             responses={**errors, 404: {"model": Problem}, 409: {"model": Problem, "description": "not done yet"},
+                        200: {"content": {"video/mp4": {}}}})
+    async def job_video(job_id: str) -> FileResponse:
+        q = jobs_or_503()
+        job = q.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if job.state != "done":
+            raise HTTPException(409, f"job {job_id} is {job.state}")
+        return FileResponse(q.video_path(job), media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.delete("/api/talk/jobs/{job_id}", status_code=204, tags=["talk"], dependencies=guarded,
+                responses={**errors, 404: {"model": Problem}}, summary="Cancel (if queued or running) and delete")
+    async def delete_job(job_id: str) -> Response:
+        if not await jobs_or_503().delete(job_id):
+            raise HTTPException(404, f"no job {job_id}")
+        return Response(status_code=204)
+
+    # -- the page and the docs -----------------------------------------------------------------
+    import fastapi_offline  # swagger-ui shipped as a package: no CDN
+
+    docs_static = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-static", StaticFiles(directory=docs_static), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="framegrid API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon.png")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

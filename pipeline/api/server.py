@@ -1,0 +1,125 @@
+"""The HTTP server: uvicorn in the pipeline's own event loop, on a socket bound before anything loads.
+
+Binding first means a taken port or a refused address is reported at once, with the key to
+change (`api.listen`), before minutes of model loading. The server shares the loop with the
+pipeline (no second thread touching its state); `closing` ends live views and event streams so
+shutdown does not wait for browsers to leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from ..config import Config
+from ..control import StreamControl
+from ..errors import FramegridError
+from ..jobs import TalkJobs
+from .app import build_app
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(FramegridError):
+    pass
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the CLI owns SIGINT/SIGTERM (they stop the pipeline)
+        yield
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ApiError(f"api.listen {host}:{port}: {exc.strerror or exc} (choose another address or port, or set "
+                       "api.enabled = false)") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def jobs_folder(config: Config, config_path: Path | None) -> Path:
+    if config.api.jobs_dir is not None:
+        return config.api.jobs_dir
+    if config_path is not None:
+        return config_path.resolve().with_name(config_path.stem + ".jobs")
+    from detectors.offline import default_state_dir
+
+    return default_state_dir() / "jobs"
+
+
+class ApiServer:
+    """`start()` binds (raises ApiError) and serves; `stop()` ends it. `port` is the bound port."""
+
+    def __init__(self, pipeline: Any, config_path: Path | None) -> None:
+        self.pipeline = pipeline
+        self.config: Config = pipeline.config
+        self.control = StreamControl(pipeline, config_path)
+        api = self.config.api
+        self.jobs = TalkJobs(jobs_folder(self.config, config_path), int(api.max_upload_mb * 1e6),
+                             self._job_workers, pipeline_lipsync(pipeline),
+                             musetalk_ready=self.config.lipsync.weights is not None)
+        self.closing = asyncio.Event()
+        token = api.token.get_secret_value() if api.token is not None else None
+        self.app = build_app(pipeline, self.control, self.jobs, token or None, api.mjpeg_fps, self.closing)
+        self._sock: socket.socket | None = None
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._jobs_started = False
+        self.port = 0
+
+    def _job_workers(self) -> int:
+        from ..lipsync import plan_lipsync
+
+        lcfg = self.config.lipsync
+        plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+                             lcfg.slots)
+        return max(1, sum(p.slots for p in plans))
+
+    async def start(self) -> None:
+        api = self.config.api
+        self._sock = bind(api.host, api.port)
+        self.port = self._sock.getsockname()[1]
+        cfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                             timeout_graceful_shutdown=3, server_header=False)
+        self._server = _Server(cfg)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api.server")
+        log.info("api: listening on http://%s:%d (docs /docs, metrics /metrics, page /)", api.host, self.port)
+
+    async def start_jobs(self) -> None:
+        """The talk-job queue (re-queues what a previous run left), once the pipeline is ready."""
+        await self.jobs.start()
+        self._jobs_started = True
+
+    async def stop(self) -> None:
+        self.closing.set()
+        if self._jobs_started:
+            await self.jobs.close()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        if self._sock is not None:
+            self._sock.close()
+
+
+def pipeline_lipsync(pipeline: Any) -> Any:
+    async def get() -> Any:
+        return await pipeline.talk.ensure_lipsync()
+
+    return get

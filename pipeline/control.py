@@ -1,0 +1,152 @@
+"""Runtime changes to streams, validated like the TOML, persisted before they are applied.
+
+`StreamControl` is what the HTTP API calls to add, change and delete streams. Each change:
+validated by the same pydantic model as a `[streams.<name>]` table (errors name the key),
+written to the overlay file (`pipeline.overlay`, atomic) so a crash or restart keeps it, then
+applied to the running pipeline, touching only that stream. Changes run one at a time.
+
+It keeps the configured streams (enabled or not, as the TOML + overlay say now); the pipeline's
+registry keeps the running ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from streams import is_local_file
+
+from .config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
+from .overlay import overlay_path, read_overlay, write_overlay
+
+if TYPE_CHECKING:
+    from .app import Pipeline
+
+log = logging.getLogger(__name__)
+
+PATCHABLE = ("max_fps", "model", "enabled")
+
+
+class ChangeError(Exception):
+    """A refused change: `status` is the HTTP code it maps to (404 unknown, 409 conflict, 422 invalid)."""
+
+    def __init__(self, status: int, message: str, errors: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.errors = errors or []
+
+
+def _invalid(exc: ValidationError) -> ChangeError:
+    errors = [(_loc(tuple(e["loc"])), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+              for e in exc.errors(include_url=False)]
+    return ChangeError(422, "; ".join(f"{k}: {m}" for k, m in errors), errors)
+
+
+class StreamControl:
+    def __init__(self, pipeline: Pipeline, config_path: Path | None) -> None:
+        self.pipeline = pipeline
+        self.config_path = config_path
+        self.base_dir = config_path.resolve().parent if config_path is not None else Path.cwd()
+        self.streams: dict[str, StreamConfig] = dict(pipeline.config.streams)  # configured, enabled or not
+        self._lock = asyncio.Lock()
+
+    @property
+    def overlay_file(self) -> Path | None:
+        return overlay_path(self.config_path) if self.config_path is not None else None
+
+    # -- validation --------------------------------------------------------------------------------
+    def validate(self, raw: dict[str, Any]) -> StreamConfig:
+        try:
+            cfg = StreamConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        cfg = resolve_stream(cfg, self.base_dir)
+        models = self.pipeline.registry.models
+        if cfg.model not in models:
+            known = ", ".join(sorted(models)) or "none defined"
+            raise ChangeError(422, f"model: unknown model '{cfg.model}' (models: {known})",
+                              [("model", f"unknown model '{cfg.model}' (models: {known})")])
+        if cfg.enabled and is_local_file(cfg.url) and not Path(cfg.url.removeprefix("file:")).exists():
+            raise ChangeError(422, f"url: file not found: {cfg.url}", [("url", f"file not found: {cfg.url}")])
+        return cfg
+
+    # -- changes -----------------------------------------------------------------------------------
+    async def add(self, name: str, raw: dict[str, Any]) -> StreamConfig:
+        import re
+
+        if not re.match(NAME_PATTERN, name):
+            raise ChangeError(422, f"name: must match {NAME_PATTERN}", [("name", f"must match {NAME_PATTERN}")])
+        async with self._lock:
+            if name in self.streams:
+                raise ChangeError(409, f"stream {name} already exists")
+            cfg = self.validate(raw)
+            self._persist(name, {"config": raw})
+            self.streams[name] = cfg
+            if cfg.enabled:
+                await self.pipeline.add_stream(name, cfg)
+            log.info("stream %s: added through the API", name)
+            return cfg
+
+    async def patch(self, name: str, changes: dict[str, Any]) -> StreamConfig:
+        async with self._lock:
+            old = self.streams.get(name)
+            if old is None:
+                raise ChangeError(404, f"no stream {name}")
+            bad = sorted(set(changes) - set(PATCHABLE))
+            if bad:
+                raise ChangeError(422, f"{bad[0]}: cannot be changed at runtime (only {', '.join(PATCHABLE)})",
+                                  [(k, f"cannot be changed at runtime (only {', '.join(PATCHABLE)})") for k in bad])
+            cfg = self.validate({**old.model_dump(exclude_unset=True, mode="json"), **changes})
+            self._persist(name, self._patched_entry(name, changes))
+            self.streams[name] = cfg
+            running = name in self.pipeline.registry.streams
+            if running:
+                await self.pipeline.remove_stream(name)
+            if cfg.enabled:
+                await self.pipeline.add_stream(name, cfg)
+            log.info("stream %s: changed through the API (%s)", name, ", ".join(sorted(changes)))
+            return cfg
+
+    async def delete(self, name: str) -> None:
+        async with self._lock:
+            if name not in self.streams:
+                raise ChangeError(404, f"no stream {name}")
+            self._persist(name, None)
+            del self.streams[name]
+            if name in self.pipeline.registry.streams:
+                await self.pipeline.remove_stream(name)
+            log.info("stream %s: deleted through the API", name)
+
+    # -- persistence -------------------------------------------------------------------------------
+    def _entries(self) -> dict[str, Any]:
+        path = self.overlay_file
+        return read_overlay(path) if path is not None else {}
+
+    def _patched_entry(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        entry = self._entries().get(name)
+        if entry is not None and "config" in entry:
+            return {"config": {**entry["config"], **changes}}
+        previous = entry["patch"] if entry is not None else {}
+        toml = read_toml(self.config_path).get("streams", {}) if self.config_path is not None else {}
+        if name not in toml:  # configured in-process (no file): keep the whole table
+            return {"config": {**self.streams[name].model_dump(exclude_unset=True, mode="json"), **changes}}
+        return {"patch": {**previous, **changes}}
+
+    def _persist(self, name: str, entry: dict[str, Any] | None) -> None:
+        path = self.overlay_file
+        if path is None:
+            return  # a pipeline built in-process without a config file: changes live in memory only
+        entries = self._entries()
+        if entry is None:
+            toml = read_toml(self.config_path).get("streams", {})  # type: ignore[arg-type]
+            if name in toml:
+                entries[name] = None
+            else:
+                entries.pop(name, None)
+        else:
+            entries[name] = entry
+        write_overlay(path, entries)

@@ -1,0 +1,92 @@
+"""Runtime changes that outlive the process: the overlay file beside the config.
+
+The HTTP API changes streams while running. Each acknowledged change is first written here
+(`<config>.overlay.json`, beside `<config>.toml`), atomically: a temporary file in the same
+folder, fsync, rename over the old one, fsync of the folder. A crash at any instant leaves the
+old overlay or the new one, never a torn file. `load_config` applies the overlay on top of the
+TOML at every start, and `framegrid validate` checks both together.
+
+Per stream the overlay holds one of:
+  null                  the stream is deleted (even if the TOML defines it)
+  {"config": {...}}     the whole stream table (added at runtime, or replaced)
+  {"patch": {...}}      keys changed on top of the TOML's table (its `${ENV}` placeholders stay)
+
+The file holds stream URLs as given, passwords included (like the TOML): it is written mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+OVERLAY_VERSION = 1
+
+
+class OverlayError(ValueError):
+    pass
+
+
+def overlay_path(config_path: Path) -> Path:
+    return config_path.with_name(config_path.stem + ".overlay.json")
+
+
+def read_overlay(path: Path) -> dict[str, Any]:
+    """The overlay's stream entries ({} when there is no file); OverlayError when it is unreadable."""
+    try:
+        raw = path.read_text("utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise OverlayError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise OverlayError(f"{path.name} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("v") != OVERLAY_VERSION or not isinstance(data.get("streams"), dict):
+        raise OverlayError(f"{path.name}: expected {{\"v\": {OVERLAY_VERSION}, \"streams\": {{...}}}}")
+    for name, entry in data["streams"].items():
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in ("config", "patch") \
+                or not isinstance(next(iter(entry.values())), dict):
+            raise OverlayError(f"{path.name}: streams.{name} must be null, {{\"config\": {{...}}}} or "
+                               "{\"patch\": {...}}")
+    return dict(data["streams"])
+
+
+def apply_overlay(streams: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """The TOML's raw stream tables with the overlay's entries applied."""
+    out = dict(streams)
+    for name, entry in overlay.items():
+        if entry is None:
+            out.pop(name, None)
+        elif "config" in entry:
+            out[name] = dict(entry["config"])
+        else:
+            base = out.get(name)
+            out[name] = {**(base if isinstance(base, dict) else {}), **entry["patch"]}
+    return out
+
+
+def write_overlay(path: Path, streams: dict[str, Any]) -> None:
+    """Replace the overlay atomically and durably (see the module's doc)."""
+    text = json.dumps({"v": OVERLAY_VERSION, "streams": streams}, indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,384 @@
+"""The HTTP API's contract against a real running framegrid: real RTSP cameras, real Mosquitto, real model.
+
+One framegrid (with a token) serves the module's tests in order; persistence across kill -9 and
+the refusals at start-up use their own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from .conftest import MODEL, ROOT, Framegrid, Mosquitto, RtspServer, Subscriber, free_port
+from .test_e2e import detections
+from .test_talkinghead import face_image, tone_on_off, write_wav
+
+TOKEN = "api-T0ken-never-shown"
+CAM_PASSWORD = "Cam-Pa55-never-shown"
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(path: Path, prefix: str, mosquitto: Mosquitto, port: int, streams: dict[str, str],
+                 token: str | None = TOKEN, extra: str = "") -> Path:
+    lines = ["[mqtt]", f'url = "{mosquitto.url}"', f'topic_prefix = "{prefix}"', "stats_interval = 1",
+             "[api]", f'listen = "127.0.0.1:{port}"', "max_upload_mb = 2", "mjpeg_fps = 4"]
+    if token:
+        lines.append('token = "${FG_TEST_TOKEN}"')
+    lines += ["[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320",
+              "[pipeline]", "status_interval = 0"]
+    for name, url in streams.items():
+        lines += [f"[streams.{name}]", f'url = "{url}"', 'model = "shapes"', "max_fps = 4"]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def env_with_token(base: dict[str, str]) -> dict[str, str]:
+    return {**base, "FG_TEST_TOKEN": TOKEN}
+
+
+def wait_ready(client: httpx.Client, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/api/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("framegrid did not become ready")
+
+
+class Served:
+    def __init__(self, fg: Framegrid, client: httpx.Client, sub: Subscriber, config: Path, rtsp: RtspServer,
+                 prefix: str) -> None:
+        self.fg, self.client, self.sub, self.config, self.rtsp, self.prefix = fg, client, sub, config, rtsp, prefix
+        self.seen: list[str] = []  # every response body, to check for secrets
+
+    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        res = self.client.request(method, path, **kw)
+        self.seen.append(res.text if "json" in res.headers.get("content-type", "") else "")
+        return res
+
+    def stream(self, name: str) -> dict[str, Any]:
+        return self.call("GET", f"/api/streams/{name}").json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path],
+           mosquitto: Mosquitto) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("api")
+    rtsp = RtspServer(videos, user="viewer", password=CAM_PASSWORD)
+    rtsp.start()
+    prefix = f"fgapi-{os.getpid()}"
+    port = free_port()
+    cfg = write_config(tmp / "fg.toml", prefix, mosquitto, port, {n: rtsp.url(n) for n in ("cam1", "cam2")})
+    env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"})
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    fg = Framegrid(cfg, env, tmp / "fg.log")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=30)
+    try:
+        wait_ready(client)
+        yield Served(fg, client, sub, cfg, rtsp, prefix)
+    finally:
+        client.close()
+        rc = fg.stop()
+        sub.close()
+        rtsp.kill()
+        assert rc == 0, fg.output()
+
+
+def test_health_ready_and_auth(served: Served) -> None:
+    anon = httpx.Client(base_url=served.client.base_url, timeout=10)
+    try:
+        assert anon.get("/api/health").json()["status"] == "ok"
+        assert anon.get("/api/ready").json() == {"ready": True, "reasons": []}
+        for path in ("/api/streams", "/api/devices", "/api/stats", "/metrics", "/api/talk/jobs"):
+            res = anon.get(path)
+            assert res.status_code == 401, path
+            assert res.json() == {"detail": "unauthorized"} and res.headers["www-authenticate"] == "Bearer"
+        assert anon.get("/api/streams", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert anon.get("/api/streams", headers={"Cookie": f"framegrid_token={TOKEN}"}).status_code == 200  # the page
+        assert anon.get("/").status_code == 200 and "framegrid" in anon.get("/").text  # the page asks itself
+        docs = anon.get("/docs")
+        assert docs.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in docs.text
+        assert anon.get("/docs-static/swagger-ui-bundle.js").status_code == 200  # shipped, no CDN
+        schema = anon.get("/openapi.json").json()
+        assert {"StreamInfo", "NewStream", "StreamPatch", "DeviceOut", "JobInfo", "Ready"} <= set(
+            schema["components"]["schemas"])
+    finally:
+        anon.close()
+
+
+def test_streams_list_get_and_errors(served: Served) -> None:
+    served.sub.wait_for(lambda: all(len(detections(served.sub, n)) >= 3 for n in ("cam1", "cam2")), 60,
+                        "detections from both cameras")
+    streams = served.call("GET", "/api/streams").json()
+    assert [s["name"] for s in streams] == ["cam1", "cam2"]
+    cam1 = served.stream("cam1")
+    assert cam1["state"] == "streaming" and cam1["slot"] is not None and cam1["device"] == "cpu"
+    assert "viewer:***@" in cam1["url"] and CAM_PASSWORD not in json.dumps(cam1)
+    assert cam1["published"] > 0 and set(cam1["drops"]) >= {"stale", "too_old", "error"}
+    assert served.call("GET", "/api/streams/nope").status_code == 404
+
+    def post(body: dict[str, Any]) -> httpx.Response:
+        return served.call("POST", "/api/streams", json=body)
+
+    good = {"name": "cam3", "url": served.rtsp.url("cam2"), "model": "shapes"}
+    res = post({**good, "max_fps": -1})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "max_fps"]
+    res = post({**good, "colour": "red"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "colour"]
+    res = post({**good, "model": "nope"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "model"]
+    assert "unknown model 'nope'" in res.json()["detail"][0]["msg"]
+    res = post({**good, "name": "bad name!"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "name"]
+    res = post({**good, "url": "/no/such/file.mp4"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "url"]
+    res = post({**good, "name": "cam1"})
+    assert res.status_code == 409
+    assert served.call("PATCH", "/api/streams/nope", json={"max_fps": 2}).status_code == 404
+    res = served.call("PATCH", "/api/streams/cam1", json={"url": "rtsp://elsewhere/x"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "url"]
+    assert served.call("DELETE", "/api/streams/nope").status_code == 404
+    assert served.call("POST", "/api/devices/cuda:7/drain").status_code == 404
+
+
+def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
+    before = served.stream("cam1")
+    res = served.call("POST", "/api/streams", json={"name": "cam3", "url": served.rtsp.url("cam2"),
+                                                    "model": "shapes", "max_fps": 4})
+    assert res.status_code == 201, res.text
+    assert res.json()["name"] == "cam3" and "viewer:***@" in res.json()["url"]
+    served.sub.wait_for(lambda: len(detections(served.sub, "cam3")) >= 5, 60, "detections from the added stream")
+    overlay = json.loads(served.config.with_name("fg.overlay.json").read_text())
+    assert overlay["streams"]["cam3"]["config"]["model"] == "shapes"
+    assert oct(served.config.with_name("fg.overlay.json").stat().st_mode & 0o777) == "0o600"
+
+    res = served.call("PATCH", "/api/streams/cam3", json={"max_fps": 1})
+    assert res.status_code == 200 and res.json()["max_fps"] == 1
+    n = len(detections(served.sub, "cam3"))
+    time.sleep(5)
+    added = len(detections(served.sub, "cam3")) - n
+    assert 2 <= added <= 7, f"{added} results in 5 s at max_fps 1"
+
+    res = served.call("PATCH", "/api/streams/cam3", json={"enabled": False})
+    assert res.status_code == 200 and res.json()["state"] == "disabled"
+    n = len(detections(served.sub, "cam3"))
+    time.sleep(2)
+    assert len(detections(served.sub, "cam3")) <= n + 1  # at most one already in flight
+    assert served.call("PATCH", "/api/streams/cam3", json={"enabled": True}).json()["enabled"] is True
+    served.sub.wait_for(lambda: len(detections(served.sub, "cam3")) > n + 2, 30, "the resumed stream")
+
+    assert served.call("DELETE", "/api/streams/cam3").status_code == 204
+    assert served.call("GET", "/api/streams/cam3").status_code == 404
+    assert "cam3" not in json.loads(served.config.with_name("fg.overlay.json").read_text())["streams"]
+    after = served.stream("cam1")
+    # cam1 ran on: same state since before, results kept coming, no reconnect
+    assert after["since"] == before["since"] and after["reconnects"] == before["reconnects"]
+    assert after["published"] > before["published"] + 10
+
+
+def test_snapshot_and_mjpeg(served: Served) -> None:
+    res = served.call("GET", "/api/streams/cam1/snapshot.jpg")
+    assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+    plain = cv2.imdecode(np.frombuffer(res.content, np.uint8), cv2.IMREAD_COLOR)
+    assert plain.shape == (360, 640, 3)
+    boxed_res = served.call("GET", "/api/streams/cam1/snapshot.jpg?boxes=1")
+    assert boxed_res.headers["x-frame-seq"] >= res.headers["x-frame-seq"]
+    boxed = cv2.imdecode(np.frombuffer(boxed_res.content, np.uint8), cv2.IMREAD_COLOR)
+    if boxed_res.headers["x-frame-seq"] == res.headers["x-frame-seq"]:
+        assert np.abs(boxed.astype(int) - plain.astype(int)).max() > 100  # boxes drawn on the same frame
+    assert served.call("GET", "/api/streams/nope/snapshot.jpg").status_code == 404
+
+    parts = []
+    t0 = time.monotonic()
+    with served.client.stream("GET", "/api/streams/cam1/mjpeg?fps=30") as res:
+        assert res.status_code == 200 and res.headers["content-type"].startswith("multipart/x-mixed-replace")
+        buf = b""
+        for chunk in res.iter_bytes():
+            buf += chunk
+            while (start := buf.find(b"\xff\xd8")) >= 0 and (end := buf.find(b"\xff\xd9", start)) >= 0:
+                parts.append(buf[start:end + 2])
+                buf = buf[end + 2:]
+            if len(parts) >= 6:
+                break
+    took = time.monotonic() - t0
+    assert all(cv2.imdecode(np.frombuffer(p, np.uint8), cv2.IMREAD_COLOR) is not None for p in parts)
+    assert took >= 5 / 4 * 0.8, f"6 frames in {took:.2f}s: the 4 fps cap did not hold"
+    # the client left: the server goes on serving
+    assert served.call("GET", "/api/health").status_code == 200
+
+
+def test_devices_stats_models_metrics(served: Served) -> None:
+    devices = served.call("GET", "/api/devices").json()
+    cpu = next(d for d in devices if d["id"] == "cpu")
+    assert cpu["memory_total_bytes"] > 0 and cpu["slots"] and not cpu["drained"]
+    placed = sorted(s for slot in cpu["slots"] for s in slot["streams"])
+    assert placed == ["cam1", "cam2"]
+    # the only device cannot be drained: its streams would have nowhere to go
+    res = served.call("POST", "/api/devices/cpu/drain")
+    assert res.status_code == 409 and "no healthy slot on another device" in res.json()["detail"]
+    assert served.call("POST", "/api/devices/cpu/resume").json() == {"device": "cpu", "moved": []}
+    stats = served.call("GET", "/api/stats").json()
+    assert set(stats["streams"]) == {"cam1", "cam2"} and stats["mqtt"]["connected"] is True
+    models = served.call("GET", "/api/models").json()
+    assert models[0]["name"] == "shapes" and models[0]["loaded"] and "circle" in models[0]["classes"]
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = served.call("GET", "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    published = {s.labels["stream"]: s.value for s in families["framegrid_frames_published"].samples
+                 if s.name.endswith("_total")}
+    assert published["cam1"] > 0 and published["cam2"] > 0
+    for name in ("framegrid_latency_seconds", "framegrid_stage_seconds", "framegrid_batch_size",
+                 "framegrid_slot_busy_seconds", "framegrid_frames_dropped", "framegrid_mqtt_connected",
+                 "framegrid_device_memory_total_bytes", "framegrid_stream_state"):
+        assert name in families, name
+    stages = {s.labels["stage"] for s in families["framegrid_stage_seconds"].samples}
+    assert stages >= {"decode", "queue", "preprocess", "inference", "postprocess", "publish"}
+
+
+def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
+    audio = write_wav(tmp_path / "hello.wav", tone_on_off([(0.5, False), (1.0, True), (0.5, False)]), 16000)
+    with audio.open("rb") as a, face_image.open("rb") as f:
+        res = served.call("POST", "/api/talk/jobs", files={"audio": ("hello.wav", a, "audio/wav"),
+                                                           "avatar": ("face.png", f, "image/png")})
+    assert res.status_code == 201, res.text
+    job = res.json()
+    assert job["state"] in ("queued", "running") and job["backend"] == "energy"
+
+    bad = tmp_path / "not-audio.wav"
+    bad.write_bytes(b"RIFF? no, just text" * 100)
+    with bad.open("rb") as a:
+        res = served.call("POST", "/api/talk/jobs", files={"audio": ("x.wav", a)},
+                          data={"avatar_path": str(face_image)})
+    assert res.status_code == 422 and res.json()["detail"].startswith("audio:")
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * 3_000_000)  # over max_upload_mb = 2
+    with big.open("rb") as a:
+        res = served.call("POST", "/api/talk/jobs", files={"audio": ("big.wav", a)},
+                          data={"avatar_path": str(face_image)})
+    assert res.status_code == 413
+    res = served.call("POST", "/api/talk/jobs", data={"avatar_path": str(face_image)})
+    assert res.status_code == 422 and "audio" in res.json()["detail"]
+    assert served.call("GET", "/api/talk/jobs/nope").status_code == 404
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        job = served.call("GET", f"/api/talk/jobs/{job['id']}").json()
+        if job["state"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    assert job["state"] == "done", job
+    assert job["progress"] == 1.0 and job["frames"] == job["total_frames"] == 50
+    res = served.call("GET", job["video"])
+    assert res.status_code == 200 and res.headers["content-type"] == "video/mp4"
+    out = tmp_path / "out.mp4"
+    out.write_bytes(res.content)
+    from .test_talkinghead import probe_output
+
+    frames, fps, seconds, _ = probe_output(out)
+    assert frames == 50 and fps == 25 and abs(seconds - 2.0) < 0.1
+    assert any(j["id"] == job["id"] for j in served.call("GET", "/api/talk/jobs").json())
+    assert served.call("DELETE", f"/api/talk/jobs/{job['id']}").status_code == 204
+    assert served.call("GET", f"/api/talk/jobs/{job['id']}").status_code == 404
+
+
+def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None:
+    audio = write_wav(tmp_path / "a.wav", tone_on_off([(3.0, True)]), 16000)
+    body = {"name": "anna", "avatar": str(face_image), "audio": str(audio), "out": str(tmp_path / "anna.mp4")}
+    res = served.call("POST", "/api/talk/sessions", json=body)
+    assert res.status_code == 201, res.text
+    assert res.json()["name"] == "anna" and res.json()["backend"] == "energy"
+    assert served.call("POST", "/api/talk/sessions", json=body).status_code == 409
+    res = served.call("POST", "/api/talk/sessions", json={**body, "name": "bob", "avatar": "/no/face.png"})
+    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "avatar"]
+    assert [s["name"] for s in served.call("GET", "/api/talk/sessions").json()] == ["anna"]
+    assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 204
+    assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 404
+
+
+def test_nothing_secret_in_responses_or_log(served: Served) -> None:
+    for text in served.seen:
+        assert CAM_PASSWORD not in text and TOKEN not in text
+    log = served.fg.output()
+    assert CAM_PASSWORD not in log and TOKEN not in log
+
+
+def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto,
+                                framegrid_env: dict[str, str]) -> None:
+    port = free_port()
+    prefix = f"fgkill-{os.getpid()}"
+    cfg = write_config(tmp_path / "fg.toml", prefix, mosquitto, port, {"cam1": str(videos["cam1"])}, token=None)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    try:
+        fg = Framegrid(cfg, framegrid_env, tmp_path / "fg1.log")
+        wait_ready(client)
+        assert client.post("/api/streams", json={"name": "cam2", "url": str(videos["cam2"]), "model": "shapes",
+                                                 "max_fps": 3}).status_code == 201
+        assert client.patch("/api/streams/cam1", json={"max_fps": 2}).status_code == 200
+        fg.proc.send_signal(signal.SIGKILL)  # acknowledged = persisted: nothing may be lost now
+        fg.proc.wait(10)
+        fg.stop()
+        overlay = json.loads((tmp_path / "fg.overlay.json").read_text())
+        assert overlay["streams"] == {"cam1": {"patch": {"max_fps": 2.0}},
+                                      "cam2": {"config": {"max_fps": 3.0, "model": "shapes",
+                                                          "url": str(videos["cam2"])}}}
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], cwd=ROOT,
+                             capture_output=True, text=True, env=framegrid_env)
+        assert out.returncode == 0 and "fg.overlay.json" in out.stdout and "2 stream(s)" in out.stdout
+
+        fg = Framegrid(cfg, framegrid_env, tmp_path / "fg2.log")
+        wait_ready(client)
+        streams = {s["name"]: s for s in client.get("/api/streams").json()}
+        assert set(streams) == {"cam1", "cam2"} and streams["cam1"]["max_fps"] == 2
+        n = len(detections(sub, "cam2"))
+        sub.wait_for(lambda: len(detections(sub, "cam2")) >= n + 5, 60, "the added stream after the restart")
+        assert client.delete("/api/streams/cam1").status_code == 204  # a TOML stream: deleted by the overlay
+        assert fg.stop() == 0
+        assert json.loads((tmp_path / "fg.overlay.json").read_text())["streams"]["cam1"] is None
+
+        (tmp_path / "fg.overlay.json").write_text('{"v": 1, "streams": {"x": {"config": {"url": 3}}}}')
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], cwd=ROOT,
+                             capture_output=True, text=True, env=framegrid_env)
+        assert out.returncode == 2 and "fg.overlay.json" in out.stderr and "streams.x.url" in out.stderr
+    finally:
+        client.close()
+        sub.close()
+
+
+def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosquitto: Mosquitto,
+                                                          framegrid_env: dict[str, str]) -> None:
+    cfg = write_config(tmp_path / "fg.toml", "x", mosquitto, 8080, {}, token=None)
+    cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:8080"', 'listen = "0.0.0.0:8080"'))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT, capture_output=True,
+                         text=True, env=framegrid_env, timeout=60)
+    assert out.returncode == 2 and "api" in out.stderr and "not a loopback address: set api.token" in out.stderr
+
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "fg2.toml", "x", mosquitto, port, {}, token=None)
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT,
+                             capture_output=True, text=True, env=framegrid_env, timeout=60)
+    assert out.returncode == 2 and f"api.listen 127.0.0.1:{port}: Address already in use" in out.stderr
