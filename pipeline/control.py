@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from streams import is_local_file
 
 from .config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
-from .overlay import overlay_path, read_overlay, write_overlay
+from .overlay import OverlayError, overlay_path, read_overlay, write_overlay
 
 if TYPE_CHECKING:
     from .app import Pipeline
@@ -124,7 +124,10 @@ class StreamControl:
     # -- persistence -------------------------------------------------------------------------------
     def _entries(self) -> dict[str, Any]:
         path = self.overlay_file
-        return read_overlay(path) if path is not None else {}
+        try:
+            return read_overlay(path) if path is not None else {}
+        except OverlayError as exc:
+            raise ChangeError(503, f"{exc} (nothing was changed: fix or remove the file)") from None
 
     def _patched_entry(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         entry = self._entries().get(name)
@@ -149,4 +152,8 @@ class StreamControl:
                 entries.pop(name, None)
         else:
             entries[name] = entry
-        write_overlay(path, entries)
+        try:
+            write_overlay(path, entries)
+        except OSError as exc:
+            raise ChangeError(503, f"cannot keep the change in {path.name}: {exc.strerror or exc} (nothing was "
+                              "changed; the folder of the config must be writable)") from None
