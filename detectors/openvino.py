@@ -8,10 +8,8 @@ of the float one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,53 +20,27 @@ from .onnx import ExportedYoloDetector, parse_names
 log = logging.getLogger(__name__)
 
 
-class SharedExclusive:
-    """A readers-writer lock: any number of shared holders, or one exclusive holder (writers first)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting_writers = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive or self._waiting_writers:
-                self._cond.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._exclusive or self._shared:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+_bridge_lock = threading.Lock()
+_bridge_ready = False
 
 
-# Model surgery and compilation (clone, reshape, compile_model) never overlap an inference in this
-# process: with OpenVINO 2026.4 on 2 cores, background compiles beside other slots' inference hung
-# every thread involved (a full test run under load, at start-up: two slots stuck copying their input
-# into the dynamic-shape request while two compiles of a new static shape sat in clone() and
-# reshape(); a CI run failed the same way before that). Inferences still run in
-# parallel with each other; a compile (a new input shape, rare: static shapes are cached) holds
-# them back for its duration.
-OV_GATE = SharedExclusive()
+def prime_numpy_bridge() -> None:
+    """Make OpenVINO's first numpy array in this thread, before any other thread can.
+
+    OpenVINO's Python module initialises its numpy bridge (pybind11's `npy_api`) on first use,
+    inside a C++ static whose initialiser takes the GIL. Two slots loading at once could both get
+    there first: one holds the static's guard waiting for the GIL, the other holds the GIL waiting
+    for the guard, and the process hangs with every slot thread in `tensor.data`. Seen in the test
+    suite (one start in ~20 under load; gdb showed exactly that pair). Going through here first,
+    one thread at a time, initialises it once.
+    """
+    global _bridge_ready
+    with _bridge_lock:  # waiting here releases the GIL
+        if not _bridge_ready:
+            import openvino as ov
+
+            ov.Tensor(np.zeros(1, np.float32)).data  # noqa: B018 - the first use is the point
+            _bridge_ready = True
 
 
 class OpenVinoYoloDetector(ExportedYoloDetector):
@@ -88,6 +60,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         xml = next(path.glob("*.xml"), None) if path.is_dir() else path
         if xml is None or not xml.is_file():
             raise FileNotFoundError(f"no OpenVINO .xml model in {path}")
+        prime_numpy_bridge()
         self._core = ov.Core()
         # inference precision: "auto" is OpenVINO's own choice for the device (bf16 on CPUs with BF16
         # units, e.g. AMX/AVX512-BF16: measured 2.3x the f32 throughput of yolo11n here, same objects
@@ -102,15 +75,13 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
             config["INFERENCE_NUM_THREADS"] = self.threads
         device = "GPU" if self.device.startswith("gpu") else "CPU"
         self._config, self._ov_device = config, device
-        with OV_GATE.exclusive():
-            self._model = with_u8_input(self._core.read_model(xml))
+        self._model = with_u8_input(self._core.read_model(xml))
         self._requests: dict[tuple[int, ...], Any] = {}
         self._compiling: set[tuple[int, ...]] = set()
         self._compile_threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         # the dynamic-shape model serves any shape at once (and fails at load, not at the first frame)
-        with OV_GATE.exclusive():
-            compiled = self._core.compile_model(self._model, device, config)
+        compiled = self._core.compile_model(self._model, device, config)
         self._dynamic = compiled.create_infer_request()
         self.effective_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         meta_file = xml.parent / "metadata.yaml"
@@ -149,10 +120,9 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         self.infer([np.zeros((self.imgsz * 9 // 16, self.imgsz, 3), np.uint8)])
 
     def _compile(self, shape: tuple[int, ...]) -> Any:
-        with OV_GATE.exclusive():
-            model = self._model.clone()
-            model.reshape(list(shape))
-            request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
+        model = self._model.clone()
+        model.reshape(list(shape))
+        request = self._core.compile_model(model, self._ov_device, self._config).create_infer_request()
         with self._lock:
             if len(self._requests) >= self.max_compiled:
                 self._requests.pop(next(iter(self._requests)))
@@ -189,9 +159,8 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         request = self._request_for(tuple(batch.shape))  # (N, H, W, 3) uint8
-        with OV_GATE.shared():
-            request.infer({0: batch})
-            return np.array(request.get_output_tensor(0).data, copy=True)
+        request.infer({0: batch})
+        return np.array(request.get_output_tensor(0).data, copy=True)
 
     def close(self) -> None:
         # a compile still running when the interpreter exits aborts the process (std::terminate)
