@@ -37,6 +37,8 @@ type = "yolo"
 weights = "{corrupt}"
 [pipeline]
 status_interval = 1
+[api]
+enabled = false
 [streams.good]
 url = "{videos['cam1']}"
 model = "shapes"

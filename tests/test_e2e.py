@@ -35,6 +35,7 @@ def write_config(path: Path, prefix: str, mqtt_url: str, streams: dict[str, str]
         "reconnect_cap = 1.0",
         "[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320", "confidence = 0.3",
         "[pipeline]", "status_interval = 2", "max_frame_age = 2.0",
+        "[api]", "enabled = false",  # (the API's own tests give it a free port)
     ]
     for name, url in streams.items():
         lines += [f"[streams.{name}]", f'url = "{url}"', 'model = "shapes"',

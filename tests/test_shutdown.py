@@ -18,7 +18,9 @@ def test_group_sigterm_with_embedded_broker_flushes_everything(
     broker must outlive the publisher's last messages (final state, stats, `offline`)."""
     port = free_port()
     cfg = write_config(tmp_path / "fg.toml", "fgstop", "embedded", {"cam": str(videos["cam1"])})
-    cfg.write_text(cfg.read_text().replace('url = "embedded"', f'url = "embedded"\nembedded_port = {port}'))
+    cfg.write_text(cfg.read_text().replace('url = "embedded"', f'url = "embedded"\nembedded_port = {port}')
+                   # with the HTTP API serving: it must not hold the shutdown up
+                   .replace("enabled = false", f'listen = "127.0.0.1:{free_port()}"'))
     fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log", own_group=True)
     sub = None
     try:
