@@ -23,7 +23,8 @@ import pytest
 
 from .conftest import MODEL, ROOT, Framegrid, Mosquitto, RtspServer, Subscriber, free_port
 from .test_e2e import detections
-from .test_talkinghead import face_image, tone_on_off, write_wav
+from .test_musetalk import tiny  # noqa: F401 - fixture
+from .test_talkinghead import face_image, tone_on_off, write_wav  # noqa: F401 - fixture
 
 TOKEN = "api-T0ken-never-shown"
 CAM_PASSWORD = "Cam-Pa55-never-shown"
@@ -382,3 +383,46 @@ def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosqui
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT,
                              capture_output=True, text=True, env=framegrid_env, timeout=60)
     assert out.returncode == 2 and f"api.listen 127.0.0.1:{port}: Address already in use" in out.stderr
+
+
+def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_image: Path,  # noqa: F811
+                                           mosquitto: Mosquitto, framegrid_env: dict[str, str]) -> None:
+    """A MuseTalk job through the API: tiny random models of the real classes, its segments dealt to
+    both lip-sync slots of the running framegrid (the same renderer as `framegrid talk`)."""
+    port = free_port()
+    cfg = tmp_path / "fg.toml"
+    cfg.write_text(f'[mqtt]\nurl = "{mosquitto.url}"\ntopic_prefix = "fgjob-{os.getpid()}"\n'
+                   f'[api]\nlisten = "127.0.0.1:{port}"\n[lipsync]\nweights = "{tiny}"\nslots = 2\nbatch_size = 4\n'
+                   '[pipeline]\nstatus_interval = 0\n')
+    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.4, False), (0.52, True)]), 16_000)
+    fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        wait_ready(client)
+        res = client.post("/api/talk/jobs", data={"avatar_path": str(face_image), "audio_path": str(wav),
+                                                  "backend": "musetalk"})
+        assert res.status_code == 201, res.text
+        job_id = res.json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = client.get(f"/api/talk/jobs/{job_id}").json()
+            if job["state"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert job["state"] == "done", job
+        assert job["frames"] == job["total_frames"] == 38  # 1.52 s -> 38 frames of 40 ms
+        out = tmp_path / "out.mp4"
+        out.write_bytes(client.get(f"/api/talk/jobs/{job_id}/video").content)
+        from .test_talkinghead import probe_output
+
+        frames, fps, seconds, _ = probe_output(out)
+        assert frames == 38 and fps == 25 and abs(seconds - 1.52) <= 0.05
+        slots = client.get("/api/devices").json()[-1]["slots"]
+        assert len([s for s in slots if s["model"] == "lipsync"]) == 2
+        batches = {n: s["batches"] for n, s in client.get("/api/stats").json()["lipsync"]["slots"].items()}
+        assert len(batches) == 2 and all(b > 0 for b in batches.values()), batches  # both slots rendered
+    finally:
+        client.close()
+        assert fg.stop() == 0, fg.output()
+    log = fg.output()
+    assert "talk job" in log and "done" in log
