@@ -305,6 +305,30 @@ class Pipeline:
         self.telemetry.stream_removed(name)
         log.info("stream %s: removed", name)
 
+    def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
+        """Apply a new `max_fps` to a running stream without reconnecting it: True when done, False
+        when the change needs a restart (another key changed, or the decoder would skip frames
+        differently). The feed's rate and the placer's cost follow at once."""
+        record = self.ingest.records.get(name)
+        if record is None or record.cfg.model_copy(update={"max_fps": cfg.max_fps}) != cfg:
+            return False
+        source = record.source
+        if source is not None:
+            before = source.wanted_fps
+            source.wanted_fps = cfg.max_fps
+            if source.skip_mode(source.fps) != source.skipping:
+                source.wanted_fps = before
+                return False
+        record.cfg = cfg
+        self.registry.streams[name] = cfg
+        pool = self.pools.get(cfg.model)
+        feed = pool.feeds.get(name) if pool is not None else None
+        if pool is not None and feed is not None:
+            feed.max_fps = cfg.max_fps  # type: ignore[attr-defined]
+            pool.placer.update_cost(name, pool.cost(feed))
+        log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
+        return True
+
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
         """Load a model while running (its slots planned like at start), ready for `add_stream`.
 

@@ -104,10 +104,13 @@ class StreamControl:
             self._persist(name, self._patched_entry(name, changes))
             self.streams[name] = cfg
             running = name in self.pipeline.registry.streams
-            if running:
-                await self.pipeline.remove_stream(name)
-            if cfg.enabled:
-                await self.pipeline.add_stream(name, cfg)
+            if running and cfg.enabled and self.pipeline.retune_stream(name, cfg):
+                pass  # max_fps alone: applied live, the source keeps its connection
+            else:
+                if running:
+                    await self.pipeline.remove_stream(name)
+                if cfg.enabled:
+                    await self.pipeline.add_stream(name, cfg)
             log.info("stream %s: changed through the API (%s)", name, ", ".join(sorted(changes)))
             return cfg
 

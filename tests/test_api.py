@@ -170,8 +170,12 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
     assert overlay["streams"]["cam3"]["config"]["model"] == "shapes"
     assert oct(served.config.with_name("fg.overlay.json").stat().st_mode & 0o777) == "0o600"
 
+    served.sub.wait_for(lambda: served.stream("cam3")["state"] == "streaming", 30, "cam3 streaming")
+    streaming = served.stream("cam3")
     res = served.call("PATCH", "/api/streams/cam3", json={"max_fps": 1})
     assert res.status_code == 200 and res.json()["max_fps"] == 1
+    # max_fps alone is applied live: the source keeps its connection
+    assert (res.json()["since"], res.json()["reconnects"]) == (streaming["since"], streaming["reconnects"])
     n = len(detections(served.sub, "cam3"))
     time.sleep(5)
     added = len(detections(served.sub, "cam3")) - n
