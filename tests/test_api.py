@@ -280,6 +280,11 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
         res = served.call("POST", "/api/talk/jobs", files={"audio": ("big.wav", a)},
                           data={"avatar_path": str(face_image)})
     assert res.status_code == 413
+    huge = tmp_path / "huge.wav"
+    huge.write_bytes(b"\0" * 5_000_000)  # the whole request over 2 x max_upload_mb: refused before parsing
+    with huge.open("rb") as a:
+        res = served.call("POST", "/api/talk/jobs", files={"audio": ("huge.wav", a)})
+    assert res.status_code == 413 and "request body larger than" in res.json()["detail"]
     res = served.call("POST", "/api/talk/jobs", data={"avatar_path": str(face_image)})
     assert res.status_code == 422 and "audio" in res.json()["detail"]
     assert served.call("GET", "/api/talk/jobs/nope").status_code == 404

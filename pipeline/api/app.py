@@ -169,9 +169,45 @@ class Problem(BaseModel):
     detail: str
 
 
+class BodyLimit:
+    """ASGI middleware: a request body to `paths` larger than `limit` bytes gets 413 before it is
+    parsed or spooled to disk (by its Content-Length, or counted as it arrives when chunked)."""
+
+    def __init__(self, app: Any, limit: int, paths: tuple[str, ...]) -> None:
+        self.app, self.limit, self.paths = app, limit, paths
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
 # -- the app ----------------------------------------------------------------------------------------
 def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
-              mjpeg_fps: float, closing: asyncio.Event) -> FastAPI:
+              mjpeg_fps: float, closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
     """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
     started = time.monotonic()
     latest = LatestResults()
@@ -191,6 +227,8 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
 
     app = FastAPI(title="framegrid", version="1", docs_url=None, redoc_url=None,
                   description="Control a running framegrid: streams, devices, stats, talking heads.")
+    # a job carries two files of at most max_upload each, plus the form's own framing
+    app.add_middleware(BodyLimit, limit=2 * max_upload + 64 * 1024, paths=("/api/talk/jobs",))
     guarded = [Depends(auth)]
     errors = {401: {"model": Problem, "description": "missing or wrong token"}}
 

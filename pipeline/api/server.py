@@ -75,7 +75,8 @@ class ApiServer:
                              musetalk_ready=self.config.lipsync.weights is not None)
         self.closing = asyncio.Event()
         token = api.token.get_secret_value() if api.token is not None else None
-        self.app = build_app(pipeline, self.control, self.jobs, token or None, api.mjpeg_fps, self.closing)
+        self.app = build_app(pipeline, self.control, self.jobs, token or None, api.mjpeg_fps, self.closing,
+                             int(api.max_upload_mb * 1e6))
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
