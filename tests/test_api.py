@@ -435,3 +435,37 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
         assert fg.stop() == 0, fg.output()
     log = fg.output()
     assert "talk job" in log and "done" in log
+
+
+def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosquitto: Mosquitto,  # noqa: F811
+                                         framegrid_env: dict[str, str]) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "fg.toml", f"fgjobs-{os.getpid()}", mosquitto, port, {}, token=None)
+    wav = write_wav(tmp_path / "long.wav", tone_on_off([(4.0, True), (4.0, False)]), 16000)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        fg = Framegrid(cfg, framegrid_env, tmp_path / "fg1.log")
+        wait_ready(client)
+        ids = [client.post("/api/talk/jobs", data={"avatar_path": str(face_image), "audio_path": str(wav)})
+               .json()["id"] for _ in range(3)]
+        states = [client.get(f"/api/talk/jobs/{i}").json()["state"] for i in ids]
+        fg.proc.send_signal(signal.SIGKILL)  # with jobs accepted and not done
+        fg.proc.wait(10)
+        fg.stop()
+        assert "queued" in states, states  # one worker on this machine: the later ones were waiting
+
+        fg = Framegrid(cfg, framegrid_env, tmp_path / "fg2.log")
+        wait_ready(client)
+        deadline = time.monotonic() + 120
+        jobs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            jobs = [client.get(f"/api/talk/jobs/{i}").json() for i in ids]
+            if all(j["state"] in ("done", "failed") for j in jobs):
+                break
+            time.sleep(0.5)
+        assert [j["state"] for j in jobs] == ["done"] * 3, jobs
+        assert all(j["frames"] == 200 for j in jobs)
+        assert "queued again after a restart" in fg.output()
+        assert fg.stop() == 0
+    finally:
+        client.close()

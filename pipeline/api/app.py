@@ -259,8 +259,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     def stream_info(name: str) -> StreamInfo:
         cfg = control.streams[name]
         r = pipeline.streams.get(name)
-        conf = {k: (redact_text(v, secrets()) if isinstance(v, str) else v)
-                for k, v in cfg.model_dump(mode="json").items()}
+        conf = json.loads(redact_text(json.dumps(cfg.model_dump(mode="json")), secrets()))  # nested too
         out = StreamInfo(name=name, url=redact_text(cfg.url, secrets()), model=cfg.model, max_fps=cfg.max_fps,
                          enabled=cfg.enabled, state="disabled", config=conf)
         if r is None:
