@@ -199,6 +199,7 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
 
 
 def test_snapshot_and_mjpeg(served: Served) -> None:
+    served.sub.wait_for(lambda: len(detections(served.sub, "cam1")) >= 1, 60, "a result from cam1")
     res = served.call("GET", "/api/streams/cam1/snapshot.jpg")
     assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
     plain = cv2.imdecode(np.frombuffer(res.content, np.uint8), cv2.IMREAD_COLOR)
@@ -230,6 +231,8 @@ def test_snapshot_and_mjpeg(served: Served) -> None:
 
 
 def test_devices_stats_models_metrics(served: Served) -> None:
+    served.sub.wait_for(lambda: all(len(detections(served.sub, n)) >= 3 for n in ("cam1", "cam2")), 60,
+                        "detections from both cameras")
     devices = served.call("GET", "/api/devices").json()
     cpu = next(d for d in devices if d["id"] == "cpu")
     assert cpu["memory_total_bytes"] > 0 and cpu["slots"] and not cpu["drained"]
@@ -239,6 +242,12 @@ def test_devices_stats_models_metrics(served: Served) -> None:
     res = served.call("POST", "/api/devices/cpu/drain")
     assert res.status_code == 409 and "no healthy slot on another device" in res.json()["detail"]
     assert served.call("POST", "/api/devices/cpu/resume").json() == {"device": "cpu", "moved": []}
+    with served.client.stream("GET", "/api/live") as res:  # server-sent events, what the page shows
+        assert res.headers["content-type"].startswith("text/event-stream")
+        line = next(x for x in res.iter_lines() if x.startswith("data: "))
+    live = json.loads(line.removeprefix("data: "))
+    assert [s["name"] for s in live["streams"]] == ["cam1", "cam2"] and live["mqtt"]["connected"] is True
+    assert any(d["id"] == "cpu" for d in live["devices"])
     stats = served.call("GET", "/api/stats").json()
     assert set(stats["streams"]) == {"cam1", "cam2"} and stats["mqtt"]["connected"] is True
     models = served.call("GET", "/api/models").json()
@@ -449,6 +458,7 @@ def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosqu
         ids = [client.post("/api/talk/jobs", data={"avatar_path": str(face_image), "audio_path": str(wav)})
                .json()["id"] for _ in range(3)]
         states = [client.get(f"/api/talk/jobs/{i}").json()["state"] for i in ids]
+        assert client.get(f"/api/talk/jobs/{ids[-1]}/video").status_code == 409  # not done yet
         fg.proc.send_signal(signal.SIGKILL)  # with jobs accepted and not done
         fg.proc.wait(10)
         fg.stop()
