@@ -190,6 +190,9 @@ class Pipeline:
                     self.ingest.set_state(record, StreamState.FAILED, f"model {name} unavailable: {msg}")
             return False
         self.pools[name] = pool
+        for device in self.drained & set(pool.devices):  # a model loaded during maintenance stays off it
+            with contextlib.suppress(PlacementError):
+                pool.drain(device)
         self.model_errors.pop(name, None)
         self._devices_changed()
         return True

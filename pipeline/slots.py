@@ -365,6 +365,7 @@ class SlotPool:
         self.batchers: dict[str, Batcher] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._restarting: set[asyncio.Task[None]] = set()
+        self.drained: set[str] = set()  # devices taken out by an operator: their slots stay out
         self.closed = False
 
     def slot_names(self) -> list[str]:
@@ -404,7 +405,7 @@ class SlotPool:
             log.error("slot %s: cannot start: %s", name, exc)
             await slot.close()
             return False
-        record.state = SlotState.HEALTHY
+        record.state = SlotState.DRAINED if slot.device in self.drained else SlotState.HEALTHY
         return True
 
     async def close(self) -> None:
@@ -519,6 +520,7 @@ class SlotPool:
         problem = self.drain_problem(device)
         if problem:
             raise PlacementError(problem)
+        self.drained.add(device)
         names = [n for n, s in self.slots.items() if s.device == device]
         for n in names:
             if self.placer.slots[n].state is SlotState.HEALTHY:
@@ -544,6 +546,7 @@ class SlotPool:
 
     def resume(self, device: str) -> list[Move]:
         """Put a drained device's slots back in service and rebalance onto them."""
+        self.drained.discard(device)
         for n, s in self.slots.items():
             if s.device == device and self.placer.slots[n].state is SlotState.DRAINED:
                 self.placer.slots[n].state = SlotState.HEALTHY
