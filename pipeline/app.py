@@ -39,6 +39,7 @@ from .results import MqttResults, Results, ResultSink
 from .slots import SlotPool
 from .talk import TalkSessions
 from .telemetry import Telemetry
+from .tracking import StreamTracker
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,8 @@ class Pipeline:
         pool = self.pools.get(record.model)
         if pool is None:
             return  # its model failed to load; its state says so
+        tracking = record.cfg.tracker or self.registry.models[record.model].tracker
+        record.tracker = StreamTracker(tracking.settings()) if tracking.type != "none" else None
         try:
             pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
         except PlacementError as exc:

@@ -101,6 +101,26 @@ class SlotPoolConfig(Strict):
                             pipeline.rebalance_band, cpu_batch_ms)
 
 
+class TrackerConfig(Strict):
+    """Multi-object tracking of a model's (or a stream's) detections: ultralytics' trackers, timed."""
+
+    type: Literal["bytetrack", "botsort", "none"] = Field("bytetrack", description="tracker (none = no track ids)")
+    high_thresh: float = Field(0.25, ge=0, le=1, description="first-stage match threshold (ultralytics' default)")
+    low_thresh: float = Field(0.1, ge=0, le=1, description="second-stage threshold for low-score detections")
+    new_track_thresh: float = Field(0.25, ge=0, le=1, description="a detection this confident may start a track")
+    match_thresh: float = Field(0.8, gt=0, le=1, description="association cost threshold (1 - IoU, score-fused)")
+    buffer_s: float = Field(1.2, gt=0, le=600, description="seconds a lost track is kept for re-identification "
+                            "(ultralytics' 30 frames at 25 fps, as time)")
+    min_hits: int = Field(3, ge=1, le=1000, description="frames an object is seen before its track id is "
+                          "published")
+
+    def settings(self) -> Any:
+        from .tracking import TrackerSettings
+
+        return TrackerSettings(self.type, self.high_thresh, self.low_thresh, self.new_track_thresh,
+                               self.match_thresh, self.buffer_s, min_hits=self.min_hits)
+
+
 class ModelConfig(SlotPoolConfig):
     type: Literal["yolo"] = Field(description="backend family")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
@@ -131,6 +151,8 @@ class ModelConfig(SlotPoolConfig):
         "auto", description="OpenVINO inference precision on the CPU: auto = the CPU's fastest (bf16 where it has "
         "BF16 units), f32 = full precision")
     classes: list[str] | None = Field(None, description="publish only these labels")
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig, description="tracking of this model's "
+                                   "detections (a stream's own [streams.<name>.tracker] wins)")
     threads: int | None = Field(None, ge=1, le=256, description="inference threads per CPU slot "
                                 "(default: cores / CPU slots)")
 
@@ -147,6 +169,7 @@ class StreamConfig(SourceSettings):
     model: str = Field(description="name of a [models.<name>] table")
     max_fps: float | None = Field(None, gt=0, le=1000, description="process at most this many frames/s")
     enabled: bool = Field(True, description="false keeps it configured but not running")
+    tracker: TrackerConfig | None = Field(None, description="this stream's tracking (default: its model's)")
 
     @field_validator("url")
     @classmethod

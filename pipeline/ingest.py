@@ -18,6 +18,7 @@ from streams import Clock, Mailbox, Source, SourceState, StreamState
 from .config import StreamConfig
 from .handoff import Handoff
 from .stats import StreamStats
+from .tracking import StreamTracker
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class StreamRecord:
     source: Source | None = None
     seq: int = 0  # results published so far (assigned on the loop, so in order)
     live: bool = True  # False once removed at runtime: a result still in flight is not published
+    tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
 
     @property
     def model(self) -> str:
@@ -60,6 +62,8 @@ class Ingest:
                   since: float | None = None, reconnects: int | None = None) -> None:
         if record.state is StreamState.STOPPED:
             return  # final
+        if state is StreamState.RECONNECTING and record.state is not state and record.tracker is not None:
+            record.tracker.restart()  # a new connection is a new scene: its tracks end
         if since is None:
             since = record.since if record.state is state else self.clock.wall()
         record.state, record.since, record.error = state, since, error

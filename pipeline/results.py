@@ -10,8 +10,11 @@ costs only its own copy of that result.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from detectors import Detections
 from streams import Clock, Frame
@@ -37,6 +40,7 @@ class Result:
     published_at: float  # unix s: handed to the sinks
     detections: Detections
     timings_ms: dict[str, float] = field(default_factory=dict)
+    track_ids: np.ndarray | None = None  # one per detection (0: no confirmed track yet); None: not tracked
 
     @property
     def latency_ms(self) -> float:
@@ -58,8 +62,15 @@ class Result:
             "width": f.width,
             "height": f.height,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
-            "detections": self.detections.to_json(),
+            "detections": self._detections_json(),
         }
+
+    def _detections_json(self) -> list[dict[str, Any]]:
+        out = self.detections.to_json()
+        if self.track_ids is not None:
+            for d, tid in zip(out, self.track_ids, strict=True):
+                d["track_id"] = int(tid) or None
+        return out
 
 
 class ResultSink(Protocol):
@@ -94,7 +105,12 @@ class Results:
         # time is in stats as mqtt.send_ms)
         timings["publish"] = max(0.0, (now - inferred_at) * 1000)
         record.seq += 1
-        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings)
+        ids = None
+        if record.tracker is not None:
+            t0 = time.perf_counter()
+            ids = record.tracker.update(det, frame.captured_at)
+            timings["track"] = (time.perf_counter() - t0) * 1000
+        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids)
         record.stats.record(result.latency_ms, timings)
         for sink in self.sinks:
             try:

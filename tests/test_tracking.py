@@ -1,0 +1,140 @@
+"""Tracking: ultralytics' trackers fed with real time, min_hits, reconnects, and track ids on MQTT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detectors import Detections
+from pipeline import parse_config
+from pipeline.tracking import StreamTracker, TrackerSettings
+
+from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
+from .test_e2e import detections
+
+
+def boxes_at(t: float, start: np.ndarray, vel: np.ndarray, size: float = 40) -> Detections:
+    c = start + vel * t
+    n = len(c)
+    return Detections(np.concatenate([c - size / 2, c + size / 2], 1).astype(np.float32),
+                      np.full(n, 0.9, np.float32), np.zeros(n, np.int32), ("car",) * n)
+
+
+def run(tracker: StreamTracker, fps: float, seconds: float, start: np.ndarray, vel: np.ndarray,
+        t0: float = 1000.0) -> list[np.ndarray]:
+    return [tracker.update(boxes_at(k / fps, start, vel), t0 + k / fps) for k in range(int(fps * seconds))]
+
+
+@pytest.mark.parametrize("kind", ["bytetrack", "botsort"])
+def test_ids_are_stable_and_announced_after_min_hits(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    start, vel = rng.uniform(100, 1500, (20, 2)), rng.uniform(-60, 60, (20, 2))  # px/s
+    out = run(StreamTracker(TrackerSettings(type=kind, min_hits=3)), 25, 4, start, vel)
+    assert (out[0] == 0).all() and (out[1] == 0).all()  # seen once, twice: not announced yet
+    assert (out[2] > 0).all()
+    for k in range(3, len(out)):
+        assert (out[k] == out[2]).all(), f"ids changed at frame {k}"
+    assert len(set(out[2].tolist())) == 20
+
+
+def test_a_max_fps_gap_is_predicted_in_real_time() -> None:
+    """Fast objects at 5 fps: the motion model steps the real 200 ms. Counting frames instead (one
+    40 ms step per update, as the tracker alone does) loses them; by real time they keep their ids."""
+    start = np.array([[100.0, 100.0], [100.0, 400.0], [100.0, 700.0]])
+    vel = np.array([[260.0, 0.0], [260.0, 0.0], [260.0, 0.0]])  # 52 px per 200 ms on a 40 px box
+
+    def warm_then_fast(tracker: StreamTracker) -> list[np.ndarray]:
+        # at 25 fps the velocity is learnt, then the stream is throttled to 5 fps
+        slow = run(tracker, 25, 1.0, start, vel)
+        fast = [tracker.update(boxes_at(1.0 + k / 5, start, vel), 1001.0 + k / 5) for k in range(1, 11)]
+        return slow + fast
+
+    timed = warm_then_fast(StreamTracker(TrackerSettings()))
+    assert (timed[-1] == timed[24]).all() and (timed[-1] > 0).all()
+
+    frames = StreamTracker(TrackerSettings())
+    frames.update = _frame_counting(frames)  # type: ignore[method-assign]
+    counted = warm_then_fast(frames)
+    assert not (counted[-1] == counted[24]).all(), "frame counting kept the ids too: the test shows nothing"
+
+
+def _frame_counting(tracker: StreamTracker) -> object:
+    """The same tracker, but each update is one 1/25 s step whatever the real gap (ultralytics' own way)."""
+    real = tracker.update
+    state = {"k": 0}
+
+    def update(det: Detections, t: float) -> np.ndarray:
+        state["k"] += 1
+        return real(det, 1000.0 + state["k"] / 25)
+
+    return update
+
+
+def test_lost_tracks_are_kept_for_buffer_seconds_not_frames() -> None:
+    start, vel = np.array([[200.0, 200.0]]), np.array([[20.0, 0.0]])
+    for fps in (25, 5):
+        tr = StreamTracker(TrackerSettings(buffer_s=1.0))
+        seen = run(tr, fps, 2, start, vel)
+        tid = int(seen[-1][0])
+        empty = Detections.empty()
+        t = 1000 + 2.0
+        for k in range(int(fps * 0.6)):  # hidden for 0.6 s (< 1 s): the same id comes back
+            tr.update(empty, t + k / fps)
+        back = tr.update(boxes_at(2.6, start, vel), t + 0.6)
+        back = tr.update(boxes_at(2.6 + 1 / fps, start, vel), t + 0.6 + 1 / fps)
+        assert int(back[0]) == tid, f"{fps} fps: id {tid} not kept over 0.6 s"
+        for k in range(int(fps * 1.6)):  # hidden for 1.6 s (> 1 s): a new id
+            tr.update(empty, t + 1 + k / fps)
+        later = [tr.update(boxes_at(5 + k / fps, start, vel), t + 3 + k / fps) for k in range(3)]
+        assert int(later[-1][0]) not in (0, tid), f"{fps} fps: an old track was revived after 1.6 s"
+
+
+def test_restart_ends_tracks_and_ids_never_repeat() -> None:
+    start, vel = np.array([[200.0, 200.0], [600.0, 200.0]]), np.array([[10.0, 0.0], [-10.0, 0.0]])
+    tr = StreamTracker(TrackerSettings())
+    before = set(run(tr, 25, 1, start, vel)[-1].tolist())
+    tr.restart()
+    after = set(run(tr, 25, 1, start, vel, t0=1001.0)[-1].tolist())
+    assert before.isdisjoint(after) and min(after) > max(before)
+
+
+@pytest.mark.slow
+async def test_track_ids_on_mqtt_from_a_real_decoded_scene(
+    tmp_path: Path, videos: dict[str, Path], scenes: dict[str, object], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    """The rendered scene's objects each keep one track id in the published detections."""
+    from streams.synthetic import box_iou
+
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+        "streams": {"cam": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5},
+                    "off": {"url": str(videos["cam2"]), "model": "shapes", "max_fps": 5,
+                            "tracker": {"type": "none"}}},
+        "pipeline": {"status_interval": 0},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    try:
+        await wait_until(lambda: len(detections(sub, "cam")) >= 40, 60, "40 results")
+    finally:
+        await shutdown()
+        sub.close()
+    scene = scenes["cam1"]
+    ids_of: dict[int, list[int]] = {}
+    for msg in detections(sub, "cam")[5:]:
+        truth = scene.truth_at(round(msg["pts"] * scene.fps))  # type: ignore[attr-defined]
+        for obj, (box, occluded) in enumerate(zip(truth.boxes, truth.occluded, strict=True)):
+            if occluded:
+                continue
+            best = max(msg["detections"], key=lambda d: box_iou(d["box"], box), default=None)
+            if best is not None and box_iou(best["box"], box) >= 0.5 and best["track_id"]:
+                ids_of.setdefault(obj, []).append(best["track_id"])
+    assert len(ids_of) >= 3
+    for obj, ids in ids_of.items():
+        main = max(set(ids), key=ids.count)
+        assert ids.count(main) / len(ids) >= 0.95, f"object {obj}: ids {ids}"
+    assert all("track_id" not in d for m in detections(sub, "off") for d in m["detections"])
+    assert "track" in pipeline.streams["cam"].stats.snapshot()["stage_ms_p50"]
