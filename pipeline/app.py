@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from detectors import DetectorError
@@ -38,6 +39,9 @@ from .registry import Registry
 from .results import MqttResults, Results, ResultSink
 from .slots import SlotPool
 from .talk import TalkSessions
+from .eventstore import EventStore
+from .events import EventEngine
+from .snapshots import Snapshots
 from .telemetry import Telemetry
 from .tracking import StreamTracker
 
@@ -48,8 +52,10 @@ class Pipeline:
     """framegrid's graph for one config."""
 
     def __init__(self, config: Config, detector_factory: DetectorFactory | None = None, clock: Clock = SYSTEM_CLOCK,
-                 devices: list[DeviceInfo] | None = None, sinks: list[ResultSink] | None = None) -> None:
+                 devices: list[DeviceInfo] | None = None, sinks: list[ResultSink] | None = None,
+                 config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.registry = Registry(config)
         self.detector_factory = detector_factory or default_detector_factory
         self.clock = clock
@@ -69,6 +75,9 @@ class Pipeline:
         self.telemetry: Telemetry
         self.ingest: Ingest
         self.talk: TalkSessions
+        self.events: EventEngine | None = None
+        self.event_store: EventStore | None = None
+        self.snapshots: Snapshots | None = None
         self._tg: asyncio.TaskGroup
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -105,7 +114,8 @@ class Pipeline:
             self.publisher = Publisher(mqtt, secrets=self.secrets)
         self.telemetry = Telemetry(self.publisher, mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
-        self.ingest = Ingest(self.clock, handoff, self.telemetry.stream_state)
+        self._start_events(handoff)
+        self.ingest = Ingest(self.clock, handoff, self.telemetry.stream_state, self._reconnected)
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
                                  self._facts, lambda: set(self.plan.runtimes.values()), self._devices_changed)
         try:
@@ -126,7 +136,8 @@ class Pipeline:
                         with contextlib.suppress(Exception):  # reported on its state topic; others run on
                             await self.talk.start(name, tcfg)
                 loops = [tg.create_task(self.telemetry.stats_loop(self.stats_payload), name="telemetry.stats"),
-                         tg.create_task(self._rebalance_loop(), name="supervisor.rebalance")]
+                         tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"),
+                         tg.create_task(self._events_loop(), name="events.sweep")]
                 self.ready.set()
                 try:
                     await stop.wait()
@@ -143,6 +154,7 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self.pools.values()), return_exceptions=True)
+        await self._stop_events()
         self.telemetry.stats(self.stats_payload())
         await self.publisher.close()
         done, _ = await asyncio.wait({pub_task}, timeout=10)
@@ -152,6 +164,55 @@ class Pipeline:
         # the whole account, once: every result was acknowledged by the broker, dropped, or is left over
         final = {**self.publisher.counters(), "results": {r.name: r.seq for r in self.ingest.records.values()}}
         log.info("mqtt: final account %s", json.dumps(final, separators=(",", ":")))
+
+    # -- events --------------------------------------------------------------------------------------
+    def events_folder(self) -> Path:
+        """Where the event store and the snapshots live: beside `events.store`, else `<config>.events/`."""
+        cfg = self.config.events
+        if cfg.store is not None:
+            return cfg.store.parent
+        if self.config_path is not None:
+            return self.config_path.resolve().with_name(self.config_path.stem + ".events")
+        from detectors.offline import default_state_dir
+
+        return default_state_dir() / "events"
+
+    def _start_events(self, handoff: Handoff) -> None:
+        cfg = self.config.events
+        if not cfg.enabled:
+            return
+        folder = self.events_folder()
+        self.events = EventEngine(cfg, self.publisher)
+        self.event_store = EventStore(cfg.store or folder / "events.db", cfg.max_age_days, cfg.max_events)
+        self.event_store.start()
+        store = self.event_store
+        self.events.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")
+                                     else None)
+        if cfg.snapshots:
+            loop = asyncio.get_running_loop()
+            self.snapshots = Snapshots(folder / "snapshots", cfg.max_snapshots, store, self.publisher,
+                                       cfg.mqtt_snapshots, on_loop=loop.call_soon_threadsafe)
+            self.events.listeners.append(self.snapshots)
+        self.results.add_sink(self.events)
+
+    async def _events_loop(self) -> None:
+        if self.events is None:
+            return
+        while True:
+            await asyncio.sleep(1.0)
+            self.events.sweep(self.clock.wall())
+
+    async def _stop_events(self) -> None:
+        if self.events is not None:
+            self.events.close()  # every live object's event ends
+        if self.snapshots is not None:
+            await asyncio.to_thread(self.snapshots.close)
+        if self.event_store is not None:
+            await asyncio.to_thread(self.event_store.close)
+
+    def _reconnected(self, record: StreamRecord) -> None:
+        if self.events is not None:
+            self.events.restart_stream(record.name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self._tg.create_task(coro, name=name)
@@ -211,6 +272,8 @@ class Pipeline:
             return  # its model failed to load; its state says so
         tracking = record.cfg.tracker or self.registry.models[record.model].tracker
         record.tracker = StreamTracker(tracking.settings()) if tracking.type != "none" else None
+        if self.events is not None and record.tracker is not None:
+            self.events.add_stream(record.name, record.cfg)
         try:
             pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
         except PlacementError as exc:
@@ -308,6 +371,8 @@ class Pipeline:
         if pool is not None:
             pool.remove(name)
         await self.ingest.stop(record)
+        if self.events is not None:
+            self.events.remove_stream(name)  # its objects' events end
         self.telemetry.stream_removed(name)
         log.info("stream %s: removed", name)
 

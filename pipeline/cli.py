@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import json
 import logging
 import signal
 import sys
@@ -64,7 +65,7 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, config_path=config_path)
     api = None
     if config.api.enabled:
         from .api import ApiError, ApiServer
@@ -322,6 +323,56 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
     return 0
 
 
+def _since(text: str) -> float:
+    """A unix time, an ISO date-time, or a duration back from now (90s, 15m, 2h, 7d)."""
+    import datetime as dt
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since {text!r}: give 15m, 2h, 7d, an ISO date-time or a unix "
+                                         "time") from None
+    return (when if when.tzinfo else when.astimezone()).timestamp()
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """List stored events, newest first."""
+    import datetime as dt
+
+    from .app import Pipeline
+    from .eventstore import query
+
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigError as exc:
+        print(redact_text(str(exc)), file=sys.stderr)
+        return 2
+    folder = Pipeline(config, config_path=args.config).events_folder()
+    db = config.events.store or folder / "events.db"
+    rows = query(db, stream=args.stream, label=args.label, since=args.since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no events in {db}" + ("" if db.exists() else " (not created yet)"))
+        return 0
+    print(f"{'start':<19} {'end':<8} {'stream':<14} {'label':<12} {'score':>5}  zones / snapshot")
+    for r in rows:
+        start = dt.datetime.fromtimestamp(r["start_time"]).strftime("%Y-%m-%d %H:%M:%S")
+        end = dt.datetime.fromtimestamp(r["end_time"]).strftime("%H:%M:%S") if r["end_time"] else "live"
+        print(f"{start:<19} {end:<8} {r['stream']:<14} {r['label']:<12} {r['best_score']:>5.2f}  "
+              f"{','.join(r['zones']) or '-'} {r['crop_path'] or ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics server")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -355,6 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: "
                    "lipsync.slot_memory_gb's)")
     p.set_defaults(func=cmd_talk)
+    p = sub.add_parser("events", help="list stored events (tracked objects), newest first")
+    p.add_argument("config", nargs="?", default="config.toml", type=Path)
+    p.add_argument("--stream")
+    p.add_argument("--label")
+    p.add_argument("--since", type=_since, help="15m, 2h, 7d, an ISO date-time or a unix time")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_events)
     p = sub.add_parser("avatar", help="avatar tools")
     avatar_sub = p.add_subparsers(dest="avatar_command", required=True)
     p = avatar_sub.add_parser("prepare", help="find the face (per frame of a video) and cache the avatar")

@@ -121,6 +121,29 @@ class TrackerConfig(Strict):
                                self.match_thresh, self.buffer_s, min_hits=self.min_hits)
 
 
+Coordinates = list[Annotated[list[float], Field(min_length=2, max_length=2)]]
+
+
+class ZoneConfig(Strict):
+    polygon: Coordinates = Field(min_length=3, description="corners [[x, y], ...] in source pixels, or fractions "
+                                 "of the frame when every value is at most 1")
+    anchor: Literal["bottom_center", "center", "top_center", "bottom_left", "bottom_right"] = Field(
+        "bottom_center", description="the point of a box that must be inside (bottom-centre: where it stands)")
+    objects: list[str] | None = Field(None, description="only these labels (default: all)")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="only detections at least this confident")
+    min_frames: int = Field(1, ge=1, le=1000, description="consecutive frames inside (or outside) before an "
+                            "object counts as entered (or left)")
+
+
+class LineConfig(Strict):
+    points: Coordinates = Field(min_length=2, max_length=2, description="the segment [[x1, y1], [x2, y2]] (pixels "
+                                "or fractions); crossing from its left to its right (seen from the first point "
+                                "towards the second, y down) counts as `in`")
+    anchor: Literal["bottom_center", "center", "top_center", "bottom_left", "bottom_right"] = "bottom_center"
+    objects: list[str] | None = Field(None, description="only these labels (default: all)")
+    min_confidence: float = Field(0.0, ge=0, le=1)
+
+
 class ModelConfig(SlotPoolConfig):
     type: Literal["yolo"] = Field(description="backend family")
     backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
@@ -170,6 +193,8 @@ class StreamConfig(SourceSettings):
     max_fps: float | None = Field(None, gt=0, le=1000, description="process at most this many frames/s")
     enabled: bool = Field(True, description="false keeps it configured but not running")
     tracker: TrackerConfig | None = Field(None, description="this stream's tracking (default: its model's)")
+    zones: dict[Name, ZoneConfig] = Field(default_factory=dict, description="named zones (events, counts)")
+    lines: dict[Name, LineConfig] = Field(default_factory=dict, description="named counting lines")
 
     @field_validator("url")
     @classmethod
@@ -287,6 +312,26 @@ class ApiConfig(Strict):
         return self
 
 
+class EventsConfig(Strict):
+    enabled: bool = Field(True, description="turn tracked objects into events (needs tracking)")
+    end_after: float = Field(2.0, gt=0, le=3600, description="seconds an object is unseen before its event ends")
+    update_interval: float = Field(2.0, ge=0, le=3600, description="fewest seconds between two `update` events of "
+                                   "one object for a better score or a stationary change (zone changes and line "
+                                   "crossings are never held back)")
+    stationary_after: float = Field(3.0, gt=0, le=3600, description="seconds an object stays within "
+                                    "stationary_fraction of the frame width before it is stationary")
+    stationary_fraction: float = Field(0.02, gt=0, le=1)
+    store: Path | None = Field(None, description="SQLite file of events (default: <config>.events.db beside the "
+                               "config); relative to the config")
+    max_age_days: float = Field(30.0, gt=0, le=36500, description="events older than this are deleted")
+    max_events: int = Field(100_000, ge=1, le=100_000_000, description="most events kept (oldest deleted first)")
+    snapshots: bool = Field(True, description="keep each event's best frame as JPEGs (crop and full frame)")
+    max_snapshots: int = Field(500, ge=0, le=1_000_000, description="snapshots kept per stream (oldest deleted "
+                               "first)")
+    mqtt_snapshots: bool = Field(False, description="also publish each ended event's crop on "
+                                 "<prefix>/streams/<s>/snapshot/<label> (retained)")
+
+
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -300,6 +345,7 @@ class Config(Strict):
     talk: dict[Name, TalkConfig] = Field(default_factory=dict)
     lipsync: LipSyncConfig = Field(default_factory=LipSyncConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
@@ -423,8 +469,11 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     api = config.api
     if api.jobs_dir is not None and not api.jobs_dir.is_absolute():
         api = api.model_copy(update={"jobs_dir": base_dir / api.jobs_dir})
+    events = config.events
+    if events.store is not None and not events.store.is_absolute():
+        events = events.model_copy(update={"store": base_dir / events.store})
     return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync,
-                                     "api": api})
+                                     "api": api, "events": events})
 
 
 def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:

@@ -46,10 +46,12 @@ class StreamRecord:
 class Ingest:
     """The streams of a pipeline: add, start decoding, apply state changes, stop."""
 
-    def __init__(self, clock: Clock, handoff: Handoff, on_state: Callable[[StreamRecord], None]) -> None:
+    def __init__(self, clock: Clock, handoff: Handoff, on_state: Callable[[StreamRecord], None],
+                 on_reconnect: Callable[[StreamRecord], None] | None = None) -> None:
         self.clock = clock
         self.handoff = handoff
         self.on_state = on_state
+        self.on_reconnect = on_reconnect  # a new connection is a new scene (tracks and their events end)
         self.records: dict[str, StreamRecord] = {}
 
     def add(self, name: str, cfg: StreamConfig) -> StreamRecord:
@@ -62,8 +64,11 @@ class Ingest:
                   since: float | None = None, reconnects: int | None = None) -> None:
         if record.state is StreamState.STOPPED:
             return  # final
-        if state is StreamState.RECONNECTING and record.state is not state and record.tracker is not None:
-            record.tracker.restart()  # a new connection is a new scene: its tracks end
+        if state is StreamState.RECONNECTING and record.state is not state:
+            if record.tracker is not None:
+                record.tracker.restart()  # a new connection is a new scene: its tracks end
+            if self.on_reconnect is not None:
+                self.on_reconnect(record)
         if since is None:
             since = record.since if record.state is state else self.clock.wall()
         record.state, record.since, record.error = state, since, error

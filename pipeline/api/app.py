@@ -30,6 +30,7 @@ from streams import redact_text
 from ..config import Name, StreamConfig, TalkConfig
 from ..control import ChangeError, StreamControl
 from ..errors import PlacementError
+from ..eventstore import query as event_query
 from ..jobs import JobError, TalkJobs
 from .metrics import make_registry
 from .views import LatestResults
@@ -163,6 +164,19 @@ class JobInfo(BaseModel):
     total_frames: int | None = None
     error: str | None = None
     video: str | None = Field(None, description="URL of the result once done")
+
+
+class EventInfo(BaseModel):
+    id: str
+    stream: str
+    label: str
+    track_id: int
+    start_time: float
+    end_time: float | None = Field(description="null while the object is still seen")
+    best_score: float
+    zones: list[str] = Field(description="zones it entered")
+    has_snapshot: bool
+    state: dict[str, Any] = Field(description="the object's last state (as in the MQTT event's `after`)")
 
 
 class Problem(BaseModel):
@@ -387,6 +401,35 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
             out.append(ModelInfo(name=name, backend=cfg.backend, imgsz=cfg.imgsz, loaded=pool is not None,
                                  error=redact_text(err, secrets()) if err else None, classes=classes))
         return out
+
+    # -- events --------------------------------------------------------------------------------
+    def store_path() -> Path:
+        cfg = pipeline.config.events
+        return cfg.store or pipeline.events_folder() / "events.db"
+
+    @app.get("/api/events", response_model=list[EventInfo], tags=["events"], dependencies=guarded,
+             responses=errors, summary="Stored events, newest first")
+    async def events(stream: str | None = None, label: str | None = None,
+                     since: float | None = Query(None, description="unix time"),
+                     limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
+        rows = await asyncio.to_thread(event_query, store_path(), stream, label, since, limit)
+        return [EventInfo(**{k: r[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
+                                                "best_score", "zones")},
+                          has_snapshot=r["crop_path"] is not None or (pipeline.snapshots is not None and
+                                                                      pipeline.snapshots.live(r["id"]) is not None),
+                          state=r["data"]) for r in rows]
+
+    @app.get("/api/events/{event_id}/snapshot.jpg", tags=["events"], dependencies=guarded, response_class=Response,
+             responses={**errors, 404: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
+    async def event_snapshot(event_id: str, crop: bool = Query(False, description="the object only")) -> Response:
+        live = pipeline.snapshots.live(event_id) if pipeline.snapshots is not None else None
+        if live is not None:
+            return Response(live[0] if crop else live[1], media_type="image/jpeg")
+        rows = await asyncio.to_thread(event_query, store_path(), None, None, None, 1, event_id)
+        path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
+        if not path or not Path(path).is_file():
+            raise HTTPException(404, f"no snapshot for event {event_id}")
+        return FileResponse(path, media_type="image/jpeg")
 
     # -- devices -------------------------------------------------------------------------------
     def devices_out(facts: list[Any]) -> list[DeviceOut]:

@@ -1,0 +1,189 @@
+"""The event store: SQLite (WAL), written by one thread off the loop, migrated by version.
+
+Every `new`, `update` and `end` upserts its event's row; snapshots' paths are filled in when
+they are written. Retention (by age and by count) runs in the writer every few minutes and at
+start. WAL mode with `synchronous=NORMAL`: a kill -9 loses at most the last transactions, never
+the file (tested). Readers (`framegrid events`, `GET /api/events`) open their own connection.
+
+Schema versions live in `MIGRATIONS` (applied in order; `PRAGMA user_version` says which ran).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = [
+    # 1: events and their snapshots
+    """
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        label TEXT NOT NULL,
+        track_id INTEGER NOT NULL,
+        start_time REAL NOT NULL,
+        end_time REAL,
+        best_score REAL NOT NULL,
+        zones TEXT NOT NULL,
+        data TEXT NOT NULL,
+        crop_path TEXT,
+        frame_path TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX events_start ON events (start_time);
+    CREATE INDEX events_stream_start ON events (stream, start_time);
+    CREATE INDEX events_label_start ON events (label, start_time);
+    """,
+]
+RETENTION_EVERY_S = 300.0
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        with conn:
+            conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {i}; COMMIT;")
+        log.info("event store: schema version %d", i)
+    return len(MIGRATIONS)
+
+
+def query(path: Path, stream: str | None = None, label: str | None = None, since: float | None = None,
+          limit: int = 100, event_id: str | None = None) -> list[dict[str, Any]]:
+    """Events, newest first, filtered (a reader's own connection)."""
+    if not path.exists():
+        return []
+    conn = connect(path, readonly=True)
+    try:
+        sql, args = "SELECT * FROM events WHERE 1=1", []
+        for col, op, val in (("stream", "=", stream), ("label", "=", label), ("start_time", ">=", since),
+                             ("id", "=", event_id)):
+            if val is not None:
+                sql += f" AND {col} {op} ?"
+                args.append(val)
+        sql += " ORDER BY start_time DESC LIMIT ?"
+        args.append(limit)
+        rows = conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+    return [{"id": r["id"], "stream": r["stream"], "label": r["label"], "track_id": r["track_id"],
+             "start_time": r["start_time"], "end_time": r["end_time"], "best_score": r["best_score"],
+             "zones": json.loads(r["zones"]), "crop_path": r["crop_path"], "frame_path": r["frame_path"],
+             "data": json.loads(r["data"])} for r in rows]
+
+
+class EventStore:
+    """The writer: `put(event)` from the loop (never blocks); one thread does the SQL."""
+
+    def __init__(self, path: Path, max_age_days: float, max_events: int) -> None:
+        self.path = path
+        self.max_age_s = max_age_days * 86400
+        self.max_events = max_events
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path)
+        try:
+            migrate(conn)
+            self._retention(conn)
+        finally:
+            conn.close()
+        self._thread = threading.Thread(target=self._run, name="events.store", daemon=True)
+        self._thread.start()
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._queue.put(("event", event))
+
+    def set_snapshot(self, event_id: str, crop: str | None, frame: str | None) -> None:
+        self._queue.put(("snapshot", (event_id, crop, frame)))
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = connect(self.path)
+        last_retention = time.monotonic()
+        try:
+            while True:
+                item = self._queue.get()
+                batch = [item]
+                while item is not None:  # write what is waiting in one transaction
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    batch.append(item)
+                stop = any(i is None for i in batch)
+                try:
+                    with conn:
+                        for entry in batch:
+                            if entry is not None:
+                                self._write(conn, *entry)
+                except sqlite3.Error as exc:
+                    self.errors += 1
+                    log.error("event store: %s (%d item(s) lost)", exc, len(batch))
+                if time.monotonic() - last_retention > RETENTION_EVERY_S:
+                    self._retention(conn)
+                    last_retention = time.monotonic()
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, kind: str, value: Any) -> None:
+        if kind == "snapshot":
+            event_id, crop, frame = value
+            conn.execute("UPDATE events SET crop_path = ?, frame_path = ? WHERE id = ?", (crop, frame, event_id))
+            return
+        after = value["after"]
+        conn.execute(
+            """INSERT INTO events (id, stream, label, track_id, start_time, end_time, best_score, zones, data,
+                                   updated_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT(id) DO UPDATE SET label = excluded.label, end_time = excluded.end_time,
+                   best_score = excluded.best_score, zones = excluded.zones, data = excluded.data,
+                   updated_at = excluded.updated_at""",
+            (after["id"], value["stream"], after["label"], after["track_id"], after["first_seen"],
+             after["last_seen"] if value["type"] == "end" else None, after["best_score"],
+             json.dumps(after["entered_zones"]), json.dumps(after), time.time()))
+        self.written += 1
+
+    def _retention(self, conn: sqlite3.Connection) -> None:
+        cutoff = time.time() - self.max_age_s
+        with conn:
+            old = conn.execute("SELECT crop_path, frame_path FROM events WHERE start_time < ?", (cutoff,)).fetchall()
+            conn.execute("DELETE FROM events WHERE start_time < ?", (cutoff,))
+            extra = conn.execute("SELECT crop_path, frame_path FROM events ORDER BY start_time DESC LIMIT -1 "
+                                 "OFFSET ?", (self.max_events,)).fetchall()
+            conn.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY start_time DESC "
+                         "LIMIT -1 OFFSET ?)", (self.max_events,))
+        for row in [*old, *extra]:
+            for p in row:
+                if p:
+                    Path(p).unlink(missing_ok=True)
+        if old or extra:
+            log.info("event store: retention deleted %d event(s)", len(old) + len(extra))

@@ -1,0 +1,274 @@
+"""Zones, lines, events (new -> update -> end), the SQLite event store and snapshots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors import Detections
+from pipeline import parse_config
+from pipeline.config import EventsConfig, StreamConfig
+from pipeline.events import StreamEvents
+from pipeline.eventstore import EventStore, query
+from pipeline.zones import crossing, inside, resolve
+
+from .conftest import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
+
+
+# -- geometry ------------------------------------------------------------------------------------------
+def test_zone_and_line_geometry() -> None:
+    square = resolve([[0, 0], [0.5, 0], [0.5, 1], [0, 1]], 640, 360)  # fractions of the frame
+    assert square == [(0, 0), (320, 0), (320, 360), (0, 360)]
+    assert inside((100, 100), square) and inside((320, 100), square) and not inside((321, 100), square)
+    assert resolve([[10, 20], [300, 20], [300, 200]], 640, 360) == [(10, 20), (300, 20), (300, 200)]  # pixels
+    a, b = (320.0, 0.0), (320.0, 360.0)  # downwards: its left is x > 320 (image coordinates, y down)
+    assert crossing((330, 100), (310, 100), a, b) == "in"
+    assert crossing((310, 100), (330, 100), a, b) == "out"
+    assert crossing((310, 100), (315, 100), a, b) is None
+    assert crossing((330, 400), (310, 400), a, b) is None  # beyond the segment's end
+    assert crossing((320, 100), (310, 100), a, b) is None  # starting on the line is no crossing
+
+
+# -- the event state machine ----------------------------------------------------------------------------
+def result(t: float, boxes: list[list[float]], ids: list[int], scores: list[float] | None = None,
+           labels: tuple[str, ...] | None = None) -> Any:
+    n = len(boxes)
+    det = Detections(np.array(boxes, np.float32).reshape(n, 4), np.array(scores or [0.8] * n, np.float32),
+                     np.zeros(n, np.int32), labels or ("car",) * n)
+    frame = SimpleNamespace(captured_at=t, width=640, height=360)
+    return SimpleNamespace(track_ids=np.array(ids, np.int64), frame=frame, detections=det)
+
+
+def engine(**events: Any) -> tuple[StreamEvents, list[dict[str, Any]], list[tuple[str, str, Any]]]:
+    cfg = StreamConfig.model_validate({
+        "url": "x", "model": "m",
+        "zones": {"left": {"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]], "min_frames": 2},
+                  "people_only": {"polygon": [[0, 0], [1, 0], [1, 1], [0, 1]], "objects": ["person"]}},
+        "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}})
+    out: list[dict[str, Any]] = []
+    counts: list[tuple[str, str, Any]] = []
+    ev = StreamEvents("cam", cfg, EventsConfig(**events), lambda e: None, lambda k, s, p: counts.append((k, s, p)))
+    ev.emit_to = out  # type: ignore[attr-defined]
+    return ev, out, counts
+
+
+def feed(ev: StreamEvents, out: list[dict[str, Any]], r: Any) -> None:
+    ev.on_result(r, lambda event, obj, res: out.append(event) if not event["type"].startswith("_") else None)
+
+
+def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
+    ev, out, counts = engine(update_interval=10.0)
+    # a car drives right to left across the middle at 5 fps: x from 500 to 100, 40 px per frame
+    for k in range(11):
+        x = 500 - 40 * k
+        feed(ev, out, result(1000 + k / 5, [[x - 20, 150, x + 20, 190]], [7], scores=[0.8 + 0.01 * k]))
+    types = [e["type"] for e in out]
+    assert types[0] == "new" and types.count("new") == 1
+    changed = [c for e in out for c in e["changed"]]
+    assert changed.count("crossed:mid:in") == 1 and changed.count("entered:left") == 1
+    assert not any(c.startswith("left:") for c in changed)
+    assert not any("people_only" in c for c in changed)  # a car is not a person
+    assert ("lines", "mid", {"v": 1, "in": 1, "out": 0}) in counts
+    assert ("zones", "left/car", 1) in counts and ("zones", "left/all", 1) in counts
+    last = out[-1]["after"]
+    assert last["zones"] == ["left"] and last["entered_zones"] == ["left"] and last["crossings"][0]["line"] == "mid"
+    # min_frames 2: inside from x=300 (the first frame at x <= 320 is 300 -> enters on the second, 260)
+    entered = next(e for e in out if "entered:left" in e["changed"])
+    assert entered["after"]["box"][0] == pytest.approx(260 - 20)
+    assert entered["before"]["zones"] == [] and entered["after"]["zones"] == ["left"]
+    # unseen for end_after (2 s): its event ends, and the zone count goes back to 0
+    feed(ev, out, result(1000 + 2 + 2.1, [], []))
+    assert out[-1]["type"] == "end" and out[-1]["after"]["zones"] == []
+    assert counts[-1][:2] == ("zones", "left/car") and counts[-1][2] == 0 or ("zones", "left/car", 0) in counts
+
+
+def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:
+    ev, out, _ = engine(update_interval=5.0)
+    for k in range(20):  # still in the right half, its score rising every frame
+        feed(ev, out, result(1000 + k / 5, [[500, 150, 540, 190]], [3], scores=[0.5 + 0.02 * k]))
+    updates = [e for e in out if e["type"] == "update"]
+    assert len(updates) == 1 and "best_score" in updates[0]["changed"]  # 4 s of improvements: one update
+    assert out[-1]["after"]["best_score"] >= 0.5 + 0.02 * 18 - 1e-6 or updates
+    ev2, out2, _ = engine(update_interval=5.0)
+    for k, x in enumerate([500, 300, 260, 500, 520, 300, 280]):  # in, out, in again within 5 s
+        feed(ev2, out2, result(1000 + k / 5, [[x - 20, 150, x + 20, 190]], [4]))
+    changed = [c for e in out2 for c in e["changed"]]
+    assert changed.count("entered:left") == 2 and changed.count("left:left") == 1
+
+
+def test_stationary_and_reconnect_end_all() -> None:
+    ev, out, _ = engine(stationary_after=1.0, update_interval=0.0)
+    for k in range(10):
+        feed(ev, out, result(1000 + k / 5, [[500, 150, 540, 190], [100 + 30 * k, 50, 140 + 30 * k, 90]], [1, 2]))
+    stationary = [e for e in out if "stationary" in e["changed"]]
+    assert [e["after"]["track_id"] for e in stationary] == [1]
+    ev.end_all(lambda event, obj, res: out.append(event))
+    assert sorted(e["after"]["track_id"] for e in out if e["type"] == "end") == [1, 2]
+    assert not ev.objects
+
+
+# -- the store ------------------------------------------------------------------------------------------
+def event(i: int, t: float, kind: str = "new") -> dict[str, Any]:
+    after = {"id": f"cam-{i}-{int(t * 1000)}", "track_id": i, "label": "car", "score": 0.9, "best_score": 0.9,
+             "box": [0, 0, 1, 1], "zones": [], "entered_zones": ["left"], "crossings": [], "first_seen": t,
+             "last_seen": t + 1, "stationary": False, "has_snapshot": False}
+    return {"v": 1, "stream": "cam", "type": kind, "before": None, "after": after, "changed": []}
+
+
+def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    store = EventStore(db, max_age_days=1, max_events=5)
+    store.start()
+    now = time.time()
+    store.put(event(1, now - 3 * 86400))  # older than max_age_days
+    for i in range(2, 10):
+        store.put(event(i, now - 100 + i))
+    store.put(event(9, now - 100 + 9, "end"))
+    store.close()
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 1
+    assert len(query(db)) == 9 and query(db, event_id=event(9, now - 91)["after"]["id"])[0]["end_time"] is not None
+    store = EventStore(db, max_age_days=1, max_events=5)
+    store.start()  # retention at start: the old one and the oldest beyond 5 go
+    store.close()
+    rows = query(db)
+    assert [r["track_id"] for r in rows] == [9, 8, 7, 6, 5]
+    assert query(db, label="person") == [] and len(query(db, since=now - 100 + 8)) == 2
+
+
+def test_store_survives_kill_9(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.eventstore import EventStore
+from tests.test_events import event
+store = EventStore(__import__("pathlib").Path({str(db)!r}), 30, 100000)
+store.start()
+i = 0
+while True:
+    i += 1
+    store.put(event(i, time.time()))
+    if i % 50 == 0:
+        time.sleep(0.01)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not db.exists() or len(query(db, limit=1000)) < 500):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    kept = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    conn.close()
+    assert kept >= 500
+    store = EventStore(db, 30, 100000)  # restart: opens, migrates nothing, writes on
+    store.start()
+    store.put(event(10**6, time.time()))
+    store.close()
+    assert len(query(db, limit=10**6)) == kept + 1
+
+
+# -- through the real pipeline and a real broker ----------------------------------------------------------
+@pytest.mark.slow
+async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    import httpx
+
+    from pipeline.api import ApiServer
+    from pipeline.zones import anchor_of
+    from streams.synthetic import MovingScene, write_video
+
+    scene = MovingScene(seed=21, speed=6.0)  # 90 px/s: objects cross the middle every few seconds
+    video = tmp_path / "busy.mp4"
+    write_video(video, scene, seconds=40)
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+        "streams": {"cam": {"url": str(video), "model": "shapes", "max_fps": 5,
+                            "zones": {"left": {"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}},
+                            "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}}},
+        "pipeline": {"status_interval": 0},
+        "events": {"store": str(tmp_path / "ev" / "events.db"), "update_interval": 1.0},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    api = ApiServer(pipeline, None)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
+    try:
+        await wait_until(lambda: len(sub.of("/streams/cam/detections")) >= 60, 90, "60 results")
+        live = (await client.get("/api/events")).json()
+        assert any(e["end_time"] is None for e in live)  # objects still seen
+        seen = next(e for e in live if e["end_time"] is None)
+        snap = await client.get(f"/api/events/{seen['id']}/snapshot.jpg?crop=1")
+        assert snap.status_code == 200 and snap.content[:2] == b"\xff\xd8"
+    finally:
+        await shutdown()  # every live object's event ends
+        await client.aclose()
+    await asyncio_sleep(0.5)
+    sub.close()
+
+    events = [m.json() for m in sub.of("/events")]
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        assert e["v"] == 1 and e["stream"] == "cam"
+        by_id.setdefault(e["after"]["id"], []).append(e)
+    assert len(by_id) >= 3
+    for seq in by_id.values():  # new -> update* -> end, one each
+        kinds = [e["type"] for e in seq]
+        assert kinds[0] == "new" and kinds[-1] == "end" and kinds.count("new") == kinds.count("end") == 1, kinds
+
+    # every line crossing of the truth, on the frames processed, is one event
+    results = [m.json() for m in sub.of("/streams/cam/detections")]
+    truth_crossings: list[str] = []
+    published_crossings = [c.rsplit(":", 1)[1] for e in events for c in e["changed"] if c.startswith("crossed:mid")]
+    last_x: dict[int, float] = {}
+    for msg in results[3:]:  # from when the first tracks were announced (min_hits 3)
+        truth = scene.truth_at(round(msg["pts"] * scene.fps))
+        for obj, box in enumerate(truth.boxes):
+            x = anchor_of(box, "bottom_center")[0]
+            if obj in last_x and (last_x[obj] - 320) * (x - 320) < 0:
+                # the line runs downwards: its right-hand side (`in`) is the frame's left half
+                truth_crossings.append("in" if x < 320 else "out")
+            last_x[obj] = x
+    assert len(truth_crossings) >= 2, "the scene crossed the line too rarely to test anything"
+    assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
+    last = sub.of("/streams/cam/lines/mid")[-1].json()
+    assert (last["in"], last["out"]) == (truth_crossings.count("in"), truth_crossings.count("out"))
+    zone_topics = {m.topic.split("/zones/")[1] for m in sub.of("") if "/zones/" in m.topic}
+    assert "left/all" in zone_topics
+
+    # the store has each event, ended; snapshots were written for the ended ones
+    db = tmp_path / "ev" / "events.db"
+    rows = query(db, limit=1000)
+    assert {r["id"] for r in rows} == set(by_id)
+    assert all(r["end_time"] is not None for r in rows)
+    with_snap = [r for r in rows if r["crop_path"]]
+    assert with_snap and all(Path(r["crop_path"]).is_file() and Path(r["frame_path"]).is_file() for r in with_snap)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", str(tmp_path / "none.toml"), "--json"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2  # a missing config is named
+    cfg = tmp_path / "fg.toml"
+    cfg.write_text(f'[events]\nstore = "{db}"\n')
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", str(cfg), "--stream", "cam", "--since",
+                          "1h", "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert {r["id"] for r in json.loads(out.stdout)} == set(by_id)
+
+
+async def asyncio_sleep(s: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(s)
