@@ -111,8 +111,8 @@ class TrackerConfig(Strict):
     match_thresh: float = Field(0.8, gt=0, le=1, description="association cost threshold (1 - IoU, score-fused)")
     buffer_s: float = Field(1.2, gt=0, le=600, description="seconds a lost track is kept for re-identification "
                             "(ultralytics' 30 frames at 25 fps, as time)")
-    min_hits: int = Field(3, ge=1, le=1000, description="frames an object is seen before its track id is "
-                          "published")
+    min_hits: int = Field(2, ge=1, le=1000, description="frames an object is seen before its track id is "
+                          "published (2: as ultralytics' trackers activate a track)")
 
     def settings(self) -> Any:
         from .tracking import TrackerSettings

@@ -233,7 +233,7 @@ def camera_scene(width: int, height: int, fps: float = 25.0, seed: int = 7, obje
                        speed=min(width, height) * 8.0 / fps / 60.0)
 
 
-def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int = 23, gop_seconds: float = 1.0,
+def write_video(path: str | Path, scene: MovingScene | ScriptedScene, seconds: float, crf: int = 23, gop_seconds: float = 1.0,
                 b_frames: int = 0, start: int = 0) -> int:
     """Encode the scene as H.264 (by default no B-frames and a 1 s GOP, so RTSP clients join fast).
 
@@ -242,8 +242,9 @@ def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int =
     even at different sizes: an .ts file concatenated byte-wise is a stream that changes size).
     The container follows the suffix (.mp4, .mkv, .ts; .h264 is a raw Annex-B stream).
     """
-    import av  # local: keeps the renderer importable where only numpy/cv2 are needed
     from fractions import Fraction
+
+    import av  # local: keeps the renderer importable where only numpy/cv2 are needed
 
     count = int(round(seconds * scene.fps))
     rate = Fraction(scene.fps).limit_denominator(1000)
@@ -260,6 +261,8 @@ def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int =
         for i in range(count):
             img = bg.copy()
             draw(img, scene.shapes_at(start + i))
+            if hasattr(scene, "overlay"):
+                scene.overlay(img)  # a ScriptedScene's occluder, in front of the shapes
             frame = av.VideoFrame.from_ndarray(img, format="bgr24")
             frame.pts = start + i
             frame.time_base = 1 / rate
@@ -268,3 +271,104 @@ def write_video(path: str | Path, scene: MovingScene, seconds: float, crf: int =
         for packet in stream.encode(None):
             container.mux(packet)
     return count
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """A shape with an identity that follows waypoints (t seconds, x, y), linearly between them;
+    before the first and after the last it stays where it is. A waypoint off the frame makes it
+    leave (and a later one on the frame brings it back: the same identity)."""
+
+    id: int
+    class_id: int
+    radius: float
+    color: tuple[int, int, int]
+    path: tuple[tuple[float, float, float], ...]
+
+    def at(self, t: float) -> tuple[float, float]:
+        pts = self.path
+        if t <= pts[0][0]:
+            return pts[0][1], pts[0][2]
+        for (t0, x0, y0), (t1, x1, y1) in zip(pts, pts[1:], strict=False):
+            if t <= t1:
+                a = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+                return x0 + a * (x1 - x0), y0 + a * (y1 - y0)
+        return pts[-1][1], pts[-1][2]
+
+
+@dataclass(frozen=True)
+class ScriptedScene:
+    """Actors on a textured background, optionally behind a static vertical bar (an occluder).
+
+    `tracks_at(i)` is the multi-object truth of frame i: (actor id, class id, box) of each actor
+    at least half in the frame and at most half hidden by the bar (MOT's usual visibility rule).
+    Written by `write_video` like a `MovingScene`.
+    """
+
+    name: str
+    seed: int
+    actors: tuple[Actor, ...]
+    seconds: float
+    width: int = 960
+    height: int = 540
+    fps: float = 25.0
+    bar: tuple[int, int] | None = None  # x1, x2 of the occluding bar
+
+    def _initial(self) -> tuple[np.ndarray, list[Shape], np.ndarray]:
+        bg = _background(np.random.default_rng(self.seed), self.width, self.height)
+        return bg, [], np.zeros((0, 2))
+
+    def shapes_at(self, index: int) -> list[Shape]:
+        t = index / self.fps
+        out = []
+        for a in self.actors:
+            x, y = a.at(t)
+            out.append(Shape(a.class_id, x, y, a.radius, 0.0, a.color))
+        return out
+
+    def overlay(self, image: np.ndarray) -> None:
+        if self.bar is not None:
+            cv2.rectangle(image, (self.bar[0], 0), (self.bar[1], self.height), (128, 128, 128), -1)
+
+    def tracks_at(self, index: int) -> list[tuple[int, int, tuple[float, float, float, float]]]:
+        out = []
+        for a, s in zip(self.actors, self.shapes_at(index), strict=True):
+            pts = s.polygon()
+            (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
+            area = (x2 - x1) * (y2 - y1)
+            cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(float(self.width), x2), min(float(self.height), y2)
+            if cx2 <= cx1 or cy2 <= cy1 or (cx2 - cx1) * (cy2 - cy1) < 0.5 * area:
+                continue  # mostly out of the frame
+            if self.bar is not None:
+                hidden = max(0.0, min(cx2, self.bar[1]) - max(cx1, self.bar[0])) / (cx2 - cx1)
+                if hidden > 0.5:
+                    continue
+            out.append((a.id, a.class_id, (float(cx1), float(cy1), float(cx2), float(cy2))))
+        return out
+
+
+def tracking_scenes(seconds: float = 10.0) -> list[ScriptedScene]:
+    """The four tracking situations, each its own scene: crossing paths, occlusion by a static bar,
+    stop and go, leaving and re-entering (960x540 at 25 fps)."""
+    colors = [(40, 40, 230), (40, 200, 40), (230, 60, 40), (30, 200, 230)]
+    s = seconds
+    return [
+        ScriptedScene("crossing", 31, (
+            Actor(1, 0, 40, colors[0], ((0, 80, 250), (s, 880, 290))),
+            Actor(2, 1, 40, colors[1], ((0, 880, 250), (s, 80, 290))),
+            Actor(3, 2, 45, colors[2], ((0, 480, 80), (s, 480, 460))),
+        ), s),
+        ScriptedScene("occlusion", 32, (
+            Actor(1, 0, 40, colors[0], ((0, 80, 180), (s, 880, 180))),
+            Actor(2, 2, 45, colors[3], ((0, 880, 380), (s, 80, 380))),
+        ), s, bar=(450, 520)),
+        ScriptedScene("stop_go", 33, (
+            Actor(1, 1, 40, colors[1], ((0, 100, 270), (s * 0.3, 400, 270), (s * 0.6, 400, 270), (s, 860, 270))),
+            Actor(2, 0, 40, colors[2], ((0, 700, 100), (s * 0.4, 700, 300), (s * 0.7, 700, 300), (s, 700, 460))),
+        ), s),
+        ScriptedScene("leave_reenter", 34, (
+            Actor(1, 2, 45, colors[0], ((0, 500, 200), (s * 0.3, 1040, 200), (s * 0.5, 1040, 300),
+                                        (s * 0.8, 600, 300), (s, 500, 300))),
+            Actor(2, 1, 40, colors[3], ((0, 200, 420), (s, 760, 420))),
+        ), s),
+    ]

@@ -245,6 +245,9 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
             last_x[obj] = x
     assert len(truth_crossings) >= 2, "the scene crossed the line too rarely to test anything"
     assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
+    # the zone is the frame's left half: leaving it is crossing the line outwards, once each
+    left = sum(1 for e in events for c in e["changed"] if c == "left:left")
+    assert left == truth_crossings.count("out")
     last = sub.of("/streams/cam/lines/mid")[-1].json()
     assert (last["in"], last["out"]) == (truth_crossings.count("in"), truth_crossings.count("out"))
     zone_topics = {m.topic.split("/zones/")[1] for m in sub.of("") if "/zones/" in m.topic}

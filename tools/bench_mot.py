@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Tracking accuracy on rendered scenes with known identities: framegrid vs ultralytics' track().
+
+    .venv/bin/python tools/bench_mot.py [--seconds 10] [--fps 25 10 5] [--json out.json]
+
+Scenes (`streams.synthetic.tracking_scenes`): crossing paths, occlusion by a static bar, stop and
+go, leaving and re-entering; 960x540 H.264 at 25 fps, decoded with PyAV. At each `max_fps` the
+frames a framegrid stream would take are kept (the same phase rule as `StreamFeed`), and both
+systems see exactly those frames:
+
+  framegrid    the model through framegrid's detector (torch backend: the same answers as
+               ultralytics, see tools/agreement.py) and `pipeline.tracking.StreamTracker` with
+               its defaults, fed the frames' real timestamps
+  ultralytics  `YOLO(weights).track(frame, persist=True)` with its default ByteTrack, as a user
+               would call it (it counts frames, not time)
+
+Scored with TrackEval (HOTA, CLEAR's MOTA, Identity's IDF1) against the scene's truth on those
+frames. Targets (issue 13): framegrid IDF1 >= 0.85 at 25 and 10 fps, >= 0.7 at 5 fps, and at least
+ultralytics' on the same scenes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = ROOT / "models" / "shapes-yolo11n.pt"
+IMGSZ = 320
+
+
+def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.ndarray]]:
+    """(index, seconds, BGR) of the frames a stream at `max_fps` would process (StreamFeed's phase)."""
+    import av
+
+    out, due = [], 0.0
+    with av.open(str(video)) as c:
+        stream = c.streams.video[0]
+        for i, frame in enumerate(c.decode(stream)):
+            t = float(frame.pts * frame.time_base)
+            if t + 1e-6 >= due:
+                out.append((i, t, frame.to_ndarray(format="bgr24")))
+                interval = 1.0 / max_fps
+                due = (due + interval) if t - due < interval else t + interval
+    return out
+
+
+def track_framegrid(frames: list[tuple[int, float, np.ndarray]], buffer_s: float | None = None,
+                    min_hits: int | None = None, frame_steps: bool = False) -> list[list[tuple[int, list[float]]]]:
+    from detectors.runtimes import build_detector
+    from pipeline.config import TrackerConfig
+    from pipeline.tracking import StreamTracker
+
+    det = build_detector("torch", "shapes", MODEL, imgsz=IMGSZ, confidence=0.25, iou=0.7, device="cpu",
+                         threads=None, half=False, max_batch=1, max_detections=300, agnostic=False)
+    det.load()
+    given = {k: v for k, v in (("buffer_s", buffer_s), ("min_hits", min_hits)) if v is not None}
+    tracker = StreamTracker(TrackerConfig(**given).settings())
+    out = []
+    for k, (_, t, image) in enumerate(frames):
+        d = det.infer([image])[0]
+        ids = tracker.update(d, k / 25 if frame_steps else t)  # frame_steps: time as a frame count
+        out.append([(int(i), [float(v) for v in b]) for i, b in zip(ids, d.boxes, strict=True) if i])
+    det.close()
+    return out
+
+
+def track_ultralytics(frames: list[tuple[int, float, np.ndarray]]) -> list[list[tuple[int, list[float]]]]:
+    from detectors.offline import prepare_ultralytics_offline
+
+    prepare_ultralytics_offline()
+    from ultralytics import YOLO
+
+    model = YOLO(str(MODEL))
+    out = []
+    for _, _, image in frames:
+        r = model.track(image, persist=True, imgsz=IMGSZ, verbose=False, tracker="bytetrack.yaml")[0]
+        rows = []
+        if r.boxes is not None and r.boxes.id is not None:
+            for tid, box in zip(r.boxes.id.int().tolist(), r.boxes.xyxy.tolist(), strict=True):
+                rows.append((int(tid), [float(v) for v in box]))
+        out.append(rows)
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def score(truth: list[list[tuple[int, tuple[float, ...]]]], tracks: list[list[tuple[int, list[float]]]]) -> dict[str, float]:
+    """HOTA, MOTA, IDF1 (and ID switches) with TrackEval, IoU similarity."""
+    from trackeval.metrics import CLEAR, HOTA, Identity
+
+    gt_map: dict[int, int] = {}
+    tr_map: dict[int, int] = {}
+    data: dict[str, Any] = {"gt_ids": [], "tracker_ids": [], "similarity_scores": []}
+    for gt, tr in zip(truth, tracks, strict=True):
+        g = np.array([gt_map.setdefault(i, len(gt_map)) for i, _ in gt], int)
+        t = np.array([tr_map.setdefault(i, len(tr_map)) for i, _ in tr], int)
+        data["gt_ids"].append(g)
+        data["tracker_ids"].append(t)
+        data["similarity_scores"].append(_iou(np.array([b for _, b in gt], float).reshape(-1, 4),
+                                              np.array([b for _, b in tr], float).reshape(-1, 4)))
+    data.update(num_timesteps=len(truth), num_gt_ids=len(gt_map), num_tracker_ids=len(tr_map),
+                num_gt_dets=sum(len(x) for x in data["gt_ids"]), num_tracker_dets=sum(len(x) for x in data["tracker_ids"]))
+    quiet = {"PRINT_CONFIG": False}
+    hota = HOTA(quiet).eval_sequence(data)
+    clear = CLEAR(quiet).eval_sequence(data)
+    ident = Identity(quiet).eval_sequence(data)
+    return {"HOTA": float(np.mean(hota["HOTA"])), "MOTA": float(clear["MOTA"]), "IDF1": float(ident["IDF1"]),
+            "IDSW": int(clear["IDSW"]), "tracks": len(tr_map), "objects": len(gt_map)}
+
+
+def evaluate(scene: Any, video: Path, max_fps: float, systems: tuple[str, ...] = ("framegrid", "ultralytics"),
+             **framegrid: Any) -> dict[str, dict[str, float]]:
+    frames = sampled_frames(video, max_fps)
+    truth = [scene.tracks_at(i) for i, _, _ in frames]
+    truth = [[(aid, box) for aid, _, box in rows] for rows in truth]
+    out = {}
+    for system in systems:
+        tracks = track_framegrid(frames, **framegrid) if system == "framegrid" else track_ultralytics(frames)
+        out[system] = score(truth, tracks)
+    return out
+
+
+def main() -> None:
+    from streams.synthetic import tracking_scenes, write_video
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--fps", type=float, nargs="+", default=[25, 10, 5])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--buffer-s", type=float, help="framegrid's tracker.buffer_s (default: the config's)")
+    ap.add_argument("--min-hits", type=int, help="framegrid's tracker.min_hits (default: the config's)")
+    ap.add_argument("--frame-steps", action="store_true", help="feed framegrid's tracker a frame count as its "
+                    "time (ultralytics' way), to measure what real time changes")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"{'scene':<14} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} {'tracks':>7}")
+        for scene in tracking_scenes(args.seconds):
+            video = Path(tmp) / f"{scene.name}.mp4"
+            write_video(video, scene, scene.seconds)
+            for fps in args.fps:
+                result = evaluate(scene, video, fps, buffer_s=args.buffer_s, min_hits=args.min_hits,
+                                  frame_steps=args.frame_steps)
+                for system, r in result.items():
+                    rows.append({"scene": scene.name, "fps": fps, "system": system, **r})
+                    print(f"{scene.name:<14} {fps:>4g} {system:<12} {r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
+                          f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}", flush=True)
+    print()
+    for fps in args.fps:
+        for system in ("framegrid", "ultralytics"):
+            sel = [r for r in rows if r["fps"] == fps and r["system"] == system]
+            print(f"mean at {fps:g} fps, {system:<12} HOTA {np.mean([r['HOTA'] for r in sel]):.3f}  "
+                  f"MOTA {np.mean([r['MOTA'] for r in sel]):.3f}  IDF1 {np.mean([r['IDF1'] for r in sel]):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
