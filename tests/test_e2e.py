@@ -144,6 +144,15 @@ def test_rtsp_server_restart_reconnects_and_other_camera_continues(
     assert max(s["reconnects"] for s in last_state) >= 1
     seqs = [m["seq"] for m in detections(sub, "cam1")]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # the reconnect ended cam1's tracks (and their events); the objects got new track ids after it
+    before = {d["track_id"] for m in detections(sub, "cam1") if m["captured_at"] < t_kill
+              for d in m["detections"] if d["track_id"]}
+    after = {d["track_id"] for m in detections(sub, "cam1") if m["captured_at"] > t_back
+             for d in m["detections"] if d["track_id"]}
+    assert before and after and min(after) > max(before), (before, after)
+    ended = {e["after"]["track_id"] for e in (m.json() for m in sub.of("/events"))
+             if e["stream"] == "cam1" and e["type"] == "end"}
+    assert before <= ended
 
 
 @pytest.mark.slow

@@ -201,7 +201,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
                             "zones": {"left": {"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}},
                             "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}}},
         "pipeline": {"status_interval": 0},
-        "events": {"store": str(tmp_path / "ev" / "events.db"), "update_interval": 1.0},
+        "events": {"store": str(tmp_path / "ev" / "events.db"), "update_interval": 1.0, "mqtt_snapshots": True},
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline, shutdown = await start_pipeline(config)
@@ -217,8 +217,10 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     finally:
         await shutdown()  # every live object's event ends
         await client.aclose()
-    await asyncio_sleep(0.5)
+    await asyncio_sleep(1.0)
     sub.close()
+    shots = [m for m in sub.messages if "/streams/cam/snapshot/" in m.topic]
+    assert shots and all(m.payload[:2] == b"\xff\xd8" for m in shots)  # JPEG crops of ended events
 
     events = [m.json() for m in sub.of("/events")]
     by_id: dict[str, list[dict[str, Any]]] = {}
@@ -275,3 +277,21 @@ async def asyncio_sleep(s: float) -> None:
     import asyncio
 
     await asyncio.sleep(s)
+
+
+def test_snapshots_are_bounded_per_stream(tmp_path: Path) -> None:
+    from pipeline.events import TrackedObject
+    from pipeline.snapshots import Snapshots
+
+    shots = Snapshots(tmp_path, max_per_stream=2)
+    image = np.full((360, 640, 3), 90, np.uint8)
+    for i in range(4):
+        obj = TrackedObject(f"cam-{i}-0", "cam", i, "car", 0.9, 0.9, [100, 100, 200, 200], 0.0, 0.0, (640, 360))
+        res = SimpleNamespace(frame=SimpleNamespace(captured_at=float(i), image=image))
+        shots({"type": "new"}, obj, res)
+        assert obj.snapshot  # a view is being kept for it
+        shots({"type": "end"}, obj, None)
+    shots.close()
+    files = sorted(p.name for p in (tmp_path / "cam").iterdir())
+    assert files == ["cam-2-0-crop.jpg", "cam-2-0-frame.jpg", "cam-3-0-crop.jpg", "cam-3-0-frame.jpg"]
+    assert shots.written == 4

@@ -138,3 +138,29 @@ async def test_track_ids_on_mqtt_from_a_real_decoded_scene(
         assert ids.count(main) / len(ids) >= 0.95, f"object {obj}: ids {ids}"
     assert all("track_id" not in d for m in detections(sub, "off") for d in m["detections"])
     assert "track" in pipeline.streams["cam"].stats.snapshot()["stage_ms_p50"]
+
+
+def test_parity_with_ultralytics_bytetrack_at_a_steady_rate() -> None:
+    """At a steady frame rate the timed tracker gives exactly ultralytics' ByteTrack ids."""
+    from argparse import Namespace
+
+    from ultralytics.trackers.byte_tracker import BYTETracker
+
+    from pipeline.tracking import _Boxes
+
+    rng = np.random.default_rng(5)
+    start, vel = rng.uniform(100, 1500, (12, 2)), rng.uniform(-120, 120, (12, 2))
+    ours = StreamTracker(TrackerSettings(min_hits=1))
+    theirs = BYTETracker(Namespace(track_high_thresh=0.25, track_low_thresh=0.1, new_track_thresh=0.25,
+                                   track_buffer=30, match_thresh=0.8, fuse_score=True))
+    for k in range(100):
+        det = boxes_at(k / 10, start, vel)
+        keep = rng.random(len(det)) > 0.1  # some detections missed now and then
+        det = Detections(det.boxes[keep], det.confidences[keep] * rng.uniform(0.5, 1, keep.sum()).astype(np.float32),
+                         det.class_ids[keep], tuple(np.array(det.labels)[keep]))
+        mine = ours.update(det, 1000 + k / 10)
+        out = theirs.update(_Boxes(det.boxes, det.confidences, det.class_ids.astype(np.float32)))
+        ref = np.zeros(len(det), np.int64)
+        for row in out:
+            ref[int(row[7])] = int(row[4])
+        assert (mine == ref).all(), f"frame {k}: {mine} vs {ref}"
