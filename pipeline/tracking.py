@@ -85,8 +85,55 @@ def _timed(base: type) -> type:
             for t, m, c in zip(tracks, mean, cov, strict=True):
                 t.mean, t.covariance = m, c
 
+        def _apply_matches(self, matches: Any, pool: list[Any], detections: list[Any], activated: list[Any],
+                           refind: list[Any]) -> None:
+            """ultralytics' per-track updates, with the Kalman corrections of tracked tracks done in one
+            vectorised step (the same arithmetic as `KalmanFilterXYAH.update`; ByteTrack only)."""
+            from ultralytics.trackers.utils.kalman_filter import KalmanFilterXYAH
+
+            if not isinstance(self.kalman_filter, KalmanFilterXYAH) or type(self.kalman_filter) is not \
+                    KalmanFilterXYAH:
+                super()._apply_matches(matches, pool, detections, activated, refind)
+                return
+            batch = []
+            for itracked, idet in matches:
+                track, det = pool[itracked], detections[idet]
+                if track.state == 1 and track.angle is None:  # tracked: a plain update
+                    batch.append((track, det))
+                else:
+                    self._apply_match(track, det, activated, refind)
+            if batch:
+                _batched_update(self.kalman_filter, batch, self.frame_id)
+                activated.extend(t for t, _ in batch)
+
     Timed.__name__ = f"Timed{base.__name__}"
     return Timed
+
+
+def _batched_update(kf: Any, pairs: list[tuple[Any, Any]], frame_id: int) -> None:
+    """`STrack.update` for many tracks at once (KalmanFilterXYAH.update without confidence)."""
+    mean = np.stack([t.mean for t, _ in pairs])  # (N, 8)
+    cov = np.stack([t.covariance for t, _ in pairs])  # (N, 8, 8)
+    tlwh = np.stack([d.tlwh for _, d in pairs]).astype(np.float64)
+    meas = tlwh.copy()
+    meas[:, :2] += meas[:, 2:] / 2
+    meas[:, 2] /= meas[:, 3]
+    std = kf._std_weight_position * mean[:, 3]
+    r = np.zeros((len(pairs), 4, 4))
+    r[:, 0, 0] = r[:, 1, 1] = r[:, 3, 3] = np.square(std)
+    r[:, 2, 2] = 1e-2  # (1e-1)^2
+    s = cov[:, :4, :4] + r  # projected covariance
+    gain = np.transpose(np.linalg.solve(s, np.transpose(cov[:, :, :4], (0, 2, 1))), (0, 2, 1))  # (N, 8, 4)
+    innovation = meas - mean[:, :4]
+    new_mean = mean + np.einsum("nij,nj->ni", gain, innovation)
+    new_cov = cov - gain @ s @ np.transpose(gain, (0, 2, 1))
+    for (track, det), m, c in zip(pairs, new_mean, new_cov, strict=True):
+        track.frame_id = frame_id
+        track.tracklet_len += 1
+        track.mean, track.covariance = m, c
+        track.state = 1
+        track.is_activated = True
+        track.score, track.cls, track.idx = det.score, det.cls, det.idx
 
 
 def _tracker_class(kind: str) -> type:
