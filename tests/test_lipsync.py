@@ -263,3 +263,44 @@ def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, fa
         assert a.crop == b.crop
     with pytest.raises(Exception, match="no face found in any of its 2 frames"):
         prepare_avatar(write_video(tmp_path / "wall.mp4", [blank, blank]), cache_dir=tmp_path / "cache")
+
+
+async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                          tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A MuseTalk job's segment whose slot fails is submitted again and the job completes whole."""
+    import asyncio
+
+    from pipeline.jobs import TalkJobs
+
+    from .test_talkinghead import write_wav
+
+    made: list[int] = []
+
+    def factory(i: int) -> MuseTalkSlotModel:
+        made.append(i)
+        return FailsAfter(tiny, "v15", threads=1, n=2 if made.count(0) == 1 and i == 0 else 10**9)
+
+    lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0)
+    pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue
+                       ).start_in_thread()
+
+    async def lipsync() -> tuple[LipSyncPool, MuseTalk]:
+        return pool, frontend
+
+    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(1.6, True)]), 16_000)
+    jobs = TalkJobs(tmp_path / "jobs", 10**8, lambda: 1, lipsync, musetalk_ready=True)
+    try:
+        await jobs.start()
+        job = await jobs.submit(None, None, str(face_image), str(wav), "musetalk")
+        deadline = time.monotonic() + 120
+        while job.state not in ("done", "failed") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await jobs.close()
+    finally:
+        pool.shutdown()
+    assert job.state == "done", job.error
+    assert job.frames == job.total_frames == 40
+    assert "a segment failed" in caplog.text and "submitted again" in caplog.text
+    frames, fps, _, _ = probe_output(jobs.video_path(job))
+    assert frames == 40 and fps == 25
+    assert made.count(0) == 2  # slot 0 failed and was restarted
