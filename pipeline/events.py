@@ -79,13 +79,12 @@ Listener = Callable[[dict[str, Any], "TrackedObject", "Result | None"], None]
 class StreamEvents:
     """One stream's objects, zones and lines."""
 
-    def __init__(self, name: str, cfg: StreamConfig, events: EventsConfig, emit: Callable[[dict[str, Any]], None],
+    def __init__(self, name: str, cfg: StreamConfig, events: EventsConfig,
                  counts: Callable[[str, str, Any], None]) -> None:
         self.name = name
         self.zones: dict[str, ZoneConfig] = dict(cfg.zones)
         self.lines: dict[str, LineConfig] = dict(cfg.lines)
         self.cfg = events
-        self.emit = emit  # (event payload) -> None, with the object and result given separately
         self.counts = counts  # (kind, topic suffix, payload) -> None
         self.objects: dict[int, TrackedObject] = {}
         self.line_counts = {name: {"in": 0, "out": 0} for name in self.lines}
@@ -236,7 +235,7 @@ class EventEngine:
         self.published = 0
 
     def add_stream(self, name: str, cfg: StreamConfig) -> None:
-        self.streams[name] = StreamEvents(name, cfg, self.cfg, lambda _e: None,
+        self.streams[name] = StreamEvents(name, cfg, self.cfg,
                                           lambda kind, suffix, payload: self._counts(name, kind, suffix, payload))
 
     def remove_stream(self, name: str) -> None:

@@ -167,7 +167,7 @@ class StreamTracker:
                          fuse_score=s.fuse_score, gmc_method="none", proximity_thresh=0.5,
                          appearance_thresh=0.8, with_reid=False, model="auto")
         tracker = self._cls(args)
-        tracker._ids = iter(range(self._next_first_id, 1 << 62))  # ids never repeat within a stream
+        tracker._ids = iter(range(self._next_first_id, 1 << 62))  # ids never repeat while the stream runs
         return tracker
 
     def restart(self) -> None:

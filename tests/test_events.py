@@ -58,8 +58,7 @@ def engine(**events: Any) -> tuple[StreamEvents, list[dict[str, Any]], list[tupl
         "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}})
     out: list[dict[str, Any]] = []
     counts: list[tuple[str, str, Any]] = []
-    ev = StreamEvents("cam", cfg, EventsConfig(**events), lambda e: None, lambda k, s, p: counts.append((k, s, p)))
-    ev.emit_to = out  # type: ignore[attr-defined]
+    ev = StreamEvents("cam", cfg, EventsConfig(**events), lambda k, s, p: counts.append((k, s, p)))
     return ev, out, counts
 
 
@@ -90,7 +89,7 @@ def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
     # unseen for end_after (2 s): its event ends, and the zone count goes back to 0
     feed(ev, out, result(1000 + 2 + 2.1, [], []))
     assert out[-1]["type"] == "end" and out[-1]["after"]["zones"] == []
-    assert counts[-1][:2] == ("zones", "left/car") and counts[-1][2] == 0 or ("zones", "left/car", 0) in counts
+    assert ("zones", "left/car", 0) in counts[counts.index(("zones", "left/car", 1)):]
 
 
 def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:
@@ -99,7 +98,7 @@ def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:
         feed(ev, out, result(1000 + k / 5, [[500, 150, 540, 190]], [3], scores=[0.5 + 0.02 * k]))
     updates = [e for e in out if e["type"] == "update"]
     assert len(updates) == 1 and "best_score" in updates[0]["changed"]  # 4 s of improvements: one update
-    assert out[-1]["after"]["best_score"] >= 0.5 + 0.02 * 18 - 1e-6 or updates
+    assert updates[0]["after"]["best_score"] > updates[0]["before"]["best_score"]
     ev2, out2, _ = engine(update_interval=5.0)
     for k, x in enumerate([500, 300, 260, 500, 520, 300, 280]):  # in, out, in again within 5 s
         feed(ev2, out2, result(1000 + k / 5, [[x - 20, 150, x + 20, 190]], [4]))
