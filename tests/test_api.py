@@ -94,12 +94,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path],
     try:
         wait_ready(client)
         yield Served(fg, client, sub, cfg, rtsp, prefix)
-    finally:
-        client.close()
         rc = fg.stop()
+        assert rc == 0, fg.output()
+    finally:  # whatever failed above, nothing is left running
+        client.close()
+        if fg.proc.poll() is None:
+            fg.proc.kill()
+            fg.proc.wait(10)
         sub.close()
         rtsp.kill()
-        assert rc == 0, fg.output()
 
 
 def test_health_ready_and_auth(served: Served) -> None:
