@@ -138,7 +138,10 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                  **({"embedded_port": 0} if mqtt_url == "embedded" else {})},
         "models": {"m": {"type": "yolo", "weights": str(args.weights), "imgsz": args.imgsz, "backend": backend,
                          **({"batch_size": args.batch_size} if args.batch_size else {}),
-                         **({"cpu_batch_ms": args.cpu_batch_ms} if args.cpu_batch_ms else {})}},
+                         **({"cpu_batch_ms": args.cpu_batch_ms} if args.cpu_batch_ms else {}),
+                         # the same work as the other systems (detection only): tracking is measured
+                         # by tools/bench_tracking.py
+                         "tracker": {"type": "none"}}},
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
         "pipeline": {"status_interval": 0, "max_frame_age": MAX_FRAME_AGE,
                      **({} if args.malloc_mmap_threshold_kb is None
