@@ -31,6 +31,7 @@ from ..config import Name, StreamConfig, TalkConfig
 from ..control import ChangeError, StreamControl
 from ..errors import PlacementError
 from ..eventstore import query as event_query
+from ..handoff import wait_event
 from ..jobs import JobError, TalkJobs
 from .metrics import make_registry
 from .views import LatestResults
@@ -378,10 +379,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                            + b"\r\n\r\n" + got[1] + b"\r\n")
                 if await request.is_disconnected():
                     return
-                try:
-                    await asyncio.wait_for(closing.wait(), interval)
-                except TimeoutError:
-                    pass
+                await wait_event(closing, interval)
 
         return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
                                  headers={"Cache-Control": "no-store"})
@@ -432,6 +430,14 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         return FileResponse(path, media_type="image/jpeg")
 
     # -- devices -------------------------------------------------------------------------------
+    facts_cache: list[Any] = [0.0, None]  # (monotonic time, facts): NVML is asked at most once a second
+
+    async def device_facts() -> list[Any]:
+        if facts_cache[1] is None or time.monotonic() - facts_cache[0] >= 1.0:
+            facts_cache[1] = await asyncio.to_thread(pipeline.live_devices)
+            facts_cache[0] = time.monotonic()
+        return facts_cache[1]  # type: ignore[no-any-return]
+
     def devices_out(facts: list[Any]) -> list[DeviceOut]:
         slots: dict[str, list[SlotInfo]] = {}
         for model, pool in pipeline.all_pools().items():
@@ -451,7 +457,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
              responses=errors)
     async def devices() -> list[DeviceOut]:
         running()
-        return devices_out(await asyncio.to_thread(pipeline.live_devices))
+        return devices_out(await device_facts())
 
     @app.post("/api/devices/{device}/drain", response_model=Moves, tags=["devices"], dependencies=guarded,
               responses={**errors, 404: {"model": Problem}, 409: {"model": Problem,
@@ -488,7 +494,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     async def metrics() -> Response:
         nonlocal facts_now
         if pipeline.ready.is_set():
-            facts_now = await asyncio.to_thread(pipeline.live_devices)
+            facts_now = await device_facts()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/live", tags=["stats"], dependencies=guarded, response_class=StreamingResponse,
@@ -499,17 +505,14 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
 
         async def events() -> AsyncIterator[bytes]:
             while not closing.is_set():
-                facts = await asyncio.to_thread(pipeline.live_devices)
+                facts = await device_facts()
                 data = {"streams": [stream_info(n).model_dump() for n in sorted(control.streams)],
                         "devices": [d.model_dump() for d in devices_out(facts)],
                         "mqtt": {k: pipeline.publisher.counters()[k] for k in ("connected", "buffered", "published")}}
                 yield f"data: {json.dumps(data)}\n\n".encode()
                 if await request.is_disconnected():
                     return
-                try:
-                    await asyncio.wait_for(closing.wait(), 1.0)
-                except TimeoutError:
-                    pass
+                await wait_event(closing, 1.0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
