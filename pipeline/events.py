@@ -233,6 +233,7 @@ class EventEngine:
         self.streams: dict[str, StreamEvents] = {}
         self.listeners: list[Listener] = []
         self.published = 0
+        self.by_type: dict[tuple[str, str], int] = {}  # (stream, type) -> events published
 
     def add_stream(self, name: str, cfg: StreamConfig) -> None:
         self.streams[name] = StreamEvents(name, cfg, self.cfg,
@@ -279,6 +280,8 @@ class EventEngine:
             if self.publisher is not None:
                 self.publisher.publish(self.publisher.topic("events"), payload)
             self.published += 1
+            key = (stream, event["type"])
+            self.by_type[key] = self.by_type.get(key, 0) + 1
 
         return emit
 

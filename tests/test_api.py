@@ -263,6 +263,8 @@ def test_devices_stats_models_metrics(served: Served) -> None:
     published = {s.labels["stream"]: s.value for s in families["framegrid_frames_published"].samples
                  if s.name.endswith("_total")}
     assert published["cam1"] > 0 and published["cam2"] > 0
+    events = {s.labels["type"] for s in families["framegrid_events"].samples if s.labels.get("stream") == "cam1"}
+    assert "new" in events  # the cameras' objects were tracked into events
     for name in ("framegrid_latency_seconds", "framegrid_stage_seconds", "framegrid_batch_size",
                  "framegrid_slot_busy_seconds", "framegrid_frames_dropped", "framegrid_mqtt_connected",
                  "framegrid_device_memory_total_bytes", "framegrid_stream_state"):

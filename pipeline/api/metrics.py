@@ -75,6 +75,15 @@ class PipelineCollector(Collector):
         yield from self._devices()
         yield from self._mqtt(p)
         yield from self._talk(p)
+        yield from self._events(p)
+
+    def _events(self, p: Pipeline) -> Iterator[Metric]:
+        events = CounterMetricFamily("framegrid_events", "Events published on <prefix>/events",
+                                     labels=["stream", "type"])
+        if p.events is not None:
+            for (stream, kind), n in sorted(p.events.by_type.items()):
+                events.add_metric([stream, kind], n)
+        yield events
 
     def _streams(self, p: Pipeline) -> Iterator[Metric]:
         decoded = CounterMetricFamily("framegrid_frames_decoded", "Frames decoded", labels=["stream"])
