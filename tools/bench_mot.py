@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--fps", type=float, nargs="+", default=[25, 10, 5])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--scenes", nargs="+", help="only these scenes (crossing, occlusion, stop_go, leave_reenter)")
     ap.add_argument("--buffer-s", type=float, help="framegrid's tracker.buffer_s (default: the config's)")
     ap.add_argument("--min-hits", type=int, help="framegrid's tracker.min_hits (default: the config's)")
     ap.add_argument("--frame-steps", action="store_true", help="feed framegrid's tracker a frame count as its "
@@ -156,6 +157,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'scene':<14} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} {'tracks':>7}")
         for scene in tracking_scenes(args.seconds):
+            if args.scenes and scene.name not in args.scenes:
+                continue
             video = Path(tmp) / f"{scene.name}.mp4"
             write_video(video, scene, scene.seconds)
             for fps in args.fps:
