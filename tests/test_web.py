@@ -114,6 +114,13 @@ def test_page_live_tiles_boxes_add_pause_remove_and_token(
         wait("the device table", lambda: browser.find_element(By.CSS_SELECTOR, "#devices tr[data-device=cpu]"))
         assert "cam1" in browser.find_element(By.CSS_SELECTOR, "#devices tr[data-device=cpu]").text
 
+        # recent events, with the best view of each object
+        wait("event cards with snapshots", lambda: len(browser.find_elements(By.CSS_SELECTOR, ".event img")) >= 2)
+        card = browser.find_element(By.CSS_SELECTOR, ".event")
+        assert card.get_attribute("data-event").startswith(("cam1-", "cam2-"))
+        wait("an event's crop loaded", lambda: browser.execute_script(
+            "return [...document.querySelectorAll('.event img')].some(i => i.complete && i.naturalWidth > 0)"))
+
         # boxes are drawn on the live view of a stream with known objects
         shown = wait("a frame in cam1's tile", lambda: displayed_frame(browser, "cam1"))
         assert shown.shape == (360, 640, 3)

@@ -90,6 +90,30 @@ function render(data) {
   $("#status").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
+async function refreshEvents() {
+  let res;
+  try { res = await api("/api/events?limit=20"); } catch { return; }
+  if (!res.ok) return;
+  const list = await res.json();
+  const box = $("#events");
+  const seen = new Set(list.map((e) => e.id));
+  for (const card of box.querySelectorAll(".event")) if (!seen.has(card.dataset.event)) card.remove();
+  list.forEach((e, i) => {
+    let card = box.querySelector(`.event[data-event="${CSS.escape(e.id)}"]`);
+    if (!card) {
+      card = el("div", { class: "event", "data-event": e.id });
+      if (e.has_snapshot) card.append(el("img", { alt: e.label, src: "/api/events/" + encodeURIComponent(e.id) + "/snapshot.jpg?crop=1" }));
+      card.append(el("div", { class: "meta" }));
+    }
+    const when = new Date(e.start_time * 1000).toLocaleTimeString();
+    card.querySelector(".meta").replaceChildren(
+      el("div", {}, `${e.label} ${e.best_score.toFixed(2)}`),
+      el("div", {}, `${e.stream} ${when}`),
+      el("div", { class: e.end_time ? "" : "live" }, e.end_time ? (e.zones.join(", ") || "no zone") : "in view"));
+    if (box.children[i] !== card) box.insertBefore(card, box.children[i] || null);
+  });
+}
+
 async function setEnabled(name, enabled) {
   const res = await api("/api/streams/" + encodeURIComponent(name), {
     method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ enabled }) });
@@ -128,6 +152,8 @@ async function start() {
   render({ streams: await res.json(), devices: [], mqtt: { connected: false, buffered: 0 } });
   events = new EventSource("/api/live");
   events.onmessage = (m) => render(JSON.parse(m.data));
+  refreshEvents();
+  setInterval(refreshEvents, 3000);
   events.onerror = () => { $("#status").textContent = "reconnecting…"; };
 }
 
