@@ -29,6 +29,8 @@ from .config import Config, ModelConfig, StreamConfig, TalkConfig
 from .detect import DetectorFactory, StreamFeed, default_detector_factory, detect_pool
 from .devices import DeviceInfo, decode_threads, discover
 from .errors import PlacementError, PoolError
+from .events import EventEngine
+from .eventstore import EventStore
 from .handoff import Handoff
 from .ingest import Ingest, StreamRecord
 from .memory import fix_mmap_threshold
@@ -38,10 +40,8 @@ from .publisher import Publisher
 from .registry import Registry
 from .results import MqttResults, Results, ResultSink
 from .slots import SlotPool
-from .talk import TalkSessions
-from .eventstore import EventStore
-from .events import EventEngine
 from .snapshots import Snapshots
+from .talk import TalkSessions
 from .telemetry import Telemetry
 from .tracking import StreamTracker
 
@@ -177,13 +177,17 @@ class Pipeline:
 
         return default_state_dir() / "events"
 
+    def events_db(self) -> Path:
+        """The SQLite file of events: `events.store`, else `events.db` in `events_folder()`."""
+        return self.config.events.store or self.events_folder() / "events.db"
+
     def _start_events(self, handoff: Handoff) -> None:
         cfg = self.config.events
         if not cfg.enabled:
             return
         folder = self.events_folder()
         self.events = EventEngine(cfg, self.publisher)
-        self.event_store = EventStore(cfg.store or folder / "events.db", cfg.max_age_days, cfg.max_events)
+        self.event_store = EventStore(self.events_db(), cfg.max_age_days, cfg.max_events)
         self.event_store.start()
         store = self.event_store
         self.events.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")
@@ -211,6 +215,9 @@ class Pipeline:
             await asyncio.to_thread(self.event_store.close)
 
     def _reconnected(self, record: StreamRecord) -> None:
+        """A new connection is a new scene: the stream's tracks end, and their objects' events."""
+        if record.tracker is not None:
+            record.tracker.restart()
         if self.events is not None:
             self.events.restart_stream(record.name)
 

@@ -355,8 +355,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
-    folder = Pipeline(config, config_path=args.config).events_folder()
-    db = config.events.store or folder / "events.db"
+    db = Pipeline(config, config_path=args.config).events_db()
     rows = query(db, stream=args.stream, label=args.label, since=args.since, limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -321,8 +321,8 @@ class EventsConfig(Strict):
     stationary_after: float = Field(3.0, gt=0, le=3600, description="seconds an object stays within "
                                     "stationary_fraction of the frame width before it is stationary")
     stationary_fraction: float = Field(0.02, gt=0, le=1)
-    store: Path | None = Field(None, description="SQLite file of events (default: <config>.events.db beside the "
-                               "config); relative to the config")
+    store: Path | None = Field(None, description="SQLite file of events (default: events.db in <config>.events/ "
+                               "beside the config, where the snapshots go too); relative to the config")
     max_age_days: float = Field(30.0, gt=0, le=36500, description="events older than this are deleted")
     max_events: int = Field(100_000, ge=1, le=100_000_000, description="most events kept (oldest deleted first)")
     snapshots: bool = Field(True, description="keep each event's best frame as JPEGs (crop and full frame)")

@@ -221,7 +221,7 @@ class StreamEvents:
             n = counts.get(key, 0)
             if self._zone_counts.get(key) != n:
                 self.counts("zones", f"{key[0]}/{key[1]}", n)
-        self._zone_counts = {k: v for k, v in counts.items()}
+        self._zone_counts = counts
 
 
 class EventEngine:

@@ -64,11 +64,8 @@ class Ingest:
                   since: float | None = None, reconnects: int | None = None) -> None:
         if record.state is StreamState.STOPPED:
             return  # final
-        if state is StreamState.RECONNECTING and record.state is not state:
-            if record.tracker is not None:
-                record.tracker.restart()  # a new connection is a new scene: its tracks end
-            if self.on_reconnect is not None:
-                self.on_reconnect(record)
+        if state is StreamState.RECONNECTING and record.state is not state and self.on_reconnect is not None:
+            self.on_reconnect(record)
         if since is None:
             since = record.since if record.state is state else self.clock.wall()
         record.state, record.since, record.error = state, since, error

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .overlay import write_atomic
+
 log = logging.getLogger(__name__)
 
 SEGMENT_TRIES = 3
@@ -65,15 +67,6 @@ class Job:
         return {"id": self.id, "state": self.state, "backend": self.backend, "created_at": self.created_at,
                 "started_at": self.started_at, "finished_at": self.finished_at, "frames": self.frames,
                 "total_frames": self.total_frames, "error": self.error, "progress": round(min(1.0, progress), 4)}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class TalkJobs:
@@ -212,7 +205,7 @@ class TalkJobs:
     def _save(self, job: Job) -> None:
         folder = self.folder / job.id
         if folder.is_dir():
-            _write_json(folder / "job.json", asdict(job))
+            write_atomic(folder / "job.json", json.dumps(asdict(job)))
 
     async def _worker(self) -> None:
         while True:

@@ -73,7 +73,12 @@ def apply_overlay(streams: dict[str, Any], overlay: dict[str, Any]) -> dict[str,
 
 def write_overlay(path: Path, streams: dict[str, Any]) -> None:
     """Replace the overlay atomically and durably (see the module's doc)."""
-    text = json.dumps({"v": OVERLAY_VERSION, "streams": streams}, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, json.dumps({"v": OVERLAY_VERSION, "streams": streams}, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a crash leaves the old file or the new one: a temporary
+    file in the same folder (mode 0600), fsync, rename, fsync of the folder."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

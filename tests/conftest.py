@@ -190,14 +190,18 @@ class Framegrid:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
-            time.sleep(1)
-            self.proc.kill()
-            rc = self.proc.wait(5)
+            rc = self.kill_with_stacks()
             raise AssertionError(f"framegrid did not stop within {timeout}s; log:\n{self.output()}") from None
         finally:
             self._fh.close()
         return rc
+
+    def kill_with_stacks(self) -> int:
+        """SIGUSR1 (every thread's stack into the log), then SIGKILL."""
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        self.proc.kill()
+        return self.proc.wait(10)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -209,8 +213,5 @@ def _reap_framegrid() -> Iterator[None]:
     yield
     for fg in Framegrid.started:
         if fg.proc.poll() is None:
-            fg.proc.send_signal(signal.SIGUSR1)  # every thread's stack into the log
-            time.sleep(1)
-            fg.proc.kill()
-            fg.proc.wait(10)
+            fg.kill_with_stacks()
             print(f"framegrid left running by the test; its log:\n{fg.output()[-20000:]}")

@@ -160,20 +160,26 @@ class FailsAfter(MuseTalkSlotModel):
         return super().infer(jobs)
 
 
-def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
-                                                     tmp_path: Path) -> None:
-    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
-    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+def pool_whose_slot0_fails(tiny: Path) -> tuple[LipSyncPool, list[int]]:  # noqa: F811
+    """Two CPU lipsync slots, started; slot 0's first model fails on its 3rd batch (warm-up is the
+    1st), its replacement is sound. Also returns the slot indices models were made for."""
     made: list[int] = []
 
     def factory(i: int) -> MuseTalkSlotModel:
         made.append(i)
-        # slot 0's first model fails on its 3rd batch (warm-up is the 1st); its replacement is sound
         return FailsAfter(tiny, "v15", threads=1, n=2 if made.count(0) == 1 and i == 0 else 10**9)
 
     lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0)
     pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue
                        ).start_in_thread()
+    return pool, made
+
+
+def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+    pool, made = pool_whose_slot0_fails(tiny)
     try:
         assert pool.place("talk") == "lipsync.0"
         backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4, timeout=10.0)
@@ -274,15 +280,7 @@ async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: 
 
     from .test_talkinghead import write_wav
 
-    made: list[int] = []
-
-    def factory(i: int) -> MuseTalkSlotModel:
-        made.append(i)
-        return FailsAfter(tiny, "v15", threads=1, n=2 if made.count(0) == 1 and i == 0 else 10**9)
-
-    lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0)
-    pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue
-                       ).start_in_thread()
+    pool, made = pool_whose_slot0_fails(tiny)
 
     async def lipsync() -> tuple[LipSyncPool, MuseTalk]:
         return pool, frontend

@@ -401,16 +401,12 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         return out
 
     # -- events --------------------------------------------------------------------------------
-    def store_path() -> Path:
-        cfg = pipeline.config.events
-        return cfg.store or pipeline.events_folder() / "events.db"
-
     @app.get("/api/events", response_model=list[EventInfo], tags=["events"], dependencies=guarded,
              responses=errors, summary="Stored events, newest first")
     async def events(stream: str | None = None, label: str | None = None,
                      since: float | None = Query(None, description="unix time"),
                      limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
-        rows = await asyncio.to_thread(event_query, store_path(), stream, label, since, limit)
+        rows = await asyncio.to_thread(event_query, pipeline.events_db(), stream, label, since, limit)
         return [EventInfo(**{k: r[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
                                                 "best_score", "zones")},
                           has_snapshot=r["crop_path"] is not None or (pipeline.snapshots is not None and
@@ -423,7 +419,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         live = pipeline.snapshots.live(event_id) if pipeline.snapshots is not None else None
         if live is not None:
             return Response(live[0] if crop else live[1], media_type="image/jpeg")
-        rows = await asyncio.to_thread(event_query, store_path(), None, None, None, 1, event_id)
+        rows = await asyncio.to_thread(event_query, pipeline.events_db(), None, None, None, 1, event_id)
         path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
         if not path or not Path(path).is_file():
             raise HTTPException(404, f"no snapshot for event {event_id}")
@@ -453,6 +449,9 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                           temperature_c=d.temperature_c, drained=d.id in pipeline.drained,
                           slots=slots.get(d.id, [])) for d in facts]
 
+    def moves_out(device: str, moves: list[Any]) -> Moves:
+        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
+
     @app.get("/api/devices", response_model=list[DeviceOut], tags=["devices"], dependencies=guarded,
              responses=errors)
     async def devices() -> list[DeviceOut]:
@@ -470,7 +469,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
             raise HTTPException(404, f"no device {device}") from None
         except PlacementError as exc:
             raise HTTPException(409, str(exc)) from None
-        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
+        return moves_out(device, moves)
 
     @app.post("/api/devices/{device}/resume", response_model=Moves, tags=["devices"], dependencies=guarded,
               responses={**errors, 404: {"model": Problem}})
@@ -480,7 +479,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
             moves = pipeline.resume_device(device)
         except KeyError:
             raise HTTPException(404, f"no device {device}") from None
-        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
+        return moves_out(device, moves)
 
     # -- stats and metrics ---------------------------------------------------------------------
     @app.get("/api/stats", response_model=dict[str, Any], tags=["stats"], dependencies=guarded, responses=errors,

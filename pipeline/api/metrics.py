@@ -139,10 +139,8 @@ class PipelineCollector(Collector):
                 waiting = sum(1 for k in record.members if k in pool.feeds and pool.feeds[k].waiting_since()
                               is not None)
                 queue.add_metric(labels, waiting)
-                buckets, total, acc = [], 0.0, 0
-                for bound in BATCH_BUCKETS:
-                    acc = sum(c for size, c in slot.batch_sizes.items() if size <= bound)
-                    buckets.append((str(bound), acc))
+                buckets = [(str(bound), sum(c for size, c in slot.batch_sizes.items() if size <= bound))
+                           for bound in BATCH_BUCKETS]
                 count = sum(slot.batch_sizes.values())
                 total = float(sum(size * c for size, c in slot.batch_sizes.items()))
                 buckets.append(("+Inf", count))
