@@ -113,12 +113,25 @@ class TrackerConfig(Strict):
                             "(ultralytics' 30 frames at 25 fps, as time)")
     min_hits: int = Field(2, ge=1, le=1000, description="frames an object is seen before its track id is "
                           "published (2: as ultralytics' trackers activate a track)")
+    class_penalty: float = Field(0.1, ge=0, le=2, description="added to the association cost where a detection's "
+                                 "class is not the track's (its score-weighted majority): crossing objects of "
+                                 "different classes keep their ids, a class flip with agreeing boxes still "
+                                 "matches; 0 = class-agnostic like ultralytics")
+    duplicate_iou: float = Field(0.7, gt=0, le=1, description="an unmatched detection overlapping a matched one "
+                                 "at least this much (IoU) starts no track: the detector's second class for one "
+                                 "object; 1 = off")
+    partial_ratio: float = Field(0.8, ge=0, lt=1, description="a detected box this much narrower (or lower) than "
+                                 "its track's usual size is a cut view (an object sliding behind something or off "
+                                 "the frame): the track keeps its size and speed instead of learning the cut box; "
+                                 "0 = off")
 
     def settings(self) -> Any:
         from .tracking import TrackerSettings
 
         return TrackerSettings(self.type, self.high_thresh, self.low_thresh, self.new_track_thresh,
-                               self.match_thresh, self.buffer_s, min_hits=self.min_hits)
+                               self.match_thresh, self.buffer_s, min_hits=self.min_hits,
+                               class_penalty=self.class_penalty, duplicate_iou=self.duplicate_iou,
+                               partial_ratio=self.partial_ratio)
 
 
 Coordinates = list[Annotated[list[float], Field(min_length=2, max_length=2)]]

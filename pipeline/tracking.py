@@ -39,6 +39,9 @@ class TrackerSettings:
     buffer_s: float = 1.2  # ultralytics' 30 frames at 25 fps
     fuse_score: bool = True
     min_hits: int = 2  # updates before a track is announced
+    class_penalty: float = 0.1  # added to the association cost of a detection whose class is not the track's
+    duplicate_iou: float = 0.7  # an unmatched detection overlapping a matched one this much starts no track
+    partial_ratio: float = 0.8  # a box this much narrower (or lower) than its track's size is a cut view
 
 
 class _Boxes:
@@ -56,11 +59,141 @@ class _Boxes:
         return _Boxes(self.xyxy[index], self.conf[index], self.cls[index])
 
 
+def _label(track: Any) -> float:
+    """A track's class: the one its detections voted for most (score-weighted), not the last one seen."""
+    votes = track.__dict__.get("votes")
+    return max(votes, key=votes.__getitem__) if votes else track.cls
+
+
+def _vote(track: Any, det: Any) -> None:
+    votes = track.__dict__.setdefault("votes", {track.cls: track.score})
+    votes[det.cls] = votes.get(det.cls, 0.0) + det.score
+
+
+def _full_views(pred: np.ndarray, ref: np.ndarray, det: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Detections (M, tlwh) as whole views for tracks predicted at `pred` (N, tlwh) with reference
+    sizes `ref` (N, wh): (N, M, tlwh) boxes and the (N, M, 2) mask of the sides taken as cut.
+
+    An object sliding behind an occluder or off the frame shows a box that shrinks from one side
+    while its centre slows down; a side smaller than `ratio` x the track's reference size (the size
+    of its recent whole views) is taken as cut, and its whole view keeps the reference size,
+    aligned on the detected edge nearest the prediction (the edge that moves with the object)."""
+    lo = np.broadcast_to(det[None, :, :2], (len(pred), len(det), 2))
+    size = np.broadcast_to(det[None, :, 2:], lo.shape)
+    hi = lo + size
+    full = ref[:, None, :]
+    cut = size < ratio * full
+    near_lo = np.abs(lo - pred[:, None, :2]) <= np.abs(hi - (pred[:, None, :2] + pred[:, None, 2:]))
+    start = np.where(cut, np.where(near_lo, lo, hi - full), lo)
+    return np.concatenate([start, np.where(cut, full, size)], axis=2), cut
+
+
+def _measurement(track: Any, det: Any, ratio: float) -> None:
+    """Give `det` the whole view of itself for `track` (see `_full_views`) before it corrects the
+    track, so the Kalman filter keeps the object's speed and size instead of learning a cut box
+    just before the object vanishes. The reference size follows a growing view quickly, a shrinking
+    one slowly (a box cut a little more each frame must not drag it down) and a cut one more slowly
+    still, so an object that really changed size is accepted within a second or two."""
+    ref = track.__dict__.get("ref")
+    tlwh = det.tlwh
+    if ref is None or ratio <= 0:
+        track.ref = tlwh[2:].astype(np.float64)
+        return
+    view, cut = _full_views(track.tlwh[None], ref[None], tlwh[None], ratio)
+    size = tlwh[2:]
+    ref += np.where(cut[0, 0], 0.02, np.where(size >= ref, 0.3, 0.05)) * (size - ref)
+    det._tlwh = view[0, 0].astype(np.float32)
+
+
+def _cut_aware_iou(tracks: list[Any], dets: list[Any], ratio: float) -> np.ndarray:
+    """IoU of each track's prediction with each detection's whole view for that track (N, M)."""
+    pred = np.array([t.tlwh for t in tracks], np.float64)
+    ref = np.array([t.__dict__.get("ref", t.tlwh[2:]) for t in tracks], np.float64)
+    view, _ = _full_views(pred, ref, np.array([d.tlwh for d in dets], np.float64), ratio)
+    lt = np.maximum(pred[:, None, :2], view[..., :2])
+    rb = np.minimum(pred[:, None, :2] + pred[:, None, 2:], view[..., :2] + view[..., 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    union = np.prod(pred[:, 2:], axis=1)[:, None] + np.prod(view[..., 2:], axis=2) - inter
+    return inter / np.maximum(union, 1e-9)
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
 def _timed(base: type) -> type:
-    """A tracker class whose prediction step spans `self.dt` reference intervals."""
+    """A tracker class whose prediction step spans `self.dt` reference intervals, whose association
+    prefers a track's own class, and which starts no track from a duplicate of a matched detection."""
 
     class Timed(base):  # type: ignore[misc,valid-type]
         dt = 1.0
+        class_penalty = 0.0
+        duplicate_iou = 1.0
+        partial_ratio = 0.0
+        _xyxy = np.zeros((0, 4), np.float32)
+
+        def update(self, results: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+            self._xyxy = results.xyxy
+            return super().update(results, *args, **kwargs)
+
+        def _iou(self, tracks: list[Any], detections: list[Any]) -> np.ndarray:
+            if self.partial_ratio > 0 and tracks and detections and tracks[0].angle is None:
+                return _cut_aware_iou(tracks, detections, self.partial_ratio)
+            from ultralytics.trackers.utils import matching
+
+            return 1 - matching.iou_distance(tracks, detections)
+
+        def get_dists(self, tracks: list[Any], detections: list[Any]) -> np.ndarray:
+            """ultralytics' cost (1 - IoU, times the score), with the IoU of a cut view taken as
+            its whole view's (`_full_views`), plus `class_penalty` where the detection's class is
+            not the track's (objects of different classes crossing keep their ids; a class flip of
+            a half-hidden object still matches when the boxes agree)."""
+            if self.partial_ratio > 0 and not getattr(self.args, "with_reid", False):
+                sim = self._iou(tracks, detections)
+                if self.args.fuse_score and sim.size:
+                    sim = sim * np.array([d.score for d in detections])[None, :]
+                dists = 1 - sim
+            else:
+                dists = super().get_dists(tracks, detections)
+            if self.class_penalty and dists.size:
+                own = np.array([_label(t) for t in tracks])[:, None]
+                dists = dists + self.class_penalty * (own != np.array([d.cls for d in detections])[None, :])
+            return dists
+
+        def _init_new_tracks(self, u_detection: list[int], detections: list[Any], activated: list[Any],
+                             refind: list[Any] | None = None) -> None:
+            """No new track from a detection that mostly overlaps one a track took this frame: the
+            detector's second class for the same object (common on half-hidden objects)."""
+            held = [t.idx for t in (*activated, *(refind or ())) if t.frame_id == self.frame_id]
+            if len(u_detection) and held and self.duplicate_iou < 1.0:
+                new = np.array([detections[i].idx for i in u_detection])
+                overlap = _iou_matrix(self._xyxy[new], self._xyxy[np.array(held)]).max(axis=1)
+                u_detection = [i for i, o in zip(u_detection, overlap, strict=True) if o < self.duplicate_iou]
+            super()._init_new_tracks(u_detection, detections, activated, refind)
+
+        def _second_association(self, strack_pool: list[Any], u_track: list[int], detections_second: list[Any],
+                                activated: list[Any], refind: list[Any], lost: list[Any]) -> None:
+            """ultralytics' second stage (tracked tracks left over, low-score detections, IoU only,
+            threshold 0.5) with the cut-aware IoU."""
+            from ultralytics.trackers.utils import matching
+
+            left = [strack_pool[i] for i in u_track if strack_pool[i].state == 1]
+            unmatched = list(range(len(left)))
+            if left and detections_second:
+                matches, unmatched, _ = matching.linear_assignment(1 - self._iou(left, detections_second), thresh=0.5)
+                self._apply_matches(matches, left, detections_second, activated, refind)
+            for i in unmatched:
+                left[i].mark_lost()
+                lost.append(left[i])
+
+        def _apply_match(self, track: Any, det: Any, activated: list[Any], refind: list[Any]) -> None:
+            _vote(track, det)
+            _measurement(track, det, self.partial_ratio)
+            super()._apply_match(track, det, activated, refind)
 
         def multi_predict(self, tracks: list[Any]) -> None:
             if not tracks:
@@ -99,6 +232,7 @@ def _timed(base: type) -> type:
             for itracked, idet in matches:
                 track, det = pool[itracked], detections[idet]
                 if track.state == 1 and track.angle is None:  # tracked: a plain update
+                    _measurement(track, det, self.partial_ratio)
                     batch.append((track, det))
                 else:
                     self._apply_match(track, det, activated, refind)
@@ -128,6 +262,7 @@ def _batched_update(kf: Any, pairs: list[tuple[Any, Any]], frame_id: int) -> Non
     new_mean = mean + np.einsum("nij,nj->ni", gain, innovation)
     new_cov = cov - gain @ s @ np.transpose(gain, (0, 2, 1))
     for (track, det), m, c in zip(pairs, new_mean, new_cov, strict=True):
+        _vote(track, det)
         track.frame_id = frame_id
         track.tracklet_len += 1
         track.mean, track.covariance = m, c
@@ -167,6 +302,8 @@ class StreamTracker:
                          fuse_score=s.fuse_score, gmc_method="none", proximity_thresh=0.5,
                          appearance_thresh=0.8, with_reid=False, model="auto")
         tracker = self._cls(args)
+        tracker.class_penalty, tracker.duplicate_iou, tracker.partial_ratio = \
+            s.class_penalty, s.duplicate_iou, s.partial_ratio
         tracker._ids = iter(range(self._next_first_id, 1 << 62))  # ids never repeat while the stream runs
         return tracker
 

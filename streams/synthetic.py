@@ -301,7 +301,7 @@ class ScriptedScene:
     """Actors on a textured background, optionally behind a static vertical bar (an occluder).
 
     `tracks_at(i)` is the multi-object truth of frame i: (actor id, class id, box) of each actor
-    at least half in the frame and at most half hidden by the bar (MOT's usual visibility rule).
+    at least half visible (in the frame, not behind the bar or a later actor: MOT's usual rule).
     Written by `write_video` like a `MovingScene`.
     """
 
@@ -331,20 +331,24 @@ class ScriptedScene:
             cv2.rectangle(image, (self.bar[0], 0), (self.bar[1], self.height), (128, 128, 128), -1)
 
     def tracks_at(self, index: int) -> list[tuple[int, int, tuple[float, float, float, float]]]:
+        """(actor id, class id, box clipped to the frame) of each actor at least half visible: MOT's
+        visibility rule, counted in pixels of its shape that neither the frame edge, the bar nor an
+        actor drawn over it hides."""
+        shapes = self.shapes_at(index)
+        cover = np.zeros((self.height, self.width), np.uint8)
+        if self.bar is not None:
+            cover[:, self.bar[0]:self.bar[1]] = 1
         out = []
-        for a, s in zip(self.actors, self.shapes_at(index), strict=True):
-            pts = s.polygon()
-            (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
-            area = (x2 - x1) * (y2 - y1)
-            cx1, cy1, cx2, cy2 = max(0.0, x1), max(0.0, y1), min(float(self.width), x2), min(float(self.height), y2)
-            if cx2 <= cx1 or cy2 <= cy1 or (cx2 - cx1) * (cy2 - cy1) < 0.5 * area:
-                continue  # mostly out of the frame
-            if self.bar is not None:
-                hidden = max(0.0, min(cx2, self.bar[1]) - max(cx1, self.bar[0])) / (cx2 - cx1)
-                if hidden > 0.5:
-                    continue
-            out.append((a.id, a.class_id, (float(cx1), float(cy1), float(cx2), float(cy2))))
-        return out
+        for a, shape in reversed(list(zip(self.actors, shapes, strict=True))):  # the topmost first
+            pts = shape.polygon()
+            mask = np.zeros_like(cover)
+            cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+            area = 0.5 * abs(float(np.dot(pts[:, 0], np.roll(pts[:, 1], 1)) - np.dot(pts[:, 1], np.roll(pts[:, 0], 1))))
+            visible = int(np.count_nonzero(mask & (1 - cover)))
+            cover |= mask
+            if visible >= 0.5 * area:
+                out.append((a.id, a.class_id, shape.box(self.width, self.height)))
+        return sorted(out)
 
 
 def tracking_scenes(seconds: float = 10.0) -> list[ScriptedScene]:

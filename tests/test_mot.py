@@ -11,13 +11,14 @@ from tools.bench_mot import evaluate
 
 
 @pytest.mark.slow
-def test_crossing_paths_keep_their_ids_at_10_fps(tmp_path: Path) -> None:
-    scene = next(s for s in tracking_scenes(6.0) if s.name == "crossing")
-    video = tmp_path / "crossing.mp4"
+@pytest.mark.parametrize(("name", "fps"), [("crossing", 10.0), ("occlusion", 25.0)])
+def test_ids_hold_through_crossings_and_occlusion(tmp_path: Path, name: str, fps: float) -> None:
+    scene = next(s for s in tracking_scenes(6.0) if s.name == name)
+    video = tmp_path / f"{name}.mp4"
     write_video(video, scene, scene.seconds)
-    result = evaluate(scene, video, 10.0, min_hits=2, buffer_s=3.0)
+    result = evaluate(scene, video, fps)
     ours, theirs = result["framegrid"], result["ultralytics"]
-    assert ours["objects"] == 3
+    assert ours["objects"] == len(scene.actors)
     assert ours["IDF1"] >= 0.85, result
     assert ours["IDF1"] >= theirs["IDF1"], result
     assert ours["MOTA"] >= 0.8, result

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Tracking accuracy on rendered scenes with known identities: framegrid vs ultralytics' track().
 
-    .venv/bin/python tools/bench_mot.py [--seconds 10] [--fps 25 10 5] [--json out.json]
+    .venv/bin/python tools/bench_mot.py [--seconds 6 8 10 12] [--fps 25 10 5] [--json out.json]
 
 Scenes (`streams.synthetic.tracking_scenes`): crossing paths, occlusion by a static bar, stop and
-go, leaving and re-entering; 960x540 H.264 at 25 fps, decoded with PyAV. At each `max_fps` the
+go, leaving and re-entering; 960x540 H.264 at 25 fps, decoded with PyAV. Each is rendered at every
+`--seconds` (the same paths, so a shorter scene is a faster one): one scene's score turns on a
+handful of ambiguous frames, so the means are taken over all of them. At each `max_fps` the
 frames a framegrid stream would take are kept (the same phase rule as `StreamFeed`), and both
 systems see exactly those frames:
 
@@ -53,8 +55,7 @@ def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.nda
     return out
 
 
-def track_framegrid(frames: list[tuple[int, float, np.ndarray]], buffer_s: float | None = None,
-                    min_hits: int | None = None, frame_steps: bool = False) -> list[list[tuple[int, list[float]]]]:
+def track_framegrid(frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, **tracker: Any) -> list[list[tuple[int, list[float]]]]:
     from detectors.runtimes import build_detector
     from pipeline.config import TrackerConfig
     from pipeline.tracking import StreamTracker
@@ -62,7 +63,7 @@ def track_framegrid(frames: list[tuple[int, float, np.ndarray]], buffer_s: float
     det = build_detector("torch", "shapes", MODEL, imgsz=IMGSZ, confidence=0.25, iou=0.7, device="cpu",
                          threads=None, half=False, max_batch=1, max_detections=300, agnostic=False)
     det.load()
-    given = {k: v for k, v in (("buffer_s", buffer_s), ("min_hits", min_hits)) if v is not None}
+    given = {k: v for k, v in tracker.items() if v is not None}
     tracker = StreamTracker(TrackerConfig(**given).settings())
     out = []
     for k, (_, t, image) in enumerate(frames):
@@ -144,36 +145,47 @@ def main() -> None:
     from streams.synthetic import tracking_scenes, write_video
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--seconds", type=float, nargs="+", default=[6.0, 8.0, 10.0, 12.0],
+                    help="durations of each scene (speeds: the paths are the same)")
     ap.add_argument("--fps", type=float, nargs="+", default=[25, 10, 5])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--scenes", nargs="+", help="only these scenes (crossing, occlusion, stop_go, leave_reenter)")
     ap.add_argument("--buffer-s", type=float, help="framegrid's tracker.buffer_s (default: the config's)")
     ap.add_argument("--min-hits", type=int, help="framegrid's tracker.min_hits (default: the config's)")
+    ap.add_argument("--class-penalty", type=float, help="framegrid's tracker.class_penalty (default: the config's)")
+    ap.add_argument("--duplicate-iou", type=float, help="framegrid's tracker.duplicate_iou (default: the config's)")
+    ap.add_argument("--partial-ratio", type=float, help="framegrid's tracker.partial_ratio (default: the config's)")
+    ap.add_argument("--systems", nargs="+", default=["framegrid", "ultralytics"], choices=["framegrid", "ultralytics"])
     ap.add_argument("--frame-steps", action="store_true", help="feed framegrid's tracker a frame count as its "
                     "time (ultralytics' way), to measure what real time changes")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'scene':<14} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} {'tracks':>7}")
-        for scene in tracking_scenes(args.seconds):
-            if args.scenes and scene.name not in args.scenes:
-                continue
-            video = Path(tmp) / f"{scene.name}.mp4"
+        print(f"{'scene':<14} {'s':>3} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} "
+              f"{'tracks':>7}")
+        scenes = [scene for seconds in args.seconds for scene in tracking_scenes(seconds)
+                  if not args.scenes or scene.name in args.scenes]
+        for scene in scenes:
+            video = Path(tmp) / f"{scene.name}-{scene.seconds:g}.mp4"
             write_video(video, scene, scene.seconds)
             for fps in args.fps:
-                result = evaluate(scene, video, fps, buffer_s=args.buffer_s, min_hits=args.min_hits,
-                                  frame_steps=args.frame_steps)
+                result = evaluate(scene, video, fps, tuple(args.systems), buffer_s=args.buffer_s,
+                                  min_hits=args.min_hits, class_penalty=args.class_penalty,
+                                  duplicate_iou=args.duplicate_iou,
+                                  partial_ratio=args.partial_ratio, frame_steps=args.frame_steps)
                 for system, r in result.items():
-                    rows.append({"scene": scene.name, "fps": fps, "system": system, **r})
-                    print(f"{scene.name:<14} {fps:>4g} {system:<12} {r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
+                    rows.append({"scene": scene.name, "seconds": scene.seconds, "fps": fps, "system": system, **r})
+                    print(f"{scene.name:<14} {scene.seconds:>3g} {fps:>4g} {system:<12} {r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
                           f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}", flush=True)
     print()
+    names = list(dict.fromkeys(r["scene"] for r in rows))
+    print(f"means over {len(args.seconds)} speeds: HOTA MOTA IDF1, then IDF1 per scene ({', '.join(names)})")
     for fps in args.fps:
-        for system in ("framegrid", "ultralytics"):
+        for system in args.systems:
             sel = [r for r in rows if r["fps"] == fps and r["system"] == system]
-            print(f"mean at {fps:g} fps, {system:<12} HOTA {np.mean([r['HOTA'] for r in sel]):.3f}  "
-                  f"MOTA {np.mean([r['MOTA'] for r in sel]):.3f}  IDF1 {np.mean([r['IDF1'] for r in sel]):.3f}")
+            per = " ".join(f"{np.mean([r['IDF1'] for r in sel if r['scene'] == n]):.3f}" for n in names)
+            print(f"{fps:>4g} fps {system:<12} {np.mean([r['HOTA'] for r in sel]):.3f} "
+                  f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f}   {per}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
