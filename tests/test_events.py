@@ -188,15 +188,21 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
 
     from pipeline.api import ApiServer
     from pipeline.zones import anchor_of
-    from streams.synthetic import MovingScene, write_video
+    from streams.synthetic import Actor, ScriptedScene, write_video
 
-    scene = MovingScene(seed=21, speed=6.0)  # 90 px/s: objects cross the middle every few seconds
-    video = tmp_path / "busy.mp4"
-    write_video(video, scene, seconds=40)
+    # the zone is the frame's left half, the line its middle: A starts inside and leaves, B comes in,
+    # C comes in, stops, and goes out again (different heights: nobody hides anybody)
+    scene = ScriptedScene("events", 21, (
+        Actor(1, 0, 30, (40, 40, 230), ((1, 80, 70), (11, 560, 70))),
+        Actor(2, 1, 30, (40, 200, 40), ((1, 560, 180), (11, 80, 180))),
+        Actor(3, 2, 32, (230, 60, 40), ((1, 540, 290), (5, 180, 290), (8, 180, 290), (14, 560, 290))),
+    ), 16.0, width=640, height=360)
+    video = tmp_path / "events.mp4"
+    write_video(video, scene, scene.seconds)
     config = parse_config({
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
-        "streams": {"cam": {"url": str(video), "model": "shapes", "max_fps": 5,
+        "streams": {"cam": {"url": str(video), "model": "shapes", "max_fps": 5, "loop": False,
                             "zones": {"left": {"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}},
                             "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}}},
         "pipeline": {"status_interval": 0},
@@ -226,7 +232,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     for e in events:
         assert e["v"] == 1 and e["stream"] == "cam"
         by_id.setdefault(e["after"]["id"], []).append(e)
-    assert len(by_id) >= 3
+    assert len(by_id) == 3, "one event per object: an identity was lost"
     for seq in by_id.values():  # new -> update* -> end, one each
         kinds = [e["type"] for e in seq]
         assert kinds[0] == "new" and kinds[-1] == "end" and kinds.count("new") == kinds.count("end") == 1, kinds
@@ -236,19 +242,24 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     truth_crossings: list[str] = []
     published_crossings = [c.rsplit(":", 1)[1] for e in events for c in e["changed"] if c.startswith("crossed:mid")]
     last_x: dict[int, float] = {}
-    for msg in results[3:]:  # from when the first tracks were announced (min_hits 3)
-        truth = scene.truth_at(round(msg["pts"] * scene.fps))
-        for obj, box in enumerate(truth.boxes):
-            x = anchor_of(box, "bottom_center")[0]
-            if obj in last_x and (last_x[obj] - 320) * (x - 320) < 0:
+    starts_inside = 0
+    for msg in results[2:]:  # from when the first tracks were announced (min_hits 2)
+        index = round(msg["pts"] * scene.fps)
+        for a, shape in zip(scene.actors, scene.shapes_at(index), strict=True):
+            x = anchor_of(shape.box(scene.width, scene.height), "bottom_center")[0]
+            starts_inside += a.id not in last_x and x < 320
+            if a.id in last_x and (last_x[a.id] - 320) * (x - 320) < 0:
                 # the line runs downwards: its right-hand side (`in`) is the frame's left half
                 truth_crossings.append("in" if x < 320 else "out")
-            last_x[obj] = x
-    assert len(truth_crossings) >= 2, "the scene crossed the line too rarely to test anything"
+            last_x[a.id] = x
+    assert sorted(truth_crossings) == ["in", "in", "out", "out"] and starts_inside == 1, "the scene changed"
     assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
     # the zone is the frame's left half: leaving it is crossing the line outwards, once each
     left = sum(1 for e in events for c in e["changed"] if c == "left:left")
     assert left == truth_crossings.count("out")
+    # entering it: crossing inwards, or being first seen inside (an object's `new` event), once each
+    entered = sum(1 for e in events for c in e["changed"] if c == "entered:left")
+    assert entered == truth_crossings.count("in") + starts_inside, (entered, truth_crossings)
     last = sub.of("/streams/cam/lines/mid")[-1].json()
     assert (last["in"], last["out"]) == (truth_crossings.count("in"), truth_crossings.count("out"))
     zone_topics = {m.topic.split("/zones/")[1] for m in sub.of("") if "/zones/" in m.topic}
