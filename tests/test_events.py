@@ -213,7 +213,9 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     api = ApiServer(pipeline, None)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
     try:
-        await wait_until(lambda: len(sub.of("/streams/cam/detections")) >= 60, 90, "60 results")
+        # until every crossing of the script was seen (a loaded machine processes fewer frames: fine)
+        await wait_until(lambda: any(m.json()["pts"] >= 12.5 for m in sub.of("/streams/cam/detections")), 120,
+                         "results past the scene's last crossing")
         live = (await client.get("/api/events")).json()
         assert any(e["end_time"] is None for e in live)  # objects still seen
         seen = next(e for e in live if e["end_time"] is None)
@@ -252,7 +254,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
                 # the line runs downwards: its right-hand side (`in`) is the frame's left half
                 truth_crossings.append("in" if x < 320 else "out")
             last_x[a.id] = x
-    assert sorted(truth_crossings) == ["in", "in", "out", "out"] and starts_inside == 1, "the scene changed"
+    assert sorted(truth_crossings) == ["in", "in", "out", "out"] and starts_inside == 1, (
+        "the scene changed, or the results missed part of it", [round(m["pts"], 2) for m in results])
     assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
     # the zone is the frame's left half: leaving it is crossing the line outwards, once each
     left = sum(1 for e in events for c in e["changed"] if c == "left:left")
