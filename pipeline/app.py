@@ -53,9 +53,10 @@ class Pipeline:
 
     def __init__(self, config: Config, detector_factory: DetectorFactory | None = None, clock: Clock = SYSTEM_CLOCK,
                  devices: list[DeviceInfo] | None = None, sinks: list[ResultSink] | None = None,
-                 config_path: Path | None = None) -> None:
+                 config_path: Path | None = None, node: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.node = node  # the cluster node this pipeline is the worker of (None: a single process)
         self.registry = Registry(config)
         self.detector_factory = detector_factory or default_detector_factory
         self.clock = clock
@@ -109,9 +110,9 @@ class Pipeline:
         if mqtt.url == "embedded":
             broker = EmbeddedBroker("127.0.0.1", mqtt.embedded_port)
             await asyncio.to_thread(broker.start)
-            self.publisher = Publisher(mqtt, "127.0.0.1", broker.port, secrets=self.secrets)
+            self.publisher = Publisher(mqtt, "127.0.0.1", broker.port, secrets=self.secrets, node=self.node)
         else:
-            self.publisher = Publisher(mqtt, secrets=self.secrets)
+            self.publisher = Publisher(mqtt, secrets=self.secrets, node=self.node)
         self.telemetry = Telemetry(self.publisher, mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
         self._start_events(handoff)
@@ -406,6 +407,30 @@ class Pipeline:
             pool.placer.update_cost(name, pool.cost(feed))
         log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
         return True
+
+    async def load_models(self) -> dict[str, str]:
+        """Load every configured model not loaded yet (a cluster node's worker does, so a stream moved
+        to it starts at once). -> the models that could not start, with why."""
+        self._running()
+        todo = [name for name in self.registry.models if name not in self.pools]
+        if todo:
+            self._plan(todo)
+        for name in todo:
+            await self._load_model(name)
+        return {name: self.model_errors[name] for name in todo if name in self.model_errors}
+
+    def throughput(self) -> dict[str, float]:
+        """Frames per second each loaded model's healthy slots can serve (capacity / measured time per
+        frame): what a cluster head places streams against."""
+        out = {}
+        for name, pool in self.pools.items():
+            total = 0.0
+            for slot_name, slot in pool.slots.items():
+                record = pool.placer.slots.get(slot_name)
+                if record is not None and record.healthy and slot.service_s_per_frame:
+                    total += record.capacity / slot.service_s_per_frame
+            out[name] = total
+        return out
 
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
         """Load a model while running (its slots planned like at start), ready for `add_stream`.

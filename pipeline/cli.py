@@ -65,6 +65,8 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if config.cluster.backend == "ray":
+        return await _run_head(config, config_path, stop)
     pipeline = Pipeline(config, config_path=config_path)
     api = None
     if config.api.enabled:
@@ -100,6 +102,17 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
             await api.stop()
         for task in side:
             task.cancel()
+    return 0
+
+
+async def _run_head(config: Config, config_path: Path | None, stop: asyncio.Event) -> int:
+    try:
+        from .cluster.head import ClusterHead
+    except ImportError as exc:
+        log.error("cluster.backend = \"ray\" needs Ray: pip install 'framegrid[cluster]' (%s)", exc)
+        return 2
+    head = ClusterHead(config, config_path)
+    await head.run(stop)
     return 0
 
 

@@ -349,6 +349,28 @@ class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class ClusterConfig(Strict):
+    """Where framegrid runs: one process (`local`), or one worker per node of a Ray cluster (`ray`)."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local: this process runs everything (no Ray "
+                                             "import); ray: this process is the head, placing streams on a node "
+                                             "worker per Ray node (pip install framegrid[cluster])")
+    address: str = Field("auto", description="the Ray cluster: auto (the one `ray start` made on this machine), "
+                         "host:port of its head, or ray://host:port (Ray Client)")
+    namespace: str = Field("framegrid", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray namespace of the node "
+                           "workers (a restarted head finds them there)")
+    node_resource: str = Field("framegrid", pattern=r"^[A-Za-z0-9_.-]+$", description="custom resource a Ray node "
+                               "advertises to get a worker (ray start --resources '{\"framegrid\": 1}')")
+    ping_s: float = Field(1.0, gt=0, le=60, description="seconds between the head's checks of each worker")
+    dead_after_s: float = Field(5.0, gt=0, le=600, description="a worker that has not answered this long is "
+                                "taken as lost: its streams move to the other nodes")
+    rebalance_s: float = Field(30.0, gt=0, le=86400, description="seconds between rebalancing passes (also "
+                               "after a node joins)")
+    band: float = Field(0.10, ge=0, le=10, description="rebalance while the busiest node is this much above the "
+                        "mean load (hysteresis: fewer moves)")
+    max_moves: int = Field(8, ge=0, le=10_000, description="most streams moved by one rebalancing pass")
+
+
 class Config(Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     models: dict[Name, ModelConfig] = Field(default_factory=dict)
@@ -360,6 +382,7 @@ class Config(Strict):
     api: ApiConfig = Field(default_factory=ApiConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -371,6 +394,16 @@ class Config(Strict):
         for name, talk in self.talk.items():
             if talk.backend == "musetalk" and self.lipsync.weights is None:
                 errors.append(f"talk.{name}.backend: musetalk needs lipsync.weights (the MuseTalk models folder)")
+        if self.cluster.backend == "ray":
+            if self.mqtt.url == "embedded":
+                errors.append("mqtt.url: a cluster needs a broker every node reaches (mqtt://host:port), not "
+                              "'embedded'")
+            if self.api.enabled:
+                errors.append("api.enabled: the HTTP API is not served by a cluster head yet; set it to false "
+                              "(streams are added and removed through the head's Python API)")
+            if self.talk:
+                errors.append("talk: talking-head sessions are not placed on a cluster yet; run them on a "
+                              "local framegrid")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -53,8 +53,9 @@ class Publisher:
     """Owns one MQTT connection; run `run()` as a task, call `publish()` from the loop."""
 
     def __init__(self, cfg: MqttConfig, host: str | None = None, port: int | None = None,
-                 secrets: Sequence[str] = ()) -> None:
+                 secrets: Sequence[str] = (), node: str | None = None) -> None:
         self.cfg = cfg
+        self.node = node  # a cluster node's worker: its availability, devices and stats are its own
         self.host = host or cfg.host
         self.port = port or cfg.port
         self.prefix = cfg.topic_prefix.rstrip("/")
@@ -81,10 +82,15 @@ class Publisher:
 
     @property
     def availability_topic(self) -> str:
-        return f"{self.prefix}/availability"
+        return self.node_topic("availability")
 
     def topic(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
+
+    def node_topic(self, *parts: str) -> str:
+        """A topic of this process: `<prefix>/<parts>`, or `<prefix>/nodes/<node>/<parts>` for a cluster
+        node's worker (many processes share the prefix; each stream's topics stay global)."""
+        return self.topic("nodes", self.node, *parts) if self.node else self.topic(*parts)
 
     # -- producer side (event loop) -------------------------------------------------------------
     def publish(self, topic: str, payload: Any, qos: int | None = None, retain: bool = False) -> None:

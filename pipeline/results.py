@@ -86,7 +86,10 @@ class MqttResults:
         self.publisher = publisher
 
     def emit(self, result: Result) -> None:
-        self.publisher.publish(self.publisher.topic("streams", result.stream.name, "detections"), result.payload())
+        payload = result.payload()
+        if self.publisher.node:
+            payload["node"] = self.publisher.node  # on a cluster: the node that made it
+        self.publisher.publish(self.publisher.topic("streams", result.stream.name, "detections"), payload)
 
 
 class Results:

@@ -67,7 +67,7 @@ class Telemetry:
         return {"v": PAYLOAD_VERSION, "at": round(self.clock.wall(), 3), "slots": slots}
 
     def devices(self, pools: Mapping[str, SlotPool]) -> None:
-        self.publisher.publish(self.publisher.topic("devices"), self.devices_payload(pools),
+        self.publisher.publish(self.publisher.node_topic("devices"), self.devices_payload(pools),
                                qos=self.mqtt.state_qos, retain=True)
 
     # -- sessions --------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Telemetry:
 
     def stats(self, payload: dict[str, Any]) -> None:
         self.last_stats = payload
-        self.publisher.publish(self.publisher.topic("stats"), payload, qos=self.mqtt.stats_qos)
+        self.publisher.publish(self.publisher.node_topic("stats"), payload, qos=self.mqtt.stats_qos)
 
     async def stats_loop(self, build: Callable[[], dict[str, Any]]) -> None:
         while True:

@@ -1,0 +1,410 @@
+"""The cluster head: framegrid's supervisor placing streams on node workers of a Ray cluster.
+
+One worker per Ray node that advertises `cluster.node_resource` (`pipeline.cluster.worker`). The
+head keeps one `Placer` per model whose slots are the nodes (capacity: the frames per second the
+node's slots serve, as the worker measured them; cost of a stream: its frames per second), so
+placement, evacuation and rebalancing are the same code a single process uses for its slots; inside
+a node, the worker's own pipeline places the stream on a device and slot.
+
+Control only: the head sends add/remove calls and pings, the workers answer with a short
+description (their streams and throughput). Each check (`ping_s`) the head
+
+- starts a worker on every new node (and finds the existing one after a head restart: workers are
+  named, detached actors in `cluster.namespace`),
+- pings every worker; one that fails or stays silent `dead_after_s` is lost: it is killed (so it
+  can publish nothing more), its node's availability is set offline, and its streams are placed on
+  the other nodes,
+- publishes the cluster's state (retained, `<prefix>/cluster`).
+
+Every `rebalance_s` (and when a node joins) it moves at most `max_moves` streams to even the load
+within `band`; a moved stream stops on its old node before it starts on the new one, so no frame
+is published twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams import url_password
+
+from ..config import Config, StreamConfig
+from ..placement import PlacementError, Placer, SlotState
+from ..publisher import Publisher
+
+log = logging.getLogger("framegrid.cluster")
+
+PAYLOAD_VERSION = 1
+START_TIMEOUT_S = 300.0  # a worker loads its models before it is ready
+RETRY_LOST_S = 30.0  # a node whose worker was lost gets a new worker after this, if Ray still lists it
+DEFAULT_FPS = 25.0  # the cost of a stream without max_fps (a camera's usual rate)
+
+
+def stream_cost(cfg: StreamConfig) -> float:
+    return float(cfg.max_fps or DEFAULT_FPS)
+
+
+@dataclass
+class NodeHandle:
+    """What the head knows of one node's worker."""
+
+    name: str
+    node_id: str
+    actor: Any
+    state: str = "starting"  # starting | up | drained | lost
+    throughput: dict[str, float] = field(default_factory=dict)
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # as the worker last described them
+    last_seen: float = 0.0
+    lost_at: float | None = None  # monotonic time it was lost (a worker is tried there again later)
+    error: str | None = None
+
+
+class ClusterHead:
+    """Places the config's streams (and those added at run time) on the cluster's node workers."""
+
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.settings = config.cluster
+        self.config_path = config_path
+        self.desired: dict[str, StreamConfig] = dict(config.streams)
+        self.secrets: list[str] = list(config.secrets())
+        self.nodes: dict[str, NodeHandle] = {}
+        self.placers: dict[str, Placer] = {model: Placer(self.settings.band) for model in config.models}
+        self.ready = asyncio.Event()
+        self.keep_workers = False  # on exit: True leaves the workers running (a restarted head finds them)
+        self.calls = 0  # control-plane calls made (pings, adds, removes, starts)
+        self.started_at = time.monotonic()
+        self._changed = asyncio.Event()
+        self._joined = asyncio.Event()
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()  # starts, moves and removals in flight
+        self.publisher: Publisher
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        import ray
+
+        s = self.settings
+        if not ray.is_initialized():
+            await asyncio.to_thread(ray.init, address=s.address, namespace=s.namespace, logging_level=logging.WARNING,
+                                    log_to_driver=True)
+        self.publisher = Publisher(self.config.mqtt, secrets=self.secrets)
+        async with asyncio.TaskGroup() as tg:
+            pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
+            await self._discover()
+            if self._starting:
+                await asyncio.wait(list(self._starting.values()), timeout=START_TIMEOUT_S)
+            self._place_unplaced()
+            self.ready.set()
+            loops = [tg.create_task(self._monitor_loop(), name="cluster.monitor"),
+                     tg.create_task(self._rebalance_loop(), name="cluster.rebalance"),
+                     tg.create_task(self._state_loop(), name="cluster.state")]
+            try:
+                await stop.wait()
+            finally:
+                for task in (*loops, *self._starting.values()):
+                    task.cancel()
+                await asyncio.gather(*loops, *self._starting.values(), return_exceptions=True)
+                if not self.keep_workers:
+                    await self._stop_workers()
+                self.publisher.publish(self.publisher.topic("cluster"), self.state(), qos=1, retain=True)
+                await self.publisher.close()
+                await asyncio.wait({pub_task}, timeout=10)
+
+    async def _stop_workers(self) -> None:
+        import ray
+
+        async def stop(node: NodeHandle) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(node.actor.stop.remote(), 30)
+            with contextlib.suppress(Exception):
+                ray.kill(node.actor, no_restart=True)
+
+        await asyncio.gather(*(stop(n) for n in self.nodes.values() if n.state != "lost"))
+        for node in self.nodes.values():
+            node.state = "stopped"
+
+    # -- nodes ---------------------------------------------------------------------------------------
+    async def _discover(self) -> None:
+        """Start (or find) a worker on every alive node with the framegrid resource."""
+        import ray
+
+        self.calls += 1
+        alive = await asyncio.to_thread(ray.nodes)
+        ids = {n["NodeID"] for n in alive if n.get("Alive")}
+        for node in list(self.nodes.values()):
+            if node.state not in ("lost", "stopped") and node.node_id not in ids:
+                await self._lost(node, "its Ray node is gone")
+        for info in alive:
+            if not info.get("Alive") or info.get("Resources", {}).get(self.settings.node_resource, 0) <= 0:
+                continue
+            name = "node-" + info["NodeID"][:8]
+            known = self.nodes.get(name)
+            if name in self._starting or (known is not None and (known.state != "lost" or time.monotonic() <
+                                                                 (known.lost_at or 0.0) + RETRY_LOST_S)):
+                continue  # a lost worker's node still listed alive: its raylet may be dying; try later
+            self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"]),
+                                                       name=f"cluster.start.{name}")
+            self._starting[name].add_done_callback(lambda _t, n=name: self._starting.pop(n, None))
+
+    async def _start_worker(self, name: str, node_id: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .worker import NodeWorker
+
+        actor_name = f"framegrid-{name}"
+        try:
+            actor = ray.get_actor(actor_name, namespace=self.settings.namespace)
+            found = True
+        except ValueError:
+            remote = ray.remote(NodeWorker).options(
+                name=actor_name, namespace=self.settings.namespace, lifetime="detached", max_restarts=0,
+                num_cpus=0, resources={self.settings.node_resource: 1},
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+            actor = remote.remote(self.config, name, self.config_path)
+            found = False
+        node = NodeHandle(name, node_id, actor)
+        self.nodes[name] = node
+        self.calls += 1
+        try:
+            desc = await asyncio.wait_for(actor.start.remote(), START_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure of a remote start: the node is lost
+            await self._lost(node, f"its worker did not start: {exc!r}")
+            return
+        self._describe(node, desc)
+        node.state = "up"
+        self._adopt(node)
+        log.info("cluster: %s %s (%s)", name, "found running" if found else "joined",
+                 ", ".join(f"{m} {fps:.0f} frames/s" for m, fps in node.throughput.items()) or "no model")
+        self._changed.set()
+        if self.ready.is_set():
+            self._place_unplaced()
+            self._joined.set()
+
+    def _describe(self, node: NodeHandle, desc: dict[str, Any]) -> None:
+        node.throughput = {m: float(v) for m, v in desc["throughput"].items()}
+        node.streams = dict(desc["streams"])
+        node.last_seen = time.monotonic()
+        for model, placer in self.placers.items():
+            capacity = max(node.throughput.get(model, 0.0), 1e-6)
+            record = placer.slots.get(node.name) or placer.add_slot(node.name, capacity=capacity)
+            record.capacity = capacity
+
+    def _adopt(self, node: NodeHandle) -> None:
+        """Take the streams a found worker already runs into the placement (a head restart), and stop
+        those no longer wanted or already running elsewhere."""
+        for stream, info in node.streams.items():
+            cfg = self.desired.get(stream)
+            placer = self.placers.get(info["model"])
+            if cfg is None or placer is None or placer.where(stream) not in (None, node.name):
+                self._spawn(self._remove_from(node, stream), f"cluster.remove.{stream}")
+                continue
+            placer.assign(stream, node.name, stream_cost(cfg))
+
+    async def _lost(self, node: NodeHandle, why: str) -> None:
+        """A worker failed: fence it, tell subscribers, and place its streams on the other nodes."""
+        import ray
+
+        if node.state == "lost":
+            return
+        node.state, node.error, node.lost_at = "lost", why, time.monotonic()
+        log.warning("cluster: %s lost (%s); moving its streams", node.name, why)
+        with contextlib.suppress(Exception):
+            ray.kill(node.actor, no_restart=True)  # a worker cut off but alive must publish nothing more
+        self.publisher.publish(self.publisher.topic("nodes", node.name, "availability"), b"offline", qos=1,
+                               retain=True)
+        for placer in self.placers.values():
+            if node.name not in placer.slots:
+                continue
+            moves, stuck = placer.evacuate(node.name, SlotState.FAILED, force=True)
+            del placer.slots[node.name]
+            for move in moves:
+                self._spawn(self._start_on(move.target, move.stream), f"cluster.move.{move.stream}")
+            for stream in stuck:
+                log.warning("cluster: stream %s waits for a node", stream)
+        self._changed.set()
+
+    # -- streams ---------------------------------------------------------------------------------------
+    def where(self, stream: str) -> str | None:
+        cfg = self.desired.get(stream)
+        placer = self.placers.get(cfg.model) if cfg is not None else None
+        return placer.where(stream) if placer is not None else None
+
+    def _place_unplaced(self) -> None:
+        for stream, cfg in self.desired.items():
+            if self.where(stream) is None:
+                self._place(stream, cfg)
+
+    def _place(self, stream: str, cfg: StreamConfig) -> str | None:
+        placer = self.placers[cfg.model]
+        try:
+            node = placer.place(stream, stream_cost(cfg), force=True)
+        except PlacementError as exc:
+            log.warning("cluster: %s", exc)
+            return None
+        self._spawn(self._start_on(node, stream), f"cluster.start.{stream}")
+        return node
+
+    async def _start_on(self, node_name: str, stream: str) -> None:
+        node, cfg = self.nodes.get(node_name), self.desired.get(stream)
+        if node is None or cfg is None or node.state == "lost":
+            return
+        self.calls += 1
+        try:
+            await node.actor.add_stream.remote(stream, cfg)
+        except Exception as exc:  # noqa: BLE001 - the node died meanwhile, or refused
+            log.warning("cluster: %s on %s: %r", stream, node_name, exc)
+            return
+        node.streams[stream] = {"model": cfg.model, "state": "starting"}
+        log.info("cluster: %s runs on %s", stream, node_name)
+        self._changed.set()
+
+    async def _remove_from(self, node: NodeHandle, stream: str) -> None:
+        self.calls += 1
+        with contextlib.suppress(Exception):
+            await node.actor.remove_stream.remote(stream)
+        node.streams.pop(stream, None)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def add_stream(self, name: str, cfg: StreamConfig) -> str | None:
+        """Add a stream at run time: placed and started on a node (-> the node, None while no node fits)."""
+        if name in self.desired:
+            raise ValueError(f"stream {name} already exists")
+        if cfg.model not in self.placers:
+            raise ValueError(f"stream {name}: unknown model {cfg.model}")
+        password = url_password(cfg.url)
+        if password:
+            self.secrets.append(password)
+        self.desired[name] = cfg
+        return self._place(name, cfg)
+
+    async def remove_stream(self, name: str) -> None:
+        cfg = self.desired.pop(name, None)
+        if cfg is None:
+            raise KeyError(name)
+        placer = self.placers[cfg.model]
+        node = self.nodes.get(placer.where(name) or "")
+        placer.remove(name)
+        if node is not None and node.state != "lost":
+            await self._remove_from(node, name)
+        self._changed.set()
+
+    async def _apply_move(self, stream: str, source: str, target: str) -> None:
+        """Stop a stream on `source`, then start it on `target`: nothing is published twice."""
+        node = self.nodes.get(source)
+        if node is not None and node.state != "lost":
+            await self._remove_from(node, stream)
+        await self._start_on(target, stream)
+
+    async def move(self, stream: str, target: str) -> None:
+        """Move a stream to another node (an operator's choice)."""
+        cfg = self.desired[stream]
+        placer = self.placers[cfg.model]
+        source = placer.where(stream)
+        if target not in placer.slots or not placer.slots[target].healthy:
+            raise PlacementError(f"node {target} does not take streams now")
+        placer.assign(stream, target, stream_cost(cfg))
+        if source != target:
+            await self._apply_move(stream, source or "", target)
+
+    async def drain_node(self, name: str) -> list[str]:
+        """Move every stream off a node (maintenance) and place nothing there until resumed;
+        all or nothing (PlacementError when the other nodes cannot take them)."""
+        node = self.nodes[name]
+        planned = []
+        for placer in self.placers.values():
+            if name not in placer.slots:
+                continue
+            moves, stuck = placer.evacuate(name, SlotState.DRAINED)
+            planned.append((placer, moves, stuck))
+        if any(stuck for _, _, stuck in planned):
+            for placer, moves, _ in planned:  # put everything back
+                for m in moves:
+                    placer.assign(m.stream, name, m.cost)
+                placer.slots[name].state = SlotState.HEALTHY
+            lacking = sorted(s for _, _, stuck in planned for s in stuck)
+            raise PlacementError(f"node {name}: no other node has room for {', '.join(lacking)}")
+        node.state = "drained"
+        moved = [m for _, moves, _ in planned for m in moves]
+        await asyncio.gather(*(self._apply_move(m.stream, m.source, m.target) for m in moved))
+        self._changed.set()
+        return [m.stream for m in moved]
+
+    async def resume_node(self, name: str) -> None:
+        node = self.nodes[name]
+        for placer in self.placers.values():
+            if name in placer.slots:
+                placer.slots[name].state = SlotState.HEALTHY
+        node.state = "up"
+        self._joined.set()  # rebalance onto it
+
+    # -- loops -----------------------------------------------------------------------------------------
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ping_s)
+            await self._discover()
+            await asyncio.gather(*(self._ping(n) for n in list(self.nodes.values()) if n.state in ("up", "drained")))
+
+    async def _ping(self, node: NodeHandle) -> None:
+        self.calls += 1
+        try:
+            desc = await asyncio.wait_for(node.actor.ping.remote(), self.settings.dead_after_s)
+        except TimeoutError:
+            await self._lost(node, f"no answer for {self.settings.dead_after_s:g}s")
+            return
+        except Exception as exc:  # noqa: BLE001 - the actor or its node died
+            await self._lost(node, type(exc).__name__)
+            return
+        before = set(node.streams)
+        self._describe(node, desc)
+        if set(node.streams) != before:
+            self._changed.set()
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), self.settings.rebalance_s)
+            self._joined.clear()
+            await self.rebalance()
+
+    async def rebalance(self) -> list[tuple[str, str, str]]:
+        """Even the load over nodes (within `band`, at most `max_moves`): -> (stream, from, to) moves."""
+        done = []
+        for placer in self.placers.values():
+            moves = placer.rebalance(max_moves=self.settings.max_moves)
+            await asyncio.gather(*(self._apply_move(m.stream, m.source, m.target) for m in moves))
+            done += [(m.stream, m.source, m.target) for m in moves]
+        if done:
+            log.info("cluster: rebalanced %d stream(s): %s", len(done),
+                     ", ".join(f"{s} {a}->{b}" for s, a, b in done))
+        return done
+
+    async def _state_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 10.0)
+            self._changed.clear()
+            self.publisher.publish(self.publisher.topic("cluster"), self.state(), qos=1, retain=True)
+
+    def state(self) -> dict[str, Any]:
+        elapsed = max(1e-9, time.monotonic() - self.started_at)
+        return {
+            "v": PAYLOAD_VERSION,
+            "at": round(time.time(), 3),
+            "nodes": {n.name: {"state": n.state, "streams": sorted(s for s in self.desired if self.where(s) == n.name),
+                               "throughput": {m: round(v, 1) for m, v in n.throughput.items()},
+                               "error": n.error}
+                      for n in self.nodes.values()},
+            "unplaced": sorted(s for s in self.desired if self.where(s) is None),
+            "control_calls_per_s": round(self.calls / elapsed, 2),
+        }
