@@ -141,9 +141,16 @@ class Placer:
         mean = sum(utils) / len(utils) if utils else 0.0
         return max(utils) / mean if mean > 0 else 1.0
 
-    def min_moves_needed(self) -> int:
+    def floor_ratio(self) -> float:
+        """min / mean utilisation over healthy slots (1.0 = perfectly even; 0 = one slot idle)."""
+        utils = [s.utilisation for s in self.healthy()]
+        mean = sum(utils) / len(utils) if utils else 0.0
+        return min(utils) / mean if mean > 0 else 1.0
+
+    def min_moves_needed(self, fill: bool = False) -> int:
         """A lower bound on the moves any rebalancer needs: each over-band slot must shed its excess,
-        and one move sheds at most its largest stream."""
+        and one move sheds at most its largest stream (with `fill`, likewise each slot below the band
+        must receive its deficit, one move bringing at most the largest stream anywhere)."""
         pool = self.healthy()
         if not pool:
             return 0
@@ -161,16 +168,26 @@ class Placer:
                     need += 1
                     if shed >= excess:
                         break
-        return need
+        if not fill:
+            return need
+        biggest = max((c for s in pool for c in s.members.values()), default=0.0)
+        fill_need = 0
+        for s in pool:
+            deficit = s.capacity * (total / cap) * (1 - self.band) - s.load
+            if deficit > 1e-12 and biggest > 0:
+                fill_need += math.ceil(deficit / biggest - 1e-9)
+        return max(need, fill_need)
 
-    def rebalance(self, max_moves: int | None = None) -> list[Move]:
+    def rebalance(self, max_moves: int | None = None, fill: bool = False) -> list[Move]:
         """Greedy: move the stream that best evens the most and least loaded slots, until every
-        slot is within the band or no move helps. Few moves by construction (largest useful first)."""
+        slot is within the band (below it too, with `fill`: a slot that joined empty takes its
+        share) or no move helps. Few moves by construction (largest useful first)."""
         moves: list[Move] = []
         limit = max_moves if max_moves is not None else 10 * sum(len(s.members) for s in self.slots.values())
         while len(moves) < limit:
             pool = self.healthy()
-            if len(pool) < 2 or self.imbalance() <= 1 + self.band:
+            if len(pool) < 2 or (self.imbalance() <= 1 + self.band and
+                                 (not fill or self.floor_ratio() >= 1 - self.band)):
                 break
             hi = max(pool, key=lambda s: s.utilisation)
             lo = min(pool, key=lambda s: s.utilisation)

@@ -99,6 +99,31 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         assert 1 <= len(on_new) <= config.cluster.max_moves, {s: head.where(s) for s in STREAMS}
         await wait_until(lambda: all(published_since(sub, s, t_join) for s in on_new), 60, "moved streams publishing")
 
+        # drain the new node (maintenance): its streams move off and nothing is placed there until resumed
+        t_drain = time.time()
+        assert sorted(await head.drain_node(joined)) == sorted(on_new)
+        assert all(head.where(s) != joined for s in STREAMS)
+
+        def published_by(stream: str, since: float, node: str | None) -> list[Any]:
+            return [m for m in published_since(sub, stream, since) if m.json()["node"] == node]
+
+        await wait_until(lambda: all(published_by(s, t_drain, head.where(s)) for s in on_new), 60,
+                         "drained streams publishing from their new node")
+        # streams added and removed at run time go through the same placement (not onto the drained node)
+        from pipeline.config import StreamConfig
+
+        t_add = time.time()
+        placed = await head.add_stream("e", StreamConfig(url=server.url("a"), model="shapes", max_fps=4))
+        assert placed not in (None, joined, victim_name)
+        await wait_until(lambda: published_by("e", t_add, placed), 60, "a stream added at run time publishing")
+        await head.remove_stream("e")
+        t_removed = time.time()
+        await asyncio.sleep(2.0)
+        assert not [m for m in published_since(sub, "e", t_removed + 1.0)], "a removed stream kept publishing"
+        assert sub.of("/streams/e/state")[-1].payload == b""  # its retained state is cleared
+        await head.resume_node(joined)
+        await wait_until(lambda: any(head.where(s) == joined for s in STREAMS), 60, "load back on the resumed node")
+
         # the head goes away without stopping the workers; a new head finds them and their streams
         head.keep_workers = True
         heads[-1][1].set()

@@ -69,3 +69,32 @@ def test_simulation_invariants() -> None:
     assert dies["replaced_within_tick"] and dies["refused_on_failure"] == 0 and dies["moved_on_failure"] > 0
     added = rows["8 GPUs x 200, a GPU is added"]
     assert added["moves"] <= 2 * max(1, added["min_moves_needed"])
+
+
+def test_node_level_simulation_meets_the_cluster_targets() -> None:
+    """16 nodes x 8 GPUs x 4000 streams through the head's two levels: even, few moves, fast failover."""
+    rows = {r["scenario"].split(": ")[1]: r for r in simulate_cluster.run_nodes(seed=2)}
+    for row in rows.values():
+        assert row["imbalance_nodes"] <= 1.10 and row["imbalance_slots"] <= 1.10, row
+        assert row["streams"] == 4000, row  # nothing lost
+        assert row["head_msgs_per_s"] == 2 * row["nodes"], row  # pings only: no per-stream traffic at rest
+    fails, joins, drain = rows["node fails"], rows["a node joins"], rows["a node is drained"]
+    assert fails["stranded"] == 0 and fails["moved_on_failure"] == fails["lost_streams"] > 0
+    assert fails["replace_cpu_ms"] < 1000
+    assert joins["floor_nodes"] >= 0.9 and 0 < joins["moves"] <= 2 * joins["min_moves_needed"], joins
+    assert drain["stranded"] == 0 and drain["moves"] == drain["min_moves_needed"] > 0
+
+
+def test_fill_gives_an_empty_slot_its_share() -> None:
+    """One idle slot among many is within the band by max/mean; `fill` still gives it its share."""
+    p = Placer(band=0.10)
+    for i in range(16):
+        p.add_slot(f"n{i}", capacity=1.0)
+    for k in range(160):
+        p.place(f"c{k}", 0.05)
+    p.add_slot("new", capacity=1.0)
+    assert p.imbalance() <= 1.10 and p.rebalance() == []  # by max/mean alone nothing moves
+    need = p.min_moves_needed(fill=True)
+    moves = p.rebalance(fill=True)
+    assert p.floor_ratio() >= 0.9 and all(m.target == "new" for m in moves)
+    assert need <= len(moves) <= 2 * need

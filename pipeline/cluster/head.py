@@ -381,7 +381,7 @@ class ClusterHead:
         """Even the load over nodes (within `band`, at most `max_moves`): -> (stream, from, to) moves."""
         done = []
         for placer in self.placers.values():
-            moves = placer.rebalance(max_moves=self.settings.max_moves)
+            moves = placer.rebalance(max_moves=self.settings.max_moves, fill=True)  # a joined node takes its share
             await asyncio.gather(*(self._apply_move(m.stream, m.source, m.target) for m in moves))
             done += [(m.stream, m.source, m.target) for m in moves]
         if done:
