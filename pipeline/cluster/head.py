@@ -34,6 +34,7 @@ from typing import Any
 from streams import url_password
 
 from ..config import Config, StreamConfig
+from ..handoff import wait_event
 from ..placement import PlacementError, Placer, SlotState
 from ..publisher import Publisher
 
@@ -121,7 +122,8 @@ class ClusterHead:
 
         async def stop(node: NodeHandle) -> None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(node.actor.stop.remote(), 30)
+                async with asyncio.timeout(30):
+                    await node.actor.stop.remote()
             with contextlib.suppress(Exception):
                 ray.kill(node.actor, no_restart=True)
 
@@ -173,7 +175,8 @@ class ClusterHead:
         self.nodes[name] = node
         self.calls += 1
         try:
-            desc = await asyncio.wait_for(actor.start.remote(), START_TIMEOUT_S)
+            async with asyncio.timeout(START_TIMEOUT_S):
+                desc = await actor.start.remote()
         except Exception as exc:  # noqa: BLE001 - any failure of a remote start: the node is lost
             await self._lost(node, f"its worker did not start: {exc!r}")
             return
@@ -358,7 +361,8 @@ class ClusterHead:
     async def _ping(self, node: NodeHandle) -> None:
         self.calls += 1
         try:
-            desc = await asyncio.wait_for(node.actor.ping.remote(), self.settings.dead_after_s)
+            async with asyncio.timeout(self.settings.dead_after_s):
+                desc = await node.actor.ping.remote()
         except TimeoutError:
             await self._lost(node, f"no answer for {self.settings.dead_after_s:g}s")
             return
@@ -372,8 +376,7 @@ class ClusterHead:
 
     async def _rebalance_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._joined.wait(), self.settings.rebalance_s)
+            await wait_event(self._joined, self.settings.rebalance_s)
             self._joined.clear()
             await self.rebalance()
 
@@ -391,8 +394,7 @@ class ClusterHead:
 
     async def _state_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 10.0)
+            await wait_event(self._changed, 10.0)
             self._changed.clear()
             self.publisher.publish(self.publisher.topic("cluster"), self.state(), qos=1, retain=True)
 
