@@ -14,7 +14,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -42,10 +42,16 @@ class Strict(BaseModel):
 
 
 class MqttConfig(Strict):
-    url: str = Field("embedded", description="mqtt://host:port, mqtts://host:port, or 'embedded'")
+    url: str = Field("embedded", description="mqtt://host:port, mqtts://host:port (TLS), or 'embedded'; "
+                     "mqtt://user:password@host also works (prefer username and password=${ENV_VAR})")
     topic_prefix: str = Field("framegrid", pattern=r"^[^#+\s]+$", description="prefix of every topic")
-    username: str | None = Field(None, description="broker user name")
+    username: str | None = Field(None, description="broker user name (or in the URL)")
     password: SecretStr | None = Field(None, description="broker password; use ${ENV_VAR}")
+    ca_file: Path | None = Field(None, description="mqtts: CA certificate(s) (PEM) that signed the broker's "
+                                 "certificate (default: the system's CAs)")
+    cert_file: Path | None = Field(None, description="mqtts: client certificate (PEM), for brokers that "
+                                   "require one")
+    key_file: Path | None = Field(None, description="mqtts: the client certificate's private key (PEM)")
     client_id: str | None = Field(None, max_length=128, description="defaults to framegrid-<host>-<pid>")
     qos: int = Field(1, ge=0, le=2, description="QoS of detections")
     state_qos: int = Field(1, ge=0, le=2, description="QoS of retained state/availability")
@@ -71,6 +77,39 @@ class MqttConfig(Strict):
         except ValueError as exc:
             raise ValueError(f"bad port: {exc}") from None
         return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> MqttConfig:
+        if self.url == "embedded":
+            return self
+        parts = urlsplit(self.url)
+        if parts.username is not None and self.username is not None and unquote(parts.username) != self.username:
+            raise ValueError("the user name is given twice (in mqtt.url and mqtt.username) and differs: keep one")
+        if parts.password is not None and self.password is not None:
+            raise ValueError("the password is given twice (in mqtt.url and mqtt.password): keep mqtt.password "
+                             "= \"${MQTT_PASSWORD}\"")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file go together")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file/cert_file/key_file need TLS: write the url as mqtts://host:port")
+        return self
+
+    @property
+    def user(self) -> str | None:
+        """The user name: `username`, else the URL's."""
+        if self.username is not None or self.url == "embedded":
+            return self.username
+        name = urlsplit(self.url).username
+        return unquote(name) if name is not None else None
+
+    def secret(self) -> str | None:
+        """The password: `password`, else the URL's."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.url == "embedded":
+            return None
+        word = urlsplit(self.url).password
+        return unquote(word) if word is not None else None
 
     @property
     def host(self) -> str:
@@ -411,8 +450,8 @@ class Config(Strict):
     def secrets(self) -> tuple[str, ...]:
         """Literal secrets to scrub from any output, besides URL passwords."""
         out = []
-        if self.mqtt.password is not None:
-            out.append(self.mqtt.password.get_secret_value())
+        if self.mqtt.secret():
+            out.append(self.mqtt.secret())
         if self.api.token is not None:
             out.append(self.api.token.get_secret_value())
         out += [url_password(stream.url) for stream in self.streams.values()]
@@ -515,11 +554,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     api = config.api
     if api.jobs_dir is not None and not api.jobs_dir.is_absolute():
         api = api.model_copy(update={"jobs_dir": base_dir / api.jobs_dir})
+    mqtt = config.mqtt.model_copy(update={k: base_dir / v for k in ("ca_file", "cert_file", "key_file")
+                                          if (v := getattr(config.mqtt, k)) is not None and not v.is_absolute()})
     events = config.events
     if events.store is not None and not events.store.is_absolute():
         events = events.model_copy(update={"store": base_dir / events.store})
     return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync,
-                                     "api": api, "events": events})
+                                     "api": api, "events": events, "mqtt": mqtt})
 
 
 def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:

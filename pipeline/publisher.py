@@ -49,6 +49,30 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot publish a {type(value).__name__} as JSON")
 
 
+HINTS = {
+    "unauthorized": "the broker does not accept these credentials (mqtt.username / mqtt.password, or its ACL)",
+    "tls_error": "the TLS handshake failed (mqtt.ca_file must hold the CA that signed the broker's "
+                 "certificate; the certificates must be valid now)",
+}
+
+
+def connection_state(exc: BaseException) -> str:
+    """What a failed connection means: `unauthorized` (credentials refused), `tls_error` (certificate
+    checks failed, or a TLS file cannot be read), else `unavailable` (network, broker down)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError | ssl.CertificateError):
+            return "tls_error"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).lower()
+    code = getattr(exc, "rc", None)
+    if code in (4, 5, 134, 135) or "not authori" in text or "bad user name" in text:
+        return "unauthorized"
+    if "ssl" in text or "certificate" in text or "tls" in text or isinstance(exc, FileNotFoundError | PermissionError):
+        return "tls_error"
+    return "unavailable"
+
+
 class Publisher:
     """Owns one MQTT connection; run `run()` as a task, call `publish()` from the loop."""
 
@@ -79,6 +103,7 @@ class Publisher:
         self._subscriptions: dict[str, Any] = {}  # topic filter -> callback(topic, payload), called on the loop
         self.received = 0  # messages received on our subscriptions (talk audio)
         self.last_error: str | None = None
+        self.state = "connecting"  # connected | unavailable | unauthorized | tls_error (see connection_state)
 
     @property
     def availability_topic(self) -> str:
@@ -168,21 +193,28 @@ class Publisher:
             "resent": self.resent,
             "received": self.received,
             "last_error": self.last_error,
+            "state": self.state,
             "send_ms": {"p50": _r(percentile(self.send_ms, 50)), "p95": _r(percentile(self.send_ms, 95))},
         }
 
     # -- the connection task --------------------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.cfg.tls:
+            return None
+        context = ssl.create_default_context(cafile=str(self.cfg.ca_file) if self.cfg.ca_file else None)
+        if self.cfg.cert_file is not None and self.cfg.key_file is not None:
+            context.load_cert_chain(str(self.cfg.cert_file), str(self.cfg.key_file))
+        return context
+
     def _make_client(self) -> aiomqtt.Client:
-        password = self.cfg.password.get_secret_value() if self.cfg.password else None
-        tls = ssl.create_default_context() if self.cfg.tls else None
         return aiomqtt.Client(
             hostname=self.host,
             port=self.port,
             identifier=self.client_id,
-            username=self.cfg.username,
-            password=password,
+            username=self.cfg.user,
+            password=self.cfg.secret(),
             keepalive=self.cfg.keepalive,
-            tls_context=tls,
+            tls_context=self._tls_context(),
             timeout=10,
             will=aiomqtt.Will(self.availability_topic, b"offline", qos=self.cfg.state_qos, retain=True),
         )
@@ -195,6 +227,7 @@ class Publisher:
                 async with self._make_client() as client:
                     self._client = client
                     self.connected = True
+                    self.state, self.last_error = "connected", None
                     self.connects += 1
                     backoff.reset()
                     log.info("mqtt: connected to %s:%d as %s", self.host, self.port, self.client_id)
@@ -212,17 +245,25 @@ class Publisher:
                         reader.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await reader
-            except aiomqtt.MqttError as exc:
-                self.last_error = redact_text(str(exc), self._secrets)
-                if self.connected or self.connects == 0:
-                    log.warning("mqtt: %s:%d unavailable (%s); buffering up to %d messages",
-                                self.host, self.port, self.last_error, self.cfg.buffer)
+            except (aiomqtt.MqttError, OSError) as exc:  # OSError: a TLS file that cannot be read
+                error = redact_text(str(exc), self._secrets)
+                state = connection_state(exc)
+                if state != self.state or error != self.last_error:  # said once, not at every retry
+                    if state == "unavailable":
+                        log.warning("mqtt: %s:%d unavailable (%s); buffering up to %d messages",
+                                    self.host, self.port, error, self.cfg.buffer)
+                    else:
+                        log.error("mqtt: %s:%d refused us: %s (%s); retrying every %gs, buffering up to %d "
+                                  "messages", self.host, self.port, HINTS[state], error, self.cfg.reconnect_cap,
+                                  self.cfg.buffer)
+                self.state, self.last_error = state, error
             finally:
                 self.connected = False
                 self._client = None
             if self._closing:
                 break
-            delay = backoff.next_delay()
+            # a refusal (credentials, certificates) will not mend itself soon: retry slowly
+            delay = backoff.next_delay() if self.state == "unavailable" else self.cfg.reconnect_cap
             await wait_event(self._close_ev, delay)
 
     async def _drain(self, client: aiomqtt.Client, reader: asyncio.Task[None] | None = None) -> None:

@@ -35,7 +35,9 @@ class Telemetry:
 
     # -- streams ---------------------------------------------------------------------------------
     def stream_state_payload(self, record: StreamRecord) -> dict[str, Any]:
+        node = {"node": self.publisher.node} if self.publisher.node else {}  # on a cluster: where it runs now
         return {
+            **node,
             "v": PAYLOAD_VERSION,
             "stream": record.name,
             "state": record.state.value,

@@ -34,12 +34,15 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A real Mosquitto broker on a fixed loopback port; can be stopped and restarted."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False,
+                 security: str = "allow_anonymous true\n", scheme: str = "mqtt") -> None:
+        """`security`: the listener's access lines (default: anyone); `scheme` mqtts for a TLS listener."""
         self.port = port or free_port()
+        self.scheme = scheme
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
                        else "persistence false\n")
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}")
+        self.conf.write_text(f"per_listener_settings false\nlistener {self.port} 127.0.0.1\n{security}{persistence}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -56,7 +59,7 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 class RtspServer:

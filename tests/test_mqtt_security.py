@@ -1,0 +1,227 @@
+"""Encrypted, authenticated MQTT against a real Mosquitto: TLS with certificates made here, no
+anonymous access, a password file and an ACL. Each refusal (wrong CA, expired certificate, bad
+password) is one clear, redacted error, a distinct state and a slow retry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from pipeline import parse_config
+from pipeline.publisher import Publisher
+
+from .conftest import Mosquitto
+
+PASSWORD = "s3cret:pa@ss/word"  # characters that need quoting in a URL
+PREFIX = "fgsec"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    other_ca: Path
+    server: tuple[Path, Path]
+    expired: tuple[Path, Path]
+    client: tuple[Path, Path]
+
+
+def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple[object, object] | None,
+                  days: tuple[int, int] = (-1, 30), ca: bool = False) -> tuple[Path, Path, object, object]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name_ = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_key, issuer_cert = issuer if issuer else (key, None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name_)
+               .issuer_name(issuer_cert.subject if issuer_cert else name_)  # type: ignore[attr-defined]
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now + dt.timedelta(days=days[0])).not_valid_after(now + dt.timedelta(days=days[1]))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        import ipaddress
+
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                        critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o644)  # mosquitto runs as its own user
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path, key, cert
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    """Files the broker reads: Mosquitto drops root for its own user, which cannot enter pytest's
+    private temporary folders."""
+    d = Path(tempfile.mkdtemp(prefix="fg-mqtts-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def shared_subdir(root: Path, name: str) -> Path:
+    d = root / f"{name}-{uuid.uuid4().hex[:6]}"
+    d.mkdir(mode=0o755)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pki(shared_dir: Path) -> Pki:
+    d = shared_subdir(shared_dir, "pki")
+    _, ca, ca_key, ca_cert = _key_and_cert(d, "ca", "framegrid test CA", None, ca=True, days=(-1, 365))
+    _, other, _, _ = _key_and_cert(d, "other-ca", "someone else's CA", None, ca=True, days=(-1, 365))
+    skey, scert, _, _ = _key_and_cert(d, "server", "127.0.0.1", (ca_key, ca_cert))
+    ekey, ecert, _, _ = _key_and_cert(d, "expired", "127.0.0.1", (ca_key, ca_cert), days=(-30, -1))
+    ckey, ccert, _, _ = _key_and_cert(d, "client", "framegrid", (ca_key, ca_cert))
+    return Pki(ca, other, (scert, skey), (ecert, ekey), (ccert, ckey))
+
+
+def secure_broker(folder: Path, pki: Pki, cert: tuple[Path, Path]) -> Mosquitto:
+    passwd, acl = folder / "passwd", folder / "acl"
+    passwd.write_text("")
+    for user, word in (("framegrid", PASSWORD), ("watcher", "watch-it")):
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, word], check=True, capture_output=True)
+    passwd.chmod(0o644)
+    acl.write_text(f"user framegrid\ntopic write {PREFIX}/#\ntopic read {PREFIX}/talk/+/audio\n\n"
+                   "user watcher\ntopic read #\n")
+    acl.chmod(0o644)
+    security = (f"cafile {pki.ca}\ncertfile {cert[0]}\nkeyfile {cert[1]}\nrequire_certificate false\n"
+                f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
+    broker = Mosquitto(folder, security=security, scheme="mqtts")
+    broker.start()
+    return broker
+
+
+@pytest.fixture(scope="module")
+def broker(shared_dir: Path, pki: Pki) -> Iterator[Mosquitto]:
+    b = secure_broker(shared_subdir(shared_dir, "mqtts"), pki, pki.server)
+    yield b
+    b.stop()
+
+
+def watch(broker: Mosquitto, pki: Pki, topic: str) -> tuple[paho.Client, list[bytes]]:
+    got: list[bytes] = []
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:6]}")
+    c.tls_set(ca_certs=str(pki.ca))
+    c.username_pw_set("watcher", "watch-it")
+    c.on_message = lambda _c, _u, msg: got.append(msg.payload)
+    c.on_connect = lambda cl, _u, _f, _rc, _p=None: cl.subscribe(topic, qos=1)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    return c, got
+
+
+async def run_publisher(mqtt: dict[str, object], tmp_path: Path, seconds: float,
+                        env: dict[str, str] | None = None) -> Publisher:
+    config = parse_config({"mqtt": {"topic_prefix": PREFIX, "reconnect_cap": 1.0, **mqtt}}, tmp_path, env=env or {})
+    pub = Publisher(config.mqtt, secrets=config.secrets())
+    task = asyncio.create_task(pub.run())
+    pub.publish(pub.topic("hello"), b"over tls", qos=1)
+    await asyncio.sleep(seconds)
+    await pub.close()
+    await asyncio.wait_for(task, 10)
+    return pub
+
+
+async def test_tls_with_a_password_from_the_environment_delivers(broker: Mosquitto, pki: Pki, tmp_path: Path) -> None:
+    client, got = watch(broker, pki, f"{PREFIX}/hello")
+    try:
+        await asyncio.sleep(0.5)
+        pub = await run_publisher({"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
+                                   "password": "${MQTT_PASSWORD}"}, tmp_path, 1.5, env={"MQTT_PASSWORD": PASSWORD})
+        assert got == [b"over tls"]
+        assert pub.connects == 1 and pub.last_error is None
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+async def test_credentials_in_the_url_work_and_are_redacted(broker: Mosquitto, pki: Pki, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from urllib.parse import quote
+
+    client, got = watch(broker, pki, f"{PREFIX}/hello")
+    url = f"mqtts://framegrid:{quote(PASSWORD, safe='')}@127.0.0.1:{broker.port}"
+    try:
+        await asyncio.sleep(0.5)
+        with caplog.at_level(logging.DEBUG):
+            pub = await run_publisher({"url": url, "ca_file": str(pki.ca)}, tmp_path, 1.5)
+        assert got == [b"over tls"] and pub.connects == 1
+        # with a client certificate too (the broker does not require one; it must still load)
+        ccert, ckey = pki.client
+        pub = await run_publisher({"url": url, "ca_file": str(pki.ca), "cert_file": str(ccert),
+                                   "key_file": str(ckey)}, tmp_path, 1.5)
+        assert got == [b"over tls", b"over tls"] and pub.connects == 1
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    text = caplog.text
+    assert PASSWORD not in text and quote(PASSWORD, safe="") not in text
+
+
+@pytest.mark.parametrize("case", ["wrong_ca", "bad_password", "expired_certificate"])
+async def test_a_refusal_is_one_clear_error_a_state_and_a_slow_retry(
+    case: str, broker: Mosquitto, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    shared_dir: Path,
+) -> None:
+    target = broker
+    mqtt: dict[str, object] = {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
+                               "password": PASSWORD}
+    if case == "wrong_ca":
+        mqtt["ca_file"] = str(pki.other_ca)
+    elif case == "bad_password":
+        mqtt["password"] = "not-" + PASSWORD
+    else:
+        target = secure_broker(shared_subdir(shared_dir, "expired"), pki, pki.expired)
+        mqtt["url"] = target.url
+    try:
+        with caplog.at_level(logging.DEBUG):
+            pub = await run_publisher(mqtt, tmp_path, 4.0)  # the retry cap is 1 s: about four attempts
+    finally:
+        if target is not broker:
+            target.stop()
+    want = "unauthorized" if case == "bad_password" else "tls_error"
+    assert pub.state == want and pub.connects == 0
+    assert pub.counters()["state"] == want
+    refusals = [r for r in caplog.records if "refused us" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in caplog.records]  # said once, not at every retry
+    assert refusals[0].levelno == logging.ERROR
+    message = refusals[0].getMessage()
+    assert ("credentials" in message) if want == "unauthorized" else ("ca_file" in message)
+    assert PASSWORD not in caplog.text
+    # the message and the `offline` said at close wait for a connection: nothing is lost
+    assert sorted(m.topic for m in pub._buffer) == [f"{PREFIX}/availability", f"{PREFIX}/hello"]
+
+
+def test_config_refuses_credentials_given_twice_and_tls_files_without_tls(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError
+
+    cases = {
+        "mqtt://framegrid:x@h:1883": ({"password": "y"}, "the password is given twice"),
+        "mqtt://framegrid@h:1883": ({"username": "other"}, "the user name is given twice"),
+        "mqtt://h:1883": ({"ca_file": "ca.pem"}, "need TLS"),
+        "mqtts://h:8883": ({"cert_file": "c.pem"}, "go together"),
+    }
+    for url, (extra, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            parse_config({"mqtt": {"url": url, **extra}}, tmp_path)
+        assert "mqtt" in str(err.value) and "x@" not in str(err.value)
+    ok = parse_config({"mqtt": {"url": "mqtts://framegrid@h", "ca_file": "ca.pem"}}, tmp_path)
+    assert ok.mqtt.user == "framegrid" and ok.mqtt.ca_file == tmp_path / "ca.pem" and ok.mqtt.port == 8883
