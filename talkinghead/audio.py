@@ -98,13 +98,20 @@ class PushAudio:
         self._chunks: deque[tuple[np.ndarray, float]] = deque(maxlen=int(max_seconds * FPS))
         self._lock = threading.Lock()
         self.dropped = 0
+        self.rejected = 0  # chunks refused as malformed (an odd byte count): counted, the rest goes on
         self.closed = False
         self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
 
     def push_pcm16(self, data: bytes) -> None:
         now = time.monotonic()
+        try:
+            samples = pcm16_to_float(data)
+        except AudioError:
+            with self._lock:
+                self.rejected += 1
+            raise
         with self._lock:
-            for c in self._chunker.push(pcm16_to_float(data)):
+            for c in self._chunker.push(samples):
                 if len(self._chunks) == self._chunks.maxlen:
                     self.dropped += 1
                 self._chunks.append((c, now))

@@ -274,5 +274,7 @@ class TalkSession:
         return frames
 
     def snapshot(self) -> dict[str, Any]:
+        pushed = self.audio if isinstance(self.audio, PushAudio) else None
+        audio = {"audio_rejected": pushed.rejected, "audio_dropped": pushed.dropped} if pushed is not None else {}
         return {"session": self.name, "state": self.state, "error": self.error, "backend": self.backend.name,
-                **self.stats.snapshot(time.monotonic() - self.started_at if self.started_at else 0.0)}
+                **self.stats.snapshot(time.monotonic() - self.started_at if self.started_at else 0.0), **audio}

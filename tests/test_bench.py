@@ -80,6 +80,8 @@ def test_bench_talkinghead_short_run(tmp_path: Path) -> None:
     assert set(stages) == {"features", "unet", "decode", "blend", "encode", "total"}
     assert all(v > 0 for v in stages.values())
     assert report["live"] and all(r["frames"] == 50 * r["sessions"] for r in report["live"])
-    assert [r["slots"] for r in report["offline"]] == [1, 2] and report["offline"][0]["speedup"] == 1.0
+    one, two = report["offline"]
+    assert (one["slots"], two["slots"]) == (1, 2)
+    assert two["speedup"] == round(two["fps"] / one["fps"], 2)  # the 2-slot figure is its own measurement
     assert all(r["frames"] == 50 and r["fps"] > 0 for r in report["offline"])
     assert "sustainable at 25 fps" in proc.stdout

@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import LipSyncConfig, PipelineConfig
 from pipeline.devices import DeviceInfo
 from pipeline.lipsync import LipSyncPool, musetalk_pool
-from talkinghead import TalkSession, prepare_avatar
+from talkinghead import AvatarError, TalkSession, prepare_avatar
 from talkinghead.live import MuseTalkLive
 from talkinghead.musetalk import LipSyncJob, MuseTalk, MuseTalkSlotModel, ping_pong
 from talkinghead.offline import render
@@ -267,7 +267,7 @@ def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, fa
     for a, b in zip(faces, reloaded, strict=True):
         assert np.array_equal(a.latents.numpy(), b.latents.numpy()) and np.array_equal(a.mask, b.mask)
         assert a.crop == b.crop
-    with pytest.raises(Exception, match="no face found in any of its 2 frames"):
+    with pytest.raises(AvatarError, match="no face found in any of its 2 frames"):
         prepare_avatar(write_video(tmp_path / "wall.mp4", [blank, blank]), cache_dir=tmp_path / "cache")
 
 

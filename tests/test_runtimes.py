@@ -37,9 +37,20 @@ def images() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def torch_reference(weights: Path, images: list[np.ndarray]) -> list:
-    det = YoloDetector("m", weights, imgsz=320, confidence=0.3)
-    det.load()
-    return det.infer(images)
+    """What ultralytics' own `YOLO(weights).predict` finds, one image at a time (not framegrid's code)."""
+    from types import SimpleNamespace
+
+    from detectors import prepare_ultralytics_offline
+
+    prepare_ultralytics_offline()
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    out = []
+    for img in images:
+        r = model.predict(img, imgsz=320, conf=0.3, verbose=False)[0]
+        out.append(SimpleNamespace(labels=[r.names[int(c)] for c in r.boxes.cls], boxes=r.boxes.xyxy.numpy()))
+    return out
 
 
 def same_objects(a: list, b: list) -> int:
@@ -171,7 +182,7 @@ def test_backend_choice(weights: Path, tmp_path: Path) -> None:
     assert isinstance(det, OnnxYoloDetector) and det.threads == 2
     auto = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights)}}}, tmp_path)
     assert default_detector_factory("m", auto.models["m"]).runtime == "openvino"  # installed with [cpu]
-    with pytest.raises(Exception, match="models.m.backend"):
+    with pytest.raises(ConfigError, match="models.m.backend"):
         parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "tensorrt"}}}, tmp_path)
     # two runtimes on the CPU of one process are refused before anything loads
     mixed = parse_config({

@@ -72,6 +72,7 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
     assert seen[:2] == ["starting", "live"] and seen[-2:] == ["ended", "stopped"], seen
     ended = next(s for s in states if s["state"] == "ended")
     assert ended["frames"] >= 50 and ended["output_fps"] is not None
+    assert ended["audio_rejected"] == 1  # the odd-length chunk, refused and counted; the speech went on
     nobody = [json.loads(m.payload) for m in sub.of("/talk/nobody/state")]
     assert nobody[-1]["state"] == "failed" and "no face found" in nobody[-1]["error"]
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
