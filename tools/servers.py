@@ -91,7 +91,7 @@ class RtspServer:
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.communicate(timeout=10)  # reaps it and closes its pipes
             self.proc = None
 
     def url(self, name: str, with_auth: bool = True) -> str:
