@@ -236,3 +236,63 @@ def test_decoder_options_skip_frames_and_hardware_fallback(tmp_path: Path) -> No
         assert np.array_equal(hw[10].image, plain[10].image)
     with pytest.raises(ValueError):
         SourceSettings(hwaccel="nvidia-magic")
+
+
+def test_max_retries_gives_up_and_says_why() -> None:
+    """After `max_retries` failed attempts in a row a source stops trying: `failed`, with the last error."""
+    states: list[SourceState] = []
+    failed = threading.Event()
+
+    def on_state(s: SourceState) -> None:
+        states.append(s)
+        if s.state == FAILED:
+            failed.set()
+
+    url = f"rtsp://cam:Very-Secret-1@127.0.0.1:{free_port()}/x"
+    src = Source("dead", url, lambda f: None, on_state,
+                 SourceSettings(open_timeout=2, stall_timeout=2, reconnect_base=0.05, reconnect_cap=0.1, max_retries=2))
+    src.start()
+    assert failed.wait(15), [s.state for s in states]
+    time.sleep(0.5)  # and no attempt after that
+    assert src.stop(5)
+    assert states[-1].state == FAILED and src.state.reconnects == 2  # two retries after the first attempt
+    assert "Connection refused" in (states[-1].error or "") and "Very-Secret-1" not in (states[-1].error or "")
+
+
+def test_a_camera_that_stalls_without_disconnecting_is_reconnected(tmp_path: Path) -> None:
+    """A server that accepts the connection and then sends nothing (no RST, no EOF): the stall timer
+    ends the read and the source reconnects, instead of waiting for ever."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+                held.append(conn)  # never answer, never close
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    states: list[SourceState] = []
+    url = f"rtsp://127.0.0.1:{listener.getsockname()[1]}/silent"
+    src = Source("silent", url, lambda f: None, states.append,
+                 SourceSettings(open_timeout=1.5, stall_timeout=1.5, reconnect_base=0.05, reconnect_cap=0.2))
+    t0 = time.monotonic()
+    src.start()
+    deadline = t0 + 15
+    while time.monotonic() < deadline and src.state.reconnects < 2:
+        time.sleep(0.05)
+    assert src.stop(5)
+    stop.set()
+    listener.close()
+    for conn in held:
+        conn.close()
+    assert src.state.reconnects >= 2 and len(held) >= 2  # it connected, got nothing, and tried again
+    assert any(s.state == RECONNECTING and s.error for s in states)
