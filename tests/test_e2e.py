@@ -206,3 +206,39 @@ def test_broker_restart_keeps_pipeline_running_with_honest_drop_counters(
         final["results"]["cam"] >= seqs[-1], final
     assert last["mqtt"]["dropped_overflow"] == sum(last["mqtt"]["dropped_by_kind"].values())
     assert last["mqtt"]["connects"] >= 2
+
+
+@pytest.mark.slow
+def test_broker_unreachable_at_start_then_there(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path], topic_prefix: str,
+    framegrid_env: dict[str, str],
+) -> None:
+    """framegrid starts while nothing listens on the broker's port: it runs (decodes, infers, buffers),
+    says so once, and delivers when the broker appears; the first results are among them."""
+    port = free_port()
+    cfg = write_config(tmp_path / "fg.toml", topic_prefix, f"mqtt://127.0.0.1:{port}", {"cam": str(videos["cam1"])},
+                       buffer=1000, stats_interval=1, max_fps=4)
+    fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log")
+    broker = Mosquitto(tmp_path_factory.mktemp("late-broker"), port=port, persistent=False)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "model shapes" not in fg.output():
+            time.sleep(0.2)
+        time.sleep(3)  # running without a broker: results go to the buffer
+        assert fg.proc.poll() is None, fg.output()
+        broker.start()
+        sub = Subscriber(broker.port, f"{topic_prefix}/#")
+        sub.wait_for(lambda: len(detections(sub, "cam")) >= 20, 60, "buffered and new detections")
+        seqs = sorted(m["seq"] for m in detections(sub, "cam"))
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no gap in what the subscriber saw
+        sub.close()
+        assert fg.stop() == 0
+    finally:
+        broker.stop()
+    # framegrid's own account: every result from the first was acknowledged by the broker, none dropped
+    line = next(ln for ln in fg.output().splitlines() if "mqtt: final account " in ln)
+    final = json.loads(line.split("mqtt: final account ", 1)[1])
+    assert final["published_by_kind"]["detections"] == final["results"]["cam"] >= 20, final
+    assert final["dropped_by_kind"].get("detections", 0) == 0 and final["connects"] == 1
+    unavailable = [ln for ln in fg.output().splitlines() if "unavailable" in ln]
+    assert len(unavailable) == 1, unavailable  # said once, not at every retry
