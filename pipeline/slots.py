@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from streams import SYSTEM_CLOCK, Backoff, Clock
 
+from . import faults
 from .errors import PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
 from .handoff import Handoff, wait_event
 from .placement import Move, Placer, SlotRecord, SlotState
@@ -103,7 +104,14 @@ class Slot:
         t0 = time.perf_counter()
         limit = max(self.hang_timeout, (self.service_s_per_frame or 0.0) * n * self.hang_factor)
         try:
-            fut = loop.run_in_executor(self._pool, lambda: self.model.infer(*args))
+            if faults.ENABLED:
+                def call() -> list[Any]:
+                    faults.strike(self.name, hang_s=limit * 2)
+                    return self.model.infer(*args)
+            else:
+                def call() -> list[Any]:
+                    return self.model.infer(*args)
+            fut = loop.run_in_executor(self._pool, call)
             try:
                 # the watchdog: a model call that never returns must not hold its members hostage
                 async with asyncio.timeout(limit):  # (not wait_for: see handoff.wait_event)

@@ -9,7 +9,11 @@ here keeps a copy of a state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from streams import Clock, StreamState, redact_text
@@ -19,6 +23,24 @@ from .ingest import StreamRecord
 from .publisher import Publisher
 from .results import PAYLOAD_VERSION
 from .slots import SlotPool
+
+
+def process_figures() -> dict[str, Any]:
+    """This process's resident memory, open descriptors, threads and asyncio tasks (Linux /proc;
+    None where unknown): what a soak watches for creep."""
+    out: dict[str, Any] = {"rss_mb": None, "fds": None, "threads": threading.active_count(), "tasks": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mb"] = round(int(line.split()[1]) / 1024, 1)
+            elif line.startswith("Threads:"):
+                out["threads"] = int(line.split()[1])  # native threads (decoders' and runtimes' too)
+        out["fds"] = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        pass
+    with contextlib.suppress(RuntimeError):
+        out["tasks"] = len(asyncio.all_tasks())
+    return out
 
 
 class Telemetry:
@@ -108,6 +130,7 @@ class Telemetry:
             "talk": talk,
             "lipsync": lipsync,
             "executors": executors,
+            "process": process_figures(),
         }
 
     def stats(self, payload: dict[str, Any]) -> None:

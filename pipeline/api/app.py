@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from streams import redact_text
 
+from .. import faults
 from ..config import Name, StreamConfig, TalkConfig
 from ..control import ChangeError, StreamControl
 from ..errors import PlacementError
@@ -480,6 +481,19 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         except KeyError:
             raise HTTPException(404, f"no device {device}") from None
         return moves_out(device, moves)
+
+    if faults.ENABLED:  # test-only (FRAMEGRID_FAULTS=1): the soak tool's executor-slot faults
+        @app.post("/api/faults/slots/{slot}", status_code=204, tags=["faults"], dependencies=guarded,
+                  include_in_schema=False)
+        async def fault(slot: str, kind: str) -> Response:
+            running()
+            if not any(slot in pool.slots for pool in pipeline.all_pools().values()):
+                raise HTTPException(404, f"no slot {slot}")
+            try:
+                faults.arm(slot, kind)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
+            return Response(status_code=204)
 
     # -- stats and metrics ---------------------------------------------------------------------
     @app.get("/api/stats", response_model=dict[str, Any], tags=["stats"], dependencies=guarded, responses=errors,
