@@ -95,20 +95,20 @@ def test_any_config_shaped_document_is_a_config_or_a_config_error(data: dict[str
     _check(lambda: parse_config(data, Path("/nonexistent-base"), check_files=False))
 
 
-def test_the_shaped_documents_include_valid_configs_with_streams() -> None:
-    """The generator reaches deep validation: it can make a valid config with a stream."""
-    from hypothesis import find
-
-    def valid_with_stream(data: dict[str, Any]) -> bool:
-        try:
-            return bool(parse_config(data, Path("/nonexistent-base"), check_files=False).streams)
-        except ConfigError:
-            return False
-
-    assert parse_config(BASE, Path("/nonexistent-base"), check_files=False).streams  # the base is valid
-    found = find(STRUCTURED, lambda d: d != BASE and valid_with_stream(d),
-                 settings=settings(max_examples=5000, database=None, derandomize=True))
-    assert found["streams"]
+def test_the_shaped_documents_reach_deep_validation() -> None:
+    """The mutations the property above generates reach the streams' own fields: one that keeps the
+    config valid and one that breaks it deep inside, each as the generator would write it."""
+    valid = _mutated([(("streams", "cam"), "max_fps", 12), (("streams", "cam", "tracker"), "min_hits", 3)])
+    config = parse_config(valid, Path("/nonexistent-base"), check_files=False)
+    assert config.streams["cam"].max_fps == 12 and config.streams["cam"].tracker is not None
+    invalid = _mutated([(("streams", "cam", "zones", "z"), "anchor", "elbow")])
+    try:
+        parse_config(invalid, Path("/nonexistent-base"), check_files=False)
+    except ConfigError as exc:
+        assert any(path.startswith("streams.cam.zones.z.anchor") for path, _ in exc.errors), exc.errors
+    else:
+        raise AssertionError("an unknown anchor was accepted")
+    assert {("streams", "cam"), ("streams", "cam", "zones", "z")} <= set(SECTIONS) and "max_fps" in KEYS
 
 
 @settings(max_examples=150, deadline=None)

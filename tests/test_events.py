@@ -193,10 +193,10 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     # the zone is the frame's left half, the line its middle: A starts inside and leaves, B comes in,
     # C comes in, stops, and goes out again (different heights: nobody hides anybody)
     scene = ScriptedScene("events", 21, (
-        Actor(1, 0, 30, (40, 40, 230), ((1, 80, 70), (11, 560, 70))),
-        Actor(2, 1, 30, (40, 200, 40), ((1, 560, 180), (11, 80, 180))),
-        Actor(3, 2, 32, (230, 60, 40), ((1, 540, 290), (5, 180, 290), (8, 180, 290), (14, 560, 290))),
-    ), 16.0, width=640, height=360)
+        Actor(1, 0, 30, (40, 40, 230), ((3, 80, 70), (13, 560, 70))),
+        Actor(2, 1, 30, (40, 200, 40), ((3, 560, 180), (13, 80, 180))),
+        Actor(3, 2, 32, (230, 60, 40), ((3, 540, 290), (7, 180, 290), (10, 180, 290), (16, 560, 290))),
+    ), 18.0, width=640, height=360)  # still for 3 s: a late start of the pipeline misses no crossing
     video = tmp_path / "events.mp4"
     write_video(video, scene, scene.seconds)
     config = parse_config({
@@ -210,11 +210,18 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline, shutdown = await start_pipeline(config)
+    processed: list[tuple[int, float]] = []  # (seq, pts) of every result, as the pipeline made it
+
+    class Processed:
+        def emit(self, result: Any) -> None:
+            processed.append((result.seq, result.frame.pts))
+
+    pipeline.results.add_sink(Processed())
     api = ApiServer(pipeline, None)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
     try:
         # until every crossing of the script was seen (a loaded machine processes fewer frames: fine)
-        await wait_until(lambda: any(m.json()["pts"] >= 12.5 for m in sub.of("/streams/cam/detections")), 120,
+        await wait_until(lambda: any(m.json()["pts"] >= 14.5 for m in sub.of("/streams/cam/detections")), 120,
                          "results past the scene's last crossing")
         live = (await client.get("/api/events")).json()
         assert any(e["end_time"] is None for e in live)  # objects still seen
@@ -241,22 +248,25 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
 
     # every line crossing of the truth, on the frames processed, is one event
     results = [m.json() for m in sub.of("/streams/cam/detections")]
+    received = sorted(m["seq"] for m in results)
+    assert received == list(range(1, len(received) + 1)) and len(received) == len(processed), \
+        ("the subscriber missed results", len(processed), sorted(set(range(1, len(processed) + 1)) - set(received)))
     truth_crossings: list[str] = []
     published_crossings = [c.rsplit(":", 1)[1] for e in events for c in e["changed"] if c.startswith("crossed:mid")]
     last_x: dict[int, float] = {}
     starts_inside = 0
-    for msg in results[2:]:  # from when the first tracks were announced (min_hits 2)
-        index = round(msg["pts"] * scene.fps)
+    for _, pts in sorted(processed)[2:]:  # from when the first tracks were announced (min_hits 2)
+        index = round(pts * scene.fps)
         for a, shape in zip(scene.actors, scene.shapes_at(index), strict=True):
             x = anchor_of(shape.box(scene.width, scene.height), "bottom_center")[0]
             starts_inside += a.id not in last_x and x < 320
-            if a.id in last_x and (last_x[a.id] - 320) * (x - 320) < 0:
+            if a.id in last_x and (last_x[a.id] < 320) != (x < 320):  # (a frame exactly on the line: right side)
                 # the line runs downwards: its right-hand side (`in`) is the frame's left half
                 truth_crossings.append("in" if x < 320 else "out")
             last_x[a.id] = x
     # the script crosses four times; a loaded machine may skip a stretch of frames (keep-latest), and
     # what it did not process it cannot count: the truth is taken on the processed frames
-    gaps = [(a["pts"], b["pts"]) for a, b in zip(results, results[1:]) if b["pts"] - a["pts"] > 1.0]
+    gaps = [(a, b) for (_, a), (_, b) in zip(sorted(processed), sorted(processed)[1:]) if b - a > 1.0]
     assert len(truth_crossings) >= 2, ("the results missed most of the scene", gaps)
     assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
     # the zone is the frame's left half: leaving it is crossing the line outwards, once each

@@ -21,10 +21,10 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "framegrid.json"
 
 
 def start_prometheus(port: int, config: Path, tmp: Path) -> subprocess.Popen[bytes]:
-    log = (tmp / "prometheus.log").open("wb")
-    proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    with (tmp / "prometheus.log").open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=log, stderr=subprocess.STDOUT)
     wait_port(port, 30)
     return proc
 
