@@ -52,6 +52,9 @@ class MqttConfig(Strict):
     cert_file: Path | None = Field(None, description="mqtts: client certificate (PEM), for brokers that "
                                    "require one")
     key_file: Path | None = Field(None, description="mqtts: the client certificate's private key (PEM)")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT version to speak to an external broker (the "
+                                            "embedded one speaks 3.1.1); with 5 a publish the broker's ACL refuses is "
+                                            "reported (state unauthorized), with 3.1.1 brokers drop it silently")
     client_id: str | None = Field(None, max_length=128, description="defaults to framegrid-<host>-<pid>")
     qos: int = Field(1, ge=0, le=2, description="QoS of detections")
     state_qos: int = Field(1, ge=0, le=2, description="QoS of retained state/availability")

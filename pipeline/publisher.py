@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,18 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"cannot publish a {type(value).__name__} as JSON")
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, also telling of a publish the broker refused (MQTT 5 PUBACK reason codes:
+    its ACL), which aiomqtt itself ignores."""
+
+    on_refused: Callable[[str], None] | None = None
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False) and self.on_refused is not None:
+            self.on_refused(str(reason_code))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
 
 
 HINTS = {
@@ -104,6 +116,7 @@ class Publisher:
         self.received = 0  # messages received on our subscriptions (talk audio)
         self.last_error: str | None = None
         self.state = "connecting"  # connected | unavailable | unauthorized | tls_error (see connection_state)
+        self.denied = 0  # messages and subscriptions the broker refused (its ACL; MQTT 5 tells, 3.1.1 does not)
 
     @property
     def availability_topic(self) -> str:
@@ -194,6 +207,7 @@ class Publisher:
             "received": self.received,
             "last_error": self.last_error,
             "state": self.state,
+            "denied": self.denied,
             "send_ms": {"p50": _r(percentile(self.send_ms, 50)), "p95": _r(percentile(self.send_ms, 95))},
         }
 
@@ -207,7 +221,9 @@ class Publisher:
         return context
 
     def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        v5 = self.cfg.protocol == "5" and self.cfg.url != "embedded"
+        client = _Client(
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             hostname=self.host,
             port=self.port,
             identifier=self.client_id,
@@ -218,6 +234,17 @@ class Publisher:
             timeout=10,
             will=aiomqtt.Will(self.availability_topic, b"offline", qos=self.cfg.state_qos, retain=True),
         )
+        client.on_refused = self._refused
+        return client
+
+    def _refused(self, reason: str, what: str = "a publish") -> None:
+        """The broker refused a message or a subscription (its ACL): counted, said once, state unauthorized."""
+        self.denied += 1
+        error = (f"the broker refused {what} ({reason}): its ACL must let user {self.cfg.user or '(none)'} write "
+                 f"{self.prefix}/# and read {self.prefix}/talk/+/audio")
+        if self.state != "unauthorized" or self.last_error != error:
+            log.error("mqtt: %s:%d %s", self.host, self.port, error)
+        self.state, self.last_error = "unauthorized", error
 
     async def run(self) -> None:
         """Connect, drain, reconnect forever; returns after `close()`."""
@@ -237,7 +264,9 @@ class Publisher:
                         if id(msg) not in queued:
                             await client.publish(msg.topic, msg.payload, qos=msg.qos, retain=True)
                     for topic_filter in list(self._subscriptions):
-                        await client.subscribe(topic_filter, qos=1)
+                        granted = await client.subscribe(topic_filter, qos=1)
+                        if any(getattr(g, "is_failure", False) or g == 128 for g in granted or ()):
+                            self._refused(str(granted[0]), f"the subscription to {topic_filter}")
                     reader = asyncio.create_task(self._read(client), name="mqtt.reader")
                     try:
                         await self._drain(client, reader)

@@ -225,3 +225,31 @@ def test_config_refuses_credentials_given_twice_and_tls_files_without_tls(tmp_pa
         assert "mqtt" in str(err.value) and "x@" not in str(err.value)
     ok = parse_config({"mqtt": {"url": "mqtts://framegrid@h", "ca_file": "ca.pem"}}, tmp_path)
     assert ok.mqtt.user == "framegrid" and ok.mqtt.ca_file == tmp_path / "ca.pem" and ok.mqtt.port == 8883
+
+
+async def test_an_acl_denial_is_one_clear_error_and_a_state(broker: Mosquitto, pki: Pki, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The ACL lets framegrid's user write only under its prefix: with another prefix every publish is
+    refused, and MQTT 5 says so (PUBACK reason codes). (Mosquitto grants a subscription its ACL will
+    not deliver to, so the talk subscription is not refused here.)"""
+    client, got = watch(broker, pki, "#")
+    config = parse_config({"mqtt": {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
+                                    "password": PASSWORD, "topic_prefix": "elsewhere"}}, tmp_path)
+    pub = Publisher(config.mqtt, secrets=config.secrets())
+    try:
+        with caplog.at_level(logging.DEBUG):
+            task = asyncio.create_task(pub.run())
+            for i in range(5):
+                pub.publish(pub.topic("hello"), f"{i}".encode(), qos=1)
+                await asyncio.sleep(0.3)
+            await pub.close()
+            await asyncio.wait_for(task, 10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert pub.state == "unauthorized" and pub.denied >= 6  # five messages and the `online` availability
+    assert not {b"0", b"1", b"2", b"3", b"4"} & set(got)  # nothing got through
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]  # said once, not for every message
+    assert all("ACL" in r.getMessage() and "elsewhere/#" in r.getMessage() for r in refusals)
+    assert PASSWORD not in caplog.text
