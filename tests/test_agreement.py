@@ -25,6 +25,7 @@ def cameras(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_published_detections_equal_ultralytics_predict(cameras: Path, backend: str) -> None:
     threshold, f1_min, conf_within = TARGETS[backend]

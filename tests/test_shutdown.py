@@ -7,10 +7,13 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from .conftest import Framegrid, Subscriber, free_port
 from .test_e2e import detections, write_config
 
 
+@pytest.mark.slow
 def test_group_sigterm_with_embedded_broker_flushes_everything(
     tmp_path: Path, videos: dict[str, Path], framegrid_env: dict[str, str],
 ) -> None:
