@@ -89,6 +89,10 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         assert all(head.where(s) != victim_name for s in STREAMS)
         assert head.nodes[victim_name].state == "lost"
         assert any(m.payload == b"offline" for m in sub.of(f"/nodes/{victim_name}/availability"))
+        for stream in moved:  # the head said it was moving, and why
+            moving = [m.json() for m in sub.of(f"/streams/{stream}/state") if m.payload and m.at > t_kill
+                      and m.json()["state"] == "moving"]
+            assert moving and moving[0]["reason"] == f"node {victim_name} lost", moving
         for stream in moved:  # its state tells where it runs now
             await wait_until(lambda st=stream: (sub.of(f"/streams/{st}/state")[-1].payload or b"{}") != b"{}" and
                              sub.of(f"/streams/{st}/state")[-1].json().get("node") == head.where(st), 30,

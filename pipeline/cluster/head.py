@@ -228,6 +228,7 @@ class ClusterHead:
             moves, stuck = placer.evacuate(node.name, SlotState.FAILED, force=True)
             del placer.slots[node.name]
             for move in moves:
+                self._moving(move.stream, move.target, f"node {node.name} lost")
                 self._spawn(self._start_on(move.target, move.stream), f"cluster.move.{move.stream}")
             for stream in stuck:
                 log.warning("cluster: stream %s waits for a node", stream)
@@ -307,7 +308,14 @@ class ClusterHead:
         node = self.nodes.get(source)
         if node is not None and node.state != "lost":
             await self._remove_from(node, stream)
+        self._moving(stream, target, f"moved from {source}")
         await self._start_on(target, stream)
+
+    def _moving(self, stream: str, target: str, why: str) -> None:
+        """Tell the stream's subscribers it is moving, and where (its new node then publishes its states)."""
+        self.publisher.publish(self.publisher.topic("streams", stream, "state"),
+                               {"v": PAYLOAD_VERSION, "stream": stream, "state": "moving", "node": target,
+                                "reason": why, "since": round(time.time(), 3)}, qos=1, retain=True)
 
     async def move(self, stream: str, target: str) -> None:
         """Move a stream to another node (an operator's choice)."""
