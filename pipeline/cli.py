@@ -36,6 +36,9 @@ def setup_logging(level: str = "info", secrets: tuple[str, ...] = ()) -> None:
     root.setLevel(level.upper())
     for noisy in ("ultralytics", "amqtt", "transitions", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aiomqtt's own logger warns "There are N pending publish calls" for every message of a burst
+    # (a reconnect flushing the buffer): framegrid reports the connection itself, once
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
 
 
 def _status_table(stats: dict[str, Any]) -> str:
