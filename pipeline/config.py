@@ -408,7 +408,7 @@ class ClusterConfig(Strict):
                                 "taken as lost: its streams move to the other nodes")
     rebalance_s: float = Field(30.0, gt=0, le=86400, description="seconds between rebalancing passes (also "
                                "after a node joins)")
-    band: float = Field(0.10, ge=0, le=10, description="rebalance while the busiest node is this much above the "
+    band: float = Field(0.10, ge=0, le=10, description="rebalance while a node is this much above (or below) the "
                         "mean load (hysteresis: fewer moves)")
     max_moves: int = Field(8, ge=0, le=10_000, description="most streams moved by one rebalancing pass")
 

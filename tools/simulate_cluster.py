@@ -293,23 +293,17 @@ def main() -> int:
         cols = ["scenario", "nodes", "slots", "streams", "imbalance_nodes", "floor_nodes", "imbalance_slots", "moves",
                 "min_moves_needed", "stranded", "replace_cpu_ms", "head_msgs_per_s", "head_bytes_per_s",
                 "ping_bytes_per_stream"]
-        print(" | ".join(cols))
-        for r in rows:
-            print(" | ".join(str(r.get(c, "-")) for c in cols))
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
-        return 0
-    rows = run(args.seed)
-    cols = ["scenario", "slots", "streams", "refused", "imbalance_max_mean", "mean_utilisation",
-            "moves", "min_moves_needed", "moved_on_failure", "replace_ms", "frames_dropped_on_failure",
-            "frames_dropped_per_s_steady"]
+    else:
+        rows = run(args.seed)
+        cols = ["scenario", "slots", "streams", "refused", "imbalance_max_mean", "mean_utilisation",
+                "moves", "min_moves_needed", "moved_on_failure", "replace_ms", "frames_dropped_on_failure",
+                "frames_dropped_per_s_steady"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "-")) for c in cols))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
