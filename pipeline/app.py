@@ -27,13 +27,14 @@ from streams import SYSTEM_CLOCK, Clock, StreamState, redact_text, url_password
 from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig, TalkConfig
 from .detect import DetectorFactory, StreamFeed, default_detector_factory, detect_pool
-from .devices import DeviceInfo, decode_threads, discover
+from .devices import DeviceInfo, cap_cpu_cores, decode_threads, discover
 from .errors import PlacementError, PoolError
 from .events import EventEngine
 from .eventstore import EventStore
 from .handoff import Handoff
 from .ingest import Ingest, StreamRecord
 from .memory import fix_mmap_threshold
+from .overload import DecodeShedder
 from .placement import Move
 from .planning import Plan, plan_models
 from .publisher import Publisher
@@ -46,6 +47,7 @@ from .telemetry import Telemetry
 from .tracking import StreamTracker
 
 log = logging.getLogger(__name__)
+LOAD_CHECK_S = 5.0  # seconds between load verdicts (and decode shedding decisions)
 
 
 class Pipeline:
@@ -53,8 +55,9 @@ class Pipeline:
 
     def __init__(self, config: Config, detector_factory: DetectorFactory | None = None, clock: Clock = SYSTEM_CLOCK,
                  devices: list[DeviceInfo] | None = None, sinks: list[ResultSink] | None = None,
-                 config_path: Path | None = None, node: str | None = None) -> None:
+                 config_path: Path | None = None, node: str | None = None, cpu_cores: int | None = None) -> None:
         self.config = config
+        self.cpu_cores = cpu_cores  # on a cluster node: the cores its Ray node declares (None: all of them)
         self.config_path = config_path
         self.node = node  # the cluster node this pipeline is the worker of (None: a single process)
         self.registry = Registry(config)
@@ -68,6 +71,8 @@ class Pipeline:
         self.pools: dict[str, SlotPool] = {}  # detection pools by model
         self.model_errors: dict[str, str] = {}
         self.drained: set[str] = set()  # devices taken out by an operator
+        self.shedder = DecodeShedder()
+        self._stats: tuple[float, dict[str, Any]] | None = None  # the last stats payload built, and when
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -138,6 +143,7 @@ class Pipeline:
                             await self.talk.start(name, tcfg)
                 loops = [tg.create_task(self.telemetry.stats_loop(self.stats_payload), name="telemetry.stats"),
                          tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"),
+                         tg.create_task(self._load_loop(), name="supervisor.load"),
                          tg.create_task(self._events_loop(), name="events.sweep")]
                 self.ready.set()
                 try:
@@ -228,7 +234,7 @@ class Pipeline:
     # -- models ----------------------------------------------------------------------------------
     def _facts(self) -> list[DeviceInfo]:
         if self.device_facts is None:
-            self.device_facts = discover()
+            self.device_facts = cap_cpu_cores(discover(), self.cpu_cores)
         return self.device_facts
 
     def live_devices(self) -> list[DeviceInfo]:
@@ -236,7 +242,7 @@ class Pipeline:
         off the loop. Invented facts (tests) are returned as given."""
         if self._facts_given:
             return list(self._facts())
-        return discover()
+        return cap_cpu_cores(discover(), self.cpu_cores)
 
     def _plan(self, names: list[str]) -> None:
         plan = plan_models(self.registry.models, names, self.config.devices, self._facts(), self.plan.runtimes)
@@ -297,10 +303,45 @@ class Pipeline:
     def streams(self) -> dict[str, StreamRecord]:
         return self.ingest.records
 
+    def model_names(self) -> list[str]:
+        return list(self.registry.models)
+
+    def is_running(self, name: str) -> bool:
+        return name in self.registry.streams
+
     # -- supervision -----------------------------------------------------------------------------
     def rebalance(self) -> list[Move]:
         """Apply the fewest moves that even each model's load (see `SlotPool.rebalance`)."""
         return [m for pool in self.pools.values() for m in pool.rebalance()]
+
+    async def _load_loop(self) -> None:
+        """Judge the load every LOAD_CHECK_S (the stats payload carries the verdict) and, while the
+        process is decode-bound, let live streams decode keyframes only (`pipeline.shed_decode`)."""
+        if not self.config.pipeline.shed_decode:
+            return
+        while True:
+            await asyncio.sleep(LOAD_CHECK_S)
+            self.stats_payload(max_age=LOAD_CHECK_S / 2)  # updates the verdict (unless the stats loop just did)
+            now = self.clock.mono()
+            change = self.shedder.update(now, self.telemetry.overload.verdict)
+            live = [r for r in self.ingest.records.values() if r.source is not None and not r.source.local
+                    and r.source.options.skip_frames == "auto"]
+            aged = sum(r.stats.drops["too_old"] for r in live)
+            if change is None:
+                if self.shedder.active:
+                    self.ingest.pacer.update(aged)
+                    log.debug("decode pacing: a keyframe per camera every %.2f s (%d aged out so far)",
+                              self.ingest.pacer.interval, aged)
+                continue
+            if change:
+                self.ingest.pacer.start(len(live), self._cores(), aged)
+            for r in live:
+                r.source.shed = change  # type: ignore[union-attr]
+            if change:
+                log.warning("decode-bound: %d live stream(s) decode keyframes only for at least %.0f s",
+                            len(live), self.shedder.hold)
+            else:
+                log.info("decoding every frame again (%d live stream(s))", len(live))
 
     async def _rebalance_loop(self) -> None:
         interval = self.config.pipeline.rebalance_interval
@@ -340,11 +381,22 @@ class Pipeline:
     def _devices_changed(self) -> None:
         self.telemetry.devices(self.all_pools())
 
-    def stats_payload(self) -> dict[str, Any]:
+    def stats_payload(self, max_age: float = 0.0) -> dict[str, Any]:
+        """The stats payload (and, as it is built, the load verdict); one built less than `max_age`
+        seconds ago is reused (the load check reuses the stats loop's instead of building its own)."""
+        now = self.clock.mono()
+        if self._stats is not None and now - self._stats[0] < max_age:
+            return self._stats[1]
         lipsync = self.talk.lipsync
-        return self.telemetry.stats_payload(self.ingest.records, self.pools, self.talk.snapshot(),
-                                            lipsync.snapshot() if lipsync is not None else None,
-                                            self.results.sink_errors)
+        payload = self.telemetry.stats_payload(self.ingest.records, self.pools, self.talk.snapshot(),
+                                               lipsync.snapshot() if lipsync is not None else None,
+                                               self.results.sink_errors, self._cores())
+        self._stats = (now, payload)
+        return payload
+
+    def _cores(self) -> int:
+        cpu = next((d for d in self._facts() if d.kind == "cpu"), None)
+        return (cpu.cores if cpu else None) or 1
 
     # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
     def _running(self) -> None:

@@ -54,6 +54,9 @@ def _status_table(stats: dict[str, Any]) -> str:
     m = stats["mqtt"]
     rows.append(f"mqtt: {'connected' if m.get('connected') else 'DISCONNECTED'}, published {m.get('published', 0)}, "
                 f"buffered {m.get('buffered', 0)}, dropped {m.get('dropped_overflow', 0)}")
+    load = stats.get("load") or {}
+    if load.get("status") == "overloaded":
+        rows.append(f"OVERLOADED ({', '.join(load['reasons'])}): {load['detail']}")
     return "\n".join(rows)
 
 
@@ -73,13 +76,10 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
     pipeline = Pipeline(config, config_path=config_path)
     api = None
     if config.api.enabled:
-        from .api import ApiError, ApiServer
+        from .api import ApiServer
 
         api = ApiServer(pipeline, config_path)
-        try:
-            await api.start()
-        except ApiError as exc:
-            log.error("%s", exc)
+        if not await _start_api(api):
             return 2
 
     async def status() -> None:
@@ -92,12 +92,8 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
                 print(redact_text(_status_table(pipeline.stats_payload()), pipeline.secrets),
                       file=sys.stderr, flush=True)
 
-    async def jobs() -> None:
-        await pipeline.ready.wait()
-        if api is not None:
-            await api.start_jobs()
-
-    side = [asyncio.create_task(status(), name="status"), asyncio.create_task(jobs(), name="api.jobs")]
+    side = [asyncio.create_task(status(), name="status"),
+            asyncio.create_task(_jobs(api, pipeline.ready), name="api.jobs")]
     try:
         await pipeline.run(stop)
     finally:
@@ -108,6 +104,25 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
     return 0
 
 
+async def _start_api(api: Any) -> bool:
+    """Bind and serve the HTTP API; False (said in the log) when its address is refused."""
+    from .api import ApiError
+
+    try:
+        await api.start()
+    except ApiError as exc:
+        log.error("%s", exc)
+        return False
+    return True
+
+
+async def _jobs(api: Any, ready: asyncio.Event) -> None:
+    """The talk-job queue, once the pipeline (or the cluster head) is ready."""
+    await ready.wait()
+    if api is not None:
+        await api.start_jobs()
+
+
 async def _run_head(config: Config, config_path: Path | None, stop: asyncio.Event) -> int:
     try:
         from .cluster.head import ClusterHead
@@ -115,7 +130,20 @@ async def _run_head(config: Config, config_path: Path | None, stop: asyncio.Even
         log.error("cluster.backend = \"ray\" needs Ray: pip install 'framegrid[cluster]' (%s)", exc)
         return 2
     head = ClusterHead(config, config_path)
-    await head.run(stop)
+    api = None
+    if config.api.enabled:
+        from .cluster.api import ClusterApiServer
+
+        api = ClusterApiServer(head, config_path)
+        if not await _start_api(api):
+            return 2
+    side = asyncio.create_task(_jobs(api, head.ready), name="api.jobs")
+    try:
+        await head.run(stop)
+    finally:
+        if api is not None:
+            await api.stop()
+        side.cancel()
     return 0
 
 
@@ -237,7 +265,11 @@ def cmd_avatar_prepare(args: argparse.Namespace) -> int:
     from talkinghead import AvatarError, prepare_avatar
 
     try:
-        avatar = prepare_avatar(args.image, name=args.name, box=_box(args.box), extra_margin=args.extra_margin,
+        from talkinghead.musetalk import version_defaults
+
+        margin = (args.extra_margin if args.extra_margin is not None
+                  else int(version_defaults(args.version)["extra_margin"]))
+        avatar = prepare_avatar(args.image, name=args.name, box=_box(args.box), extra_margin=margin,
                                 max_frames=args.max_frames, progress=_progress_bar("faces"))
     except AvatarError as exc:
         print(f"avatar: {exc}", file=sys.stderr)
@@ -268,7 +300,12 @@ def cmd_talk(args: argparse.Namespace) -> int:
     from talkinghead.audio import iter_audio
 
     try:
-        avatar = prepare_avatar(args.avatar, box=_box(args.box))
+        margin = 10  # the face box's chin margin: MuseTalk v1.5's (v1.0 has none)
+        if args.backend == "musetalk":
+            from talkinghead.musetalk import version_defaults
+
+            margin = int(version_defaults(args.version)["extra_margin"])
+        avatar = prepare_avatar(args.avatar, box=_box(args.box), extra_margin=margin)
         w, h = avatar.size
         sink = AVSink(args.out, w, h)
     except (AvatarError, SinkError) as exc:
@@ -325,7 +362,7 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
             return pool.submit("offline", jobs, slot=k)  # type: ignore[union-attr]
 
         counts = render(frontend, avatar, samples, sink, batch_size=pool.settings.batch_size, progress=_progress_bar("talk"),
-                        submit=submit, in_flight=2 * pool.n)
+                        submit=submit, in_flight=2 * pool.n, always=args.render_silence == "always")
     except (MuseTalkError, AudioError, LipSyncError) as exc:
         print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
         return 2
@@ -420,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
     p.add_argument("--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: "
                    "lipsync.slot_memory_gb's)")
+    p.add_argument("--render-silence", choices=["around_speech", "always"], default="around_speech",
+                   help="musetalk: run the model around speech only (default) or on every frame")
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("events", help="list stored events (tracked objects), newest first")
     p.add_argument("config", nargs="?", default="config.toml", type=Path)
@@ -435,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image", type=Path, help="a photo, or a short video (.mp4, .mov, .mkv, ...)")
     p.add_argument("--name")
     p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
-    p.add_argument("--extra-margin", type=int, default=10, help="MuseTalk v1.5 chin margin (0 = v1.0)")
+    p.add_argument("--extra-margin", type=int, help="chin margin added to the face box (default: the MuseTalk "
+                   "version's: 10 for v15, 0 for v1)")
     p.add_argument("--max-frames", type=int, default=250, help="frames kept of a video avatar")
     p.add_argument("--weights", type=Path, help="MuseTalk folder: also cache the VAE latents and blend masks")
     p.add_argument("--version", choices=["v15", "v1"], default=LipSyncConfig.model_fields["version"].default)

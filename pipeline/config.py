@@ -272,6 +272,8 @@ class PipelineConfig(Strict):
     malloc_mmap_threshold_kb: int = Field(0, ge=0, le=65536, description="fixed glibc mmap threshold, so "
                                           "frame and tensor buffers go back to the system when freed (0 = glibc's "
                                           "dynamic threshold)")
+    shed_decode: bool = Field(True, description="while decode-bound, live streams with skip_frames = auto decode "
+                              "keyframes only (tried again after a hold that doubles on each relapse)")
 
 
 class DevicesConfig(Strict):
@@ -289,9 +291,10 @@ class DevicesConfig(Strict):
 class TalkConfig(Strict):
     avatar: Path = Field(description="photo or short video with a frontal face (relative to the config)")
     box: tuple[int, int, int, int] | None = Field(None, description="face box x1, y1, x2, y2 instead of detection")
-    audio: str = Field(min_length=1, description="'mqtt' (PCM chunks on <prefix>/talk/<name>/audio), a file, or "
-                       "any FFmpeg URL")
-    out: str = Field(min_length=1, description="sink: a file, a .m3u8 HLS playlist, rtsp:// or rtmp:// URL")
+    audio: str = Field(min_length=1, description="'mqtt' (PCM chunks on <prefix>/talk/<name>/audio), 'webrtc' "
+                       "(a browser's microphone through the HTTP API), a file, or any FFmpeg URL")
+    out: str = Field(min_length=1, description="sink: 'webrtc' (browsers, through the HTTP API), a file, a .m3u8 "
+                     "HLS playlist, rtsp:// or rtmp:// URL")
     backend: Literal["energy", "musetalk"] = Field(
         "energy", description="energy (loudness-driven mouth, no weights) or musetalk (needs [lipsync] weights)")
     enabled: bool = True
@@ -316,9 +319,28 @@ class LipSyncConfig(SlotPoolConfig):
                                 "declared hung (at least 10x its measured time)")
     max_queue: int = Field(64, ge=1, le=10_000, description="requests waiting per session; beyond it a request "
                            "fails at once (the session shows its last frame)")
+    parsing_mode: Literal["jaw", "raw", "neck"] | None = Field(
+        None, description="blend mask from face parsing: jaw (v1.5's default: chin covered, cheeks eroded, nose "
+        "kept), raw (v1.0's: skin and lips), neck (raw and the neck); default: the version's")
+    cheek_width: int = Field(90, ge=0, le=256, description="jaw mode: half-width (px of the 512 parse) of the "
+                             "central band left uneroded")
+    render_silence: Literal["around_speech", "always"] = Field(
+        "around_speech", description="around_speech: the model renders frames within a few frames of speech "
+        "(cross-faded both ways to the avatar's own frames); always: every frame")
+    whisper: Literal["auto", "slot", "session"] = Field(
+        "auto", description="where live sessions' Whisper encoder runs: on the lipsync slots (beside the UNet, "
+        "in their memory plan) or on the session side (one shared copy); auto: slots when all are GPUs")
+    lookahead_ms: int = Field(200, ge=80, le=2000, description="live: audio after a block the Whisper features "
+                              "see (latency: at least the model's 80 ms window)")
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
         return self._pool_settings(self.batch_size, self.batch_timeout_ms, self.hang_timeout, pipeline)
+
+
+class WebRtcConfig(Strict):
+    addresses: list[str] = Field(default_factory=list, description="local addresses offered to browsers (ICE host "
+                                 "candidates); default: every interface but loopback. [\"127.0.0.1\"] for one machine")
+    max_viewers: int = Field(16, ge=1, le=1000, description="viewers per session")
 
 
 class ApiConfig(Strict):
@@ -331,6 +353,9 @@ class ApiConfig(Strict):
     max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest file a talk job may upload")
     jobs_dir: Path | None = Field(None, description="where talk jobs keep their inputs and results (default: "
                                   "<config name>.jobs beside the config)")
+    media_dirs: list[Path] | None = Field(None, description="folders whose files API clients may name (stream "
+                                          "files, avatars, audio, session outputs, job inputs); default: the "
+                                          "config's folder; relative to the config")
 
     @field_validator("listen")
     @classmethod
@@ -425,6 +450,7 @@ class Config(Strict):
     events: EventsConfig = Field(default_factory=EventsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -436,16 +462,14 @@ class Config(Strict):
         for name, talk in self.talk.items():
             if talk.backend == "musetalk" and self.lipsync.weights is None:
                 errors.append(f"talk.{name}.backend: musetalk needs lipsync.weights (the MuseTalk models folder)")
-        if self.cluster.backend == "ray":
-            if self.mqtt.url == "embedded":
-                errors.append("mqtt.url: a cluster needs a broker every node reaches (mqtt://host:port), not "
-                              "'embedded'")
-            if self.api.enabled:
-                errors.append("api.enabled: the HTTP API is not served by a cluster head yet; set it to false "
-                              "(streams are added and removed through the head's Python API)")
-            if self.talk:
-                errors.append("talk: talking-head sessions are not placed on a cluster yet; run them on a "
-                              "local framegrid")
+            for key in ("out", "audio"):
+                if getattr(talk, key) == "webrtc" and not self.api.enabled:
+                    errors.append(f"talk.{name}.{key}: webrtc is signalled through the HTTP API; set api.enabled")
+                elif getattr(talk, key) == "webrtc" and self.cluster.backend == "ray":
+                    errors.append(f"talk.{name}.{key}: webrtc sessions run in one process (a cluster head does not "
+                                  "relay their signalling yet)")
+        if self.cluster.backend == "ray" and self.mqtt.url == "embedded":
+            errors.append("mqtt.url: a cluster needs a broker every node reaches (mqtt://host:port), not 'embedded'")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -548,7 +572,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         update: dict[str, Any] = {"avatar": t.avatar if t.avatar.is_absolute() else base_dir / t.avatar}
         for key in ("audio", "out"):
             value = getattr(t, key)
-            if value != "mqtt" and is_local_file(value) and not Path(value).is_absolute():
+            if value not in ("mqtt", "webrtc") and is_local_file(value) and not Path(value).is_absolute():
                 update[key] = str(base_dir / value)
         talk[name] = t.model_copy(update=update)
     lipsync = config.lipsync
@@ -557,6 +581,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     api = config.api
     if api.jobs_dir is not None and not api.jobs_dir.is_absolute():
         api = api.model_copy(update={"jobs_dir": base_dir / api.jobs_dir})
+    api = api.model_copy(update={"media_dirs": [d if d.is_absolute() else base_dir / d
+                                                for d in (api.media_dirs if api.media_dirs is not None else [base_dir])]})
     mqtt = config.mqtt.model_copy(update={k: base_dir / v for k in ("ca_file", "cert_file", "key_file")
                                           if (v := getattr(config.mqtt, k)) is not None and not v.is_absolute()})
     events = config.events
@@ -590,7 +616,7 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     for name, t in config.talk.items():
         if t.enabled and not t.avatar.is_file():
             errors.append((f"talk.{name}.avatar", f"file not found: {t.avatar}"))
-        if t.enabled and t.audio != "mqtt" and is_local_file(t.audio) and not Path(t.audio).exists():
+        if t.enabled and t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio) and not Path(t.audio).exists():
             errors.append((f"talk.{name}.audio", f"file not found: {t.audio}"))
     if config.lipsync.weights is not None and any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
         from talkinghead.musetalk import MuseTalkError, check_layout

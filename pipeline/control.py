@@ -3,28 +3,43 @@
 `StreamControl` is what the HTTP API calls to add, change and delete streams. Each change:
 validated by the same pydantic model as a `[streams.<name>]` table (errors name the key),
 written to the overlay file (`pipeline.overlay`, atomic) so a crash or restart keeps it, then
-applied to the running pipeline, touching only that stream. Changes run one at a time.
+applied to the running pipeline, touching only that stream (on a cluster: to the head, which
+places it on a node). Changes run one at a time.
 
 It keeps the configured streams (enabled or not, as the TOML + overlay say now); the pipeline's
-registry keeps the running ones.
+registry (the head's placement) keeps the running ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
 from streams import is_local_file
 
+from .clientpaths import ClientPathError, ClientPaths
 from .config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
 from .overlay import OverlayError, overlay_path, read_overlay, write_overlay
 
 if TYPE_CHECKING:
-    from .app import Pipeline
+    from .config import Config
+
+
+class StreamTarget(Protocol):
+    """What runs the streams: a `Pipeline`, or a cluster head placing them on nodes."""
+
+    config: Config
+
+    def model_names(self) -> Collection[str]: ...
+    def is_running(self, name: str) -> bool: ...
+    async def add_stream(self, name: str, cfg: StreamConfig) -> Any: ...
+    async def remove_stream(self, name: str) -> None: ...
+    def retune_stream(self, name: str, cfg: StreamConfig) -> bool: ...
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +62,12 @@ def _invalid(exc: ValidationError) -> ChangeError:
 
 
 class StreamControl:
-    def __init__(self, pipeline: Pipeline, config_path: Path | None) -> None:
+    def __init__(self, pipeline: StreamTarget, config_path: Path | None) -> None:
         self.pipeline = pipeline
         self.config_path = config_path
         self.base_dir = config_path.resolve().parent if config_path is not None else Path.cwd()
         self.streams: dict[str, StreamConfig] = dict(pipeline.config.streams)  # configured, enabled or not
+        self.paths = ClientPaths(pipeline.config.api.media_dirs or [self.base_dir], self.base_dir)
         self._lock = asyncio.Lock()
 
     @property
@@ -59,13 +75,19 @@ class StreamControl:
         return overlay_path(self.config_path) if self.config_path is not None else None
 
     # -- validation --------------------------------------------------------------------------------
-    def validate(self, raw: dict[str, Any]) -> StreamConfig:
+    def validate(self, raw: dict[str, Any], from_client: bool = False) -> StreamConfig:
+        """`from_client`: the URL came from an API client (network schemes, or files in api.media_dirs)."""
         try:
             cfg = StreamConfig.model_validate(raw)
         except ValidationError as exc:
             raise _invalid(exc) from None
+        if from_client:
+            try:
+                self.paths.url(cfg.url)
+            except ClientPathError as exc:
+                raise ChangeError(422, f"url: {exc}", [("url", str(exc))]) from None
         cfg = resolve_stream(cfg, self.base_dir)
-        models = self.pipeline.registry.models
+        models = self.pipeline.model_names()
         if cfg.model not in models:
             known = ", ".join(sorted(models)) or "none defined"
             raise ChangeError(422, f"model: unknown model '{cfg.model}' (models: {known})",
@@ -83,7 +105,7 @@ class StreamControl:
         async with self._lock:
             if name in self.streams:
                 raise ChangeError(409, f"stream {name} already exists")
-            cfg = self.validate(raw)
+            cfg = self.validate(raw, from_client=True)
             self._persist(name, {"config": raw})
             self.streams[name] = cfg
             if cfg.enabled:
@@ -103,7 +125,7 @@ class StreamControl:
             cfg = self.validate({**old.model_dump(exclude_unset=True, mode="json"), **changes})
             self._persist(name, self._patched_entry(name, changes))
             self.streams[name] = cfg
-            running = name in self.pipeline.registry.streams
+            running = self.pipeline.is_running(name)
             if running and cfg.enabled and self.pipeline.retune_stream(name, cfg):
                 pass  # max_fps alone: applied live, the source keeps its connection
             else:
@@ -120,7 +142,7 @@ class StreamControl:
                 raise ChangeError(404, f"no stream {name}")
             self._persist(name, None)
             del self.streams[name]
-            if name in self.pipeline.registry.streams:
+            if self.pipeline.is_running(name):
                 await self.pipeline.remove_stream(name)
             log.info("stream %s: deleted through the API", name)
 

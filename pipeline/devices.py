@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -59,6 +59,13 @@ def _cpu_info() -> DeviceInfo:
 
 
 _cpu_times: tuple[float, float] | None = None  # (busy, total) jiffies at the previous reading
+
+
+def cap_cpu_cores(facts: list[DeviceInfo], cores: int | None) -> list[DeviceInfo]:
+    """`facts` with the CPU's cores capped at `cores` (a cluster node declaring part of its machine)."""
+    if cores is None:
+        return facts
+    return [replace(d, cores=min(d.cores or cores, cores)) if d.kind == "cpu" else d for d in facts]
 
 
 def cpu_utilization() -> float | None:

@@ -58,11 +58,25 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        with conn:
-            conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {i}; COMMIT;")
-        log.info("event store: schema version %d", i)
+    """Bring the schema to the newest version. The version is read under the write lock, so processes
+    opening one file together (cluster nodes on one machine) migrate it once: the others wait, then
+    find it done."""
+    level, conn.isolation_level = conn.isolation_level, None  # transactions by hand
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):  # DDL only: no ';' inside statements
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {i}")
+                log.info("event store: schema version %d", i)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.isolation_level = level
     return len(MIGRATIONS)
 
 
@@ -73,6 +87,8 @@ def query(path: Path, stream: str | None = None, label: str | None = None, since
         return []
     conn = connect(path, readonly=True)
     try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            return []  # the file exists but its writer has not created the schema yet: no events
         sql, args = "SELECT * FROM events WHERE 1=1", []
         for col, op, val in (("stream", "=", stream), ("label", "=", label), ("start_time", ">=", since),
                              ("id", "=", event_id)):

@@ -17,6 +17,7 @@ from streams import Clock, Mailbox, Source, SourceState, StreamState
 
 from .config import StreamConfig
 from .handoff import Handoff
+from .overload import DecodePacer
 from .stats import StreamStats
 from .tracking import StreamTracker
 
@@ -53,6 +54,7 @@ class Ingest:
         self.on_state = on_state
         self.on_reconnect = on_reconnect  # a new connection is a new scene (tracks and their events end)
         self.records: dict[str, StreamRecord] = {}
+        self.pacer = DecodePacer()  # while shedding decode load: whose keyframe is decoded when
 
     def add(self, name: str, cfg: StreamConfig) -> StreamRecord:
         mailbox = Mailbox(name)
@@ -79,6 +81,9 @@ class Ingest:
         record.source = Source(record.name, record.cfg.url, record.mailbox.put,
                                lambda st: self.handoff.call(self._source_state, record, st), record.cfg,
                                decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
+        # while shedding: a keyframe is decoded only when its mailbox is empty and it is the camera's turn
+        record.source.demand = lambda: (record.mailbox.waiting_since is None
+                                        and self.pacer.may_decode(record.name, self.clock.mono()))
         record.source.start()
 
     def _source_state(self, record: StreamRecord, st: SourceState) -> None:

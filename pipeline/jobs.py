@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .clientpaths import ClientPathError, ClientPaths
 from .overlay import write_atomic
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,12 @@ class TalkJobs:
     """The queue. `workers()` is how many jobs run at once; `lipsync()` starts/returns the MuseTalk slots."""
 
     def __init__(self, folder: Path, max_upload_bytes: int, workers: Callable[[], int],
-                 lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False) -> None:
+                 lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False,
+                 paths: ClientPaths | None = None, render_always: bool = False) -> None:
+        """`render_always`: MuseTalk renders silent frames too (`lipsync.render_silence = "always"`)."""
         self.folder = folder
+        self.render_always = render_always
+        self.paths = paths  # where `avatar_path` / `audio_path` may point (None: anywhere, in-process use)
         self.max_upload = max_upload_bytes
         self.workers = workers
         self.lipsync = lipsync  # async () -> (LipSyncPool, MuseTalk front end)
@@ -146,7 +151,10 @@ class TalkJobs:
         if (upload is None) == (path is None):
             raise JobError(422, f"{kind}: give either an uploaded {kind} file or {kind}_path")
         if path is not None:
-            src = Path(path)
+            try:
+                src = self.paths.file(path) if self.paths is not None else Path(path)
+            except ClientPathError as exc:
+                raise JobError(422, f"{kind}_path: {exc}") from None
             if not src.is_file():
                 raise JobError(422, f"{kind}_path: file not found: {path}")
             if src.stat().st_size > self.max_upload:
@@ -287,7 +295,7 @@ class TalkJobs:
         from talkinghead.offline import render
 
         folder = self.folder / job.id
-        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}")
+        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", extra_margin=frontend.extra_margin)
         samples = load_audio(folder / job.audio)
         w, h = avatar.size
         sink = AVSink(str(folder / "out.partial.mp4"), w, h)
@@ -298,7 +306,8 @@ class TalkJobs:
 
         try:
             render(frontend, avatar, samples, sink, batch_size=pool.settings.batch_size,
-                   progress=self._progress(job, cancel), submit=submit, in_flight=2 * pool.n)
+                   progress=self._progress(job, cancel), submit=submit, in_flight=2 * pool.n,
+                   always=self.render_always)
         finally:
             sink.close()
             with contextlib.suppress(Exception):

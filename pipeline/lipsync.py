@@ -141,6 +141,7 @@ class LipSyncPool:
         self.settings = settings
         self.max_queue = max_queue
         self.slot_memory_bytes = slot_memory_bytes  # planned per GPU slot, checked against the loaded model
+        self.whisper_on_slot = False  # the slots compute live prompts from audio windows (see whisper_on_slots)
         self.clock = clock
         self.pool = SlotPool("lipsync", factory, devices, LipSyncJobs(), settings, clock=clock, on_change=on_change)
         self.memory_bytes: dict[str, int] = {}
@@ -326,10 +327,23 @@ def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None, us
         log.info("lipsync plan: %s", p.reason)
     layout = slot_layout(plans, explicit=cfg.slots, device=pinned_device(cfg.device))
 
+    whisper = whisper_on_slots(cfg, [a.device for a in layout])
+
     def factory(i: int) -> MuseTalkSlotModel:
         a = layout[i]
-        return MuseTalkSlotModel(weights, cfg.version, device=a.device, half=half, threads=a.threads)
+        return MuseTalkSlotModel(weights, cfg.version, device=a.device, half=half, threads=a.threads, whisper=whisper)
 
-    return LipSyncPool(factory, [a.device for a in layout], cfg.pool_settings(pipeline or PipelineConfig()),
+    pool = LipSyncPool(factory, [a.device for a in layout], cfg.pool_settings(pipeline or PipelineConfig()),
                        cfg.max_queue, slot_memory_bytes=int(cfg.slot_memory_gb * GB), clock=clock,
                        on_change=on_change)
+    pool.whisper_on_slot = whisper
+    return pool
+
+
+def whisper_on_slots(cfg: LipSyncConfig, devices: list[str]) -> bool:
+    """Whether the slots run the Whisper encoder (live prompts): `slot`, `session`, or `auto` (on
+    the slots when every slot is on a GPU: the encoder beside the UNet, in the slot's memory;
+    on CPUs the session side computes them in parallel with the slots)."""
+    if cfg.whisper != "auto":
+        return cfg.whisper == "slot"
+    return bool(devices) and all(d.startswith("cuda") for d in devices)

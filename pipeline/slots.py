@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,7 +79,7 @@ class Slot:
         self.hang_timeout = hang_timeout
         self.hang_factor = hang_factor
         self.clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot[{name}]")
+        self._pool = WorkerThread(f"slot[{name}]")
         self.batches = 0
         self.frames = 0
         self.errors = 0
@@ -149,6 +151,53 @@ class Slot:
             log.warning("slot %s: worker still busy; abandoning it", self.name)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WorkerThread(concurrent.futures.Executor):
+    """One daemon thread running a slot's model calls in order (an executor for `run_in_executor`).
+
+    Not a ThreadPoolExecutor: the interpreter joins those threads at exit, so one model call that
+    never returns kept a stopped framegrid from exiting (SIGTERM during a hang: shutdown done, the
+    process still there). A hung call here is abandoned with its daemon thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+                                       | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        if self._closed:
+            raise RuntimeError("worker thread is shut down")
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((fut, (lambda: fn(*args, **kwargs)) if kwargs else fn, () if kwargs else args))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._queue.put(None)
+        if wait:
+            self._thread.join()
 
 
 # -- members and jobs -------------------------------------------------------------------------------
@@ -234,14 +283,20 @@ class Batcher:
         self.clock = clock
         self.on_fault = on_fault
         self.wake = asyncio.Event()
+        self._forming: list[Taken] = []  # items taken for a batch not yet shipped
 
     async def run(self) -> None:
         while True:
             taken: list[Taken] = []
             try:
                 taken = await self._collect()
+                self._forming = []  # from here `_ship` accounts for them, also when cancelled
                 await self._ship(taken)
             except asyncio.CancelledError:
+                if self._forming:  # stopped while a partial batch waited for more: failed, never lost
+                    self.adapter.failed(self._forming, SlotError(f"slot {self.slot.name}: stopped while "
+                                                                 "forming a batch"))
+                    self._forming = []
                 raise
             except Exception:  # an adapter's bug costs this batch, never the pool
                 log.exception("slot %s: batch of %d could not be delivered", self.slot.name, len(taken))
@@ -262,6 +317,7 @@ class Batcher:
 
     async def _collect(self) -> list[Taken]:
         taken: list[Taken] = []
+        self._forming = taken  # what a cancellation mid-collect must account for
         used: set[str] = set()
         filled = 0
         deadline: float | None = None
@@ -310,6 +366,11 @@ class Batcher:
         n = sum(self.adapter.size(it) for it in items)
         try:
             outputs = await self.slot.infer(self.adapter.call(items), n)
+        except asyncio.CancelledError:
+            # the batcher is stopped (a slot restart or shutdown) with this batch in flight: its items are
+            # accounted for as failed (a frame dropped, a lipsync request answered), never left pending
+            self.adapter.failed(taken, SlotError(f"slot {self.slot.name}: stopped with a batch in flight"))
+            raise
         except SlotOutOfMemory as exc:
             if len(taken) < 2:
                 self._lost(taken, exc)

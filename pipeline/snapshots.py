@@ -4,11 +4,17 @@ An event listener. While an object lives, its best view so far (highest score, l
 cut by the frame's edge) is encoded, off the loop, at most once a second; when its event ends the
 JPEGs are written under `<events dir>/<stream>/` and their paths go to the store. Per stream at
 most `max_snapshots` are kept on disk (oldest deleted first).
+
+Each view waiting to be encoded holds its whole frame (6 MB at 1080p), so the encoder's queue is
+bounded: a view superseded before its turn is cancelled, and while `MAX_PENDING` views wait a new
+one is skipped (counted; the object keeps its best view so far). Under overload, objects come and
+go faster than one thread encodes them; an unbounded queue grew by ~30 MB/s with 32 cameras.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 EDGE_PENALTY = 0.8  # a box touching the frame's edge is probably cut: its view counts for less
 MIN_INTERVAL_S = 1.0
 MAX_FULL_SIDE = 1280
+MAX_PENDING = 8  # views waiting for the encoder at most (each holds its frame)
 
 
 def view_quality(box: list[float], score: float, width: int, height: int) -> float:
@@ -58,6 +65,11 @@ def encode(image: np.ndarray, box: list[float]) -> tuple[bytes, bytes]:
     return c.tobytes(), f.tobytes()
 
 
+def _encode_held(held: list[Any], box: list[float]) -> tuple[bytes, bytes]:
+    image = held.pop()  # the frame is let go once encoded
+    return encode(image, box)
+
+
 class Snapshots:
     """The listener: keeps the best view per live object, writes it when its event ends."""
 
@@ -71,9 +83,14 @@ class Snapshots:
         self.mqtt = mqtt
         self.on_loop = on_loop  # (fn, *args): run fn on the loop (the publisher is the loop's)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshots")
-        self._best: dict[str, tuple[float, float, Future[tuple[bytes, bytes]]]] = {}  # id -> quality, at, jpegs
+        # id -> quality, at, jpegs, and the view's frame while it waits ([image]; emptied when cancelled: a
+        # cancelled work item stays in the executor's queue until its turn, and must not hold the frame)
+        self._best: dict[str, tuple[float, float, Future[tuple[bytes, bytes]], list[Any]]] = {}
         self._kept: dict[str, deque[tuple[str, Path, Path]]] = {}  # stream -> (id, crop, frame), oldest first
         self.written = 0
+        self.skipped = 0  # views not encoded because MAX_PENDING were waiting
+        self._pending = 0  # views submitted and not yet encoded or cancelled (the loop adds, the encoder takes)
+        self._lock = threading.Lock()
 
     def live(self, event_id: str) -> tuple[bytes, bytes] | None:
         got = self._best.get(event_id)
@@ -93,9 +110,28 @@ class Snapshots:
         t = result.frame.captured_at
         if prev is not None and (quality <= prev[0] or t - prev[1] < MIN_INTERVAL_S):
             return
-        image = result.frame.image  # converted when it was dispatched
-        self._best[obj.id] = (quality, t, self._pool.submit(encode, image, list(obj.box)))
+        with self._lock:
+            if prev is not None and prev[2].cancel():  # superseded before its turn: its frame is let go
+                prev[3].clear()
+                self._pending -= 1
+            full = self._pending >= MAX_PENDING
+            if not full:
+                self._pending += 1
+        if full:
+            self.skipped += 1
+            if prev is not None and prev[2].cancelled():
+                del self._best[obj.id]  # its best view was cancelled and this one cannot be queued
+            return
+        held = [result.frame.image]  # converted when it was dispatched
+        fut = self._pool.submit(_encode_held, held, list(obj.box))
+        fut.add_done_callback(self._encoded)
+        self._best[obj.id] = (quality, t, fut, held)
         obj.snapshot = True
+
+    def _encoded(self, fut: Future[tuple[bytes, bytes]]) -> None:
+        if not fut.cancelled():  # (a cancelled one was counted off when cancelled)
+            with self._lock:
+                self._pending -= 1
 
     def _finish(self, obj: TrackedObject) -> None:
         got = self._best.pop(obj.id, None)

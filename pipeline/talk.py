@@ -1,7 +1,8 @@
 """Talk sessions: live talking heads inside the pipeline (avatar + audio in, A/V sink out).
 
 Audio `mqtt` listens on `<prefix>/talk/<name>/audio` for s16le mono 16 kHz PCM chunks (an empty
-message ends the audio). State goes to `<prefix>/talk/<name>/state` (retained) and figures into
+message ends the audio); audio `webrtc` takes a browser's microphone (WHIP-style, through the HTTP
+API) and `out = "webrtc"` serves the session to browsers (WHEP-style, `streams.webrtc`). State goes to `<prefix>/talk/<name>/state` (retained) and figures into
 `stats`. MuseTalk sessions run their UNet+VAE on the lipsync slots (`pipeline.lipsync`, the same
 slot machinery as detection), started with the first such session.
 """
@@ -26,6 +27,8 @@ from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+REJECT_LOG_EVERY_S = 10.0  # at most one warning per reason and session in this time
+
 
 class TalkSessions:
     def __init__(self, config: Config, publisher: Publisher, telemetry: Telemetry, handoff: Handoff, clock: Clock,
@@ -44,6 +47,8 @@ class TalkSessions:
         self.lipsync: LipSyncPool | None = None  # started with the first musetalk session
         self._frontend: Any = None  # VAE + Whisper for the sessions' side (talkinghead.musetalk.MuseTalk)
         self._lock = asyncio.Lock()
+        self.webrtc: dict[str, Any] = {}  # streams.webrtc.WebRtcOut of the sessions with `out = "webrtc"`
+        self.mics: dict[str, Any] = {}  # streams.webrtc.MicIn of the sessions with `audio = "webrtc"`
 
     def _state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any] | None = None) -> None:
         session = self.sessions.get(name)
@@ -54,34 +59,61 @@ class TalkSessions:
         """Start a live session. Raises on a bad avatar or sink after publishing the `failed` state."""
         from streams.sinks import AVSink
         from talkinghead import EnergyLipSync, PushAudio, TalkSession, prepare_avatar
-        from talkinghead.audio import iter_audio
+        from talkinghead.audio import AudioError, iter_audio
 
         if name in self.sessions:
             raise ValueError(f"session {name} already exists")
         self._state(name, "starting", None)
         try:
-            avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box)
+            margin = 10  # the face box's chin margin: MuseTalk v1.5's (v1.0 has none)
+            if cfg.backend == "musetalk":
+                from talkinghead.musetalk import version_defaults
+
+                margin = int(version_defaults(self.config.lipsync.version)["extra_margin"])
+            avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box, margin)
             backend: Any = (await self._musetalk_backend(name, avatar) if cfg.backend == "musetalk"
                             else EnergyLipSync(avatar))
             w, h = avatar.size
-            sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
+            if "webrtc" in (cfg.out, cfg.audio):
+                from streams.webrtc import restrict_host_addresses
+
+                restrict_host_addresses(self.config.webrtc.addresses)  # raises without aiortc
+            if cfg.out == "webrtc":
+                from streams.webrtc import WebRtcOut
+
+                sink = WebRtcOut(asyncio.get_running_loop(), name, max_viewers=self.config.webrtc.max_viewers)
+            else:
+                sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
         except Exception as exc:
             if self.lipsync is not None:
                 self.lipsync.release(name)
             self._state(name, "failed", str(exc))
             raise
         audio: Any
-        if cfg.audio == "mqtt":
+        if cfg.out == "webrtc":
+            self.webrtc[name] = sink
+        if cfg.audio == "webrtc":
+            from streams.webrtc import MicIn
+
+            audio = PushAudio()
+            self.mics[name] = MicIn(name, audio)
+        elif cfg.audio == "mqtt":
             push = PushAudio()
+
+            warned: dict[str, float] = {}
 
             def on_audio(_topic: str, payload: bytes) -> None:
                 if not payload:
                     push.close()
                     return
                 try:
-                    push.push_pcm16(payload)
-                except Exception as exc:  # an odd-length chunk: this chunk only
-                    log.warning("session %s: %s", name, exc)
+                    push.push_payload(payload)
+                except AudioError as exc:  # this chunk only: counted by reason in the session's figures
+                    now = self.clock.mono()
+                    if now - warned.get(exc.reason, -1e9) >= REJECT_LOG_EVERY_S:  # not a line per bad chunk
+                        warned[exc.reason] = now
+                        log.warning("session %s: audio chunk refused (%s): %s (%d refused so far)", name, exc.reason,
+                                    exc, push.rejected)
 
             audio = push
             subscribed = self.publisher.subscribe(self.publisher.topic("talk", name, "audio"), on_audio)
@@ -99,7 +131,7 @@ class TalkSessions:
         session = TalkSession(name, backend, audio, sink, realtime=True, on_state=on_state)
         self.sessions[name] = session
         session.start()
-        log.info("session %s: started (%s -> %s)", name, "mqtt" if cfg.audio == "mqtt" else
+        log.info("session %s: started (%s -> %s)", name, cfg.audio if cfg.audio in ("mqtt", "webrtc") else
                  redact_text(cfg.audio, tuple(self.secrets)), redact_text(cfg.out, tuple(self.secrets)))
 
     async def stop(self, name: str) -> None:
@@ -107,7 +139,13 @@ class TalkSessions:
         if session is None:
             raise KeyError(f"no session {name}")
         self.publisher.unsubscribe(self.publisher.topic("talk", name, "audio"))
+        mic = self.mics.pop(name, None)
+        if mic is not None:
+            await mic.close()
         await asyncio.to_thread(session.stop)
+        out = self.webrtc.pop(name, None)
+        if out is not None:
+            await out.close_all()
         if self.lipsync is not None:
             self.lipsync.release(name)
         self._state(name, "stopped", None, session.snapshot())
@@ -126,12 +164,19 @@ class TalkSessions:
         faces = await asyncio.to_thread(frontend.prepare_faces, avatar)
         slot = pool.place(name)
         log.info("session %s: MuseTalk on %s", name, slot)
-        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=self.config.lipsync.block,
-                            timeout=self.config.lipsync.timeout)
+        lcfg = self.config.lipsync
+        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block,
+                            timeout=lcfg.timeout, lookahead=-(-lcfg.lookahead_ms // 40),
+                            always=lcfg.render_silence == "always", whisper_on_slot=pool.whisper_on_slot)
 
     async def ensure_lipsync(self) -> tuple[LipSyncPool, Any]:
         """The lipsync slots and the MuseTalk front end (VAE + Whisper), started on first use."""
-        from talkinghead.musetalk import MuseTalk
+        import importlib
+
+        # torch, diffusers and transformers take seconds to import: not on the loop (a cluster node's
+        # loop answers the head's pings; a single process's serves the API and publishes)
+        musetalk = await asyncio.to_thread(importlib.import_module, "talkinghead.musetalk")
+        MuseTalk = musetalk.MuseTalk  # noqa: N806 - the class
 
         lcfg = self.config.lipsync
         assert lcfg.weights is not None  # the config requires it for musetalk sessions
@@ -146,7 +191,8 @@ class TalkSessions:
                                     f"{', '.join(sorted(others))} for detection: one inference runtime per "
                                     "process on the CPU (run talking heads in a second framegrid process, "
                                     "or give MuseTalk a GPU)")
-                frontend = MuseTalk(lcfg.weights, lcfg.version, device=pool.devices[0], parts={"vae", "whisper"})
+                frontend = MuseTalk(lcfg.weights, lcfg.version, device=pool.devices[0], parts={"vae", "whisper"},
+                                    parsing_mode=lcfg.parsing_mode, cheek_width=lcfg.cheek_width)
                 await asyncio.to_thread(frontend.load)
                 await pool.start()
                 self._frontend, self.lipsync = frontend, pool
@@ -155,5 +201,6 @@ class TalkSessions:
         return self.lipsync, self._frontend
 
     def snapshot(self) -> dict[str, Any]:
-        return {name: {**s.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None}
+        return {name: {**s.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None,
+                       **(self.webrtc[name].snapshot() if name in self.webrtc else {})}
                 for name, s in self.sessions.items()}

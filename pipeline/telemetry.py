@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -20,9 +21,12 @@ from streams import Clock, StreamState, redact_text
 
 from .config import MqttConfig
 from .ingest import StreamRecord
+from .overload import Camera, OverloadMonitor, Verdict
 from .publisher import Publisher
 from .results import PAYLOAD_VERSION
 from .slots import SlotPool
+
+log = logging.getLogger(__name__)
 
 
 def process_figures() -> dict[str, Any]:
@@ -51,6 +55,9 @@ class Telemetry:
         self.secrets = secrets
         self.started_at = clock.wall()
         self.last_stats: dict[str, Any] | None = None
+        self.overload = OverloadMonitor()
+        self.published_verdict = Verdict("ok")  # the monitor's, plus what shedding changes
+        self._load_logged = -1e9
 
     def _redact(self, text: str | None) -> str | None:
         return redact_text(text, tuple(self.secrets)) if text else None
@@ -96,15 +103,17 @@ class Telemetry:
 
     # -- sessions --------------------------------------------------------------------------------
     def session_state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any]) -> None:
+        node = {"node": self.publisher.node} if self.publisher.node else {}  # on a cluster: where it runs now
         payload = {"v": PAYLOAD_VERSION, "session": name, "state": state, "at": round(self.clock.wall(), 3),
-                   "error": self._redact(error),
+                   "error": self._redact(error), **node,
                    **{k: v for k, v in snapshot.items() if k not in ("session", "state", "error")}}
         self.publisher.publish(self.publisher.topic("talk", name, "state"), payload, qos=self.mqtt.state_qos,
                                retain=True)
 
     # -- stats -----------------------------------------------------------------------------------
     def stats_payload(self, records: Mapping[str, StreamRecord], pools: Mapping[str, SlotPool],
-                      talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int) -> dict[str, Any]:
+                      talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int,
+                      cores: int = 1) -> dict[str, Any]:
         now = self.clock.mono()
         streams = {}
         for record in records.values():
@@ -112,6 +121,9 @@ class Telemetry:
             snap = record.stats.snapshot()
             snap["state"] = record.state.value
             snap["decode_errors"] = record.source.decode_errors if record.source is not None else 0
+            snap["corrupt_frames"] = record.source.corrupt_frames if record.source is not None else 0
+            snap["shed_packets"] = record.source.shed_packets if record.source is not None else 0
+            snap["reconnects"] = record.reconnects
             streams[record.name] = snap
         executors = {}
         for pool in pools.values():
@@ -120,10 +132,26 @@ class Telemetry:
                                    **{k: s[k] for k in ("batches", "frames", "errors", "batch_size", "mean_batch",
                                                         "service_ms_per_frame")}}
         wall = self.clock.wall()
+        cameras = {r.name: Camera(r.source.fps, r.source.decoding, not r.source.local) for r in records.values()
+                   if r.source is not None}
+        before = self.published_verdict
+        verdict = self.overload.assess(now, streams, cameras, executors, cores)
+        shed = sum(1 for r in records.values() if r.source is not None and r.source.shed)
+        if shed:
+            verdict = verdict.shedding(shed)
+        self.published_verdict = verdict
+        # a change of status is said at once; of reasons alone (they flicker near a limit) once a minute at most
+        if verdict.status != before.status or (verdict.reasons != before.reasons and now - self._load_logged >= 60):
+            self._load_logged = now
+            if verdict.status == "overloaded":
+                log.warning("overloaded (%s): %s", ", ".join(verdict.reasons), verdict.detail)
+            else:
+                log.info("no longer overloaded")
         return {
             "v": PAYLOAD_VERSION,
             "at": round(wall, 3),
             "uptime_s": round(wall - self.started_at, 1),
+            "load": verdict.payload(),
             "streams": streams,
             "mqtt": self.publisher.counters(),
             "results": {"sink_errors": sink_errors},

@@ -196,8 +196,14 @@ class Source:
         self._lock = threading.Lock()
         self._state = SourceState(stream, CONNECTING, clock.wall(), 0)
         self.decode_errors = 0  # corrupt packets skipped (published in the stream's stats)
+        self.corrupt_frames = 0  # frames the decoder flagged as concealed damage (kept; counted in the stats)
         self.fps: float | None = None
         self.skipping = "none"  # what the decoder skips now (resolved from skip_frames per connection)
+        self.shed = False  # set by the pipeline under decode overload: keyframes only, whatever `skipping` says
+        # while shedding, whether a decoded frame would be used now (its mailbox holds none untaken):
+        # a keyframe nobody would take is not decoded either, so decoding follows what the slots serve
+        self.demand: Callable[[], bool] | None = None
+        self.shed_packets = 0  # packets not decoded while shedding (non-key, or keyframes not in demand)
         self.hw_decoding = False  # whether the open decoder really runs on hardware
         self.hw_error: str | None = None  # why hardware decoding was given up (then: software for good)
 
@@ -303,6 +309,11 @@ class Source:
             self._stop.wait(delay)
         self._set_state(STOPPED)
 
+    @property
+    def decoding(self) -> str:
+        """What the decoder skips now: `skipping`, or keyframes only (`nonkey`) while shedding."""
+        return "nonkey" if self.shed else self.skipping
+
     def skip_mode(self, fps: float | None) -> str:
         """What the decoder may skip for a camera of `fps` (see `SourceSettings.skip_frames`)."""
         mode = self.options.skip_frames
@@ -335,25 +346,55 @@ class Source:
             rate = vstream.average_rate or vstream.guessed_rate
             self.fps = float(rate) if rate else None
             self.skipping = self.skip_mode(self.fps)
-            ctx.skip_frame = self.skipping.upper()
+            applied = self.decoding
+            ctx.skip_frame = applied.upper()
             self.hw_decoding = bool(getattr(ctx, "is_hwaccel", False))
             pace_start: float | None = None
             first_pts: float | None = None
             last_frame = self.clock.mono()
+            resume_at_key = False  # after shedding, feed the decoder again from a keyframe on
             for packet in container.demux(vstream):
                 if self._stop.is_set():
                     return
+                if self.decoding != applied:  # shedding began or ended: the decoder reads it per frame
+                    applied = self.decoding
+                    ctx.skip_frame = applied.upper()
+                if self.shed:
+                    # keyframes only, and only those a slot will take: a 1080p keyframe costs ~40 ms
+                    # here, so 32 cameras' keyframes alone would fill two cores. Skipped packets never
+                    # reach the decoder (no reference is missing: the next one fed is a keyframe)
+                    resume_at_key = True
+                    if not packet.is_keyframe or (self.demand is not None and not self.demand()):
+                        self.shed_packets += 1
+                        if packet.is_keyframe:
+                            last_frame = self.clock.mono()  # a picture came; not a stall
+                        continue
+                elif resume_at_key:
+                    if not packet.is_keyframe:
+                        self.shed_packets += 1
+                        continue
+                    resume_at_key = False
                 now = self.clock.mono()
                 if now - last_frame > self.options.stall_timeout:
                     raise StreamStalled(f"no frame for {now - last_frame:.1f}s")
                 t0 = time.perf_counter()
                 try:
                     frames = packet.decode()
+                    if self.shed:
+                        # a lone keyframe: a frame-threaded decoder gives its picture only after more
+                        # packets (seconds away while shedding), so drain it now and reset for the next
+                        drained = ctx.decode(None)
+                        for vf in drained:  # the codec context's frames carry no time base of their own
+                            vf.time_base = vf.time_base or vstream.time_base
+                        frames = [*frames, *drained]
+                        ctx.flush_buffers()
                 except av.error.InvalidDataError:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
                 for vf in frames:
                     decode_ms = (time.perf_counter() - t0) * 1000
+                    if vf.is_corrupt:
+                        self.corrupt_frames += 1
                     pts = float(vf.time) if vf.time is not None else None
                     if pts is not None and first_pts is None:
                         first_pts = pts

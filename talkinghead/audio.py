@@ -1,7 +1,9 @@
 """Audio in: 16 kHz mono float32, cut into one 40 ms chunk per 25 fps video frame.
 
-Inputs are a file or any FFmpeg URL (decoded and resampled with PyAV), or raw PCM pushed in
-chunks (the MQTT input: signed 16-bit little-endian, mono, 16 kHz, any chunk length). Every
+Inputs are a file or any FFmpeg URL (decoded and resampled with PyAV), or PCM pushed in chunks
+(the MQTT input: signed 16-bit little-endian, mono, 16 kHz, any chunk length up to
+`MAX_CHUNK_SECONDS`; raw, or framed with a 12-byte header `FGA1`, u32 sequence number, u32 sample
+rate, all little-endian, so out-of-order, repeated and wrong-rate chunks are recognised). Every
 video frame owns exactly `SAMPLES_PER_FRAME` samples, from generation to the sink, so audio and
 video cannot drift apart.
 """
@@ -19,10 +21,18 @@ import numpy as np
 SAMPLE_RATE = 16_000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = 40 ms
+MAX_CHUNK_SECONDS = 2.0  # a pushed chunk longer than this is refused (the queue holds 10 s)
+FRAMED = b"FGA1"  # magic of a framed chunk: FRAMED + u32 seq + u32 rate + s16le PCM
+REJECT_REASONS = ("malformed", "oversized", "wrong_rate", "out_of_order")
 
 
 class AudioError(Exception):
-    """Audio that cannot be read or decoded; the message names the input."""
+    """Audio that cannot be read or decoded; the message names the input. `reason`: for a refused
+    pushed chunk, one of REJECT_REASONS."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_audio(source: str | Path, rate: int = SAMPLE_RATE, timeout: float = 10.0) -> np.ndarray:
@@ -65,6 +75,14 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
     return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
 
 
+def check_pcm16(data: bytes) -> None:
+    """A pushed chunk's PCM: an even number of bytes, at most MAX_CHUNK_SECONDS (AudioError otherwise)."""
+    if len(data) % 2:
+        raise AudioError(f"PCM chunk of {len(data)} bytes: s16le needs an even number of bytes")
+    if len(data) > MAX_CHUNK_SECONDS * SAMPLE_RATE * 2:
+        raise AudioError(f"PCM chunk of {len(data)} bytes: longer than {MAX_CHUNK_SECONDS:g} s", "oversized")
+
+
 class FrameChunker:
     """Turns blocks of any length into exact 40 ms chunks (one per video frame)."""
 
@@ -98,18 +116,47 @@ class PushAudio:
         self._chunks: deque[tuple[np.ndarray, float]] = deque(maxlen=int(max_seconds * FPS))
         self._lock = threading.Lock()
         self.dropped = 0
-        self.rejected = 0  # chunks refused as malformed (an odd byte count): counted, the rest goes on
+        self.rejected_by = dict.fromkeys(REJECT_REASONS, 0)  # refused chunks by reason: counted, the rest goes on
+        self.gaps = 0  # framed chunks missing between two received ones (sequence numbers skipped)
+        self._seq: int | None = None  # the last framed chunk's sequence number
         self.closed = False
         self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
 
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by.values())
+
+    def push_payload(self, data: bytes) -> None:
+        """One MQTT audio message, raw or framed. Raises AudioError (with its `reason`, counted) for a
+        chunk that is refused; nothing else changes."""
+        try:
+            if data[:4] == FRAMED:
+                data = self._unframe(data)
+            self.push_pcm16(data)
+        except AudioError as exc:
+            with self._lock:
+                self.rejected_by[exc.reason] += 1
+            raise
+
+    def _unframe(self, data: bytes) -> bytes:
+        if len(data) < 12:
+            raise AudioError(f"framed chunk of {len(data)} bytes: shorter than its 12-byte header")
+        seq, rate = int.from_bytes(data[4:8], "little"), int.from_bytes(data[8:12], "little")
+        if rate != SAMPLE_RATE:
+            raise AudioError(f"chunk {seq} at {rate} Hz: send {SAMPLE_RATE} Hz mono s16le", "wrong_rate")
+        check_pcm16(data[12:])  # a refused body does not advance the sequence
+        with self._lock:
+            if self._seq is not None and seq <= self._seq:
+                raise AudioError(f"chunk {seq} after chunk {self._seq}: late or repeated", "out_of_order")
+            if self._seq is not None:
+                self.gaps += seq - self._seq - 1
+            self._seq = seq
+        return data[12:]
+
     def push_pcm16(self, data: bytes) -> None:
         now = time.monotonic()
-        try:
-            samples = pcm16_to_float(data)
-        except AudioError:
-            with self._lock:
-                self.rejected += 1
-            raise
+        check_pcm16(data)
+        samples = pcm16_to_float(data)
         with self._lock:
             for c in self._chunker.push(samples):
                 if len(self._chunks) == self._chunks.maxlen:

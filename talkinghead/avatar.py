@@ -128,7 +128,7 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
             raise AvatarError(f"avatar {name}: {path} is not an image OpenCV can read")
         images = [image]
     h, w = images[0].shape[:2]
-    key = hashlib.sha256(data + json.dumps([box, extra_margin, max_frames, "v2"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(data + json.dumps([box, extra_margin, max_frames, "v3-25fps"]).encode()).hexdigest()[:16]
     cache = (cache_dir or default_state_dir() / "avatars") / f"{path.stem}.{key}.json"
     if cache.is_file():
         found = [_Cached(**c) for c in json.loads(cache.read_text())]
@@ -146,18 +146,32 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
     return Avatar(name, first.image, first.box, first.landmarks, first.mouth, sequence=frames, key=key)
 
 
-def _video_frames(path: Path, name: str, max_frames: int) -> list[np.ndarray]:
+def _video_frames(path: Path, name: str, max_frames: int, fps: int = 25) -> list[np.ndarray]:
+    """The video's frames resampled to `fps` by their timestamps (a 30 or 60 fps avatar plays at its
+    own speed in a 25 fps session: frames are skipped or, below 25 fps, shown twice)."""
     import av
 
     images: list[np.ndarray] = []
+    held: np.ndarray | None = None
+    start: float | None = None
     try:
         with av.open(str(path)) as c:
-            for vf in c.decode(video=0):
-                images.append(vf.to_ndarray(format="bgr24"))
+            stream = c.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or fps)
+            for n, vf in enumerate(c.decode(stream)):
+                t = vf.time if vf.time is not None else n / rate
+                start = t if start is None else start
+                t -= start
+                # every output instant before this frame's time shows the frame before it
+                while held is not None and len(images) < max_frames and len(images) / fps < t - 1e-6:
+                    images.append(held)
+                held = vf.to_ndarray(format="bgr24")
                 if len(images) >= max_frames:
                     break
     except (av.error.FFmpegError, OSError, IndexError) as exc:
         raise AvatarError(f"avatar {name}: {path} is not a video PyAV can read: {exc}") from exc
+    if held is not None and len(images) < max_frames:
+        images.append(held)  # the last frame, once
     if not images:
         raise AvatarError(f"avatar {name}: {path} has no video frames")
     return images

@@ -2,9 +2,15 @@
 
 The network is written here so that the published checkpoint MuseTalk uses
 (`face-parse-bisent/79999_iter.pth`) loads by its parameter names. It runs once per avatar frame
-at preparation, never per generated frame. The mask keeps skin, mouth and both lips (classes 1,
-11, 12, 13: MuseTalk's default parsing mode); `musetalk.parsed_mask` restricts it to the face box,
-cuts it at the upper boundary and blurs it exactly like the geometric mask.
+at preparation, never per generated frame. The image is parsed at 512x512 and the labels become
+a 0/255 mask by one of MuseTalk's parsing modes (`face_mask`), resized back with bicubic
+interpolation as upstream does:
+
+* `raw` (v1.0): skin, mouth and both lips (classes 1, 11, 12, 13);
+* `jaw` (v1.5's default): the skin dilated downward with a cone-shaped kernel (so the moving chin
+  is covered), then eroded with a flat ellipse outside a band of +-`cheek_width` px around the
+  centre (so the mask does not reach the cheeks' edges), without the nose (10), plus mouth and lips;
+* `neck`: `raw` plus the neck (14).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import cv2
 import numpy as np
 
 FACE_CLASSES = (1, 11, 12, 13)  # skin, mouth, upper lip, lower lip
+SKIN, NOSE, NECK = 1, 10, 14
+MOUTH_AND_LIPS = (11, 12, 13)
+MODES = ("raw", "jaw", "neck")
 CHECKPOINT = "face-parse-bisent/79999_iter.pth"
 INPUT = 512
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -143,25 +152,81 @@ def build_bisenet(n_classes: int = 19) -> Any:
     return BiSeNet()
 
 
-class FaceParser:
-    """Loads `79999_iter.pth` and returns a 0/255 mask of skin, mouth and lips for a BGR image."""
+def cone_kernel(cone_height: int = 21, tail_height: int = 12) -> np.ndarray:
+    """v1.5's jaw dilation kernel: the lower half of a cone widening downward, then a column of its
+    base width. Dilating with it grows the skin downward much more than sideways (the chin)."""
+    size = cone_height + tail_height
+    kernel = np.zeros((size, size), np.uint8)
+    centre = size // 2
+    for row in range(cone_height // 2, cone_height):
+        half = row - cone_height // 2  # the row is 2 * half + 1 wide
+        kernel[row, centre - half:centre + half + 1] = 1
+    base = int(kernel[cone_height - 1].sum())
+    kernel[cone_height:, max(0, centre - base // 2):min(size, centre + base // 2 + 1)] = 1
+    return kernel
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+
+def cheek_mask(cheek_width: int = 90, size: int = INPUT) -> np.ndarray:
+    """255 outside the central band of +-`cheek_width` px (the cheeks, where jaw mode erodes), 0 inside."""
+    mask = np.full((size, size), 255, np.uint8)
+    centre = size // 2
+    mask[:, max(0, centre - cheek_width + 1):centre + cheek_width] = 0
+    return mask
+
+
+def face_mask(labels: np.ndarray, mode: str = "jaw", cheek_width: int = 90) -> np.ndarray:
+    """MuseTalk's blend mask (0/255) from a 512x512 BiSeNet label map, by parsing mode (see above)."""
+    if mode == "raw":
+        return np.isin(labels, FACE_CLASSES).astype(np.uint8) * 255
+    if mode == "neck":
+        return np.isin(labels, (*FACE_CLASSES, NECK)).astype(np.uint8) * 255
+    if mode != "jaw":
+        raise ValueError(f"unknown parsing mode {mode!r} (one of {', '.join(MODES)})")
+    skin = (labels == SKIN).astype(np.uint8) * 255
+    dilated = cv2.dilate(skin, cone_kernel(), iterations=1)
+    eroded = cv2.erode(dilated, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3)), iterations=2)
+    cheeks = cheek_mask(cheek_width, labels.shape[0])
+    region = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, cv2.bitwise_not(cheeks)))
+    keep = ((region == 255) & (labels != NOSE)) | np.isin(labels, MOUTH_AND_LIPS)
+    return keep.astype(np.uint8) * 255
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The 512x512 mask back to the parsed image's size, bicubic as upstream (PIL's default resize)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.BICUBIC))
+
+
+class FaceParser:
+    """Loads `79999_iter.pth`; called on a BGR image it returns the blend mask (0/255, image-sized)
+    of the parsing mode it was made with."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", mode: str = "jaw", cheek_width: int = 90
+                 ) -> None:
         import torch
 
+        if mode not in MODES:
+            raise ValueError(f"unknown parsing mode {mode!r} (one of {', '.join(MODES)})")
         self.device = device
+        self.mode = mode
+        self.cheek_width = cheek_width
         net = build_bisenet()
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         self.net = net.to(device).eval()
 
-    def __call__(self, image_bgr: np.ndarray) -> np.ndarray:
+    def labels(self, image_bgr: np.ndarray) -> np.ndarray:
+        """The 512x512 class map (the image resized bilinearly, as PIL does upstream)."""
         import torch
+        from PIL import Image
 
-        h, w = image_bgr.shape[:2]
-        rgb = cv2.cvtColor(cv2.resize(image_bgr, (INPUT, INPUT), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1])).resize((INPUT, INPUT),
+                                                                                          Image.BILINEAR))
         x = torch.from_numpy(((rgb.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1))[None]
         with torch.inference_mode():
-            labels = self.net(x.to(self.device)).argmax(1)[0].cpu().numpy()
-        mask = np.isin(labels, FACE_CLASSES).astype(np.uint8) * 255
-        return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+            return self.net(x.to(self.device)).argmax(1)[0].cpu().numpy()
+
+    def __call__(self, image_bgr: np.ndarray) -> np.ndarray:
+        h, w = image_bgr.shape[:2]
+        return resize_mask(face_mask(self.labels(image_bgr), self.mode, self.cheek_width), w, h)

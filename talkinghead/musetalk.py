@@ -23,6 +23,7 @@ Weights come from a local folder in the official layout (`MUSETALK_LAYOUT`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import cv2
 import numpy as np
 
 from .faceparse import CHECKPOINT
+
+log = logging.getLogger(__name__)
 
 CROP = 256  # MuseTalk works on 256x256 face crops
 VIDEO_FPS = 25
@@ -76,6 +79,17 @@ def check_layout(root: Path, version: str = "v15") -> dict[str, Path]:
     return want
 
 
+def quiet_loading() -> None:
+    """No per-load progress bars from transformers (a "Loading weights" bar per model, per slot,
+    per restart in framegrid's log); framegrid logs what it loads itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency of the talk extra
+        pass
+
+
 def positional_encoding(seq_len: int, d_model: int) -> np.ndarray:
     """The sinusoidal encoding MuseTalk adds to the audio prompts (sin on even, cos on odd dims)."""
     pe = np.zeros((seq_len, d_model), np.float32)
@@ -101,37 +115,62 @@ def lower_half_mask(size: int = CROP) -> np.ndarray:
     return m
 
 
-def blend_region(box: tuple[int, int, int, int], width: int, height: int, expand: float) -> tuple[int, ...]:
-    """MuseTalk's square blend crop around the face box, clipped to the image."""
+def blend_region(box: tuple[int, int, int, int], expand: float) -> tuple[int, int, int, int]:
+    """MuseTalk's square blend crop around the face box (`get_crop_box`), NOT clipped to the image:
+    near an edge it reaches outside, and the mask's geometry is computed on that whole square."""
     x1, y1, x2, y2 = box
     xc, yc = (x1 + x2) // 2, (y1 + y2) // 2
     s = int(max(x2 - x1, y2 - y1) // 2 * expand)
-    return max(0, xc - s), max(0, yc - s), min(width, xc + s), min(height, yc + s)
+    return xc - s, yc - s, xc + s, yc + s
+
+
+def padded_crop(frame: np.ndarray, crop: tuple[int, ...]) -> np.ndarray:
+    """`frame[crop]` with black where the crop reaches outside the image (as PIL's `crop` does)."""
+    cx1, cy1, cx2, cy2 = crop
+    h, w = frame.shape[:2]
+    out = np.zeros((cy2 - cy1, cx2 - cx1, *frame.shape[2:]), frame.dtype)
+    ix1, iy1, ix2, iy2 = max(0, cx1), max(0, cy1), min(w, cx2), min(h, cy2)
+    if ix2 > ix1 and iy2 > iy1:
+        out[iy1 - cy1:iy2 - cy1, ix1 - cx1:ix2 - cx1] = frame[iy1:iy2, ix1:ix2]
+    return out
+
+
+BLUR_OFFLINE = 0.05  # upstream `get_image` (whole-file inference): 5% of the blend crop
+BLUR_REALTIME = 0.10  # upstream `get_image_prepare_material` (realtime inference): 10%
 
 
 def blend_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], parsed: np.ndarray | None = None,
-               upper_boundary_ratio: float = 0.5) -> np.ndarray:
-    """MuseTalk's blend mask over the blend crop: the face inside its box, below the upper boundary, blurred.
+               upper_boundary_ratio: float = 0.5, blur: float = BLUR_REALTIME) -> np.ndarray:
+    """MuseTalk's blend mask over the (unclipped) blend crop: the face inside its box, below the upper
+    boundary, blurred.
 
-    `parsed` is the face-parsing mask (0/255) of the blend crop (skin, mouth, lips); without it
-    the whole face box is used (the geometric mask). Upper boundary (a share of the crop's height)
-    and blur (10% of its width, odd) as MuseTalk's `get_image_prepare_material`.
+    `parsed` is the face-parsing mask (0/255) of the blend crop; without it the whole face box is
+    used (the geometric mask). The upper boundary is a share of the crop's height and the blur
+    kernel `blur` of its width (odd), as MuseTalk's `get_image` (offline, 5%) and
+    `get_image_prepare_material` (realtime, 10%).
     """
     cx1, cy1, cx2, cy2 = crop
     w, h = cx2 - cx1, cy2 - cy1
     mask = np.zeros((h, w), np.uint8)
     x1, y1, x2, y2 = box
-    sy, sx = slice(max(0, y1 - cy1), y2 - cy1), slice(max(0, x1 - cx1), x2 - cx1)
+    sy, sx = slice(max(0, y1 - cy1), min(h, y2 - cy1)), slice(max(0, x1 - cx1), min(w, x2 - cx1))
     mask[sy, sx] = 255 if parsed is None else parsed[sy, sx]
     mask[: int(h * upper_boundary_ratio)] = 0
-    k = int(0.1 * w // 2 * 2) + 1
+    k = int(blur * w // 2 * 2) + 1
     return cv2.GaussianBlur(mask, (k, k), 0)
 
 
-def geometric_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], upper_boundary_ratio: float = 0.5
-                   ) -> np.ndarray:
+def geometric_mask(box: tuple[int, int, int, int], crop: tuple[int, ...], upper_boundary_ratio: float = 0.5,
+                   blur: float = BLUR_REALTIME) -> np.ndarray:
     """The blend mask without face parsing (the face box stands in for the parsed skin and lips)."""
-    return blend_mask(box, crop, None, upper_boundary_ratio)
+    return blend_mask(box, crop, None, upper_boundary_ratio, blur)
+
+
+def version_defaults(version: str) -> dict[str, Any]:
+    """What the official scripts use per version: the chin margin added to the face box (v1.5 only),
+    the blend crop's expand factor (1.5 for both since v1.5's release) and the parsing mode."""
+    return {"extra_margin": 10 if version == "v15" else 0, "expand": 1.5,
+            "parsing_mode": "jaw" if version == "v15" else "raw"}
 
 
 @dataclass
@@ -146,11 +185,22 @@ class PreparedFace:
 
 
 @dataclass(frozen=True)
+class AudioWindow:
+    """Audio from which the slot computes a frame's prompt: `audio_prompts(samples)[frame]`. The
+    frames of one block share one window object (one Whisper pass per block on the slot)."""
+
+    samples: np.ndarray  # 16 kHz mono float32
+    frame: int
+
+
+@dataclass(frozen=True)
 class LipSyncJob:
-    """One frame's model work: the avatar frame's 8-channel latents and its audio prompt."""
+    """One frame's model work: the avatar frame's 8-channel latents and its audio prompt (or, when
+    Whisper runs on the slot, the audio window the slot computes it from)."""
 
     latents: Any  # (1, 8, h, w)
-    prompt: Any  # (prompt_len, d_model)
+    prompt: Any  # (prompt_len, d_model), or None with `audio`
+    audio: AudioWindow | None = None
 
 
 class MuseTalk:
@@ -161,9 +211,11 @@ class MuseTalk:
     PARTS = frozenset({"unet", "vae", "whisper"})
 
     def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
-                 seed: int = 0, parts: frozenset[str] | set[str] = PARTS) -> None:
+                 seed: int = 0, parts: frozenset[str] | set[str] = PARTS, parsing_mode: str | None = None,
+                 cheek_width: int = 90) -> None:
         """`parts` chooses which weights to load: a lipsync slot needs the UNet and the VAE (decode);
-        the session side needs the VAE (avatar latents) and Whisper (audio prompts)."""
+        the session side needs the VAE (avatar latents) and Whisper (audio prompts). `parsing_mode`
+        (raw, jaw, neck; default: the version's) and `cheek_width` shape the blend mask."""
         self.root = Path(root)
         self.version = version
         self.device = device
@@ -172,8 +224,11 @@ class MuseTalk:
         self.parts = frozenset(parts)
         if not self.parts <= self.PARTS:
             raise ValueError(f"unknown MuseTalk parts: {sorted(self.parts - self.PARTS)}")
-        self.extra_margin = 10 if version == "v15" else 0
-        self.expand = 1.5 if version == "v15" else 1.2
+        defaults = version_defaults(version)
+        self.extra_margin = int(defaults["extra_margin"])
+        self.expand = float(defaults["expand"])
+        self.parsing_mode = parsing_mode or str(defaults["parsing_mode"])
+        self.cheek_width = cheek_width
         self.unet: Any = None
         self.vae: Any = None
         self.encoder: Any = None
@@ -193,18 +248,22 @@ class MuseTalk:
                 unet = UNet2DConditionModel(**config)
                 state = torch.load(paths["unet"], map_location="cpu", weights_only=True)
                 unet.load_state_dict(state)
-                self.unet = unet.to(self.device, dtype).eval()
+                # torch's own `to`: diffusers' override warns about modules kept in fp32, which these have none of
+                self.unet = torch.nn.Module.to(unet, self.device, dtype).eval()
+            quiet_loading()
             if "vae" in self.parts:
-                self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype).to(self.device).eval()
-                if "whisper" in self.parts and (self.root / CHECKPOINT).is_file():  # the avatar-preparing side
-                    from .faceparse import FaceParser
-
-                    self.parser = FaceParser(self.root / CHECKPOINT, self.device)
+                # low_cpu_mem_usage=False: without `accelerate` diffusers would print its install advice
+                # (a block of text) on every load
+                self.vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype, low_cpu_mem_usage=False
+                                                         ).to(self.device).eval()
+                if "whisper" in self.parts:  # the avatar-preparing side
+                    self.parser = self._face_parser()
             self.vae_config = (self.vae.config if self.vae is not None
                                else AutoencoderKL.load_config(paths["vae"]))
             if "whisper" in self.parts:
-                whisper = WhisperModel.from_pretrained(paths["whisper"], dtype=dtype)
-                self.encoder = whisper.encoder.to(self.device).eval()
+                # no `dtype=` keyword (transformers >= 4.56 only; older ones call it torch_dtype): cast after
+                whisper = WhisperModel.from_pretrained(paths["whisper"])
+                self.encoder = whisper.encoder.to(self.device, dtype).eval()
                 wcfg = self.encoder.config
             else:
                 wcfg = WhisperConfig.from_pretrained(paths["whisper"])
@@ -230,23 +289,39 @@ class MuseTalk:
         self.prompt_len = per_frame * self.layers
         self._pe = torch.from_numpy(positional_encoding(self.prompt_len, self.d_model)).to(self.device, dtype)
 
+    def _face_parser(self) -> Any:
+        """The BiSeNet face parser, or None (loudly: the blend mask loses its shape) without its checkpoint."""
+        checkpoint = self.root / CHECKPOINT
+        if not checkpoint.is_file():
+            log.warning("MuseTalk: %s is missing, so the blend mask falls back to the whole lower face box: "
+                        "%s. Download face-parse-bisent/79999_iter.pth (and put it in %s) for MuseTalk's "
+                        "own blending.", CHECKPOINT, "no jaw-mode chin coverage, seams along the cheeks and "
+                        "the generated face's box edges may show" if self.parsing_mode == "jaw"
+                        else "background and hair inside the box are blended too", self.root)
+            return None
+        from .faceparse import FaceParser
+
+        return FaceParser(checkpoint, self.device, self.parsing_mode, self.cheek_width)
+
     # -- avatar -----------------------------------------------------------------------------------
-    def prepare_face(self, frame: np.ndarray, box: tuple[int, int, int, int]) -> PreparedFace:
-        """Latents of the masked and the full crop (masked first: 8 channels) and the blend mask."""
+    def prepare_face(self, frame: np.ndarray, box: tuple[int, int, int, int], blur: float = BLUR_REALTIME
+                     ) -> PreparedFace:
+        """Latents of the masked and the full crop (masked first: 8 channels) and the blend mask.
+
+        The mask is built on the whole (unclipped) blend square, parsed with the image's outside
+        black, as upstream; `blur` is BLUR_OFFLINE for whole-file rendering, BLUR_REALTIME live.
+        """
         x1, y1, x2, y2 = box
         crop = cv2.resize(frame[y1:y2, x1:x2], (CROP, CROP), interpolation=cv2.INTER_LANCZOS4)
-        h, w = frame.shape[:2]
-        region = blend_region(box, w, h, self.expand)
-        parsed = None
-        if self.parser is not None:
-            rx1, ry1, rx2, ry2 = region
-            parsed = self.parser(frame[ry1:ry2, rx1:rx2])
-        return PreparedFace(frame, box, self.encode_crop(crop), region, blend_mask(box, region, parsed))
+        region = blend_region(box, self.expand)
+        parsed = None if self.parser is None else self.parser(padded_crop(frame, region))
+        return PreparedFace(frame, box, self.encode_crop(crop), region, blend_mask(box, region, parsed, blur=blur))
 
     def prepare_faces(self, avatar: Any, cache_dir: Path | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> list[PreparedFace]:
+                      progress: Callable[[int, int], None] | None = None, blur: float = BLUR_REALTIME
+                      ) -> list[PreparedFace]:
         """Every frame of an avatar prepared, in MuseTalk's ping-pong order; the latents and masks are
-        cached on disk keyed by the avatar and by what shapes them (VAE, face parsing, version)."""
+        cached on disk keyed by the avatar and by what shapes them (VAE, face parsing, version, blur)."""
         import hashlib
 
         import torch
@@ -256,7 +331,8 @@ class MuseTalk:
         if avatar.key:
             from detectors.offline import default_state_dir
 
-            parts = [self.version, self.seed, self.expand, json.dumps(dict(self.vae.config), sort_keys=True, default=str)]
+            parts = [self.version, self.seed, self.expand, blur, self.parsing_mode, self.cheek_width,
+                     self.parser is not None, "unclipped", json.dumps(dict(self.vae.config), sort_keys=True, default=str)]
             for f in sorted((self.root / "sd-vae").glob("*")) + [self.root / CHECKPOINT]:
                 if f.is_file():
                     st = f.stat()
@@ -272,7 +348,7 @@ class MuseTalk:
             return ping_pong(prepared)
         prepared = []
         for i, a in enumerate(frames):
-            prepared.append(self.prepare_face(a.image, a.box))
+            prepared.append(self.prepare_face(a.image, a.box, blur))
             if progress is not None:
                 progress(i + 1, len(frames))
         if cache is not None:
@@ -299,6 +375,30 @@ class MuseTalk:
         return torch.cat([latents[0:1], latents[1:2]], dim=1)  # masked first
 
     # -- audio ------------------------------------------------------------------------------------
+    def log_mel(self, samples: np.ndarray, sample_rate: int = 16_000) -> Any:
+        """Whisper's log-mel input for up to 30 s of audio, padded to 30 s, as the feature extractor
+        makes it, without computing the spectrogram of the padding: a live block of a few seconds
+        would otherwise pay for 30 s of STFT every time.
+
+        Exact: the STFT runs over the samples and one window of zeros after them (so every frame that
+        touches a sample sees what it would see in the padded input); the frames after that are the
+        spectrogram of silence, whose value after Whisper's normalisation (clamped at the maximum
+        minus 8, then (x + 4) / 4) is max(-1.5, max - 2) of the normalised frames.
+        """
+        import torch
+
+        fx = self.features
+        if len(samples) >= fx.n_samples:
+            return fx(samples, sampling_rate=sample_rate, return_tensors="pt").input_features
+        tail = np.zeros(len(samples) + fx.n_fft, np.float32)
+        tail[:len(samples)] = samples
+        mel = fx(tail, sampling_rate=sample_rate, return_tensors="pt", padding="longest").input_features
+        mel = mel[..., :fx.nb_max_frames]
+        out = torch.full((1, mel.shape[1], fx.nb_max_frames), float(max(-1.5, float(mel.max()) - 2.0)),
+                         dtype=mel.dtype)
+        out[..., :mel.shape[-1]] = mel
+        return out
+
     def audio_prompts(self, samples: np.ndarray, sample_rate: int = 16_000) -> Any:
         """(frames, 10 x layers, d_model) prompts for `samples` (16 kHz mono float32), one per 25 fps frame."""
         import torch
@@ -307,7 +407,7 @@ class MuseTalk:
         feats = []
         with torch.inference_mode():
             for i in range(0, max(len(samples), 1), seg):
-                mel = self.features(samples[i:i + seg], sampling_rate=sample_rate, return_tensors="pt").input_features
+                mel = self.log_mel(samples[i:i + seg], sample_rate)
                 hidden = self.encoder(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
                 feats.append(torch.stack(hidden, dim=2))  # 1 x T x layers x d_model
         whole = torch.cat(feats, dim=1)
@@ -315,8 +415,10 @@ class MuseTalk:
         frames = len(samples) * VIDEO_FPS // sample_rate
         whole = whole[:, : -(-len(samples) * self.audio_fps // sample_rate)]
         per = self.audio_fps // VIDEO_FPS
-        left = torch.zeros_like(whole[:, : per * WINDOW_LEFT])
-        right = torch.zeros_like(whole[:, : per * 3 * WINDOW_RIGHT])
+        # padding of its own length: slicing `whole` gave a short clip fewer rows than the window needs
+        # (one frame: 2 + 2 instead of 4 before and 12 after), a short prompt, and a failed UNet call
+        left = whole.new_zeros(whole.shape[0], per * WINDOW_LEFT, *whole.shape[2:])
+        right = whole.new_zeros(whole.shape[0], per * 3 * WINDOW_RIGHT, *whole.shape[2:])
         padded = torch.cat([left, whole, right], dim=1)
         out = []
         for f in range(frames):
@@ -357,14 +459,19 @@ class MuseTalk:
 
     @staticmethod
     def paste(face: PreparedFace, generated_bgr: np.ndarray) -> np.ndarray:
-        """Put the generated face into its box, then blend the crop region through the mask."""
+        """Put the generated face into its box, then blend the blend square through the mask (only
+        its part inside the image: the square may reach outside)."""
         out = face.frame.copy()
+        h, w = out.shape[:2]
         x1, y1, x2, y2 = face.box
         cx1, cy1, cx2, cy2 = face.crop
-        large = out[cy1:cy2, cx1:cx2].copy()
-        large[y1 - cy1:y2 - cy1, x1 - cx1:x2 - cx1] = cv2.resize(np.ascontiguousarray(generated_bgr), (x2 - x1, y2 - y1))
-        a = (face.mask.astype(np.float32) / 255.0)[..., None]
-        out[cy1:cy2, cx1:cx2] = (large * a + out[cy1:cy2, cx1:cx2] * (1 - a)).round().astype(np.uint8)
+        ix1, iy1, ix2, iy2 = max(0, cx1), max(0, cy1), min(w, cx2), min(h, cy2)
+        large = out[iy1:iy2, ix1:ix2].copy()
+        gen = cv2.resize(np.ascontiguousarray(generated_bgr), (x2 - x1, y2 - y1))
+        gx1, gy1, gx2, gy2 = max(x1, ix1), max(y1, iy1), min(x2, ix2), min(y2, iy2)
+        large[gy1 - iy1:gy2 - iy1, gx1 - ix1:gx2 - ix1] = gen[gy1 - y1:gy2 - y1, gx1 - x1:gx2 - x1]
+        a = (face.mask[iy1 - cy1:iy2 - cy1, ix1 - cx1:ix2 - cx1].astype(np.float32) / 255.0)[..., None]
+        out[iy1:iy2, ix1:ix2] = (large * a + out[iy1:iy2, ix1:ix2] * (1 - a)).round().astype(np.uint8)
         return out
 
 
@@ -378,9 +485,13 @@ class MuseTalkSlotModel:
     kind = "lipsync"
 
     def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
-                 threads: int | None = None) -> None:
-        self.model = MuseTalk(root, version, device=device, half=half, parts={"unet", "vae"})
+                 threads: int | None = None, whisper: bool = False) -> None:
+        """`whisper`: this slot also holds the Whisper encoder and computes the prompts of jobs that
+        carry their audio window (`lipsync.whisper = "slot"`: on a GPU, next to the UNet and VAE)."""
+        self.model = MuseTalk(root, version, device=device, half=half,
+                              parts={"unet", "vae", "whisper"} if whisper else {"unet", "vae"})
         self.threads = threads
+        self.whisper = whisper
         self.activation_bytes = 0
 
     def load(self) -> None:
@@ -399,12 +510,32 @@ class MuseTalkSlotModel:
         if cuda:
             torch.cuda.reset_peak_memory_stats(m.device)
             before = torch.cuda.memory_allocated(m.device)
-        self.infer([LipSyncJob(latents, torch.zeros(m.prompt_len, m.d_model))])
+        if self.whisper:
+            self.infer([LipSyncJob(latents, None, AudioWindow(np.zeros(640, np.float32), 0))])
+        else:
+            self.infer([LipSyncJob(latents, torch.zeros(m.prompt_len, m.d_model))])
         if cuda:  # activations of one frame on top of the weights (per-device figure: approximate)
             self.activation_bytes = max(0, torch.cuda.max_memory_allocated(m.device) - before)
 
     def infer(self, jobs: list[LipSyncJob]) -> list[np.ndarray]:
-        return self.model.generate_faces([j.latents for j in jobs], [j.prompt for j in jobs])
+        return self.model.generate_faces([j.latents for j in jobs], self.prompts(jobs))
+
+    def prompts(self, jobs: list[LipSyncJob]) -> list[Any]:
+        """Each job's prompt: given, or computed here from its audio window (once per window)."""
+        computed: dict[int, Any] = {}
+        out = []
+        for j in jobs:
+            if j.prompt is not None:
+                out.append(j.prompt)
+                continue
+            if j.audio is None or not self.whisper:
+                raise MuseTalkError("a lipsync job without its prompt reached a slot without Whisper "
+                                    "(lipsync.whisper must be the same for the whole pool)")
+            key = id(j.audio.samples)
+            if key not in computed:
+                computed[key] = self.model.audio_prompts(j.audio.samples)
+            out.append(computed[key][j.audio.frame])
+        return out
 
     def close(self) -> None:
         self.model.unet = None

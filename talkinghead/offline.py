@@ -7,8 +7,11 @@ the results are blended and written in time order into one encoder. Each frame d
 its own audio window and avatar frame, so splitting changes nothing in the output: no seam,
 whatever the number of slots, and memory stays bounded however long the input is.
 
-Silent frames (below `silence_db`) skip the model and show the avatar's own frame, cross-faded
-over a few frames so the mouth does not snap shut.
+Silent frames (below `silence_db`) away from speech skip the model and show the avatar's own
+frame. The model renders every frame within a few frames of speech (its audio window reaches two
+frames ahead, so the mouth opens before the sound, as upstream), and the switches between the
+avatar's face and the generated one are cross-faded both ways over silent frames; `always` renders
+every frame.
 """
 
 from __future__ import annotations
@@ -21,26 +24,57 @@ import numpy as np
 
 from .audio import SAMPLES_PER_FRAME, rms_db
 from .avatar import Avatar
-from .musetalk import LipSyncJob, MuseTalk
+from .musetalk import BLUR_OFFLINE, WINDOW_LEFT, LipSyncJob, MuseTalk
 
 CROSSFADE_FRAMES = 3
 
 Submit = Callable[[list[LipSyncJob], int], "Future[list[np.ndarray]]"]
 
 
+SPEECH_MARGIN = WINDOW_LEFT + CROSSFADE_FRAMES  # model frames each side of speech: window + fade
+
+
+def model_frames(voiced: list[bool], margin: int = SPEECH_MARGIN, always: bool = False) -> list[bool]:
+    """Which frames the model renders: every frame within `margin` frames of a voiced one (so the
+    mouth opens before speech as MuseTalk's two-frame look-ahead window makes it, and the fades
+    between the generated and the avatar's own face fall on silent frames), or all when `always`."""
+    if always:
+        return [True] * len(voiced)
+    out = [False] * len(voiced)
+    for i, v in enumerate(voiced):
+        if v:
+            for j in range(max(0, i - margin), min(len(voiced), i + margin + 1)):
+                out[j] = True
+    return out
+
+
 class Crossfade:
-    """After speech, ease from the last spoken frame to the avatar's own frames over a few frames."""
+    """Eases between the avatar's own frames and generated ones over a few frames, both ways: into a
+    run of generated frames (from the avatar's frame at that position) and out of it after speech."""
 
     def __init__(self, frames: int = CROSSFADE_FRAMES) -> None:
         self.frames = frames
-        self.last: np.ndarray | None = None
-        self.since = frames
+        self.last: np.ndarray | None = None  # the last generated frame
+        self.since = frames  # idle frames since it
+        self.run = 0  # generated frames in the current run
+        self.fade_in = False  # the current run follows idle frames (not the very start)
+        self.started = False
 
-    def spoken(self, frame: np.ndarray) -> np.ndarray:
+    def spoken(self, frame: np.ndarray, idle: np.ndarray | None = None) -> np.ndarray:
+        """A generated frame; `idle` is the avatar's own frame at its position (for the fade in)."""
+        if self.run == 0:
+            self.fade_in = self.started and idle is not None
+        self.started = True
         self.last, self.since = frame, 0
-        return frame
+        self.run += 1
+        if not self.fade_in or self.run > self.frames or idle is None:
+            return frame
+        a = self.run / (self.frames + 1)
+        return (frame.astype(np.float32) * a + idle.astype(np.float32) * (1 - a)).round().astype(np.uint8)
 
     def idle(self, idle: np.ndarray) -> np.ndarray:
+        self.started = True
+        self.run = 0
         self.since += 1
         if self.last is None or self.since > self.frames:
             return idle
@@ -64,11 +98,12 @@ def local_submit(model: MuseTalk) -> Submit:
 
 def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, batch_size: int = 8,
            silence_db: float = -50.0, progress: Callable[[int, int], None] | None = None,
-           submit: Submit | None = None, in_flight: int = 2) -> dict[str, int]:
+           submit: Submit | None = None, in_flight: int = 2, always: bool = False) -> dict[str, int]:
     """Write len(samples)/640 frames (rounded up) to `sink`; returns counts of generated and idle frames.
 
     `model` computes the audio prompts and the avatar latents; `submit` runs the UNet + VAE
     segments (default: `model` itself, here). At most `in_flight` segments wait for their results.
+    The model renders the frames around speech (`model_frames`), or every frame when `always`.
     """
     import torch
 
@@ -78,8 +113,9 @@ def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, b
     padded[:len(samples)] = samples
     chunks = padded.reshape(n, SAMPLES_PER_FRAME)
     prompts = model.audio_prompts(samples)
-    faces = model.prepare_faces(avatar)
-    voiced = [i for i, c in enumerate(chunks) if i < len(prompts) and rms_db(c) >= silence_db]
+    faces = model.prepare_faces(avatar, blur=BLUR_OFFLINE)  # upstream's whole-file blending: 5% blur
+    spoken = model_frames([bool(rms_db(c) >= silence_db) for c in chunks], always=always)
+    voiced = [i for i, v in enumerate(spoken) if v and i < len(prompts)]
     segments = [voiced[i:i + batch_size] for i in range(0, len(voiced), batch_size)]
     pending: deque[tuple[list[int], Future[list[np.ndarray]]]] = deque()
     next_segment = 0
@@ -104,7 +140,7 @@ def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, b
                     idx, fut = pending.popleft()
                     ready.update(zip(idx, fut.result(), strict=True))
                     fill()
-                frame = fade.spoken(MuseTalk.paste(face, ready.pop(i)))
+                frame = fade.spoken(MuseTalk.paste(face, ready.pop(i)), face.frame)
                 counts["generated"] += 1
             else:
                 frame = fade.idle(face.frame)

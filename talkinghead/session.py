@@ -16,6 +16,7 @@ reaches two frames ahead), and submits the voiced frames as one batch to its exe
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -44,7 +45,9 @@ class BlockBackend(Protocol):
     lookahead: int
 
     def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]
-                     ) -> list[np.ndarray]: ...
+                     ) -> list[np.ndarray]:
+        """`voiced` (loud enough, per chunk) covers `chunks` then `ahead`."""
+        ...
 
     def idle_frame(self) -> np.ndarray: ...
 
@@ -101,6 +104,9 @@ class TalkSession:
         self.error: str | None = None
         self._stop = threading.Event()
         self._arrivals: deque[float | None] = deque()  # pushed chunks handed out, not yet written
+        self._rendered = 0  # frames rendered (or repeated) and handed to the writer
+        self._written: queue.Queue[tuple[list[np.ndarray], list[np.ndarray]] | None] = queue.Queue(1)
+        self._write_error: BaseException | None = None
         self._flip_logged_at = -1e9
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
         self.started_at = 0.0
@@ -136,7 +142,35 @@ class TalkSession:
                 log.exception("session %s: state listener failed", self.name)
 
     def _due(self) -> float:
-        return self.started_at + self.stats.frames / FPS
+        """When the next frame to render is due (the writer may still be writing earlier ones)."""
+        return self.started_at + self._rendered / FPS
+
+    def _write_loop(self) -> None:
+        """Writes each rendered block's frames at their due times, so that the next block renders
+        meanwhile (rendering and waiting overlap: the slot is not left idle while frames wait)."""
+        try:
+            while (item := self._written.get()) is not None:
+                chunks, frames = item
+                for chunk, frame in zip(chunks, frames, strict=True):
+                    if self.realtime:
+                        wait = self.started_at + self.stats.frames / FPS - time.monotonic()
+                        if wait > 0:
+                            self._stop.wait(wait)
+                    self.sink.write(frame, chunk)
+                    self.stats.frames += 1
+                    arrived = self._arrivals.popleft() if self._arrivals else None
+                    if arrived is not None:
+                        self.stats.latency_ms.append((time.monotonic() - arrived) * 1000)
+        except BaseException as exc:  # the sink failed: the render loop ends the session with it
+            self._write_error = exc
+            while self._written.get() is not None:  # let the render loop finish its hand-offs
+                pass
+
+    def _hand_over(self, chunks: list[np.ndarray], frames: list[np.ndarray]) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        self._rendered += len(chunks)
+        self._written.put((chunks, frames))
 
     def _blocks(self, block: int, ahead: int) -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
         """(chunks, lookahead) pairs; a None chunk means 'no audio yet' (pushed input running dry).
@@ -193,38 +227,37 @@ class TalkSession:
         last: np.ndarray | None = None
         self.started_at = time.monotonic()
         self._set_state("live")
+        writer = threading.Thread(target=self._write_loop, name=f"talk[{self.name}].write", daemon=True)
+        writer.start()
         try:
-            for raw, lookahead in self._blocks(block, ahead):
-                if self._stop.is_set():
-                    break
-                chunks = [np.zeros(SAMPLES_PER_FRAME, np.float32) if c is None else c for c in raw]
-                due = self._due()
-                behind = self.realtime and time.monotonic() - due > 1.0 / FPS
-                if behind and last is not None:
-                    frames = [last] * len(chunks)  # degrade visibly, never let audio drift
-                    self.stats.late += len(chunks)
-                    self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")
-                else:
-                    if self.state == "degraded":
-                        self._set_state("live")  # caught up
-                    t = time.perf_counter()
-                    if hasattr(self.backend, "render_block"):
-                        frames = self._render_block(chunks, lookahead, last)
+            try:
+                for raw, lookahead in self._blocks(block, ahead):
+                    if self._stop.is_set():
+                        break
+                    chunks = [np.zeros(SAMPLES_PER_FRAME, np.float32) if c is None else c for c in raw]
+                    due = self._due()
+                    behind = self.realtime and time.monotonic() - due > 1.0 / FPS
+                    if behind and last is not None:
+                        frames = [last] * len(chunks)  # degrade visibly, never let audio drift
+                        self.stats.late += len(chunks)
+                        self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")
                     else:
-                        frames, level = self._render_frames(chunks, level)
-                    ms = (time.perf_counter() - t) * 1000 / len(chunks)
-                    self.stats.render_ms.extend([ms] * len(chunks))
-                for chunk, frame in zip(chunks, frames, strict=True):
-                    if self.realtime:
-                        wait = self._due() - time.monotonic()
-                        if wait > 0:
-                            self._stop.wait(wait)
-                    self.sink.write(frame, chunk)
-                    self.stats.frames += 1
-                    arrived = self._arrivals.popleft() if self._arrivals else None
-                    if arrived is not None:
-                        self.stats.latency_ms.append((time.monotonic() - arrived) * 1000)
-                last = frames[-1]
+                        if self.state == "degraded":
+                            self._set_state("live")  # caught up
+                        t = time.perf_counter()
+                        if hasattr(self.backend, "render_block"):
+                            frames = self._render_block(chunks, lookahead, last)
+                        else:
+                            frames, level = self._render_frames(chunks, level)
+                        ms = (time.perf_counter() - t) * 1000 / len(chunks)
+                        self.stats.render_ms.extend([ms] * len(chunks))
+                    self._hand_over(chunks, frames)
+                    last = frames[-1]
+            finally:
+                self._written.put(None)
+                writer.join()
+            if self._write_error is not None:
+                raise self._write_error
             self._set_state("ended")
         except Exception as exc:  # this session only: others keep running
             self._set_state("failed", str(exc))
@@ -249,7 +282,7 @@ class TalkSession:
             else:
                 self.stats.inferred += 1
             if self.on_frame is not None:
-                self.on_frame(self.stats.frames + len(frames) - 1, level)
+                self.on_frame(self._rendered + len(frames) - 1, level)
         return frames, level
 
     def _render_block(self, chunks: list[np.ndarray], lookahead: list[np.ndarray],
@@ -257,7 +290,7 @@ class TalkSession:
         """Block backend: the voiced chunks go to the model as one batch; an executor failure shows
         the last frame for this block (counted as `errors`) and the session goes on."""
         backend: Any = self.backend
-        voiced = [bool(rms_db(c) >= self.silence_db) for c in chunks]
+        voiced = [bool(rms_db(c) >= self.silence_db) for c in [*chunks, *lookahead]]
         try:
             frames = backend.render_block(chunks, voiced, lookahead)
         except Exception as exc:
@@ -265,16 +298,17 @@ class TalkSession:
             self._set_state("degraded", f"generation failed: {exc}")
             hold = last if last is not None else backend.idle_frame()
             return [hold] * len(chunks)
-        n_voiced = sum(voiced)
-        self.stats.inferred += n_voiced
-        self.stats.idle += len(chunks) - n_voiced
+        generated = int(getattr(backend, "generated", sum(voiced[:len(chunks)])))
+        self.stats.inferred += generated
+        self.stats.idle += len(chunks) - generated
         if self.on_frame is not None:
-            for k, v in enumerate(voiced):
-                self.on_frame(self.stats.frames + k, float(v))
+            for k, v in enumerate(voiced[:len(chunks)]):
+                self.on_frame(self._rendered + k, float(v))
         return frames
 
     def snapshot(self) -> dict[str, Any]:
         pushed = self.audio if isinstance(self.audio, PushAudio) else None
-        audio = {"audio_rejected": pushed.rejected, "audio_dropped": pushed.dropped} if pushed is not None else {}
+        audio = ({"audio_rejected": pushed.rejected, "audio_rejected_by": dict(pushed.rejected_by),
+                  "audio_gaps": pushed.gaps, "audio_dropped": pushed.dropped} if pushed is not None else {})
         return {"session": self.name, "state": self.state, "error": self.error, "backend": self.backend.name,
                 **self.stats.snapshot(time.monotonic() - self.started_at if self.started_at else 0.0), **audio}

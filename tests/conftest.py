@@ -215,3 +215,4 @@ def _reap_framegrid() -> Iterator[None]:
         if fg.proc.poll() is None:
             fg.kill_with_stacks()
             print(f"framegrid left running by the test; its log:\n{fg.output()[-20000:]}")
+        fg._fh.close()  # (a failed test never reached stop(): its log file must not leak into later tests)

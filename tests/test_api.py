@@ -34,8 +34,10 @@ pytestmark = pytest.mark.slow
 
 def write_config(path: Path, prefix: str, mosquitto: Mosquitto, port: int, streams: dict[str, str],
                  token: str | None = TOKEN, extra: str = "") -> Path:
+    # API clients may name files in pytest's base folder, where every test's fixtures live (videos, avatar)
     lines = ["[mqtt]", f'url = "{mosquitto.url}"', f'topic_prefix = "{prefix}"', "stats_interval = 1",
-             "[api]", f'listen = "127.0.0.1:{port}"', "max_upload_mb = 2", "mjpeg_fps = 4"]
+             "[api]", f'listen = "127.0.0.1:{port}"', "max_upload_mb = 2", "mjpeg_fps = 4",
+             f'media_dirs = ["{path.parent.parent}"]']
     if token:
         lines.append('token = "${FG_TEST_TOKEN}"')
     lines += ["[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320",
@@ -125,6 +127,32 @@ def test_health_ready_and_auth(served: Served) -> None:
             schema["components"]["schemas"])
     finally:
         anon.close()
+
+
+def test_every_operation_but_health_needs_the_token_and_bodies_are_bounded(served: Served) -> None:
+    """No auth bypass: every operation of the OpenAPI schema, called without the token and with a wrong
+    one, is refused with 401 (path parameters filled in, no body needed for the check), except the
+    liveness and readiness probes; a request body beyond 1 MB is refused with 413 before it is read."""
+    schema = served.client.get("/openapi.json").json()
+    open_paths = {"/api/health", "/api/ready"}
+    checked = 0
+    with httpx.Client(base_url=served.client.base_url, timeout=10) as anon:
+        for path, ops in schema["paths"].items():
+            concrete = path.replace("{", "").replace("}", "")  # /api/streams/name, /api/faults/slots/slot, ...
+            for method in ops:
+                for headers in ({}, {"Authorization": "Bearer wrong"}):
+                    if path in open_paths:
+                        continue
+                    with anon.stream(method.upper(), concrete, headers=headers) as res:
+                        assert res.status_code == 401, (method, path, headers, res.status_code)
+                    checked += 1
+    assert checked >= 2 * 20, checked
+    big = {"name": "big", "url": "rtsp://127.0.0.1/x", "model": "shapes", "comment": "x" * 2_000_000}
+    res = served.call("POST", "/api/streams", json=big)
+    assert res.status_code == 413 and "larger than 1000000 bytes" in res.text, res.status_code
+    res = served.call("PATCH", "/api/streams/cam1", json={"max_fps": 1, "pad": "y" * 2_000_000})
+    assert res.status_code == 413
+    assert "big" not in [s["name"] for s in served.call("GET", "/api/streams").json()]
 
 
 def test_streams_list_get_and_errors(served: Served) -> None:
@@ -338,6 +366,36 @@ def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None
     assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 404
 
 
+def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    """No path a client gives reads or writes outside api.media_dirs (here pytest's base folder):
+    absolute paths, `..`, a symlink out, FFmpeg's file-reading protocols; network URLs pass."""
+    outside = Path("/etc/hostname")
+    link = tmp_path / "innocent.mp4"
+    link.symlink_to(outside)
+    base = served.config.parent.parent
+    for url in (str(outside), f"file:{outside}", str(link), f"{base}/../../../etc/hostname",
+                "../" * 12 + "etc/hostname", f"concat:{outside}", f"subfile,,start,0,end,0,,:{outside}", "pipe:0",
+                "data:text/plain,abc", "a\x00b.mp4"):
+        res = served.call("POST", "/api/streams", json={"name": "evil", "url": url, "model": "shapes"})
+        assert res.status_code == 422, (url, res.status_code, res.text)
+        assert res.json()["detail"][0]["loc"] == ["body", "url"], res.text
+        if str(base) not in url:
+            assert str(base) not in res.text  # says what was refused, not which folders are allowed
+    assert "evil" not in [s["name"] for s in served.call("GET", "/api/streams").json()]
+    for data in ({"avatar_path": str(outside), "audio_path": str(outside)}, {"avatar_path": str(link)}):
+        res = served.call("POST", "/api/talk/jobs", data=data)
+        assert res.status_code == 422 and "api.media_dirs" in res.text, res.text
+    body = {"name": "eve", "avatar": str(face_image), "audio": "mqtt", "out": str(tmp_path / "eve.mp4")}
+    for key, value in (("avatar", str(outside)), ("out", "/tmp/framegrid-evil.mp4"),
+                       ("out", str(tmp_path / "../../../x.m3u8")), ("out", "file:///tmp/x.mp4"),
+                       ("audio", f"concat:{outside}"), ("audio", str(link))):
+        res = served.call("POST", "/api/talk/sessions", json={**body, key: value})
+        assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", key], (key, value, res.text)
+    assert not Path("/tmp/framegrid-evil.mp4").exists()
+    assert served.call("GET", "/api/talk/sessions").json() == []
+
+
 def test_nothing_secret_in_responses_or_log(served: Served) -> None:
     for text in served.seen:
         assert CAM_PASSWORD not in text and TOKEN not in text
@@ -415,7 +473,8 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
     port = free_port()
     cfg = tmp_path / "fg.toml"
     cfg.write_text(f'[mqtt]\nurl = "{mosquitto.url}"\ntopic_prefix = "fgjob-{os.getpid()}"\n'
-                   f'[api]\nlisten = "127.0.0.1:{port}"\n[lipsync]\nweights = "{tiny}"\nslots = 2\nbatch_size = 4\n'
+                   f'[api]\nlisten = "127.0.0.1:{port}"\nmedia_dirs = ["{tmp_path.parent}"]\n'
+                   f'[lipsync]\nweights = "{tiny}"\nslots = 2\nbatch_size = 4\n'
                    '[pipeline]\nstatus_interval = 0\n')
     wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.4, False), (0.52, True)]), 16_000)
     fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log")

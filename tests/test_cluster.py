@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline import parse_config
 
 from .conftest import MODEL, Mosquitto, RtspServer, Subscriber, wait_until
+from .test_talkinghead import face_image  # noqa: F401 - fixture
 
 FAILOVER_BOUND_S = 15.0
 STREAMS = ("a", "b", "c", "d")
+SESSIONS = ("t1", "t2")
 
 
 def published_since(sub: Subscriber, stream: str, t: float) -> list[Any]:
@@ -27,7 +30,7 @@ def published_since(sub: Subscriber, stream: str, t: float) -> list[Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
-    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, videos: dict[str, Path]
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, videos: dict[str, Path], face_image: Path  # noqa: F811
 ) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -42,9 +45,10 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
         "streams": {s: {"url": server.url(s), "model": "shapes", "max_fps": 4} for s in STREAMS},
+        "talk": {t: {"avatar": str(face_image), "audio": "mqtt", "out": str(tmp_path / f"{t}.mp4")} for t in SESSIONS},
         "pipeline": {"status_interval": 0},
         "api": {"enabled": False},
-        "cluster": {"backend": "ray", "address": cluster.address, "ping_s": 0.5, "dead_after_s": 3,
+        "cluster": {"backend": "ray", "address": cluster.address, "ping_s": 0.5, "dead_after_s": 6,
                     "rebalance_s": 2},
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
@@ -61,6 +65,11 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         head = await start_head()
         t0 = time.time()
         await wait_until(lambda: all(published_since(sub, s, t0) for s in STREAMS), 120, "every stream publishing")
+        # a node whose worker came up after the head placed the streams takes its share at the next
+        # rebalance (every 2 s here)
+        await wait_until(lambda: len({head.where(s) for s in STREAMS}) == 2, 60, "streams spread over both nodes")
+        await wait_until(lambda: all(published_since(sub, s, time.time() - 2) for s in STREAMS), 60,
+                         "every stream publishing after the spread")
         placement = {s: head.where(s) for s in STREAMS}
         by_node: dict[str | None, list[str]] = {}
         for s, n in placement.items():
@@ -68,6 +77,16 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         assert len(by_node) == 2 and None not in by_node, placement  # spread over both nodes (by measured capacity)
         state = sub.of("/cluster")[-1].json()
         assert {n for n, v in state["nodes"].items() if v["state"] == "up"} == set(by_node)
+
+        def session_state(t: str) -> dict[str, Any]:
+            got = [m for m in sub.of(f"/talk/{t}/state") if m.payload]
+            return got[-1].json() if got else {}
+
+        # talk sessions are placed on nodes too (one lipsync slot each here: one session per node)
+        sessions = {t: head.where(f"talk/{t}") for t in SESSIONS}
+        assert set(sessions.values()) == set(by_node), sessions
+        await wait_until(lambda: all(session_state(t).get("state") == "live" and session_state(t).get("node") ==
+                                     sessions[t] for t in SESSIONS), 60, "talk sessions live on their nodes")
 
         # kill one node (its raylet and workers): its streams publish again from the other node
         victim_name = placement["a"]
@@ -88,6 +107,16 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         assert last_from_victim <= min(m.at for s in moved for m in from_survivor(s)), "both nodes published a stream"
         assert all(head.where(s) != victim_name for s in STREAMS)
         assert head.nodes[victim_name].state == "lost"
+        # the talk session of the lost node is started again on the survivor
+        orphan = next(t for t, n in sessions.items() if n == victim_name)
+        survivor = next(n for n in by_node if n != victim_name)
+        await wait_until(lambda: session_state(orphan).get("node") == survivor and
+                         session_state(orphan).get("state") == "live", 60, f"{orphan} live on {survivor}")
+        moving = [m.json() for m in sub.of(f"/talk/{orphan}/state") if m.payload and m.at > t_kill
+                  and m.json()["state"] == "moving"]
+        assert moving and moving[0]["reason"] == f"node {victim_name} lost", moving
+        print(f"talk session {orphan} live again after "
+              f"{min(m.at for m in sub.of(f'/talk/{orphan}/state') if m.at > t_kill and m.payload and m.json().get('node') == survivor and m.json()['state'] == 'live') - t_kill:.1f}s")
         assert any(m.payload == b"offline" for m in sub.of(f"/nodes/{victim_name}/availability"))
         for stream in moved:  # the head said it was moving, and why
             moving = [m.json() for m in sub.of(f"/streams/{stream}/state") if m.payload and m.at > t_kill
@@ -136,11 +165,11 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         head.keep_workers = True
         heads[-1][1].set()
         await asyncio.wait_for(heads[-1][2], 60)
-        before = {s: head.where(s) for s in STREAMS}
+        before = {s: head.where(s) for s in (*STREAMS, *(f"talk/{t}" for t in SESSIONS))}
         restarts = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
                     for s in STREAMS}
         head2 = await start_head()
-        assert {s: head2.where(s) for s in STREAMS} == before  # adopted where they ran: none restarted
+        assert {s: head2.where(s) for s in before} == before  # adopted where they ran: none restarted
         t_restart = time.time()
         await wait_until(lambda: all(published_since(sub, s, t_restart) for s in STREAMS), 60, "publishing on")
         after = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
@@ -155,3 +184,259 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         server.kill()
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_running(
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, videos: dict[str, Path]
+) -> None:
+    """`framegrid run` as a cluster head (a real process, its HTTP API on): streams are listed with their
+    node and figures, added, snapshotted, drained and deleted through the API; then the head is killed
+    with SIGKILL: the node workers keep publishing, and a new head adopts them without restarting any."""
+    import contextlib
+    import os
+    import signal
+
+    import httpx
+    from ray.cluster_utils import Cluster
+
+    from .conftest import Framegrid, free_port
+    from .test_api import TOKEN, env_with_token, wait_ready, write_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"framegrid": 1})
+    server = RtspServer({"a": videos["cam1"], "b": videos["cam2"], "c": videos["cam1"]})
+    server.start()
+    port = free_port()
+    cfg = write_config(tmp_path / "head.toml", topic_prefix, mosquitto, port,
+                       {"a": server.url("a"), "b": server.url("b")},
+                       extra=f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
+                             'dead_after_s = 6\nrebalance_s = 2\n')
+    env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    head = Framegrid(cfg, env, tmp_path / "head1.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
+            wait_ready(api, 240)
+            assert httpx.get(f"http://127.0.0.1:{port}/api/streams").status_code == 401  # the token guards it
+            t0 = time.time()
+            sub.wait_for(lambda: all(published_since(sub, s, t0) for s in "ab"), 120, "a and b publishing")
+            nodes = api.get("/api/nodes").json()
+            assert sorted(n["state"] for n in nodes) == ["up", "up"], nodes
+            names = {n["name"] for n in nodes}
+            # one stream per node, at once or after a rebalancing pass (capacity is each node's measured rate)
+            sub.wait_for(lambda: {s["node"] for s in api.get("/api/streams").json()} == names, 30, "a stream per node")
+            listed = {s["name"]: s for s in api.get("/api/streams").json()}
+            for s in listed.values():  # the node's own figures, asked through the head
+                assert s["state"] == "streaming" and s["decoded"] > 0 and s["slot"], s
+                assert s["url"].startswith("rtsp://") and s["node"] in names
+
+            # add a stream through the API: placed on a node, kept in the overlay, publishing
+            r = api.post("/api/streams", json={"name": "c", "url": server.url("c"), "model": "shapes", "max_fps": 4})
+            assert r.status_code == 201, r.text
+            assert r.json()["node"] in names
+            assert "c" in (tmp_path / "head.overlay.json").read_text()
+            t_add = time.time()
+            sub.wait_for(lambda: published_since(sub, "c", t_add), 60, "c publishing")
+            bad = api.post("/api/streams", json={"name": "d", "url": server.url("c"), "model": "nope"})
+            assert bad.status_code == 422 and "unknown model" in bad.text
+            jpeg = api.get("/api/streams/a/snapshot.jpg")
+            assert jpeg.status_code == 200 and jpeg.content[:2] == b"\xff\xd8", jpeg.status_code
+            metrics = api.get("/metrics").text
+            assert 'framegrid_cluster_nodes{state="up"} 2.0' in metrics, metrics[:2000]
+            assert any(line.startswith("framegrid_stream_published_total{") and 'stream="a"' in line
+                       and not line.endswith(" 0.0") for line in metrics.splitlines()), metrics[:3000]
+
+            # drain the node running c: everything moves to the other node; resume brings load back
+            drained = api.get("/api/streams/c").json()["node"]
+            moved = api.post(f"/api/nodes/{drained}/drain")
+            assert moved.status_code == 200 and "c" in moved.json()["moved"], moved.text
+            assert all(s["node"] != drained for s in api.get("/api/streams").json())
+            assert api.post("/api/nodes/nope/drain").status_code == 404
+            resumed = api.post(f"/api/nodes/{drained}/resume").json()
+            assert resumed["moved"], resumed  # the rebalance puts load back on it at once
+            assert api.delete("/api/streams/c").status_code == 204
+            t_del = time.time()
+            time.sleep(2.0)
+            assert not published_since(sub, "c", t_del + 1.0), "a deleted stream kept publishing"
+            where = {s["name"]: s["node"] for s in api.get("/api/streams").json()}
+            assert set(where) == {"a", "b"} and None not in where.values()
+
+        # the head dies hard: its workers are detached actors and keep publishing without it
+        starts = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+                  for s in "ab"}
+        assert head.stop(signal.SIGKILL) == -signal.SIGKILL
+        t_kill = time.time()
+        sub.wait_for(lambda: all(published_since(sub, s, t_kill + 2.0) for s in "ab"), 30,
+                     "streams publishing with no head")
+        head2 = Framegrid(cfg, env, tmp_path / "head2.log")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
+            wait_ready(api, 240)
+            after = {s["name"]: s["node"] for s in api.get("/api/streams").json()}
+            assert after == where, (after, where)  # adopted where they ran; c stays deleted (overlay)
+        t_back = time.time()
+        sub.wait_for(lambda: all(published_since(sub, s, t_back) for s in "ab"), 30, "publishing under the new head")
+        again = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+                 for s in "ab"}
+        assert again == starts, (starts, again)  # none was restarted
+
+        # a node worker that hangs (SIGSTOP: alive, connected, silent) is declared lost by the head's
+        # ping, killed (fenced) and its stream published from the other node within the bound
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
+            frozen = next(n for n in api.get("/api/nodes").json() if n["name"] == where["a"])
+            os.kill(frozen["pid"], signal.SIGSTOP)
+            t_freeze = time.time()
+            try:
+                sub.wait_for(lambda: any(m.json()["node"] != frozen["name"] for m in published_since(sub, "a", t_freeze)),
+                             30, "a published from the other node")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(frozen["pid"], signal.SIGCONT)
+            first_new = min(m.at for m in published_since(sub, "a", t_freeze) if m.json()["node"] != frozen["name"])
+            print(f"hung worker: a published from the other node {first_new - t_freeze:.1f}s after SIGSTOP")
+            assert first_new - t_freeze <= FAILOVER_BOUND_S
+            nodes = {n["name"]: n for n in api.get("/api/nodes").json()}
+            assert nodes[frozen["name"]]["state"] == "lost" and "no answer" in nodes[frozen["name"]]["error"], nodes
+        time.sleep(3.0)  # had it survived SIGCONT, it would publish again now
+        assert not [m for s in "ab" for m in published_since(sub, s, first_new) if m.json()["node"] == frozen["name"]]
+        assert head2.stop() == 0, head2.output()[-3000:]
+        log = head.output() + head2.output()
+        assert TOKEN not in log and "Traceback" not in head2.output(), log[-5000:]
+    finally:
+        sub.close()
+        server.kill()
+        cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, face_image: Path  # noqa: F811
+) -> None:
+    """An offline MuseTalk job (tiny random models) whose segments are Ray actor tasks on two nodes'
+    lipsync slots gives the frames of a one-machine render; with one node's worker killed, its
+    segments go to the other node and the job still completes, frame for frame."""
+    import httpx
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.cluster.api import ClusterApiServer
+    from pipeline.cluster.head import ClusterHead
+    from talkinghead import prepare_avatar
+    from talkinghead.musetalk import MuseTalk
+    from talkinghead.offline import local_submit, render
+    from tools.make_tiny_musetalk import make
+
+    from .conftest import free_port
+    from .test_lipsync import FrameSink
+    from .test_talkinghead import probe_output, tone_on_off, write_wav
+
+    tiny = make(tmp_path / "musetalk", "v15")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"framegrid": 1})
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "lipsync": {"weights": str(tiny), "batch_size": 4},
+        "pipeline": {"status_interval": 0},
+        "api": {"listen": f"127.0.0.1:{free_port()}", "jobs_dir": str(tmp_path / "jobs"),
+                "media_dirs": [str(tmp_path.parent)]},  # pytest's base folder: the avatar fixture is there
+        # a killed worker is found by its failed calls, not by silence: no tight ping deadline here
+        "cluster": {"backend": "ray", "address": cluster.address, "ping_s": 0.5, "dead_after_s": 15},
+    }, tmp_path)
+    head, stop = ClusterHead(config), asyncio.Event()
+    api = ClusterApiServer(head, None)
+    await api.start()
+    task = asyncio.create_task(head.run(stop))
+    try:
+        await wait_until(lambda: head.ready.is_set() or task.done(), 240, "the head ready")
+        assert head.ready.is_set(), task.exception()
+        await api.start_jobs()
+
+        # a talk job through the head's API: rendered here, its segments on the nodes' lipsync slots
+        # 55 frames: speech, 20 silent, speech; the model renders 45 (all but the 10 more than 5 frames
+        # from speech): 12 segments of 4
+        wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.8, False), (0.8, True)]), 16_000)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as client:
+            with face_image.open("rb") as fa, wav.open("rb") as fw:
+                r = await client.post("/api/talk/jobs", data={"backend": "musetalk"},
+                                      files={"avatar": ("face.png", fa, "image/png"), "audio": ("a.wav", fw, "audio/wav")})
+            assert r.status_code == 201, r.text
+            job = r.json()["id"]
+            await wait_until(lambda: api.jobs.get(job).state in ("done", "failed"), 240, "the job done")  # type: ignore[union-attr]
+            info = (await client.get(f"/api/talk/jobs/{job}")).json()
+            assert info["state"] == "done", info
+            video = await client.get(info["video"])
+            assert video.status_code == 200
+            (tmp_path / "job.mp4").write_bytes(video.content)
+            frames, fps, seconds, _ = probe_output(tmp_path / "job.mp4")
+            assert frames == 55 and fps == 25 and abs(seconds - 2.2) < 0.1, (frames, fps, seconds)
+            by_api = {n.name: (await n.actor.ping.remote())["segments"] for n in head.nodes.values()}
+            assert all(v > 0 for v in by_api.values()) and sum(by_api.values()) == 12, by_api  # 45 model frames / 4
+
+            # a live session started through the API is placed on a node; stopped through it
+            r = await client.post("/api/talk/sessions", json={"name": "s1", "avatar": str(face_image), "audio": "mqtt",
+                                                               "out": str(tmp_path / "s1.mp4")})
+            assert r.status_code == 201 and r.json()["node"] in head.nodes, r.text
+            await wait_until(lambda: head.nodes[r.json()["node"]].sessions.get("s1") == "live", 60, "s1 live")
+            listed = (await client.get("/api/talk/sessions")).json()
+            assert [(s["name"], s["state"]) for s in listed] == [("s1", "live")], listed
+            assert (await client.post("/api/talk/sessions", json={"name": "s1", "avatar": str(face_image),
+                                                                   "audio": "mqtt", "out": "x.mp4"})).status_code == 409
+            assert (await client.delete("/api/talk/sessions/s1")).status_code == 204
+            assert (await client.get("/api/talk/sessions")).json() == []
+        segments = head.segments()
+        assert segments.n == 2  # one lipsync slot per (CPU) node
+        model = MuseTalk(tiny, "v15")
+        model.load()
+        avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+        audio = tone_on_off([(0.6, True), (0.8, False), (0.8, True)])  # 55 frames, 45 rendered by the model
+
+        def run(submit: Any) -> tuple[dict[str, int], np.ndarray]:
+            sink = FrameSink()
+            counts = render(model, avatar, audio, sink, batch_size=4, in_flight=4, submit=submit)
+            return counts, np.stack(sink.frames).astype(np.int16)
+
+        local_counts, local = await asyncio.to_thread(run, local_submit(model))
+        counts, split = await asyncio.to_thread(run, lambda jobs, k: segments.submit("job1", jobs, slot=k))
+        assert counts == local_counts == {"frames": 55, "generated": 45, "idle": 10}
+        diff = np.abs(split - local)
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
+        done = {n.name: (await n.actor.ping.remote())["segments"] for n in head.nodes.values()}
+        assert sorted(d - by_api[n] for n, d in done.items()) == [6, 6], done  # 12 segments, dealt to both in turn
+
+        # one node's worker dies: the segments meant for it go to the other node; nothing is missing
+        victim = next(iter(head.nodes.values()))
+        ray.kill(victim.actor, no_restart=True)
+        counts, again = await asyncio.to_thread(run, lambda jobs, k: segments.submit("job2", jobs, slot=k))
+        assert counts == local_counts
+        diff = np.abs(again - local)
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
+        survivor = next(n for n in head.nodes.values() if n is not victim)
+        assert (await survivor.actor.ping.remote())["segments"] == done[survivor.name] + 12
+    finally:
+        await api.stop()
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_segment_sent_to_a_node_carries_its_own_frames_only() -> None:
+    """A job's prompt rows are views of the whole job's prompt tensor; pickled as they are, every
+    segment shipped the whole tensor (92 MB for a 48 s job): what goes to a node is compact."""
+    import pickle
+
+    import torch
+
+    from pipeline.cluster.segments import compact
+    from talkinghead.musetalk import LipSyncJob
+
+    prompts = torch.randn(1200, 50, 384)
+    job = LipSyncJob(torch.randn(1, 8, 32, 32), prompts[5])
+    sent = compact(job)
+    assert torch.equal(sent.prompt, job.prompt) and torch.equal(sent.latents, job.latents)
+    assert len(pickle.dumps(sent)) < 150_000 and len(pickle.dumps(job)) > 90_000_000

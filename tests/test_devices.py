@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 from types import SimpleNamespace
 from typing import Any
 
@@ -160,3 +159,14 @@ def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None
     assert [a.device for a in layouts["big"]] == ["cuda:0"] * 3 + ["cuda:1"]
     assert [a.device for a in layouts["pinned"]] == ["cuda:1", "cuda:1"]
     assert plan.runtimes == {}  # nothing on the CPU: no CPU runtime chosen
+
+
+def test_a_cluster_node_plans_for_the_cores_its_ray_node_declares() -> None:
+    """Two Ray nodes on one 8-core machine, each started with --num-cpus 2, plan CPU slots for 2 cores each."""
+    from pipeline.devices import cap_cpu_cores
+
+    cpu = DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=8)
+    gpu = DeviceInfo("cuda:0", "cuda", "GPU", 8 << 30, 8 << 30)
+    capped = cap_cpu_cores([cpu, gpu], 2)
+    assert capped[0].cores == 2 and capped[1] == gpu
+    assert cap_cpu_cores([cpu], None)[0].cores == 8 and cap_cpu_cores([cpu], 16)[0].cores == 8

@@ -162,11 +162,14 @@ while True:
         time.sleep(0.01)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (not db.exists() or len(query(db, limit=1000)) < 500):
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    try:
+        deadline = time.monotonic() + 30
+        # read while it writes, from the start (the file exists before its schema does)
+        while time.monotonic() < deadline and len(query(db, limit=1000)) < 500:
+            time.sleep(0.1)
+    finally:  # never leave the writer running (it would load the machine for the rest of the suite)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     kept = conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -320,3 +323,70 @@ def test_snapshots_are_bounded_per_stream(tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "cam").iterdir())
     assert files == ["cam-2-0-crop.jpg", "cam-2-0-frame.jpg", "cam-3-0-crop.jpg", "cam-3-0-frame.jpg"]
     assert shots.written == 4
+
+
+def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> None:
+    """Each waiting view holds its whole frame: with the encoder busy, superseded views are cancelled
+    and beyond MAX_PENDING new ones are skipped (counted), so memory cannot grow with the backlog."""
+    import threading
+
+    from pipeline import snapshots as snap
+    from pipeline.events import TrackedObject
+
+    shots = snap.Snapshots(tmp_path, max_per_stream=100)
+    gate = threading.Event()
+    shots._pool.submit(gate.wait)  # the encoder is busy until the gate opens
+    image = np.full((1080, 1920, 3), 90, np.uint8)
+    objs = [TrackedObject(f"cam-{i}-0", "cam", i, "car", 0.5, 0.5, [100, 100, 200, 200], 0.0, 0.0, (1920, 1080))
+            for i in range(20)]
+    for t in range(3):  # each object gets a better view every second: the older one is superseded
+        for obj in objs:
+            obj.score = 0.5 + 0.1 * t
+            shots({"type": "update"}, obj, SimpleNamespace(frame=SimpleNamespace(captured_at=float(t), image=image)))
+    import gc
+
+    frames = sum(1 for o in gc.get_referrers(image) if isinstance(o, list | tuple))  # views holding the frame
+    # every second: the first MAX_PENDING objects' views replace their own (cancelled) ones, the rest are skipped
+    assert shots._pending == snap.MAX_PENDING and shots.skipped == (20 - snap.MAX_PENDING) * 3, (shots._pending,
+                                                                                                shots.skipped)
+    assert frames == snap.MAX_PENDING, frames  # not one per superseded view still in the executor's queue
+    gate.set()
+    for obj in objs:
+        shots({"type": "end"}, obj, None)
+    shots.close()
+    assert shots._pending == 0 and shots.written == snap.MAX_PENDING  # the views that were queued were kept
+
+
+def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path) -> None:
+    """Cluster nodes on one machine share the config's events folder: opened at the same moment by
+    several writers, the store is created once (before, two raced: 'table events already exists')."""
+    import threading
+
+    from pipeline.eventstore import MIGRATIONS, connect, migrate
+
+    path = tmp_path / "events.db"
+    barrier, errors, versions = threading.Barrier(8), [], []
+
+    def open_store() -> None:
+        conn = connect(path)
+        try:
+            barrier.wait()
+            migrate(conn)
+            versions.append(conn.execute("PRAGMA user_version").fetchone()[0])
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=open_store) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert versions == [len(MIGRATIONS)] * 8
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' "
+                                           "ORDER BY name")] == [
+        "events_label_start", "events_start", "events_stream_start"]
+    conn.close()

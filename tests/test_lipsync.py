@@ -91,7 +91,9 @@ def torch_zeros_latents(m: MuseTalk) -> Any:
 def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
                                                     tmp_path: Path) -> None:
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
-    audio = tone_on_off([(0.6, True), (0.2, False), (0.8, True)])  # 40 frames, 5 of them silent
+    # 55 frames: speech, 20 silent frames, speech; the model skips the 10 that are more than 5
+    # frames away from speech (its 2-frame window and the 3-frame fades fall on the others)
+    audio = tone_on_off([(0.6, True), (0.8, False), (0.8, True)])
     outputs = {}
     for slots in (1, 2):
         pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=slots, batch_size=4), device_facts=CPU
@@ -103,8 +105,8 @@ def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTa
             snap = pool.snapshot()
         finally:
             pool.shutdown()
-        assert counts == {"frames": 40, "generated": 35, "idle": 5}
-        assert len(sink.frames) == 40 and all(len(a) == 640 for a in sink.audio)
+        assert counts == {"frames": 55, "generated": 45, "idle": 10}
+        assert len(sink.frames) == 55 and all(len(a) == 640 for a in sink.audio)
         used = [s["batches"] for s in snap["slots"].values()]
         assert len(used) == slots and all(b > 0 for b in used)  # every slot took segments
         outputs[slots] = np.stack(sink.frames).astype(np.int16)
@@ -121,7 +123,8 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
     faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
     pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1, batch_size=8, batch_timeout_ms=50),
                          device_facts=CPU).start_in_thread()
-    audio = tone_on_off([(0.6, True), (0.4, False), (1.0, True)])  # 2 s: 50 frames, 10 silent
+    # 2.6 s: 65 frames, 25 silent of which 15 are more than 5 frames from speech (the model skips those)
+    audio = tone_on_off([(0.6, True), (1.0, False), (1.0, True)])
     sessions = []
     try:
         for name in ("s1", "s2"):
@@ -138,25 +141,31 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
     finally:
         pool.shutdown()
     for s, out in sessions:
-        assert s.stats.frames == 50 and s.stats.inferred == 40 and s.stats.idle == 10 and s.stats.errors == 0
+        assert s.stats.frames == 65 and s.stats.inferred == 50 and s.stats.idle == 15 and s.stats.errors == 0
         n, fps, audio_s, frames = probe_output(out)
-        assert (n, fps) == (50, 25.0) and 0 <= audio_s - 2.0 <= 1024 / 16_000
-    assert snap["slots"]["lipsync.0"]["frames"] == 80  # both sessions' voiced frames, on the one slot
+        assert (n, fps) == (65, 25.0) and 0 <= audio_s - 2.6 <= 1024 / 16_000
+    assert snap["slots"]["lipsync.0"]["frames"] == 100  # both sessions' model frames, on the one slot
     assert sorted(snap["slots"]["lipsync.0"]["sessions"]) == ["s1", "s2"]
 
 
-class FailsAfter(MuseTalkSlotModel):
-    """The real tiny model, whose calls start raising after `n` batches (a slot going bad)."""
+HANG_S = 20.0  # how long a hung call sleeps
 
-    def __init__(self, *args: Any, n: int, **kw: Any) -> None:
+
+class Faulty(MuseTalkSlotModel):
+    """The real tiny model with one fault from its 3rd batch on (the warm-up is the 1st): `fail` raises
+    at every batch from then on (a slot going bad), `hang` does not come back in time once; None: sound."""
+
+    def __init__(self, *args: Any, fault: str | None, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.n = n
+        self.fault = fault
         self.calls = 0
 
     def infer(self, jobs: list[LipSyncJob]) -> list[np.ndarray]:
         self.calls += 1
-        if self.calls > self.n:
+        if self.fault == "fail" and self.calls >= 3:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        if self.fault == "hang" and self.calls == 3:
+            time.sleep(HANG_S)  # far past the watchdog; finite so the test process can exit
         return super().infer(jobs)
 
 
@@ -167,7 +176,7 @@ def pool_whose_slot0_fails(tiny: Path) -> tuple[LipSyncPool, list[int]]:  # noqa
 
     def factory(i: int) -> MuseTalkSlotModel:
         made.append(i)
-        return FailsAfter(tiny, "v15", threads=1, n=2 if made.count(0) == 1 and i == 0 else 10**9)
+        return Faulty(tiny, "v15", threads=1, fault="fail" if made.count(0) == 1 and i == 0 else None)
 
     lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0)
     pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue
@@ -199,6 +208,45 @@ def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseT
     slots = snap["slots"]
     assert slots["lipsync.0"]["restarts"] == 1 and slots["lipsync.0"]["state"] == "healthy"  # restarted
     assert slots["lipsync.1"]["sessions"] == ["talk"] and slots["lipsync.1"]["frames"] > 0  # moved at once
+    assert made.count(0) == 2
+
+
+def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """A lipsync model call that hangs: the slot's watchdog fails that block (the session shows its last
+    frame), the session moves to the other slot at once and the hung slot is replaced."""
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+    made: list[int] = []
+
+    def factory(i: int) -> MuseTalkSlotModel:
+        made.append(i)
+        return Faulty(tiny, "v15", threads=1, fault="hang" if i == 0 and made.count(0) == 1 else None)
+
+    lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0, hang_timeout=1.0)
+    pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue).start_in_thread()
+    try:
+        assert pool.place("talk") == "lipsync.0"
+        backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4, timeout=10.0)
+        sink = FrameSink()
+        session = TalkSession("talk", backend, [tone_on_off([(2.0, True)])], sink, realtime=False)
+        t0 = time.monotonic()
+        session.start()
+        assert session.wait(120) and session.state == "ended", session.error
+        took = time.monotonic() - t0
+        deadline = time.monotonic() + 30
+        while pool.snapshot()["slots"]["lipsync.0"]["state"] != "healthy" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        snap = pool.snapshot()
+    finally:
+        pool.shutdown()
+    assert len(sink.frames) == 50 and session.stats.errors == 4  # the hung block showed the last frame
+    # the session did not wait for the hung call (the watchdog fires after max(1 s, 10x the measured
+    # batch time): a few seconds on a loaded 2-core machine, well before the call would return)
+    assert took < HANG_S - 5, took
+    slots = snap["slots"]
+    assert "hang" in (slots["lipsync.0"]["last_error"] or ""), slots["lipsync.0"]
+    assert slots["lipsync.0"]["restarts"] == 1 and slots["lipsync.1"]["sessions"] == ["talk"]
     assert made.count(0) == 2
 
 
@@ -302,3 +350,38 @@ async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: 
     frames, fps, _, _ = probe_output(jobs.video_path(job))
     assert frames == 40 and fps == 25
     assert made.count(0) == 2  # slot 0 failed and was restarted
+
+
+def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                    tmp_path: Path) -> None:
+    """`lipsync.whisper = "slot"`: the session sends each block's audio window and the slot computes
+    the prompts beside the UNet (as on a GPU); the frames are those of session-side prompts."""
+    from pipeline.lipsync import whisper_on_slots
+
+    assert whisper_on_slots(LipSyncConfig(), ["cuda:0", "cuda:1"]) and not whisper_on_slots(LipSyncConfig(), ["cpu"])
+    assert not whisper_on_slots(LipSyncConfig(), ["cuda:0", "cpu"])  # a mixed pool keeps them on the session side
+    assert whisper_on_slots(LipSyncConfig(whisper="slot"), ["cpu"])
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+    audio = tone_on_off([(0.6, True), (0.6, False), (0.4, True)])
+    frames, memory = {}, {}
+    for where in ("session", "slot"):
+        pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1, batch_size=4, whisper=where),  # type: ignore[arg-type]
+                             device_facts=CPU).start_in_thread()
+        assert pool.whisper_on_slot == (where == "slot")
+        try:
+            backend = MuseTalkLive(frontend, faces, lambda jobs, p=pool: p.submit("s", jobs), block=4, timeout=10.0,
+                                   whisper_on_slot=pool.whisper_on_slot)
+            sink = FrameSink()
+            session = TalkSession("s", backend, [audio], sink, realtime=False)
+            session.start()
+            assert session.wait(120) and session.state == "ended", session.error
+            slot = pool.pool.slots["lipsync.0"]
+            memory[where] = slot.model.memory_bytes()  # type: ignore[union-attr]
+        finally:
+            pool.shutdown()
+        assert session.stats.errors == 0
+        frames[where] = np.stack(sink.frames).astype(np.int16)
+    diff = np.abs(frames["session"] - frames["slot"])
+    assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
+    assert memory["slot"] > memory["session"]  # the encoder's weights count in the slot's memory

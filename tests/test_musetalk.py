@@ -130,18 +130,20 @@ def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: 
 
     from .test_talkinghead import probe_output, tone_on_off, write_wav
 
-    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.4, False), (0.52, True)]), 16_000)
+    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (1.0, False), (0.52, True)]), 16_000)
     out = tmp_path / "talk.mp4"
     rc = main(["talk", "--backend", "musetalk", "--weights", str(tiny), "--avatar", str(face_image),
                "--audio", str(wav), "--out", str(out), "--batch-size", "4"])
     err = capsys.readouterr()
     assert rc == 0, err.err
     n, fps, audio_s, _ = probe_output(out)
-    assert fps == 25 and n == 38  # 1.52 s -> 38 frames of 40 ms, the last one partial
-    assert abs(audio_s - 1.52) <= 0.05
+    assert fps == 25 and n == 53  # 2.12 s -> 53 frames of 40 ms
+    assert 0 <= audio_s - 2.12 <= 1024 / 16_000  # AAC frames of 1024 samples
     assert "generated" in err.out and "silent" in err.out
     generated = int(err.out.split("(")[1].split(" generated")[0])
-    assert 20 <= generated <= 30  # the 0.4 s pause (10 frames) skipped the model
+    # speech on frames 0-14 and 40-52; the model also renders the 5 frames each side of speech
+    # (its window reaches 2 ahead, then a 3-frame fade): the pause's 15 middle frames skip it
+    assert generated == 53 - 15, err.out
     rc = main(["talk", "--backend", "musetalk", "--weights", str(tmp_path / "none"), "--avatar", str(face_image),
                "--audio", str(wav), "--out", str(tmp_path / "x.mp4")])
     assert rc == 2 and "musetalkV15/unet.pth" in capsys.readouterr().err
@@ -154,7 +156,7 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     import torch
 
     from talkinghead.faceparse import CHECKPOINT, FACE_CLASSES, FaceParser, build_bisenet
-    from talkinghead.musetalk import blend_mask, geometric_mask
+    from talkinghead.musetalk import blend_mask, geometric_mask, padded_crop
 
     root = tmp_path / "weights"
     shutil.copytree(tiny, root)
@@ -169,14 +171,19 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     for key in ("cp.resnet.layer4.1.bn2.running_var", "cp.arm32.conv_atten.weight", "ffm.convblk.conv.weight",
                 "conv_out.conv_out.weight", "conv_out16.conv.bn.weight"):
         assert key in names  # the checkpoint's parameter names
-    m = MuseTalk(root, "v15", parts={"vae", "whisper"})
+    default = MuseTalk(root, "v15", parts={"vae", "whisper"})
+    default.load()
+    assert default.parser is not None and default.parser.mode == "jaw"  # v1.5's default parsing mode
+    # raw mode (skin, mouth, lips) here: the random net's skin, dilated in jaw mode, covers everything
+    m = MuseTalk(root, "v15", parts={"vae", "whisper"}, parsing_mode="raw")
     m.load()
     assert m.parser is not None
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
     face = m.prepare_face(avatar.image, avatar.box)
     cx1, cy1, cx2, cy2 = face.crop
-    parsed = m.parser(avatar.image[cy1:cy2, cx1:cx2])
-    assert parsed.shape == (cy2 - cy1, cx2 - cx1) and set(np.unique(parsed)) <= {0, 255}
+    parsed = m.parser(padded_crop(avatar.image, face.crop))
+    # 0/255 at 512x512, resized back bicubically (as upstream): mostly 0 and 255
+    assert parsed.shape == (cy2 - cy1, cx2 - cx1) and np.isin(parsed, (0, 255)).mean() > 0.9
     assert 0 < (parsed > 0).mean() < 1 and len(FACE_CLASSES) == 4
     assert np.array_equal(face.mask, blend_mask(avatar.box, face.crop, parsed))  # the loader wired it in
     k = int(0.1 * face.mask.shape[1] // 2 * 2) + 1  # blur width
@@ -196,3 +203,24 @@ def test_prompt_count_is_exact_for_whole_chunks(model: MuseTalk) -> None:
     """One prompt per 40 ms chunk, for every length (floats would lose one at 28 chunks: 1.12 s * 25)."""
     for n in (1, 7, 28, 29, 57):
         assert len(model.audio_prompts(np.zeros(n * 640, np.float32))) == n
+
+
+def test_audio_prompts_of_any_length_have_whole_windows(model: MuseTalk) -> None:
+    """Every frame's prompt spans its whole window (2 frames before, itself, 2 after, zero-padded past
+    either end), however short the audio: one frame of audio gave a 30-row prompt before, and the UNet
+    call raised on the 50-row positional encoding (a live session whose pushed audio ran dry)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    per = 16_000 // 25
+    long = model.audio_prompts(rng.normal(0, 0.1, 8 * per).astype(np.float32))
+    for n in range(1, 7):
+        prompts = model.audio_prompts(rng.normal(0, 0.1, n * per).astype(np.float32))
+        assert prompts.shape == (n, model.prompt_len, model.d_model), (n, tuple(prompts.shape))
+        # the first frame's window starts with zero padding (nothing before the audio)
+        first = prompts[0].reshape(-1, model.layers, model.d_model)
+        assert torch.count_nonzero(first[: (model.audio_fps // 25) * 2]) == 0
+    assert long.shape[0] == 8
+    latents = model.prepare_face(np.full((256, 256, 3), 128, np.uint8), (0, 0, 256, 256)).latents
+    faces = model.generate_faces([latents], model.audio_prompts(np.zeros(per, np.float32)))  # one frame: no raise
+    assert faces[0].shape == (256, 256, 3)

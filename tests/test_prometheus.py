@@ -78,9 +78,15 @@ def test_prometheus_scrapes_framegrid_and_dashboard_metrics_exist(
         assert set(rates) == {"cam1", "cam2"}, f"rates seen by Prometheus: {rates}"
         up = query(client, "up")
         assert up and up[0]["value"][1] == "1"  # type: ignore[index]
-        p95 = query(client, "histogram_quantile(0.95, sum by (le, stream) "
-                            "(rate(framegrid_latency_seconds_bucket[10s])))")
-        assert {r["metric"]["stream"] for r in p95} == {"cam1", "cam2"}  # type: ignore[index]
+        # a stream's latency series appear with its first result, a rate needs two scrapes of them
+        p95: list[dict[str, object]] = []
+        while time.monotonic() < deadline + 30:
+            p95 = query(client, "histogram_quantile(0.95, sum by (le, stream) "
+                                "(rate(framegrid_latency_seconds_bucket[10s])))")
+            if {r["metric"]["stream"] for r in p95} == {"cam1", "cam2"}:  # type: ignore[index]
+                break
+            time.sleep(1)
+        assert {r["metric"]["stream"] for r in p95} == {"cam1", "cam2"}, p95  # type: ignore[index]
         assert all(0 < float(r["value"][1]) < 2 for r in p95)  # type: ignore[index]
 
         # every metric the dashboard queries is exposed (a family may have no series yet, e.g.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Framegrid, Subscriber, free_port
+from .conftest import Framegrid, Mosquitto, Subscriber, free_port
 from .test_e2e import detections, write_config
 
 
@@ -51,3 +51,47 @@ def test_group_sigterm_with_embedded_broker_flushes_everything(
     assert account["buffered"] == 0 and account["dropped_overflow"] == 0, account
     assert account["published_by_kind"]["detections"] == account["results"]["cam"], account
     assert "unavailable" not in out, out
+
+
+@pytest.mark.slow
+def test_sigterm_with_an_external_broker_during_a_hung_model_call(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str, framegrid_env: dict[str, str],
+) -> None:
+    """A model call hangs (the test-only fault hook) and SIGTERM arrives before its watchdog fires: framegrid
+    exits 0 at once, without waiting for the hung call, and every result it made reached the broker."""
+    import time
+
+    import httpx
+
+    from .test_api import wait_ready
+    from .test_api import write_config as api_config
+
+    port = free_port()
+    cfg = api_config(tmp_path / "fg.toml", topic_prefix, mosquitto, port, {"cam": str(videos["cam1"])}, token=None)
+    cfg.write_text(cfg.read_text().replace("imgsz = 320", "imgsz = 320\nhang_timeout = 20"))
+    fg = Framegrid(cfg, {**framegrid_env, "FRAMEGRID_FAULTS": "1"}, tmp_path / "fg.log")
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            wait_ready(http)
+            sub.wait_for(lambda: len(sub.of("/streams/cam/detections")) >= 5, 60, "5 detections")
+            assert http.post("/api/faults/slots/shapes.0", params={"kind": "hang"}).status_code == 204
+            n = len(sub.of("/streams/cam/detections"))
+            time.sleep(3.0)  # the next call hangs (for 40 s: twice its 20 s watchdog)
+            assert len(sub.of("/streams/cam/detections")) <= n + 1, "no call was hanging"
+        t0 = time.monotonic()
+        rc = fg.stop(signal.SIGTERM, timeout=20)
+        took = time.monotonic() - t0
+        assert rc == 0 and took < 10, (rc, took, fg.output()[-3000:])
+        sub.wait_for(lambda: any(m.payload == b"offline" for m in sub.of("/availability")), 5, "offline")
+        assert any(m.json()["state"] == "stopped" for m in sub.of("/streams/cam/state") if m.payload)
+    finally:
+        sub.close()
+        if fg.proc.poll() is None:
+            fg.stop(signal.SIGKILL)
+    out = fg.output()
+    account = json.loads(re.search(r"mqtt: final account (\{.*\})", out).group(1))
+    assert account["buffered"] == 0 and account["published_by_kind"]["detections"] == account["results"]["cam"]
+    received = {m.json()["seq"] for m in sub.of("/streams/cam/detections")}
+    assert len(received) == account["results"]["cam"], (len(received), account["results"])
+    print(f"SIGTERM during a hung call: exit 0 after {took:.1f}s, {len(received)} results all received")

@@ -238,6 +238,34 @@ def test_decoder_options_skip_frames_and_hardware_fallback(tmp_path: Path) -> No
         SourceSettings(hwaccel="nvidia-magic")
 
 
+def test_shedding_decodes_only_keyframes_in_demand_and_each_at_once(tmp_path: Path) -> None:
+    """Under decode shedding a live camera's non-key packets never reach the decoder, a keyframe is
+    decoded only when in demand, and each comes out when fed: a frame-threaded decoder would hold a
+    lone keyframe until more packets came (seconds away while shedding)."""
+    clip = tmp_path / "gop.mp4"
+    write_video(clip, MovingScene(seed=5, width=320, height=180, fps=25), seconds=4.0, gop_seconds=1.0)
+    delivered: list[tuple[float | None, int]] = []  # (pts, packets skipped when it came out)
+    keyframes = 0
+
+    def demand() -> bool:
+        nonlocal keyframes
+        keyframes += 1
+        return keyframes != 2  # the second keyframe finds its mailbox still full
+
+    src = Source("d", str(clip), lambda f: delivered.append((f.pts, src.shed_packets)),
+                 options=SourceSettings(realtime=False, loop=False), decode_threads=3)
+    src.shed, src.demand = True, demand
+    src.start()
+    deadline = time.monotonic() + 20
+    while src.state.state not in ("ended", "failed") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    src.stop(5)
+    assert keyframes == 4 and [round(p or 0, 2) for p, _ in delivered] == [0.0, 2.0, 3.0], delivered
+    # each keyframe out before the next packet was looked at: after 0, 24+1+24 and 24 more skipped
+    assert [skipped for _, skipped in delivered] == [0, 49, 73]
+    assert src.shed_packets == 100 - 3 + 1  # and the demuxer's empty end-of-file packet
+
+
 def test_max_retries_gives_up_and_says_why() -> None:
     """After `max_retries` failed attempts in a row a source stops trying: `failed`, with the last error."""
     states: list[SourceState] = []

@@ -64,15 +64,23 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
         "pipeline": {"status_interval": 0},
     }, tmp_path)
     pcm = (tone_on_off([(0.5, True), (0.5, False)] * 2) * 32767).astype("<i2").tobytes()
-    # an odd-length chunk is refused and the session is unaffected
-    sub = await speak(config, mosquitto, topic_prefix, "anna", pcm, extra=(b"\x01",), timeout=20)
+    # bad chunks are refused and counted by reason; the session is unaffected
+    def framed(seq: int, rate: int, body: bytes) -> bytes:
+        return b"FGA1" + seq.to_bytes(4, "little") + rate.to_bytes(4, "little") + body
+
+    tick = b"\0\0" * 640  # 40 ms
+    bad = (b"\x01", bytes(96_000), framed(1, 44_100, tick), framed(10, 16_000, tick), framed(9, 16_000, tick),
+           framed(13, 16_000, tick), b"FGA1\x00")
+    sub = await speak(config, mosquitto, topic_prefix, "anna", pcm, extra=bad, timeout=20)
     states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
     seen = [s["state"] for s in states]
     # (`degraded` in between when the CPU is busy); `stopped` at shutdown
     assert seen[:2] == ["starting", "live"] and seen[-2:] == ["ended", "stopped"], seen
     ended = next(s for s in states if s["state"] == "ended")
     assert ended["frames"] >= 50 and ended["output_fps"] is not None
-    assert ended["audio_rejected"] == 1  # the odd-length chunk, refused and counted; the speech went on
+    # odd length, 3 s in one chunk, 44.1 kHz, a repeated sequence number, a short header; two chunks skipped
+    assert ended["audio_rejected_by"] == {"malformed": 2, "oversized": 1, "wrong_rate": 1, "out_of_order": 1}
+    assert ended["audio_rejected"] == 5 and ended["audio_gaps"] == 2
     nobody = [json.loads(m.payload) for m in sub.of("/talk/nobody/state")]
     assert nobody[-1]["state"] == "failed" and "no face found" in nobody[-1]["error"]
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
@@ -126,3 +134,57 @@ def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> Non
                       "talk": {"a": {"avatar": str(face_image), "audio": "mqtt", "out": "x.mp4",
                                      "backend": "musetalk"}}}, tmp_path)
     assert "lipsync.weights" in str(err.value) and "musetalkV15/unet.pth" in str(err.value)
+
+
+def onsets(on: np.ndarray) -> list[int]:
+    return [i for i in range(1, len(on)) if on[i] and not on[i - 1]]
+
+
+@pytest.mark.slow
+async def test_live_session_output_keeps_lips_and_sound_in_sync(
+    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+) -> None:
+    """In the written output, the mouth opens on the frame whose sound starts: each onset of the voice
+    (read from the decoded audio track at its own timestamps) and of the mouth (read from the decoded
+    frames) are at most one frame (40 ms) apart."""
+    import av
+
+    out = tmp_path / "sync.mkv"
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "talk": {"anna": {"avatar": str(face_image), "audio": "mqtt", "out": str(out)}},
+        "pipeline": {"status_interval": 0},
+    }, tmp_path)
+    pattern = [(0.6, False), (0.4, True), (0.6, False), (0.4, True), (0.6, False), (0.4, True), (0.6, False)]
+    pcm = (tone_on_off(pattern) * 32767).astype("<i2").tobytes()
+    await speak(config, mosquitto, topic_prefix, "anna", pcm, timeout=30)
+
+    with av.open(str(out)) as c:
+        decoded = list(c.decode(c.streams.video[0]))
+        v0 = float(decoded[0].pts * decoded[0].time_base)  # video time zero
+        frames = [f.to_ndarray(format="bgr24").astype(np.int16) for f in decoded]
+    with av.open(str(out)) as c:
+        stream = c.streams.audio[0]
+        rate = stream.rate
+        chunks = [(float(f.pts * f.time_base), f.to_ndarray().reshape(-1).astype(np.float32))
+                  for f in c.decode(stream)]
+    audio = np.zeros(int((chunks[-1][0] - v0) * rate) + len(chunks[-1][1]), np.float32)
+    for t, samples in chunks:  # placed by their timestamps on the video's clock (priming included)
+        i = int(round((t - v0) * rate))
+        if i < 0:
+            samples, i = samples[-i:], 0
+        audio[i:i + len(samples)] = samples[:len(audio) - i]
+    per_frame = rate // 25
+    loud = np.array([np.sqrt(np.mean(audio[k * per_frame:(k + 1) * per_frame] ** 2)) if (k + 1) * per_frame <= len(audio)
+                     else 0.0 for k in range(len(frames))])
+    # the mouth: the pixels that change most over the clip; its opening: their distance from the median frame
+    stack = np.stack([f.mean(axis=2) for f in frames]).astype(np.float32)
+    median = np.median(stack, axis=0)
+    spread = stack.std(axis=0)
+    mask = spread >= np.quantile(spread, 0.995)
+    mouth = np.array([np.abs(f - median)[mask].mean() for f in stack])
+    voice_on, mouth_on = loud > 0.5 * loud.max(), mouth > 0.5 * mouth.max()
+    voice, lips = onsets(voice_on), onsets(mouth_on)
+    print(f"voice onsets {voice}, mouth onsets {lips} (frames)")
+    assert len(voice) == 3 and len(lips) == 3, (voice, lips)
+    assert all(abs(a - b) <= 1 for a, b in zip(voice, lips, strict=True)), (voice, lips)

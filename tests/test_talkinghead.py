@@ -235,3 +235,32 @@ def test_live_session_pushes_to_rtsp_record_server(face_image: Path, tmp_path: P
     # all the audio: RTP carries whole AAC frames (1024 samples), so the last one arrives with the
     # encoder's padding (2.0 s -> 32 frames = 2.048 s); nothing may be missing
     assert 0.0 <= audio_s - 2.0 <= 1024 / SAMPLE_RATE
+
+
+def test_pushed_audio_refuses_bad_chunks_by_reason_and_keeps_the_rest() -> None:
+    from talkinghead.audio import AudioError, PushAudio
+
+    def framed(seq: int, rate: int, body: bytes) -> bytes:
+        return b"FGA1" + seq.to_bytes(4, "little") + rate.to_bytes(4, "little") + body
+
+    push = PushAudio()
+    tick = (np.full(640, 1000, "<i2")).tobytes()
+    cases = [(tick, None), (b"\x01\x02\x03", "malformed"), (bytes(64_002), "oversized"), (bytes(64_000), None),
+             (framed(5, 16_000, tick), None), (framed(5, 16_000, tick), "out_of_order"), (framed(4, 16_000, tick),
+             "out_of_order"), (framed(6, 8_000, tick), "wrong_rate"), (framed(9, 16_000, tick), None),
+             (b"FGA1\x00\x00", "malformed"), (framed(10, 16_000, b"\x00"), "malformed"),
+             (framed(10, 16_000, tick), None)]  # the refused body did not take sequence number 10
+    for payload, reason in cases:
+        if reason is None:
+            push.push_payload(payload)
+        else:
+            with pytest.raises(AudioError) as err:
+                push.push_payload(payload)
+            assert err.value.reason == reason
+    assert push.rejected_by == {"malformed": 3, "oversized": 1, "wrong_rate": 1, "out_of_order": 2}
+    assert push.gaps == 3  # 6, 7 and 8 never came (6 came at the wrong rate)
+    chunks = []
+    while (c := push.pop()) is not None:
+        chunks.append(c)
+    assert len(chunks) == 1 + 50 + 1 + 1 + 1  # 40 ms + 2 s + three framed 40 ms: only accepted audio
+    assert np.allclose(chunks[0], 1000 / 32768)

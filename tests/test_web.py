@@ -141,7 +141,7 @@ def test_page_live_tiles_boxes_add_pause_remove_and_token(
         assert api.get("/api/streams/cam3").json()["published"] > 0
         # a bad stream gets the API's message, naming the field
         form.find_element(By.NAME, "name").send_keys("cam4")
-        form.find_element(By.NAME, "url").send_keys("/no/such/video.mp4")
+        form.find_element(By.NAME, "url").send_keys(str(videos["cam2"].with_name("no-such-video.mp4")))
         form.find_element(By.CSS_SELECTOR, "button").click()
         wait("the form's error", lambda: "url: file not found" in browser.find_element(By.ID, "add-error").text)
 

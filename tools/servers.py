@@ -5,9 +5,13 @@ Both listen on 127.0.0.1 on free ports and are stopped by their owner.
 
 from __future__ import annotations
 
+import atexit
+import os
+import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,25 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def broker_store(port: int) -> Path:
+    """A folder for a persistent Mosquitto's database that the broker can reach and write.
+
+    Started as root, Mosquitto drops to its own user: the folder must be writable by that user and
+    every folder above it passable, which a test's private temporary folder (mode 0700) is not. Without
+    this it cannot save its sessions when stopped, and a "persistent" broker forgets every durable
+    subscriber (and the messages queued for it) across a restart. Removed when the process exits.
+    """
+    store = Path(tempfile.mkdtemp(prefix=f"fg-mosquitto-{port}-"))  # under the system's /tmp (mode 1777)
+    atexit.register(shutil.rmtree, store, ignore_errors=True)
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("mosquitto")
+        except KeyError:
+            return store
+        os.chown(store, user.pw_uid, user.pw_gid)
+    return store
+
+
 class Mosquitto:
     """A real Mosquitto broker on a fixed loopback port; can be stopped and restarted."""
 
@@ -40,8 +63,14 @@ class Mosquitto:
         self.port = port or free_port()
         self.scheme = scheme
         self.conf = workdir / f"mosquitto-{self.port}.conf"
-        persistence = (f"persistence true\npersistence_location {workdir}/\n" if persistent
-                       else "persistence false\n")
+        persistence = "persistence false\n"
+        if persistent:
+            store = broker_store(self.port)
+            # Mosquitto acknowledges a message and then discards it when an offline durable subscriber's
+            # queue is full (max_queued_messages, default 1000; 2.0.11 discarded beyond ~500 in a burst):
+            # sized for a broker restart plus framegrid's buffered results flushed at once
+            persistence = (f"persistence true\npersistence_location {store}/\n"
+                           "max_queued_messages 100000\n")
         self.conf.write_text(f"per_listener_settings false\nlistener {self.port} 127.0.0.1\n{security}{persistence}")
         self.proc: subprocess.Popen[bytes] | None = None
 

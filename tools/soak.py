@@ -20,8 +20,8 @@ first delivery after it is back; slot: 2 s after the watchdog or error). Every 5
 framegrid's RSS, descriptors, threads and asyncio tasks (`/api/stats` -> `process`). At the end it
 accounts for every frame of every camera (framegrid's final counters and account):
 
-  decoded    = dispatched + dropped stale (+ at most one frame left in the mailbox)
-  dispatched = processed + dropped too_old + dropped error
+  decoded    = dispatched + dropped stale + dropped too_old (+ at most one frame left in the mailbox)
+  dispatched = processed + dropped error (a batch in flight when its slot stops counts as error)
   processed  = results = published + dropped (broker away longer than the buffer)
   published  = received by the subscriber (QoS 1, durable session)
 
@@ -262,9 +262,10 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
             "decoded": s.get("decoded"), "dispatched": s.get("dispatched"), "processed": s.get("processed"),
             "stale": drops.get("stale"), "too_old": drops.get("too_old"), "error": drops.get("error"),
             "results": results, "received": received,
-            "decode_gap": None if not s else s["decoded"] - s["dispatched"] - drops.get("stale", 0),
-            "dispatch_gap": None if not s else s["dispatched"] - s["processed"] - drops.get("too_old", 0)
-            - drops.get("error", 0),
+            # a frame too old when its slot takes it is dropped there, before it counts as dispatched
+            "decode_gap": None if not s else s["decoded"] - s["dispatched"] - drops.get("stale", 0)
+            - drops.get("too_old", 0),
+            "dispatch_gap": None if not s else s["dispatched"] - s["processed"] - drops.get("error", 0),
             "result_gap": None if not s or results is None else s["processed"] - results,
         }
     published = final.get("published_by_kind", {}).get("detections")

@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from streams import redact_text
 
 from .. import faults
+from ..clientpaths import ClientPathError, ClientPaths
 from ..config import Name, StreamConfig, TalkConfig
 from ..control import ChangeError, StreamControl
 from ..errors import PlacementError
@@ -79,6 +80,7 @@ class StreamInfo(BaseModel):
     objects: dict[str, int] = Field(default_factory=dict, description="objects in its newest result, by label")
     slot: str | None = Field(None, description="the executor slot serving it")
     device: str | None = None
+    node: str | None = Field(None, description="on a cluster: the node running it")
     config: dict[str, Any] = Field(description="the stream's settings (passwords masked)")
 
 
@@ -151,6 +153,7 @@ class SessionInfo(BaseModel):
     error: str | None = None
     backend: str | None = None
     slot: str | None = None
+    node: str | None = Field(None, description="on a cluster: the node running it")
     figures: dict[str, Any] = Field(default_factory=dict, description="frames, fps, latency (as in stats)")
 
 
@@ -185,21 +188,26 @@ class Problem(BaseModel):
     detail: str
 
 
-class BodyLimit:
-    """ASGI middleware: a request body to `paths` larger than `limit` bytes gets 413 before it is
-    parsed or spooled to disk (by its Content-Length, or counted as it arrives when chunked)."""
+MAX_BODY = 1_000_000  # any other request body (JSON settings are a few kB)
 
-    def __init__(self, app: Any, limit: int, paths: tuple[str, ...]) -> None:
-        self.app, self.limit, self.paths = app, limit, paths
+
+class BodyLimit:
+    """ASGI middleware: a request body to `paths` larger than `limit` bytes, or to any other path larger
+    than `other` bytes, gets 413 before it is parsed or spooled to disk (by its Content-Length, or
+    counted as it arrives when chunked)."""
+
+    def __init__(self, app: Any, limit: int, paths: tuple[str, ...], other: int = MAX_BODY) -> None:
+        self.app, self.paths, self.limits = app, paths, (limit, other)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limits[0] if scope["method"] == "POST" and scope["path"] in self.paths else self.limits[1]
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)(scope, receive, send)
             return
         seen = 0
 
@@ -207,31 +215,175 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            await JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, 413)(scope, receive, send)
+            await JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)(scope, receive, send)
 
 
 class _TooLarge(Exception):
     pass
 
 
+# -- WebRTC signalling -------------------------------------------------------------------------------
+SDP_LIMIT = 64 * 1024  # an SDP offer is a few kB
+
+
+async def read_sdp(request: Request) -> str:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/sdp":
+        raise HTTPException(415, "send the SDP offer as application/sdp")
+    body = await request.body()
+    if len(body) > SDP_LIMIT:
+        raise HTTPException(413, f"SDP offer larger than {SDP_LIMIT} bytes")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the SDP offer is not UTF-8") from None
+
+
+def add_webrtc_routes(app: FastAPI, pipeline: Any, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
+                      running: Callable[[], None]) -> None:
+    """WHEP-style viewing and WHIP-style microphone for sessions with `out`/`audio` = "webrtc": one
+    POST with the SDP offer, the answer in the response (201, Location: the peer's resource)."""
+    from streams.webrtc import WebRtcError
+
+    sdp_body = {"content": {"application/sdp": {"schema": {"type": "string"}}}, "required": True}
+    sdp_answer = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
+                        "description": "the SDP answer"}, 404: {"model": Problem}, 409: {"model": Problem}}
+
+    def peer(table: dict[str, Any], name: str, what: str) -> Any:
+        running()
+        if name not in pipeline.talk.sessions:
+            raise HTTPException(404, f"no session {name}")
+        if name not in table:
+            raise HTTPException(409, f"session {name} has no WebRTC {what} (set {what} = \"webrtc\")")
+        return table[name]
+
+    @app.post("/api/talk/sessions/{name}/whep", status_code=201, tags=["talk"], dependencies=guarded,
+              responses={**errors, **sdp_answer}, openapi_extra={"requestBody": sdp_body})
+    async def whep(name: str, request: Request) -> Response:
+        out = peer(pipeline.talk.webrtc, name, "out")
+        try:
+            viewer, answer = await out.offer(await read_sdp(request))
+        except WebRtcError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/api/talk/sessions/{name}/whep/{viewer}"})
+
+    @app.delete("/api/talk/sessions/{name}/whep/{viewer}", status_code=204, tags=["talk"], dependencies=guarded,
+                responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}})
+    async def whep_leave(name: str, viewer: str) -> Response:
+        out = peer(pipeline.talk.webrtc, name, "out")
+        if not await out.drop(viewer):
+            raise HTTPException(404, f"session {name} has no viewer {viewer}")
+        return Response(status_code=204)
+
+    @app.post("/api/talk/sessions/{name}/whip", status_code=201, tags=["talk"], dependencies=guarded,
+              responses={**errors, **sdp_answer}, openapi_extra={"requestBody": sdp_body})
+    async def whip(name: str, request: Request) -> Response:
+        mic = peer(pipeline.talk.mics, name, "audio")
+        try:
+            answer = await mic.offer(await read_sdp(request))
+        except WebRtcError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/api/talk/sessions/{name}/whip"})
+
+    @app.get("/talk/{name}", include_in_schema=False)
+    async def talk_page(name: str) -> FileResponse:
+        return FileResponse(STATIC / "talk.html", media_type="text/html")
+
+
 # -- the app ----------------------------------------------------------------------------------------
-def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
-              mjpeg_fps: float, closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
-    """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
+def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -> TalkConfig:
+    """A new session's settings from an API client: its avatar, audio and output files inside
+    api.media_dirs (relative: to the config), or network URLs (ChangeError 422 naming the key)."""
+    cfg = TalkConfig.model_validate(body.model_dump(exclude={"name"}))
+    checks = {"avatar": lambda: paths.file(cfg.avatar),
+              "out": lambda: cfg.out if cfg.out == "webrtc" else paths.sink(cfg.out),
+              "audio": lambda: cfg.audio if cfg.audio in ("mqtt", "webrtc") else paths.url(cfg.audio)}
+    update = {}
+    for key, check in checks.items():
+        try:
+            update[key] = check()
+        except ClientPathError as exc:
+            raise ChangeError(422, f"{key}: {exc}", [(key, str(exc))]) from None
+    cfg = cfg.model_copy(update=update)
+    if cfg.backend == "musetalk" and not musetalk_ready:
+        raise ChangeError(422, "backend: musetalk needs lipsync.weights in the config",
+                          [("backend", "musetalk needs lipsync.weights in the config")])
+    if not cfg.avatar.is_file():
+        raise ChangeError(422, f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: {cfg.avatar}")])
+    return cfg
+
+
+def add_job_routes(app: FastAPI, jobs: TalkJobs | None, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
+                   secrets: Callable[[], tuple[str, ...]]) -> None:
+    """The offline talk-job routes (`/api/talk/jobs...`) over a job queue."""
+    def job_info(job: Any) -> JobInfo:
+        return JobInfo(**job.public(), video=f"/api/talk/jobs/{job.id}/video" if job.state == "done" else None)
+
+    def jobs_or_503() -> TalkJobs:
+        if jobs is None:
+            raise HTTPException(503, "talk jobs are not available (no jobs folder)")
+        return jobs
+
+    @app.post("/api/talk/jobs", response_model=JobInfo, status_code=201, tags=["talk"], dependencies=guarded,
+              responses={**errors, 413: {"model": Problem}}, summary="Queue an offline render")
+    async def new_job(avatar: UploadFile | None = File(None, description="a photo or short video"),
+                      audio: UploadFile | None = File(None, description="an audio file"),
+                      avatar_path: str | None = Form(None, description="or a file on the server"),
+                      audio_path: str | None = Form(None, description="or a file on the server"),
+                      backend: str = Form("energy", pattern="^(energy|musetalk)$")) -> JobInfo:
+        q = jobs_or_503()
+        try:
+            job = await q.submit(avatar, audio, avatar_path, audio_path, backend)
+        except JobError as exc:
+            raise HTTPException(exc.status, redact_text(str(exc), secrets())) from None
+        return job_info(job)
+
+    @app.get("/api/talk/jobs", response_model=list[JobInfo], tags=["talk"], dependencies=guarded, responses=errors)
+    async def list_jobs() -> list[JobInfo]:
+        return [job_info(j) for j in jobs_or_503().list()]
+
+    @app.get("/api/talk/jobs/{job_id}", response_model=JobInfo, tags=["talk"], dependencies=guarded,
+             responses={**errors, 404: {"model": Problem}})
+    async def get_job(job_id: str) -> JobInfo:
+        job = jobs_or_503().get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job_info(job)
+
+    @app.get("/api/talk/jobs/{job_id}/video", tags=["talk"], dependencies=guarded, response_class=FileResponse,
+             responses={**errors, 404: {"model": Problem}, 409: {"model": Problem, "description": "not done yet"},
+                        200: {"content": {"video/mp4": {}}}})
+    async def job_video(job_id: str) -> FileResponse:
+        q = jobs_or_503()
+        job = q.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if job.state != "done":
+            raise HTTPException(409, f"job {job_id} is {job.state}")
+        return FileResponse(q.video_path(job), media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.delete("/api/talk/jobs/{job_id}", status_code=204, tags=["talk"], dependencies=guarded,
+                responses={**errors, 404: {"model": Problem}}, summary="Cancel (if queued or running) and delete")
+    async def delete_job(job_id: str) -> Response:
+        if not await jobs_or_503().delete(job_id):
+            raise HTTPException(404, f"no job {job_id}")
+        return Response(status_code=204)
+
+
+def base_app(description: str, token: str | None, secrets: Callable[[], tuple[str, ...]],
+             not_ready: Callable[[], list[str]]) -> tuple[FastAPI, list[Any], dict[int | str, dict[str, Any]]]:
+    """A FastAPI app with framegrid's bearer-token check, error shapes (secrets redacted), offline docs
+    page and the open probes (`/api/health`; `/api/ready`, 503 while `not_ready()` names reasons):
+    -> (app, the dependencies of a guarded route, the 401 response to document)."""
     started = time.monotonic()
-    latest = LatestResults()
-    pipeline.results.add_sink(latest)
-    registry, latency = make_registry(pipeline, lambda: facts_now)
-    pipeline.results.add_sink(latency)
-    facts_now: list[Any] = []
-    secrets = lambda: tuple(pipeline.secrets)
     bearer = HTTPBearer(auto_error=False, description="the [api] token")
 
     def auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -241,12 +393,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
-    app = FastAPI(title="framegrid", version="1", docs_url=None, redoc_url=None,
-                  description="Control a running framegrid: streams, devices, stats, talking heads.")
-    # a job carries two files of at most max_upload each, plus the form's own framing
-    app.add_middleware(BodyLimit, limit=2 * max_upload + 64 * 1024, paths=("/api/talk/jobs",))
-    guarded = [Depends(auth)]
-    errors = {401: {"model": Problem, "description": "missing or wrong token"}}
+    app = FastAPI(title="framegrid", version="1", docs_url=None, redoc_url=None, description=description)
 
     @app.exception_handler(ChangeError)
     async def _change_error(request: Request, exc: ChangeError) -> JSONResponse:
@@ -262,35 +409,18 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                    "type": e.get("type", "value_error")} for e in exc.errors()]
         return JSONResponse({"detail": detail}, 422)
 
-    def running() -> None:
-        if not pipeline.ready.is_set():
-            raise HTTPException(503, "starting")
+    import fastapi_offline  # swagger-ui shipped as a package: no CDN
 
-    def record_of(name: str) -> Any:
-        running()
-        if name not in control.streams:
-            raise HTTPException(404, f"no stream {name}")
-        return pipeline.streams.get(name)
+    app.mount("/docs-static", StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"),
+              name="docs-static")
 
-    def stream_info(name: str) -> StreamInfo:
-        cfg = control.streams[name]
-        r = pipeline.streams.get(name)
-        conf = json.loads(redact_text(json.dumps(cfg.model_dump(mode="json")), secrets()))  # nested too
-        out = StreamInfo(name=name, url=redact_text(cfg.url, secrets()), model=cfg.model, max_fps=cfg.max_fps,
-                         enabled=cfg.enabled, state="disabled", config=conf)
-        if r is None:
-            return out
-        snap = r.stats.snapshot()
-        pool = pipeline.pools.get(r.model)
-        slot = pool.slot_of(name) if pool is not None else None
-        return out.model_copy(update={
-            "state": r.state.value, "since": round(r.since, 3), "error": redact_text(r.error, secrets()) if r.error
-            else None, "reconnects": r.reconnects, "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"],
-            "decoded": snap["decoded"], "dispatched": snap["dispatched"], "published": r.seq, "drops": snap["drops"],
-            "latency_ms": Latency(**snap["latency_ms"]), "slot": slot, "objects": latest.objects(name),
-            "device": pool.slots[slot].device if slot is not None and pool is not None else None})
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="framegrid API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon.png")
 
-    # -- health --------------------------------------------------------------------------------
     @app.get("/api/health", response_model=Health, tags=["health"], summary="Liveness")
     async def health() -> Health:
         return Health(status="ok", uptime_s=round(time.monotonic() - started, 1))
@@ -298,6 +428,47 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     @app.get("/api/ready", response_model=Ready, tags=["health"], summary="Readiness",
              responses={503: {"model": Ready, "description": "not ready"}})
     async def ready(response: Response) -> Ready:
+        reasons = not_ready()
+        if reasons:
+            response.status_code = 503
+        return Ready(ready=not reasons, reasons=reasons)
+
+    return app, [Depends(auth)], {401: {"model": Problem, "description": "missing or wrong token"}}
+
+
+def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) -> StreamInfo:
+    """A stream's info from its settings alone (state `disabled` until a running stream's figures are added)."""
+    conf = json.loads(redact_text(json.dumps(cfg.model_dump(mode="json")), secrets))  # nested too
+    return StreamInfo(name=name, url=redact_text(cfg.url, secrets), model=cfg.model, max_fps=cfg.max_fps,
+                      enabled=cfg.enabled, state="disabled", config=conf)
+
+
+def stream_figures(pipeline: Any, name: str, latest: LatestResults, secrets: tuple[str, ...]) -> dict[str, Any]:
+    """A running stream's state and figures (StreamInfo's fields), from its record and slot pool; {} when
+    it does not run here."""
+    r = pipeline.streams.get(name)
+    if r is None:
+        return {}
+    snap = r.stats.snapshot()
+    pool = pipeline.pools.get(r.model)
+    slot = pool.slot_of(name) if pool is not None else None
+    return {"state": r.state.value, "since": round(r.since, 3), "error": redact_text(r.error, secrets) if r.error
+            else None, "reconnects": r.reconnects, "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"],
+            "decoded": snap["decoded"], "dispatched": snap["dispatched"], "published": r.seq, "drops": snap["drops"],
+            "latency_ms": snap["latency_ms"], "slot": slot, "objects": latest.objects(name),
+            "device": pool.slots[slot].device if slot is not None and pool is not None else None}
+
+
+def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
+              mjpeg_fps: float, closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
+    """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
+    latest = LatestResults()
+    pipeline.results.add_sink(latest)
+    registry, latency = make_registry(pipeline, lambda: facts_now)
+    pipeline.results.add_sink(latency)
+    facts_now: list[Any] = []
+    secrets = lambda: tuple(pipeline.secrets)
+    def not_ready() -> list[str]:
         reasons = []
         if not pipeline.ready.is_set():
             reasons.append("starting")
@@ -309,9 +480,27 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
             c = pipeline.publisher.counters()
             if not c["connected"] and c["buffered"] >= pipeline.config.mqtt.buffer:
                 reasons.append("mqtt: disconnected and its buffer is full")
-        if reasons:
-            response.status_code = 503
-        return Ready(ready=not reasons, reasons=reasons)
+        return reasons
+
+    app, guarded, errors = base_app("Control a running framegrid: streams, devices, stats, talking heads.", token,
+                                    secrets, not_ready)
+    # a job carries two files of at most max_upload each, plus the form's own framing
+    app.add_middleware(BodyLimit, limit=2 * max_upload + 64 * 1024, paths=("/api/talk/jobs",))
+
+    def running() -> None:
+        if not pipeline.ready.is_set():
+            raise HTTPException(503, "starting")
+
+    def record_of(name: str) -> Any:
+        running()
+        if name not in control.streams:
+            raise HTTPException(404, f"no stream {name}")
+        return pipeline.streams.get(name)
+
+    def stream_info(name: str) -> StreamInfo:
+        out = configured_stream(name, control.streams[name], secrets())
+        return StreamInfo.model_validate({**out.model_dump(), **stream_figures(pipeline, name, latest, secrets())})
+
 
     # -- streams -------------------------------------------------------------------------------
     @app.get("/api/streams", response_model=list[StreamInfo], tags=["streams"], dependencies=guarded,
@@ -548,15 +737,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         running()
         if body.name in pipeline.sessions:
             raise HTTPException(409, f"session {body.name} already exists")
-        cfg = TalkConfig.model_validate(body.model_dump(exclude={"name"}))
-        if not cfg.avatar.is_absolute():
-            cfg = cfg.model_copy(update={"avatar": control.base_dir / cfg.avatar})
-        if cfg.backend == "musetalk" and pipeline.config.lipsync.weights is None:
-            raise ChangeError(422, "backend: musetalk needs lipsync.weights in the config",
-                              [("backend", "musetalk needs lipsync.weights in the config")])
-        if not cfg.avatar.is_file():
-            raise ChangeError(422, f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: "
-                                                                                         f"{cfg.avatar}")])
+        cfg = session_config(body, control.paths, pipeline.config.lipsync.weights is not None)
         try:
             await pipeline.start_session(body.name, cfg)
         except Exception as exc:
@@ -572,73 +753,11 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         await pipeline.stop_session(name)
         return Response(status_code=204)
 
-    # -- talking-head jobs ---------------------------------------------------------------------
-    def job_info(job: Any) -> JobInfo:
-        return JobInfo(**job.public(), video=f"/api/talk/jobs/{job.id}/video" if job.state == "done" else None)
-
-    def jobs_or_503() -> TalkJobs:
-        if jobs is None:
-            raise HTTPException(503, "talk jobs are not available (no jobs folder)")
-        return jobs
-
-    @app.post("/api/talk/jobs", response_model=JobInfo, status_code=201, tags=["talk"], dependencies=guarded,
-              responses={**errors, 413: {"model": Problem}}, summary="Queue an offline render")
-    async def new_job(avatar: UploadFile | None = File(None, description="a photo or short video"),
-                      audio: UploadFile | None = File(None, description="an audio file"),
-                      avatar_path: str | None = Form(None, description="or a file on the server"),
-                      audio_path: str | None = Form(None, description="or a file on the server"),
-                      backend: str = Form("energy", pattern="^(energy|musetalk)$")) -> JobInfo:
-        q = jobs_or_503()
-        try:
-            job = await q.submit(avatar, audio, avatar_path, audio_path, backend)
-        except JobError as exc:
-            raise HTTPException(exc.status, redact_text(str(exc), secrets())) from None
-        return job_info(job)
-
-    @app.get("/api/talk/jobs", response_model=list[JobInfo], tags=["talk"], dependencies=guarded, responses=errors)
-    async def list_jobs() -> list[JobInfo]:
-        return [job_info(j) for j in jobs_or_503().list()]
-
-    @app.get("/api/talk/jobs/{job_id}", response_model=JobInfo, tags=["talk"], dependencies=guarded,
-             responses={**errors, 404: {"model": Problem}})
-    async def get_job(job_id: str) -> JobInfo:
-        job = jobs_or_503().get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return job_info(job)
-
-    @app.get("/api/talk/jobs/{job_id}/video", tags=["talk"], dependencies=guarded, response_class=FileResponse,
-             responses={**errors, 404: {"model": Problem}, 409: {"model": Problem, "description": "not done yet"},
-                        200: {"content": {"video/mp4": {}}}})
-    async def job_video(job_id: str) -> FileResponse:
-        q = jobs_or_503()
-        job = q.get(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        if job.state != "done":
-            raise HTTPException(409, f"job {job_id} is {job.state}")
-        return FileResponse(q.video_path(job), media_type="video/mp4", filename=f"{job_id}.mp4")
-
-    @app.delete("/api/talk/jobs/{job_id}", status_code=204, tags=["talk"], dependencies=guarded,
-                responses={**errors, 404: {"model": Problem}}, summary="Cancel (if queued or running) and delete")
-    async def delete_job(job_id: str) -> Response:
-        if not await jobs_or_503().delete(job_id):
-            raise HTTPException(404, f"no job {job_id}")
-        return Response(status_code=204)
+    add_webrtc_routes(app, pipeline, guarded, errors, running)
+    add_job_routes(app, jobs, guarded, errors, secrets)
 
     # -- the page and the docs -----------------------------------------------------------------
-    import fastapi_offline  # swagger-ui shipped as a package: no CDN
-
-    docs_static = Path(fastapi_offline.__file__).parent / "static"
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/docs-static", StaticFiles(directory=docs_static), name="docs-static")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="framegrid API",
-                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-static/swagger-ui.css",
-                                   swagger_favicon_url="/docs-static/favicon.png")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -76,6 +76,15 @@ class PipelineCollector(Collector):
         yield from self._mqtt(p)
         yield from self._talk(p)
         yield from self._events(p)
+        yield from self._load(p)
+
+    def _load(self, p: Pipeline) -> Iterator[Metric]:
+        verdict = p.telemetry.published_verdict  # as of the last stats interval
+        g = GaugeMetricFamily("framegrid_overloaded", "1 while the process falls behind its cameras, by reason "
+                              "(decode-bound, inference-bound)", labels=["reason"])
+        for reason in ("decode-bound", "inference-bound"):
+            g.add_metric([reason], 1.0 if reason in verdict.reasons else 0.0)
+        yield g
 
     def _events(self, p: Pipeline) -> Iterator[Metric]:
         events = CounterMetricFamily("framegrid_events", "Events published on <prefix>/events",
@@ -96,6 +105,8 @@ class PipelineCollector(Collector):
                                          labels=["stream"])
         errors = CounterMetricFamily("framegrid_decode_errors", "Packets or frames the decoder rejected",
                                      labels=["stream"])
+        corrupt = CounterMetricFamily("framegrid_corrupt_frames", "Frames decoded with concealed damage (kept)",
+                                      labels=["stream"])
         state = GaugeMetricFamily("framegrid_stream_state", "1 for the stream's current state",
                                   labels=["stream", "state"])
         fps = GaugeMetricFamily("framegrid_stream_fps", "Frames per second in (decoded) and out (published)",
@@ -110,11 +121,12 @@ class PipelineCollector(Collector):
                 drops.add_metric([name, reason], n)
             reconnects.add_metric([name], r.reconnects)
             errors.add_metric([name], r.source.decode_errors if r.source is not None else 0)
+            corrupt.add_metric([name], r.source.corrupt_frames if r.source is not None else 0)
             for s in STATES:
                 state.add_metric([name, s], 1.0 if r.state.value == s else 0.0)
             fps.add_metric([name, "in"], st.fps_in)
             fps.add_metric([name, "out"], st.fps_processed)
-        yield from (decoded, dispatched, published, drops, reconnects, errors, state, fps)
+        yield from (decoded, dispatched, published, drops, reconnects, errors, corrupt, state, fps)
 
     def _slots(self, p: Pipeline) -> Iterator[Metric]:
         busy = CounterMetricFamily("framegrid_slot_busy_seconds", "Seconds an executor slot spent in model calls "

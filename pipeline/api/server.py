@@ -62,34 +62,25 @@ def jobs_folder(config: Config, config_path: Path | None) -> Path:
     return default_state_dir() / "jobs"
 
 
-class ApiServer:
-    """`start()` binds (raises ApiError) and serves; `stop()` ends it. `port` is the bound port."""
+class HttpServer:
+    """Serves `app` (uvicorn, in this loop) on `api.listen`: `start()` binds (raises ApiError) and serves,
+    `stop()` ends it (`closing` ends live views first). `port` is the bound port."""
 
-    def __init__(self, pipeline: Any, config_path: Path | None) -> None:
-        self.pipeline = pipeline
-        self.config: Config = pipeline.config
-        self.control = StreamControl(pipeline, config_path)
-        api = self.config.api
-        self.jobs = TalkJobs(jobs_folder(self.config, config_path), int(api.max_upload_mb * 1e6),
-                             self._job_workers, pipeline_lipsync(pipeline),
-                             musetalk_ready=self.config.lipsync.weights is not None)
+    def __init__(self, config: Config) -> None:
+        self.config = config
         self.closing = asyncio.Event()
-        token = api.token.get_secret_value() if api.token is not None else None
-        self.app = build_app(pipeline, self.control, self.jobs, token or None, api.mjpeg_fps, self.closing,
-                             int(api.max_upload_mb * 1e6))
+        self.app: Any = None
+        self.jobs: TalkJobs | None = None  # the talk-job queue, started by start_jobs() once ready
+        self._jobs_started = False
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
-        self._jobs_started = False
         self.port = 0
 
-    def _job_workers(self) -> int:
-        from ..lipsync import plan_lipsync
-
-        lcfg = self.config.lipsync
-        plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
-                             lcfg.slots)
-        return max(1, sum(p.slots for p in plans))
+    @property
+    def token(self) -> str | None:
+        api = self.config.api
+        return (api.token.get_secret_value() if api.token is not None else None) or None
 
     async def start(self) -> None:
         api = self.config.api
@@ -102,13 +93,14 @@ class ApiServer:
         log.info("api: listening on http://%s:%d (docs /docs, metrics /metrics, page /)", api.host, self.port)
 
     async def start_jobs(self) -> None:
-        """The talk-job queue (re-queues what a previous run left), once the pipeline is ready."""
-        await self.jobs.start()
-        self._jobs_started = True
+        """The talk-job queue (re-queues what a previous run left), once the pipeline or head is ready."""
+        if self.jobs is not None:
+            await self.jobs.start()
+            self._jobs_started = True
 
     async def stop(self) -> None:
         self.closing.set()
-        if self._jobs_started:
+        if self._jobs_started and self.jobs is not None:
             await self.jobs.close()
         if self._server is not None:
             self._server.should_exit = True
@@ -117,6 +109,30 @@ class ApiServer:
                 await asyncio.wait_for(self._task, 10)
         if self._sock is not None:
             self._sock.close()
+
+
+class ApiServer(HttpServer):
+    """The API of a running pipeline, and its talk-job queue."""
+
+    def __init__(self, pipeline: Any, config_path: Path | None) -> None:
+        super().__init__(pipeline.config)
+        self.pipeline = pipeline
+        self.control = StreamControl(pipeline, config_path)
+        api = self.config.api
+        self.jobs = TalkJobs(jobs_folder(self.config, config_path), int(api.max_upload_mb * 1e6),
+                             self._job_workers, pipeline_lipsync(pipeline),
+                             musetalk_ready=self.config.lipsync.weights is not None, paths=self.control.paths,
+                             render_always=self.config.lipsync.render_silence == "always")
+        self.app = build_app(pipeline, self.control, self.jobs, self.token, api.mjpeg_fps, self.closing,
+                             int(api.max_upload_mb * 1e6))
+
+    def _job_workers(self) -> int:
+        from ..lipsync import plan_lipsync
+
+        lcfg = self.config.lipsync
+        plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+                             lcfg.slots)
+        return max(1, sum(p.slots for p in plans))
 
 
 def pipeline_lipsync(pipeline: Any) -> Any:

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams import url_password
+from streams import redact_text, url_password
 
-from ..config import Config, StreamConfig
+from ..config import Config, StreamConfig, TalkConfig
 from ..handoff import wait_event
 from ..placement import PlacementError, Placer, SlotState
 from ..publisher import Publisher
@@ -44,6 +44,11 @@ PAYLOAD_VERSION = 1
 START_TIMEOUT_S = 300.0  # a worker loads its models before it is ready
 RETRY_LOST_S = 30.0  # a node whose worker was lost gets a new worker after this, if Ray still lists it
 DEFAULT_FPS = 25.0  # the cost of a stream without max_fps (a camera's usual rate)
+TALK = "talk/"  # talk sessions' keys in the placement ("talk/<name>": names never hold a slash)
+
+
+def session_key(name: str) -> str:
+    return TALK + name
 
 
 def stream_cost(cfg: StreamConfig) -> float:
@@ -60,6 +65,9 @@ class NodeHandle:
     state: str = "starting"  # starting | up | drained | lost
     throughput: dict[str, float] = field(default_factory=dict)
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # as the worker last described them
+    sessions: dict[str, str] = field(default_factory=dict)  # talk session -> its state, as last described
+    talk_capacity: int = 0  # live talk sessions its lipsync slots serve
+    pid: int | None = None  # the worker's process id on its node
     last_seen: float = 0.0
     lost_at: float | None = None  # monotonic time it was lost (a worker is tried there again later)
     error: str | None = None
@@ -72,10 +80,12 @@ class ClusterHead:
         self.config = config
         self.settings = config.cluster
         self.config_path = config_path
-        self.desired: dict[str, StreamConfig] = dict(config.streams)
+        self.desired: dict[str, StreamConfig] = {n: s for n, s in config.streams.items() if s.enabled}
         self.secrets: list[str] = list(config.secrets())
         self.nodes: dict[str, NodeHandle] = {}
         self.placers: dict[str, Placer] = {model: Placer(self.settings.band) for model in config.models}
+        self.sessions: dict[str, TalkConfig] = {n: t for n, t in config.talk.items() if t.enabled}
+        self.talk = Placer(self.settings.band)  # talk sessions on nodes (cost 1, capacity: the node's lipsync slots)
         self.ready = asyncio.Event()
         self.keep_workers = False  # on exit: True leaves the workers running (a restarted head finds them)
         self.calls = 0  # control-plane calls made (pings, adds, removes, starts)
@@ -150,11 +160,12 @@ class ClusterHead:
             if name in self._starting or (known is not None and (known.state != "lost" or time.monotonic() <
                                                                  (known.lost_at or 0.0) + RETRY_LOST_S)):
                 continue  # a lost worker's node still listed alive: its raylet may be dying; try later
-            self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"]),
+            cpus = info.get("Resources", {}).get("CPU")
+            self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"], cpus),
                                                        name=f"cluster.start.{name}")
             self._starting[name].add_done_callback(lambda _t, n=name: self._starting.pop(n, None))
 
-    async def _start_worker(self, name: str, node_id: str) -> None:
+    async def _start_worker(self, name: str, node_id: str, cpus: float | None) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -169,7 +180,7 @@ class ClusterHead:
                 name=actor_name, namespace=self.settings.namespace, lifetime="detached", max_restarts=0,
                 num_cpus=0, resources={self.settings.node_resource: 1},
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-            actor = remote.remote(self.config, name, self.config_path)
+            actor = remote.remote(self.config, name, self.config_path, cpus)
             found = False
         node = NodeHandle(name, node_id, actor)
         self.nodes[name] = node
@@ -193,11 +204,19 @@ class ClusterHead:
     def _describe(self, node: NodeHandle, desc: dict[str, Any]) -> None:
         node.throughput = {m: float(v) for m, v in desc["throughput"].items()}
         node.streams = dict(desc["streams"])
+        node.sessions = dict(desc.get("sessions", {}))
+        node.talk_capacity = int(desc.get("talk_capacity", 0))
+        node.pid = desc.get("pid")
         node.last_seen = time.monotonic()
-        for model, placer in self.placers.items():
-            capacity = max(node.throughput.get(model, 0.0), 1e-6)
+        capacities = {**{id(p): node.throughput.get(m, 0.0) for m, p in self.placers.items()},
+                      id(self.talk): float(node.talk_capacity)}
+        for placer in self._all_placers():
+            capacity = max(capacities[id(placer)], 1e-6)
             record = placer.slots.get(node.name) or placer.add_slot(node.name, capacity=capacity)
             record.capacity = capacity
+
+    def _all_placers(self) -> list[Placer]:
+        return [*self.placers.values(), self.talk]
 
     def _adopt(self, node: NodeHandle) -> None:
         """Take the streams a found worker already runs into the placement (a head restart), and stop
@@ -209,6 +228,12 @@ class ClusterHead:
                 self._spawn(self._remove_from(node, stream), f"cluster.remove.{stream}")
                 continue
             placer.assign(stream, node.name, stream_cost(cfg))
+        for session in node.sessions:
+            key = session_key(session)
+            if session not in self.sessions or self.talk.where(key) not in (None, node.name):
+                self._spawn(self._remove_from(node, key), f"cluster.remove.{key}")
+                continue
+            self.talk.assign(key, node.name, 1.0)
 
     async def _lost(self, node: NodeHandle, why: str) -> None:
         """A worker failed: fence it, tell subscribers, and place its streams on the other nodes."""
@@ -222,7 +247,7 @@ class ClusterHead:
             ray.kill(node.actor, no_restart=True)  # a worker cut off but alive must publish nothing more
         self.publisher.publish(self.publisher.topic("nodes", node.name, "availability"), b"offline", qos=1,
                                retain=True)
-        for placer in self.placers.values():
+        for placer in self._all_placers():
             if node.name not in placer.slots:
                 continue
             moves, stuck = placer.evacuate(node.name, SlotState.FAILED, force=True)
@@ -231,19 +256,82 @@ class ClusterHead:
                 self._moving(move.stream, move.target, f"node {node.name} lost")
                 self._spawn(self._start_on(move.target, move.stream), f"cluster.move.{move.stream}")
             for stream in stuck:
-                log.warning("cluster: stream %s waits for a node", stream)
+                log.warning("cluster: %s waits for a node", stream)
         self._changed.set()
 
     # -- streams ---------------------------------------------------------------------------------------
     def where(self, stream: str) -> str | None:
+        if stream.startswith(TALK):
+            return self.talk.where(stream)
         cfg = self.desired.get(stream)
         placer = self.placers.get(cfg.model) if cfg is not None else None
         return placer.where(stream) if placer is not None else None
+
+    def model_names(self) -> list[str]:
+        return list(self.placers)
+
+    def is_running(self, name: str) -> bool:
+        return name in self.desired
+
+    def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
+        return False  # a change restarts the stream (placed again, maybe on another node)
+
+    async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The running state and figures of `names`, asked of the nodes running them (at most a few
+        seconds; a node that does not answer gives nothing)."""
+        by_node: dict[str, list[str]] = {}
+        for name in names:
+            node = self.where(name)
+            if node is not None and self.nodes.get(node) is not None and self.nodes[node].state != "lost":
+                by_node.setdefault(node, []).append(name)
+
+        async def ask(node: str, streams: list[str]) -> dict[str, dict[str, Any]]:
+            self.calls += 1
+            try:
+                async with asyncio.timeout(min(5.0, self.settings.dead_after_s)):
+                    return dict(await self.nodes[node].actor.stream_info.remote(streams))
+            except Exception:  # noqa: BLE001 - a node that died or is slow: no figures now
+                return {}
+
+        out: dict[str, dict[str, Any]] = {}
+        for got in await asyncio.gather(*(ask(n, s) for n, s in by_node.items())):
+            out.update(got)
+        return out
+
+    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+        node = self.nodes.get(self.where(name) or "")
+        if node is None or node.state == "lost":
+            return None
+        self.calls += 1
+        async with asyncio.timeout(10.0):
+            got = await node.actor.snapshot.remote(name, boxes)
+        return None if got is None else (int(got[0]), bytes(got[1]))
+
+    def segments(self) -> Any:
+        """The lipsync slots of every node that is up, as one pool for offline talk jobs
+        (`pipeline.cluster.segments.ClusterSegments`)."""
+        from .segments import ClusterSegments
+
+        slots = [(n.actor, i) for n in self.nodes.values() if n.state == "up" for i in range(n.talk_capacity)]
+        return ClusterSegments(slots, self.config.lipsync.batch_size)
 
     def _place_unplaced(self) -> None:
         for stream, cfg in self.desired.items():
             if self.where(stream) is None:
                 self._place(stream, cfg)
+        for session in self.sessions:
+            if self.talk.where(session_key(session)) is None:
+                self._place_session(session)
+
+    def _place_session(self, name: str) -> str | None:
+        key = session_key(name)
+        try:
+            node = self.talk.place(key, 1.0, force=True)
+        except PlacementError as exc:
+            log.warning("cluster: talk session %s: %s", name, exc)
+            return None
+        self._spawn(self._start_on(node, key), f"cluster.start.{key}")
+        return node
 
     def _place(self, stream: str, cfg: StreamConfig) -> str | None:
         placer = self.placers[cfg.model]
@@ -255,25 +343,36 @@ class ClusterHead:
         self._spawn(self._start_on(node, stream), f"cluster.start.{stream}")
         return node
 
-    async def _start_on(self, node_name: str, stream: str) -> None:
-        node, cfg = self.nodes.get(node_name), self.desired.get(stream)
+    async def _start_on(self, node_name: str, key: str) -> None:
+        """Start a stream (or a talk session, key `talk/<name>`) on a node."""
+        node = self.nodes.get(node_name)
+        session = key.removeprefix(TALK) if key.startswith(TALK) else None
+        cfg = self.sessions.get(session) if session is not None else self.desired.get(key)
         if node is None or cfg is None or node.state == "lost":
             return
         self.calls += 1
         try:
-            await node.actor.add_stream.remote(stream, cfg)
+            if session is not None:
+                await node.actor.start_session.remote(session, cfg)
+                node.sessions[session] = "starting"
+            else:
+                await node.actor.add_stream.remote(key, cfg)
+                node.streams[key] = {"model": cfg.model, "state": "starting"}  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - the node died meanwhile, or refused
-            log.warning("cluster: %s on %s: %r", stream, node_name, exc)
+            log.warning("cluster: %s on %s: %s", key, node_name, redact_text(repr(exc), self.secrets))
             return
-        node.streams[stream] = {"model": cfg.model, "state": "starting"}
-        log.info("cluster: %s runs on %s", stream, node_name)
+        log.info("cluster: %s runs on %s", key, node_name)
         self._changed.set()
 
-    async def _remove_from(self, node: NodeHandle, stream: str) -> None:
+    async def _remove_from(self, node: NodeHandle, key: str) -> None:
         self.calls += 1
         with contextlib.suppress(Exception):
-            await node.actor.remove_stream.remote(stream)
-        node.streams.pop(stream, None)
+            if key.startswith(TALK):
+                await node.actor.stop_session.remote(key.removeprefix(TALK))
+            else:
+                await node.actor.remove_stream.remote(key)
+        node.streams.pop(key, None)
+        node.sessions.pop(key.removeprefix(TALK), None)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -303,6 +402,23 @@ class ClusterHead:
             await self._remove_from(node, name)
         self._changed.set()
 
+    async def add_session(self, name: str, cfg: TalkConfig) -> str | None:
+        """Start a talk session at run time on the node with the most room (-> the node)."""
+        if name in self.sessions:
+            raise ValueError(f"session {name} already exists")
+        self.sessions[name] = cfg
+        return self._place_session(name)
+
+    async def remove_session(self, name: str) -> None:
+        if self.sessions.pop(name, None) is None:
+            raise KeyError(name)
+        key = session_key(name)
+        node = self.nodes.get(self.talk.where(key) or "")
+        self.talk.remove(key)
+        if node is not None and node.state != "lost":
+            await self._remove_from(node, key)
+        self._changed.set()
+
     async def _apply_move(self, stream: str, source: str, target: str) -> None:
         """Stop a stream on `source`, then start it on `target`: nothing is published twice."""
         node = self.nodes.get(source)
@@ -311,11 +427,17 @@ class ClusterHead:
         self._moving(stream, target, f"moved from {source}")
         await self._start_on(target, stream)
 
-    def _moving(self, stream: str, target: str, why: str) -> None:
-        """Tell the stream's subscribers it is moving, and where (its new node then publishes its states)."""
-        self.publisher.publish(self.publisher.topic("streams", stream, "state"),
-                               {"v": PAYLOAD_VERSION, "stream": stream, "state": "moving", "node": target,
-                                "reason": why, "since": round(time.time(), 3)}, qos=1, retain=True)
+    def _moving(self, key: str, target: str, why: str) -> None:
+        """Tell a stream's (or talk session's) subscribers it is moving, and where (its new node then
+        publishes its states)."""
+        body = {"v": PAYLOAD_VERSION, "state": "moving", "node": target, "reason": why, "since": round(time.time(), 3)}
+        if key.startswith(TALK):
+            name = key.removeprefix(TALK)
+            self.publisher.publish(self.publisher.topic("talk", name, "state"), {**body, "session": name}, qos=1,
+                                   retain=True)
+        else:
+            self.publisher.publish(self.publisher.topic("streams", key, "state"), {**body, "stream": key}, qos=1,
+                                   retain=True)
 
     async def move(self, stream: str, target: str) -> None:
         """Move a stream to another node (an operator's choice)."""
@@ -333,7 +455,7 @@ class ClusterHead:
         all or nothing (PlacementError when the other nodes cannot take them)."""
         node = self.nodes[name]
         planned = []
-        for placer in self.placers.values():
+        for placer in self._all_placers():
             if name not in placer.slots:
                 continue
             moves, stuck = placer.evacuate(name, SlotState.DRAINED)
@@ -353,7 +475,7 @@ class ClusterHead:
 
     async def resume_node(self, name: str) -> None:
         node = self.nodes[name]
-        for placer in self.placers.values():
+        for placer in self._all_placers():
             if name in placer.slots:
                 placer.slots[name].state = SlotState.HEALTHY
         node.state = "up"
@@ -377,9 +499,9 @@ class ClusterHead:
         except Exception as exc:  # noqa: BLE001 - the actor or its node died
             await self._lost(node, type(exc).__name__)
             return
-        before = set(node.streams)
+        before = (set(node.streams), dict(node.sessions))
         self._describe(node, desc)
-        if set(node.streams) != before:
+        if (set(node.streams), node.sessions) != before:
             self._changed.set()
 
     async def _rebalance_loop(self) -> None:
@@ -412,9 +534,11 @@ class ClusterHead:
             "v": PAYLOAD_VERSION,
             "at": round(time.time(), 3),
             "nodes": {n.name: {"state": n.state, "streams": sorted(s for s in self.desired if self.where(s) == n.name),
+                               "sessions": sorted(t for t in self.sessions if self.talk.where(session_key(t)) == n.name),
                                "throughput": {m: round(v, 1) for m, v in n.throughput.items()},
                                "error": n.error}
                       for n in self.nodes.values()},
             "unplaced": sorted(s for s in self.desired if self.where(s) is None),
+            "unplaced_sessions": sorted(t for t in self.sessions if self.talk.where(session_key(t)) is None),
             "control_calls_per_s": round(self.calls / elapsed, 2),
         }

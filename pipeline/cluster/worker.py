@@ -2,7 +2,8 @@
 
 The head makes one long-lived Ray actor of this class per node (pinned to it, named after it, in
 the cluster's namespace, detached: it outlives a head that crashes). Everything heavy stays here:
-sources, decode, executor slots, tracking, events and MQTT publishing of its streams. What crosses
+sources, decode, executor slots, tracking, events and MQTT publishing of its streams, and the talk
+sessions placed on it (their audio input and A/V sinks, and its lipsync slots). What crosses
 the network is control (add or remove a stream, a ping) and a short description back; frames never
 leave the node. This module does not import Ray: the head wraps the class with `ray.remote`.
 """
@@ -10,30 +11,36 @@ leave the node. This module does not import Ray: the head wraps the class with `
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ApiConfig, Config, StreamConfig
+from ..config import ApiConfig, Config, StreamConfig, TalkConfig
 
 log = logging.getLogger("framegrid.cluster")
 
 
 def worker_config(config: Config) -> Config:
-    """The head's config as a node worker runs it: no streams until placed, no HTTP API, one process."""
-    return config.model_copy(update={"streams": {}, "api": ApiConfig(enabled=False),
+    """The head's config as a node worker runs it: no streams or talk sessions until placed, no HTTP API,
+    one process."""
+    return config.model_copy(update={"streams": {}, "talk": {}, "api": ApiConfig(enabled=False),
                                      "cluster": config.cluster.model_copy(update={"backend": "local"})})
 
 
 class NodeWorker:
     """One node's framegrid. Async methods: they run on the actor's event loop, as the pipeline does."""
 
-    def __init__(self, config: Config, node: str, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, node: str, config_path: Path | None = None, cpus: float | None = None) -> None:
         self.config = worker_config(config)
         self.node = node
+        self.cpus = cpus  # the CPUs its Ray node declares (`ray start --num-cpus`): the cores its slots use
         self.config_path = config_path
         self.pipeline: Any = None
+        self.latest: Any = None  # the newest result per stream (figures and snapshots for the head's API)
         self.started_at = time.time()
+        self._talk_capacity: int | None = None
+        self.segments = 0  # offline talk-job segments rendered here
 
     async def start(self) -> dict[str, Any]:
         """Start the pipeline and load every model (idempotent: a restarted head calls it again and
@@ -43,7 +50,12 @@ class NodeWorker:
             from ..cli import setup_logging
 
             setup_logging(self.config.log.level, self.config.secrets())
-            self.pipeline = Pipeline(self.config, config_path=self.config_path, node=self.node)
+            from ..api.views import LatestResults
+
+            self.pipeline = Pipeline(self.config, config_path=self.config_path, node=self.node,
+                                     cpu_cores=int(self.cpus) if self.cpus and self.cpus >= 1 else None)
+            self.latest = LatestResults()
+            self.pipeline.results.add_sink(self.latest)
             await self.pipeline.__aenter__()
             failed = await self.pipeline.load_models()
             for model, why in failed.items():
@@ -56,14 +68,44 @@ class NodeWorker:
         p = self.pipeline
         return {
             "node": self.node,
+            "pid": os.getpid(),
             "started_at": self.started_at,
             "throughput": p.throughput(),
             "model_errors": dict(p.model_errors),
             "streams": {name: {"model": r.model, "state": r.state.value} for name, r in p.streams.items()},
+            "sessions": {name: str(t.state) for name, t in p.sessions.items()},
+            "talk_capacity": self.talk_capacity,
+            "segments": self.segments,
         }
+
+    @property
+    def talk_capacity(self) -> int:
+        """Live talk sessions this node takes: one per lipsync slot it plans (at least one, on a CPU)."""
+        if self._talk_capacity is None:
+            from ..lipsync import plan_lipsync
+
+            lcfg = self.config.lipsync
+            plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+                                 lcfg.slots)
+            self._talk_capacity = max(1, sum(p.slots for p in plans))
+        return self._talk_capacity
 
     async def ping(self) -> dict[str, Any]:
         return self.describe()
+
+    async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
+        from ..api.app import stream_figures
+
+        secrets = tuple(self.pipeline.secrets)
+        return {n: {**stream_figures(self.pipeline, n, self.latest, secrets), "node": self.node}
+                for n in names if n in self.pipeline.streams}
+
+    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+        """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
+        if name not in self.pipeline.streams:
+            return None
+        return await self.latest.jpeg(name, boxes)
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
         await self.pipeline.add_stream(name, cfg)
@@ -71,6 +113,28 @@ class NodeWorker:
     async def remove_stream(self, name: str) -> None:
         if name in self.pipeline.streams:
             await self.pipeline.remove_stream(name)
+        self.latest.forget(name)
+
+    async def start_session(self, name: str, cfg: TalkConfig) -> None:
+        await self.pipeline.start_session(name, cfg)
+
+    async def stop_session(self, name: str) -> None:
+        if name in self.pipeline.sessions:
+            await self.pipeline.stop_session(name)
+
+    async def render_segment(self, key: str, jobs: list[Any], slot: int) -> list[Any]:
+        """One segment of an offline talk job (`pipeline.cluster.segments`): its frames' faces from this
+        node's lipsync slot `slot`, batched with the slot's other work."""
+        import asyncio
+
+        pool, _ = await self.pipeline.talk.ensure_lipsync()
+        faces = list(await asyncio.wrap_future(pool.submit(key, jobs, slot=slot)))
+        self.segments += 1
+        return faces
+
+    async def release_segments(self, key: str) -> None:
+        if self.pipeline is not None and self.pipeline.talk.lipsync is not None:
+            self.pipeline.talk.lipsync.release(key)
 
     async def stop(self) -> None:
         """Stop the pipeline (its streams' states are cleared, its availability goes offline)."""

@@ -1,0 +1,188 @@
+"""Is this process overloaded, and by what: read from the figures of each stats interval.
+
+Two ways a machine falls behind its cameras, each with its own sign:
+
+- **decode-bound**: live streams decode fewer frames than their camera sends (below
+  `BEHIND_SHARE` of its announced rate, where every frame is decoded) while the decoders use most
+  of the cores. More slots do not help; fewer or smaller streams, `skip_frames`, or hardware
+  decoding do.
+- **inference-bound**: frames wait so long for a slot that they are dropped as too old
+  (`max_frame_age`), or a model's slots are busy nearly all the time. Lower `max_fps`, a smaller
+  model or `imgsz`, or more devices help.
+
+Dropping frames is how framegrid stays real time under overload (the newest frame wins, old
+ones are counted as `too_old` or `stale`); this says so plainly, with the reason and the figures,
+in the stats payload, the console status, the log (on each change) and /metrics.
+
+Decode overload is also acted on (`pipeline.shed_decode`, on by default): decoding every frame of
+every camera and then dropping nearly all of them starves the model too, so `DecodeShedder` makes
+live streams (with `skip_frames = "auto"`) decode keyframes only while the process is
+decode-bound, and tries full decoding again after `hold` seconds, doubling the hold each time the
+overload comes back. The verdict says so while it lasts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BEHIND_SHARE = 0.85  # a live stream decoding below this share of its camera's rate is behind
+DECODE_CORES_SHARE = 0.6  # ... and the decoders use at least this share of the cores: decode-bound
+BUSY_SHARE = 0.9  # a model's slots busy this share of the time: inference-bound
+
+
+@dataclass(frozen=True)
+class Camera:
+    """What a stream's source knows of its camera."""
+
+    fps: float | None  # announced rate
+    skipping: str  # "none" when every frame is decoded
+    live: bool  # a network stream (a file is paced by framegrid itself)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # ok | overloaded
+    reasons: tuple[str, ...] = ()  # decode-bound, inference-bound
+    detail: str = ""
+
+    def payload(self) -> dict[str, Any]:
+        return {"status": self.status, "reasons": list(self.reasons), "detail": self.detail or None}
+
+    def shedding(self, streams: int) -> Verdict:
+        """This verdict while `streams` live streams decode keyframes only: still overloaded, decode-bound."""
+        note = f"{streams} live stream(s) decode keyframes only (shedding decode load)"
+        reasons = self.reasons if "decode-bound" in self.reasons else ("decode-bound", *self.reasons)
+        return Verdict("overloaded", reasons, "; ".join(d for d in (note, self.detail) if d))
+
+
+class DecodeShedder:
+    """Whether live streams should decode keyframes only: from decode-bound until `hold` seconds have
+    passed and the last verdict is no longer decode-bound; a relapse within twice the hold doubles it
+    (at most `max_hold`), so the process does not flap between the two."""
+
+    def __init__(self, hold: float = 60.0, max_hold: float = 900.0) -> None:
+        self.hold = hold
+        self.max_hold = max_hold
+        self.active = False
+        self.since = 0.0
+        self._ended: float | None = None
+
+    def update(self, now: float, verdict: Verdict) -> bool | None:
+        """-> True to start shedding, False to stop, None for no change."""
+        decode_bound = "decode-bound" in verdict.reasons
+        if not self.active and decode_bound:
+            if self._ended is not None and now - self._ended < 2 * self.hold:
+                self.hold = min(self.max_hold, 2 * self.hold)
+            self.active, self.since = True, now
+            return True
+        if self.active and not decode_bound and now - self.since >= self.hold:
+            self.active, self._ended = False, now
+            return False
+        return None
+
+
+class DecodePacer:
+    """While shedding: how often each live camera may decode a keyframe, so that what is decoded
+    follows what the slots can serve, shared alike by the cameras.
+
+    A 1080p keyframe costs ~40-90 ms of CPU here: 32 cameras' keyframes alone (32/s) would fill two
+    cores and starve the model. Each camera decodes at most one keyframe per `interval` (and only
+    when its previous frame was taken). The interval adapts every check: longer by half when frames
+    aged out waiting for a slot (`too_old`: decoding more than is served, or starving the model of
+    CPU), shorter by a fifth when none did (room to serve more). It starts at `start_per_core`
+    keyframes per second per core over all cameras. `may_decode` is called from the decoder threads.
+    """
+
+    MAX_INTERVAL = 30.0
+
+    def __init__(self, start_per_core: float = 4.0) -> None:
+        self.start_per_core = start_per_core
+        self.interval = 0.0
+        self._last: dict[str, float] = {}
+        self._too_old: int | None = None
+
+    def start(self, cameras: int, cores: int, too_old: int) -> None:
+        self.interval = min(self.MAX_INTERVAL, cameras / (self.start_per_core * max(1, cores)))
+        self._last.clear()
+        self._too_old = too_old
+
+    def update(self, too_old: int) -> None:
+        """From the shedding cameras' `too_old` drops (summed) since the last check."""
+        aged = self._too_old is not None and too_old > self._too_old
+        self._too_old = too_old
+        if aged:
+            self.interval = min(self.MAX_INTERVAL, max(self.interval, 0.25) * 1.5)
+        else:
+            self.interval *= 0.8
+
+    def may_decode(self, camera: str, now: float) -> bool:
+        last = self._last.get(camera)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[camera] = now
+        return True
+
+
+class OverloadMonitor:
+    """Judges each stats interval from its rates and the growth of the `too_old` counters."""
+
+    def __init__(self) -> None:
+        self._too_old: dict[str, int] = {}
+        self._frames: dict[str, int] = {}  # frames each slot served, at the previous interval
+        self._at: float | None = None
+        self.verdict = Verdict("ok")
+
+    def assess(self, now: float, streams: dict[str, dict[str, Any]], cameras: dict[str, Camera],
+               executors: dict[str, dict[str, Any]], cores: int) -> Verdict:
+        dt = now - self._at if self._at is not None else None
+        if dt is not None and dt < 1.0:  # several readers ask; a rate over a sliver of time is noise
+            return self.verdict
+        too_old = {n: int(s["drops"].get("too_old", 0)) for n, s in streams.items()}
+        old_rate = (sum(max(0, v - self._too_old.get(n, v)) for n, v in too_old.items()) / dt) if dt else 0.0
+        frames = {slot: int(e.get("frames", 0)) for slot, e in executors.items()}
+        slot_fps = {slot: max(0, f - self._frames.get(slot, f)) / dt for slot, f in frames.items()} if dt else {}
+        self._too_old, self._frames, self._at = too_old, frames, now
+
+        behind = []
+        for name, s in streams.items():
+            cam = cameras.get(name)
+            if (cam is not None and cam.live and cam.fps and cam.skipping == "none" and s.get("state") == "streaming"
+                    and s["fps_in"] < BEHIND_SHARE * cam.fps):
+                behind.append(name)
+        # wall time in decode calls per second, summed over streams: at or above the cores, the decoders
+        # contend for them (a frame's wall time then includes waiting for a core)
+        decode_cores = sum(s["fps_in"] * (s.get("stage_ms_p50", {}).get("decode") or 0.0) / 1000
+                           for s in streams.values())
+        busy = _busiest_model(executors, slot_fps)
+
+        reasons, details = [], []
+        if behind and decode_cores >= DECODE_CORES_SHARE * max(1, cores):
+            reasons.append("decode-bound")
+            details.append(f"{len(behind)} of {len(streams)} stream(s) decode below {BEHIND_SHARE:.0%} of their "
+                           f"camera's rate; decoders busy {decode_cores:.1f} s per second on {cores} core(s)")
+        if old_rate > 0 or (busy is not None and busy[1] >= BUSY_SHARE):
+            reasons.append("inference-bound")
+            parts = []
+            if old_rate > 0:
+                parts.append(f"{old_rate:.1f} frames/s dropped too old")
+            if busy is not None:
+                parts.append(f"slots of {busy[0]} busy {busy[1]:.0%}")
+            details.append("; ".join(parts))
+        self.verdict = Verdict("overloaded" if reasons else "ok", tuple(reasons), "; ".join(details))
+        return self.verdict
+
+
+def _busiest_model(executors: dict[str, dict[str, Any]], slot_fps: dict[str, float]) -> tuple[str, float] | None:
+    """(model, mean share of time its slots spend in model calls) of the busiest model, from each slot's
+    frames per second served and measured time per frame."""
+    by_model: dict[str, list[float]] = {}
+    for slot, e in executors.items():
+        fps, ms = slot_fps.get(slot), e.get("service_ms_per_frame")
+        if fps is None or ms is None:
+            continue
+        by_model.setdefault(slot.rsplit(".", 1)[0], []).append(min(1.0, fps * ms / 1000))
+    if not by_model:
+        return None
+    model, shares = max(by_model.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
+    return model, sum(shares) / len(shares)

@@ -1,0 +1,342 @@
+"""MuseTalk v1.5's published rules, each checked against a reference written here from the algorithm.
+
+Blend-mask geometry (jaw parsing mode, the unclipped blend square, the blur kernels), version
+defaults, video avatars at 25 fps, the silence policy and its cross-fades, the exact log-mel of
+short audio, and live audio prompts against the offline ones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from talkinghead.faceparse import cheek_mask, cone_kernel, face_mask
+from talkinghead.musetalk import (
+    BLUR_OFFLINE,
+    BLUR_REALTIME,
+    MuseTalk,
+    PreparedFace,
+    blend_mask,
+    blend_region,
+    version_defaults,
+)
+from talkinghead.offline import Crossfade, model_frames
+
+from .test_musetalk import model, tiny  # noqa: F401 - fixtures
+
+
+# -- jaw parsing mode --------------------------------------------------------------------------------
+def reference_jaw(parsing: np.ndarray, cheek: int = 90) -> np.ndarray:
+    """The published `FaceParsing(mode="jaw")` steps, written out literally."""
+    cone_height, tail_height = 21, 12
+    total = cone_height + tail_height
+    kernel = np.zeros((total, total), np.uint8)
+    cx = total // 2
+    for row in range(cone_height):
+        if row < cone_height // 2:
+            continue
+        width = 2 * (row - cone_height // 2) + 1
+        kernel[row, cx - width // 2:cx + width // 2 + 1] = 1
+    base = int(kernel[cone_height - 1].sum())
+    for row in range(cone_height, total):
+        kernel[row, max(0, cx - base // 2):min(total, cx + base // 2 + 1)] = 1
+    cheeks = np.zeros((512, 512), np.uint8)
+    cv2.rectangle(cheeks, (0, 0), (256 - cheek, 512), 255, -1)
+    cv2.rectangle(cheeks, (256 + cheek, 0), (512, 512), 255, -1)
+    parsing = parsing.astype(np.int64).copy()
+    face = (np.isin(parsing, [1]) * 255).astype(np.uint8)
+    dilated = cv2.dilate(face, kernel, iterations=1)
+    eroded = cv2.erode(dilated, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3)), iterations=2)
+    face = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, ~cheeks))
+    parsing[(face == 255) & (~np.isin(parsing, [10]))] = 255
+    parsing[np.isin(parsing, [11, 12, 13])] = 255
+    parsing[parsing != 255] = 0
+    return parsing.astype(np.uint8)
+
+
+def synthetic_parse() -> np.ndarray:
+    """A 512x512 label map: hair (17), skin (1) with a nose (10), mouth (11) and lips (12, 13), neck (14)."""
+    labels = np.zeros((512, 512), np.uint8)
+    cv2.rectangle(labels, (200, 380), (312, 511), 14, -1)  # neck
+    cv2.ellipse(labels, (256, 250), (150, 180), 0, 0, 360, 1, -1)  # skin
+    cv2.ellipse(labels, (256, 110), (160, 80), 0, 180, 360, 17, -1)  # hair on top
+    cv2.rectangle(labels, (236, 200), (276, 290), 10, -1)  # nose
+    cv2.ellipse(labels, (256, 340), (50, 14), 0, 0, 360, 12, -1)  # upper lip
+    cv2.ellipse(labels, (256, 356), (46, 12), 0, 0, 360, 13, -1)  # lower lip
+    cv2.ellipse(labels, (256, 348), (36, 5), 0, 0, 360, 11, -1)  # mouth
+    return labels
+
+
+def test_jaw_mode_follows_the_published_steps() -> None:
+    labels = synthetic_parse()
+    jaw = face_mask(labels, "jaw", 90)
+    assert np.array_equal(jaw, reference_jaw(labels, 90))
+    assert np.array_equal(face_mask(labels, "jaw", 40), reference_jaw(labels, 40))
+    raw = face_mask(labels, "raw")
+    assert np.array_equal(raw, np.isin(labels, [1, 11, 12, 13]).astype(np.uint8) * 255)
+    assert np.array_equal(face_mask(labels, "neck"), np.isin(labels, [1, 11, 12, 13, 14]).astype(np.uint8) * 255)
+    # what the rules are for: the nose is left out, mouth and lips are in
+    assert not jaw[labels == 10].any() and jaw[np.isin(labels, [11, 12, 13])].all()
+    # the chin: jaw mode reaches a few pixels below the skin's lowest row in the middle (the cone's
+    # tip), where raw mode stops at the skin
+    chin = int(np.flatnonzero((labels == 1).any(axis=1)).max())
+    assert jaw[chin + 5, 256] == 255 and raw[chin + 5, 256] == 0 and jaw[chin + 8, 256] == 0
+    # ... and sideways far less than downward
+    row = 250
+    skin_right = int(np.flatnonzero(labels[row] == 1).max())
+    assert jaw[row, skin_right + 12] == 0
+    # the cheeks outside the central band are eroded: the jaw mask is narrower there than the dilation
+    dilated = cv2.dilate((labels == 1).astype(np.uint8) * 255, cone_kernel())
+    assert (jaw[:, :256 - 90] < dilated[:, :256 - 90]).any()
+    assert cone_kernel().shape == (33, 33) and cone_kernel()[20].sum() == 21 and cone_kernel()[:10].sum() == 0
+    assert cheek_mask(90)[:, 167:346].max() == 0 and cheek_mask(90)[:, 166].min() == 255
+    with pytest.raises(ValueError, match="parsing mode"):
+        face_mask(labels, "chin")
+
+
+# -- the blend square: unclipped, as upstream ---------------------------------------------------------
+def parse_of(image: np.ndarray) -> np.ndarray:
+    """A stand-in parser with a shape: bright pixels are 'face' (black padding never is)."""
+    return ((image.mean(axis=2) > 60) * 255).astype(np.uint8)
+
+
+def test_blend_mask_near_an_edge_is_built_on_the_whole_square() -> None:
+    """Reference: the frame padded with black so that the square fits, the mask built there (as
+    upstream's PIL crop pads), then cut back. The clipped square moved the upper boundary."""
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 255, (240, 320, 3), np.uint8)
+    box = (5, 8, 105, 128)  # near the top-left corner: the 1.5x square reaches outside
+    crop = blend_region(box, 1.5)
+    assert crop[0] < 0 and crop[1] < 0
+    from talkinghead.musetalk import padded_crop
+
+    for blur in (BLUR_OFFLINE, BLUR_REALTIME):
+        mask = blend_mask(box, crop, parse_of(padded_crop(frame, crop)), blur=blur)
+        pad = 200
+        big = np.zeros((240 + 2 * pad, 320 + 2 * pad, 3), np.uint8)
+        big[pad:pad + 240, pad:pad + 320] = frame
+        x1, y1, x2, y2 = (v + pad for v in box)
+        s = int(max(x2 - x1, y2 - y1) // 2 * 1.5)
+        xc, yc = (x1 + x2) // 2, (y1 + y2) // 2
+        sq = big[yc - s:yc + s, xc - s:xc + s]
+        ref = np.zeros(sq.shape[:2], np.uint8)
+        ref[y1 - (yc - s):y2 - (yc - s), x1 - (xc - s):x2 - (xc - s)] = parse_of(sq)[
+            y1 - (yc - s):y2 - (yc - s), x1 - (xc - s):x2 - (xc - s)]
+        ref[: int(2 * s * 0.5)] = 0
+        k = int(blur * 2 * s // 2 * 2) + 1
+        ref = cv2.GaussianBlur(ref, (k, k), 0)
+        assert mask.shape == ref.shape and np.array_equal(mask, ref)
+    # pasting uses the part of the square inside the image: a generated face changes nothing above
+    # the square's centre line (the upper boundary) apart from the blur's reach
+    face = PreparedFace(frame, box, None, crop, mask)
+    out = MuseTalk.paste(face, np.full((256, 256, 3), 255, np.uint8))
+    centre = (box[1] + box[3]) // 2
+    k = int(BLUR_REALTIME * (crop[2] - crop[0]) // 2 * 2) + 1
+    assert np.array_equal(out[: centre - k], frame[: centre - k])
+    assert not np.array_equal(out[centre:box[3]], frame[centre:box[3]])
+
+
+def test_version_defaults_and_blur_kernels() -> None:
+    assert version_defaults("v15") == {"extra_margin": 10, "expand": 1.5, "parsing_mode": "jaw"}
+    assert version_defaults("v1") == {"extra_margin": 0, "expand": 1.5, "parsing_mode": "raw"}
+    v1 = MuseTalk("unused", "v1")
+    assert (v1.extra_margin, v1.expand, v1.parsing_mode) == (0, 1.5, "raw")
+    assert MuseTalk("unused", "v15", parsing_mode="neck").parsing_mode == "neck"
+    box, crop = (100, 100, 300, 300), (0, 0, 400, 400)
+    ramp = {b: int(((0 < m) & (m < 255))[250].sum()) for b in (BLUR_OFFLINE, BLUR_REALTIME)
+            for m in [blend_mask(box, crop, None, blur=b)]}
+    # kernel widths 21 and 41 on a 400 px square: the soft edge of the realtime mask is twice as wide
+    assert ramp[BLUR_OFFLINE] < ramp[BLUR_REALTIME] and ramp[BLUR_REALTIME] >= 1.6 * ramp[BLUR_OFFLINE]
+
+
+def test_offline_render_blends_with_the_offline_kernel(model: MuseTalk, tmp_path: Path) -> None:  # noqa: F811
+    from talkinghead import prepare_avatar
+    from talkinghead.offline import render
+
+    from .test_talkinghead import tone_on_off
+
+    image = tmp_path / "face.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))
+    avatar = prepare_avatar(image, box=(50, 50, 150, 150), cache_dir=tmp_path)
+    blurs: list[float] = []
+    real = model.prepare_faces
+
+    def spy(av, cache_dir=None, progress=None, blur=BLUR_REALTIME):  # type: ignore[no-untyped-def]
+        blurs.append(blur)
+        return real(av, cache_dir=tmp_path, progress=progress, blur=blur)
+
+    class Frames:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
+            self.n += 1
+
+    model.prepare_faces = spy  # type: ignore[method-assign]
+    try:
+        sink = Frames()
+        render(model_with_unet(model), avatar, tone_on_off([(0.2, True)]), sink)
+    finally:
+        model.prepare_faces = real  # type: ignore[method-assign]
+    assert blurs == [BLUR_OFFLINE] and sink.n == 5
+
+
+def model_with_unet(m: MuseTalk) -> MuseTalk:
+    assert m.unet is not None  # the module's fixture loads every part
+    return m
+
+
+# -- video avatars play at their own speed ------------------------------------------------------------
+def write_numbered_video(path: Path, fps: int, n: int) -> Path:
+    """Frame i shows i in binary: 8 columns of 8 px, white for a 1 bit (robust to the codec)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+        s.options = {"crf": "0", "preset": "ultrafast"}
+        for i in range(n):
+            img = np.zeros((64, 64, 3), np.uint8)
+            for bit in range(8):
+                if i >> bit & 1:
+                    img[:, bit * 8:(bit + 1) * 8] = 255
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="bgr24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def frame_number(image: np.ndarray) -> int:
+    return sum(1 << bit for bit in range(8) if image[:, bit * 8 + 2:bit * 8 + 6].mean() > 128)
+
+
+@pytest.mark.parametrize("fps", [60, 30, 25, 15])
+def test_video_avatar_frames_are_resampled_to_25_fps(tmp_path: Path, fps: int) -> None:
+    from talkinghead import prepare_avatar
+
+    n = 2 * fps  # two seconds
+    video = write_numbered_video(tmp_path / f"a{fps}.mp4", fps, n)
+    avatar = prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path)
+    shown = [frame_number(f.image) for f in avatar.frames]
+    want = [min(n - 1, math.floor(k * fps / 25 + 1e-9)) for k in range(50)]
+    assert len(shown) in (50, 51) and shown[:50] == want, (fps, shown[:12])
+
+
+def test_energy_backend_animates_every_frame_of_a_video_avatar(tmp_path: Path) -> None:
+    from talkinghead import EnergyLipSync, prepare_avatar
+
+    video = write_numbered_video(tmp_path / "v.mp4", 25, 6)
+    avatar = prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path)
+    backend = EnergyLipSync(avatar)
+    levels = [frame_number(backend.render(0.0)) for _ in range(14)]
+    assert levels == [0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0, 0, 1]  # ping-pong, as MuseTalk plays avatars
+    assert not np.array_equal(backend.render(0.9), avatar.frames[2].image)  # and the mouth still opens
+
+
+# -- silence: the model runs around speech; both switches are cross-faded -----------------------------
+def test_model_runs_around_speech() -> None:
+    voiced = [False] * 10 + [True] * 3 + [False] * 20 + [True] * 2
+    run = model_frames(voiced, margin=5)
+    assert [i for i, r in enumerate(run) if r] == [*range(5, 18), *range(28, 35)]
+    assert model_frames(voiced, margin=5, always=True) == [True] * len(voiced)
+    assert model_frames([False] * 4, margin=5) == [False] * 4
+
+
+def test_crossfades_both_ways() -> None:
+    idle, gen = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 200, np.uint8)
+    fade = Crossfade(frames=3)
+    out = [fade.idle(idle), fade.idle(idle)]
+    out += [fade.spoken(gen, idle) for _ in range(5)]
+    out += [fade.idle(idle) for _ in range(5)]
+    assert [int(f[0, 0, 0]) for f in out] == [0, 0, 50, 100, 150, 200, 200, 150, 100, 50, 0, 0]
+    start = Crossfade(frames=3)  # speech from the very first frame: nothing to fade from
+    assert int(start.spoken(gen, idle)[0, 0, 0]) == 200
+
+
+def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> None:  # noqa: F811
+    """The session hands a block its lookahead's voicing: the frames just before an onset are
+    generated (the mouth opens before the sound), faded in from the avatar's own frames."""
+    from concurrent.futures import Future
+
+    from talkinghead.live import MuseTalkLive
+
+    frame = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
+    faces = [model.prepare_face(frame, (50, 50, 150, 150))]
+    sent: list[int] = []
+
+    def submit(jobs: list) -> Future:  # type: ignore[type-arg]
+        sent.append(len(jobs))
+        f: Future = Future()  # type: ignore[type-arg]
+        f.set_result([np.full((256, 256, 3), 255, np.uint8)] * len(jobs))
+        return f
+
+    live = MuseTalkLive(model, faces, submit, block=4, timeout=5.0, lookahead=5)
+    quiet, loud = np.zeros(640, np.float32), np.full(640, 0.3, np.float32)
+    # block 1: silent, but speech starts 3 frames after it: its last frame (within 5) is generated
+    frames = live.render_block([quiet] * 4, [False] * 4 + [False, False, True, True, True], [quiet, quiet, loud, loud, loud])
+    assert live.generated == 3 and sent == [3]  # onset at frame 6, margin 5: frames 1, 2 and 3
+    assert np.array_equal(frames[0], frame) and not np.array_equal(frames[1], frame)
+    change = [int(np.abs(f.astype(int) - frame).sum()) for f in frames]
+    assert 0 == change[0] < change[1] < change[2] < change[3]  # fading in: 1/4, 2/4, 3/4
+
+
+# -- audio: the exact short log-mel, and live prompts against offline ----------------------------------
+def test_short_log_mel_equals_the_padded_one(model: MuseTalk) -> None:  # noqa: F811
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 640, 16_000 * 3 + 123):
+        x = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        if n > 1000:
+            x[n // 2:] *= 1e-4  # a quiet half: the clamp at max - 8 matters
+        ref = model.features(x, sampling_rate=16_000, return_tensors="pt").input_features
+        got = model.log_mel(x)
+        assert tuple(got.shape) == tuple(ref.shape) and float((got - ref).abs().max()) < 1e-5, n
+
+
+def speech_like(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:
+    """A voiced source (gliding pitch, 11 harmonics) under a syllable envelope with pauses, plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * np.cumsum(120 + 30 * np.sin(2 * np.pi * 0.7 * t)) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 3.7 * t + rng.uniform(0, 6)), 0, None) ** 0.7
+    envelope *= np.sin(2 * np.pi * 0.3 * t) > -0.6
+    return (0.2 * voice * envelope + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def test_live_prompts_match_offline(model: MuseTalk) -> None:  # noqa: F811
+    """Live blocks (4 frames, 200 ms lookahead) against the whole-file prompts of a 35 s speech-like
+    clip (across a 30 s segment boundary): cosine similarity >= 0.98 for every frame."""
+    import torch
+
+    from talkinghead.live import MuseTalkLive
+
+    audio = speech_like(35.0)
+    offline = model.audio_prompts(audio)
+    live = MuseTalkLive(model, [object()], lambda jobs: None, block=4, timeout=1.0, lookahead=5)  # type: ignore[list-item]
+    per, got = 640, []
+    n = len(audio) // per
+    for b in range(0, n, 4):
+        block = audio[b * per:(b + 4) * per]
+        ahead = [audio[i * per:(i + 1) * per] for i in range(b + 4, min(n, b + 9))]
+        got.append(live.block_prompts(block, ahead))
+        live.hear(block)
+    prompts = torch.cat(got)
+    assert prompts.shape == offline.shape
+    cos = torch.nn.functional.cosine_similarity(prompts.reshape(n, -1).float(), offline.reshape(n, -1).float(), dim=1)
+    assert float(cos.min()) >= 0.98, (float(cos.min()), int(cos.argmin()))
+
+
+def test_loading_is_quiet(tiny: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """No install advice, progress bars or cast warnings from diffusers/transformers when MuseTalk
+    loads (they repeated on every slot start and restart)."""
+    for parts in ({"vae", "whisper"}, {"unet", "vae"}):
+        MuseTalk(tiny, "v15", parts=parts).load()
+    out = capfd.readouterr()
+    text = out.out + out.err + caplog.text
+    for noise in ("accelerate", "Loading weights", "Casting directly", "torch_dtype"):
+        assert noise not in text, text

