@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .audio import SAMPLE_RATE, SAMPLES_PER_FRAME
-from .musetalk import WINDOW_RIGHT, AudioWindow, LipSyncJob, MuseTalk, PreparedFace
+from .musetalk import WINDOW_LEFT, WINDOW_RIGHT, AudioWindow, LipSyncJob, MuseTalk, PreparedFace
 from .offline import SPEECH_MARGIN, Crossfade, model_frames
 
 LOOKAHEAD_FRAMES = 5  # 200 ms after the block: Whisper context (and the model's own 2-frame window)
@@ -69,9 +69,15 @@ class MuseTalkLive:
         return self.faces[self.index % len(self.faces)].frame
 
     def hear(self, block_audio: np.ndarray) -> None:
-        """The block has been rendered: its audio joins the segment (and a new segment begins every 30 s)."""
+        """The block has been rendered: its audio joins the segment (and a new segment begins every 30 s).
+
+        The finished segment is kept until the new one holds `WINDOW_LEFT` frames: the windows of
+        the new segment's first frames reach back into the old one's last features, as offline's do
+        (the whole-file features are the segments' features end to end). Cut at once, those frames
+        saw zeros there (cosine 0.78 and 0.89 to offline's prompts for blocks that start on the cut).
+        """
         self.heard = np.concatenate([self.heard, block_audio])
-        if len(self.heard) >= SEGMENT_SAMPLES:  # segments are whole frames: the cut falls on a frame
+        if len(self.heard) >= SEGMENT_SAMPLES + WINDOW_LEFT * SAMPLES_PER_FRAME:  # cuts fall on frames
             self.heard = self.heard[SEGMENT_SAMPLES:]
 
     def block_prompts(self, block_audio: np.ndarray, ahead: list[np.ndarray]) -> Any:

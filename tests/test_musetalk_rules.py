@@ -308,9 +308,14 @@ def speech_like(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray
     return (0.2 * voice * envelope + 0.003 * rng.standard_normal(len(t))).astype(np.float32)
 
 
-def test_live_prompts_match_offline(model: MuseTalk) -> None:  # noqa: F811
-    """Live blocks (4 frames, 200 ms lookahead) against the whole-file prompts of a 35 s speech-like
-    clip (across a 30 s segment boundary): cosine similarity >= 0.98 for every frame."""
+@pytest.mark.parametrize("blocks", [[4], [5], [3, 1, 2, 6]], ids=["block4", "block5-on-the-cut", "ragged"])
+def test_live_prompts_match_offline(model: MuseTalk, blocks: list[int]) -> None:  # noqa: F811
+    """Live blocks (200 ms lookahead) against the whole-file prompts of a 35 s speech-like clip
+    (across a 30 s segment boundary): cosine similarity >= 0.98 for every frame. Blocks of 5 start
+    exactly on the cut (frame 750), and pushed audio that runs dry makes blocks of any length: the
+    first frames of the new segment must still see the old segment's last features."""
+    import itertools
+
     import torch
 
     from talkinghead.live import MuseTalkLive
@@ -318,17 +323,22 @@ def test_live_prompts_match_offline(model: MuseTalk) -> None:  # noqa: F811
     audio = speech_like(35.0)
     offline = model.audio_prompts(audio)
     live = MuseTalkLive(model, [object()], lambda jobs: None, block=4, timeout=1.0, lookahead=5)  # type: ignore[list-item]
-    per, got = 640, []
+    per, got, b = 640, [], 0
     n = len(audio) // per
-    for b in range(0, n, 4):
-        block = audio[b * per:(b + 4) * per]
-        ahead = [audio[i * per:(i + 1) * per] for i in range(b + 4, min(n, b + 9))]
+    sizes = itertools.cycle(blocks)
+    while b < n:
+        size = min(next(sizes), n - b)
+        block = audio[b * per:(b + size) * per]
+        ahead = [audio[i * per:(i + 1) * per] for i in range(b + size, min(n, b + size + 5))]
         got.append(live.block_prompts(block, ahead))
         live.hear(block)
+        b += size
     prompts = torch.cat(got)
     assert prompts.shape == offline.shape
     cos = torch.nn.functional.cosine_similarity(prompts.reshape(n, -1).float(), offline.reshape(n, -1).float(), dim=1)
     assert float(cos.min()) >= 0.98, (float(cos.min()), int(cos.argmin()))
+    # the frames on the cut see what offline's see there (the same 30 s segment, encoded alone)
+    assert float(cos[750:752].min()) >= 0.999, cos[748:754].tolist()
 
 
 def test_loading_is_quiet(tiny: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
