@@ -55,6 +55,9 @@ DOWNLOADS = (
 )
 
 
+_WARNED_NO_PARSER: set[Path] = set()  # weights folders whose missing face parser was reported
+
+
 class MuseTalkError(Exception):
     """Weights missing or unusable; the message lists what to download and where it goes."""
 
@@ -293,7 +296,10 @@ class MuseTalk:
         """The BiSeNet face parser, or None (loudly: the blend mask loses its shape) without its checkpoint."""
         checkpoint = self.root / CHECKPOINT
         if not checkpoint.is_file():
-            log.warning("MuseTalk: %s is missing, so the blend mask falls back to the whole lower face box: "
+            # once per weights folder and process: every session and slot loads its own MuseTalk
+            level = logging.DEBUG if self.root in _WARNED_NO_PARSER else logging.WARNING
+            _WARNED_NO_PARSER.add(self.root)
+            log.log(level, "MuseTalk: %s is missing, so the blend mask falls back to the whole lower face box: "
                         "%s. Download face-parse-bisent/79999_iter.pth (and put it in %s) for MuseTalk's "
                         "own blending.", CHECKPOINT, "no jaw-mode chin coverage, seams along the cheeks and "
                         "the generated face's box edges may show" if self.parsing_mode == "jaw"

@@ -7,6 +7,7 @@ short audio, and live audio prompts against the offline ones.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -350,3 +351,17 @@ def test_loading_is_quiet(tiny: Path, capfd: pytest.CaptureFixture[str], caplog:
     text = out.out + out.err + caplog.text
     for noise in ("accelerate", "Loading weights", "Casting directly", "torch_dtype"):
         assert noise not in text, text
+
+
+def test_missing_face_parser_is_reported_once_per_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without the BiSeNet checkpoint every load falls back to the box mask; the warning says so
+    once per weights folder, not once per session and slot start."""
+    from tools.make_tiny_musetalk import make
+
+    root = make(tmp_path / "tiny")
+    with caplog.at_level(logging.WARNING, logger="talkinghead.musetalk"):
+        for _ in range(3):
+            MuseTalk(root, "v15", parts={"vae", "whisper"}).load()
+    warned = [r for r in caplog.records if "79999_iter.pth is missing" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert "jaw-mode chin coverage" in warned[0].getMessage()
