@@ -113,6 +113,7 @@ class Publisher:
         self.send_ms: deque[float] = deque(maxlen=512)
         self.dropped_unencodable = 0  # payloads json could not encode (NaN, unknown types): counted, never raised
         self._subscriptions: dict[str, Any] = {}  # topic filter -> callback(topic, payload), called on the loop
+        self._pending_subscriptions: dict[str, list[asyncio.Future[Any]]] = {}  # made on the next connect
         self.received = 0  # messages received on our subscriptions (talk audio)
         self.last_error: str | None = None
         self.state = "connecting"  # connected | unavailable | unauthorized | tls_error (see connection_state)
@@ -164,21 +165,27 @@ class Publisher:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def subscribe(self, topic_filter: str, callback: Any) -> asyncio.Task[Any] | None:
+    def subscribe(self, topic_filter: str, callback: Any) -> asyncio.Future[Any]:
         """Deliver messages on `topic_filter` to `callback(topic, payload)`; renewed on every connect.
 
-        Returns the task of the SUBSCRIBE (done when the broker acknowledged it), or None while
-        disconnected (the subscription is then made on connect).
+        Returns a future done when the broker acknowledged the subscription: now, or while
+        disconnected on the next connect.
         """
         self._subscriptions[topic_filter] = callback
         client = self._client
+        loop = asyncio.get_running_loop()
         if client is not None:
-            return asyncio.get_running_loop().create_task(client.subscribe(topic_filter, qos=1),
-                                                          name="mqtt.subscribe")
-        return None
+            return loop.create_task(client.subscribe(topic_filter, qos=1), name="mqtt.subscribe")
+        # not connected yet: done when the connection makes the subscription (a talk session is
+        # `live` only once its audio topic is listened to; messages sent before would be lost)
+        made: asyncio.Future[Any] = loop.create_future()
+        self._pending_subscriptions.setdefault(topic_filter, []).append(made)
+        return made
 
     def unsubscribe(self, topic_filter: str) -> None:
         self._subscriptions.pop(topic_filter, None)
+        for made in self._pending_subscriptions.pop(topic_filter, []):
+            made.cancel()
         client = self._client
         if client is not None:
             asyncio.get_running_loop().create_task(client.unsubscribe(topic_filter), name="mqtt.unsubscribe")
@@ -267,6 +274,9 @@ class Publisher:
                         granted = await client.subscribe(topic_filter, qos=1)
                         if any(getattr(g, "is_failure", False) or g == 128 for g in granted or ()):
                             self._refused(str(granted[0]), f"the subscription to {topic_filter}")
+                        for made in self._pending_subscriptions.pop(topic_filter, []):
+                            if not made.done():
+                                made.set_result(granted)
                     reader = asyncio.create_task(self._read(client), name="mqtt.reader")
                     try:
                         await self._drain(client, reader)

@@ -117,11 +117,11 @@ class TalkSessions:
 
             audio = push
             subscribed = self.publisher.subscribe(self.publisher.topic("talk", name, "audio"), on_audio)
-            if subscribed is not None:
-                # `live` must mean the audio topic is listened to: wait for the broker's SUBACK
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(5.0):
-                        await asyncio.shield(subscribed)
+            # `live` must mean the audio topic is listened to: wait for the broker's SUBACK (also
+            # when the connection is still being made: the subscription then comes with it)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await asyncio.shield(subscribed)
         else:
             audio = iter_audio(cfg.audio)
 

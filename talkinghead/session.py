@@ -145,6 +145,17 @@ class TalkSession:
         """When the next frame to render is due (the writer may still be writing earlier ones)."""
         return self.started_at + self._rendered / FPS
 
+    def render_margin(self, block: int) -> int:
+        """Frames a block's render takes in real time (90th percentile of the measured per-frame cost;
+        a block's length before anything is measured), plus one frame of margin."""
+        per_frame = float(np.percentile(self.stats.render_ms, 90)) / 1000 if self.stats.render_ms else 1.0 / FPS
+        return int(np.ceil(per_frame * block * FPS)) + 1
+
+    def _waited(self, held: int) -> float:
+        """Seconds since the oldest of the `held` chunks (the newest entries of `_arrivals`) arrived."""
+        arrived = self._arrivals[len(self._arrivals) - held] if held <= len(self._arrivals) else None
+        return time.monotonic() - arrived if arrived is not None else 0.0
+
     def _write_loop(self) -> None:
         """Writes each rendered block's frames at their due times, so that the next block renders
         meanwhile (rendering and waiting overlap: the slot is not left idle while frames wait)."""
@@ -189,20 +200,46 @@ class TalkSession:
                 del held[:block]
 
         if isinstance(self.audio, PushAudio):
+            # A block backend needs `ahead` chunks after a block, and live audio arrives in real time:
+            # a spurt's first block can start only when its last lookahead chunk is in, and its frames
+            # are ready a render later. So while a spurt's first block and lookahead arrive, filler
+            # frames (silence, the avatar idle) keep the clock at their due times; when they are in,
+            # `render_margin` more fillers go out at once, so that the block is due a render from now.
+            # The spurt then plays that far behind its arrival, every block with its lookahead and on
+            # time. (Before, each chunk went out without lookahead at its due time: one-frame model
+            # calls, and frames late whenever a render outlasted 40 ms: 31% late over WebRTC.)
+            building = False
+
+            def filler() -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+                self._arrivals.insert(len(self._arrivals) - len(held), None)  # written before the held audio
+                return [None], []
+
             while not self._stop.is_set():
                 c = self.audio.pop()
                 if c is None and not self.audio.closed:  # dry: wait until the next frame is due
                     self._stop.wait(max(0.0, self._due() - time.monotonic()) if self.realtime else 0.005)
                     c = self.audio.pop()
                 if c is not None:
+                    building = building or (not held and ahead > 0 and self.realtime)
                     held.append(c)
                     self._arrivals.append(self.audio.last_arrival)
-                    yield from full()
+                    if building and len(held) >= block + ahead:
+                        building = False
+                        for _ in range(self.render_margin(block)):
+                            yield filler()
+                    if not building:
+                        yield from full()
                 elif self.audio.closed:
                     break
-                elif held:
-                    yield list(held[:block]), []
-                    del held[:block]
+                elif held and building and self._waited(len(held)) < (block + ahead + 1) / FPS:
+                    yield filler()
+                elif held:  # the audio paused: what is held goes out without the lookahead it lacks
+                    building = False
+                    if len(held) >= block + ahead:
+                        yield from full()
+                    else:
+                        yield list(held[:block]), []
+                        del held[:block]
                 elif self.realtime:
                     self._arrivals.append(None)
                     yield [None], []

@@ -264,3 +264,65 @@ def test_pushed_audio_refuses_bad_chunks_by_reason_and_keeps_the_rest() -> None:
         chunks.append(c)
     assert len(chunks) == 1 + 50 + 1 + 1 + 1  # 40 ms + 2 s + three framed 40 ms: only accepted audio
     assert np.allclose(chunks[0], 1000 / 32768)
+
+
+class SlowBlocks:
+    """A block backend that takes `cost` seconds per block and records what each block was given;
+    its frames carry the index of the chunk they were made from (fillers: -1)."""
+
+    name = "slow-blocks"
+
+    def __init__(self, block: int, lookahead: int, cost: float) -> None:
+        self.block, self.lookahead, self.cost = block, lookahead, cost
+        self.calls: list[tuple[int, int]] = []  # (chunks, lookahead chunks) per voiced block
+
+    def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
+        if any(voiced[:len(chunks)]):
+            self.calls.append((len(chunks), len(ahead)))
+            time.sleep(self.cost)
+        return [np.full((2, 2), c[0] if c.any() else -1, np.float32) for c in chunks]
+
+    def idle_frame(self) -> np.ndarray:
+        return np.full((2, 2), -1, np.float32)
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+        self.audio: list[np.ndarray] = []
+
+    def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
+        self.frames.append(frame)
+        self.audio.append(audio)
+
+    def close(self) -> None:
+        pass
+
+
+def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
+    """Audio pushed in real time (a microphone over WebRTC) into a block backend that needs 5 chunks
+    after each block of 4 and takes 100 ms per block: the session delays the spurt by filler frames
+    until block and lookahead are in, plus a render's length; then every block gets its whole
+    lookahead, no frame is late, and the audio comes out whole and in order."""
+    backend = SlowBlocks(block=4, lookahead=5, cost=0.1)
+    push, sink = PushAudio(), Collect()
+    session = TalkSession("mic", backend, push, sink, realtime=True)
+    session.start()
+    n = 75  # 3 s of "speech": chunk k holds the value k + 1 throughout
+    t0 = time.monotonic()
+    for k in range(n):
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    time.sleep(1.0)
+    push.close()
+    assert session.wait(10) and session.state == "ended", session.error
+    assert session.stats.late == 0, session.snapshot()
+    full = [c for c in backend.calls[:-3]]  # the last blocks of the spurt have no audio after them
+    assert full and all(c == (4, 5) for c in full), backend.calls
+    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    spoken = [v for v in values if v > 0]
+    assert spoken == list(range(1, n + 1))  # whole and in order, fillers (silence) only before and after
+    first = values.index(1)
+    assert all(v == 0 for v in values[:first]) and values[first:first + n] == spoken
+    # the spurt plays (4 + 5 - 1) frames plus a render behind its arrival: well under a second
+    assert 9 <= first <= 9 + 25, first

@@ -294,7 +294,9 @@ def webrtc_latency(backend: str, weights: Path, image: Path, seconds: float, wor
 
         until("the session live", lambda: figures().get("state") == "live", 180)
         open_session(driver, base, "bench", None)
+        before, t0 = cpu_seconds(proc.pid), time.monotonic()
         state = speak(driver, seconds * 2)
+        after, wall = cpu_seconds(proc.pid), time.monotonic() - t0
         session = figures()
     finally:
         driver.quit()
@@ -305,11 +307,30 @@ def webrtc_latency(backend: str, weights: Path, image: Path, seconds: float, wor
         broker.stop()
     lags = onset_lags(state["micOnsets"], state["motionOnsets"])
     return {"backend": backend, "onsets": len(state["micOnsets"]), "matched": len(lags),
-            "e2e_ms_p50": float(np.percentile(lags, 50)) if lags else None,
-            "e2e_ms_p95": float(np.percentile(lags, 95)) if lags else None,
+            "e2e_ms_p50": round(float(np.percentile(lags, 50)), 1) if lags else None,
+            "e2e_ms_p95": round(float(np.percentile(lags, 95)), 1) if lags else None,
             "server_ms_p50": session.get("latency_ms_p50"), "server_ms_p95": session.get("latency_ms_p95"),
             "send_ms_p95": session.get("webrtc_send_ms_p95"), "jitter_buffer_ms": jitter_buffer_ms(state["stats"]),
-            "late": session.get("late"), "frames": session.get("frames")}
+            "late": session.get("late"), "frames": session.get("frames"),
+            # cores busy while speaking: the server, and the browser on the same machine
+            "cores_framegrid": round((after["framegrid"] - before["framegrid"]) / wall, 2),
+            "cores_browser": round((after["browser"] - before["browser"]) / wall, 2)}
+
+
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the framegrid process and of every Chromium process on the machine."""
+    import psutil
+
+    out = {"framegrid": 0.0, "browser": 0.0}
+    for p in psutil.process_iter(["pid", "name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is None:
+            continue
+        if p.info["pid"] == server_pid:
+            out["framegrid"] += t.user + t.system
+        elif "chrom" in (p.info["name"] or ""):
+            out["browser"] += t.user + t.system
+    return out
 
 
 def main() -> int:
@@ -410,11 +431,12 @@ def main() -> int:
 
 def print_webrtc(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'backend':<9} {'e2e p50':>8} {'e2e p95':>8} {'server p50':>10} {'server p95':>10} {'send p95':>8} "
-          f"{'jitter buf':>10} {'onsets':>6}")
+          f"{'jitter buf':>10} {'onsets':>6} {'late':>9} {'cores fg':>8} {'browser':>7}")
     for r in rows:
         print(f"{r['backend']:<9} {r['e2e_ms_p50']!s:>8} {r['e2e_ms_p95']!s:>8} {r['server_ms_p50']!s:>10} "
               f"{r['server_ms_p95']!s:>10} {r['send_ms_p95']!s:>8} {r['jitter_buffer_ms']!s:>10} "
-              f"{r['matched']}/{r['onsets']:<4}")
+              f"{str(r['matched']) + '/' + str(r['onsets']):>6} {str(r['late']) + '/' + str(r['frames']):>9} "
+              f"{r['cores_framegrid']!s:>8} {r['cores_browser']!s:>7}")
 
 
 def print_cluster(rows: list[dict[str, Any]]) -> None:
