@@ -37,6 +37,8 @@ class SlotRecord:
     capacity: float = 0.9
     members: dict[str, float] = field(default_factory=dict)  # stream or session -> cost
     restarts: list[float] = field(default_factory=list)  # monotonic times of recent restarts
+    streak: int = 0  # restarts in the current run of faults (the restart backoff's exponent)
+    up_since: float | None = None  # monotonic time the slot last started, while it is up
     last_error: str | None = None
 
     @property

@@ -65,6 +65,9 @@ class PoolSettings:
     admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
     rebalance_band: float
     cpu_batch_ms: float | None = None  # CPU slots: cut batches to what runs in this long (None: no cut)
+    # a slot up this long since its last (re)start that faults is a new incident: its restart waits
+    # the shortest backoff again (a slot that faults sooner escalates; the budget still counts both)
+    restart_stable_s: float = 10.0
 
 
 # -- one slot ----------------------------------------------------------------------------------------
@@ -475,6 +478,7 @@ class SlotPool:
             await slot.close()
             return False
         record.state = SlotState.DRAINED if slot.device in self.drained else SlotState.HEALTHY
+        record.up_since = self.clock.mono()
         return True
 
     async def close(self) -> None:
@@ -665,8 +669,15 @@ class SlotPool:
                           len(record.restarts), policy.restart_window, record.last_error)
                 self.on_change()
                 return
+            if record.up_since is not None and now - record.up_since >= policy.restart_stable_s:
+                record.streak = 0  # it served for a while since its last restart: not a crash loop
+            record.up_since = None
             record.restarts.append(now)
-            backoff.attempts = len(record.restarts) - 1
+            # escalate only within a run of faults: counting every restart in the window made a slot
+            # that faulted now and then (each time after minutes of service) wait up to the cap, and
+            # with the pool's other slot also down its streams waited that long (soak: 4-7 s)
+            backoff.attempts = record.streak
+            record.streak += 1
             await self.slots[name].close()
             await asyncio.sleep(backoff.next_delay())
             index = self.slot_names().index(name)

@@ -208,6 +208,35 @@ async def test_restart_budget_then_failed() -> None:
         await pool.close()
 
 
+async def test_restart_backoff_escalates_within_a_run_of_faults_only() -> None:
+    """A slot that faults again right after its restart escalates its backoff; one that served for
+    `restart_stable_s` first starts again from the shortest delay (it used to count every restart in
+    the 5-minute window, so a slot faulting now and then waited up to the cap)."""
+    import dataclasses
+
+    det = FakeDetector(0.005, fail_on={3, 4, 60})  # 3: a fault; 4: the restarted slot's first call; 60: much later
+    sink = Collect()
+    pool = SlotPool("m", lambda i: det, ["cpu"], DetectJobs("m", None, Results(SYSTEM_CLOCK, [sink]), SYSTEM_CLOCK),
+                    dataclasses.replace(settings(), restart_backoff_cap=0.05, restart_stable_s=0.5))
+    await pool.start()
+    rec = record("s")
+    pool.place(StreamFeed(rec, 1.0))
+    slot = pool.placer.slots["m.0"]
+    streaks = []
+    try:
+        deadline = time.monotonic() + 15
+        while len(slot.restarts) < 3 and time.monotonic() < deadline:
+            rec.mailbox.put(frame("s", 0))
+            if slot.restarts and (not streaks or streaks[-1][0] != len(slot.restarts)):
+                streaks.append((len(slot.restarts), slot.streak))
+            await asyncio.sleep(0.02)
+        streaks.append((len(slot.restarts), slot.streak))
+    finally:
+        await pool.close()
+    # restart 1 (streak 1), restart 2 at once after it (streak 2), restart 3 after ~1 s of service (reset: 1)
+    assert [s for _, s in dict(streaks).items()] == [1, 2, 1], streaks
+
+
 def test_out_of_memory_is_recognised_by_type_not_text() -> None:
     import torch
 

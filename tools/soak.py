@@ -44,6 +44,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -121,7 +123,8 @@ def proc_figures(http: Any) -> dict[str, Any] | None:
         return None
 
 
-def run(cameras: int, minutes: float, seed: int, max_fps: float = 4.0, gap_s: float | None = None) -> dict[str, Any]:
+def run(cameras: int, minutes: float, seed: int, max_fps: float = 4.0, gap_s: float | None = None,
+        kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     import httpx
 
     from streams.synthetic import MovingScene, write_video
@@ -169,7 +172,7 @@ def run(cameras: int, minutes: float, seed: int, max_fps: float = 4.0, gap_s: fl
                     samples.append({"t": round(now - t_start, 1), "warm": now >= warm_until, **fig})
                 next_sample = now + 5
             if now >= next_fault and end - now > 25:
-                faults.append(inject(rng.choice(KINDS), rng, cams, broker, http, collector))
+                faults.append(inject(rng.choice(kinds), rng, cams, broker, http, collector))
                 next_fault = time.time() + gap
             time.sleep(0.2)
         fg.send_signal(signal.SIGINT)
@@ -276,6 +279,7 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
     total_received = sum(len(v) for v in collector.seqs.values())
     warm = [x for x in samples if x["warm"] and x.get("rss_mb")]
     rss_growth = (warm[-1]["rss_mb"] / warm[0]["rss_mb"] - 1) if len(warm) >= 2 else None
+    all_seen_at, rss_growth_each_once, slope = rss_diagnostics(warm, faults, t_start)
 
     def spread(key: str) -> tuple[Any, Any]:
         vals = [x[key] for x in warm if x.get(key) is not None]
@@ -308,6 +312,9 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
         "received": total_received, "published_minus_received": None if published is None else published - total_received,
         "not_received": lost, "not_received_outside_broker_restarts": lost_outside,
         "rss_growth_after_warmup": None if rss_growth is None else round(rss_growth, 4),
+        "rss_growth_after_each_fault_kind_once": None if rss_growth_each_once is None else round(rss_growth_each_once, 4),
+        "rss_from_each_fault_kind_once_s": None if all_seen_at is None else round(all_seen_at),
+        "rss_slope_mb_per_hour_second_half": None if slope is None else round(slope, 1),
         "fds_min_max": spread("fds"), "threads_min_max": spread("threads"), "tasks_min_max": spread("tasks"),
         "samples": samples,
     }
@@ -322,6 +329,30 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
         "clean_exit": rc == 0,
     }
     return out
+
+
+def rss_diagnostics(warm: list[dict[str, Any]], faults: list[dict[str, Any]], t_start: float
+                    ) -> tuple[float | None, float | None, float | None]:
+    """Beside the target's growth after warm-up: (seconds into the run when every fault kind of the
+    run had happened once and recovered, RSS growth from then to the end, RSS trend over the second
+    half of the warm samples in MB/h). The first of each kind does its recovery path's first
+    allocations; a plateau's trend is about 0, a leak's is not."""
+    kinds = {f["kind"] for f in faults}
+    seen: set[str] = set()
+    all_seen_at = None
+    for f in faults:
+        seen.add(f["kind"])
+        if seen == kinds:
+            all_seen_at = f["at"] + 10 - t_start
+            break
+    after = [x for x in warm if all_seen_at is not None and x["t"] >= all_seen_at]
+    growth = (after[-1]["rss_mb"] / after[0]["rss_mb"] - 1) if len(after) >= 2 else None
+    half = warm[len(warm) // 2:]
+    slope = None
+    if len(half) >= 3:
+        hours = np.array([x["t"] for x in half]) / 3600
+        slope = float(np.polyfit(hours, np.array([x["rss_mb"] for x in half]), 1)[0])
+    return all_seen_at, growth, slope
 
 
 def _flat(span: tuple[Any, Any], slack: int = 8) -> bool:
@@ -342,6 +373,9 @@ def summary(r: dict[str, Any]) -> str:
              f"| published but not received (of which outside broker restarts) | {r['not_received']} "
              f"({r['not_received_outside_broker_restarts']}) |",
              f"| RSS growth after warm-up | {r['rss_growth_after_warmup']} |",
+             f"| RSS growth after each fault kind once (from {r['rss_from_each_fault_kind_once_s']} s) | "
+             f"{r['rss_growth_after_each_fault_kind_once']} |",
+             f"| RSS trend over the second half (MB/h) | {r['rss_slope_mb_per_hour_second_half']} |",
              f"| descriptors / threads / tasks (min-max) | {r['fds_min_max']} / {r['threads_min_max']} / "
              f"{r['tasks_min_max']} |", "", "| target | holds |", "|---|---|"]
     rows += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in r["targets"].items()]
@@ -355,9 +389,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-fps", type=float, default=4.0)
     ap.add_argument("--gap", type=float, help="seconds between faults (default: the run's length / 40, 15-60 s)")
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                    help="the faults to draw from (to find which one a figure follows)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    r = run(args.cameras, args.minutes, args.seed, args.max_fps, args.gap)
+    r = run(args.cameras, args.minutes, args.seed, args.max_fps, args.gap, tuple(args.kinds))
     print(summary(r))
     if args.json:
         args.json.write_text(json.dumps(r, indent=2) + "\n")
