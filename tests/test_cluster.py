@@ -70,6 +70,16 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         await wait_until(lambda: len({head.where(s) for s in STREAMS}) == 2, 60, "streams spread over both nodes")
         await wait_until(lambda: all(published_since(sub, s, time.time() - 2) for s in STREAMS), 60,
                          "every stream publishing after the spread")
+        # settled: the placement unchanged over two rebalance ticks (so the kill below meets no move in flight)
+        since: dict[str, Any] = {"placement": None, "at": time.monotonic()}
+
+        def settled() -> bool:
+            now = {s: head.where(s) for s in STREAMS}
+            if now != since["placement"]:
+                since.update(placement=now, at=time.monotonic())
+            return time.monotonic() - since["at"] >= 4.5
+
+        await wait_until(settled, 60, "the placement settled")
         placement = {s: head.where(s) for s in STREAMS}
         by_node: dict[str | None, list[str]] = {}
         for s, n in placement.items():
@@ -121,7 +131,9 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         for stream in moved:  # the head said it was moving, and why
             moving = [m.json() for m in sub.of(f"/streams/{stream}/state") if m.payload and m.at > t_kill
                       and m.json()["state"] == "moving"]
-            assert moving and moving[0]["reason"] == f"node {victim_name} lost", moving
+            # a rebalance tick between the kill and its detection may move a stream off the victim
+            # first (a planned move, said as such); either way the reason names the victim
+            assert moving and moving[0]["reason"] in (f"node {victim_name} lost", f"moved from {victim_name}"), moving
         for stream in moved:  # its state tells where it runs now
             await wait_until(lambda st=stream: (sub.of(f"/streams/{st}/state")[-1].payload or b"{}") != b"{}" and
                              sub.of(f"/streams/{st}/state")[-1].json().get("node") == head.where(st), 30,

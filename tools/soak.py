@@ -188,7 +188,7 @@ def run(cameras: int, minutes: float, seed: int, max_fps: float = 4.0, gap_s: fl
         for server in cams.values():
             server.kill()
         broker.stop()
-    return report(rc, log_path.read_text(), collector, cams, faults, samples, minutes, cameras)
+    return report(rc, log_path.read_text(), collector, cams, faults, samples, minutes, cameras, t_start)
 
 
 def inject(kind: str, rng: random.Random, cams: dict[str, RtspServer], broker: Mosquitto, http: Any,
@@ -251,7 +251,7 @@ def inject(kind: str, rng: random.Random, cams: dict[str, RtspServer], broker: M
 
 
 def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer], faults: list[dict[str, Any]],
-           samples: list[dict[str, Any]], minutes: float, cameras: int) -> dict[str, Any]:
+           samples: list[dict[str, Any]], minutes: float, cameras: int, t_start: float) -> dict[str, Any]:
     line = next((ln for ln in log.splitlines() if "mqtt: final account " in ln), None)
     final = json.loads(line.split("mqtt: final account ", 1)[1]) if line else {}
     stats = collector.last_stats or {}
