@@ -324,7 +324,7 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
         "published_equals_received": published is not None and published == total_received,
         "received_all_but_across_broker_restarts": lost_outside == 0,
         "rss_growth_below_5pct": rss_growth is not None and rss_growth < 0.05,
-        "fds_flat": _flat(spread("fds")), "threads_flat": _flat(spread("threads")),
+        "fds_flat": _no_growth(warm, "fds"), "threads_flat": _no_growth(warm, "threads"),
         "every_fault_recovered_in_bound": all(f.get("ok") for f in faults),
         "clean_exit": rc == 0,
     }
@@ -353,6 +353,18 @@ def rss_diagnostics(warm: list[dict[str, Any]], faults: list[dict[str, Any]], t_
         hours = np.array([x["t"] for x in half]) / 3600
         slope = float(np.polyfit(hours, np.array([x["rss_mb"] for x in half]), 1)[0])
     return all_seen_at, growth, slope
+
+
+def _no_growth(warm: list[dict[str, Any]], key: str, slack: int = 8) -> bool:
+    """The count's level (the maximum of each quarter of the run) does not climb by more than
+    `slack`. Samples taken while a slot is being replaced read lower (its threads are gone, the new
+    ones not yet there); those dips are not growth, so a min-max span would misread them."""
+    vals = [x[key] for x in warm if x.get(key) is not None]
+    if len(vals) < 4:
+        return _flat((min(vals), max(vals)) if vals else (None, None), slack)
+    q = len(vals) // 4
+    levels = [max(vals[i * q:(i + 1) * q if i < 3 else None]) for i in range(4)]
+    return max(levels) - min(levels) <= slack
 
 
 def _flat(span: tuple[Any, Any], slack: int = 8) -> bool:
