@@ -286,26 +286,15 @@ class SlowBlocks:
         return np.full((2, 2), -1, np.float32)
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.audio: list[np.ndarray] = []
-
-    def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
-        self.frames.append(frame)
-        self.audio.append(audio)
-
-    def close(self) -> None:
-        pass
-
-
 def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     """Audio pushed in real time (a microphone over WebRTC) into a block backend that needs 5 chunks
     after each block of 4 and takes 100 ms per block: the session delays the spurt by filler frames
     until block and lookahead are in, plus a render's length; then every block gets its whole
     lookahead, no frame is late, and the audio comes out whole and in order."""
+    from .test_lipsync import FrameSink
+
     backend = SlowBlocks(block=4, lookahead=5, cost=0.1)
-    push, sink = PushAudio(), Collect()
+    push, sink = PushAudio(), FrameSink()
     session = TalkSession("mic", backend, push, sink, realtime=True)
     session.start()
     n = 75  # 3 s of "speech": chunk k holds the value k + 1 throughout
