@@ -71,7 +71,8 @@ class Pipeline:
         self.pools: dict[str, SlotPool] = {}  # detection pools by model
         self.model_errors: dict[str, str] = {}
         self.drained: set[str] = set()  # devices taken out by an operator
-        self.shedder = DecodeShedder()
+        hold = config.pipeline.shed_hold
+        self.shedder = DecodeShedder(hold=hold, max_hold=max(900.0, hold))
         self._stats: tuple[float, dict[str, Any]] | None = None  # the last stats payload built, and when
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -330,8 +331,8 @@ class Pipeline:
             if change is None:
                 if self.shedder.active:
                     self.ingest.pacer.update(aged)
-                    log.debug("decode pacing: a keyframe per camera every %.2f s (%d aged out so far)",
-                              self.ingest.pacer.interval, aged)
+                    log.debug("decode pacing: a keyframe per camera every %.2f s (%d aged out so far; %s)",
+                              self.ingest.pacer.interval, aged, self.ingest.pacer.turns(now))
                 continue
             if change:
                 self.ingest.pacer.start(len(live), self._cores(), aged)

@@ -274,6 +274,9 @@ class PipelineConfig(Strict):
                                           "dynamic threshold)")
     shed_decode: bool = Field(True, description="while decode-bound, live streams with skip_frames = auto decode "
                               "keyframes only (tried again after a hold that doubles on each relapse)")
+    shed_hold: float = Field(60.0, ge=5, le=3600, description="seconds of keyframes-only decoding before full "
+                             "decoding is tried again (doubled on each relapse within twice the hold, at most "
+                             "15 min or this)")
 
 
 class DevicesConfig(Strict):

@@ -83,7 +83,8 @@ class Ingest:
                                decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
         # while shedding: a keyframe is decoded only when its mailbox is empty and it is the camera's turn
         record.source.demand = lambda: (record.mailbox.waiting_since is None
-                                        and self.pacer.may_decode(record.name, self.clock.mono()))
+                                        and self.pacer.may_decode(record.name, self.clock.mono(),
+                                                                  record.stats.drops["too_old"]))
         record.source.start()
 
     def _source_state(self, record: StreamRecord, st: SourceState) -> None:

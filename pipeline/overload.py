@@ -23,6 +23,7 @@ overload comes back. The verdict says so while it lasts.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,45 +84,100 @@ class DecodeShedder:
 
 
 class DecodePacer:
-    """While shedding: how often each live camera may decode a keyframe, so that what is decoded
+    """While shedding: which live camera may decode its next keyframe, so that what is decoded
     follows what the slots can serve, shared alike by the cameras.
 
-    A 1080p keyframe costs ~40-90 ms of CPU here: 32 cameras' keyframes alone (32/s) would fill two
-    cores and starve the model. Each camera decodes at most one keyframe per `interval` (and only
-    when its previous frame was taken). The interval adapts every check: longer by half when frames
-    aged out waiting for a slot (`too_old`: decoding more than is served, or starving the model of
-    CPU), shorter by a fifth when none did (room to serve more). It starts at `start_per_core`
-    keyframes per second per core over all cameras. `may_decode` is called from the decoder threads.
+    A 1080p keyframe costs ~40-90 ms of CPU: 32 cameras' keyframes alone (32/s) would fill two
+    cores and starve the model. Two rules, both checked when a camera's keyframe arrives (from its
+    decoder thread, and only when its previous frame was taken):
+
+    - **Rounds.** A camera may decode only when it has had no more turns than any other active
+      camera in this shedding period: each camera gets one per round, so the cameras' counts never
+      differ by more than one, whatever the rate. A turn whose frame aged out before a slot took
+      it (`too_old`) is given back. A camera is active while its keyframes keep
+      asking (within `ACTIVE_S`); one that stalls stops holding the round back, and one that joins
+      or comes back starts one turn behind the least served, not with a debt the others must wait out.
+    - **Rate.** All cameras together decode at most `cameras / interval` keyframes per second, from
+      a token bucket holding `BURST_S` seconds' worth (cameras whose keyframes come together, as
+      from one recorder or started at once, would otherwise be turned away at each burst but one).
+      The interval adapts every check: longer by half when frames aged out waiting for a slot
+      (`too_old`: decoding more than is served, or starving the model of CPU), shorter by a fifth
+      when none did. It starts at `start_per_core` keyframes per second per core over all cameras.
     """
 
     MAX_INTERVAL = 30.0
+    ACTIVE_S = 5.0  # a camera whose keyframes stopped asking this long no longer holds a round back
+    BURST_S = 2.0  # seconds of the rate that may be decoded back to back (a keyframe period or two)
 
     def __init__(self, start_per_core: float = 4.0) -> None:
         self.start_per_core = start_per_core
         self.interval = 0.0
-        self._last: dict[str, float] = {}
+        self._granted: dict[str, int] = {}  # keyframes each camera decoded in this shedding period
+        self._asked: dict[str, float] = {}  # when each camera last asked
+        self._aged_base: dict[str, int] = {}  # each camera's too_old count when it first asked
+        self._lost: dict[str, int] = {}  # frames it aged out since (at its last ask)
+        self._tokens = 1.0
+        self._at: float | None = None  # when the tokens were last counted
         self._too_old: int | None = None
+        self._lock = threading.Lock()  # decoder threads ask, the event loop adapts
 
     def start(self, cameras: int, cores: int, too_old: int) -> None:
-        self.interval = min(self.MAX_INTERVAL, cameras / (self.start_per_core * max(1, cores)))
-        self._last.clear()
-        self._too_old = too_old
+        with self._lock:
+            self.interval = min(self.MAX_INTERVAL, cameras / (self.start_per_core * max(1, cores)))
+            self._granted.clear()
+            self._asked.clear()
+            self._aged_base.clear()
+            self._lost.clear()
+            self._tokens, self._at = max(1.0, cameras / max(self.interval, 1e-3) * self.BURST_S), None
+            self._too_old = too_old
 
     def update(self, too_old: int) -> None:
         """From the shedding cameras' `too_old` drops (summed) since the last check."""
-        aged = self._too_old is not None and too_old > self._too_old
-        self._too_old = too_old
-        if aged:
-            self.interval = min(self.MAX_INTERVAL, max(self.interval, 0.25) * 1.5)
-        else:
-            self.interval *= 0.8
+        with self._lock:
+            aged = self._too_old is not None and too_old > self._too_old
+            self._too_old = too_old
+            if aged:
+                self.interval = min(self.MAX_INTERVAL, max(self.interval, 0.25) * 1.5)
+            else:
+                self.interval *= 0.8
 
-    def may_decode(self, camera: str, now: float) -> bool:
-        last = self._last.get(camera)
-        if last is not None and now - last < self.interval:
-            return False
-        self._last[camera] = now
-        return True
+    def turns(self, now: float) -> str:
+        """For the log: how many keyframes the active cameras decoded in this period (fewest-most)."""
+        with self._lock:
+            counts = [self._turns(c) for c, t in self._asked.items() if now - t <= self.ACTIVE_S]
+        return f"{min(counts)}-{max(counts)} keyframes each of {len(counts)} active" if counts else "none active"
+
+    def may_decode(self, camera: str, now: float, aged: int = 0) -> bool:
+        """Whether `camera` may decode the keyframe that just came; `aged` is its `too_old` count
+        (a frame that aged out waiting for a slot was not served: its turn is given back)."""
+        with self._lock:
+            base = self._aged_base.get(camera)
+            if base is None or aged < base:  # first ask in this period, or a new stream of that name
+                base = self._aged_base[camera] = aged
+            self._lost[camera] = aged - base
+            active = {c: self._turns(c) for c, t in self._asked.items() if now - t <= self.ACTIVE_S and c != camera}
+            last = self._asked.get(camera)
+            self._asked[camera] = now
+            mine = self._turns(camera)
+            if active and (last is None or now - last > self.ACTIVE_S):
+                # joins (or comes back) one turn behind the least served: its turn comes next
+                mine = max(mine, min(active.values()) - 1)
+                self._granted[camera] = mine + self._lost[camera]
+            if active and mine > min(active.values()):
+                return False  # had its turn this round
+            rate = (len(active) + 1) / max(self.interval, 1e-3)
+            if self._at is not None:
+                self._tokens = min(max(1.0, rate * self.BURST_S), self._tokens + (now - self._at) * rate)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            self._granted[camera] = self._granted.get(camera, 0) + 1
+            return True
+
+    def _turns(self, camera: str) -> int:
+        """Keyframes `camera` decoded in this period and did not lose to age."""
+        return self._granted.get(camera, 0) - self._lost.get(camera, 0)
 
 
 class OverloadMonitor:

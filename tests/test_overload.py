@@ -14,6 +14,8 @@ from .conftest import MODEL, Framegrid, Mosquitto, RtspServer, Subscriber
 from .test_stream_fuzz import rss_mb
 
 RUN_S = 40.0
+MAX_RUN_S = 100.0
+MIN_TURNS = 10
 
 
 def stream(fps_in: float, decode_ms: float, too_old: int = 0, state: str = "streaming") -> dict[str, Any]:
@@ -89,14 +91,12 @@ def test_shedding_starts_on_decode_overload_and_backs_off_on_relapse() -> None:
     assert Verdict("overloaded", ("inference-bound",), "y").shedding(2).reasons == ("decode-bound", "inference-bound")
 
 
-def test_decode_pacing_gives_each_camera_a_keyframe_per_interval_and_adapts_to_aged_frames() -> None:
+def test_decode_pacing_takes_turns_at_a_shared_rate_that_adapts_to_aged_frames() -> None:
     from pipeline.overload import DecodePacer
 
     p = DecodePacer(start_per_core=4.0)
     p.start(cameras=32, cores=2, too_old=100)
     assert p.interval == 4.0  # 32 cameras at 8 keyframes/s in all
-    assert p.may_decode("a", 10.0) and p.may_decode("b", 10.0)  # each camera its own turn
-    assert not p.may_decode("a", 13.9) and p.may_decode("a", 14.0)
     p.update(too_old=100)  # nothing aged out: room for more
     assert p.interval == 3.2
     p.update(too_old=130)  # frames aged out waiting for a slot: decode less
@@ -104,16 +104,58 @@ def test_decode_pacing_gives_each_camera_a_keyframe_per_interval_and_adapts_to_a
     for i in range(20):
         p.update(too_old=131 + i)
     assert p.interval == DecodePacer.MAX_INTERVAL  # bounded
-    p.start(cameras=32, cores=2, too_old=0)  # a new shedding period starts afresh
-    assert p.interval == 4.0 and p.may_decode("a", 0.0)
+
+    # turns: a camera that had its keyframe waits until every other active camera had one
+    p.start(cameras=3, cores=2, too_old=0)
+    p.interval = 0.01  # plenty of rate: only the turns hold anyone back
+    assert p.may_decode("a", 0.0) and p.may_decode("b", 0.1) and p.may_decode("c", 0.2)  # round 1
+    assert p.may_decode("a", 0.3)  # round 2
+    assert not p.may_decode("a", 0.4)  # b and c have not had their second turn
+    assert p.may_decode("b", 0.5) and not p.may_decode("a", 0.6)  # c has not
+    assert p.may_decode("c", 0.7) and p.may_decode("a", 0.8)  # round 3
+    assert p.may_decode("b", 0.9) and not p.may_decode("a", 1.0)  # c's third turn pending ...
+    # ... and c stalls: it holds the round back only for ACTIVE_S after it last asked
+    assert not p.may_decode("a", 0.7 + DecodePacer.ACTIVE_S - 0.1)
+    assert p.may_decode("a", 0.7 + DecodePacer.ACTIVE_S + 0.1)
+    # a turn whose frame aged out waiting for a slot is given back: b's count of too_old frames
+    # grew by one since its first ask, so it goes again in the round it lost
+    p2 = DecodePacer()
+    p2.start(cameras=2, cores=2, too_old=0)
+    p2.interval = 0.01
+    assert p2.may_decode("a", 0.0, aged=5) and p2.may_decode("b", 0.1, aged=3)
+    assert p2.may_decode("a", 0.2, aged=5) and not p2.may_decode("a", 0.3, aged=5)
+    assert p2.may_decode("b", 0.4, aged=4) and p2.may_decode("b", 0.5, aged=4)  # its own and the lost one
+    assert p2.may_decode("a", 0.6, aged=5) and not p2.may_decode("a", 0.7, aged=5)  # level: round 3
+    # when b and c come back after a long silence they start one turn behind a, not with the
+    # rounds they missed (which would hold a back for as many of their keyframes)
+    assert p.may_decode("a", 20.0) and p.may_decode("b", 20.1) and p.may_decode("c", 20.2)
+    assert p.may_decode("a", 20.3) and not p.may_decode("a", 20.4)
+
+    # the rate: 30 cameras at an interval of 3 s share 10 keyframes per second
+    p.start(cameras=30, cores=2, too_old=0)
+    p.interval = 3.0
+    granted: dict[str, int] = {}
+    for step in range(30 * 100):  # 30 s of each camera asking at each of its keyframes (every 0.3 s)
+        cam, now = f"c{step % 30}", step * 0.01
+        granted[cam] = granted.get(cam, 0) + p.may_decode(cam, now)
+    assert 290 <= sum(granted.values()) <= 320, granted  # ~10/s (plus the first burst)
+    assert max(granted.values()) - min(granted.values()) <= 1, granted  # alike, to one keyframe
+
+    # 32 cameras whose keyframes all come in the same instant each second (one recorder, or started
+    # together): the rate holds across the bursts (a bucket of a keyframe or two gave ~2/s)
+    p.start(cameras=32, cores=2, too_old=0)
+    assert p.interval == 4.0
+    granted = {}
+    for second in range(30):
+        for i in range(32):
+            cam = f"c{i}"
+            granted[cam] = granted.get(cam, 0) + p.may_decode(cam, second + i * 1e-4)
+    assert 230 <= sum(granted.values()) <= 260, granted  # 8/s
+    assert max(granted.values()) - min(granted.values()) <= 1, granted
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason="fairness not met on this 2-core machine: 32 cameras' 1080p keyframes "
-                   "(40-90 ms of CPU each) and the co-located RTSP server (0.5 core) leave the model ~3 frames/s, "
-                   "1-3 results per camera in 30 s; inference and tracking 3x and 20x their cost with one "
-                   "camera. The verdict, drop, memory and log checks run first and must pass (issue 15 note)")
 def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
     tmp_path: Path, media_dir: Path, mosquitto: Mosquitto, topic_prefix: str, framegrid_env: dict[str, str]
 ) -> None:
@@ -130,7 +172,10 @@ def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
     rtsp = RtspServer({c: clip for c in cams})
     rtsp.start()
     lines = ["[mqtt]", f'url = "{mosquitto.url}"', f'topic_prefix = "{topic_prefix}"', "stats_interval = 2",
-             "[api]", "enabled = false", "[pipeline]", "status_interval = 0",
+             # shed_hold: steady overload is judged here; full decoding tried again after the default 60 s
+             # would fall inside the longer window of a slower CPU (the hold's logic is tested above)
+             "[api]", "enabled = false", "[pipeline]", "status_interval = 0", "shed_hold = 600",
+             "[log]", 'level = "debug"',
              "[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320"]
     for c in cams:
         lines += [f"[streams.{c}]", f'url = "{rtsp.url(c)}"', 'model = "shapes"']
@@ -143,10 +188,21 @@ def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
                                  for m in sub.of("/stats")), 180, "every camera streaming")
         t0 = time.time()
         rss: list[tuple[float, float]] = []
-        while time.time() - t0 < RUN_S:
+
+        def served_since(start: float) -> dict[str, int]:
+            """Frames processed per camera between the first stats after `start` and the last."""
+            stats = [m.json()["streams"] for m in sub.of("/stats") if m.at > start]
+            return {c: stats[-1][c]["processed"] - stats[0][c]["processed"] for c in cams} if stats else {}
+
+        # fairness is judged over enough turns that the frame each camera may have in flight at either
+        # end of the window (+-1) does not decide it: RUN_S, longer on a CPU that serves fewer than
+        # MIN_TURNS frames per camera in that time (at most MAX_RUN_S)
+        while (elapsed := time.time() - t0) < RUN_S or (
+                elapsed < MAX_RUN_S and min(served_since(t0 + 10).values(), default=0) < MIN_TURNS):
             assert fg.proc.poll() is None, fg.output()[-5000:]
-            rss.append((time.time() - t0, rss_mb(fg.proc.pid)))
+            rss.append((elapsed, rss_mb(fg.proc.pid)))
             time.sleep(2.0)
+        run_s = time.time() - t0
         stats = [m.json() for m in sub.of("/stats") if m.at > t0 + 10]
         loads = [s["load"] for s in stats]
         print(f"load: {loads[-1]}")
@@ -159,17 +215,17 @@ def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
         dropped = sum(last[c]["drops"]["stale"] + last[c]["drops"]["too_old"] for c in cams)
         assert dropped > 0, last
         served = {c: last[c]["processed"] - first[c]["processed"] for c in cams}
-        print(f"processed per camera: min {min(served.values())}, max {max(served.values())}, "
-              f"dropped {dropped}")
-        early = max(v for t, v in rss if t < RUN_S / 2)
-        late = max(v for t, v in rss if t >= RUN_S / 2)
+        print(f"processed per camera over {run_s - 10:.0f} s: min {min(served.values())}, "
+              f"max {max(served.values())}, dropped {dropped}")
+        early = max(v for t, v in rss if t < run_s / 2)
+        late = max(v for t, v in rss if t >= run_s / 2)
         print(f"RSS MB: first half max {early:.0f}, second half max {late:.0f}")
         assert late <= early * 1.15, rss
         log = fg.output()
         assert "overloaded (decode-bound" in log  # said in the log, with the reason
         assert "32 live stream(s) decode keyframes only" in log and "keyframes only" in loads[-1]["detail"]
         assert fg.stop() == 0, fg.output()[-5000:]
-        # every camera served alike: frames processed per camera over the window (the known miss)
+        # every camera served alike: frames processed per camera over the window
         assert min(served.values()) >= 0.8 * max(served.values()) and min(served.values()) > 0, served
     finally:
         sub.close()
