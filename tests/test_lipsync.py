@@ -184,24 +184,34 @@ def pool_whose_slot0_fails(tiny: Path) -> tuple[LipSyncPool, list[int]]:  # noqa
     return pool, made
 
 
-def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
-                                                     tmp_path: Path) -> None:
-    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
-    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
-    pool, made = pool_whose_slot0_fails(tiny)
+def talk_through_a_faulty_slot0(pool: LipSyncPool, frontend: MuseTalk, faces: Any
+                                ) -> tuple[FrameSink, TalkSession, dict[str, Any], float]:
+    """A 2 s spurt of talk placed on `pool`'s slot 0, run to its end, then the pool's snapshot once
+    slot 0 is healthy again (or 30 s passed); the pool is shut down. -> (sink, session, snapshot,
+    seconds the session took)."""
     try:
         assert pool.place("talk") == "lipsync.0"
         backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4, timeout=10.0)
         sink = FrameSink()
         session = TalkSession("talk", backend, [tone_on_off([(2.0, True)])], sink, realtime=False)
+        t0 = time.monotonic()
         session.start()
         assert session.wait(120) and session.state == "ended", session.error
+        took = time.monotonic() - t0
         deadline = time.monotonic() + 30
         while pool.snapshot()["slots"]["lipsync.0"]["state"] != "healthy" and time.monotonic() < deadline:
             time.sleep(0.1)
-        snap = pool.snapshot()
+        return sink, session, pool.snapshot(), took
     finally:
         pool.shutdown()
+
+
+def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    avatar = prepare_avatar(face_image, cache_dir=tmp_path)
+    faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
+    pool, made = pool_whose_slot0_fails(tiny)
+    sink, session, snap, _ = talk_through_a_faulty_slot0(pool, frontend, faces)
     assert len(sink.frames) == 50  # the session never stopped: every 40 ms of audio has its frame
     assert session.stats.errors == 4  # the one failed block showed its last frame
     assert session.stats.inferred == 46
@@ -225,21 +235,7 @@ def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseT
 
     lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0, hang_timeout=1.0)
     pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue).start_in_thread()
-    try:
-        assert pool.place("talk") == "lipsync.0"
-        backend = MuseTalkLive(frontend, faces, lambda jobs: pool.submit("talk", jobs), block=4, timeout=10.0)
-        sink = FrameSink()
-        session = TalkSession("talk", backend, [tone_on_off([(2.0, True)])], sink, realtime=False)
-        t0 = time.monotonic()
-        session.start()
-        assert session.wait(120) and session.state == "ended", session.error
-        took = time.monotonic() - t0
-        deadline = time.monotonic() + 30
-        while pool.snapshot()["slots"]["lipsync.0"]["state"] != "healthy" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        snap = pool.snapshot()
-    finally:
-        pool.shutdown()
+    sink, session, snap, took = talk_through_a_faulty_slot0(pool, frontend, faces)
     assert len(sink.frames) == 50 and session.stats.errors == 4  # the hung block showed the last frame
     # the session did not wait for the hung call (the watchdog fires after max(1 s, 10x the measured
     # batch time): a few seconds on a loaded 2-core machine, well before the call would return)

@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import StreamConfig, parse_config
+from pipeline import Config, StreamConfig, parse_config
 
 from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 from .test_e2e import detections
 
 
-@pytest.mark.slow
-async def test_add_and_remove_streams_at_runtime(
-    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
-) -> None:
-    config = parse_config(
+def stream_a_config(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str) -> Config:
+    """One stream `a` (cam1 at 5 fps) on the shapes model, stats every second."""
+    return parse_config(
         {
             "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
             "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
@@ -29,6 +27,13 @@ async def test_add_and_remove_streams_at_runtime(
         },
         tmp_path,
     )
+
+
+@pytest.mark.slow
+async def test_add_and_remove_streams_at_runtime(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    config = stream_a_config(tmp_path, videos, mosquitto, topic_prefix)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline, shutdown = await start_pipeline(config)
 
@@ -90,15 +95,7 @@ async def test_add_and_remove_models_at_runtime(
     from detectors import DetectorError
     from pipeline import ModelConfig
 
-    config = parse_config(
-        {
-            "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix, "stats_interval": 1},
-            "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
-            "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5}},
-            "pipeline": {"status_interval": 0},
-        },
-        tmp_path,
-    )
+    config = stream_a_config(tmp_path, videos, mosquitto, topic_prefix)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline, shutdown = await start_pipeline(config)
     try:
