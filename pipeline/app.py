@@ -33,7 +33,7 @@ from .events import EventEngine
 from .eventstore import EventStore
 from .handoff import Handoff
 from .ingest import Ingest, StreamRecord
-from .memory import fix_mmap_threshold
+from .memory import fix_mmap_threshold, limit_arenas
 from .overload import DecodeShedder
 from .placement import Move
 from .planning import Plan, plan_models
@@ -111,6 +111,7 @@ class Pipeline:
         """Run until `stop` is set."""
         handoff = Handoff(asyncio.get_running_loop())
         fix_mmap_threshold(self.config.pipeline.malloc_mmap_threshold_kb)  # before the first frame is decoded
+        limit_arenas(self.config.pipeline.malloc_arenas)  # before the decoder and slot threads start
         mqtt = self.config.mqtt
         broker = None
         if mqtt.url == "embedded":

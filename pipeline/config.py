@@ -272,6 +272,8 @@ class PipelineConfig(Strict):
     malloc_mmap_threshold_kb: int = Field(0, ge=0, le=65536, description="fixed glibc mmap threshold, so "
                                           "frame and tensor buffers go back to the system when freed (0 = glibc's "
                                           "dynamic threshold)")
+    malloc_arenas: int = Field(2, ge=0, le=1024, description="most glibc malloc arenas, set at start (0 = glibc's "
+                               "default of 8 per core); fewer arenas fragment less as decoder threads come and go")
     shed_decode: bool = Field(True, description="while decode-bound, live streams with skip_frames = auto decode "
                               "keyframes only (tried again after a hold that doubles on each relapse)")
     shed_hold: float = Field(60.0, ge=5, le=3600, description="seconds of keyframes-only decoding before full "

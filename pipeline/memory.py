@@ -1,4 +1,13 @@
-"""Process memory behaviour: an optional fixed glibc mmap threshold.
+"""Process memory behaviour: at most two glibc malloc arenas, and an optional fixed mmap threshold.
+
+glibc gives threads their own malloc arenas, up to 8 per core. framegrid's threads come and go
+(each stream's decoder, slot workers after a restart) and every arena keeps its own fragmented
+heaps: 60 streams added and removed at runtime grew RSS by 98 MB with glibc's default, by 26 MB
+with `MALLOC_ARENA_MAX=2` set before start and by 44 MB with the same limit set by `mallopt` when
+the pipeline starts (`pipeline.malloc_arenas = 2`, the default; threads made before keep theirs).
+It costs no throughput: 16 cameras x 320 through OpenVINO, two runs each, 176 and 184 frames/s
+with glibc's default, 208 and 197 with two arenas (9.3-9.7 vs 8.4-8.8 ms of CPU per frame; RSS
+growth over the window 5.9% vs 2.2-2.7%).
 
 glibc raises its mmap threshold dynamically (up to 32 MB) after large blocks are freed; from then
 on big buffers come from per-thread heaps and are reused. When inference allocated 23 MB float
@@ -21,19 +30,30 @@ import sys
 
 log = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_ARENA_MAX = -8
 
 
-def fix_mmap_threshold(kib: int) -> bool:
-    """Set a fixed glibc mmap threshold (disables the dynamic one); False where not glibc or kib is 0."""
-    if kib <= 0 or not sys.platform.startswith("linux"):
+def _mallopt(param: int, value: int, what: str) -> bool:
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and others: leave the allocator alone
         return False
-    ok = bool(mallopt(M_MMAP_THRESHOLD, kib * 1024))
+    ok = bool(mallopt(param, value))
     if not ok:
-        log.warning("could not set the malloc mmap threshold to %d KiB", kib)
+        log.warning("could not set the malloc %s to %d", what, value)
     return ok
+
+
+def fix_mmap_threshold(kib: int) -> bool:
+    """Set a fixed glibc mmap threshold (disables the dynamic one); False where not glibc or kib is 0."""
+    return kib > 0 and _mallopt(M_MMAP_THRESHOLD, kib * 1024, "mmap threshold (bytes)")
+
+
+def limit_arenas(arenas: int) -> bool:
+    """At most `arenas` glibc malloc arenas for the threads started from now on; False where not
+    glibc or arenas is 0 (glibc's default: 8 per core)."""
+    return arenas > 0 and _mallopt(M_ARENA_MAX, arenas, "arena limit")

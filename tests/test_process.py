@@ -1,5 +1,5 @@
-"""Process-level robustness: the allocator setting made at start (see pipeline.memory for the
-measurement behind it), and a payload that cannot be encoded never stopping the publisher."""
+"""Process-level robustness: the allocator settings made at start (see pipeline.memory for the
+measurements behind them), and a payload that cannot be encoded never stopping the publisher."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline import parse_config
-from pipeline.memory import fix_mmap_threshold
+from pipeline.memory import fix_mmap_threshold, limit_arenas
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -18,6 +18,44 @@ def test_mmap_threshold_is_glibcs_by_default_and_can_be_fixed(tmp_path) -> None:
     assert parse_config({}, tmp_path).pipeline.malloc_mmap_threshold_kb == 0
     assert fix_mmap_threshold(128) is True  # glibc accepted it
     assert fix_mmap_threshold(0) is False  # 0 leaves glibc's dynamic threshold alone
+
+
+ARENAS_PROBE = """
+import ctypes, ctypes.util, sys, tempfile, threading
+from pipeline.memory import limit_arenas
+limit_arenas(int(sys.argv[1]))
+together = threading.Barrier(8)
+def work():
+    together.wait()  # eight threads allocating at once, each wanting an arena of its own
+    kept = [bytearray(1000) for _ in range(20000)]
+    together.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+path = tempfile.mktemp()
+f = libc.fopen(path.encode(), b"w"); libc.malloc_info(0, f); libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_malloc_arenas_are_limited_to_two_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    from pathlib import Path
+
+    assert parse_config({}, tmp_path).pipeline.malloc_arenas == 2
+    assert limit_arenas(0) is False  # 0 leaves glibc's default alone
+
+    def arenas(limit: int) -> int:  # counted by glibc's own malloc_info, in a fresh process
+        out = subprocess.run([sys.executable, "-c", ARENAS_PROBE, str(limit)], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
+        return int(out.stdout.strip())
+
+    assert arenas(0) > 2  # glibc's default: an arena per thread here, up to 8 per core
+    assert arenas(2) == 2
 
 
 def test_unencodable_payload_is_dropped_and_counted_not_raised() -> None:

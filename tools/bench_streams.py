@@ -145,7 +145,8 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
         "pipeline": {"status_interval": 0, "max_frame_age": MAX_FRAME_AGE,
                      **({} if args.malloc_mmap_threshold_kb is None
-                        else {"malloc_mmap_threshold_kb": args.malloc_mmap_threshold_kb})},
+                        else {"malloc_mmap_threshold_kb": args.malloc_mmap_threshold_kb}),
+                     **({} if args.malloc_arenas is None else {"malloc_arenas": args.malloc_arenas})},
         "devices": {} if args.cpu_slots is None else {"cpu_slots": args.cpu_slots},
     }, ROOT)
     rec = Recorder(args.warmup, args.seconds)
@@ -429,6 +430,7 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
            *(["--cpu-batch-ms", str(args.cpu_batch_ms)] if args.cpu_batch_ms else []),
            *(["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
              if args.malloc_mmap_threshold_kb is not None else []),
+           *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
            "--urls", *urls]
     if mqtt:
         cmd += ["--mqtt", mqtt]
@@ -551,6 +553,8 @@ def main() -> int:
     ap.add_argument("--cpu-batch-ms", type=float, help="framegrid's models.cpu_batch_ms (default: the config's)")
     ap.add_argument("--malloc-mmap-threshold-kb", type=int, help="framegrid's pipeline.malloc_mmap_threshold_kb "
                     "(default: the config default; 0 = glibc's dynamic threshold)")
+    ap.add_argument("--malloc-arenas", type=int, help="framegrid's pipeline.malloc_arenas (default: the config "
+                    "default; 0 = glibc's)")
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
