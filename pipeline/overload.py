@@ -128,7 +128,7 @@ class DecodePacer:
             self._asked.clear()
             self._aged_base.clear()
             self._lost.clear()
-            self._tokens, self._at = max(1.0, cameras / max(self.interval, 1e-3) * self.BURST_S), None
+            self._tokens, self._at = self._bucket(cameras), None
             self._too_old = too_old
 
     def update(self, too_old: int) -> None:
@@ -165,15 +165,19 @@ class DecodePacer:
                 self._granted[camera] = mine + self._lost[camera]
             if active and mine > min(active.values()):
                 return False  # had its turn this round
-            rate = (len(active) + 1) / max(self.interval, 1e-3)
             if self._at is not None:
-                self._tokens = min(max(1.0, rate * self.BURST_S), self._tokens + (now - self._at) * rate)
+                rate = (len(active) + 1) / max(self.interval, 1e-3)
+                self._tokens = min(self._bucket(len(active) + 1), self._tokens + (now - self._at) * rate)
             self._at = now
             if self._tokens < 1.0:
                 return False
             self._tokens -= 1.0
             self._granted[camera] = self._granted.get(camera, 0) + 1
             return True
+
+    def _bucket(self, cameras: int) -> float:
+        """The most tokens held: `BURST_S` seconds of `cameras` keyframes per interval (at least one)."""
+        return max(1.0, cameras / max(self.interval, 1e-3) * self.BURST_S)
 
     def _turns(self, camera: str) -> int:
         """Keyframes `camera` decoded in this period and did not lose to age."""
