@@ -8,7 +8,7 @@ from .base import (
     ModelLoadError,
     WeightsNotFoundError,
 )
-from .offline import default_state_dir, prepare_ultralytics_offline
+from .offline import prepare_ultralytics_offline
 from .yolo import WEIGHTS_HELP, YoloDetector, missing_weights_message
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "ModelLoadError",
     "WeightsNotFoundError",
     "YoloDetector",
-    "default_state_dir",
     "missing_weights_message",
     "prepare_ultralytics_offline",
 ]

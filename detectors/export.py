@@ -20,8 +20,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from streams import default_state_dir
+
 from .base import ModelLoadError
-from .offline import default_state_dir
 
 OPSET = 17
 FORMATS = {"onnx": ".onnx", "openvino": "_openvino_model"}  # file / folder suffix

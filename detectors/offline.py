@@ -12,14 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-
-def default_state_dir() -> Path:
-    """Where framegrid keeps caches (ultralytics settings, exports): $FRAMEGRID_STATE_DIR or XDG."""
-    env = os.environ.get("FRAMEGRID_STATE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "framegrid"
+from streams.paths import default_state_dir
 
 
 def prepare_ultralytics_offline(config_dir: Path | None = None, for_training: bool = False) -> Path:

@@ -1,16 +1,18 @@
 """framegrid's core: config, planning, ingest, the slot machinery, results, telemetry, the composer and the CLI."""
 
+from pipeline.core.detect import DetectJobs, StreamFeed, default_detector_factory
+from pipeline.core.ingest import StreamRecord
+from pipeline.core.planning import Plan, plan_models
+from pipeline.core.results import Result, Results, ResultSink
+from pipeline.core.slots import Batcher, Slot, SlotPool
+from pipeline.core.stats import StreamStats
+from pipeline.mqtt.broker import EmbeddedBroker
+from pipeline.mqtt.publisher import Publisher
+from pipeline.topics import PAYLOAD_VERSION, Topics
+
 from .app import Pipeline
-from .broker import EmbeddedBroker
-from .config import Config, ConfigError, ModelConfig, MqttConfig, StreamConfig, load_config, parse_config
-from .detect import DetectJobs, StreamFeed, default_detector_factory
+from .config import Config, ConfigError, ModelConfig, MqttConfig, PoolSettings, StreamConfig, load_config, parse_config
 from .errors import FramegridError, PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory
-from .ingest import StreamRecord
-from .planning import Plan, plan_models
-from .publisher import Publisher
-from .results import PAYLOAD_VERSION, Result, Results, ResultSink
-from .slots import Batcher, PoolSettings, Slot, SlotPool
-from .stats import StreamStats
 
 __all__ = [
     "PAYLOAD_VERSION",
@@ -40,6 +42,7 @@ __all__ = [
     "StreamFeed",
     "StreamRecord",
     "StreamStats",
+    "Topics",
     "default_detector_factory",
     "load_config",
     "parse_config",

@@ -22,29 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from detectors import DetectorError
+from pipeline.analytics.events import EventEngine
+from pipeline.analytics.eventstore import EventStore
+from pipeline.analytics.snapshots import Snapshots
+from pipeline.analytics.tracking import StreamTracker
+from pipeline.core.detect import DetectorFactory, StreamFeed, default_detector_factory, detect_pool
+from pipeline.core.devices import DeviceInfo, cap_cpu_cores, decode_threads, discover
+from pipeline.core.handoff import Handoff
+from pipeline.core.ingest import Ingest, StreamRecord
+from pipeline.core.memory import fix_mmap_threshold, limit_arenas
+from pipeline.core.overload import DecodeShedder
+from pipeline.core.placement import Move
+from pipeline.core.planning import Plan, plan_models
+from pipeline.core.registry import Registry
+from pipeline.core.results import MqttResults, Results, ResultSink
+from pipeline.core.slots import SlotPool
+from pipeline.mqtt.broker import EmbeddedBroker
+from pipeline.mqtt.publisher import Publisher
+from pipeline.mqtt.telemetry import Telemetry
+from pipeline.talk.sessions import TalkSessions
 from streams import SYSTEM_CLOCK, Clock, StreamState, redact_text, url_password
 
-from .broker import EmbeddedBroker
 from .config import Config, ModelConfig, StreamConfig, TalkConfig
-from .detect import DetectorFactory, StreamFeed, default_detector_factory, detect_pool
-from .devices import DeviceInfo, cap_cpu_cores, decode_threads, discover
 from .errors import PlacementError, PoolError
-from .events import EventEngine
-from .eventstore import EventStore
-from .handoff import Handoff
-from .ingest import Ingest, StreamRecord
-from .memory import fix_mmap_threshold, limit_arenas
-from .overload import DecodeShedder
-from .placement import Move
-from .planning import Plan, plan_models
-from .publisher import Publisher
-from .registry import Registry
-from .results import MqttResults, Results, ResultSink
-from .slots import SlotPool
-from .snapshots import Snapshots
-from .talk import TalkSessions
-from .telemetry import Telemetry
-from .tracking import StreamTracker
 
 log = logging.getLogger(__name__)
 LOAD_CHECK_S = 5.0  # seconds between load verdicts (and decode shedding decisions)
@@ -182,7 +182,7 @@ class Pipeline:
             return cfg.store.parent
         if self.config_path is not None:
             return self.config_path.resolve().with_name(self.config_path.stem + ".events")
-        from detectors.offline import default_state_dir
+        from streams import default_state_dir
 
         return default_state_dir() / "events"
 
@@ -287,7 +287,7 @@ class Pipeline:
         if pool is None:
             return  # its model failed to load; its state says so
         tracking = record.cfg.tracker or self.registry.models[record.model].tracker
-        record.tracker = StreamTracker(tracking.settings()) if tracking.type != "none" else None
+        record.tracker = StreamTracker(tracking) if tracking.type != "none" else None
         if self.events is not None and record.tracker is not None:
             self.events.add_stream(record.name, record.cfg)
         try:

@@ -17,28 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streams import RedactingFilter, SourceSettings, StreamError, probe, redact_text
+from pipeline.core.handoff import wait_event
+from streams import SourceSettings, StreamError, probe, redact_text
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
-from .handoff import wait_event
+from .logs import setup_logging
 
 log = logging.getLogger("framegrid")
-
-
-def setup_logging(level: str = "info", secrets: tuple[str, ...] = ()) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(RedactingFilter(secrets))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    for noisy in ("ultralytics", "amqtt", "transitions", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # aiomqtt's own logger warns "There are N pending publish calls" for every message of a burst
-    # (a reconnect flushing the buffer): framegrid reports the connection itself, once
-    logging.getLogger("mqtt").setLevel(logging.ERROR)
 
 
 def _status_table(stats: dict[str, Any]) -> str:
@@ -125,14 +110,14 @@ async def _jobs(api: Any, ready: asyncio.Event) -> None:
 
 async def _run_head(config: Config, config_path: Path | None, stop: asyncio.Event) -> int:
     try:
-        from .cluster.head import ClusterHead
+        from pipeline.cluster.head import ClusterHead
     except ImportError as exc:
         log.error("cluster.backend = \"ray\" needs Ray: pip install 'framegrid[cluster]' (%s)", exc)
         return 2
     head = ClusterHead(config, config_path)
     api = None
     if config.api.enabled:
-        from .cluster.api import ClusterApiServer
+        from pipeline.cluster.api import ClusterApiServer
 
         api = ClusterApiServer(head, config_path)
         if not await _start_api(api):
@@ -194,8 +179,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from .devices import GB, decode_threads, discover, plan_slots
-    from .planning import plan_models
+    from pipeline.core.devices import GB, decode_threads, discover, plan_slots
+    from pipeline.core.planning import plan_models
 
     config = Config()
     if args.config is not None:
@@ -233,7 +218,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     lcfg = config.lipsync
     if any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
         print("plan (lipsync slots, MuseTalk):")
-        from .lipsync import plan_lipsync
+        from pipeline.talk.lipsync import plan_lipsync
 
         for p in plan_lipsync(devices, lcfg.slot_memory_gb, cfg.usable_fraction, lcfg.slots):
             print(f"  {p.reason}")
@@ -338,11 +323,10 @@ def cmd_talk(args: argparse.Namespace) -> int:
 
 def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
     """Offline MuseTalk: audio prompts and avatar latents here; UNet + VAE segments dealt to the lipsync slots."""
+    from pipeline.talk.lipsync import LipSyncError, musetalk_pool
     from talkinghead import AudioError, load_audio
     from talkinghead.musetalk import MuseTalk, MuseTalkError
     from talkinghead.offline import render
-
-    from .lipsync import LipSyncError, musetalk_pool
 
     if args.weights is None:
         print("talk: --backend musetalk needs --weights DIR (the MuseTalk models folder)", file=sys.stderr)
@@ -400,8 +384,9 @@ def cmd_events(args: argparse.Namespace) -> int:
     """List stored events, newest first."""
     import datetime as dt
 
+    from pipeline.analytics.eventstore import query
+
     from .app import Pipeline
-    from .eventstore import query
 
     try:
         config = load_config(args.config, check_files=False)

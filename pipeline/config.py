@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -21,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from streams import SourceSettings, is_local_file, redact_text, url_password
 
 from .errors import FramegridError
-from .slots import PoolSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -128,6 +128,23 @@ class MqttConfig(Strict):
         return urlsplit(self.url).scheme in ("mqtts", "ssl")
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """How a pool batches, watches and restarts its slots: resolved from the models below (their defaults)."""
+
+    batch_size: int
+    batch_timeout: float  # seconds a partial batch may wait, and only when waiting pays
+    hang_timeout: float  # floor of the watchdog; it grows with the measured batch time
+    restart_budget: int  # restarts allowed within restart_window; one more fault: failed
+    restart_window: float
+    restart_backoff_cap: float
+    admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
+    rebalance_band: float
+    cpu_batch_ms: float | None = None  # CPU slots: cut batches to what runs in this long (None: no cut)
+    restart_stable_s: float = 10.0  # SlotPoolConfig.restart_stable_s
+
+
+
 class SlotPoolConfig(Strict):
     """The restart rule every executor-slot pool follows (detection models and lipsync alike)."""
 
@@ -135,12 +152,15 @@ class SlotPoolConfig(Strict):
     restart_window: float = Field(300.0, gt=0, le=86400, description="seconds")
     restart_backoff_cap: float = Field(30.0, gt=0, le=3600, description="most seconds between restart attempts "
                                        "(full-jitter backoff)")
+    restart_stable_s: float = Field(10.0, gt=0, le=3600, description="a slot up this long since its last "
+                                    "(re)start that faults is a new incident: its restart waits the shortest "
+                                    "backoff again (a slot that faults sooner escalates; the budget counts both)")
 
     def _pool_settings(self, batch_size: int, batch_timeout_ms: float, hang_timeout: float,
                        pipeline: PipelineConfig, cpu_batch_ms: float | None = None) -> PoolSettings:
         return PoolSettings(batch_size, batch_timeout_ms / 1000, hang_timeout, self.restart_budget,
                             self.restart_window, self.restart_backoff_cap, pipeline.admission_control,
-                            pipeline.rebalance_band, cpu_batch_ms)
+                            pipeline.rebalance_band, cpu_batch_ms, self.restart_stable_s)
 
 
 class TrackerConfig(Strict):
@@ -162,18 +182,13 @@ class TrackerConfig(Strict):
     duplicate_iou: float = Field(0.7, gt=0, le=1, description="an unmatched detection overlapping a matched one "
                                  "at least this much (IoU) starts no track: the detector's second class for one "
                                  "object; 1 = off")
+    fuse_score: bool = Field(True, description="fuse detection scores into the association cost "
+                             "(ultralytics' default)")
     partial_ratio: float = Field(0.8, ge=0, lt=1, description="a detected box this much narrower (or lower) than "
                                  "its track's usual size is a cut view (an object sliding behind something or off "
                                  "the frame): the track keeps its size and speed instead of learning the cut box; "
                                  "0 = off")
 
-    def settings(self) -> Any:
-        from .tracking import TrackerSettings
-
-        return TrackerSettings(self.type, self.high_thresh, self.low_thresh, self.new_track_thresh,
-                               self.match_thresh, self.buffer_s, min_hits=self.min_hits,
-                               class_penalty=self.class_penalty, duplicate_iou=self.duplicate_iou,
-                               partial_ratio=self.partial_ratio)
 
 
 Coordinates = list[Annotated[list[float], Field(min_length=2, max_length=2)]]

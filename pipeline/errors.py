@@ -8,6 +8,14 @@
         SlotHang             ... ran far past its expected time (watchdog)
         SlotOutOfMemory      ... ran out of device memory (by type, where the backend gives one)
       PoolError              no slot of a pool could start, or the pool is closed
+      RequestError           a refused change or request (the control plane maps each kind to its answer)
+        NotFound             ... names something that does not exist
+        Conflict             ... clashes with what exists (a duplicate name)
+        Invalid              ... is malformed; `errors` lists (key path, message) pairs
+        TooLarge             ... carries more than the configured bound
+        Unavailable          ... cannot be served now (a broken overlay file, a full disk)
+
+Errors carry no protocol codes: `pipeline.api` maps each kind to its HTTP status.
 """
 
 from __future__ import annotations
@@ -56,3 +64,31 @@ def slot_error(slot: str, exc: BaseException) -> SlotError:
     """Map a backend's exception to ours (the caller raises it `from exc`)."""
     kind = SlotOutOfMemory if is_out_of_memory(exc) else SlotError
     return kind(f"slot {slot}: {exc}")
+
+
+class RequestError(FramegridError):
+    """A refused change or request; `errors` lists (key path, message) pairs where keys were at fault."""
+
+    def __init__(self, message: str, errors: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class NotFound(RequestError):
+    """The request names a stream, model, session, job or file that does not exist."""
+
+
+class Conflict(RequestError):
+    """The request clashes with what exists (a duplicate name)."""
+
+
+class Invalid(RequestError):
+    """The request is malformed: a bad key, value, file or combination."""
+
+
+class TooLarge(RequestError):
+    """The request carries more than a configured bound (an upload over `api.max_upload_mb`)."""
+
+
+class Unavailable(RequestError):
+    """The request cannot be served now (the overlay file is broken or cannot be written)."""

@@ -1,10 +1,11 @@
 """Media I/O with PyAV: live sources with reconnect, one-frame mailboxes, probing, test scenes."""
 
 from .backoff import Backoff
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
 from .frame import Frame
-from .clock import SYSTEM_CLOCK, Clock
 from .mailbox import Mailbox
+from .paths import default_state_dir
 from .redact import RedactingFilter, redact_text, redact_url, url_password
 from .source import (
     CONNECTING,
@@ -44,6 +45,7 @@ __all__ = [
     "StreamError",
     "StreamStalled",
     "StreamState",
+    "default_state_dir",
     "is_local_file",
     "probe",
     "redact_text",

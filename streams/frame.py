@@ -24,7 +24,7 @@ class VideoPicture:
     slot's worker, and the other core is decoding. `convert_ms` says what it cost.
     """
 
-    __slots__ = ("_frame", "_bgr", "_lock", "width", "height", "convert_ms")
+    __slots__ = ("_bgr", "_frame", "_lock", "convert_ms", "height", "width")
 
     def __init__(self, frame: Any) -> None:
         self._frame = frame

@@ -286,7 +286,7 @@ class MicIn:
                 try:
                     # chunks of any length are cut into 40 ms frame chunks by the session's audio queue
                     self.push.push_pcm16(pcm)
-                except Exception as exc:  # noqa: BLE001 - one bad chunk: counted by PushAudio, go on
+                except Exception as exc:
                     log.debug("session %s: microphone chunk refused: %s", self.name, exc)
 
     async def close(self) -> None:

@@ -3,7 +3,7 @@
 Avatar preparation (dlib landmarks, MuseTalk's crop rule, cached), audio inputs (file, FFmpeg
 URL, pushed PCM), sessions with one 40 ms audio chunk per video frame, and two backends: the
 light `energy` one (loudness-driven mouth, no weights) and MuseTalk (v1.5 / v1.0, from a local
-weights folder), whose model work runs on lipsync executor slots (`pipeline.lipsync`) live, or
+weights folder), whose model work runs on lipsync executor slots (`pipeline.talk.lipsync`) live, or
 split into segments across them offline. Sinks are `streams.sinks.AVSink`.
 """
 
@@ -16,9 +16,9 @@ __all__ = [
     "FPS",
     "SAMPLES_PER_FRAME",
     "SAMPLE_RATE",
+    "AudioError",
     "Avatar",
     "AvatarError",
-    "AudioError",
     "EnergyLipSync",
     "PushAudio",
     "TalkSession",

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detectors.offline import default_state_dir
+from streams import default_state_dir
 
 LANDMARKS_PACKAGE = "face_recognition_models"
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"

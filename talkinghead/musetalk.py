@@ -335,7 +335,7 @@ class MuseTalk:
         frames = avatar.frames
         cache = None
         if avatar.key:
-            from detectors.offline import default_state_dir
+            from streams import default_state_dir
 
             parts = [self.version, self.seed, self.expand, blur, self.parsing_mode, self.cheek_width,
                      self.parser is not None, "unclipped", json.dumps(dict(self.vae.config), sort_keys=True, default=str)]

@@ -115,12 +115,15 @@ def test_health_ready_and_auth(served: Served) -> None:
         for path in ("/api/streams", "/api/devices", "/api/stats", "/metrics", "/api/talk/jobs"):
             res = anon.get(path)
             assert res.status_code == 401, path
-            assert res.json() == {"detail": "unauthorized"} and res.headers["www-authenticate"] == "Bearer"
+            assert res.json() == {"detail": "unauthorized"}
+            assert res.headers["www-authenticate"] == "Bearer"
         assert anon.get("/api/streams", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert anon.get("/api/streams", headers={"Cookie": f"framegrid_token={TOKEN}"}).status_code == 200  # the page
-        assert anon.get("/").status_code == 200 and "framegrid" in anon.get("/").text  # the page asks itself
+        assert anon.get("/").status_code == 200
+        assert "framegrid" in anon.get("/").text
         docs = anon.get("/docs")
-        assert docs.status_code == 200 and "/docs-static/swagger-ui-bundle.js" in docs.text
+        assert docs.status_code == 200
+        assert "/docs-static/swagger-ui-bundle.js" in docs.text
         assert anon.get("/docs-static/swagger-ui-bundle.js").status_code == 200  # shipped, no CDN
         schema = anon.get("/openapi.json").json()
         assert {"StreamInfo", "NewStream", "StreamPatch", "DeviceOut", "JobInfo", "Ready"} <= set(
@@ -161,9 +164,13 @@ def test_streams_list_get_and_errors(served: Served) -> None:
     streams = served.call("GET", "/api/streams").json()
     assert [s["name"] for s in streams] == ["cam1", "cam2"]
     cam1 = served.stream("cam1")
-    assert cam1["state"] == "streaming" and cam1["slot"] is not None and cam1["device"] == "cpu"
-    assert "viewer:***@" in cam1["url"] and CAM_PASSWORD not in json.dumps(cam1)
-    assert cam1["published"] > 0 and set(cam1["drops"]) >= {"stale", "too_old", "error"}
+    assert cam1["state"] == "streaming"
+    assert cam1["slot"] is not None
+    assert cam1["device"] == "cpu"
+    assert "viewer:***@" in cam1["url"]
+    assert CAM_PASSWORD not in json.dumps(cam1)
+    assert cam1["published"] > 0
+    assert set(cam1["drops"]) >= {"stale", "too_old", "error"}
     assert served.call("GET", "/api/streams/nope").status_code == 404
 
     def post(body: dict[str, Any]) -> httpx.Response:
@@ -171,21 +178,27 @@ def test_streams_list_get_and_errors(served: Served) -> None:
 
     good = {"name": "cam3", "url": served.rtsp.url("cam2"), "model": "shapes"}
     res = post({**good, "max_fps": -1})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "max_fps"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "max_fps"]
     res = post({**good, "colour": "red"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "colour"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "colour"]
     res = post({**good, "model": "nope"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "model"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "model"]
     assert "unknown model 'nope'" in res.json()["detail"][0]["msg"]
     res = post({**good, "name": "bad name!"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "name"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "name"]
     res = post({**good, "url": "/no/such/file.mp4"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "url"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "url"]
     res = post({**good, "name": "cam1"})
     assert res.status_code == 409
     assert served.call("PATCH", "/api/streams/nope", json={"max_fps": 2}).status_code == 404
     res = served.call("PATCH", "/api/streams/cam1", json={"url": "rtsp://elsewhere/x"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "url"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "url"]
     assert served.call("DELETE", "/api/streams/nope").status_code == 404
     assert served.call("POST", "/api/devices/cuda:7/drain").status_code == 404
 
@@ -195,7 +208,8 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
     res = served.call("POST", "/api/streams", json={"name": "cam3", "url": served.rtsp.url("cam2"),
                                                     "model": "shapes", "max_fps": 4})
     assert res.status_code == 201, res.text
-    assert res.json()["name"] == "cam3" and "viewer:***@" in res.json()["url"]
+    assert res.json()["name"] == "cam3"
+    assert "viewer:***@" in res.json()["url"]
     served.sub.wait_for(lambda: len(detections(served.sub, "cam3")) >= 5, 60, "detections from the added stream")
     overlay = json.loads(served.config.with_name("fg.overlay.json").read_text())
     assert overlay["streams"]["cam3"]["config"]["model"] == "shapes"
@@ -204,7 +218,8 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
     served.sub.wait_for(lambda: served.stream("cam3")["state"] == "streaming", 30, "cam3 streaming")
     streaming = served.stream("cam3")
     res = served.call("PATCH", "/api/streams/cam3", json={"max_fps": 1})
-    assert res.status_code == 200 and res.json()["max_fps"] == 1
+    assert res.status_code == 200
+    assert res.json()["max_fps"] == 1
     # max_fps alone is applied live: the source keeps its connection
     assert (res.json()["since"], res.json()["reconnects"]) == (streaming["since"], streaming["reconnects"])
     n = len(detections(served.sub, "cam3"))
@@ -213,7 +228,8 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
     assert 2 <= added <= 7, f"{added} results in 5 s at max_fps 1"
 
     res = served.call("PATCH", "/api/streams/cam3", json={"enabled": False})
-    assert res.status_code == 200 and res.json()["state"] == "disabled"
+    assert res.status_code == 200
+    assert res.json()["state"] == "disabled"
     n = len(detections(served.sub, "cam3"))
     time.sleep(2)
     assert len(detections(served.sub, "cam3")) <= n + 1  # at most one already in flight
@@ -225,14 +241,16 @@ def test_add_patch_delete_without_disturbing_others(served: Served) -> None:
     assert "cam3" not in json.loads(served.config.with_name("fg.overlay.json").read_text())["streams"]
     after = served.stream("cam1")
     # cam1 ran on: same state since before, results kept coming, no reconnect
-    assert after["since"] == before["since"] and after["reconnects"] == before["reconnects"]
+    assert after["since"] == before["since"]
+    assert after["reconnects"] == before["reconnects"]
     assert after["published"] > before["published"] + 10
 
 
 def test_snapshot_and_mjpeg(served: Served) -> None:
     served.sub.wait_for(lambda: len(detections(served.sub, "cam1")) >= 1, 60, "a result from cam1")
     res = served.call("GET", "/api/streams/cam1/snapshot.jpg")
-    assert res.status_code == 200 and res.headers["content-type"] == "image/jpeg"
+    assert res.status_code == 200
+    assert res.headers["content-type"] == "image/jpeg"
     plain = cv2.imdecode(np.frombuffer(res.content, np.uint8), cv2.IMREAD_COLOR)
     assert plain.shape == (360, 640, 3)
     boxed_res = served.call("GET", "/api/streams/cam1/snapshot.jpg?boxes=1")
@@ -245,7 +263,8 @@ def test_snapshot_and_mjpeg(served: Served) -> None:
     parts = []
     t0 = time.monotonic()
     with served.client.stream("GET", "/api/streams/cam1/mjpeg?fps=30") as res:
-        assert res.status_code == 200 and res.headers["content-type"].startswith("multipart/x-mixed-replace")
+        assert res.status_code == 200
+        assert res.headers["content-type"].startswith("multipart/x-mixed-replace")
         buf = b""
         for chunk in res.iter_bytes():
             buf += chunk
@@ -266,23 +285,30 @@ def test_devices_stats_models_metrics(served: Served) -> None:
                         "detections from both cameras")
     devices = served.call("GET", "/api/devices").json()
     cpu = next(d for d in devices if d["id"] == "cpu")
-    assert cpu["memory_total_bytes"] > 0 and cpu["slots"] and not cpu["drained"]
+    assert cpu["memory_total_bytes"] > 0
+    assert cpu["slots"]
+    assert not cpu["drained"]
     placed = sorted(s for slot in cpu["slots"] for s in slot["streams"])
     assert placed == ["cam1", "cam2"]
     # the only device cannot be drained: its streams would have nowhere to go
     res = served.call("POST", "/api/devices/cpu/drain")
-    assert res.status_code == 409 and "no healthy slot on another device" in res.json()["detail"]
+    assert res.status_code == 409
+    assert "no healthy slot on another device" in res.json()["detail"]
     assert served.call("POST", "/api/devices/cpu/resume").json() == {"device": "cpu", "moved": []}
     with served.client.stream("GET", "/api/live") as res:  # server-sent events, what the page shows
         assert res.headers["content-type"].startswith("text/event-stream")
         line = next(x for x in res.iter_lines() if x.startswith("data: "))
     live = json.loads(line.removeprefix("data: "))
-    assert [s["name"] for s in live["streams"]] == ["cam1", "cam2"] and live["mqtt"]["connected"] is True
+    assert [s["name"] for s in live["streams"]] == ["cam1", "cam2"]
+    assert live["mqtt"]["connected"] is True
     assert any(d["id"] == "cpu" for d in live["devices"])
     stats = served.call("GET", "/api/stats").json()
-    assert set(stats["streams"]) == {"cam1", "cam2"} and stats["mqtt"]["connected"] is True
+    assert set(stats["streams"]) == {"cam1", "cam2"}
+    assert stats["mqtt"]["connected"] is True
     models = served.call("GET", "/api/models").json()
-    assert models[0]["name"] == "shapes" and models[0]["loaded"] and "circle" in models[0]["classes"]
+    assert models[0]["name"] == "shapes"
+    assert models[0]["loaded"]
+    assert "circle" in models[0]["classes"]
 
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -290,7 +316,8 @@ def test_devices_stats_models_metrics(served: Served) -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     published = {s.labels["stream"]: s.value for s in families["framegrid_frames_published"].samples
                  if s.name.endswith("_total")}
-    assert published["cam1"] > 0 and published["cam2"] > 0
+    assert published["cam1"] > 0
+    assert published["cam2"] > 0
     events = {s.labels["type"] for s in families["framegrid_events"].samples if s.labels.get("stream") == "cam1"}
     assert "new" in events  # the cameras' objects were tracked into events
     for name in ("framegrid_latency_seconds", "framegrid_stage_seconds", "framegrid_batch_size",
@@ -308,14 +335,16 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
                                                            "avatar": ("face.png", f, "image/png")})
     assert res.status_code == 201, res.text
     job = res.json()
-    assert job["state"] in ("queued", "running") and job["backend"] == "energy"
+    assert job["state"] in ("queued", "running")
+    assert job["backend"] == "energy"
 
     bad = tmp_path / "not-audio.wav"
     bad.write_bytes(b"RIFF? no, just text" * 100)
     with bad.open("rb") as a:
         res = served.call("POST", "/api/talk/jobs", files={"audio": ("x.wav", a)},
                           data={"avatar_path": str(face_image)})
-    assert res.status_code == 422 and res.json()["detail"].startswith("audio:")
+    assert res.status_code == 422
+    assert res.json()["detail"].startswith("audio:")
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * 3_000_000)  # over max_upload_mb = 2
     with big.open("rb") as a:
@@ -326,9 +355,11 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
     huge.write_bytes(b"\0" * 5_000_000)  # the whole request over 2 x max_upload_mb: refused before parsing
     with huge.open("rb") as a:
         res = served.call("POST", "/api/talk/jobs", files={"audio": ("huge.wav", a)})
-    assert res.status_code == 413 and "request body larger than" in res.json()["detail"]
+    assert res.status_code == 413
+    assert "request body larger than" in res.json()["detail"]
     res = served.call("POST", "/api/talk/jobs", data={"avatar_path": str(face_image)})
-    assert res.status_code == 422 and "audio" in res.json()["detail"]
+    assert res.status_code == 422
+    assert "audio" in res.json()["detail"]
     assert served.call("GET", "/api/talk/jobs/nope").status_code == 404
 
     deadline = time.monotonic() + 90
@@ -338,15 +369,19 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
             break
         time.sleep(0.5)
     assert job["state"] == "done", job
-    assert job["progress"] == 1.0 and job["frames"] == job["total_frames"] == 50
+    assert job["progress"] == 1.0
+    assert job["frames"] == job["total_frames"] == 50
     res = served.call("GET", job["video"])
-    assert res.status_code == 200 and res.headers["content-type"] == "video/mp4"
+    assert res.status_code == 200
+    assert res.headers["content-type"] == "video/mp4"
     out = tmp_path / "out.mp4"
     out.write_bytes(res.content)
     from .test_talkinghead import probe_output
 
     frames, fps, seconds, _ = probe_output(out)
-    assert frames == 50 and fps == 25 and abs(seconds - 2.0) < 0.1
+    assert frames == 50
+    assert fps == 25
+    assert abs(seconds - 2.0) < 0.1
     assert any(j["id"] == job["id"] for j in served.call("GET", "/api/talk/jobs").json())
     assert served.call("DELETE", f"/api/talk/jobs/{job['id']}").status_code == 204
     assert served.call("GET", f"/api/talk/jobs/{job['id']}").status_code == 404
@@ -357,10 +392,12 @@ def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None
     body = {"name": "anna", "avatar": str(face_image), "audio": str(audio), "out": str(tmp_path / "anna.mp4")}
     res = served.call("POST", "/api/talk/sessions", json=body)
     assert res.status_code == 201, res.text
-    assert res.json()["name"] == "anna" and res.json()["backend"] == "energy"
+    assert res.json()["name"] == "anna"
+    assert res.json()["backend"] == "energy"
     assert served.call("POST", "/api/talk/sessions", json=body).status_code == 409
     res = served.call("POST", "/api/talk/sessions", json={**body, "name": "bob", "avatar": "/no/face.png"})
-    assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", "avatar"]
+    assert res.status_code == 422
+    assert res.json()["detail"][0]["loc"] == ["body", "avatar"]
     assert [s["name"] for s in served.call("GET", "/api/talk/sessions").json()] == ["anna"]
     assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 204
     assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 404
@@ -398,9 +435,11 @@ def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: S
 
 def test_nothing_secret_in_responses_or_log(served: Served) -> None:
     for text in served.seen:
-        assert CAM_PASSWORD not in text and TOKEN not in text
+        assert CAM_PASSWORD not in text
+        assert TOKEN not in text
     log = served.fg.output()
-    assert CAM_PASSWORD not in log and TOKEN not in log
+    assert CAM_PASSWORD not in log
+    assert TOKEN not in log
 
 
 def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto,
@@ -425,12 +464,15 @@ def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquit
                                                           "url": str(videos["cam2"])}}}
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], cwd=ROOT,
                              capture_output=True, text=True, env=framegrid_env)
-        assert out.returncode == 0 and "fg.overlay.json" in out.stdout and "2 stream(s)" in out.stdout
+        assert out.returncode == 0
+        assert "fg.overlay.json" in out.stdout
+        assert "2 stream(s)" in out.stdout
 
         fg = Framegrid(cfg, framegrid_env, tmp_path / "fg2.log")
         wait_ready(client)
         streams = {s["name"]: s for s in client.get("/api/streams").json()}
-        assert set(streams) == {"cam1", "cam2"} and streams["cam1"]["max_fps"] == 2
+        assert set(streams) == {"cam1", "cam2"}
+        assert streams["cam1"]["max_fps"] == 2
         n = len(detections(sub, "cam2"))
         sub.wait_for(lambda: len(detections(sub, "cam2")) >= n + 5, 60, "the added stream after the restart")
         assert client.delete("/api/streams/cam1").status_code == 204  # a TOML stream: deleted by the overlay
@@ -440,7 +482,9 @@ def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquit
         (tmp_path / "fg.overlay.json").write_text('{"v": 1, "streams": {"x": {"config": {"url": 3}}}}')
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(cfg)], cwd=ROOT,
                              capture_output=True, text=True, env=framegrid_env)
-        assert out.returncode == 2 and "fg.overlay.json" in out.stderr and "streams.x.url" in out.stderr
+        assert out.returncode == 2
+        assert "fg.overlay.json" in out.stderr
+        assert "streams.x.url" in out.stderr
     finally:
         client.close()
         sub.close()
@@ -452,7 +496,9 @@ def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosqui
     cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:8080"', 'listen = "0.0.0.0:8080"'))
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT, capture_output=True,
                          text=True, env=framegrid_env, timeout=60)
-    assert out.returncode == 2 and "api" in out.stderr and "not a loopback address: set api.token" in out.stderr
+    assert out.returncode == 2
+    assert "api" in out.stderr
+    assert "not a loopback address: set api.token" in out.stderr
 
     import socket
 
@@ -463,7 +509,8 @@ def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosqui
         cfg = write_config(tmp_path / "fg2.toml", "x", mosquitto, port, {}, token=None)
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT,
                              capture_output=True, text=True, env=framegrid_env, timeout=60)
-    assert out.returncode == 2 and f"api.listen 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert out.returncode == 2
+    assert f"api.listen 127.0.0.1:{port}: Address already in use" in out.stderr
 
 
 def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_image: Path,  # noqa: F811
@@ -498,7 +545,9 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
         from .test_talkinghead import probe_output
 
         frames, fps, seconds, _ = probe_output(out)
-        assert frames == 38 and fps == 25 and abs(seconds - 1.52) <= 0.05
+        assert frames == 38
+        assert fps == 25
+        assert abs(seconds - 1.52) <= 0.05
         slots = client.get("/api/devices").json()[-1]["slots"]
         assert len([s for s in slots if s["model"] == "lipsync"]) == 2
         batches = {n: s["batches"] for n, s in client.get("/api/stats").json()["lipsync"]["slots"].items()}
@@ -507,7 +556,8 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
         client.close()
         assert fg.stop() == 0, fg.output()
     log = fg.output()
-    assert "talk job" in log and "done" in log
+    assert "talk job" in log
+    assert "done" in log
 
 
 def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosquitto: Mosquitto,  # noqa: F811

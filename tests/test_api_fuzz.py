@@ -72,4 +72,5 @@ def test_no_input_gives_a_server_error(api_schema: Any) -> None:
             failures.append(f"{op.label}: {exc}")
     assert not failures, "\n\n".join(failures)
     print(f"{sum(calls.values())} calls over {len(operations)} operations, by status: {sorted(calls.items())}")
-    assert sum(calls.values()) >= 10 * len(operations) and calls.get(422, 0) > 0
+    assert sum(calls.values()) >= 10 * len(operations)
+    assert calls.get(422, 0) > 0

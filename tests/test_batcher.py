@@ -10,7 +10,7 @@ import numpy as np
 
 from detectors import Detections
 from pipeline import DetectJobs, PoolSettings, Result, Results, SlotPool, StreamConfig, StreamFeed, StreamRecord
-from pipeline.stats import StreamStats
+from pipeline.core.stats import StreamStats
 from streams import SYSTEM_CLOCK, Frame, Mailbox
 
 
@@ -184,7 +184,8 @@ async def test_a_failing_batch_costs_only_that_batch_and_the_slot_restarts() -> 
     assert records["a"].stats.drops["error"] >= 1
     assert len(sink.of("a")) >= 12  # it went on after the failure (on the restarted slot)
     record_ = pool.placer.slots["m.0"]
-    assert len(record_.restarts) == 1 and "model exploded" in (record_.last_error or "")
+    assert len(record_.restarts) == 1
+    assert "model exploded" in (record_.last_error or "")
 
 
 async def test_restart_budget_then_failed() -> None:
@@ -203,7 +204,8 @@ async def test_restart_budget_then_failed() -> None:
             rec.mailbox.put(frame("s", 0))
             await asyncio.sleep(0.02)
         assert pool.state("m.0") == "failed"
-        assert len(pool.placer.slots["m.0"].restarts) == 2 and rec.stats.drops["error"] == 3
+        assert len(pool.placer.slots["m.0"].restarts) == 2
+        assert rec.stats.drops["error"] == 3
     finally:
         await pool.close()
 
@@ -242,7 +244,8 @@ def test_out_of_memory_is_recognised_by_type_not_text() -> None:
 
     from pipeline.errors import SlotOutOfMemory, is_out_of_memory, slot_error
 
-    assert is_out_of_memory(MemoryError()) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_out_of_memory(RuntimeError("CUDA out of memory (a message, not the type)"))
     assert isinstance(slot_error("m.0", torch.OutOfMemoryError("x")), SlotOutOfMemory)
     assert "m.0" in str(slot_error("m.0", RuntimeError("boom")))
@@ -283,7 +286,7 @@ async def test_a_batch_still_forming_when_the_pool_stops_is_counted_not_lost() -
 def test_stats_percentile_is_numpys_linear_percentile() -> None:
     from collections import deque
 
-    from pipeline.stats import percentile
+    from pipeline.core.stats import percentile
 
     rng = np.random.default_rng(3)
     assert percentile([], 50) is None

@@ -42,13 +42,15 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     for system in systems:
         row = res["systems"][system]
         assert "error" not in row, row
-        assert FIELDS <= set(row), (system, FIELDS - set(row))
+        assert set(row) >= FIELDS, (system, FIELDS - set(row))
         # measured from 4 s to 8 s after the system started: only a looping camera has frames then
         assert set(row["per_stream_fps"]) == {"cam0", "cam1"} and min(row["per_stream_fps"].values()) > 0, row
         assert set(row["latency_ms"]) == {"p50", "p95", "p99", "max"}
         lat = row["latency_ms"]
         assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
-        assert 0 < row["fairness"] <= 1 and row["cpu_s_per_frame"] > 0 and row["peak_rss_mb"] > 50
+        assert 0 < row["fairness"] <= 1
+        assert row["cpu_s_per_frame"] > 0
+        assert row["peak_rss_mb"] > 50
     assert res["systems"]["framegrid"]["runtime"] == res["systems"]["ceiling-decode"]["runtime"]
     assert set(res["systems"]["framegrid"]["stages_ms_p50"]) >= {
         "decode", "queue", "preprocess", "inference", "postprocess", "publish"}
@@ -60,8 +62,10 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     assert {"vs_ultralytics_openvino", "vs_ceiling_decode", "fairness", "none_older_than_max_frame_age"} <= set(
         r["targets"])
     agreement = res["agreement"]
-    assert agreement["frames"] >= 10 and 0 <= agreement["at_0.7"]["f1"] <= 1  # measured beside the speeds
-    assert "framegrid/ultralytics-openvino" in proc.stdout and "agreement with YOLO.predict" in proc.stdout
+    assert agreement["frames"] >= 10
+    assert 0 <= agreement["at_0.7"]["f1"] <= 1
+    assert "framegrid/ultralytics-openvino" in proc.stdout
+    assert "agreement with YOLO.predict" in proc.stdout
 
 
 @pytest.mark.slow
@@ -79,7 +83,8 @@ def test_bench_talkinghead_short_run(tmp_path: Path) -> None:
     stages = report["stages_ms_per_frame"]
     assert set(stages) == {"features", "unet", "decode", "blend", "encode", "total"}
     assert all(v > 0 for v in stages.values())
-    assert report["live"] and all(r["frames"] == 50 * r["sessions"] for r in report["live"])
+    assert report["live"]
+    assert all(r["frames"] == 50 * r["sessions"] for r in report["live"])
     one, two = report["offline"]
     assert (one["slots"], two["slots"]) == (1, 2)
     assert two["speedup"] == round(two["fps"] / one["fps"], 2)  # the 2-slot figure is its own measurement

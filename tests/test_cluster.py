@@ -244,7 +244,8 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             listed = {s["name"]: s for s in api.get("/api/streams").json()}
             for s in listed.values():  # the node's own figures, asked through the head
                 assert s["state"] == "streaming" and s["decoded"] > 0 and s["slot"], s
-                assert s["url"].startswith("rtsp://") and s["node"] in names
+                assert s["url"].startswith("rtsp://")
+                assert s["node"] in names
 
             # add a stream through the API: placed on a node, kept in the overlay, publishing
             r = api.post("/api/streams", json={"name": "c", "url": server.url("c"), "model": "shapes", "max_fps": 4})
@@ -254,7 +255,8 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             t_add = time.time()
             sub.wait_for(lambda: published_since(sub, "c", t_add), 60, "c publishing")
             bad = api.post("/api/streams", json={"name": "d", "url": server.url("c"), "model": "nope"})
-            assert bad.status_code == 422 and "unknown model" in bad.text
+            assert bad.status_code == 422
+            assert "unknown model" in bad.text
             jpeg = api.get("/api/streams/a/snapshot.jpg")
             assert jpeg.status_code == 200 and jpeg.content[:2] == b"\xff\xd8", jpeg.status_code
             metrics = api.get("/metrics").text
@@ -275,7 +277,8 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             time.sleep(2.0)
             assert not published_since(sub, "c", t_del + 1.0), "a deleted stream kept publishing"
             where = {s["name"]: s["node"] for s in api.get("/api/streams").json()}
-            assert set(where) == {"a", "b"} and None not in where.values()
+            assert set(where) == {"a", "b"}
+            assert None not in where.values()
 
         # the head dies hard: its workers are detached actors and keep publishing without it
         starts = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
@@ -450,5 +453,7 @@ def test_a_segment_sent_to_a_node_carries_its_own_frames_only() -> None:
     prompts = torch.randn(1200, 50, 384)
     job = LipSyncJob(torch.randn(1, 8, 32, 32), prompts[5])
     sent = compact(job)
-    assert torch.equal(sent.prompt, job.prompt) and torch.equal(sent.latents, job.latents)
-    assert len(pickle.dumps(sent)) < 150_000 and len(pickle.dumps(job)) > 90_000_000
+    assert torch.equal(sent.prompt, job.prompt)
+    assert torch.equal(sent.latents, job.latents)
+    assert len(pickle.dumps(sent)) < 150_000
+    assert len(pickle.dumps(job)) > 90_000_000

@@ -76,7 +76,9 @@ def test_missing_weights_says_what_to_download(tmp_path: Path) -> None:
         load_config(write(tmp_path, GOOD.replace(str(MODEL), "weights/yolo11n.pt")), env={"CAM_PW": "x"})
     key, msg = info.value.errors[0]
     assert key == "models.m.weights"
-    assert str(tmp_path / "weights" / "yolo11n.pt") in msg and "Download" in msg and "yolo11n.pt" in msg
+    assert str(tmp_path / "weights" / "yolo11n.pt") in msg
+    assert "Download" in msg
+    assert "yolo11n.pt" in msg
 
 
 def test_bad_mqtt_url_and_bad_stream_name(tmp_path: Path) -> None:
@@ -100,7 +102,8 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad = write(tmp_path, GOOD.replace("max_fps = 10", "max_fps = 0\nspeed = 1"))
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "streams.cam1.max_fps:" in err and "streams.cam1.speed: unknown key" in err
+    assert "streams.cam1.max_fps:" in err
+    assert "streams.cam1.speed: unknown key" in err
     assert main(["validate", str(tmp_path / "absent.toml")]) == 2
     (tmp_path / "broken.toml").write_text("[mqtt\nurl=")
     assert main(["validate", str(tmp_path / "broken.toml")]) == 2

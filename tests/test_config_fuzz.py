@@ -75,7 +75,9 @@ def _check(run: Any) -> None:
     except ConfigError as exc:
         assert exc.errors, "a ConfigError with no error in it"
         for path, message in exc.errors:
-            assert isinstance(path, str) and isinstance(message, str) and message
+            assert isinstance(path, str)
+            assert isinstance(message, str)
+            assert message
         assert str(exc)
     else:
         assert isinstance(config, Config)
@@ -100,7 +102,8 @@ def test_the_shaped_documents_reach_deep_validation() -> None:
     config valid and one that breaks it deep inside, each as the generator would write it."""
     valid = _mutated([(("streams", "cam"), "max_fps", 12), (("streams", "cam", "tracker"), "min_hits", 3)])
     config = parse_config(valid, Path("/nonexistent-base"), check_files=False)
-    assert config.streams["cam"].max_fps == 12 and config.streams["cam"].tracker is not None
+    assert config.streams["cam"].max_fps == 12
+    assert config.streams["cam"].tracker is not None
     invalid = _mutated([(("streams", "cam", "zones", "z"), "anchor", "elbow")])
     try:
         parse_config(invalid, Path("/nonexistent-base"), check_files=False)
@@ -108,7 +111,8 @@ def test_the_shaped_documents_reach_deep_validation() -> None:
         assert any(path.startswith("streams.cam.zones.z.anchor") for path, _ in exc.errors), exc.errors
     else:
         raise AssertionError("an unknown anchor was accepted")
-    assert {("streams", "cam"), ("streams", "cam", "zones", "z")} <= set(SECTIONS) and "max_fps" in KEYS
+    assert {("streams", "cam"), ("streams", "cam", "zones", "z")} <= set(SECTIONS)
+    assert "max_fps" in KEYS
 
 
 @settings(max_examples=150, deadline=None)

@@ -38,7 +38,8 @@ def test_images_run_the_readme_command_and_set_up_as_the_readme_does() -> None:
         text = (DEPLOY / name).read_text()
         assert dockerfile_command(DEPLOY / name) == [*run, "/config/config.toml"], name
         assert "RUN tools/bootstrap run" in text, name  # the set-up tools/run would do, done at build time
-        assert (ROOT / "tools" / "run").is_file() and (ROOT / "tools" / "bootstrap").is_file()
+        assert (ROOT / "tools" / "run").is_file()
+        assert (ROOT / "tools" / "bootstrap").is_file()
 
 
 def test_compose_file_parses_and_every_file_it_names_exists() -> None:
@@ -77,7 +78,8 @@ def test_compose_file_parses_and_every_file_it_names_exists() -> None:
 
 def test_the_stack_config_is_valid_and_exposes_the_api_only_with_a_token() -> None:
     config = load_config(DEPLOY / "config.toml", env={"FRAMEGRID_TOKEN": "t0ken"}, check_files=False)
-    assert config.api.listen == "0.0.0.0:8080" and config.api.token is not None
+    assert config.api.listen == "0.0.0.0:8080"
+    assert config.api.token is not None
     assert config.mqtt.url == "mqtt://mosquitto:1883"
     assert Path(config.models["shapes"].weights).name == (ROOT / "models" / "shapes-yolo11n.pt").name
     assert (ROOT / "media" / Path(config.streams["demo"].url).name).is_file()

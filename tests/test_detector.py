@@ -63,7 +63,8 @@ def test_boxes_are_in_source_pixels_at_any_resolution(detector: YoloDetector) ->
 def test_empty_and_blank_input(detector: YoloDetector) -> None:
     assert detector.infer([]) == []
     out = detector.infer([np.full((360, 640, 3), 127, np.uint8)])
-    assert len(out) == 1 and len(out[0]) == 0
+    assert len(out) == 1
+    assert len(out[0]) == 0
 
 
 def test_missing_and_corrupt_weights(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pipeline.cli import main
-from pipeline.devices import GB, DeviceInfo, discover, plan_slots
+from pipeline.core.devices import GB, DeviceInfo, discover, plan_slots
 
 
 class FakeNvml:
@@ -54,13 +54,17 @@ def test_discover_reads_nvml_and_adds_cpu() -> None:
     nvml = FakeNvml([("NVIDIA A100", 80, 79), ("NVIDIA T4", 16, 15)])
     devs = discover(nvml)
     assert [d.id for d in devs] == ["cuda:0", "cuda:1", "cpu"]
-    assert devs[0].name == "NVIDIA A100" and devs[0].free_bytes == 79 * GB and devs[0].utilization == 7
+    assert devs[0].name == "NVIDIA A100"
+    assert devs[0].free_bytes == 79 * GB
+    assert devs[0].utilization == 7
     assert nvml.shutdowns == 1
 
 
 def test_discover_without_driver_is_cpu_only_and_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     devs = discover(FakeNvml([], fail_init=True))
-    assert [d.kind for d in devs] == ["cpu"] and devs[0].cores and devs[0].cores >= 1
+    assert [d.kind for d in devs] == ["cpu"]
+    assert devs[0].cores
+    assert devs[0].cores >= 1
     assert capsys.readouterr() == ("", "")
     real = discover()  # the real library: as many GPUs as NVML counts here, first, and the CPU last
     try:
@@ -69,7 +73,7 @@ def test_discover_without_driver_is_cpu_only_and_quiet(capsys: pytest.CaptureFix
         pynvml.nvmlInit()
         gpus = pynvml.nvmlDeviceGetCount()
         pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver: no GPU
+    except Exception:
         gpus = 0
     assert [d.kind for d in real] == ["cuda"] * gpus + ["cpu"]
 
@@ -78,7 +82,8 @@ def test_plan_formula_and_reason() -> None:
     (p, c) = plan_slots([gpu(0, 24.0, 24.0), CPU], slot_memory_bytes=8 * GB, usable_fraction=0.9)
     assert p.slots == 2  # floor(24 * 0.9 / 8)
     assert p.reason == "GPU 0 NVIDIA RTX 4090: 24.0 GB total, 21.6 GB usable -> 2 detect slots of 8.0 GB"
-    assert c.slots == 0 and "GPUs present" in c.reason
+    assert c.slots == 0
+    assert "GPUs present" in c.reason
 
 
 @pytest.mark.parametrize("count", range(1, 9))
@@ -95,15 +100,20 @@ def test_plan_many_mixed_gpus(count: int) -> None:
 
 def test_overrides_and_cpu_threads() -> None:
     plans = plan_slots([gpu(0, 24, 20), CPU], 8 * GB, overrides={"cuda:0": 3, "cpu": 4})
-    assert plans[0].slots == 3 and "override" in plans[0].reason and "would allow 2" in plans[0].reason
-    assert plans[1].slots == 4 and plans[1].threads_per_slot == 4
+    assert plans[0].slots == 3
+    assert "override" in plans[0].reason
+    assert "would allow 2" in plans[0].reason
+    assert plans[1].slots == 4
+    assert plans[1].threads_per_slot == 4
     only_cpu = plan_slots([CPU], 8 * GB, cpu_slots=2, cpu_threads_per_slot=12)
-    assert only_cpu[0].slots == 2 and "oversubscribed: 24 threads on 16 cores" in only_cpu[0].reason
+    assert only_cpu[0].slots == 2
+    assert "oversubscribed: 24 threads on 16 cores" in only_cpu[0].reason
     with pytest.raises(ValueError):
         plan_slots([CPU], 0)
     # the default: one single-threaded slot per core, at most 4 (then the threads grow)
     auto = plan_slots([CPU], 8 * GB, cpu_slots=None)[0]
-    assert (auto.slots, auto.threads_per_slot) == (4, 4) and "auto" in auto.reason
+    assert (auto.slots, auto.threads_per_slot) == (4, 4)
+    assert "auto" in auto.reason
     two = plan_slots([DeviceInfo("cpu", "cpu", "CPU", 8 * GB, 8 * GB, cores=2)], 8 * GB, cpu_slots=None)[0]
     assert (two.slots, two.threads_per_slot) == (2, 1)
 
@@ -112,11 +122,13 @@ def test_devices_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices"]) == 0
     out = capsys.readouterr().out
     cores = os.cpu_count() or 1
-    assert "CPU:" in out and "detect slot" in out and f"total: {min(cores, 4)} slot(s)" in out
+    assert "CPU:" in out
+    assert "detect slot" in out
+    assert f"total: {min(cores, 4)} slot(s)" in out
 
 
 def test_slot_layout_from_plan() -> None:
-    from pipeline.devices import decode_threads, slot_layout
+    from pipeline.core.devices import decode_threads, slot_layout
 
     gpus = discover(FakeNvml([("NVIDIA RTX 4090", 24, 22), ("Tesla T4", 16, 15)]))
     plans = plan_slots(gpus, 8 * GB, 0.9)
@@ -131,13 +143,16 @@ def test_slot_layout_from_plan() -> None:
     cpu_only = [d for d in gpus if d.kind == "cpu"]
     cpu = slot_layout(plan_slots(cpu_only, 8 * GB, cpu_slots=2))
     cores = cpu_only[0].cores or 1
-    assert len(cpu) == 2 and all(a.device == "cpu" and a.threads == max(1, cores // 2) for a in cpu)
+    assert len(cpu) == 2
+    assert all(a.device == "cpu" and a.threads == max(1, cores // 2) for a in cpu)
     assert slot_layout(plan_slots(cpu_only, 8 * GB), threads=3)[0].threads == 3
     # a GPU too small for one slot and no CPU slots planned: one CPU slot keeps streams served
     tiny = discover(FakeNvml([("small", 4, 3)]))
     fallback = slot_layout(plan_slots(tiny, 8 * GB))
     assert [a.device for a in fallback] == ["cpu"]
-    assert decode_threads(2, 8) == 1 and decode_threads(8, 2) == 4 and decode_threads(2, 1) == 2
+    assert decode_threads(2, 8) == 1
+    assert decode_threads(8, 2) == 4
+    assert decode_threads(2, 1) == 2
     assert decode_threads(2, 8, configured=3) == 3
 
 
@@ -163,10 +178,12 @@ def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None
 
 def test_a_cluster_node_plans_for_the_cores_its_ray_node_declares() -> None:
     """Two Ray nodes on one 8-core machine, each started with --num-cpus 2, plan CPU slots for 2 cores each."""
-    from pipeline.devices import cap_cpu_cores
+    from pipeline.core.devices import cap_cpu_cores
 
     cpu = DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=8)
     gpu = DeviceInfo("cuda:0", "cuda", "GPU", 8 << 30, 8 << 30)
     capped = cap_cpu_cores([cpu, gpu], 2)
-    assert capped[0].cores == 2 and capped[1] == gpu
-    assert cap_cpu_cores([cpu], None)[0].cores == 8 and cap_cpu_cores([cpu], 16)[0].cores == 8
+    assert capped[0].cores == 2
+    assert capped[1] == gpu
+    assert cap_cpu_cores([cpu], None)[0].cores == 8
+    assert cap_cpu_cores([cpu], 16)[0].cores == 8

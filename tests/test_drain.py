@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import ModelConfig, default_detector_factory, parse_config
 from pipeline.app import Pipeline
-from pipeline.devices import GB, DeviceInfo
+from pipeline.core.devices import GB, DeviceInfo
 
 from .conftest import MODEL, Mosquitto, Subscriber, wait_until
 from .test_e2e import detections
@@ -56,16 +56,19 @@ async def test_drain_and_resume_a_device_through_the_api(
             assert res.status_code == 200, res.text
             moved = res.json()["moved"]
             on_0 = next(s for s, d in device_of.items() if d == "cuda:0")
-            assert [m["stream"] for m in moved] == [on_0] and moved[0]["target"].startswith("shapes.")
+            assert [m["stream"] for m in moved] == [on_0]
+            assert moved[0]["target"].startswith("shapes.")
             assert {pool.slots[pool.slot_of(s)].device for s in "ab"} == {"cuda:1"}  # type: ignore[index]
             devices = {d["id"]: d for d in (await client.get("/api/devices")).json()}
-            assert devices["cuda:0"]["drained"] and all(s["state"] == "drained" and not s["streams"]
+            assert devices["cuda:0"]["drained"]
+            assert all(s["state"] == "drained" and not s["streams"]
                                                         for s in devices["cuda:0"]["slots"])
             n = len(detections(sub, on_0))
             await wait_until(lambda: len(detections(sub, on_0)) >= n + 8, 30, f"{on_0} publishing from cuda:1")
             # the last device with slots cannot be drained too: its streams would have nowhere to go
             res = await client.post("/api/devices/cuda:1/drain")
-            assert res.status_code == 409 and "no healthy slot on another device" in res.json()["detail"]
+            assert res.status_code == 409
+            assert "no healthy slot on another device" in res.json()["detail"]
 
             res = await client.post("/api/devices/cuda:0/resume")
             assert res.status_code == 200
@@ -73,7 +76,8 @@ async def test_drain_and_resume_a_device_through_the_api(
             assert not (await client.get("/api/devices")).json()[0]["drained"]
             assert (await client.post("/api/devices/cuda:9/drain")).status_code == 404
             seqs = [m["seq"] for m in detections(sub, on_0)]
-            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # nothing twice, in order
+            assert seqs == sorted(seqs)
+            assert len(set(seqs)) == len(seqs)
     finally:
         await client.aclose()
         sub.close()

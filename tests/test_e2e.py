@@ -81,7 +81,8 @@ def test_two_rtsp_cameras_detections_match_ground_truth(
         seqs = [m["seq"] for m in msgs]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"{name}: seq not increasing: {seqs}"
         for m in msgs:
-            assert m["stream"] == name and m["model"] == "shapes"
+            assert m["stream"] == name
+            assert m["model"] == "shapes"
             assert (m["width"], m["height"]) == (640, 360)
             assert m["captured_at"] <= m["inferred_at"] <= m["published_at"]
             assert 0 < m["latency_ms"] < 3000
@@ -143,7 +144,8 @@ def test_rtsp_server_restart_reconnects_and_other_camera_continues(
     last_state = [m.json() for m in sub.of("/streams/cam1/state")]
     assert max(s["reconnects"] for s in last_state) >= 1
     seqs = [m["seq"] for m in detections(sub, "cam1")]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == len(seqs)
     # the reconnect ended cam1's tracks (and their events); the objects got new track ids after it
     before = {d["track_id"] for m in detections(sub, "cam1") if m["captured_at"] < t_kill
               for d in m["detections"] if d["track_id"]}
@@ -237,6 +239,7 @@ def test_broker_unreachable_at_start_then_there(
     line = next(ln for ln in fg.output().splitlines() if "mqtt: final account " in ln)
     final = json.loads(line.split("mqtt: final account ", 1)[1])
     assert final["published_by_kind"]["detections"] == final["results"]["cam"] >= 20, final
-    assert final["dropped_by_kind"].get("detections", 0) == 0 and final["connects"] == 1
+    assert final["dropped_by_kind"].get("detections", 0) == 0
+    assert final["connects"] == 1
     unavailable = [ln for ln in fg.output().splitlines() if "unavailable" in ln]
     assert len(unavailable) == 1, unavailable  # said once, not at every retry

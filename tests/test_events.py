@@ -18,10 +18,10 @@ import pytest
 
 from detectors import Detections
 from pipeline import parse_config
+from pipeline.analytics.events import StreamEvents
+from pipeline.analytics.eventstore import EventStore, query
+from pipeline.analytics.zones import crossing, inside, resolve
 from pipeline.config import EventsConfig, StreamConfig
-from pipeline.events import StreamEvents
-from pipeline.eventstore import EventStore, query
-from pipeline.zones import crossing, inside, resolve
 
 from .conftest import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
 
@@ -30,7 +30,9 @@ from .conftest import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_u
 def test_zone_and_line_geometry() -> None:
     square = resolve([[0, 0], [0.5, 0], [0.5, 1], [0, 1]], 640, 360)  # fractions of the frame
     assert square == [(0, 0), (320, 0), (320, 360), (0, 360)]
-    assert inside((100, 100), square) and inside((320, 100), square) and not inside((321, 100), square)
+    assert inside((100, 100), square)
+    assert inside((320, 100), square)
+    assert not inside((321, 100), square)
     assert resolve([[10, 20], [300, 20], [300, 200]], 640, 360) == [(10, 20), (300, 20), (300, 200)]  # pixels
     a, b = (320.0, 0.0), (320.0, 360.0)  # downwards: its left is x > 320 (image coordinates, y down)
     assert crossing((330, 100), (310, 100), a, b) == "in"
@@ -73,22 +75,29 @@ def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
         x = 500 - 40 * k
         feed(ev, out, result(1000 + k / 5, [[x - 20, 150, x + 20, 190]], [7], scores=[0.8 + 0.01 * k]))
     types = [e["type"] for e in out]
-    assert types[0] == "new" and types.count("new") == 1
+    assert types[0] == "new"
+    assert types.count("new") == 1
     changed = [c for e in out for c in e["changed"]]
-    assert changed.count("crossed:mid:in") == 1 and changed.count("entered:left") == 1
+    assert changed.count("crossed:mid:in") == 1
+    assert changed.count("entered:left") == 1
     assert not any(c.startswith("left:") for c in changed)
     assert not any("people_only" in c for c in changed)  # a car is not a person
     assert ("lines", "mid", {"v": 1, "in": 1, "out": 0}) in counts
-    assert ("zones", "left/car", 1) in counts and ("zones", "left/all", 1) in counts
+    assert ("zones", "left/car", 1) in counts
+    assert ("zones", "left/all", 1) in counts
     last = out[-1]["after"]
-    assert last["zones"] == ["left"] and last["entered_zones"] == ["left"] and last["crossings"][0]["line"] == "mid"
+    assert last["zones"] == ["left"]
+    assert last["entered_zones"] == ["left"]
+    assert last["crossings"][0]["line"] == "mid"
     # min_frames 2: inside from x=300 (the first frame at x <= 320 is 300 -> enters on the second, 260)
     entered = next(e for e in out if "entered:left" in e["changed"])
     assert entered["after"]["box"][0] == pytest.approx(260 - 20)
-    assert entered["before"]["zones"] == [] and entered["after"]["zones"] == ["left"]
+    assert entered["before"]["zones"] == []
+    assert entered["after"]["zones"] == ["left"]
     # unseen for end_after (2 s): its event ends, and the zone count goes back to 0
     feed(ev, out, result(1000 + 2 + 2.1, [], []))
-    assert out[-1]["type"] == "end" and out[-1]["after"]["zones"] == []
+    assert out[-1]["type"] == "end"
+    assert out[-1]["after"]["zones"] == []
     assert ("zones", "left/car", 0) in counts[counts.index(("zones", "left/car", 1)):]
 
 
@@ -97,13 +106,15 @@ def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:
     for k in range(20):  # still in the right half, its score rising every frame
         feed(ev, out, result(1000 + k / 5, [[500, 150, 540, 190]], [3], scores=[0.5 + 0.02 * k]))
     updates = [e for e in out if e["type"] == "update"]
-    assert len(updates) == 1 and "best_score" in updates[0]["changed"]  # 4 s of improvements: one update
+    assert len(updates) == 1
+    assert "best_score" in updates[0]["changed"]
     assert updates[0]["after"]["best_score"] > updates[0]["before"]["best_score"]
     ev2, out2, _ = engine(update_interval=5.0)
     for k, x in enumerate([500, 300, 260, 500, 520, 300, 280]):  # in, out, in again within 5 s
         feed(ev2, out2, result(1000 + k / 5, [[x - 20, 150, x + 20, 190]], [4]))
     changed = [c for e in out2 for c in e["changed"]]
-    assert changed.count("entered:left") == 2 and changed.count("left:left") == 1
+    assert changed.count("entered:left") == 2
+    assert changed.count("left:left") == 1
 
 
 def test_stationary_and_reconnect_end_all() -> None:
@@ -136,13 +147,15 @@ def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
     store.put(event(9, now - 100 + 9, "end"))
     store.close()
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 1
-    assert len(query(db)) == 9 and query(db, event_id=event(9, now - 91)["after"]["id"])[0]["end_time"] is not None
+    assert len(query(db)) == 9
+    assert query(db, event_id=event(9, now - 91)["after"]["id"])[0]["end_time"] is not None
     store = EventStore(db, max_age_days=1, max_events=5)
     store.start()  # retention at start: the old one and the oldest beyond 5 go
     store.close()
     rows = query(db)
     assert [r["track_id"] for r in rows] == [9, 8, 7, 6, 5]
-    assert query(db, label="person") == [] and len(query(db, since=now - 100 + 8)) == 2
+    assert query(db, label="person") == []
+    assert len(query(db, since=now - 100 + 8)) == 2
 
 
 def test_store_survives_kill_9(tmp_path: Path) -> None:
@@ -150,7 +163,7 @@ def test_store_survives_kill_9(tmp_path: Path) -> None:
     script = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from pipeline.eventstore import EventStore
+from pipeline.analytics.eventstore import EventStore
 from tests.test_events import event
 store = EventStore(__import__("pathlib").Path({str(db)!r}), 30, 100000)
 store.start()
@@ -189,8 +202,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
 ) -> None:
     import httpx
 
+    from pipeline.analytics.zones import anchor_of
     from pipeline.api import ApiServer
-    from pipeline.zones import anchor_of
     from streams.synthetic import Actor, ScriptedScene, write_video
 
     # the zone is the frame's left half, the line its middle: A starts inside and leaves, B comes in,
@@ -230,19 +243,22 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
         assert any(e["end_time"] is None for e in live)  # objects still seen
         seen = next(e for e in live if e["end_time"] is None)
         snap = await client.get(f"/api/events/{seen['id']}/snapshot.jpg?crop=1")
-        assert snap.status_code == 200 and snap.content[:2] == b"\xff\xd8"
+        assert snap.status_code == 200
+        assert snap.content[:2] == b"\xff\xd8"
     finally:
         await shutdown()  # every live object's event ends
         await client.aclose()
     await asyncio_sleep(1.0)
     sub.close()
     shots = [m for m in sub.messages if "/streams/cam/snapshot/" in m.topic]
-    assert shots and all(m.payload[:2] == b"\xff\xd8" for m in shots)  # JPEG crops of ended events
+    assert shots
+    assert all(m.payload[:2] == b"\xff\xd8" for m in shots)
 
     events = [m.json() for m in sub.of("/events")]
     by_id: dict[str, list[dict[str, Any]]] = {}
     for e in events:
-        assert e["v"] == 1 and e["stream"] == "cam"
+        assert e["v"] == 1
+        assert e["stream"] == "cam"
         by_id.setdefault(e["after"]["id"], []).append(e)
     assert len(by_id) == 3, "one event per object: an identity was lost"
     for seq in by_id.values():  # new -> update* -> end, one each
@@ -289,7 +305,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     assert {r["id"] for r in rows} == set(by_id)
     assert all(r["end_time"] is not None for r in rows)
     with_snap = [r for r in rows if r["crop_path"]]
-    assert with_snap and all(Path(r["crop_path"]).is_file() and Path(r["frame_path"]).is_file() for r in with_snap)
+    assert with_snap
+    assert all(Path(r["crop_path"]).is_file() and Path(r["frame_path"]).is_file() for r in with_snap)
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", str(tmp_path / "none.toml"), "--json"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2  # a missing config is named
@@ -308,8 +325,8 @@ async def asyncio_sleep(s: float) -> None:
 
 
 def test_snapshots_are_bounded_per_stream(tmp_path: Path) -> None:
-    from pipeline.events import TrackedObject
-    from pipeline.snapshots import Snapshots
+    from pipeline.analytics.events import TrackedObject
+    from pipeline.analytics.snapshots import Snapshots
 
     shots = Snapshots(tmp_path, max_per_stream=2)
     image = np.full((360, 640, 3), 90, np.uint8)
@@ -331,7 +348,7 @@ def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> N
     import threading
 
     from pipeline import snapshots as snap
-    from pipeline.events import TrackedObject
+    from pipeline.analytics.events import TrackedObject
 
     shots = snap.Snapshots(tmp_path, max_per_stream=100)
     gate = threading.Event()
@@ -354,7 +371,8 @@ def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> N
     for obj in objs:
         shots({"type": "end"}, obj, None)
     shots.close()
-    assert shots._pending == 0 and shots.written == snap.MAX_PENDING  # the views that were queued were kept
+    assert shots._pending == 0
+    assert shots.written == snap.MAX_PENDING
 
 
 def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path) -> None:
@@ -362,7 +380,7 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
     several writers, the store is created once (before, two raced: 'table events already exists')."""
     import threading
 
-    from pipeline.eventstore import MIGRATIONS, connect, migrate
+    from pipeline.analytics.eventstore import MIGRATIONS, connect, migrate
 
     path = tmp_path / "events.db"
     barrier, errors, versions = threading.Barrier(8), [], []
@@ -373,7 +391,7 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
             barrier.wait()
             migrate(conn)
             versions.append(conn.execute("PRAGMA user_version").fetchone()[0])
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             errors.append(repr(exc))
         finally:
             conn.close()

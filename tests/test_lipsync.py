@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import LipSyncConfig, PipelineConfig
-from pipeline.devices import DeviceInfo
-from pipeline.lipsync import LipSyncPool, musetalk_pool
+from pipeline.core.devices import DeviceInfo
+from pipeline.talk.lipsync import LipSyncPool, musetalk_pool
 from talkinghead import AvatarError, TalkSession, prepare_avatar
 from talkinghead.live import MuseTalkLive
 from talkinghead.musetalk import LipSyncJob, MuseTalk, MuseTalkSlotModel, ping_pong
@@ -50,9 +50,13 @@ def frontend(tiny: Path) -> MuseTalk:  # noqa: F811
 def test_slot_model_loads_only_what_a_slot_needs(tiny: Path, frontend: MuseTalk) -> None:  # noqa: F811
     slot = MuseTalkSlotModel(tiny, "v15", threads=1)
     slot.load()
-    assert slot.model.unet is not None and slot.model.vae is not None and slot.model.encoder is None
-    assert frontend.unet is None and frontend.encoder is not None
-    assert slot.memory_bytes() > 0 and slot.model.prompt_len == frontend.prompt_len  # sizes from configs alone
+    assert slot.model.unet is not None
+    assert slot.model.vae is not None
+    assert slot.model.encoder is None
+    assert frontend.unet is None
+    assert frontend.encoder is not None
+    assert slot.memory_bytes() > 0
+    assert slot.model.prompt_len == frontend.prompt_len
     slot.warmup()
 
 
@@ -69,7 +73,8 @@ def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTa
         b = pool.submit("b", jobs)
         outs = a.result(30), b.result(30)
         assert len(busy.result(30)) == 8
-        assert [len(o) for o in outs] == [4, 4] and outs[0][0].shape == (256, 256, 3)
+        assert [len(o) for o in outs] == [4, 4]
+        assert outs[0][0].shape == (256, 256, 3)
         pool.release("w")
         snap = pool.snapshot()
         # the free slot took what was ready: one UNet call for both sessions (after the busy one)
@@ -106,13 +111,16 @@ def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTa
         finally:
             pool.shutdown()
         assert counts == {"frames": 55, "generated": 45, "idle": 10}
-        assert len(sink.frames) == 55 and all(len(a) == 640 for a in sink.audio)
+        assert len(sink.frames) == 55
+        assert all(len(a) == 640 for a in sink.audio)
         used = [s["batches"] for s in snap["slots"].values()]
-        assert len(used) == slots and all(b > 0 for b in used)  # every slot took segments
+        assert len(used) == slots
+        assert all(b > 0 for b in used)
         outputs[slots] = np.stack(sink.frames).astype(np.int16)
     diff = np.abs(outputs[1] - outputs[2])
     # the same frames in the same order; only float rounding of different thread counts may differ
-    assert diff.max() <= 2 and diff.mean() < 0.01
+    assert diff.max() <= 2
+    assert diff.mean() < 0.01
 
 
 def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
@@ -141,9 +149,13 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
     finally:
         pool.shutdown()
     for s, out in sessions:
-        assert s.stats.frames == 65 and s.stats.inferred == 50 and s.stats.idle == 15 and s.stats.errors == 0
+        assert s.stats.frames == 65
+        assert s.stats.inferred == 50
+        assert s.stats.idle == 15
+        assert s.stats.errors == 0
         n, fps, audio_s, frames = probe_output(out)
-        assert (n, fps) == (65, 25.0) and 0 <= audio_s - 2.6 <= 1024 / 16_000
+        assert (n, fps) == (65, 25.0)
+        assert 0 <= audio_s - 2.6 <= 1024 / 16_000
     assert snap["slots"]["lipsync.0"]["frames"] == 100  # both sessions' model frames, on the one slot
     assert sorted(snap["slots"]["lipsync.0"]["sessions"]) == ["s1", "s2"]
 
@@ -216,8 +228,10 @@ def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseT
     assert session.stats.errors == 4  # the one failed block showed its last frame
     assert session.stats.inferred == 46
     slots = snap["slots"]
-    assert slots["lipsync.0"]["restarts"] == 1 and slots["lipsync.0"]["state"] == "healthy"  # restarted
-    assert slots["lipsync.1"]["sessions"] == ["talk"] and slots["lipsync.1"]["frames"] > 0  # moved at once
+    assert slots["lipsync.0"]["restarts"] == 1
+    assert slots["lipsync.0"]["state"] == "healthy"
+    assert slots["lipsync.1"]["sessions"] == ["talk"]
+    assert slots["lipsync.1"]["frames"] > 0
     assert made.count(0) == 2
 
 
@@ -236,13 +250,15 @@ def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseT
     lcfg = LipSyncConfig(weights=tiny, batch_size=4, batch_timeout_ms=10, restart_backoff_cap=1.0, hang_timeout=1.0)
     pool = LipSyncPool(factory, ["cpu", "cpu"], lcfg.pool_settings(PipelineConfig()), lcfg.max_queue).start_in_thread()
     sink, session, snap, took = talk_through_a_faulty_slot0(pool, frontend, faces)
-    assert len(sink.frames) == 50 and session.stats.errors == 4  # the hung block showed the last frame
+    assert len(sink.frames) == 50
+    assert session.stats.errors == 4
     # the session did not wait for the hung call (the watchdog fires after max(1 s, 10x the measured
     # batch time): a few seconds on a loaded 2-core machine, well before the call would return)
     assert took < HANG_S - 5, took
     slots = snap["slots"]
     assert "hang" in (slots["lipsync.0"]["last_error"] or ""), slots["lipsync.0"]
-    assert slots["lipsync.0"]["restarts"] == 1 and slots["lipsync.1"]["sessions"] == ["talk"]
+    assert slots["lipsync.0"]["restarts"] == 1
+    assert slots["lipsync.1"]["sessions"] == ["talk"]
     assert made.count(0) == 2
 
 
@@ -262,7 +278,8 @@ def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:  # noqa:
                                                                                   16 * gb, 16 * gb),
              DeviceInfo("cpu", "cpu", "CPU", 0, 0, cores=16)]
     pool = musetalk_pool(LipSyncConfig(weights=tiny, slot_memory_gb=8.0), device_facts=facts)
-    assert pool.n == 3 and pool.devices == ["cuda:0", "cuda:0", "cuda:1"]  # 21.6 GB -> 2, 14.4 GB -> 1
+    assert pool.n == 3
+    assert pool.devices == ["cuda:0", "cuda:0", "cuda:1"]
     assert musetalk_pool(LipSyncConfig(weights=tiny, slots=4), device_facts=facts).devices == [
         "cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert musetalk_pool(LipSyncConfig(weights=tiny), device_facts=CPU).devices == ["cpu"]
@@ -297,19 +314,24 @@ def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, fa
     video = write_video(tmp_path / "anna.mp4", [shifted[0], shifted[1], blank, shifted[2], shifted[3]])
     seen: list[tuple[int, int]] = []
     avatar = prepare_avatar(video, cache_dir=tmp_path / "cache", progress=lambda d, t: seen.append((d, t)))
-    assert len(avatar.frames) == 5 and seen[-1] == (5, 5)
+    assert len(avatar.frames) == 5
+    assert seen[-1] == (5, 5)
     boxes = [a.box for a in avatar.frames]
     assert boxes[2] in (boxes[1], boxes[3])  # the blank frame borrowed a neighbour's face
-    assert 6 <= boxes[1][0] - boxes[0][0] <= 10 and 14 <= boxes[4][0] - boxes[3][0] + 8 <= 18  # it follows the face
+    assert 6 <= boxes[1][0] - boxes[0][0] <= 10
+    assert 14 <= boxes[4][0] - boxes[3][0] + 8 <= 18
     again = prepare_avatar(video, cache_dir=tmp_path / "cache")
-    assert [a.box for a in again.frames] == boxes and again.key == avatar.key  # from the cache
+    assert [a.box for a in again.frames] == boxes
+    assert again.key == avatar.key
     faces = frontend.prepare_faces(avatar, cache_dir=tmp_path / "cache")
-    assert len(faces) == 10 and [f.box for f in faces] == boxes + boxes[::-1]  # ping-pong
+    assert len(faces) == 10
+    assert [f.box for f in faces] == boxes + boxes[::-1]
     cached = list((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 1
     reloaded = frontend.prepare_faces(avatar, cache_dir=tmp_path / "cache")
     for a, b in zip(faces, reloaded, strict=True):
-        assert np.array_equal(a.latents.numpy(), b.latents.numpy()) and np.array_equal(a.mask, b.mask)
+        assert np.array_equal(a.latents.numpy(), b.latents.numpy())
+        assert np.array_equal(a.mask, b.mask)
         assert a.crop == b.crop
     with pytest.raises(AvatarError, match="no face found in any of its 2 frames"):
         prepare_avatar(write_video(tmp_path / "wall.mp4", [blank, blank]), cache_dir=tmp_path / "cache")
@@ -320,7 +342,7 @@ async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: 
     """A MuseTalk job's segment whose slot fails is submitted again and the job completes whole."""
     import asyncio
 
-    from pipeline.jobs import TalkJobs
+    from pipeline.talk.jobs import TalkJobs
 
     from .test_talkinghead import write_wav
 
@@ -342,9 +364,11 @@ async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: 
         pool.shutdown()
     assert job.state == "done", job.error
     assert job.frames == job.total_frames == 40
-    assert "a segment failed" in caplog.text and "submitted again" in caplog.text
+    assert "a segment failed" in caplog.text
+    assert "submitted again" in caplog.text
     frames, fps, _, _ = probe_output(jobs.video_path(job))
-    assert frames == 40 and fps == 25
+    assert frames == 40
+    assert fps == 25
     assert made.count(0) == 2  # slot 0 failed and was restarted
 
 
@@ -352,9 +376,10 @@ def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTal
                                                     tmp_path: Path) -> None:
     """`lipsync.whisper = "slot"`: the session sends each block's audio window and the slot computes
     the prompts beside the UNet (as on a GPU); the frames are those of session-side prompts."""
-    from pipeline.lipsync import whisper_on_slots
+    from pipeline.talk.lipsync import whisper_on_slots
 
-    assert whisper_on_slots(LipSyncConfig(), ["cuda:0", "cuda:1"]) and not whisper_on_slots(LipSyncConfig(), ["cpu"])
+    assert whisper_on_slots(LipSyncConfig(), ["cuda:0", "cuda:1"])
+    assert not whisper_on_slots(LipSyncConfig(), ["cpu"])
     assert not whisper_on_slots(LipSyncConfig(), ["cuda:0", "cpu"])  # a mixed pool keeps them on the session side
     assert whisper_on_slots(LipSyncConfig(whisper="slot"), ["cpu"])
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)

@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from pipeline import parse_config
-from pipeline.publisher import Publisher
+from pipeline.mqtt.publisher import Publisher
 
 from .conftest import Mosquitto
 
@@ -133,7 +133,7 @@ async def run_publisher(mqtt: dict[str, object], tmp_path: Path, seconds: float,
     config = parse_config({"mqtt": {"topic_prefix": PREFIX, "reconnect_cap": 1.0, **mqtt}}, tmp_path, env=env or {})
     pub = Publisher(config.mqtt, secrets=config.secrets())
     task = asyncio.create_task(pub.run())
-    pub.publish(pub.topic("hello"), b"over tls", qos=1)
+    pub.publish(f"{PREFIX}/hello", b"over tls", qos=1)
     await asyncio.sleep(seconds)
     await pub.close()
     await asyncio.wait_for(task, 10)
@@ -147,7 +147,8 @@ async def test_tls_with_a_password_from_the_environment_delivers(broker: Mosquit
         pub = await run_publisher({"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
                                    "password": "${MQTT_PASSWORD}"}, tmp_path, 1.5, env={"MQTT_PASSWORD": PASSWORD})
         assert got == [b"over tls"]
-        assert pub.connects == 1 and pub.last_error is None
+        assert pub.connects == 1
+        assert pub.last_error is None
     finally:
         client.loop_stop()
         client.disconnect()
@@ -163,17 +164,20 @@ async def test_credentials_in_the_url_work_and_are_redacted(broker: Mosquitto, p
         await asyncio.sleep(0.5)
         with caplog.at_level(logging.DEBUG):
             pub = await run_publisher({"url": url, "ca_file": str(pki.ca)}, tmp_path, 1.5)
-        assert got == [b"over tls"] and pub.connects == 1
+        assert got == [b"over tls"]
+        assert pub.connects == 1
         # with a client certificate too (the broker does not require one; it must still load)
         ccert, ckey = pki.client
         pub = await run_publisher({"url": url, "ca_file": str(pki.ca), "cert_file": str(ccert),
                                    "key_file": str(ckey)}, tmp_path, 1.5)
-        assert got == [b"over tls", b"over tls"] and pub.connects == 1
+        assert got == [b"over tls", b"over tls"]
+        assert pub.connects == 1
     finally:
         client.loop_stop()
         client.disconnect()
     text = caplog.text
-    assert PASSWORD not in text and quote(PASSWORD, safe="") not in text
+    assert PASSWORD not in text
+    assert quote(PASSWORD, safe="") not in text
 
 
 @pytest.mark.parametrize("case", ["wrong_ca", "bad_password", "expired_certificate"])
@@ -198,7 +202,8 @@ async def test_a_refusal_is_one_clear_error_a_state_and_a_slow_retry(
         if target is not broker:
             target.stop()
     want = "unauthorized" if case == "bad_password" else "tls_error"
-    assert pub.state == want and pub.connects == 0
+    assert pub.state == want
+    assert pub.connects == 0
     assert pub.counters()["state"] == want
     refusals = [r for r in caplog.records if "refused us" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in caplog.records]  # said once, not at every retry
@@ -222,9 +227,12 @@ def test_config_refuses_credentials_given_twice_and_tls_files_without_tls(tmp_pa
     for url, (extra, message) in cases.items():
         with pytest.raises(ConfigError, match=message) as err:
             parse_config({"mqtt": {"url": url, **extra}}, tmp_path)
-        assert "mqtt" in str(err.value) and "x@" not in str(err.value)
+        assert "mqtt" in str(err.value)
+        assert "x@" not in str(err.value)
     ok = parse_config({"mqtt": {"url": "mqtts://framegrid@h", "ca_file": "ca.pem"}}, tmp_path)
-    assert ok.mqtt.user == "framegrid" and ok.mqtt.ca_file == tmp_path / "ca.pem" and ok.mqtt.port == 8883
+    assert ok.mqtt.user == "framegrid"
+    assert ok.mqtt.ca_file == tmp_path / "ca.pem"
+    assert ok.mqtt.port == 8883
 
 
 async def test_an_acl_denial_is_one_clear_error_and_a_state(broker: Mosquitto, pki: Pki, tmp_path: Path,
@@ -240,14 +248,15 @@ async def test_an_acl_denial_is_one_clear_error_and_a_state(broker: Mosquitto, p
         with caplog.at_level(logging.DEBUG):
             task = asyncio.create_task(pub.run())
             for i in range(5):
-                pub.publish(pub.topic("hello"), f"{i}".encode(), qos=1)
+                pub.publish("elsewhere/hello", f"{i}".encode(), qos=1)
                 await asyncio.sleep(0.3)
             await pub.close()
             await asyncio.wait_for(task, 10)
     finally:
         client.loop_stop()
         client.disconnect()
-    assert pub.state == "unauthorized" and pub.denied >= 6  # five messages and the `online` availability
+    assert pub.state == "unauthorized"
+    assert pub.denied >= 6
     assert not {b"0", b"1", b"2", b"3", b"4"} & set(got)  # nothing got through
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]  # said once, not for every message

@@ -57,21 +57,28 @@ def test_missing_weights_list_every_piece(tmp_path: Path, tiny: Path) -> None:
 
 
 def test_sizes_come_from_the_configs(model: MuseTalk) -> None:
-    assert model.d_model == 32 and model.layers == 3  # tiny Whisper: 2 layers + embeddings
-    assert model.audio_fps == 50 and model.prompt_len == 10 * 3
-    assert not model.half and model.dtype.is_floating_point  # fp32 on the CPU
+    assert model.d_model == 32
+    assert model.layers == 3
+    assert model.audio_fps == 50
+    assert model.prompt_len == 10 * 3
+    assert not model.half
+    assert model.dtype.is_floating_point
 
 
 def test_audio_windows_and_prompts(model: MuseTalk) -> None:
-    assert window_indices(0, 50) == range(0, 10) and window_indices(1, 50) == range(2, 12)
+    assert window_indices(0, 50) == range(0, 10)
+    assert window_indices(1, 50) == range(2, 12)
     assert window_indices(12, 50) == range(24, 34)
     audio = (0.3 * np.sin(np.arange(2 * 16_000) / 16_000 * 2 * np.pi * 220)).astype(np.float32)
     prompts = model.audio_prompts(audio)
     assert tuple(prompts.shape) == (50, 30, 32)  # 25 fps x 2 s, 10 feature frames x 3 layers, d_model
     # frame 0 starts in the zero padding (2 frames = 4 features of left context)
-    assert float(prompts[0, :4 * 3].abs().max()) == 0.0 and float(prompts[0, 4 * 3:].abs().max()) > 0
+    assert float(prompts[0, :4 * 3].abs().max()) == 0.0
+    assert float(prompts[0, 4 * 3:].abs().max()) > 0
     pe = positional_encoding(30, 32)
-    assert pe.shape == (30, 32) and pe[0, 0] == 0.0 and pe[0, 1] == 1.0
+    assert pe.shape == (30, 32)
+    assert pe[0, 0] == 0.0
+    assert pe[0, 1] == 1.0
 
 
 def test_face_latents_are_masked_first(model: MuseTalk, face_image: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -90,7 +97,8 @@ def test_face_latents_are_masked_first(model: MuseTalk, face_image: Path, tmp_pa
     assert torch.allclose(face.latents[:, :4], lat_masked, atol=1e-5)
     assert torch.allclose(face.latents[:, 4:], lat_full, atol=1e-5)
     assert not torch.allclose(face.latents[:, :4], face.latents[:, 4:])
-    assert lower_half_mask(8)[:4].all() and not lower_half_mask(8)[4:].any()
+    assert lower_half_mask(8)[:4].all()
+    assert not lower_half_mask(8)[4:].any()
 
 
 def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(model: MuseTalk, face_image: Path,  # noqa: F811
@@ -137,16 +145,19 @@ def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: 
     err = capsys.readouterr()
     assert rc == 0, err.err
     n, fps, audio_s, _ = probe_output(out)
-    assert fps == 25 and n == 53  # 2.12 s -> 53 frames of 40 ms
+    assert fps == 25
+    assert n == 53
     assert 0 <= audio_s - 2.12 <= 1024 / 16_000  # AAC frames of 1024 samples
-    assert "generated" in err.out and "silent" in err.out
+    assert "generated" in err.out
+    assert "silent" in err.out
     generated = int(err.out.split("(")[1].split(" generated")[0])
     # speech on frames 0-14 and 40-52; the model also renders the 5 frames each side of speech
     # (its window reaches 2 ahead, then a 3-frame fade): the pause's 15 middle frames skip it
     assert generated == 53 - 15, err.out
     rc = main(["talk", "--backend", "musetalk", "--weights", str(tmp_path / "none"), "--avatar", str(face_image),
                "--audio", str(wav), "--out", str(tmp_path / "x.mp4")])
-    assert rc == 2 and "musetalkV15/unet.pth" in capsys.readouterr().err
+    assert rc == 2
+    assert "musetalkV15/unet.pth" in capsys.readouterr().err
 
 
 def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image: Path,  # noqa: F811
@@ -173,7 +184,8 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
         assert key in names  # the checkpoint's parameter names
     default = MuseTalk(root, "v15", parts={"vae", "whisper"})
     default.load()
-    assert default.parser is not None and default.parser.mode == "jaw"  # v1.5's default parsing mode
+    assert default.parser is not None
+    assert default.parser.mode == "jaw"
     # raw mode (skin, mouth, lips) here: the random net's skin, dilated in jaw mode, covers everything
     m = MuseTalk(root, "v15", parts={"vae", "whisper"}, parsing_mode="raw")
     m.load()
@@ -183,8 +195,10 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     cx1, cy1, cx2, cy2 = face.crop
     parsed = m.parser(padded_crop(avatar.image, face.crop))
     # 0/255 at 512x512, resized back bicubically (as upstream): mostly 0 and 255
-    assert parsed.shape == (cy2 - cy1, cx2 - cx1) and np.isin(parsed, (0, 255)).mean() > 0.9
-    assert 0 < (parsed > 0).mean() < 1 and len(FACE_CLASSES) == 4
+    assert parsed.shape == (cy2 - cy1, cx2 - cx1)
+    assert np.isin(parsed, (0, 255)).mean() > 0.9
+    assert 0 < (parsed > 0).mean() < 1
+    assert len(FACE_CLASSES) == 4
     assert np.array_equal(face.mask, blend_mask(avatar.box, face.crop, parsed))  # the loader wired it in
     k = int(0.1 * face.mask.shape[1] // 2 * 2) + 1  # blur width
     assert face.mask[: int(face.mask.shape[0] * 0.5) - k].max() == 0  # nothing above the upper boundary
@@ -195,7 +209,9 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     no_left[:, : no_left.shape[1] // 2] = 0
     shaped = blend_mask(avatar.box, face.crop, no_left)
     half = shaped.shape[1] // 2 - k
-    assert shaped[:, :half].max() == 0 and geo[:, :half].max() > 0 and shaped.max() > 0
+    assert shaped[:, :half].max() == 0
+    assert geo[:, :half].max() > 0
+    assert shaped.max() > 0
     assert FaceParser(root / CHECKPOINT)(avatar.image).shape == avatar.image.shape[:2]
 
 

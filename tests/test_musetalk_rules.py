@@ -81,11 +81,14 @@ def test_jaw_mode_follows_the_published_steps() -> None:
     assert np.array_equal(raw, np.isin(labels, [1, 11, 12, 13]).astype(np.uint8) * 255)
     assert np.array_equal(face_mask(labels, "neck"), np.isin(labels, [1, 11, 12, 13, 14]).astype(np.uint8) * 255)
     # what the rules are for: the nose is left out, mouth and lips are in
-    assert not jaw[labels == 10].any() and jaw[np.isin(labels, [11, 12, 13])].all()
+    assert not jaw[labels == 10].any()
+    assert jaw[np.isin(labels, [11, 12, 13])].all()
     # the chin: jaw mode reaches a few pixels below the skin's lowest row in the middle (the cone's
     # tip), where raw mode stops at the skin
     chin = int(np.flatnonzero((labels == 1).any(axis=1)).max())
-    assert jaw[chin + 5, 256] == 255 and raw[chin + 5, 256] == 0 and jaw[chin + 8, 256] == 0
+    assert jaw[chin + 5, 256] == 255
+    assert raw[chin + 5, 256] == 0
+    assert jaw[chin + 8, 256] == 0
     # ... and sideways far less than downward
     row = 250
     skin_right = int(np.flatnonzero(labels[row] == 1).max())
@@ -93,8 +96,11 @@ def test_jaw_mode_follows_the_published_steps() -> None:
     # the cheeks outside the central band are eroded: the jaw mask is narrower there than the dilation
     dilated = cv2.dilate((labels == 1).astype(np.uint8) * 255, cone_kernel())
     assert (jaw[:, :256 - 90] < dilated[:, :256 - 90]).any()
-    assert cone_kernel().shape == (33, 33) and cone_kernel()[20].sum() == 21 and cone_kernel()[:10].sum() == 0
-    assert cheek_mask(90)[:, 167:346].max() == 0 and cheek_mask(90)[:, 166].min() == 255
+    assert cone_kernel().shape == (33, 33)
+    assert cone_kernel()[20].sum() == 21
+    assert cone_kernel()[:10].sum() == 0
+    assert cheek_mask(90)[:, 167:346].max() == 0
+    assert cheek_mask(90)[:, 166].min() == 255
     with pytest.raises(ValueError, match="parsing mode"):
         face_mask(labels, "chin")
 
@@ -112,7 +118,8 @@ def test_blend_mask_near_an_edge_is_built_on_the_whole_square() -> None:
     frame = rng.integers(0, 255, (240, 320, 3), np.uint8)
     box = (5, 8, 105, 128)  # near the top-left corner: the 1.5x square reaches outside
     crop = blend_region(box, 1.5)
-    assert crop[0] < 0 and crop[1] < 0
+    assert crop[0] < 0
+    assert crop[1] < 0
     from talkinghead.musetalk import padded_crop
 
     for blur in (BLUR_OFFLINE, BLUR_REALTIME):
@@ -130,7 +137,8 @@ def test_blend_mask_near_an_edge_is_built_on_the_whole_square() -> None:
         ref[: int(2 * s * 0.5)] = 0
         k = int(blur * 2 * s // 2 * 2) + 1
         ref = cv2.GaussianBlur(ref, (k, k), 0)
-        assert mask.shape == ref.shape and np.array_equal(mask, ref)
+        assert mask.shape == ref.shape
+        assert np.array_equal(mask, ref)
     # pasting uses the part of the square inside the image: a generated face changes nothing above
     # the square's centre line (the upper boundary) apart from the blur's reach
     face = PreparedFace(frame, box, None, crop, mask)
@@ -148,10 +156,11 @@ def test_version_defaults_and_blur_kernels() -> None:
     assert (v1.extra_margin, v1.expand, v1.parsing_mode) == (0, 1.5, "raw")
     assert MuseTalk("unused", "v15", parsing_mode="neck").parsing_mode == "neck"
     box, crop = (100, 100, 300, 300), (0, 0, 400, 400)
-    ramp = {b: int(((0 < m) & (m < 255))[250].sum()) for b in (BLUR_OFFLINE, BLUR_REALTIME)
+    ramp = {b: int(((m > 0) & (m < 255))[250].sum()) for b in (BLUR_OFFLINE, BLUR_REALTIME)
             for m in [blend_mask(box, crop, None, blur=b)]}
     # kernel widths 21 and 41 on a 400 px square: the soft edge of the realtime mask is twice as wide
-    assert ramp[BLUR_OFFLINE] < ramp[BLUR_REALTIME] and ramp[BLUR_REALTIME] >= 1.6 * ramp[BLUR_OFFLINE]
+    assert ramp[BLUR_OFFLINE] < ramp[BLUR_REALTIME]
+    assert ramp[BLUR_REALTIME] >= 1.6 * ramp[BLUR_OFFLINE]
 
 
 def test_offline_render_blends_with_the_offline_kernel(model: MuseTalk, tmp_path: Path) -> None:  # noqa: F811
@@ -183,7 +192,8 @@ def test_offline_render_blends_with_the_offline_kernel(model: MuseTalk, tmp_path
         render(model_with_unet(model), avatar, tone_on_off([(0.2, True)]), sink)
     finally:
         model.prepare_faces = real  # type: ignore[method-assign]
-    assert blurs == [BLUR_OFFLINE] and sink.n == 5
+    assert blurs == [BLUR_OFFLINE]
+    assert sink.n == 5
 
 
 def model_with_unet(m: MuseTalk) -> MuseTalk:
@@ -280,8 +290,10 @@ def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> 
     quiet, loud = np.zeros(640, np.float32), np.full(640, 0.3, np.float32)
     # block 1: silent, but speech starts 3 frames after it: its last frame (within 5) is generated
     frames = live.render_block([quiet] * 4, [False] * 4 + [False, False, True, True, True], [quiet, quiet, loud, loud, loud])
-    assert live.generated == 3 and sent == [3]  # onset at frame 6, margin 5: frames 1, 2 and 3
-    assert np.array_equal(frames[0], frame) and not np.array_equal(frames[1], frame)
+    assert live.generated == 3
+    assert sent == [3]
+    assert np.array_equal(frames[0], frame)
+    assert not np.array_equal(frames[1], frame)
     change = [int(np.abs(f.astype(int) - frame).sum()) for f in frames]
     assert 0 == change[0] < change[1] < change[2] < change[3]  # fading in: 1/4, 2/4, 3/4
 

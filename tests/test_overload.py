@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.overload import Camera, OverloadMonitor
+from pipeline.core.overload import Camera, OverloadMonitor
 
 from .conftest import MODEL, Framegrid, Mosquitto, RtspServer, Subscriber
 from .test_stream_fuzz import rss_mb
@@ -41,8 +41,10 @@ def test_cameras_decoding_below_their_rate_on_busy_cores_are_decode_bound() -> N
     cams = {f"c{i}": LIVE for i in range(8)}
     streams = {f"c{i}": stream(12.0, 20.0) for i in range(8)}  # 8 x 12 fps x 20 ms = 1.9 cores of 2
     v = judge(streams, streams, cams)
-    assert v.status == "overloaded" and v.reasons == ("decode-bound",)
-    assert "8 of 8 stream(s)" in v.detail and "decoders busy 1.9 s per second on 2 core(s)" in v.detail
+    assert v.status == "overloaded"
+    assert v.reasons == ("decode-bound",)
+    assert "8 of 8 stream(s)" in v.detail
+    assert "decoders busy 1.9 s per second on 2 core(s)" in v.detail
     # the same rates with idle decoders: the cameras send less than they announce, not an overload
     assert judge(streams, {n: stream(12.0, 2.0) for n in streams}, cams).status == "ok"
     # files are paced by framegrid, and a decoder skipping frames on purpose decodes fewer
@@ -56,11 +58,14 @@ def test_frames_dropped_too_old_or_saturated_slots_are_inference_bound() -> None
     before = {"a": stream(30.0, 3.0, too_old=10), "b": stream(30.0, 3.0, too_old=0)}
     after = {"a": stream(30.0, 3.0, too_old=60), "b": stream(30.0, 3.0, too_old=0)}
     v = judge(before, after, cams)
-    assert v.status == "overloaded" and v.reasons == ("inference-bound",) and "10.0 frames/s dropped too old" in v.detail
+    assert v.status == "overloaded"
+    assert v.reasons == ("inference-bound",)
+    assert "10.0 frames/s dropped too old" in v.detail
     # no drops yet, but the model's slots serve 40 frames/s at 24 ms each: 96% busy
     slots = ({"yolo.0": slot(0, 24.0)}, {"yolo.0": slot(200, 24.0)})
     v = judge(before, before, cams, slots)
-    assert v.reasons == ("inference-bound",) and "slots of yolo busy 96%" in v.detail
+    assert v.reasons == ("inference-bound",)
+    assert "slots of yolo busy 96%" in v.detail
     assert judge(before, before, cams, ({"yolo.0": slot(0, 5.0)}, {"yolo.0": slot(200, 5.0)})).status == "ok"
 
 
@@ -75,24 +80,32 @@ def test_readers_asking_twice_in_a_second_get_the_same_verdict() -> None:
 
 
 def test_shedding_starts_on_decode_overload_and_backs_off_on_relapse() -> None:
-    from pipeline.overload import DecodeShedder, Verdict
+    from pipeline.core.overload import DecodeShedder, Verdict
 
     bound, ok = Verdict("overloaded", ("decode-bound",), "x"), Verdict("ok")
     sh = DecodeShedder(hold=60, max_hold=200)
-    assert sh.update(0, ok) is None and sh.update(5, bound) is True
+    assert sh.update(0, ok) is None
+    assert sh.update(5, bound) is True
     assert sh.update(30, ok) is None  # within the hold
     assert sh.update(65, ok) is False  # held 60 s, no longer decode-bound: full decoding again
-    assert sh.update(70, bound) is True and sh.hold == 120  # relapsed at once: hold doubled
-    assert sh.update(150, ok) is None and sh.update(190, ok) is False
-    assert sh.update(200, bound) is True and sh.hold == 200  # capped
-    assert sh.update(400, ok) is False and sh.update(1000, bound) is True and sh.hold == 200  # a late relapse
+    assert sh.update(70, bound) is True
+    assert sh.hold == 120
+    assert sh.update(150, ok) is None
+    assert sh.update(190, ok) is False
+    assert sh.update(200, bound) is True
+    assert sh.hold == 200
+    assert sh.update(400, ok) is False
+    assert sh.update(1000, bound) is True
+    assert sh.hold == 200
     shed = ok.shedding(32)
-    assert shed.status == "overloaded" and shed.reasons == ("decode-bound",) and "32 live stream(s)" in shed.detail
+    assert shed.status == "overloaded"
+    assert shed.reasons == ("decode-bound",)
+    assert "32 live stream(s)" in shed.detail
     assert Verdict("overloaded", ("inference-bound",), "y").shedding(2).reasons == ("decode-bound", "inference-bound")
 
 
 def test_decode_pacing_takes_turns_at_a_shared_rate_that_adapts_to_aged_frames() -> None:
-    from pipeline.overload import DecodePacer
+    from pipeline.core.overload import DecodePacer
 
     p = DecodePacer(start_per_core=4.0)
     p.start(cameras=32, cores=2, too_old=100)
@@ -108,12 +121,17 @@ def test_decode_pacing_takes_turns_at_a_shared_rate_that_adapts_to_aged_frames()
     # turns: a camera that had its keyframe waits until every other active camera had one
     p.start(cameras=3, cores=2, too_old=0)
     p.interval = 0.01  # plenty of rate: only the turns hold anyone back
-    assert p.may_decode("a", 0.0) and p.may_decode("b", 0.1) and p.may_decode("c", 0.2)  # round 1
+    assert p.may_decode("a", 0.0)
+    assert p.may_decode("b", 0.1)
+    assert p.may_decode("c", 0.2)
     assert p.may_decode("a", 0.3)  # round 2
     assert not p.may_decode("a", 0.4)  # b and c have not had their second turn
-    assert p.may_decode("b", 0.5) and not p.may_decode("a", 0.6)  # c has not
-    assert p.may_decode("c", 0.7) and p.may_decode("a", 0.8)  # round 3
-    assert p.may_decode("b", 0.9) and not p.may_decode("a", 1.0)  # c's third turn pending ...
+    assert p.may_decode("b", 0.5)
+    assert not p.may_decode("a", 0.6)
+    assert p.may_decode("c", 0.7)
+    assert p.may_decode("a", 0.8)
+    assert p.may_decode("b", 0.9)
+    assert not p.may_decode("a", 1.0)
     # ... and c stalls: it holds the round back only for ACTIVE_S after it last asked
     assert not p.may_decode("a", 0.7 + DecodePacer.ACTIVE_S - 0.1)
     assert p.may_decode("a", 0.7 + DecodePacer.ACTIVE_S + 0.1)
@@ -122,14 +140,21 @@ def test_decode_pacing_takes_turns_at_a_shared_rate_that_adapts_to_aged_frames()
     p2 = DecodePacer()
     p2.start(cameras=2, cores=2, too_old=0)
     p2.interval = 0.01
-    assert p2.may_decode("a", 0.0, aged=5) and p2.may_decode("b", 0.1, aged=3)
-    assert p2.may_decode("a", 0.2, aged=5) and not p2.may_decode("a", 0.3, aged=5)
-    assert p2.may_decode("b", 0.4, aged=4) and p2.may_decode("b", 0.5, aged=4)  # its own and the lost one
-    assert p2.may_decode("a", 0.6, aged=5) and not p2.may_decode("a", 0.7, aged=5)  # level: round 3
+    assert p2.may_decode("a", 0.0, aged=5)
+    assert p2.may_decode("b", 0.1, aged=3)
+    assert p2.may_decode("a", 0.2, aged=5)
+    assert not p2.may_decode("a", 0.3, aged=5)
+    assert p2.may_decode("b", 0.4, aged=4)
+    assert p2.may_decode("b", 0.5, aged=4)
+    assert p2.may_decode("a", 0.6, aged=5)
+    assert not p2.may_decode("a", 0.7, aged=5)
     # when b and c come back after a long silence they start one turn behind a, not with the
     # rounds they missed (which would hold a back for as many of their keyframes)
-    assert p.may_decode("a", 20.0) and p.may_decode("b", 20.1) and p.may_decode("c", 20.2)
-    assert p.may_decode("a", 20.3) and not p.may_decode("a", 20.4)
+    assert p.may_decode("a", 20.0)
+    assert p.may_decode("b", 20.1)
+    assert p.may_decode("c", 20.2)
+    assert p.may_decode("a", 20.3)
+    assert not p.may_decode("a", 20.4)
 
     # the rate: 30 cameras at an interval of 3 s share 10 keyframes per second
     p.start(cameras=30, cores=2, too_old=0)
@@ -223,7 +248,8 @@ def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
         assert late <= early * 1.15, rss
         log = fg.output()
         assert "overloaded (decode-bound" in log  # said in the log, with the reason
-        assert "32 live stream(s) decode keyframes only" in log and "keyframes only" in loads[-1]["detail"]
+        assert "32 live stream(s) decode keyframes only" in log
+        assert "keyframes only" in loads[-1]["detail"]
         assert fg.stop() == 0, fg.output()[-5000:]
         # every camera served alike: frames processed per camera over the window
         assert min(served.values()) >= 0.8 * max(served.values()) and min(served.values()) > 0, served

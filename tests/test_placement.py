@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.placement import PlacementError, Placer
+from pipeline.core.placement import PlacementError, Placer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import simulate_cluster  # noqa: E402
+import simulate_cluster
 
 
 def make(n: int, capacity: float = 0.9) -> Placer:
@@ -24,7 +24,9 @@ def make(n: int, capacity: float = 0.9) -> Placer:
 def test_place_uses_most_headroom_and_refuses_what_fits_nowhere() -> None:
     p = make(2)
     first = p.place("a", 0.5)
-    assert first in ("s0", "s1") and p.where("a") == first and p.slots[first].load == 0.5
+    assert first in ("s0", "s1")
+    assert p.where("a") == first
+    assert p.slots[first].load == 0.5
     assert p.place("b", 0.3) != first
     with pytest.raises(PlacementError, match="needs 0.800"):
         p.place("c", 0.8)
@@ -41,7 +43,8 @@ def test_evacuate_moves_everything_that_fits_largest_first() -> None:
     before = set(p.slots[victim].members)
     moves, refused = p.evacuate(victim)
     assert {m.stream for m in moves} | set(refused) == before
-    assert set(p.slots[victim].members) == set(refused) and not p.slots[victim].healthy
+    assert set(p.slots[victim].members) == set(refused)
+    assert not p.slots[victim].healthy
     assert all(s.load <= s.capacity + 1e-9 for s in p.healthy())
     assert [m.cost for m in moves] == sorted((m.cost for m in moves), reverse=True)
 
@@ -66,7 +69,9 @@ def test_simulation_invariants() -> None:
         assert row["imbalance_max_mean"] <= 1.10, row
         assert row["frames_dropped_per_s_steady"] == 0.0
     dies = rows["8 GPUs x 200, one GPU dies"]
-    assert dies["replaced_within_tick"] and dies["refused_on_failure"] == 0 and dies["moved_on_failure"] > 0
+    assert dies["replaced_within_tick"]
+    assert dies["refused_on_failure"] == 0
+    assert dies["moved_on_failure"] > 0
     added = rows["8 GPUs x 200, a GPU is added"]
     assert added["moves"] <= 2 * max(1, added["min_moves_needed"])
 
@@ -79,10 +84,12 @@ def test_node_level_simulation_meets_the_cluster_targets() -> None:
         assert row["streams"] == 4000, row  # nothing lost
         assert row["head_msgs_per_s"] == 2 * row["nodes"], row  # pings only: no per-stream traffic at rest
     fails, joins, drain = rows["node fails"], rows["a node joins"], rows["a node is drained"]
-    assert fails["stranded"] == 0 and fails["moved_on_failure"] == fails["lost_streams"] > 0
+    assert fails["stranded"] == 0
+    assert fails["moved_on_failure"] == fails["lost_streams"] > 0
     assert fails["replace_cpu_ms"] < 1000
     assert joins["floor_nodes"] >= 0.9 and 0 < joins["moves"] <= 2 * joins["min_moves_needed"], joins
-    assert drain["stranded"] == 0 and drain["moves"] == drain["min_moves_needed"] > 0
+    assert drain["stranded"] == 0
+    assert drain["moves"] == drain["min_moves_needed"] > 0
 
 
 def test_fill_gives_an_empty_slot_its_share() -> None:
@@ -93,8 +100,10 @@ def test_fill_gives_an_empty_slot_its_share() -> None:
     for k in range(160):
         p.place(f"c{k}", 0.05)
     p.add_slot("new", capacity=1.0)
-    assert p.imbalance() <= 1.10 and p.rebalance() == []  # by max/mean alone nothing moves
+    assert p.imbalance() <= 1.10
+    assert p.rebalance() == []
     need = p.min_moves_needed(fill=True)
     moves = p.rebalance(fill=True)
-    assert p.floor_ratio() >= 0.9 and all(m.target == "new" for m in moves)
+    assert p.floor_ratio() >= 0.9
+    assert all(m.target == "new" for m in moves)
     assert need <= len(moves) <= 2 * need

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -77,7 +76,8 @@ def test_prometheus_scrapes_framegrid_and_dashboard_metrics_exist(
             time.sleep(1)
         assert set(rates) == {"cam1", "cam2"}, f"rates seen by Prometheus: {rates}"
         up = query(client, "up")
-        assert up and up[0]["value"][1] == "1"  # type: ignore[index]
+        assert up
+        assert up[0]["value"][1] == "1"
         # a stream's latency series appear with its first result, a rate needs two scrapes of them
         p95: list[dict[str, object]] = []
         while time.monotonic() < deadline + 30:

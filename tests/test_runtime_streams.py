@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -80,7 +79,8 @@ async def test_admission_control_refuses_what_fits_nowhere(
     try:
         await asyncio.sleep(2)
         huge = pipeline.streams["huge"]
-        assert huge.state == "refused" and "needs" in str(huge.error)
+        assert huge.state == "refused"
+        assert "needs" in str(huge.error)
         assert huge.source is None  # never started decoding
         assert pipeline.streams["ok"].state == "streaming"
     finally:
@@ -105,7 +105,8 @@ async def test_add_and_remove_models_at_runtime(
             await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL))
         with pytest.raises(DetectorError, match="weights file not found"):
             await pipeline.add_model("ghost", ModelConfig(type="yolo", weights=tmp_path / "ghost.pt"))
-        assert "ghost" not in pipeline.registry.models and "ghost" not in pipeline.pools
+        assert "ghost" not in pipeline.registry.models
+        assert "ghost" not in pipeline.pools
         await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes640", max_fps=5))
         await wait_until(lambda: len(detections(sub, "b")) >= 3, 30, "stream b on the added model")
         assert {m["model"] for m in detections(sub, "b")} == {"shapes640"}
@@ -113,7 +114,8 @@ async def test_add_and_remove_models_at_runtime(
             await pipeline.remove_model("shapes640")
         await pipeline.remove_stream("b")
         await pipeline.remove_model("shapes640")
-        assert "shapes640" not in pipeline.pools and "shapes640" not in pipeline.registry.models
+        assert "shapes640" not in pipeline.pools
+        assert "shapes640" not in pipeline.registry.models
         assert set(pipeline.config.models) == {"shapes"}  # the config as read was never mutated
         n_a = len(detections(sub, "a"))
         await asyncio.sleep(1.5)

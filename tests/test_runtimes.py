@@ -68,11 +68,13 @@ def same_objects(a: list, b: list) -> int:
 def test_export_is_cached_and_keyed(weights: Path, cls: type) -> None:
     d = cls("m", weights, imgsz=320, threads=2)
     d.load()
-    assert d.export_path == cache_path(weights, 320, cls.export_format) and d.export_path.parent == weights.parent
+    assert d.export_path == cache_path(weights, 320, cls.export_format)
+    assert d.export_path.parent == weights.parent
     mtime = d.export_path.stat().st_mtime_ns
     again = cls("m", weights, imgsz=320, threads=2)
     again.load()  # reuses the export: no second one
-    assert again.export_path == d.export_path and d.export_path.stat().st_mtime_ns == mtime
+    assert again.export_path == d.export_path
+    assert d.export_path.stat().st_mtime_ns == mtime
     assert d.class_names == ("circle", "square", "triangle")
     # what changes the graph changes the key
     keys = {cache_path(weights, 320, cls.export_format), cache_path(weights, 640, cls.export_format),
@@ -137,9 +139,11 @@ def test_device_side_preprocessing_matches_ultralytics(weights: Path, images: li
         geos = [geometry(im.shape[1], im.shape[0], 320, 32, rect=rect) for im in sample]
         ours = det.preprocess(sample, geos)
         theirs = predictor.preprocess(list(sample))
-        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == torch.float32
+        assert ours.shape == theirs.shape
+        assert ours.dtype == theirs.dtype == torch.float32
         diff = (ours - theirs).abs()
-        assert diff.max().item() <= 2.5 / 255 and diff.mean().item() < 0.3 / 255
+        assert diff.max().item() <= 2.5 / 255
+        assert diff.mean().item() < 0.3 / 255
     # and the detections of the whole device-side path equal ultralytics' predict
     theirs = model.predict(batch, imgsz=320, conf=0.3, verbose=False)
     for d, r in zip(det.infer(batch), theirs, strict=True):
@@ -172,14 +176,15 @@ def test_nms_and_geometry_round_trip() -> None:
 def test_backend_choice(weights: Path, tmp_path: Path) -> None:
     from pipeline import default_detector_factory, parse_config, plan_models
     from pipeline.config import ConfigError
-    from pipeline.devices import DeviceInfo
+    from pipeline.core.devices import DeviceInfo
 
     assert resolve_backend("auto", "cuda:0") == "torch"  # the CUDA-stream path
     assert resolve_backend("auto", "cpu") == next(r for r in CPU_PREFERENCE if installed(r))
     cfg = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "onnxruntime",
                                          "threads": 2}}}, tmp_path)
     det = default_detector_factory("m", cfg.models["m"])
-    assert isinstance(det, OnnxYoloDetector) and det.threads == 2
+    assert isinstance(det, OnnxYoloDetector)
+    assert det.threads == 2
     auto = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights)}}}, tmp_path)
     assert default_detector_factory("m", auto.models["m"]).runtime == "openvino"  # installed with [cpu]
     with pytest.raises(ConfigError, match="models.m.backend"):

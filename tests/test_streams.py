@@ -52,7 +52,8 @@ def test_backoff_full_jitter_is_capped_and_resets() -> None:
     assert max(delays[10:]) > 2.0  # it does grow to the cap
     assert b.ceiling() == 4.0
     b.reset()
-    assert b.ceiling() == 0.5 and b.next_delay() <= 0.5
+    assert b.ceiling() == 0.5
+    assert b.next_delay() <= 0.5
     with pytest.raises(ValueError):
         Backoff(base=2, cap=1)
 
@@ -66,10 +67,12 @@ def test_mailbox_overwrites_and_counts_stale() -> None:
     box = Mailbox("s", lambda: notified.append(1))
     for i in range(5):
         box.put(_frame("s", i))
-    assert box.waiting_since is not None and box.interval is not None
+    assert box.waiting_since is not None
+    assert box.interval is not None
     first_wait = box.waiting_since
     assert box.take(now=first_wait + 0.001).index == 4  # type: ignore[union-attr]
-    assert box.take() is None and box.waiting_since is None
+    assert box.take() is None
+    assert box.waiting_since is None
     assert (box.received, box.dropped_stale, len(notified)) == (5, 4, 5)
     later = first_wait + 10.0
     box.put(Frame("s", 5, np.zeros((4, 4, 3), np.uint8), time.time(), 0.5, 0.1, later))
@@ -109,7 +112,8 @@ def test_unreachable_url_reconnects_with_redacted_error() -> None:
     assert src.stop(5)
     assert src.state.reconnects >= 3
     errors = [s.error for s in states if s.state == RECONNECTING]
-    assert errors and "Connection refused" in errors[-1]
+    assert errors
+    assert "Connection refused" in errors[-1]
     assert all("Very-Secret-1" not in (s.error or "") for s in states)
     assert "cam:***@" in errors[-1]
 
@@ -130,7 +134,8 @@ def test_not_video_file_fails_clearly(tmp_path: Path) -> None:
     assert done.wait(10)
     src.stop(2)
     assert states[-1].state == FAILED
-    assert "cannot open" in (states[-1].error or "") and "notes.mp4" in (states[-1].error or "")
+    assert "cannot open" in (states[-1].error or "")
+    assert "notes.mp4" in (states[-1].error or "")
 
 
 def test_probe_cli(short_video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,7 +145,9 @@ def test_probe_cli(short_video: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     port = free_port()
     assert main(["probe", "--timeout", "2", f"rtsp://u:Hidden-9@127.0.0.1:{port}/s"]) == 2
     err = capsys.readouterr().err
-    assert "probe failed" in err and "Connection refused" in err and "Hidden-9" not in err
+    assert "probe failed" in err
+    assert "Connection refused" in err
+    assert "Hidden-9" not in err
 
 
 def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
@@ -152,7 +159,8 @@ def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
         frames: list[Frame] = []
         url = f"rtsp://u:p%40ss%20word@127.0.0.1:{server.port}/cam"
         src = Source("cam", url, frames.append)
-        assert not src.realtime and not src.loop
+        assert not src.realtime
+        assert not src.loop
         src.start()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(frames) < 20:
@@ -165,7 +173,8 @@ def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
     assert frames[0].image.shape == (360, 640, 3)
     # a live source delivers at the camera's rate, pts on its own clock
     pts = [f.pts for f in frames if f.pts is not None]
-    assert pts == sorted(pts) and pts[-1] - pts[0] == pytest.approx((len(pts) - 1) / 15, abs=0.2)
+    assert pts == sorted(pts)
+    assert pts[-1] - pts[0] == pytest.approx((len(pts) - 1) / 15, abs=0.2)
 
 
 def test_frames_are_converted_only_when_dispatched_and_as_the_reference_does(short_video: Path) -> None:
@@ -181,15 +190,18 @@ def test_frames_are_converted_only_when_dispatched_and_as_the_reference_does(sho
     while src.state.state != "ended" and time.monotonic() < deadline:
         time.sleep(0.05)
     src.stop(5)
-    assert len(frames) == 15 and all(isinstance(f.picture, VideoPicture) for f in frames)
+    assert len(frames) == 15
+    assert all(isinstance(f.picture, VideoPicture) for f in frames)
     assert not any(f.picture.converted for f in frames)  # decoding alone converts nothing
     assert (frames[3].width, frames[3].height) == (320, 180)  # known without converting
     assert not frames[3].picture.converted
     with av.open(str(short_video)) as c:
         reference = [vf.to_ndarray(format="bgr24") for vf in c.decode(video=0)]
     got = frames[7].image
-    assert frames[7].picture.converted and frames[7].picture.convert_ms is not None
-    assert got.shape == (180, 320, 3) and np.array_equal(got, reference[7])
+    assert frames[7].picture.converted
+    assert frames[7].picture.convert_ms is not None
+    assert got.shape == (180, 320, 3)
+    assert np.array_equal(got, reference[7])
     assert frames[7].image is got  # converted once
     assert sum(f.picture.converted for f in frames) == 1
 
@@ -215,21 +227,27 @@ def test_decoder_options_skip_frames_and_hardware_fallback(tmp_path: Path) -> No
     write_video(ip, scene, seconds=2.0, gop_seconds=1.0)  # 50 frames, keyframes at 0 and 25
     write_video(ibbp, scene, seconds=2.0, gop_seconds=1.0, b_frames=2)
     everything, src = _decode_all(ibbp, skip_frames="none")
-    assert len(everything) == 50 and src.skipping == "none"
+    assert len(everything) == 50
+    assert src.skipping == "none"
     keys, src = _decode_all(ip, skip_frames="nonkey")
-    assert len(keys) == 2 and src.skipping == "nonkey"
+    assert len(keys) == 2
+    assert src.skipping == "nonkey"
     refs, _ = _decode_all(ibbp, skip_frames="nonref")
     assert 14 <= len(refs) <= 20  # I and P only: about one frame in three
     pts = [f.pts for f in refs]
-    assert pts == sorted(pts) and pts[-1] > 1.8  # the whole clip, thinned
+    assert pts == sorted(pts)
+    assert pts[-1] > 1.8
     # auto: skip only when max_fps is at most a third of the camera's rate
     auto_low, src = _decode_all(ibbp, wanted_fps=5.0)
-    assert src.skipping == "nonref" and len(auto_low) == len(refs)
+    assert src.skipping == "nonref"
+    assert len(auto_low) == len(refs)
     auto_high, src = _decode_all(ibbp, wanted_fps=10.0)
-    assert src.skipping == "none" and len(auto_high) == 50
+    assert src.skipping == "none"
+    assert len(auto_high) == 50
     # a hardware decoder: used where the device exists, else software with the reason recorded
     hw, src = _decode_all(ip, hwaccel="cuda", skip_frames="none")
-    assert len(hw) == 50 and src.state.state == "ended"
+    assert len(hw) == 50
+    assert src.state.state == "ended"
     assert src.hw_decoding or (src.hw_error and "cannot open" in src.hw_error)
     if not src.hw_decoding:  # the software fallback is the plain decoder, pixel for pixel
         plain, _ = _decode_all(ip, skip_frames="none")
@@ -283,8 +301,10 @@ def test_max_retries_gives_up_and_says_why() -> None:
     assert failed.wait(15), [s.state for s in states]
     time.sleep(0.5)  # and no attempt after that
     assert src.stop(5)
-    assert states[-1].state == FAILED and src.state.reconnects == 2  # two retries after the first attempt
-    assert "Connection refused" in (states[-1].error or "") and "Very-Secret-1" not in (states[-1].error or "")
+    assert states[-1].state == FAILED
+    assert src.state.reconnects == 2
+    assert "Connection refused" in (states[-1].error or "")
+    assert "Very-Secret-1" not in (states[-1].error or "")
 
 
 def test_a_camera_that_stalls_without_disconnecting_is_reconnected(tmp_path: Path) -> None:
@@ -322,5 +342,6 @@ def test_a_camera_that_stalls_without_disconnecting_is_reconnected(tmp_path: Pat
     listener.close()
     for conn in held:
         conn.close()
-    assert src.state.reconnects >= 2 and len(held) >= 2  # it connected, got nothing, and tried again
+    assert src.state.reconnects >= 2
+    assert len(held) >= 2
     assert any(s.state == RECONNECTING and s.error for s in states)

@@ -77,18 +77,23 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
     # (`degraded` in between when the CPU is busy); `stopped` at shutdown
     assert seen[:2] == ["starting", "live"] and seen[-2:] == ["ended", "stopped"], seen
     ended = next(s for s in states if s["state"] == "ended")
-    assert ended["frames"] >= 50 and ended["output_fps"] is not None
+    assert ended["frames"] >= 50
+    assert ended["output_fps"] is not None
     # odd length, 3 s in one chunk, 44.1 kHz, a repeated sequence number, a short header; two chunks skipped
     assert ended["audio_rejected_by"] == {"malformed": 2, "oversized": 1, "wrong_rate": 1, "out_of_order": 1}
-    assert ended["audio_rejected"] == 5 and ended["audio_gaps"] == 2
+    assert ended["audio_rejected"] == 5
+    assert ended["audio_gaps"] == 2
     nobody = [json.loads(m.payload) for m in sub.of("/talk/nobody/state")]
-    assert nobody[-1]["state"] == "failed" and "no face found" in nobody[-1]["error"]
+    assert nobody[-1]["state"] == "failed"
+    assert "no face found" in nobody[-1]["error"]
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
     assert any("anna" in s.get("talk", {}) for s in stats)
     n, fps, audio_s, _ = probe_output(playlist)
     # 2 s of speech plus the silence the session kept the clock with while waiting for it
     # MPEG-TS keeps AAC's 1024 priming samples (64 ms at 16 kHz) and the last frame's padding
-    assert fps == 25 and n >= 50 and -0.04 <= audio_s - n / 25 <= 0.13
+    assert fps == 25
+    assert n >= 50
+    assert -0.04 <= audio_s - n / 25 <= 0.13
 
 
 @pytest.mark.slow
@@ -113,13 +118,17 @@ async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
     # last frame repeated while generation caught up with real time: the CPU decides how many)
     assert ended["errors"] == 0 and ended["inferred"] > 0, json.dumps(ended)
     assert ended["frames"] == ended["inferred"] + ended["idle"] + ended["late"]
-    assert ended["latency_ms_p50"] is not None and ended["latency_ms_p50"] > 0  # audio in -> frame out
+    assert ended["latency_ms_p50"] is not None
+    assert ended["latency_ms_p50"] > 0
     stats = [json.loads(m.payload) for m in sub.of("/stats")]
     lipsync = [s["lipsync"] for s in stats if s.get("lipsync")]
-    assert lipsync and lipsync[-1]["slots"]["lipsync.0"]["frames"] == ended["inferred"]
+    assert lipsync
+    assert lipsync[-1]["slots"]["lipsync.0"]["frames"] == ended["inferred"]
     assert any(s["talk"].get("anna", {}).get("slot") == "lipsync.0" for s in stats if s.get("talk"))
     n, fps, audio_s, _ = probe_output(out)
-    assert fps == 25 and n >= 50 and 0 <= audio_s - n / 25 <= 1024 / 16_000
+    assert fps == 25
+    assert n >= 50
+    assert 0 <= audio_s - n / 25 <= 1024 / 16_000
 
 
 def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> None:  # noqa: F811
@@ -128,12 +137,14 @@ def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> Non
     with pytest.raises(ConfigError) as err:
         parse_config({"talk": {"a": {"avatar": str(face_image), "audio": "mqtt", "out": "x.mp4",
                                      "backend": "musetalk"}}}, tmp_path)
-    assert "talk.a.backend" in str(err.value) and "lipsync.weights" in str(err.value)
+    assert "talk.a.backend" in str(err.value)
+    assert "lipsync.weights" in str(err.value)
     with pytest.raises(ConfigError) as err:
         parse_config({"lipsync": {"weights": str(tmp_path / "none")},
                       "talk": {"a": {"avatar": str(face_image), "audio": "mqtt", "out": "x.mp4",
                                      "backend": "musetalk"}}}, tmp_path)
-    assert "lipsync.weights" in str(err.value) and "musetalkV15/unet.pth" in str(err.value)
+    assert "lipsync.weights" in str(err.value)
+    assert "musetalkV15/unet.pth" in str(err.value)
 
 
 def onsets(on: np.ndarray) -> list[int]:

@@ -87,7 +87,8 @@ def wait_until_stable(path: Path, quiet: float = 1.0, timeout: float = 15.0) -> 
 def test_avatar_box_follows_musetalk_rule(face_image: Path, tmp_path: Path) -> None:
     av1 = prepare_avatar(face_image, cache_dir=tmp_path)
     lm = av1.landmarks
-    assert lm is not None and lm.shape == (68, 2)
+    assert lm is not None
+    assert lm.shape == (68, 2)
     x1, y1, x2, y2 = av1.box
     chin, nose = lm[:, 1].max(), lm[29, 1]
     assert y1 == int(nose - (chin - nose))  # the chin mirrored above the nose
@@ -95,13 +96,16 @@ def test_avatar_box_follows_musetalk_rule(face_image: Path, tmp_path: Path) -> N
     assert (x1, x2) == (int(lm[:, 0].min()), int(lm[:, 0].max()))
     assert musetalk_box(lm, 512, 512, 0)[3] == int(chin)  # v1.0: no margin
     mx1, my1, mx2, my2 = av1.mouth
-    assert x1 < mx1 < mx2 < x2 and nose < my1 < my2 < y2
+    assert x1 < mx1 < mx2 < x2
+    assert nose < my1 < my2 < y2
     # cached: same result without detection; a manual box overrides detection
     t = time.perf_counter()
     again = prepare_avatar(face_image, cache_dir=tmp_path)
-    assert again.box == av1.box and time.perf_counter() - t < 0.5
+    assert again.box == av1.box
+    assert time.perf_counter() - t < 0.5
     manual = prepare_avatar(face_image, box=(150, 60, 290, 220), cache_dir=tmp_path)
-    assert manual.box == (150, 60, 290, 220) and manual.landmarks is None
+    assert manual.box == (150, 60, 290, 220)
+    assert manual.landmarks is None
 
 
 def test_bad_avatar_and_audio_inputs(tmp_path: Path) -> None:
@@ -141,7 +145,8 @@ def test_offline_session_writes_av_in_sync(face_image: Path, tmp_path: Path) -> 
     assert session.wait(60) and session.state == "ended", session.error
     n, fps, audio_s, frames = probe_output(out)
     duration = len(audio) / SAMPLE_RATE
-    assert fps == FPS and abs(n - duration * FPS) <= 1
+    assert fps == FPS
+    assert abs(n - duration * FPS) <= 1
     assert abs(audio_s - duration) <= 1 / FPS + 0.025  # AAC priming aside, all of the input's audio
     # mouth motion measured on the decoded output, against the avatar's own mouth
     x1, y1, x2, y2 = avatar.mouth
@@ -155,7 +160,9 @@ def test_offline_session_writes_av_in_sync(face_image: Path, tmp_path: Path) -> 
     edges_mouth = np.flatnonzero(np.diff(moving.astype(int)))
     assert len(edges_audio) == len(edges_mouth) == 4, (edges_audio, edges_mouth)
     assert np.abs(edges_audio - edges_mouth).max() <= 1
-    assert session.stats.idle > 0 and session.stats.inferred > 0 and session.stats.late == 0
+    assert session.stats.idle > 0
+    assert session.stats.inferred > 0
+    assert session.stats.late == 0
 
 
 def test_live_session_with_pushed_pcm_to_hls(face_image: Path, tmp_path: Path) -> None:
@@ -171,14 +178,18 @@ def test_live_session_with_pushed_pcm_to_hls(face_image: Path, tmp_path: Path) -
         time.sleep(0.05)
     push.close()
     assert session.wait(30) and session.state in ("ended", "degraded"), session.error
-    assert playlist.is_file() and list(playlist.parent.glob("*.ts"))
+    assert playlist.is_file()
+    assert list(playlist.parent.glob("*.ts"))
     n, fps, audio_s, _ = probe_output(playlist)
     # all 2 s of pushed audio, plus any 40 ms of silence the session emitted while waiting for data
-    assert fps == FPS and 2.0 * FPS <= n <= 2.0 * FPS + 3
+    assert fps == FPS
+    assert 2.0 * FPS <= n <= 2.0 * FPS + 3
     # audio and video end together; MPEG-TS keeps AAC's priming (64 ms at 16 kHz) and final padding
     assert -1 / FPS <= audio_s - n / FPS <= 0.13
     snap = session.snapshot()
-    assert snap["frames"] == n and snap["output_fps"] and snap["render_ms_p50"] is not None
+    assert snap["frames"] == n
+    assert snap["output_fps"]
+    assert snap["render_ms_p50"] is not None
     # audio-in to frame-out: pushed 2x faster than real time, so chunks wait their turn (< 2 s)
     assert 0 < snap["latency_ms_p50"] <= snap["latency_ms_p95"] < 2500
 
@@ -207,9 +218,12 @@ def test_sink_that_goes_away_fails_only_its_session(face_image: Path, tmp_path: 
                        realtime=False)
     bad.start()
     good.start()
-    assert bad.wait(30) and good.wait(30)
-    assert bad.state == "failed" and "Broken pipe" in (bad.error or "")
-    assert good.state == "ended" and good.stats.frames == 25
+    assert bad.wait(30)
+    assert good.wait(30)
+    assert bad.state == "failed"
+    assert "Broken pipe" in (bad.error or "")
+    assert good.state == "ended"
+    assert good.stats.frames == 25
 
 
 def test_live_session_pushes_to_rtsp_record_server(face_image: Path, tmp_path: Path) -> None:
@@ -231,7 +245,8 @@ def test_live_session_pushes_to_rtsp_record_server(face_image: Path, tmp_path: P
     finally:
         server.kill()
     n, fps, audio_s, _ = probe_output(received)
-    assert fps == FPS and n == 50  # 2 s at 25 fps, every frame arrived
+    assert fps == FPS
+    assert n == 50
     # all the audio: RTP carries whole AAC frames (1024 samples), so the last one arrives with the
     # encoder's padding (2.0 s -> 32 frames = 2.048 s); nothing may be missing
     assert 0.0 <= audio_s - 2.0 <= 1024 / SAMPLE_RATE
@@ -312,6 +327,7 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     spoken = [v for v in values if v > 0]
     assert spoken == list(range(1, n + 1))  # whole and in order, fillers (silence) only before and after
     first = values.index(1)
-    assert all(v == 0 for v in values[:first]) and values[first:first + n] == spoken
+    assert all(v == 0 for v in values[:first])
+    assert values[first:first + n] == spoken
     # the spurt plays (4 + 5 - 1) frames plus a render behind its arrival: well under a second
     assert 9 <= first <= 9 + 25, first

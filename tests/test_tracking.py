@@ -9,7 +9,7 @@ import pytest
 
 from detectors import Detections
 from pipeline import parse_config
-from pipeline.tracking import StreamTracker, TrackerSettings
+from pipeline.analytics.tracking import StreamTracker, TrackerSettings
 
 from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 from .test_e2e import detections
@@ -32,7 +32,8 @@ def test_ids_are_stable_and_announced_after_min_hits(kind: str) -> None:
     rng = np.random.default_rng(1)
     start, vel = rng.uniform(100, 1500, (20, 2)), rng.uniform(-60, 60, (20, 2))  # px/s
     out = run(StreamTracker(TrackerSettings(type=kind, min_hits=3)), 25, 4, start, vel)
-    assert (out[0] == 0).all() and (out[1] == 0).all()  # seen once, twice: not announced yet
+    assert (out[0] == 0).all()
+    assert (out[1] == 0).all()
     assert (out[2] > 0).all()
     for k in range(3, len(out)):
         assert (out[k] == out[2]).all(), f"ids changed at frame {k}"
@@ -52,7 +53,8 @@ def test_a_max_fps_gap_is_predicted_in_real_time() -> None:
         return slow + fast
 
     timed = warm_then_fast(StreamTracker(TrackerSettings()))
-    assert (timed[-1] == timed[24]).all() and (timed[-1] > 0).all()
+    assert (timed[-1] == timed[24]).all()
+    assert (timed[-1] > 0).all()
 
     frames = StreamTracker(TrackerSettings())
     frames.update = _frame_counting(frames)  # type: ignore[method-assign]
@@ -97,7 +99,8 @@ def test_restart_ends_tracks_and_ids_never_repeat() -> None:
     before = set(run(tr, 25, 1, start, vel)[-1].tolist())
     tr.restart()
     after = set(run(tr, 25, 1, start, vel, t0=1001.0)[-1].tolist())
-    assert before.isdisjoint(after) and min(after) > max(before)
+    assert before.isdisjoint(after)
+    assert min(after) > max(before)
 
 
 @pytest.mark.slow
@@ -147,7 +150,7 @@ def test_parity_with_ultralytics_bytetrack_at_a_steady_rate() -> None:
 
     from ultralytics.trackers.byte_tracker import BYTETracker
 
-    from pipeline.tracking import _Boxes
+    from pipeline.analytics.tracking import _Boxes
 
     rng = np.random.default_rng(5)
     start, vel = rng.uniform(100, 1500, (12, 2)), rng.uniform(-120, 120, (12, 2))
@@ -199,7 +202,8 @@ def test_an_object_cut_by_an_occluder_keeps_its_id() -> None:
     size just before the object vanishes; its reappearing half then misses the coasting track. Taken
     as cut views of a whole object, the track coasts at the right speed and size and takes it back."""
     before, after = behind_a_bar(TrackerSettings())
-    assert before > 0 and after == before
+    assert before > 0
+    assert after == before
     before, after = behind_a_bar(TrackerSettings(partial_ratio=0))
     assert before > 0 and after != before, "without cut views the id survived too: the test shows nothing"
 
@@ -216,7 +220,8 @@ def test_the_tracks_own_class_breaks_a_tie() -> None:
                              1000 + 10 / 25)
         return int(first[0]), ids
     track, ids = run_with(TrackerSettings())
-    assert ids[1] == track and ids[0] != track
+    assert ids[1] == track
+    assert ids[0] != track
     track, ids = run_with(TrackerSettings(class_penalty=0))
     assert ids[0] == track, "class-agnostic association took the other one too: the test shows nothing"
 

@@ -11,7 +11,7 @@ frames a framegrid stream would take are kept (the same phase rule as `StreamFee
 systems see exactly those frames:
 
   framegrid    the model through framegrid's detector (torch backend: the same answers as
-               ultralytics, see tools/agreement.py) and `pipeline.tracking.StreamTracker` with
+               ultralytics, see tools/agreement.py) and `pipeline.analytics.tracking.StreamTracker` with
                its defaults, fed the frames' real timestamps
   ultralytics  `YOLO(weights).track(frame, persist=True)` with its default ByteTrack, as a user
                would call it (it counts frames, not time)
@@ -57,14 +57,14 @@ def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.nda
 
 def track_framegrid(frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, **tracker: Any) -> list[list[tuple[int, list[float]]]]:
     from detectors.runtimes import build_detector
+    from pipeline.analytics.tracking import StreamTracker
     from pipeline.config import TrackerConfig
-    from pipeline.tracking import StreamTracker
 
     det = build_detector("torch", "shapes", MODEL, imgsz=IMGSZ, confidence=0.25, iou=0.7, device="cpu",
                          threads=None, half=False, max_batch=1, max_detections=300, agnostic=False)
     det.load()
     given = {k: v for k, v in tracker.items() if v is not None}
-    tracker = StreamTracker(TrackerConfig(**given).settings())
+    tracker = StreamTracker(TrackerConfig(**given))
     out = []
     for k, (_, t, image) in enumerate(frames):
         d = det.infer([image])[0]

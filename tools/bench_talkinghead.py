@@ -111,9 +111,9 @@ def stage_costs(weights: Path, avatar: Any, batch: int, block: int, workdir: Pat
 
 def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int, block: int,
                   workdir: Path) -> dict[str, Any]:
-    from pipeline.devices import DeviceInfo
     from pipeline.config import LipSyncConfig
-    from pipeline.lipsync import musetalk_pool
+    from pipeline.core.devices import DeviceInfo
+    from pipeline.talk.lipsync import musetalk_pool
     from streams.sinks import AVSink
     from talkinghead import TalkSession
     from talkinghead.live import MuseTalkLive
@@ -152,9 +152,9 @@ def live_sessions(weights: Path, avatar: Any, k: int, seconds: float, batch: int
 
 
 def offline(weights: Path, avatar: Any, slots: int, seconds: float, batch: int) -> dict[str, Any]:
-    from pipeline.devices import DeviceInfo
     from pipeline.config import LipSyncConfig
-    from pipeline.lipsync import musetalk_pool
+    from pipeline.core.devices import DeviceInfo
+    from pipeline.talk.lipsync import musetalk_pool
     from talkinghead.musetalk import MuseTalk
     from talkinghead.offline import render
 

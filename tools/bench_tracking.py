@@ -19,8 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detectors import Detections  # noqa: E402
-from pipeline.tracking import StreamTracker, TrackerSettings  # noqa: E402
+from detectors import Detections
+from pipeline.analytics.tracking import StreamTracker, TrackerSettings
 
 
 def measure(kind: str, fps: float, objects: int, seconds: float) -> dict[str, float]:

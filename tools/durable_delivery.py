@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import MqttConfig  # noqa: E402
-from pipeline.publisher import Publisher  # noqa: E402
-from tools.servers import Mosquitto  # noqa: E402
+from pipeline.config import MqttConfig
+from pipeline.mqtt.publisher import Publisher
+from tools.servers import Mosquitto
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Cluster-scale placement simulation driving framegrid's real placement code (`pipeline.placement`)
-and slot planner (`pipeline.devices.plan_slots`) with simulated GPUs, in simulated time.
+"""Cluster-scale placement simulation driving framegrid's real placement code (`pipeline.core.placement`)
+and slot planner (`pipeline.core.devices.plan_slots`) with simulated GPUs, in simulated time.
 
 Per-slot batch latency follows t(b) = a + b*c (per GPU type, figures below are assumptions, not
 measurements), so a frame served in batches of B costs a/B + c seconds of slot time; a stream's
@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.devices import GB, DeviceInfo, plan_slots  # noqa: E402
-from pipeline.placement import PlacementError, Placer, SlotState  # noqa: E402
+from pipeline.core.devices import GB, DeviceInfo, plan_slots
+from pipeline.core.placement import PlacementError, Placer, SlotState
 
 BATCH = 8
 TICK_S = 0.5  # supervisor tick: a dead slot's streams lose at most this much video

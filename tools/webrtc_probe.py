@@ -49,7 +49,7 @@ def until(what: str, check: Any, timeout: float) -> Any:
     while time.monotonic() < deadline:
         try:
             got = check()
-        except Exception:  # noqa: BLE001 - the page is not there yet: look again
+        except Exception:
             got = None
         if got:
             return got

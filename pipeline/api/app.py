@@ -25,16 +25,16 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from pipeline.analytics.eventstore import query as event_query
+from pipeline.clientpaths import ClientPathError, ClientPaths
+from pipeline.config import Name, StreamConfig, TalkConfig
+from pipeline.core import faults
+from pipeline.core.handoff import wait_event
+from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
+from pipeline.talk.jobs import TalkJobs
 from streams import redact_text
 
-from .. import faults
-from ..clientpaths import ClientPathError, ClientPaths
-from ..config import Name, StreamConfig, TalkConfig
-from ..control import ChangeError, StreamControl
-from ..errors import PlacementError
-from ..eventstore import query as event_query
-from ..handoff import wait_event
-from ..jobs import JobError, TalkJobs
+from .control import StreamControl
 from .metrics import make_registry
 from .views import LatestResults
 
@@ -245,6 +245,15 @@ async def read_sdp(request: Request) -> str:
         raise HTTPException(400, "the SDP offer is not UTF-8") from None
 
 
+STATUS_OF: dict[type[RequestError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, TooLarge: 413,
+                                             Unavailable: 503}
+
+
+def http_status(exc: RequestError) -> int:
+    """The HTTP answer to a refused request: the control plane's one mapping of error kinds."""
+    return next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
+
+
 def add_webrtc_routes(app: FastAPI, pipeline: Any, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
                       running: Callable[[], None]) -> None:
     """WHEP-style viewing and WHIP-style microphone for sessions with `out`/`audio` = "webrtc": one
@@ -311,13 +320,13 @@ def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -
         try:
             update[key] = check()
         except ClientPathError as exc:
-            raise ChangeError(422, f"{key}: {exc}", [(key, str(exc))]) from None
+            raise Invalid(f"{key}: {exc}", [(key, str(exc))]) from None
     cfg = cfg.model_copy(update=update)
     if cfg.backend == "musetalk" and not musetalk_ready:
-        raise ChangeError(422, "backend: musetalk needs lipsync.weights in the config",
+        raise Invalid("backend: musetalk needs lipsync.weights in the config",
                           [("backend", "musetalk needs lipsync.weights in the config")])
     if not cfg.avatar.is_file():
-        raise ChangeError(422, f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: {cfg.avatar}")])
+        raise Invalid(f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: {cfg.avatar}")])
     return cfg
 
 
@@ -340,11 +349,7 @@ def add_job_routes(app: FastAPI, jobs: TalkJobs | None, guarded: list[Any], erro
                       audio_path: str | None = Form(None, description="or a file on the server"),
                       backend: str = Form("energy", pattern="^(energy|musetalk)$")) -> JobInfo:
         q = jobs_or_503()
-        try:
-            job = await q.submit(avatar, audio, avatar_path, audio_path, backend)
-        except JobError as exc:
-            raise HTTPException(exc.status, redact_text(str(exc), secrets())) from None
-        return job_info(job)
+        return job_info(await q.submit(avatar, audio, avatar_path, audio_path, backend))
 
     @app.get("/api/talk/jobs", response_model=list[JobInfo], tags=["talk"], dependencies=guarded, responses=errors)
     async def list_jobs() -> list[JobInfo]:
@@ -395,13 +400,14 @@ def base_app(description: str, token: str | None, secrets: Callable[[], tuple[st
 
     app = FastAPI(title="framegrid", version="1", docs_url=None, redoc_url=None, description=description)
 
-    @app.exception_handler(ChangeError)
-    async def _change_error(request: Request, exc: ChangeError) -> JSONResponse:
-        if exc.status == 422:
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        status = http_status(exc)
+        if status == 422 and exc.errors:
             detail: Any = [{"loc": ["body", *k.split(".")], "msg": redact_text(m, secrets()), "type": "value_error"}
-                           for k, m in exc.errors] or redact_text(str(exc), secrets())
+                           for k, m in exc.errors]
             return JSONResponse({"detail": detail}, 422)
-        return JSONResponse({"detail": redact_text(str(exc), secrets())}, exc.status)
+        return JSONResponse({"detail": redact_text(str(exc), secrets())}, status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -18,14 +18,13 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pipeline.core.stats import DROP_CAUSES
 from streams import StreamState
 
-from ..stats import DROP_CAUSES
-
 if TYPE_CHECKING:
-    from ..app import Pipeline
-    from ..devices import DeviceInfo
-    from ..results import Result
+    from pipeline.app import Pipeline
+    from pipeline.core.devices import DeviceInfo
+    from pipeline.core.results import Result
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

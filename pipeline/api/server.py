@@ -18,11 +18,12 @@ from typing import Any
 
 import uvicorn
 
-from ..config import Config
-from ..control import StreamControl
-from ..errors import FramegridError
-from ..jobs import TalkJobs
+from pipeline.config import Config
+from pipeline.errors import FramegridError
+from pipeline.talk.jobs import TalkJobs
+
 from .app import build_app
+from .control import StreamControl
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def jobs_folder(config: Config, config_path: Path | None) -> Path:
         return config.api.jobs_dir
     if config_path is not None:
         return config_path.resolve().with_name(config_path.stem + ".jobs")
-    from detectors.offline import default_state_dir
+    from streams import default_state_dir
 
     return default_state_dir() / "jobs"
 
@@ -127,7 +128,7 @@ class ApiServer(HttpServer):
                              int(api.max_upload_mb * 1e6))
 
     def _job_workers(self) -> int:
-        from ..lipsync import plan_lipsync
+        from pipeline.talk.lipsync import plan_lipsync
 
         lcfg = self.config.lipsync
         plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..results import Result
+    from pipeline.core.results import Result
 
 JPEG_QUALITY = 80
 MAX_VIEW_SIDE = 1280  # live views are scaled down to this (a 4K camera is not sent at 4K to a browser)

@@ -22,9 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
-from streams import redact_text
-
-from ..api.app import (
+from pipeline.api.app import (
     BodyLimit,
     NewSession,
     NewStream,
@@ -37,10 +35,11 @@ from ..api.app import (
     configured_stream,
     session_config,
 )
-from ..api.server import HttpServer, jobs_folder
-from ..control import StreamControl
-from ..errors import PlacementError
-from ..jobs import TalkJobs
+from pipeline.api.control import StreamControl
+from pipeline.api.server import HttpServer, jobs_folder
+from pipeline.errors import PlacementError
+from pipeline.talk.jobs import TalkJobs
+from streams import redact_text
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -187,7 +186,7 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
         known(name)
         try:
             got = await head.snapshot(name, boxes)
-        except Exception as exc:  # noqa: BLE001 - the node died or is slow
+        except Exception as exc:
             raise HTTPException(503, f"stream {name}: its node did not answer ({type(exc).__name__})") from None
         if got is None:
             raise HTTPException(503, f"stream {name} has no processed frame yet")

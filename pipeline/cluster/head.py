@@ -31,16 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import Config, StreamConfig, TalkConfig
+from pipeline.core.handoff import wait_event
+from pipeline.core.placement import PlacementError, Placer, SlotState
+from pipeline.mqtt.publisher import Publisher
+from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text, url_password
-
-from ..config import Config, StreamConfig, TalkConfig
-from ..handoff import wait_event
-from ..placement import PlacementError, Placer, SlotState
-from ..publisher import Publisher
 
 log = logging.getLogger("framegrid.cluster")
 
-PAYLOAD_VERSION = 1
 START_TIMEOUT_S = 300.0  # a worker loads its models before it is ready
 RETRY_LOST_S = 30.0  # a node whose worker was lost gets a new worker after this, if Ray still lists it
 DEFAULT_FPS = 25.0  # the cost of a stream without max_fps (a camera's usual rate)
@@ -123,7 +122,7 @@ class ClusterHead:
                 await asyncio.gather(*loops, *self._starting.values(), return_exceptions=True)
                 if not self.keep_workers:
                     await self._stop_workers()
-                self.publisher.publish(self.publisher.topic("cluster"), self.state(), qos=1, retain=True)
+                self.publisher.publish(self.publisher.topics.cluster, self.state(), qos=1, retain=True)
                 await self.publisher.close()
                 await asyncio.wait({pub_task}, timeout=10)
 
@@ -188,7 +187,7 @@ class ClusterHead:
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 desc = await actor.start.remote()
-        except Exception as exc:  # noqa: BLE001 - any failure of a remote start: the node is lost
+        except Exception as exc:
             await self._lost(node, f"its worker did not start: {exc!r}")
             return
         self._describe(node, desc)
@@ -245,7 +244,7 @@ class ClusterHead:
         log.warning("cluster: %s lost (%s); moving its streams", node.name, why)
         with contextlib.suppress(Exception):
             ray.kill(node.actor, no_restart=True)  # a worker cut off but alive must publish nothing more
-        self.publisher.publish(self.publisher.topic("nodes", node.name, "availability"), b"offline", qos=1,
+        self.publisher.publish(self.publisher.topics.node_availability(node.name), b"offline", qos=1,
                                retain=True)
         for placer in self._all_placers():
             if node.name not in placer.slots:
@@ -290,7 +289,7 @@ class ClusterHead:
             try:
                 async with asyncio.timeout(min(5.0, self.settings.dead_after_s)):
                     return dict(await self.nodes[node].actor.stream_info.remote(streams))
-            except Exception:  # noqa: BLE001 - a node that died or is slow: no figures now
+            except Exception:
                 return {}
 
         out: dict[str, dict[str, Any]] = {}
@@ -358,7 +357,7 @@ class ClusterHead:
             else:
                 await node.actor.add_stream.remote(key, cfg)
                 node.streams[key] = {"model": cfg.model, "state": "starting"}  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - the node died meanwhile, or refused
+        except Exception as exc:
             log.warning("cluster: %s on %s: %s", key, node_name, redact_text(repr(exc), self.secrets))
             return
         log.info("cluster: %s runs on %s", key, node_name)
@@ -433,10 +432,10 @@ class ClusterHead:
         body = {"v": PAYLOAD_VERSION, "state": "moving", "node": target, "reason": why, "since": round(time.time(), 3)}
         if key.startswith(TALK):
             name = key.removeprefix(TALK)
-            self.publisher.publish(self.publisher.topic("talk", name, "state"), {**body, "session": name}, qos=1,
+            self.publisher.publish(self.publisher.topics.talk_state(name), {**body, "session": name}, qos=1,
                                    retain=True)
         else:
-            self.publisher.publish(self.publisher.topic("streams", key, "state"), {**body, "stream": key}, qos=1,
+            self.publisher.publish(self.publisher.topics.stream_state(key), {**body, "stream": key}, qos=1,
                                    retain=True)
 
     async def move(self, stream: str, target: str) -> None:
@@ -496,7 +495,7 @@ class ClusterHead:
         except TimeoutError:
             await self._lost(node, f"no answer for {self.settings.dead_after_s:g}s")
             return
-        except Exception as exc:  # noqa: BLE001 - the actor or its node died
+        except Exception as exc:
             await self._lost(node, type(exc).__name__)
             return
         before = (set(node.streams), dict(node.sessions))
@@ -526,7 +525,7 @@ class ClusterHead:
         while True:
             await wait_event(self._changed, 10.0)
             self._changed.clear()
-            self.publisher.publish(self.publisher.topic("cluster"), self.state(), qos=1, retain=True)
+            self.publisher.publish(self.publisher.topics.cluster, self.state(), qos=1, retain=True)
 
     def state(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self.started_at)

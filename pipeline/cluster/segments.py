@@ -8,7 +8,7 @@ sent to the next slot. What crosses the network per frame is its avatar latents 
 (~110 kB) and the generated face back (~200 kB); the whole frames, Whisper and the blend stay
 where the job runs.
 
-It has the few members of `pipeline.lipsync.LipSyncPool` that rendering uses (`n`, `settings`,
+It has the few members of `pipeline.talk.lipsync.LipSyncPool` that rendering uses (`n`, `settings`,
 `submit`, `release`), so a talk job renders on a cluster with the same code as on one machine.
 """
 
@@ -51,7 +51,7 @@ class ClusterSegments:
             try:
                 ref = actor.render_segment.remote(key, jobs, local)
                 fut = ref.future()
-            except Exception as exc:  # noqa: BLE001 - the actor is gone: as a failed call
+            except Exception as exc:
                 fut = concurrent.futures.Future()
                 fut.set_exception(exc)
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import ApiConfig, Config, StreamConfig, TalkConfig
+from pipeline.config import ApiConfig, Config, StreamConfig, TalkConfig
 
 log = logging.getLogger("framegrid.cluster")
 
@@ -46,11 +46,11 @@ class NodeWorker:
         """Start the pipeline and load every model (idempotent: a restarted head calls it again and
         learns what runs here). -> `describe()`."""
         if self.pipeline is None:
-            from ..app import Pipeline
-            from ..cli import setup_logging
+            from pipeline.app import Pipeline
+            from pipeline.logs import setup_logging
 
             setup_logging(self.config.log.level, self.config.secrets())
-            from ..api.views import LatestResults
+            from pipeline.api.views import LatestResults
 
             self.pipeline = Pipeline(self.config, config_path=self.config_path, node=self.node,
                                      cpu_cores=int(self.cpus) if self.cpus and self.cpus >= 1 else None)
@@ -82,7 +82,7 @@ class NodeWorker:
     def talk_capacity(self) -> int:
         """Live talk sessions this node takes: one per lipsync slot it plans (at least one, on a CPU)."""
         if self._talk_capacity is None:
-            from ..lipsync import plan_lipsync
+            from pipeline.talk.lipsync import plan_lipsync
 
             lcfg = self.config.lipsync
             plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
@@ -95,7 +95,7 @@ class NodeWorker:
 
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
-        from ..api.app import stream_figures
+        from pipeline.api.app import stream_figures
 
         secrets = tuple(self.pipeline.secrets)
         return {n: {**stream_figures(self.pipeline, n, self.latest, secrets), "node": self.node}

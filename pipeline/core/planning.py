@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from detectors.runtimes import resolve_backend
+from pipeline.config import ConfigError, DevicesConfig, ModelConfig
 
-from .config import ConfigError, DevicesConfig, ModelConfig
 from .devices import GB, DeviceInfo, SlotAssignment, pinned_device, plan_slots, slot_layout
 
 

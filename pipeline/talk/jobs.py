@@ -31,22 +31,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clientpaths import ClientPathError, ClientPaths
-from .overlay import write_atomic
+from pipeline.clientpaths import ClientPathError, ClientPaths
+from pipeline.errors import Invalid, TooLarge
+from pipeline.overlay import write_atomic
 
 log = logging.getLogger(__name__)
 
 SEGMENT_TRIES = 3
 CHUNK = 1 << 20
 STATES = ("queued", "running", "done", "failed", "cancelled")
-
-
-class JobError(Exception):
-    """A refused job: `status` is the HTTP code (413 too large, 422 bad input, 404 missing path)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -128,7 +121,7 @@ class TalkJobs:
     async def submit(self, avatar: Any, audio: Any, avatar_path: str | None, audio_path: str | None,
                      backend: str) -> Job:
         if backend == "musetalk" and not self.musetalk_ready:
-            raise JobError(422, "backend: musetalk needs lipsync.weights in the config")
+            raise Invalid("backend: musetalk needs lipsync.weights in the config")
         job_id = uuid.uuid4().hex[:12]
         folder = self.folder / job_id
         folder.mkdir(parents=True)
@@ -149,16 +142,16 @@ class TalkJobs:
 
     async def _take_input(self, folder: Path, kind: str, upload: Any, path: str | None) -> str:
         if (upload is None) == (path is None):
-            raise JobError(422, f"{kind}: give either an uploaded {kind} file or {kind}_path")
+            raise Invalid(f"{kind}: give either an uploaded {kind} file or {kind}_path")
         if path is not None:
             try:
                 src = self.paths.file(path) if self.paths is not None else Path(path)
             except ClientPathError as exc:
-                raise JobError(422, f"{kind}_path: {exc}") from None
+                raise Invalid(f"{kind}_path: {exc}") from None
             if not src.is_file():
-                raise JobError(422, f"{kind}_path: file not found: {path}")
+                raise Invalid(f"{kind}_path: file not found: {path}")
             if src.stat().st_size > self.max_upload:
-                raise JobError(413, f"{kind}_path: larger than api.max_upload_mb")
+                raise TooLarge(f"{kind}_path: larger than api.max_upload_mb")
             name = f"{kind}{src.suffix.lower()[:8]}"
             await asyncio.to_thread(shutil.copyfile, src, folder / name)
             return name
@@ -169,11 +162,11 @@ class TalkJobs:
             while chunk := await upload.read(CHUNK):
                 size += len(chunk)
                 if size > self.max_upload:
-                    raise JobError(413, f"{kind}: upload larger than api.max_upload_mb "
+                    raise TooLarge(f"{kind}: upload larger than api.max_upload_mb "
                                         f"({self.max_upload / 1e6:.0f} MB)")
                 fh.write(chunk)
         if size == 0:
-            raise JobError(422, f"{kind}: empty file")
+            raise Invalid(f"{kind}: empty file")
         return name
 
     @staticmethod
@@ -187,16 +180,16 @@ class TalkJobs:
         try:
             samples = load_audio(audio)
         except (AudioError, OSError, ValueError) as exc:
-            raise JobError(422, f"audio: not a readable audio file ({exc})") from None
+            raise Invalid(f"audio: not a readable audio file ({exc})") from None
         if len(samples) == 0:
-            raise JobError(422, "audio: no audio samples in the file")
+            raise Invalid("audio: no audio samples in the file")
         if cv2.imread(str(avatar)) is None:
             try:
                 with av.open(str(avatar)) as c:
                     if not c.streams.video:
-                        raise JobError(422, "avatar: neither an image nor a video")
+                        raise Invalid("avatar: neither an image nor a video")
             except (av.error.FFmpegError, OSError, UnicodeDecodeError):
-                raise JobError(422, "avatar: neither an image nor a video") from None
+                raise Invalid("avatar: neither an image nor a video") from None
 
     async def delete(self, job_id: str) -> bool:
         job = self.jobs.pop(job_id, None)

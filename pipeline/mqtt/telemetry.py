@@ -17,14 +17,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import MqttConfig
+from pipeline.core.ingest import StreamRecord
+from pipeline.core.overload import Camera, OverloadMonitor, Verdict
+from pipeline.core.slots import SlotPool
+from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, StreamState, redact_text
 
-from .config import MqttConfig
-from .ingest import StreamRecord
-from .overload import Camera, OverloadMonitor, Verdict
 from .publisher import Publisher
-from .results import PAYLOAD_VERSION
-from .slots import SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +80,12 @@ class Telemetry:
     def stream_state(self, record: StreamRecord) -> None:
         if record.state is StreamState.STARTING:
             return  # nothing to tell yet
-        self.publisher.publish(self.publisher.topic("streams", record.name, "state"),
+        self.publisher.publish(self.publisher.topics.stream_state(record.name),
                                self.stream_state_payload(record), qos=self.mqtt.state_qos, retain=True)
 
     def stream_removed(self, name: str) -> None:
         """An empty retained message deletes the retained state."""
-        self.publisher.publish(self.publisher.topic("streams", name, "state"), b"", qos=self.mqtt.state_qos,
+        self.publisher.publish(self.publisher.topics.stream_state(name), b"", qos=self.mqtt.state_qos,
                                retain=True)
 
     # -- slots -----------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class Telemetry:
         return {"v": PAYLOAD_VERSION, "at": round(self.clock.wall(), 3), "slots": slots}
 
     def devices(self, pools: Mapping[str, SlotPool]) -> None:
-        self.publisher.publish(self.publisher.node_topic("devices"), self.devices_payload(pools),
+        self.publisher.publish(self.publisher.topics.devices, self.devices_payload(pools),
                                qos=self.mqtt.state_qos, retain=True)
 
     # -- sessions --------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class Telemetry:
         payload = {"v": PAYLOAD_VERSION, "session": name, "state": state, "at": round(self.clock.wall(), 3),
                    "error": self._redact(error), **node,
                    **{k: v for k, v in snapshot.items() if k not in ("session", "state", "error")}}
-        self.publisher.publish(self.publisher.topic("talk", name, "state"), payload, qos=self.mqtt.state_qos,
+        self.publisher.publish(self.publisher.topics.talk_state(name), payload, qos=self.mqtt.state_qos,
                                retain=True)
 
     # -- stats -----------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class Telemetry:
 
     def stats(self, payload: dict[str, Any]) -> None:
         self.last_stats = payload
-        self.publisher.publish(self.publisher.node_topic("stats"), payload, qos=self.mqtt.stats_qos)
+        self.publisher.publish(self.publisher.topics.stats, payload, qos=self.mqtt.stats_qos)
 
     async def stats_loop(self, build: Callable[[], dict[str, Any]]) -> None:
         while True:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .errors import PlacementError
+from pipeline.errors import PlacementError
 
 __all__ = ["Move", "PlacementError", "Placer", "SlotRecord", "SlotState"]
 

@@ -25,10 +25,11 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:
+    from pipeline.core.results import Result
+    from pipeline.mqtt.publisher import Publisher
+
     from .events import TrackedObject
     from .eventstore import EventStore
-    from .publisher import Publisher
-    from .results import Result
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class Snapshots:
         if self.store is not None:
             self.store.set_snapshot(event_id, str(crop_path), str(frame_path))
         if self.publisher is not None and self.mqtt and self.on_loop is not None:
-            topic = self.publisher.topic("streams", stream, "snapshot", label)
+            topic = self.publisher.topics.snapshot(stream, label)
             self.on_loop(self.publisher.publish, topic, crop, None, True)
         while len(kept) > self.max_per_stream:
             old_id, c, f = kept.popleft()

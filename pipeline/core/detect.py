@@ -15,11 +15,11 @@ import numpy as np
 
 from detectors import Detections, Detector, DetectorError
 from detectors.runtimes import build_detector, resolve_backend
+from pipeline.config import ModelConfig, PipelineConfig
+from pipeline.errors import SlotError
 from streams import Clock, Frame
 
-from .config import ModelConfig, PipelineConfig
 from .devices import SlotAssignment, pinned_device
-from .errors import SlotError
 from .ingest import StreamRecord
 from .results import Results
 from .slots import SlotPool, Spawn, Taken

@@ -25,13 +25,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pipeline.config import PoolSettings
+from pipeline.errors import PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
 from streams import SYSTEM_CLOCK, Backoff, Clock
 
 from . import faults
-from .errors import PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
 from .handoff import Handoff, wait_event
 from .placement import Move, Placer, SlotRecord, SlotState
 
@@ -50,24 +50,6 @@ class Model(Protocol):
     def infer(self, *args: Any) -> list[Any]: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class PoolSettings:
-    """How a pool batches, watches and restarts its slots; built from the config (its defaults live there)."""
-
-    batch_size: int
-    batch_timeout: float  # seconds a partial batch may wait, and only when waiting pays
-    hang_timeout: float  # floor of the watchdog; it grows with the measured batch time
-    restart_budget: int  # restarts allowed within restart_window; one more fault: failed
-    restart_window: float
-    restart_backoff_cap: float
-    admission_control: bool  # refuse members that fit nowhere instead of overfilling a slot
-    rebalance_band: float
-    cpu_batch_ms: float | None = None  # CPU slots: cut batches to what runs in this long (None: no cut)
-    # a slot up this long since its last (re)start that faults is a new incident: its restart waits
-    # the shortest backoff again (a slot that faults sooner escalates; the budget still counts both)
-    restart_stable_s: float = 10.0
 
 
 # -- one slot ----------------------------------------------------------------------------------------
@@ -109,14 +91,7 @@ class Slot:
         t0 = time.perf_counter()
         limit = max(self.hang_timeout, (self.service_s_per_frame or 0.0) * n * self.hang_factor)
         try:
-            if faults.ENABLED:
-                def call() -> list[Any]:
-                    faults.strike(self.name, hang_s=limit * 2)
-                    return self.model.infer(*args)
-            else:
-                def call() -> list[Any]:
-                    return self.model.infer(*args)
-            fut = loop.run_in_executor(self._pool, call)
+            fut = loop.run_in_executor(self._pool, self.model.infer, *args)
             try:
                 # the watchdog: a model call that never returns must not hold its members hostage
                 async with asyncio.timeout(limit):  # (not wait_for: see handoff.wait_event)
@@ -178,7 +153,7 @@ class WorkerThread(concurrent.futures.Executor):
                 continue
             try:
                 fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            except BaseException as exc:
                 fut.set_exception(exc)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -443,6 +418,11 @@ class SlotPool:
     def slot_names(self) -> list[str]:
         return [f"{self.name}.{i}" for i in range(len(self.devices))]
 
+    def _model(self, index: int, slot: str) -> Model:
+        """A new model copy for a slot; wrapped for armed faults only when FRAMEGRID_FAULTS=1 (soak, tests)."""
+        model = self.factory(index)
+        return faults.FaultyModel(model, slot, self.settings.hang_timeout) if faults.ENABLED else model
+
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every slot (in parallel, each on its worker thread) and start their batchers.
@@ -452,7 +432,7 @@ class SlotPool:
         """
         for i, name in enumerate(self.slot_names()):
             self.placer.add_slot(name, state=SlotState.STARTING)
-            self.slots[name] = Slot(name, self.factory(i), self.devices[i], self.settings.hang_timeout, self.clock)
+            self.slots[name] = Slot(name, self._model(i, name), self.devices[i], self.settings.hang_timeout, self.clock)
         for name in self.slot_names():
             device = self.slots[name].device
             self.batchers[name] = Batcher(self.slots[name], self.placer.slots[name], self._members_of(name),
@@ -681,7 +661,7 @@ class SlotPool:
             await self.slots[name].close()
             await asyncio.sleep(backoff.next_delay())
             index = self.slot_names().index(name)
-            slot = Slot(name, self.factory(index), self.devices[index], self.settings.hang_timeout, self.clock)
+            slot = Slot(name, self._model(index, name), self.devices[index], self.settings.hang_timeout, self.clock)
             self.slots[name] = slot
             self.batchers[name].slot = slot
             if not await self._start_slot(name):

@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import EventsConfig, LineConfig, StreamConfig, ZoneConfig
+from pipeline.config import EventsConfig, LineConfig, StreamConfig, ZoneConfig
+
 from .zones import anchor_of, crossing, inside, resolve, side
 
 if TYPE_CHECKING:
-    from .publisher import Publisher
-    from .results import Result
+    from pipeline.core.results import Result
+    from pipeline.mqtt.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class EventEngine:
             if payload["after"] is not None:
                 payload["after"]["has_snapshot"] = obj.snapshot  # a listener may have kept one just now
             if self.publisher is not None:
-                self.publisher.publish(self.publisher.topic("events"), payload)
+                self.publisher.publish(self.publisher.topics.events, payload)
             self.published += 1
             key = (stream, event["type"])
             self.by_type[key] = self.by_type.get(key, 0) + 1
@@ -289,4 +290,4 @@ class EventEngine:
         if self.publisher is None:
             return
         body = payload if isinstance(payload, dict) else str(payload).encode()
-        self.publisher.publish(self.publisher.topic("streams", stream, kind, *suffix.split("/")), body, retain=True)
+        self.publisher.publish(self.publisher.topics.stream_count(stream, kind, suffix), body, retain=True)

@@ -31,29 +31,14 @@ from __future__ import annotations
 import math
 from argparse import Namespace
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from detectors import Detections
+from pipeline.config import TrackerConfig as TrackerSettings  # the defaults live in the config
 
 MAX_STEPS = 50.0  # the longest gap predicted, in usual intervals
-
-
-@dataclass(frozen=True)
-class TrackerSettings:
-    type: str = "bytetrack"  # bytetrack | botsort
-    high_thresh: float = 0.25  # ultralytics' defaults (cfg/trackers/bytetrack.yaml)
-    low_thresh: float = 0.1
-    new_track_thresh: float = 0.25
-    match_thresh: float = 0.8
-    buffer_s: float = 1.2  # ultralytics' 30 frames at 25 fps
-    fuse_score: bool = True
-    min_hits: int = 2  # updates before a track is announced
-    class_penalty: float = 0.1  # added to the association cost of a detection whose class is not the track's
-    duplicate_iou: float = 0.7  # an unmatched detection overlapping a matched one this much starts no track
-    partial_ratio: float = 0.8  # a box this much narrower (or lower) than its track's size is a cut view
 
 
 class _Boxes:

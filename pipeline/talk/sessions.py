@@ -3,7 +3,7 @@
 Audio `mqtt` listens on `<prefix>/talk/<name>/audio` for s16le mono 16 kHz PCM chunks (an empty
 message ends the audio); audio `webrtc` takes a browser's microphone (WHIP-style, through the HTTP
 API) and `out = "webrtc"` serves the session to browsers (WHEP-style, `streams.webrtc`). State goes to `<prefix>/talk/<name>/state` (retained) and figures into
-`stats`. MuseTalk sessions run their UNet+VAE on the lipsync slots (`pipeline.lipsync`, the same
+`stats`. MuseTalk sessions run their UNet+VAE on the lipsync slots (`pipeline.talk.lipsync`, the same
 slot machinery as detection), started with the first such session.
 """
 
@@ -15,15 +15,15 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.config import Config, TalkConfig
+from pipeline.core.devices import DeviceInfo
+from pipeline.core.handoff import Handoff
+from pipeline.errors import PoolError
+from pipeline.mqtt.publisher import Publisher
+from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
 
-from .config import Config, TalkConfig
-from .devices import DeviceInfo
-from .errors import PoolError
-from .handoff import Handoff
 from .lipsync import LipSyncPool, musetalk_pool
-from .publisher import Publisher
-from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TalkSessions:
                                     exc, push.rejected)
 
             audio = push
-            subscribed = self.publisher.subscribe(self.publisher.topic("talk", name, "audio"), on_audio)
+            subscribed = self.publisher.subscribe(self.publisher.topics.talk_audio(name), on_audio)
             # `live` must mean the audio topic is listened to: wait for the broker's SUBACK (also
             # when the connection is still being made: the subscription then comes with it)
             with contextlib.suppress(Exception):
@@ -138,7 +138,7 @@ class TalkSessions:
         session = self.sessions.pop(name, None)
         if session is None:
             raise KeyError(f"no session {name}")
-        self.publisher.unsubscribe(self.publisher.topic("talk", name, "audio"))
+        self.publisher.unsubscribe(self.publisher.topics.talk_audio(name))
         mic = self.mics.pop(name, None)
         if mic is not None:
             await mic.close()
@@ -176,7 +176,7 @@ class TalkSessions:
         # torch, diffusers and transformers take seconds to import: not on the loop (a cluster node's
         # loop answers the head's pings; a single process's serves the API and publishes)
         musetalk = await asyncio.to_thread(importlib.import_module, "talkinghead.musetalk")
-        MuseTalk = musetalk.MuseTalk  # noqa: N806 - the class
+        MuseTalk = musetalk.MuseTalk
 
         lcfg = self.config.lipsync
         assert lcfg.weights is not None  # the config requires it for musetalk sessions

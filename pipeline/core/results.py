@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from detectors import Detections
+from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, Frame
 
 if TYPE_CHECKING:
+    from pipeline.mqtt.publisher import Publisher
+
     from .ingest import StreamRecord
-    from .publisher import Publisher
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ class MqttResults:
         payload = result.payload()
         if self.publisher.node:
             payload["node"] = self.publisher.node  # on a cluster: the node that made it
-        self.publisher.publish(self.publisher.topic("streams", result.stream.name, "detections"), payload)
+        self.publisher.publish(self.publisher.topics.detections(result.stream.name), payload)
 
 
 class Results:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .config import NAME_PATTERN, Config, ModelConfig, StreamConfig
+from pipeline.config import NAME_PATTERN, Config, ModelConfig, StreamConfig
 
 
 class Registry:

@@ -12,14 +12,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from pipeline.config import StreamConfig
 from streams import Clock, Mailbox, Source, SourceState, StreamState
 
-from .config import StreamConfig
 from .handoff import Handoff
 from .overload import DecodePacer
 from .stats import StreamStats
-from .tracking import StreamTracker
+
+if TYPE_CHECKING:
+    from pipeline.analytics.tracking import StreamTracker
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import logging
 import multiprocessing as mp
+import os
 import socket
 import time
 from typing import Any
@@ -51,7 +51,7 @@ def _serve(host: str, port: int, ready: Any) -> None:  # runs in the child proce
                 await asyncio.wait_for(stop.wait(), 1.0)
         try:
             await asyncio.wait_for(broker.shutdown(), 3)
-        except Exception:  # noqa: BLE001 - exiting anyway
+        except Exception:
             pass
 
     asyncio.run(main())

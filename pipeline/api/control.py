@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from pipeline.clientpaths import ClientPathError, ClientPaths
+from pipeline.config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
+from pipeline.errors import Conflict, Invalid, NotFound, Unavailable
+from pipeline.overlay import OverlayError, overlay_path, read_overlay, write_overlay
 from streams import is_local_file
 
-from .clientpaths import ClientPathError, ClientPaths
-from .config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
-from .overlay import OverlayError, overlay_path, read_overlay, write_overlay
-
 if TYPE_CHECKING:
-    from .config import Config
+    from pipeline.config import Config
 
 
 class StreamTarget(Protocol):
@@ -46,19 +46,10 @@ log = logging.getLogger(__name__)
 PATCHABLE = ("max_fps", "model", "enabled")
 
 
-class ChangeError(Exception):
-    """A refused change: `status` is the HTTP code it maps to (404 unknown, 409 conflict, 422 invalid)."""
-
-    def __init__(self, status: int, message: str, errors: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.errors = errors or []
-
-
-def _invalid(exc: ValidationError) -> ChangeError:
+def _invalid(exc: ValidationError) -> Invalid:
     errors = [(_loc(tuple(e["loc"])), "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
               for e in exc.errors(include_url=False)]
-    return ChangeError(422, "; ".join(f"{k}: {m}" for k, m in errors), errors)
+    return Invalid("; ".join(f"{k}: {m}" for k, m in errors), errors)
 
 
 class StreamControl:
@@ -85,15 +76,15 @@ class StreamControl:
             try:
                 self.paths.url(cfg.url)
             except ClientPathError as exc:
-                raise ChangeError(422, f"url: {exc}", [("url", str(exc))]) from None
+                raise Invalid(f"url: {exc}", [("url", str(exc))]) from None
         cfg = resolve_stream(cfg, self.base_dir)
         models = self.pipeline.model_names()
         if cfg.model not in models:
             known = ", ".join(sorted(models)) or "none defined"
-            raise ChangeError(422, f"model: unknown model '{cfg.model}' (models: {known})",
+            raise Invalid(f"model: unknown model '{cfg.model}' (models: {known})",
                               [("model", f"unknown model '{cfg.model}' (models: {known})")])
         if cfg.enabled and is_local_file(cfg.url) and not Path(cfg.url.removeprefix("file:")).exists():
-            raise ChangeError(422, f"url: file not found: {cfg.url}", [("url", f"file not found: {cfg.url}")])
+            raise Invalid(f"url: file not found: {cfg.url}", [("url", f"file not found: {cfg.url}")])
         return cfg
 
     # -- changes -----------------------------------------------------------------------------------
@@ -101,10 +92,10 @@ class StreamControl:
         import re
 
         if not re.match(NAME_PATTERN, name):
-            raise ChangeError(422, f"name: must match {NAME_PATTERN}", [("name", f"must match {NAME_PATTERN}")])
+            raise Invalid(f"name: must match {NAME_PATTERN}", [("name", f"must match {NAME_PATTERN}")])
         async with self._lock:
             if name in self.streams:
-                raise ChangeError(409, f"stream {name} already exists")
+                raise Conflict(f"stream {name} already exists")
             cfg = self.validate(raw, from_client=True)
             self._persist(name, {"config": raw})
             self.streams[name] = cfg
@@ -117,10 +108,10 @@ class StreamControl:
         async with self._lock:
             old = self.streams.get(name)
             if old is None:
-                raise ChangeError(404, f"no stream {name}")
+                raise NotFound(f"no stream {name}")
             bad = sorted(set(changes) - set(PATCHABLE))
             if bad:
-                raise ChangeError(422, f"{bad[0]}: cannot be changed at runtime (only {', '.join(PATCHABLE)})",
+                raise Invalid(f"{bad[0]}: cannot be changed at runtime (only {', '.join(PATCHABLE)})",
                                   [(k, f"cannot be changed at runtime (only {', '.join(PATCHABLE)})") for k in bad])
             cfg = self.validate({**old.model_dump(exclude_unset=True, mode="json"), **changes})
             self._persist(name, self._patched_entry(name, changes))
@@ -139,7 +130,7 @@ class StreamControl:
     async def delete(self, name: str) -> None:
         async with self._lock:
             if name not in self.streams:
-                raise ChangeError(404, f"no stream {name}")
+                raise NotFound(f"no stream {name}")
             self._persist(name, None)
             del self.streams[name]
             if self.pipeline.is_running(name):
@@ -152,7 +143,7 @@ class StreamControl:
         try:
             return read_overlay(path) if path is not None else {}
         except OverlayError as exc:
-            raise ChangeError(503, f"{exc} (nothing was changed: fix or remove the file)") from None
+            raise Unavailable(f"{exc} (nothing was changed: fix or remove the file)") from None
 
     def _patched_entry(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
         entry = self._entries().get(name)
@@ -180,5 +171,5 @@ class StreamControl:
         try:
             write_overlay(path, entries)
         except OSError as exc:
-            raise ChangeError(503, f"cannot keep the change in {path.name}: {exc.strerror or exc} (nothing was "
+            raise Unavailable(f"cannot keep the change in {path.name}: {exc.strerror or exc} (nothing was "
                               "changed; the folder of the config must be writable)") from None

@@ -24,11 +24,11 @@ from typing import Any
 
 import aiomqtt
 
+from pipeline.config import MqttConfig
+from pipeline.core.handoff import wait_event
+from pipeline.core.stats import percentile
+from pipeline.topics import Topics
 from streams import Backoff, redact_text
-
-from .config import MqttConfig
-from .handoff import wait_event
-from .stats import percentile
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Publisher:
         self.node = node  # a cluster node's worker: its availability, devices and stats are its own
         self.host = host or cfg.host
         self.port = port or cfg.port
-        self.prefix = cfg.topic_prefix.rstrip("/")
+        self.topics = Topics(cfg.topic_prefix, node)  # every topic is built there
         self.client_id = cfg.client_id or f"framegrid-{socket.gethostname()}-{os.getpid()}"
         self._secrets = secrets
         self._buffer: deque[Message] = deque()
@@ -121,15 +121,7 @@ class Publisher:
 
     @property
     def availability_topic(self) -> str:
-        return self.node_topic("availability")
-
-    def topic(self, *parts: str) -> str:
-        return "/".join((self.prefix, *parts))
-
-    def node_topic(self, *parts: str) -> str:
-        """A topic of this process: `<prefix>/<parts>`, or `<prefix>/nodes/<node>/<parts>` for a cluster
-        node's worker (many processes share the prefix; each stream's topics stay global)."""
-        return self.topic("nodes", self.node, *parts) if self.node else self.topic(*parts)
+        return self.topics.availability
 
     # -- producer side (event loop) -------------------------------------------------------------
     def publish(self, topic: str, payload: Any, qos: int | None = None, retain: bool = False) -> None:
@@ -248,7 +240,7 @@ class Publisher:
         """The broker refused a message or a subscription (its ACL): counted, said once, state unauthorized."""
         self.denied += 1
         error = (f"the broker refused {what} ({reason}): its ACL must let user {self.cfg.user or '(none)'} write "
-                 f"{self.prefix}/# and read {self.prefix}/talk/+/audio")
+                 f"{self.topics.all} and read {self.topics.talk_audio_filter}")
         if self.state != "unauthorized" or self.last_error != error:
             log.error("mqtt: %s:%d %s", self.host, self.port, error)
         self.state, self.last_error = "unauthorized", error

@@ -4,7 +4,7 @@ Talk sessions run on their own threads and call `LipSyncPool.submit(session, job
 returns a `concurrent.futures.Future` with one output per job. The request goes into the
 session's `SessionFeed` on the caller's thread (bounded; beyond `max_queue` it fails at once)
 and the slot's batcher is woken through the one thread-to-loop hand-off. From there it is
-exactly detection's path (`pipeline.slots`): one batcher per slot merges the waiting requests
+exactly detection's path (`pipeline.core.slots`): one batcher per slot merges the waiting requests
 of all its sessions into UNet+VAE batches, placement and failover by the pool's placer,
 restarts by its policy. Blending and encoding stay on the session threads.
 """
@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.config import LipSyncConfig, PipelineConfig, PoolSettings
+from pipeline.core.devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
+from pipeline.core.handoff import Handoff
+from pipeline.core.slots import Model, SlotPool, Taken
+from pipeline.errors import PoolError, SlotError
 from streams import SYSTEM_CLOCK, Clock
-
-from .config import LipSyncConfig, PipelineConfig
-from .devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
-from .errors import PoolError, SlotError
-from .handoff import Handoff
-from .slots import Model, PoolSettings, SlotPool, Taken
 
 log = logging.getLogger(__name__)
 
