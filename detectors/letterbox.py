@@ -58,9 +58,9 @@ def geometry(src_w: int, src_h: int, imgsz: int, stride: int = 32, rect: bool = 
     dw, dh = imgsz - new_w, imgsz - new_h
     if rect:
         dw, dh = dw % stride, dh % stride
-    dw, dh = dw / 2, dh / 2
-    left, top = round(dw - 0.1), round(dh - 0.1)
-    right, bottom = round(dw + 0.1), round(dh + 0.1)
+    half_w, half_h = dw / 2, dh / 2
+    left, top = round(half_w - 0.1), round(half_h - 0.1)
+    right, bottom = round(half_w + 0.1), round(half_h + 0.1)
     return Geometry(src_w, src_h, new_w, new_h, left, top, new_w + left + right, new_h + top + bottom, gain)
 
 
@@ -147,11 +147,11 @@ class InputBuffers:
             if self.layout == "nhwc-u8":
                 one = out[i]
                 resized(im, g, one[y0:y1, x0:x1])
-                pad = PAD_VALUE
+                pad: float = PAD_VALUE
             else:
                 one = out[i].transpose(1, 2, 0)  # HxWxC view of the CHW planes
                 np.multiply(resized(im, g)[..., ::-1], SCALE, out=one[y0:y1, x0:x1])
-                pad = PAD_VALUE * SCALE
+                pad = float(PAD_VALUE * SCALE)
             one[:y0], one[y1:], one[y0:y1, :x0], one[y0:y1, x1:] = pad, pad, pad, pad
         return out
 

@@ -65,7 +65,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         # inference precision: "auto" is OpenVINO's own choice for the device (bf16 on CPUs with BF16
         # units, e.g. AMX/AVX512-BF16: measured 2.3x the f32 throughput of yolo11n here, same objects
         # as torch in the parity test); "f32" keeps full precision
-        hint = self.inference_precision
+        hint: str | None = self.inference_precision
         if hint == "auto":
             hint = "f16" if self.precision == "fp16" else None
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}

@@ -8,6 +8,7 @@ weights file is an error that says what to fetch and where to put it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -242,5 +243,5 @@ class _StageClock:
     def elapsed_ms(self) -> tuple[float, ...]:
         m = self.marks
         if self.stream is None:
-            return tuple((b - a) * 1000 for a, b in zip(m, m[1:], strict=False))
-        return tuple(float(a.elapsed_time(b)) for a, b in zip(m, m[1:], strict=False))
+            return tuple((b - a) * 1000 for a, b in itertools.pairwise(m))
+        return tuple(float(a.elapsed_time(b)) for a, b in itertools.pairwise(m))

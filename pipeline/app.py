@@ -202,9 +202,8 @@ class Pipeline:
         self.events.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")
                                      else None)
         if cfg.snapshots:
-            loop = asyncio.get_running_loop()
             self.snapshots = Snapshots(folder / "snapshots", cfg.max_snapshots, store, self.publisher,
-                                       cfg.mqtt_snapshots, on_loop=loop.call_soon_threadsafe)
+                                       cfg.mqtt_snapshots, on_loop=handoff.call)
             self.events.listeners.append(self.snapshots)
         self.results.add_sink(self.events)
 

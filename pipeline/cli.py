@@ -343,10 +343,19 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
         pool = musetalk_pool(LipSyncConfig(weights=args.weights, version=args.version, **given)).start_in_thread()
 
         def submit(jobs: list[Any], k: int) -> Any:
-            return pool.submit("offline", jobs, slot=k)  # type: ignore[union-attr]
+            return pool.submit("offline", jobs, slot=k)
 
-        counts = render(frontend, avatar, samples, sink, batch_size=pool.settings.batch_size, progress=_progress_bar("talk"),
-                        submit=submit, in_flight=2 * pool.n, always=args.render_silence == "always")
+        counts = render(
+            frontend,
+            avatar,
+            samples,
+            sink,
+            batch_size=pool.settings.batch_size,
+            progress=_progress_bar("talk"),
+            submit=submit,
+            in_flight=2 * pool.n,
+            always=args.render_silence == "always",
+        )
     except (MuseTalkError, AudioError, LipSyncError) as exc:
         print(f"\ntalk: {redact_text(str(exc))}", file=sys.stderr)
         return 2
@@ -354,9 +363,11 @@ def _talk_musetalk(args: argparse.Namespace, avatar: Any, sink: Any) -> int:
         sink.close()
         if pool is not None:
             pool.shutdown()
-    print(f"talk: {counts['frames']} frames ({counts['generated']} generated, {counts['idle']} silent) in "
-          f"{time.monotonic() - t0:.1f} s on {pool.n} lipsync slot{'s' if pool.n != 1 else ''} -> "
-          f"{redact_text(args.out)} (MuseTalk {args.version})")
+    print(
+        f"talk: {counts['frames']} frames ({counts['generated']} generated, {counts['idle']} silent) in "
+        f"{time.monotonic() - t0:.1f} s on {pool.n} lipsync slot{'s' if pool.n != 1 else ''} -> "
+        f"{redact_text(args.out)} (MuseTalk {args.version})"
+    )
     return 0
 
 
@@ -375,8 +386,9 @@ def _since(text: str) -> float:
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--since {text!r}: give 15m, 2h, 7d, an ISO date-time or a unix "
-                                         "time") from None
+        raise argparse.ArgumentTypeError(
+            f"--since {text!r}: give 15m, 2h, 7d, an ISO date-time or a unix time"
+        ) from None
     return (when if when.tzinfo else when.astimezone()).timestamp()
 
 
@@ -405,8 +417,10 @@ def cmd_events(args: argparse.Namespace) -> int:
     for r in rows:
         start = dt.datetime.fromtimestamp(r["start_time"]).strftime("%Y-%m-%d %H:%M:%S")
         end = dt.datetime.fromtimestamp(r["end_time"]).strftime("%H:%M:%S") if r["end_time"] else "live"
-        print(f"{start:<19} {end:<8} {r['stream']:<14} {r['label']:<12} {r['best_score']:>5.2f}  "
-              f"{','.join(r['zones']) or '-'} {r['crop_path'] or ''}")
+        print(
+            f"{start:<19} {end:<8} {r['stream']:<14} {r['label']:<12} {r['best_score']:>5.2f}  "
+            f"{','.join(r['zones']) or '-'} {r['crop_path'] or ''}"
+        )
     return 0
 
 
@@ -422,8 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("probe", help="print codec, resolution and frame rate of a stream")
     p.add_argument("url")
-    p.add_argument("--timeout", type=float, default=SourceSettings.model_fields["open_timeout"].default,
-                   help="seconds to open and to wait for a frame")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=SourceSettings.model_fields["open_timeout"].default,
+        help="seconds to open and to wait for a frame",
+    )
     p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("devices", help="list devices and the executor-slot plan, before loading anything")
@@ -440,10 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", choices=["v15", "v1"], default="v15")
     p.add_argument("--batch-size", type=int, help="frames per UNet batch (musetalk; default: lipsync.batch_size's)")
     p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
-    p.add_argument("--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: "
-                   "lipsync.slot_memory_gb's)")
-    p.add_argument("--render-silence", choices=["around_speech", "always"], default="around_speech",
-                   help="musetalk: run the model around speech only (default) or on every frame")
+    p.add_argument(
+        "--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: lipsync.slot_memory_gb's)"
+    )
+    p.add_argument(
+        "--render-silence",
+        choices=["around_speech", "always"],
+        default="around_speech",
+        help="musetalk: run the model around speech only (default) or on every frame",
+    )
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("events", help="list stored events (tracked objects), newest first")
     p.add_argument("config", nargs="?", default="config.toml", type=Path)
@@ -459,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image", type=Path, help="a photo, or a short video (.mp4, .mov, .mkv, ...)")
     p.add_argument("--name")
     p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
-    p.add_argument("--extra-margin", type=int, help="chin margin added to the face box (default: the MuseTalk "
-                   "version's: 10 for v15, 0 for v1)")
+    p.add_argument(
+        "--extra-margin",
+        type=int,
+        help="chin margin added to the face box (default: the MuseTalk version's: 10 for v15, 0 for v1)",
+    )
     p.add_argument("--max-frames", type=int, default=250, help="frames kept of a video avatar")
     p.add_argument("--weights", type=Path, help="MuseTalk folder: also cache the VAE latents and blend masks")
     p.add_argument("--version", choices=["v15", "v1"], default=LipSyncConfig.model_fields["version"].default)

@@ -601,15 +601,29 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     api = config.api
     if api.jobs_dir is not None and not api.jobs_dir.is_absolute():
         api = api.model_copy(update={"jobs_dir": base_dir / api.jobs_dir})
-    api = api.model_copy(update={"media_dirs": [d if d.is_absolute() else base_dir / d
-                                                for d in (api.media_dirs if api.media_dirs is not None else [base_dir])]})
-    mqtt = config.mqtt.model_copy(update={k: base_dir / v for k in ("ca_file", "cert_file", "key_file")
-                                          if (v := getattr(config.mqtt, k)) is not None and not v.is_absolute()})
+    media_dirs = api.media_dirs if api.media_dirs is not None else [base_dir]
+    api = api.model_copy(update={"media_dirs": [d if d.is_absolute() else base_dir / d for d in media_dirs]})
+    mqtt = config.mqtt.model_copy(
+        update={
+            k: base_dir / v
+            for k in ("ca_file", "cert_file", "key_file")
+            if (v := getattr(config.mqtt, k)) is not None and not v.is_absolute()
+        }
+    )
     events = config.events
     if events.store is not None and not events.store.is_absolute():
         events = events.model_copy(update={"store": base_dir / events.store})
-    return config.model_copy(update={"models": models, "streams": streams, "talk": talk, "lipsync": lipsync,
-                                     "api": api, "events": events, "mqtt": mqtt})
+    return config.model_copy(
+        update={
+            "models": models,
+            "streams": streams,
+            "talk": talk,
+            "lipsync": lipsync,
+            "api": api,
+            "events": events,
+            "mqtt": mqtt,
+        }
+    )
 
 
 def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:
@@ -660,8 +674,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([("", f"not valid TOML: {exc}")], str(path)) from None
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None, check_files: bool = True,
-                overlay: bool = True) -> Config:
+def load_config(
+    path: str | Path, env: dict[str, str] | None = None, check_files: bool = True, overlay: bool = True
+) -> Config:
     """Read and validate a config file with its overlay of runtime changes (see `pipeline.overlay`);
     raises ConfigError (with key paths) on any problem."""
     from .overlay import OverlayError, apply_overlay, overlay_path, read_overlay

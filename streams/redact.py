@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from urllib.parse import quote
 
 # scheme://user:password@  ->  scheme://user:***@   (user kept: it helps operators, it is no secret)
@@ -19,7 +20,7 @@ _QUERY = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|pass|token|key|secr
 MASK = "***"
 
 
-def redact_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+def redact_text(text: str, secrets: Sequence[str] = ()) -> str:
     """Mask passwords in URLs found anywhere in `text`, and any literal secret given."""
     out = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
     out = _QUERY.sub(lambda m: f"{m['key']}{MASK}", out)

@@ -407,7 +407,7 @@ class Source:
                     if self._state.state != STREAMING:
                         self._set_state(STREAMING)
                     rel = (pts - first_pts) if (pts is not None and first_pts is not None) else None
-                    if self.local:
+                    if self.local:  # noqa: SIM108 - the comment below says why each branch
                         # files restart at 0 on every loop: keep one continuous clock
                         stream_pts = pts_offset + rel if rel is not None else None
                     else:

@@ -11,6 +11,7 @@ Everything here is deterministic for a given seed and never touches the network.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -233,8 +234,15 @@ def camera_scene(width: int, height: int, fps: float = 25.0, seed: int = 7, obje
                        speed=min(width, height) * 8.0 / fps / 60.0)
 
 
-def write_video(path: str | Path, scene: MovingScene | ScriptedScene, seconds: float, crf: int = 23, gop_seconds: float = 1.0,
-                b_frames: int = 0, start: int = 0) -> int:
+def write_video(
+    path: str | Path,
+    scene: MovingScene | ScriptedScene,
+    seconds: float,
+    crf: int = 23,
+    gop_seconds: float = 1.0,
+    b_frames: int = 0,
+    start: int = 0,
+) -> int:
     """Encode the scene as H.264 (by default no B-frames and a 1 s GOP, so RTSP clients join fast).
 
     Returns the number of frames written. Frame `i` has pts `(start + i) / fps` and shows the
@@ -246,16 +254,21 @@ def write_video(path: str | Path, scene: MovingScene | ScriptedScene, seconds: f
 
     import av  # local: keeps the renderer importable where only numpy/cv2 are needed
 
-    count = int(round(seconds * scene.fps))
+    count = round(seconds * scene.fps)
     rate = Fraction(scene.fps).limit_denominator(1000)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = scene.width, scene.height
         stream.pix_fmt = "yuv420p"
-        gop = max(1, int(round(scene.fps * gop_seconds)))
-        stream.options = {"crf": str(crf), "preset": "veryfast", "bf": str(b_frames), "g": str(gop),
-                          # B-frames in a fixed pattern, none of them a reference (IBBP...)
-                          **({"x264-params": "b-pyramid=none:b-adapt=0"} if b_frames else {"tune": "zerolatency"})}
+        gop = max(1, round(scene.fps * gop_seconds))
+        stream.options = {
+            "crf": str(crf),
+            "preset": "veryfast",
+            "bf": str(b_frames),
+            "g": str(gop),
+            # B-frames in a fixed pattern, none of them a reference (IBBP...)
+            **({"x264-params": "b-pyramid=none:b-adapt=0"} if b_frames else {"tune": "zerolatency"}),
+        }
         stream.codec_context.time_base = 1 / rate
         bg, _, _ = scene._initial()
         for i in range(count):
@@ -289,7 +302,7 @@ class Actor:
         pts = self.path
         if t <= pts[0][0]:
             return pts[0][1], pts[0][2]
-        for (t0, x0, y0), (t1, x1, y1) in zip(pts, pts[1:], strict=False):
+        for (t0, x0, y0), (t1, x1, y1) in itertools.pairwise(pts):
             if t <= t1:
                 a = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
                 return x0 + a * (x1 - x0), y0 + a * (y1 - y0)
@@ -337,7 +350,7 @@ class ScriptedScene:
         shapes = self.shapes_at(index)
         cover = np.zeros((self.height, self.width), np.uint8)
         if self.bar is not None:
-            cover[:, self.bar[0]:self.bar[1]] = 1
+            cover[:, self.bar[0] : self.bar[1]] = 1
         out = []
         for a, shape in reversed(list(zip(self.actors, shapes, strict=True))):  # the topmost first
             pts = shape.polygon()
@@ -357,22 +370,48 @@ def tracking_scenes(seconds: float = 10.0) -> list[ScriptedScene]:
     colors = [(40, 40, 230), (40, 200, 40), (230, 60, 40), (30, 200, 230)]
     s = seconds
     return [
-        ScriptedScene("crossing", 31, (
-            Actor(1, 0, 40, colors[0], ((0, 80, 250), (s, 880, 290))),
-            Actor(2, 1, 40, colors[1], ((0, 880, 250), (s, 80, 290))),
-            Actor(3, 2, 45, colors[2], ((0, 480, 80), (s, 480, 460))),
-        ), s),
-        ScriptedScene("occlusion", 32, (
-            Actor(1, 0, 40, colors[0], ((0, 80, 180), (s, 880, 180))),
-            Actor(2, 2, 45, colors[3], ((0, 880, 380), (s, 80, 380))),
-        ), s, bar=(450, 520)),
-        ScriptedScene("stop_go", 33, (
-            Actor(1, 1, 40, colors[1], ((0, 100, 270), (s * 0.3, 400, 270), (s * 0.6, 400, 270), (s, 860, 270))),
-            Actor(2, 0, 40, colors[2], ((0, 700, 100), (s * 0.4, 700, 300), (s * 0.7, 700, 300), (s, 700, 460))),
-        ), s),
-        ScriptedScene("leave_reenter", 34, (
-            Actor(1, 2, 45, colors[0], ((0, 500, 200), (s * 0.3, 1040, 200), (s * 0.5, 1040, 300),
-                                        (s * 0.8, 600, 300), (s, 500, 300))),
-            Actor(2, 1, 40, colors[3], ((0, 200, 420), (s, 760, 420))),
-        ), s),
+        ScriptedScene(
+            "crossing",
+            31,
+            (
+                Actor(1, 0, 40, colors[0], ((0, 80, 250), (s, 880, 290))),
+                Actor(2, 1, 40, colors[1], ((0, 880, 250), (s, 80, 290))),
+                Actor(3, 2, 45, colors[2], ((0, 480, 80), (s, 480, 460))),
+            ),
+            s,
+        ),
+        ScriptedScene(
+            "occlusion",
+            32,
+            (
+                Actor(1, 0, 40, colors[0], ((0, 80, 180), (s, 880, 180))),
+                Actor(2, 2, 45, colors[3], ((0, 880, 380), (s, 80, 380))),
+            ),
+            s,
+            bar=(450, 520),
+        ),
+        ScriptedScene(
+            "stop_go",
+            33,
+            (
+                Actor(1, 1, 40, colors[1], ((0, 100, 270), (s * 0.3, 400, 270), (s * 0.6, 400, 270), (s, 860, 270))),
+                Actor(2, 0, 40, colors[2], ((0, 700, 100), (s * 0.4, 700, 300), (s * 0.7, 700, 300), (s, 700, 460))),
+            ),
+            s,
+        ),
+        ScriptedScene(
+            "leave_reenter",
+            34,
+            (
+                Actor(
+                    1,
+                    2,
+                    45,
+                    colors[0],
+                    ((0, 500, 200), (s * 0.3, 1040, 200), (s * 0.5, 1040, 300), (s * 0.8, 600, 300), (s, 500, 300)),
+                ),
+                Actor(2, 1, 40, colors[3], ((0, 200, 420), (s, 760, 420))),
+            ),
+            s,
+        ),
     ]

@@ -127,7 +127,7 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
         if image is None:
             raise AvatarError(f"avatar {name}: {path} is not an image OpenCV can read")
         images = [image]
-    h, w = images[0].shape[:2]
+    _h, _w = images[0].shape[:2]
     key = hashlib.sha256(data + json.dumps([box, extra_margin, max_frames, "v3-25fps"]).encode()).hexdigest()[:16]
     cache = (cache_dir or default_state_dir() / "avatars") / f"{path.stem}.{key}.json"
     if cache.is_file():

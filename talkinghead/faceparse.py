@@ -195,7 +195,7 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """The 512x512 mask back to the parsed image's size, bicubic as upstream (PIL's default resize)."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.BICUBIC))
 
 
 class FaceParser:
@@ -222,7 +222,7 @@ class FaceParser:
         from PIL import Image
 
         rgb = np.asarray(Image.fromarray(np.ascontiguousarray(image_bgr[..., ::-1])).resize((INPUT, INPUT),
-                                                                                          Image.BILINEAR))
+                                                                                          Image.Resampling.BILINEAR))
         x = torch.from_numpy(((rgb.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1))[None]
         with torch.inference_mode():
             return self.net(x.to(self.device)).argmax(1)[0].cpu().numpy()

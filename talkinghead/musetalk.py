@@ -250,9 +250,9 @@ class MuseTalk:
             if "unet" in self.parts:
                 unet = UNet2DConditionModel(**config)
                 state = torch.load(paths["unet"], map_location="cpu", weights_only=True)
-                unet.load_state_dict(state)
+                unet.load_state_dict(state)  # type: ignore[attr-defined]  # diffusers' stubs hide Module's
                 # torch's own `to`: diffusers' override warns about modules kept in fp32, which these have none of
-                self.unet = torch.nn.Module.to(unet, self.device, dtype).eval()
+                self.unet = torch.nn.Module.to(unet, self.device, dtype).eval()  # type: ignore[call-overload]
             quiet_loading()
             if "vae" in self.parts:
                 # low_cpu_mem_usage=False: without `accelerate` diffusers would print its install advice
@@ -266,7 +266,7 @@ class MuseTalk:
             if "whisper" in self.parts:
                 # no `dtype=` keyword (transformers >= 4.56 only; older ones call it torch_dtype): cast after
                 whisper = WhisperModel.from_pretrained(paths["whisper"])
-                self.encoder = whisper.encoder.to(self.device, dtype).eval()
+                self.encoder = whisper.encoder.to(self.device, dtype).eval()  # type: ignore[arg-type]
                 wcfg = self.encoder.config
             else:
                 wcfg = WhisperConfig.from_pretrained(paths["whisper"])
@@ -338,8 +338,9 @@ class MuseTalk:
             from streams import default_state_dir
 
             parts = [self.version, self.seed, self.expand, blur, self.parsing_mode, self.cheek_width,
-                     self.parser is not None, "unclipped", json.dumps(dict(self.vae.config), sort_keys=True, default=str)]
-            for f in sorted((self.root / "sd-vae").glob("*")) + [self.root / CHECKPOINT]:
+                     self.parser is not None, "unclipped",
+                     json.dumps(dict(self.vae.config), sort_keys=True, default=str)]
+            for f in [*sorted((self.root / "sd-vae").glob("*")), self.root / CHECKPOINT]:
                 if f.is_file():
                     st = f.stat()
                     parts += [f.name, st.st_size, st.st_mtime_ns]
@@ -349,8 +350,16 @@ class MuseTalk:
             with np.load(cache) as z:
                 latents, crops = z["latents"], z["crops"]
                 masks = [z[f"mask_{i}"] for i in range(len(frames))]
-            prepared = [PreparedFace(a.image, a.box, torch.from_numpy(latents[i]).to(self.device, self.dtype),
-                                     tuple(int(v) for v in crops[i]), masks[i]) for i, a in enumerate(frames)]
+            prepared = [
+                PreparedFace(
+                    a.image,
+                    a.box,
+                    torch.from_numpy(latents[i]).to(self.device, self.dtype),
+                    tuple(int(v) for v in crops[i]),
+                    masks[i],
+                )
+                for i, a in enumerate(frames)
+            ]
             return ping_pong(prepared)
         prepared = []
         for i, a in enumerate(frames):
@@ -360,9 +369,10 @@ class MuseTalk:
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
-            np.savez(tmp, latents=np.stack([p.latents.float().cpu().numpy() for p in prepared]),
-                     crops=np.array([p.crop for p in prepared]),
-                     **{f"mask_{i}": p.mask for i, p in enumerate(prepared)})
+            arrays: dict[str, np.ndarray] = {f"mask_{i}": p.mask for i, p in enumerate(prepared)}
+            arrays["latents"] = np.stack([p.latents.float().cpu().numpy() for p in prepared])
+            arrays["crops"] = np.array([p.crop for p in prepared])
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
             tmp.replace(cache)
         return ping_pong(prepared)
 
@@ -397,12 +407,11 @@ class MuseTalk:
         if len(samples) >= fx.n_samples:
             return fx(samples, sampling_rate=sample_rate, return_tensors="pt").input_features
         tail = np.zeros(len(samples) + fx.n_fft, np.float32)
-        tail[:len(samples)] = samples
+        tail[: len(samples)] = samples
         mel = fx(tail, sampling_rate=sample_rate, return_tensors="pt", padding="longest").input_features
-        mel = mel[..., :fx.nb_max_frames]
-        out = torch.full((1, mel.shape[1], fx.nb_max_frames), float(max(-1.5, float(mel.max()) - 2.0)),
-                         dtype=mel.dtype)
-        out[..., :mel.shape[-1]] = mel
+        mel = mel[..., : fx.nb_max_frames]
+        out = torch.full((1, mel.shape[1], fx.nb_max_frames), float(max(-1.5, float(mel.max()) - 2.0)), dtype=mel.dtype)
+        out[..., : mel.shape[-1]] = mel
         return out
 
     def audio_prompts(self, samples: np.ndarray, sample_rate: int = 16_000) -> Any:
@@ -413,7 +422,7 @@ class MuseTalk:
         feats = []
         with torch.inference_mode():
             for i in range(0, max(len(samples), 1), seg):
-                mel = self.log_mel(samples[i:i + seg], sample_rate)
+                mel = self.log_mel(samples[i : i + seg], sample_rate)
                 hidden = self.encoder(mel.to(self.device, self.dtype), output_hidden_states=True).hidden_states
                 feats.append(torch.stack(hidden, dim=2))  # 1 x T x layers x d_model
         whole = torch.cat(feats, dim=1)
@@ -429,7 +438,7 @@ class MuseTalk:
         out = []
         for f in range(frames):
             idx = window_indices(f, self.audio_fps)
-            clip = padded[:, idx.start:idx.stop]  # 1 x 10 x layers x d
+            clip = padded[:, idx.start : idx.stop]  # 1 x 10 x layers x d
             out.append(clip.reshape(1, -1, self.d_model))
         return torch.cat(out, dim=0) if out else torch.zeros(0, self.prompt_len, self.d_model)
 
@@ -460,8 +469,12 @@ class MuseTalk:
 
     def memory_bytes(self) -> int:
         """Bytes of the loaded weights (UNet, VAE, Whisper encoder): the floor of a slot's memory."""
-        return sum(p.numel() * p.element_size() for m in (self.unet, self.vae, self.encoder) if m is not None
-                   for p in m.parameters())
+        return sum(
+            p.numel() * p.element_size()
+            for m in (self.unet, self.vae, self.encoder)
+            if m is not None
+            for p in m.parameters()
+        )
 
     @staticmethod
     def paste(face: PreparedFace, generated_bgr: np.ndarray) -> np.ndarray:
@@ -475,8 +488,8 @@ class MuseTalk:
         large = out[iy1:iy2, ix1:ix2].copy()
         gen = cv2.resize(np.ascontiguousarray(generated_bgr), (x2 - x1, y2 - y1))
         gx1, gy1, gx2, gy2 = max(x1, ix1), max(y1, iy1), min(x2, ix2), min(y2, iy2)
-        large[gy1 - iy1:gy2 - iy1, gx1 - ix1:gx2 - ix1] = gen[gy1 - y1:gy2 - y1, gx1 - x1:gx2 - x1]
-        a = (face.mask[iy1 - cy1:iy2 - cy1, ix1 - cx1:ix2 - cx1].astype(np.float32) / 255.0)[..., None]
+        large[gy1 - iy1 : gy2 - iy1, gx1 - ix1 : gx2 - ix1] = gen[gy1 - y1 : gy2 - y1, gx1 - x1 : gx2 - x1]
+        a = (face.mask[iy1 - cy1 : iy2 - cy1, ix1 - cx1 : ix2 - cx1].astype(np.float32) / 255.0)[..., None]
         out[iy1:iy2, ix1:ix2] = (large * a + out[iy1:iy2, ix1:ix2] * (1 - a)).round().astype(np.uint8)
         return out
 
@@ -490,12 +503,20 @@ class MuseTalkSlotModel:
 
     kind = "lipsync"
 
-    def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
-                 threads: int | None = None, whisper: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        version: str = "v15",
+        device: str = "cpu",
+        half: bool | None = None,
+        threads: int | None = None,
+        whisper: bool = False,
+    ) -> None:
         """`whisper`: this slot also holds the Whisper encoder and computes the prompts of jobs that
         carry their audio window (`lipsync.whisper = "slot"`: on a GPU, next to the UNet and VAE)."""
-        self.model = MuseTalk(root, version, device=device, half=half,
-                              parts={"unet", "vae", "whisper"} if whisper else {"unet", "vae"})
+        self.model = MuseTalk(
+            root, version, device=device, half=half, parts={"unet", "vae", "whisper"} if whisper else {"unet", "vae"}
+        )
         self.threads = threads
         self.whisper = whisper
         self.activation_bytes = 0
@@ -535,8 +556,10 @@ class MuseTalkSlotModel:
                 out.append(j.prompt)
                 continue
             if j.audio is None or not self.whisper:
-                raise MuseTalkError("a lipsync job without its prompt reached a slot without Whisper "
-                                    "(lipsync.whisper must be the same for the whole pool)")
+                raise MuseTalkError(
+                    "a lipsync job without its prompt reached a slot without Whisper "
+                    "(lipsync.whisper must be the same for the whole pool)"
+                )
             key = id(j.audio.samples)
             if key not in computed:
                 computed[key] = self.model.audio_prompts(j.audio.samples)

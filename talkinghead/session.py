@@ -86,10 +86,19 @@ class SessionStats:
 class TalkSession:
     """Runs on its own thread; `start()`, then `wait()` or `stop()`."""
 
-    def __init__(self, name: str, backend: LipSyncBackend | BlockBackend, audio: Iterable[np.ndarray] | PushAudio, sink: Sink,
-                 realtime: bool = True, silence_db: float = -50.0, attack: float = 0.7, release: float = 0.45,
-                 on_state: Callable[[str, str, str | None], None] | None = None,
-                 on_frame: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        backend: LipSyncBackend | BlockBackend,
+        audio: Iterable[np.ndarray] | PushAudio,
+        sink: Sink,
+        realtime: bool = True,
+        silence_db: float = -50.0,
+        attack: float = 0.7,
+        release: float = 0.45,
+        on_state: Callable[[str, str, str | None], None] | None = None,
+        on_frame: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.name = name
         self.backend = backend
         self.audio = audio
@@ -133,8 +142,13 @@ class TalkSession:
         if state not in ("live", "degraded") or now - self._flip_logged_at >= 10.0:
             if state in ("live", "degraded"):
                 self._flip_logged_at = now
-            log.log(logging.WARNING if error else logging.INFO, "session %s: %s%s", self.name, state,
-                    f" ({error})" if error else "")
+            log.log(
+                logging.WARNING if error else logging.INFO,
+                "session %s: %s%s",
+                self.name,
+                state,
+                f" ({error})" if error else "",
+            )
         if self.on_state is not None:
             try:
                 self.on_state(self.name, state, error)
@@ -196,7 +210,7 @@ class TalkSession:
 
         def full() -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
             while len(held) >= block + ahead:
-                yield list(held[:block]), held[block:block + ahead]
+                yield list(held[:block]), held[block : block + ahead]
                 del held[:block]
 
         if isinstance(self.audio, PushAudio):
@@ -253,7 +267,7 @@ class TalkSession:
                     return
             held.extend(chunker.flush())
         while held and not self._stop.is_set():
-            yield list(held[:block]), held[block:block + ahead]
+            yield list(held[:block]), held[block : block + ahead]
             del held[:block]
 
     def _run(self) -> None:
@@ -322,8 +336,9 @@ class TalkSession:
                 self.on_frame(self._rendered + len(frames) - 1, level)
         return frames, level
 
-    def _render_block(self, chunks: list[np.ndarray], lookahead: list[np.ndarray],
-                      last: np.ndarray | None) -> list[np.ndarray]:
+    def _render_block(
+        self, chunks: list[np.ndarray], lookahead: list[np.ndarray], last: np.ndarray | None
+    ) -> list[np.ndarray]:
         """Block backend: the voiced chunks go to the model as one batch; an executor failure shows
         the last frame for this block (counted as `errors`) and the session goes on."""
         backend: Any = self.backend
@@ -335,17 +350,31 @@ class TalkSession:
             self._set_state("degraded", f"generation failed: {exc}")
             hold = last if last is not None else backend.idle_frame()
             return [hold] * len(chunks)
-        generated = int(getattr(backend, "generated", sum(voiced[:len(chunks)])))
+        generated = int(getattr(backend, "generated", sum(voiced[: len(chunks)])))
         self.stats.inferred += generated
         self.stats.idle += len(chunks) - generated
         if self.on_frame is not None:
-            for k, v in enumerate(voiced[:len(chunks)]):
+            for k, v in enumerate(voiced[: len(chunks)]):
                 self.on_frame(self._rendered + k, float(v))
         return frames
 
     def snapshot(self) -> dict[str, Any]:
         pushed = self.audio if isinstance(self.audio, PushAudio) else None
-        audio = ({"audio_rejected": pushed.rejected, "audio_rejected_by": dict(pushed.rejected_by),
-                  "audio_gaps": pushed.gaps, "audio_dropped": pushed.dropped} if pushed is not None else {})
-        return {"session": self.name, "state": self.state, "error": self.error, "backend": self.backend.name,
-                **self.stats.snapshot(time.monotonic() - self.started_at if self.started_at else 0.0), **audio}
+        audio = (
+            {
+                "audio_rejected": pushed.rejected,
+                "audio_rejected_by": dict(pushed.rejected_by),
+                "audio_gaps": pushed.gaps,
+                "audio_dropped": pushed.dropped,
+            }
+            if pushed is not None
+            else {}
+        )
+        return {
+            "session": self.name,
+            "state": self.state,
+            "error": self.error,
+            "backend": self.backend.name,
+            **self.stats.snapshot(time.monotonic() - self.started_at if self.started_at else 0.0),
+            **audio,
+        }

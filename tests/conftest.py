@@ -1,4 +1,6 @@
-"""Fixtures that start real servers on loopback: Mosquitto and GStreamer's RTSP server.
+"""Fixtures: real servers on loopback (Mosquitto, GStreamer's RTSP server), rendered test videos,
+and the expensive things built once per run (tiny MuseTalk weights and their loaded model, a face
+photo, a certificate authority). Helpers live in `tests.support`; no test module imports another.
 
 Test videos are rendered at test time from `streams.synthetic` (ground truth known per frame).
 Each server gets a free port; each test uses its own topic prefix.
@@ -6,116 +8,25 @@ Each server gets a free port; each test uses its own topic prefix.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as paho
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.support.media import write_face_image
+from tests.support.procs import Framegrid, Mosquitto
+from tests.support.tls import Pki, make_pki
 
-from tools.servers import Mosquitto, RtspServer, free_port, wait_port  # noqa: F401
+if TYPE_CHECKING:
+    from talkinghead.musetalk import MuseTalk
 
 # keep ultralytics' settings and caches of in-process tests out of the home folder
 os.environ.setdefault("FRAMEGRID_STATE_DIR", str(Path(tempfile.gettempdir()) / "framegrid-test-state"))
-MODEL = ROOT / "models" / "shapes-yolo11n.pt"
-
-
-@dataclass
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
-    at: float
-
-    def json(self) -> Any:
-        return json.loads(self.payload)
-
-
-@dataclass
-class Subscriber:
-    """A paho subscriber collecting every message under a topic filter (own client id)."""
-
-    port: int
-    topic: str
-    persistent: bool = False  # a durable session: the broker queues QoS 1 messages while we are away
-    messages: list[Received] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{uuid.uuid4().hex[:8]}",
-                                  clean_session=not self.persistent)
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, u, f, rc, p=None: c.subscribe(self.topic, qos=1)
-        self.client.reconnect_delay_set(0.1, 1)
-        self.client.connect("127.0.0.1", self.port)
-        self.client.loop_start()
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        with self.lock:
-            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain), time.time()))
-
-    def of(self, suffix: str) -> list[Received]:
-        with self.lock:
-            return [m for m in self.messages if m.topic.endswith(suffix)]
-
-    def wait_for(self, predicate: Any, timeout: float, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Await (without blocking the loop) until `predicate()` holds; fail naming `what`."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-async def start_pipeline(config: Any, detector_factory: Any = None) -> tuple[Any, Any]:
-    """Run a Pipeline in this event loop until ready; returns it and an async `shutdown()`."""
-    import asyncio
-
-    from pipeline import Pipeline
-
-    pipeline = Pipeline(config, detector_factory=detector_factory)
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
-
-    async def shutdown() -> None:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-
-    try:
-        await asyncio.wait_for(pipeline.ready.wait(), 60)
-    except BaseException:
-        await shutdown()
-        raise
-    return pipeline, shutdown
 
 
 @pytest.fixture(scope="session")
@@ -163,49 +74,6 @@ def framegrid_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-class Framegrid:
-    """`framegrid run CONFIG` as a child process, its output captured to a file.
-
-    A process the test did not stop (it failed first) is killed when the test ends, and its log is
-    printed then, so the failure report shows what framegrid said.
-    """
-
-    started: ClassVar[list[Framegrid]] = []
-
-    def __init__(self, config: Path, env: dict[str, str], log: Path, own_group: bool = False) -> None:
-        self.log = log
-        self._fh = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config)], cwd=ROOT,
-                                     env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                     start_new_session=own_group)
-        Framegrid.started.append(self)
-
-    def stop(self, sig: int = 2, timeout: float = 30, group: bool = False) -> int:
-        """Signal framegrid (or, with `group`, its whole process group, as `timeout` and systemd do)."""
-        if self.proc.poll() is None:
-            if group:
-                os.killpg(self.proc.pid, sig)
-            else:
-                self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = self.kill_with_stacks()
-            raise AssertionError(f"framegrid did not stop within {timeout}s; log:\n{self.output()}") from None
-        finally:
-            self._fh.close()
-        return rc
-
-    def kill_with_stacks(self) -> int:
-        """SIGUSR1 (every thread's stack into the log), then SIGKILL."""
-        self.proc.send_signal(signal.SIGUSR1)
-        time.sleep(1)
-        self.proc.kill()
-        return self.proc.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
 
 @pytest.fixture(autouse=True)
 def _reap_framegrid() -> Iterator[None]:
@@ -216,3 +84,43 @@ def _reap_framegrid() -> Iterator[None]:
             fg.kill_with_stacks()
             print(f"framegrid left running by the test; its log:\n{fg.output()[-20000:]}")
         fg._fh.close()  # (a failed test never reached stop(): its log file must not leak into later tests)
+
+
+# -- built once per run ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def face_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real photo with a frontal face (scikit-image's astronaut)."""
+    return write_face_image(tmp_path_factory.mktemp("avatar"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random MuseTalk v1.5 weights of the real classes in the official layout (no face parser)."""
+    from tools.make_tiny_musetalk import make
+
+    return make(tmp_path_factory.mktemp("musetalk"), "v15")
+
+
+@pytest.fixture(scope="session")
+def musetalk_model(tiny: Path) -> MuseTalk:
+    """The tiny weights loaded whole on the CPU (tests that patch it restore what they patch)."""
+    from talkinghead.musetalk import MuseTalk
+
+    m = MuseTalk(tiny, "v15", device="cpu")
+    m.load()
+    return m
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Iterator[Path]:
+    """Files a broker reads: Mosquitto drops root for its own user, which cannot enter pytest's
+    private temporary folders."""
+    d = Path(tempfile.mkdtemp(prefix="fg-mqtts-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pki(shared_dir: Path) -> Pki:
+    return make_pki(shared_dir)

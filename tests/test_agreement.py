@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import MODEL
 from tools.agreement import CAMERAS, CHANGE, TARGETS, measure, render_cameras
-
-from .conftest import MODEL
 
 SECONDS = 5.0
 

@@ -21,47 +21,14 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import MODEL, ROOT, Framegrid, Mosquitto, RtspServer, Subscriber, free_port
-from .test_e2e import detections
-from .test_musetalk import tiny  # noqa: F401 - fixture
-from .test_talkinghead import face_image, tone_on_off, write_wav  # noqa: F401 - fixture
+from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+from tests.support.media import detections, tone_on_off, write_wav
+from tests.support.procs import ROOT, Framegrid, Mosquitto, RtspServer, Subscriber, free_port
 
-TOKEN = "api-T0ken-never-shown"
 CAM_PASSWORD = "Cam-Pa55-never-shown"
 
 pytestmark = pytest.mark.slow
 
-
-def write_config(path: Path, prefix: str, mosquitto: Mosquitto, port: int, streams: dict[str, str],
-                 token: str | None = TOKEN, extra: str = "") -> Path:
-    # API clients may name files in pytest's base folder, where every test's fixtures live (videos, avatar)
-    lines = ["[mqtt]", f'url = "{mosquitto.url}"', f'topic_prefix = "{prefix}"', "stats_interval = 1",
-             "[api]", f'listen = "127.0.0.1:{port}"', "max_upload_mb = 2", "mjpeg_fps = 4",
-             f'media_dirs = ["{path.parent.parent}"]']
-    if token:
-        lines.append('token = "${FG_TEST_TOKEN}"')
-    lines += ["[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320",
-              "[pipeline]", "status_interval = 0"]
-    for name, url in streams.items():
-        lines += [f"[streams.{name}]", f'url = "{url}"', 'model = "shapes"', "max_fps = 4"]
-    path.write_text("\n".join(lines) + "\n" + extra)
-    return path
-
-
-def env_with_token(base: dict[str, str]) -> dict[str, str]:
-    return {**base, "FG_TEST_TOKEN": TOKEN}
-
-
-def wait_ready(client: httpx.Client, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/api/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("framegrid did not become ready")
 
 
 class Served:
@@ -87,7 +54,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path],
     rtsp.start()
     prefix = f"fgapi-{os.getpid()}"
     port = free_port()
-    cfg = write_config(tmp / "fg.toml", prefix, mosquitto, port, {n: rtsp.url(n) for n in ("cam1", "cam2")})
+    cfg = write_api_config(tmp / "fg.toml", prefix, mosquitto, port, {n: rtsp.url(n) for n in ("cam1", "cam2")})
     env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"})
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
     fg = Framegrid(cfg, env, tmp / "fg.log")
@@ -152,7 +119,8 @@ def test_every_operation_but_health_needs_the_token_and_bodies_are_bounded(serve
     assert checked >= 2 * 20, checked
     big = {"name": "big", "url": "rtsp://127.0.0.1/x", "model": "shapes", "comment": "x" * 2_000_000}
     res = served.call("POST", "/api/streams", json=big)
-    assert res.status_code == 413 and "larger than 1000000 bytes" in res.text, res.status_code
+    assert res.status_code == 413, res.status_code
+    assert "larger than 1000000 bytes" in res.text, res.status_code
     res = served.call("PATCH", "/api/streams/cam1", json={"max_fps": 1, "pad": "y" * 2_000_000})
     assert res.status_code == 413
     assert "big" not in [s["name"] for s in served.call("GET", "/api/streams").json()]
@@ -376,7 +344,7 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
     assert res.headers["content-type"] == "video/mp4"
     out = tmp_path / "out.mp4"
     out.write_bytes(res.content)
-    from .test_talkinghead import probe_output
+    from tests.support.media import probe_output
 
     frames, fps, seconds, _ = probe_output(out)
     assert frames == 50
@@ -403,7 +371,7 @@ def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None
     assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 404
 
 
-def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,  # noqa: F811
+def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,
                                                                       tmp_path: Path) -> None:
     """No path a client gives reads or writes outside api.media_dirs (here pytest's base folder):
     absolute paths, `..`, a symlink out, FFmpeg's file-reading protocols; network URLs pass."""
@@ -422,13 +390,15 @@ def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: S
     assert "evil" not in [s["name"] for s in served.call("GET", "/api/streams").json()]
     for data in ({"avatar_path": str(outside), "audio_path": str(outside)}, {"avatar_path": str(link)}):
         res = served.call("POST", "/api/talk/jobs", data=data)
-        assert res.status_code == 422 and "api.media_dirs" in res.text, res.text
+        assert res.status_code == 422, res.text
+        assert "api.media_dirs" in res.text, res.text
     body = {"name": "eve", "avatar": str(face_image), "audio": "mqtt", "out": str(tmp_path / "eve.mp4")}
     for key, value in (("avatar", str(outside)), ("out", "/tmp/framegrid-evil.mp4"),
                        ("out", str(tmp_path / "../../../x.m3u8")), ("out", "file:///tmp/x.mp4"),
                        ("audio", f"concat:{outside}"), ("audio", str(link))):
         res = served.call("POST", "/api/talk/sessions", json={**body, key: value})
-        assert res.status_code == 422 and res.json()["detail"][0]["loc"] == ["body", key], (key, value, res.text)
+        assert res.status_code == 422, (key, value, res.text)
+        assert res.json()["detail"][0]["loc"] == ["body", key], (key, value, res.text)
     assert not Path("/tmp/framegrid-evil.mp4").exists()
     assert served.call("GET", "/api/talk/sessions").json() == []
 
@@ -446,7 +416,7 @@ def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquit
                                 framegrid_env: dict[str, str]) -> None:
     port = free_port()
     prefix = f"fgkill-{os.getpid()}"
-    cfg = write_config(tmp_path / "fg.toml", prefix, mosquitto, port, {"cam1": str(videos["cam1"])}, token=None)
+    cfg = write_api_config(tmp_path / "fg.toml", prefix, mosquitto, port, {"cam1": str(videos["cam1"])}, token=None)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
     try:
@@ -492,7 +462,7 @@ def test_changes_survive_kill_9(tmp_path: Path, videos: dict[str, Path], mosquit
 
 def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosquitto: Mosquitto,
                                                           framegrid_env: dict[str, str]) -> None:
-    cfg = write_config(tmp_path / "fg.toml", "x", mosquitto, 8080, {}, token=None)
+    cfg = write_api_config(tmp_path / "fg.toml", "x", mosquitto, 8080, {}, token=None)
     cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:8080"', 'listen = "0.0.0.0:8080"'))
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT, capture_output=True,
                          text=True, env=framegrid_env, timeout=60)
@@ -506,14 +476,14 @@ def test_refuses_exposed_api_without_token_and_taken_port(tmp_path: Path, mosqui
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        cfg = write_config(tmp_path / "fg2.toml", "x", mosquitto, port, {}, token=None)
+        cfg = write_api_config(tmp_path / "fg2.toml", "x", mosquitto, port, {}, token=None)
         out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg)], cwd=ROOT,
                              capture_output=True, text=True, env=framegrid_env, timeout=60)
     assert out.returncode == 2
     assert f"api.listen 127.0.0.1:{port}: Address already in use" in out.stderr
 
 
-def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_image: Path,  # noqa: F811
+def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_image: Path,
                                            mosquitto: Mosquitto, framegrid_env: dict[str, str]) -> None:
     """A MuseTalk job through the API: tiny random models of the real classes, its segments dealt to
     both lip-sync slots of the running framegrid (the same renderer as `framegrid talk`)."""
@@ -542,7 +512,7 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
         assert job["frames"] == job["total_frames"] == 38  # 1.52 s -> 38 frames of 40 ms
         out = tmp_path / "out.mp4"
         out.write_bytes(client.get(f"/api/talk/jobs/{job_id}/video").content)
-        from .test_talkinghead import probe_output
+        from tests.support.media import probe_output
 
         frames, fps, seconds, _ = probe_output(out)
         assert frames == 38
@@ -551,7 +521,8 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
         slots = client.get("/api/devices").json()[-1]["slots"]
         assert len([s for s in slots if s["model"] == "lipsync"]) == 2
         batches = {n: s["batches"] for n, s in client.get("/api/stats").json()["lipsync"]["slots"].items()}
-        assert len(batches) == 2 and all(b > 0 for b in batches.values()), batches  # both slots rendered
+        assert len(batches) == 2, batches
+        assert all(b > 0 for b in batches.values()), batches  # both slots rendered
     finally:
         client.close()
         assert fg.stop() == 0, fg.output()
@@ -560,10 +531,10 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
     assert "done" in log
 
 
-def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosquitto: Mosquitto,  # noqa: F811
+def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosquitto: Mosquitto,
                                          framegrid_env: dict[str, str]) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "fg.toml", f"fgjobs-{os.getpid()}", mosquitto, port, {}, token=None)
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgjobs-{os.getpid()}", mosquitto, port, {}, token=None)
     wav = write_wav(tmp_path / "long.wav", tone_on_off([(4.0, True), (4.0, False)]), 16000)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import status_code_conformance
 
-from .conftest import Framegrid, Mosquitto, free_port
-from .test_api import TOKEN, env_with_token, wait_ready, write_config
+from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+from tests.support.procs import Framegrid, Mosquitto, free_port
 
 # the WebRTC signalling routes take an SDP offer as text
 schemathesis.serializer.alias("application/sdp", "text/plain")
@@ -34,7 +34,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]
                mosquitto: Mosquitto) -> Iterator[Any]:
     tmp = tmp_path_factory.mktemp("fuzz")
     port = free_port()
-    cfg = write_config(tmp / "fg.toml", f"fgfuzz-{os.getpid()}", mosquitto, port, {"cam1": str(videos["cam1"])})
+    cfg = write_api_config(tmp / "fg.toml", f"fgfuzz-{os.getpid()}", mosquitto, port, {"cam1": str(videos["cam1"])})
     env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"})
     fg = Framegrid(cfg, env, tmp / "fg.log")
     try:

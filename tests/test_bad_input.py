@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MODEL, Framegrid, Mosquitto, Subscriber, free_port
-from .test_e2e import detections
+from tests.support.media import detections
+from tests.support.procs import MODEL, Framegrid, Mosquitto, Subscriber, free_port
 
 SECRET = "Do-Not-Leak-77"
 

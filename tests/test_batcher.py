@@ -119,7 +119,8 @@ async def test_a_cpu_slot_batches_cheap_frames_and_runs_costly_ones_alone() -> N
     25 ms per frame a second frame would not, so each runs alone (the time per frame is measured)."""
     cheap = FakeDetector(delay=0.0, per_frame=0.004)
     await run_pool(cheap, {f"s{i}": (60, None) for i in range(4)}, 1.5, batch_size=4, cpu_batch_ms=30)
-    assert max(cheap.batches[2:]) == 4 and np.mean(cheap.batches[2:]) > 2.5, cheap.batches
+    assert max(cheap.batches[2:]) == 4, cheap.batches
+    assert np.mean(cheap.batches[2:]) > 2.5, cheap.batches
     costly = FakeDetector(delay=0.0, per_frame=0.025)
     _, records, sink = await run_pool(costly, {f"s{i}": (30, None) for i in range(4)}, 1.5, batch_size=4,
                                       cpu_batch_ms=30)
@@ -151,13 +152,15 @@ async def test_waits_for_frames_due_within_the_timeout() -> None:
     await run_pool(det, {"a": (10, None), "b": (10, None)}, 2.0, batch_size=2, batch_timeout=0.05,
                    offsets=0.004)
     later = det.batches[4:]  # once both arrival intervals are measured
-    assert later and np.mean(later) > 1.7, det.batches
+    assert later, det.batches
+    assert np.mean(later) > 1.7, det.batches
     det2 = FakeDetector(0.001)
     # 30 ms apart: nothing waits; a pair forms only when the loop was more than 30 ms late and both
     # frames were already there (4 ms apart, a loaded machine made pairs of a third of them)
     await run_pool(det2, {"a": (10, None), "b": (10, None)}, 1.0, batch_size=2, batch_timeout=0.001, offsets=0.03)
     singles = det2.batches[4:].count(1)
-    assert singles >= 0.8 * len(det2.batches[4:]) and len(det2.batches[4:]) >= 8, det2.batches
+    assert singles >= 0.8 * len(det2.batches[4:]), det2.batches
+    assert len(det2.batches[4:]) >= 8, det2.batches
 
 
 async def test_old_frames_are_dropped_not_inferred() -> None:

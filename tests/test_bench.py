@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from tests.support.procs import ROOT
 
 FIELDS = {"processed_fps", "per_stream_fps", "fairness", "latency_ms", "older_than_max_frame_age",
           "cpu_s_per_frame", "peak_rss_mb", "rss_growth_after_warmup", "runtime"}
@@ -28,7 +28,7 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     systems = ("framegrid", "ultralytics-openvino", "ceiling-decode")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_streams.py"), "--cameras", "2", "--imgsz", "320",
+        [sys.executable, "-m", "tools.bench_streams", "--cameras", "2", "--imgsz", "320",
          "--seconds", "4", "--warmup", "4", "--systems", *systems, "--video", str(clip), "--json", str(out)],
         capture_output=True, text=True, timeout=280, cwd=ROOT,
     )
@@ -44,7 +44,8 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
         assert "error" not in row, row
         assert set(row) >= FIELDS, (system, FIELDS - set(row))
         # measured from 4 s to 8 s after the system started: only a looping camera has frames then
-        assert set(row["per_stream_fps"]) == {"cam0", "cam1"} and min(row["per_stream_fps"].values()) > 0, row
+        assert set(row["per_stream_fps"]) == {"cam0", "cam1"}, row
+        assert min(row["per_stream_fps"].values()) > 0, row
         assert set(row["latency_ms"]) == {"p50", "p95", "p99", "max"}
         lat = row["latency_ms"]
         assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
@@ -58,7 +59,8 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     assert r["offered_fps"] == 50.0
     for key in ("framegrid_over_ultralytics_openvino_fps", "framegrid_over_ultralytics_openvino_p95",
                 "framegrid_over_ultralytics_openvino_cpu_per_frame", "framegrid_over_ceiling_decode_fps"):
-        assert r[key] is not None and r[key] > 0, key
+        assert r[key] is not None, key
+        assert r[key] > 0, key
     assert {"vs_ultralytics_openvino", "vs_ceiling_decode", "fairness", "none_older_than_max_frame_age"} <= set(
         r["targets"])
     agreement = res["agreement"]
@@ -73,7 +75,7 @@ def test_bench_talkinghead_short_run(tmp_path: Path) -> None:
     """The talking-head benchmark on tiny models: every stage, the live ladder and the offline slots."""
     out = tmp_path / "talk.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_talkinghead.py"), "--live-seconds", "2", "--max-sessions", "2",
+        [sys.executable, "-m", "tools.bench_talkinghead", "--live-seconds", "2", "--max-sessions", "2",
          "--offline-seconds", "2", "--slots", "1", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=280, cwd=ROOT,
     )

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline import parse_config
-
-from .conftest import MODEL, Mosquitto, RtspServer, Subscriber, wait_until
-from .test_talkinghead import face_image  # noqa: F401 - fixture
+from tests.support.procs import MODEL, Mosquitto, RtspServer, Subscriber, wait_until
 
 FAILOVER_BOUND_S = 15.0
 STREAMS = ("a", "b", "c", "d")
@@ -30,7 +28,7 @@ def published_since(sub: Subscriber, stream: str, t: float) -> list[Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
-    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, videos: dict[str, Path], face_image: Path  # noqa: F811
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, videos: dict[str, Path], face_image: Path
 ) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -84,7 +82,8 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         by_node: dict[str | None, list[str]] = {}
         for s, n in placement.items():
             by_node.setdefault(n, []).append(s)
-        assert len(by_node) == 2 and None not in by_node, placement  # spread over both nodes (by measured capacity)
+        assert len(by_node) == 2, placement
+        assert None not in by_node, placement  # spread over both nodes (by measured capacity)
         state = sub.of("/cluster")[-1].json()
         assert {n for n, v in state["nodes"].items() if v["state"] == "up"} == set(by_node)
 
@@ -124,20 +123,31 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
                          session_state(orphan).get("state") == "live", 60, f"{orphan} live on {survivor}")
         moving = [m.json() for m in sub.of(f"/talk/{orphan}/state") if m.payload and m.at > t_kill
                   and m.json()["state"] == "moving"]
-        assert moving and moving[0]["reason"] == f"node {victim_name} lost", moving
-        print(f"talk session {orphan} live again after "
-              f"{min(m.at for m in sub.of(f'/talk/{orphan}/state') if m.at > t_kill and m.payload and m.json().get('node') == survivor and m.json()['state'] == 'live') - t_kill:.1f}s")
+        assert moving, moving
+        assert moving[0]["reason"] == f"node {victim_name} lost", moving
+        live_at = min(m.at for m in sub.of(f"/talk/{orphan}/state") if m.at > t_kill and m.payload
+                      and m.json().get("node") == survivor and m.json()["state"] == "live")
+        print(f"talk session {orphan} live again after {live_at - t_kill:.1f}s")
         assert any(m.payload == b"offline" for m in sub.of(f"/nodes/{victim_name}/availability"))
         for stream in moved:  # the head said it was moving, and why
-            moving = [m.json() for m in sub.of(f"/streams/{stream}/state") if m.payload and m.at > t_kill
-                      and m.json()["state"] == "moving"]
+            moving = [
+                m.json()
+                for m in sub.of(f"/streams/{stream}/state")
+                if m.payload and m.at > t_kill and m.json()["state"] == "moving"
+            ]
             # a rebalance tick between the kill and its detection may move a stream off the victim
             # first (a planned move, said as such); either way the reason names the victim
-            assert moving and moving[0]["reason"] in (f"node {victim_name} lost", f"moved from {victim_name}"), moving
+            assert moving, moving
+            assert moving[0]["reason"] in (f"node {victim_name} lost", f"moved from {victim_name}"), moving
         for stream in moved:  # its state tells where it runs now
-            await wait_until(lambda st=stream: (sub.of(f"/streams/{st}/state")[-1].payload or b"{}") != b"{}" and
-                             sub.of(f"/streams/{st}/state")[-1].json().get("node") == head.where(st), 30,
-                             f"{stream}'s state from its new node")
+            await wait_until(
+                lambda st=stream: (
+                    (sub.of(f"/streams/{st}/state")[-1].payload or b"{}") != b"{}"
+                    and sub.of(f"/streams/{st}/state")[-1].json().get("node") == head.where(st)
+                ),
+                30,
+                f"{stream}'s state from its new node",
+            )
 
         # a node joins: the load is spread again (at most max_moves, within the band)
         workers.append(cluster.add_node(num_cpus=1, resources={"framegrid": 1}))
@@ -156,8 +166,11 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         def published_by(stream: str, since: float, node: str | None) -> list[Any]:
             return [m for m in published_since(sub, stream, since) if m.json()["node"] == node]
 
-        await wait_until(lambda: all(published_by(s, t_drain, head.where(s)) for s in on_new), 60,
-                         "drained streams publishing from their new node")
+        await wait_until(
+            lambda: all(published_by(s, t_drain, head.where(s)) for s in on_new),
+            60,
+            "drained streams publishing from their new node",
+        )
         # streams added and removed at run time go through the same placement (not onto the drained node)
         from pipeline.config import StreamConfig
 
@@ -178,14 +191,18 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         heads[-1][1].set()
         await asyncio.wait_for(heads[-1][2], 60)
         before = {s: head.where(s) for s in (*STREAMS, *(f"talk/{t}" for t in SESSIONS))}
-        restarts = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
-                    for s in STREAMS}
+        restarts = {
+            s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+            for s in STREAMS
+        }
         head2 = await start_head()
         assert {s: head2.where(s) for s in before} == before  # adopted where they ran: none restarted
         t_restart = time.time()
         await wait_until(lambda: all(published_since(sub, s, t_restart) for s in STREAMS), 60, "publishing on")
-        after = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
-                 for s in STREAMS}
+        after = {
+            s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+            for s in STREAMS
+        }
         assert after == restarts
         assert head2.state()["control_calls_per_s"] > 0
     finally:
@@ -213,8 +230,8 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
     import httpx
     from ray.cluster_utils import Cluster
 
-    from .conftest import Framegrid, free_port
-    from .test_api import TOKEN, env_with_token, wait_ready, write_config
+    from tests.support.configs import TOKEN, env_with_token, wait_ready, write_config
+    from tests.support.procs import Framegrid, free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
@@ -222,10 +239,15 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
     server = RtspServer({"a": videos["cam1"], "b": videos["cam2"], "c": videos["cam1"]})
     server.start()
     port = free_port()
-    cfg = write_config(tmp_path / "head.toml", topic_prefix, mosquitto, port,
-                       {"a": server.url("a"), "b": server.url("b")},
-                       extra=f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
-                             'dead_after_s = 6\nrebalance_s = 2\n')
+    cfg = write_config(
+        tmp_path / "head.toml",
+        topic_prefix,
+        mosquitto,
+        port,
+        {"a": server.url("a"), "b": server.url("b")},
+        extra=f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
+        "dead_after_s = 6\nrebalance_s = 2\n",
+    )
     env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -243,7 +265,9 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             sub.wait_for(lambda: {s["node"] for s in api.get("/api/streams").json()} == names, 30, "a stream per node")
             listed = {s["name"]: s for s in api.get("/api/streams").json()}
             for s in listed.values():  # the node's own figures, asked through the head
-                assert s["state"] == "streaming" and s["decoded"] > 0 and s["slot"], s
+                assert s["state"] == "streaming", s
+                assert s["decoded"] > 0, s
+                assert s["slot"], s
                 assert s["url"].startswith("rtsp://")
                 assert s["node"] in names
 
@@ -258,16 +282,22 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             assert bad.status_code == 422
             assert "unknown model" in bad.text
             jpeg = api.get("/api/streams/a/snapshot.jpg")
-            assert jpeg.status_code == 200 and jpeg.content[:2] == b"\xff\xd8", jpeg.status_code
+            assert jpeg.status_code == 200, jpeg.status_code
+            assert jpeg.content[:2] == b"\xff\xd8", jpeg.status_code
             metrics = api.get("/metrics").text
             assert 'framegrid_cluster_nodes{state="up"} 2.0' in metrics, metrics[:2000]
-            assert any(line.startswith("framegrid_stream_published_total{") and 'stream="a"' in line
-                       and not line.endswith(" 0.0") for line in metrics.splitlines()), metrics[:3000]
+            assert any(
+                line.startswith("framegrid_stream_published_total{")
+                and 'stream="a"' in line
+                and not line.endswith(" 0.0")
+                for line in metrics.splitlines()
+            ), metrics[:3000]
 
             # drain the node running c: everything moves to the other node; resume brings load back
             drained = api.get("/api/streams/c").json()["node"]
             moved = api.post(f"/api/nodes/{drained}/drain")
-            assert moved.status_code == 200 and "c" in moved.json()["moved"], moved.text
+            assert moved.status_code == 200, moved.text
+            assert "c" in moved.json()["moved"], moved.text
             assert all(s["node"] != drained for s in api.get("/api/streams").json())
             assert api.post("/api/nodes/nope/drain").status_code == 404
             resumed = api.post(f"/api/nodes/{drained}/resume").json()
@@ -281,12 +311,15 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             assert None not in where.values()
 
         # the head dies hard: its workers are detached actors and keep publishing without it
-        starts = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
-                  for s in "ab"}
+        starts = {
+            s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+            for s in "ab"
+        }
         assert head.stop(signal.SIGKILL) == -signal.SIGKILL
         t_kill = time.time()
-        sub.wait_for(lambda: all(published_since(sub, s, t_kill + 2.0) for s in "ab"), 30,
-                     "streams publishing with no head")
+        sub.wait_for(
+            lambda: all(published_since(sub, s, t_kill + 2.0) for s in "ab"), 30, "streams publishing with no head"
+        )
         head2 = Framegrid(cfg, env, tmp_path / "head2.log")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
             wait_ready(api, 240)
@@ -294,8 +327,10 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             assert after == where, (after, where)  # adopted where they ran; c stays deleted (overlay)
         t_back = time.time()
         sub.wait_for(lambda: all(published_since(sub, s, t_back) for s in "ab"), 30, "publishing under the new head")
-        again = {s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
-                 for s in "ab"}
+        again = {
+            s: len([m for m in sub.of(f"/streams/{s}/state") if m.payload and m.json()["state"] == "connecting"])
+            for s in "ab"
+        }
         assert again == starts, (starts, again)  # none was restarted
 
         # a node worker that hangs (SIGSTOP: alive, connected, silent) is declared lost by the head's
@@ -305,8 +340,11 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             os.kill(frozen["pid"], signal.SIGSTOP)
             t_freeze = time.time()
             try:
-                sub.wait_for(lambda: any(m.json()["node"] != frozen["name"] for m in published_since(sub, "a", t_freeze)),
-                             30, "a published from the other node")
+                sub.wait_for(
+                    lambda: any(m.json()["node"] != frozen["name"] for m in published_since(sub, "a", t_freeze)),
+                    30,
+                    "a published from the other node",
+                )
             finally:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(frozen["pid"], signal.SIGCONT)
@@ -314,12 +352,14 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             print(f"hung worker: a published from the other node {first_new - t_freeze:.1f}s after SIGSTOP")
             assert first_new - t_freeze <= FAILOVER_BOUND_S
             nodes = {n["name"]: n for n in api.get("/api/nodes").json()}
-            assert nodes[frozen["name"]]["state"] == "lost" and "no answer" in nodes[frozen["name"]]["error"], nodes
+            assert nodes[frozen["name"]]["state"] == "lost", nodes
+            assert "no answer" in nodes[frozen["name"]]["error"], nodes
         time.sleep(3.0)  # had it survived SIGCONT, it would publish again now
         assert not [m for s in "ab" for m in published_since(sub, s, first_new) if m.json()["node"] == frozen["name"]]
         assert head2.stop() == 0, head2.output()[-3000:]
         log = head.output() + head2.output()
-        assert TOKEN not in log and "Traceback" not in head2.output(), log[-5000:]
+        assert TOKEN not in log, log[-5000:]
+        assert "Traceback" not in head2.output(), log[-5000:]
     finally:
         sub.close()
         server.kill()
@@ -329,7 +369,10 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
-    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, face_image: Path  # noqa: F811
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    topic_prefix: str,
+    face_image: Path,
 ) -> None:
     """An offline MuseTalk job (tiny random models) whose segments are Ray actor tasks on two nodes'
     lipsync slots gives the frames of a one-machine render; with one node's worker killed, its
@@ -343,25 +386,29 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
     from talkinghead import prepare_avatar
     from talkinghead.musetalk import MuseTalk
     from talkinghead.offline import local_submit, render
+    from tests.support.media import FrameSink, probe_output, tone_on_off, write_wav
+    from tests.support.procs import free_port
     from tools.make_tiny_musetalk import make
-
-    from .conftest import free_port
-    from .test_lipsync import FrameSink
-    from .test_talkinghead import probe_output, tone_on_off, write_wav
 
     tiny = make(tmp_path / "musetalk", "v15")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):
         cluster.add_node(num_cpus=1, resources={"framegrid": 1})
-    config = parse_config({
-        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
-        "lipsync": {"weights": str(tiny), "batch_size": 4},
-        "pipeline": {"status_interval": 0},
-        "api": {"listen": f"127.0.0.1:{free_port()}", "jobs_dir": str(tmp_path / "jobs"),
-                "media_dirs": [str(tmp_path.parent)]},  # pytest's base folder: the avatar fixture is there
-        # a killed worker is found by its failed calls, not by silence: no tight ping deadline here
-        "cluster": {"backend": "ray", "address": cluster.address, "ping_s": 0.5, "dead_after_s": 15},
-    }, tmp_path)
+    config = parse_config(
+        {
+            "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+            "lipsync": {"weights": str(tiny), "batch_size": 4},
+            "pipeline": {"status_interval": 0},
+            "api": {
+                "listen": f"127.0.0.1:{free_port()}",
+                "jobs_dir": str(tmp_path / "jobs"),
+                "media_dirs": [str(tmp_path.parent)],
+            },  # pytest's base folder: the avatar fixture is there
+            # a killed worker is found by its failed calls, not by silence: no tight ping deadline here
+            "cluster": {"backend": "ray", "address": cluster.address, "ping_s": 0.5, "dead_after_s": 15},
+        },
+        tmp_path,
+    )
     head, stop = ClusterHead(config), asyncio.Event()
     api = ClusterApiServer(head, None)
     await api.start()
@@ -377,8 +424,11 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
         wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (0.8, False), (0.8, True)]), 16_000)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as client:
             with face_image.open("rb") as fa, wav.open("rb") as fw:
-                r = await client.post("/api/talk/jobs", data={"backend": "musetalk"},
-                                      files={"avatar": ("face.png", fa, "image/png"), "audio": ("a.wav", fw, "audio/wav")})
+                r = await client.post(
+                    "/api/talk/jobs",
+                    data={"backend": "musetalk"},
+                    files={"avatar": ("face.png", fa, "image/png"), "audio": ("a.wav", fw, "audio/wav")},
+                )
             assert r.status_code == 201, r.text
             job = r.json()["id"]
             await wait_until(lambda: api.jobs.get(job).state in ("done", "failed"), 240, "the job done")  # type: ignore[union-attr]
@@ -388,19 +438,29 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
             assert video.status_code == 200
             (tmp_path / "job.mp4").write_bytes(video.content)
             frames, fps, seconds, _ = probe_output(tmp_path / "job.mp4")
-            assert frames == 55 and fps == 25 and abs(seconds - 2.2) < 0.1, (frames, fps, seconds)
+            assert frames == 55, (frames, fps, seconds)
+            assert fps == 25, (frames, fps, seconds)
+            assert abs(seconds - 2.2) < 0.1, (frames, fps, seconds)
             by_api = {n.name: (await n.actor.ping.remote())["segments"] for n in head.nodes.values()}
-            assert all(v > 0 for v in by_api.values()) and sum(by_api.values()) == 12, by_api  # 45 model frames / 4
+            assert all(v > 0 for v in by_api.values()), by_api
+            assert sum(by_api.values()) == 12, by_api  # 45 model frames / 4
 
             # a live session started through the API is placed on a node; stopped through it
-            r = await client.post("/api/talk/sessions", json={"name": "s1", "avatar": str(face_image), "audio": "mqtt",
-                                                               "out": str(tmp_path / "s1.mp4")})
-            assert r.status_code == 201 and r.json()["node"] in head.nodes, r.text
+            r = await client.post(
+                "/api/talk/sessions",
+                json={"name": "s1", "avatar": str(face_image), "audio": "mqtt", "out": str(tmp_path / "s1.mp4")},
+            )
+            assert r.status_code == 201, r.text
+            assert r.json()["node"] in head.nodes, r.text
             await wait_until(lambda: head.nodes[r.json()["node"]].sessions.get("s1") == "live", 60, "s1 live")
             listed = (await client.get("/api/talk/sessions")).json()
             assert [(s["name"], s["state"]) for s in listed] == [("s1", "live")], listed
-            assert (await client.post("/api/talk/sessions", json={"name": "s1", "avatar": str(face_image),
-                                                                   "audio": "mqtt", "out": "x.mp4"})).status_code == 409
+            assert (
+                await client.post(
+                    "/api/talk/sessions",
+                    json={"name": "s1", "avatar": str(face_image), "audio": "mqtt", "out": "x.mp4"},
+                )
+            ).status_code == 409
             assert (await client.delete("/api/talk/sessions/s1")).status_code == 204
             assert (await client.get("/api/talk/sessions")).json() == []
         segments = head.segments()
@@ -419,7 +479,8 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
         counts, split = await asyncio.to_thread(run, lambda jobs, k: segments.submit("job1", jobs, slot=k))
         assert counts == local_counts == {"frames": 55, "generated": 45, "idle": 10}
         diff = np.abs(split - local)
-        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
+        assert diff.max() <= 2, (diff.max(), diff.mean())
+        assert diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
         done = {n.name: (await n.actor.ping.remote())["segments"] for n in head.nodes.values()}
         assert sorted(d - by_api[n] for n, d in done.items()) == [6, 6], done  # 12 segments, dealt to both in turn
 
@@ -429,7 +490,8 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
         counts, again = await asyncio.to_thread(run, lambda jobs, k: segments.submit("job2", jobs, slot=k))
         assert counts == local_counts
         diff = np.abs(again - local)
-        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
+        assert diff.max() <= 2, (diff.max(), diff.mean())
+        assert diff.mean() < 0.01, (diff.max(), diff.mean())
         survivor = next(n for n in head.nodes.values() if n is not victim)
         assert (await survivor.actor.ping.remote())["segments"] == done[survivor.name] + 12
     finally:

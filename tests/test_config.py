@@ -8,8 +8,7 @@ import pytest
 
 from pipeline import ConfigError, load_config
 from pipeline.cli import main
-
-from .conftest import MODEL, ROOT
+from tests.support.procs import MODEL, ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:

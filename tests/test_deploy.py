@@ -10,8 +10,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import load_config
-
-from .conftest import ROOT
+from tests.support.procs import ROOT
 
 DEPLOY = ROOT / "deploy"
 

@@ -10,9 +10,8 @@ import pytest
 
 from detectors import Detections, Detector, ModelLoadError, WeightsNotFoundError, YoloDetector
 from streams.synthetic import CLASSES, MovingScene, render_image
-
-from .conftest import MODEL
-from .test_e2e import iou
+from tests.support.media import iou
+from tests.support.procs import MODEL
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,9 @@ def recall(dets: list[Detections], truths: list, scale: float = 1.0) -> tuple[in
                 continue
             total += 1
             b = [v * scale for v in box]
-            hit += any(lab == CLASSES[cid] and iou(bb, b) >= 0.5 for lab, bb in zip(det.labels, det.boxes))
+            hit += any(
+                lab == CLASSES[cid] and iou(bb, b) >= 0.5 for lab, bb in zip(det.labels, det.boxes, strict=False)
+            )
     return hit, total
 
 
@@ -44,9 +45,10 @@ def test_batched_detections_match_truth_on_unseen_images(detector: YoloDetector)
     samples = [render_image(seed) for seed in range(900_000, 900_024)]  # never used in training
     dets = []
     for i in range(0, len(samples), 8):
-        dets += detector.infer([img for img, _ in samples[i:i + 8]])
+        dets += detector.infer([img for img, _ in samples[i : i + 8]])
     hit, total = recall(dets, [t for _, t in samples])
-    assert total >= 40 and hit / total >= 0.9, (hit, total)
+    assert total >= 40, (hit, total)
+    assert hit / total >= 0.9, (hit, total)
     assert all(d.timings_ms["inference"] > 0 for d in dets)
 
 
@@ -75,5 +77,5 @@ def test_missing_and_corrupt_weights(tmp_path: Path) -> None:
     bad.write_bytes(b"junk")
     with pytest.raises(ModelLoadError, match="model m: cannot load"):
         YoloDetector("m", bad).load()
-    with pytest.raises(ModelLoadError, match=".pt or .yaml"):
+    with pytest.raises(ModelLoadError, match=r"\.pt or \.yaml"):
         YoloDetector("m", tmp_path / "weights.onnx").load()

@@ -108,7 +108,7 @@ def test_overrides_and_cpu_threads() -> None:
     only_cpu = plan_slots([CPU], 8 * GB, cpu_slots=2, cpu_threads_per_slot=12)
     assert only_cpu[0].slots == 2
     assert "oversubscribed: 24 threads on 16 cores" in only_cpu[0].reason
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="slot memory must be positive"):
         plan_slots([CPU], 0)
     # the default: one single-threaded slot per core, at most 4 (then the threads grow)
     auto = plan_slots([CPU], 8 * GB, cpu_slots=None)[0]
@@ -158,8 +158,7 @@ def test_slot_layout_from_plan() -> None:
 
 def test_pipeline_plans_slots_per_model_from_device_facts(tmp_path: Any) -> None:
     from pipeline import parse_config, plan_models
-
-    from .conftest import MODEL
+    from tests.support.procs import MODEL
 
     gpus = discover(FakeNvml([("NVIDIA A100 80GB", 80, 78), ("NVIDIA L4", 24, 23)]))
     cfg = parse_config({

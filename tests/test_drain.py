@@ -14,9 +14,8 @@ import pytest
 from pipeline import ModelConfig, default_detector_factory, parse_config
 from pipeline.app import Pipeline
 from pipeline.core.devices import GB, DeviceInfo
-
-from .conftest import MODEL, Mosquitto, Subscriber, wait_until
-from .test_e2e import detections
+from tests.support.media import detections
+from tests.support.procs import MODEL, Mosquitto, Subscriber, wait_until
 
 GPUS = [DeviceInfo(f"cuda:{i}", "cuda", "invented GPU", 8 * GB, 8 * GB, 0.0) for i in range(2)]
 CPU = DeviceInfo("cpu", "cpu", "CPU", 16 * GB, 12 * GB, None, 2)

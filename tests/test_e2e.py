@@ -14,43 +14,12 @@ from typing import Any
 import pytest
 
 from streams.synthetic import CLASSES
-
-from .conftest import MODEL, Framegrid, Mosquitto, RtspServer, Subscriber, free_port
+from tests.support.configs import write_config
+from tests.support.media import detections, iou, states
+from tests.support.procs import Framegrid, Mosquitto, RtspServer, Subscriber, free_port
 
 PASSWORD = "Sup3r-s3cret-pw"
 
-
-def iou(a: list[float] | tuple[float, ...], b: list[float] | tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def write_config(path: Path, prefix: str, mqtt_url: str, streams: dict[str, str], **extra: Any) -> Path:
-    lines = [
-        "[mqtt]", f'url = "{mqtt_url}"', f'topic_prefix = "{prefix}"',
-        f"stats_interval = {extra.get('stats_interval', 2)}", f"buffer = {extra.get('buffer', 1000)}",
-        "reconnect_cap = 1.0",
-        "[models.shapes]", 'type = "yolo"', f'weights = "{MODEL}"', "imgsz = 320", "confidence = 0.3",
-        "[pipeline]", "status_interval = 2", "max_frame_age = 2.0",
-        "[api]", "enabled = false",  # (the API's own tests give it a free port)
-    ]
-    for name, url in streams.items():
-        lines += [f"[streams.{name}]", f'url = "{url}"', 'model = "shapes"',
-                  f"max_fps = {extra.get('max_fps', 5)}", f"stall_timeout = {extra.get('stall_timeout', 4)}",
-                  "reconnect_cap = 1.0"]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def detections(sub: Subscriber, stream: str) -> list[dict[str, Any]]:
-    return [m.json() for m in sub.of(f"/streams/{stream}/detections")]
-
-
-def states(sub: Subscriber, stream: str) -> list[str]:
-    return [m.json()["state"] for m in sub.of(f"/streams/{stream}/state")]
 
 
 @pytest.mark.slow
@@ -74,12 +43,13 @@ def test_two_rtsp_cameras_detections_match_ground_truth(
         sub.close()
         server.kill()
 
-    assert [m.payload for m in sub.of("/availability")][0] == b"online"
+    assert next(m.payload for m in sub.of("/availability")) == b"online"
     matched = total = 0
     for name in ("cam1", "cam2"):
         msgs = detections(sub, name)
         seqs = [m["seq"] for m in msgs]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"{name}: seq not increasing: {seqs}"
+        assert seqs == sorted(seqs), f"{name}: seq not increasing: {seqs}"
+        assert len(set(seqs)) == len(seqs), f"{name}: seq not increasing: {seqs}"
         for m in msgs:
             assert m["stream"] == name
             assert m["model"] == "shapes"
@@ -151,7 +121,9 @@ def test_rtsp_server_restart_reconnects_and_other_camera_continues(
               for d in m["detections"] if d["track_id"]}
     after = {d["track_id"] for m in detections(sub, "cam1") if m["captured_at"] > t_back
              for d in m["detections"] if d["track_id"]}
-    assert before and after and min(after) > max(before), (before, after)
+    assert before, (before, after)
+    assert after, (before, after)
+    assert min(after) > max(before), (before, after)
     ended = {e["after"]["track_id"] for e in (m.json() for m in sub.of("/events"))
              if e["stream"] == "cam1" and e["type"] == "end"}
     assert before <= ended

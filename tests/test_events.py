@@ -22,8 +22,8 @@ from pipeline.analytics.events import StreamEvents
 from pipeline.analytics.eventstore import EventStore, query
 from pipeline.analytics.zones import crossing, inside, resolve
 from pipeline.config import EventsConfig, StreamConfig
-
-from .conftest import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
+from tests.support.media import event
+from tests.support.procs import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
 
 
 # -- geometry ------------------------------------------------------------------------------------------
@@ -129,12 +129,6 @@ def test_stationary_and_reconnect_end_all() -> None:
 
 
 # -- the store ------------------------------------------------------------------------------------------
-def event(i: int, t: float, kind: str = "new") -> dict[str, Any]:
-    after = {"id": f"cam-{i}-{int(t * 1000)}", "track_id": i, "label": "car", "score": 0.9, "best_score": 0.9,
-             "box": [0, 0, 1, 1], "zones": [], "entered_zones": ["left"], "crossings": [], "first_seen": t,
-             "last_seen": t + 1, "stationary": False, "has_snapshot": False}
-    return {"v": 1, "stream": "cam", "type": kind, "before": None, "after": after, "changed": []}
-
 
 def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
     db = tmp_path / "events.db"
@@ -161,10 +155,9 @@ def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
 def test_store_survives_kill_9(tmp_path: Path) -> None:
     db = tmp_path / "events.db"
     script = f"""
-import sys, time
-sys.path.insert(0, {str(ROOT)!r})
+import time
 from pipeline.analytics.eventstore import EventStore
-from tests.test_events import event
+from tests.support.media import event
 store = EventStore(__import__("pathlib").Path({str(db)!r}), 30, 100000)
 store.start()
 i = 0
@@ -263,13 +256,20 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     assert len(by_id) == 3, "one event per object: an identity was lost"
     for seq in by_id.values():  # new -> update* -> end, one each
         kinds = [e["type"] for e in seq]
-        assert kinds[0] == "new" and kinds[-1] == "end" and kinds.count("new") == kinds.count("end") == 1, kinds
+        assert kinds[0] == "new", kinds
+        assert kinds[-1] == "end", kinds
+        assert kinds.count("new") == kinds.count("end") == 1, kinds
 
     # every line crossing of the truth, on the frames processed, is one event
     results = [m.json() for m in sub.of("/streams/cam/detections")]
     received = sorted(m["seq"] for m in results)
-    assert received == list(range(1, len(received) + 1)) and len(received) == len(processed), \
-        ("the subscriber missed results", len(processed), sorted(set(range(1, len(processed) + 1)) - set(received)))
+    missed = sorted(set(range(1, len(processed) + 1)) - set(received))
+    assert received == list(range(1, len(received) + 1)), ("the subscriber missed results", len(processed), missed)
+    assert len(received) == len(processed), (
+        "the subscriber missed results",
+        len(processed),
+        sorted(set(range(1, len(processed) + 1)) - set(received)),
+    )
     truth_crossings: list[str] = []
     published_crossings = [c.rsplit(":", 1)[1] for e in events for c in e["changed"] if c.startswith("crossed:mid")]
     last_x: dict[int, float] = {}
@@ -285,7 +285,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
             last_x[a.id] = x
     # the script crosses four times; a loaded machine may skip a stretch of frames (keep-latest), and
     # what it did not process it cannot count: the truth is taken on the processed frames
-    gaps = [(a, b) for (_, a), (_, b) in zip(sorted(processed), sorted(processed)[1:]) if b - a > 1.0]
+    gaps = [(a, b) for (_, a), (_, b) in zip(sorted(processed), sorted(processed)[1:], strict=False) if b - a > 1.0]
     assert len(truth_crossings) >= 2, ("the results missed most of the scene", gaps)
     assert sorted(published_crossings) == sorted(truth_crossings), (published_crossings, truth_crossings)
     # the zone is the frame's left half: leaving it is crossing the line outwards, once each
@@ -307,13 +307,21 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     with_snap = [r for r in rows if r["crop_path"]]
     assert with_snap
     assert all(Path(r["crop_path"]).is_file() and Path(r["frame_path"]).is_file() for r in with_snap)
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", str(tmp_path / "none.toml"), "--json"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "events", str(tmp_path / "none.toml"), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2  # a missing config is named
     cfg = tmp_path / "fg.toml"
     cfg.write_text(f'[events]\nstore = "{db}"\n')
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "events", str(cfg), "--stream", "cam", "--since",
-                          "1h", "--json"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "events", str(cfg), "--stream", "cam", "--since", "1h", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert {r["id"] for r in json.loads(out.stdout)} == set(by_id)
 
@@ -354,8 +362,10 @@ def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> N
     gate = threading.Event()
     shots._pool.submit(gate.wait)  # the encoder is busy until the gate opens
     image = np.full((1080, 1920, 3), 90, np.uint8)
-    objs = [TrackedObject(f"cam-{i}-0", "cam", i, "car", 0.5, 0.5, [100, 100, 200, 200], 0.0, 0.0, (1920, 1080))
-            for i in range(20)]
+    objs = [
+        TrackedObject(f"cam-{i}-0", "cam", i, "car", 0.5, 0.5, [100, 100, 200, 200], 0.0, 0.0, (1920, 1080))
+        for i in range(20)
+    ]
     for t in range(3):  # each object gets a better view every second: the older one is superseded
         for obj in objs:
             obj.score = 0.5 + 0.1 * t
@@ -364,8 +374,8 @@ def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> N
 
     frames = sum(1 for o in gc.get_referrers(image) if isinstance(o, list | tuple))  # views holding the frame
     # every second: the first MAX_PENDING objects' views replace their own (cancelled) ones, the rest are skipped
-    assert shots._pending == snap.MAX_PENDING and shots.skipped == (20 - snap.MAX_PENDING) * 3, (shots._pending,
-                                                                                                shots.skipped)
+    assert shots._pending == snap.MAX_PENDING, (shots._pending, shots.skipped)
+    assert shots.skipped == (20 - snap.MAX_PENDING) * 3, (shots._pending, shots.skipped)
     assert frames == snap.MAX_PENDING, frames  # not one per superseded view still in the executor's queue
     gate.set()
     for obj in objs:
@@ -404,7 +414,10 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
     assert not errors, errors
     assert versions == [len(MIGRATIONS)] * 8
     conn = sqlite3.connect(path)
-    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' "
-                                           "ORDER BY name")] == [
-        "events_label_start", "events_start", "events_stream_start"]
+    assert [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    ] == ["events_label_start", "events_start", "events_stream_start"]
     conn.close()

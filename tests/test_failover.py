@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,9 +13,8 @@ import pytest
 
 from detectors import Detections
 from pipeline import ModelConfig, Pipeline, default_detector_factory, parse_config
-
-from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
-from .test_e2e import detections
+from tests.support.media import detections
+from tests.support.procs import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 
 
 class RaisesAfter:
@@ -96,7 +96,8 @@ async def test_raising_slot_streams_move_and_slot_restarts(
         sub.close()
     for name in ("a", "b"):
         seqs = [m["seq"] for m in detections(sub, name)]
-        assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs), name
+        assert len(seqs) == len(set(seqs)), name
+        assert seqs == sorted(seqs), name
     other = "b" if victim_stream == "a" else "a"
     gaps = np.diff([m.at for m in sub.of(f"/streams/{other}/detections")])
     assert gaps.max() < 2.0  # the other stream never stalled
@@ -255,6 +256,6 @@ async def test_rebalance_moves_streams_losslessly(
     seqs = [m["seq"] for m in msgs]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # continuous: nothing lost or repeated
     times = [m["published_at"] for m in msgs]
-    around = [t2 - t1 for t1, t2 in zip(times, times[1:]) if t1 < t_move + 1 and t2 > t_move - 1]
+    around = [t2 - t1 for t1, t2 in itertools.pairwise(times) if t1 < t_move + 1 and t2 > t_move - 1]
     assert around
     assert max(around) < 1.0

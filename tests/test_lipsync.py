@@ -18,36 +18,20 @@ from talkinghead import AvatarError, TalkSession, prepare_avatar
 from talkinghead.live import MuseTalkLive
 from talkinghead.musetalk import LipSyncJob, MuseTalk, MuseTalkSlotModel, ping_pong
 from talkinghead.offline import render
-
-from .test_musetalk import tiny  # noqa: F401 - fixture
-from .test_talkinghead import face_image, probe_output, tone_on_off  # noqa: F401 - fixture
+from tests.support.media import FrameSink, probe_output, tone_on_off
 
 CPU = [DeviceInfo("cpu", "cpu", "test CPU", 0, 0, cores=2)]
 
 
-class FrameSink:
-    """Keeps what a session or render writes, uncompressed."""
-
-    def __init__(self) -> None:
-        self.frames: list[np.ndarray] = []
-        self.audio: list[np.ndarray] = []
-
-    def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
-        self.frames.append(frame)
-        self.audio.append(audio)
-
-    def close(self) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
-def frontend(tiny: Path) -> MuseTalk:  # noqa: F811
+def frontend(tiny: Path) -> MuseTalk:
     m = MuseTalk(tiny, "v15", parts={"vae", "whisper"})
     m.load()
     return m
 
 
-def test_slot_model_loads_only_what_a_slot_needs(tiny: Path, frontend: MuseTalk) -> None:  # noqa: F811
+def test_slot_model_loads_only_what_a_slot_needs(tiny: Path, frontend: MuseTalk) -> None:
     slot = MuseTalkSlotModel(tiny, "v15", threads=1)
     slot.load()
     assert slot.model.unet is not None
@@ -60,7 +44,7 @@ def test_slot_model_loads_only_what_a_slot_needs(tiny: Path, frontend: MuseTalk)
     slot.warmup()
 
 
-def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTalk) -> None:  # noqa: F811
+def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTalk) -> None:
     pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1, batch_size=8, batch_timeout_ms=500),
                          device_facts=CPU).start_in_thread()
     try:
@@ -78,7 +62,8 @@ def test_batches_merge_the_jobs_of_several_sessions(tiny: Path, frontend: MuseTa
         pool.release("w")
         snap = pool.snapshot()
         # the free slot took what was ready: one UNet call for both sessions (after the busy one)
-        assert snap["batches"] == 2 and snap["mean_batch"] == 8, snap
+        assert snap["batches"] == 2, snap
+        assert snap["mean_batch"] == 8, snap
         assert snap["slots"]["lipsync.0"]["sessions"] == ["a", "b"]
         assert snap["slots"]["lipsync.0"]["memory_gb"] > 0  # measured from the loaded model
         c = pool.submit("a", [LipSyncJob(latents, prompt)] * 12)  # more than a batch: still served, whole
@@ -93,7 +78,7 @@ def torch_zeros_latents(m: MuseTalk) -> Any:
     return torch.zeros(1, 8, m.latent_side, m.latent_side)
 
 
-def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTalk, face_image: Path,
                                                     tmp_path: Path) -> None:
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
     # 55 frames: speech, 20 silent frames, speech; the model skips the 10 that are more than 5
@@ -123,7 +108,7 @@ def test_offline_segments_across_slots_have_no_seam(tiny: Path, frontend: MuseTa
     assert diff.mean() < 0.01
 
 
-def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, face_image: Path,
                                              tmp_path: Path) -> None:
     from streams.sinks import AVSink
 
@@ -144,7 +129,8 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
         for s, _ in sessions:
             s.start()
         for s, _ in sessions:
-            assert s.wait(120) and s.state == "ended", s.error
+            assert s.wait(120), s.error
+            assert s.state == "ended", s.error
         snap = pool.snapshot()
     finally:
         pool.shutdown()
@@ -153,7 +139,7 @@ def test_live_musetalk_sessions_share_a_slot(tiny: Path, frontend: MuseTalk, fac
         assert s.stats.inferred == 50
         assert s.stats.idle == 15
         assert s.stats.errors == 0
-        n, fps, audio_s, frames = probe_output(out)
+        n, fps, audio_s, _frames = probe_output(out)
         assert (n, fps) == (65, 25.0)
         assert 0 <= audio_s - 2.6 <= 1024 / 16_000
     assert snap["slots"]["lipsync.0"]["frames"] == 100  # both sessions' model frames, on the one slot
@@ -181,7 +167,7 @@ class Faulty(MuseTalkSlotModel):
         return super().infer(jobs)
 
 
-def pool_whose_slot0_fails(tiny: Path) -> tuple[LipSyncPool, list[int]]:  # noqa: F811
+def pool_whose_slot0_fails(tiny: Path) -> tuple[LipSyncPool, list[int]]:
     """Two CPU lipsync slots, started; slot 0's first model fails on its 3rd batch (warm-up is the
     1st), its replacement is sound. Also returns the slot indices models were made for."""
     made: list[int] = []
@@ -208,7 +194,8 @@ def talk_through_a_faulty_slot0(pool: LipSyncPool, frontend: MuseTalk, faces: An
         session = TalkSession("talk", backend, [tone_on_off([(2.0, True)])], sink, realtime=False)
         t0 = time.monotonic()
         session.start()
-        assert session.wait(120) and session.state == "ended", session.error
+        assert session.wait(120), session.error
+        assert session.state == "ended", session.error
         took = time.monotonic() - t0
         deadline = time.monotonic() + 30
         while pool.snapshot()["slots"]["lipsync.0"]["state"] != "healthy" and time.monotonic() < deadline:
@@ -218,7 +205,7 @@ def talk_through_a_faulty_slot0(pool: LipSyncPool, frontend: MuseTalk, faces: An
         pool.shutdown()
 
 
-def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseTalk, face_image: Path,
                                                      tmp_path: Path) -> None:
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
     faces = ping_pong([frontend.prepare_face(avatar.image, avatar.box)])
@@ -235,7 +222,7 @@ def test_failing_slot_moves_its_session_and_restarts(tiny: Path, frontend: MuseT
     assert made.count(0) == 2
 
 
-def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseTalk, face_image: Path,
                                                      tmp_path: Path) -> None:
     """A lipsync model call that hangs: the slot's watchdog fails that block (the session shows its last
     frame), the session moves to the other slot at once and the hung slot is replaced."""
@@ -262,7 +249,7 @@ def test_hung_lipsync_slot_is_caught_by_the_watchdog(tiny: Path, frontend: MuseT
     assert made.count(0) == 2
 
 
-def test_pool_threads_are_daemons_and_shutdown_is_clean(tiny: Path) -> None:  # noqa: F811
+def test_pool_threads_are_daemons_and_shutdown_is_clean(tiny: Path) -> None:
     before = {t.name for t in threading.enumerate()}
     pool = musetalk_pool(LipSyncConfig(weights=tiny, slots=1), device_facts=CPU).start_in_thread()
     pool.shutdown()
@@ -271,7 +258,7 @@ def test_pool_threads_are_daemons_and_shutdown_is_clean(tiny: Path) -> None:  # 
     assert pool.submit("x", []).exception() is not None  # a closed pool refuses at once
 
 
-def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:  # noqa: F811
+def test_lipsync_slots_are_planned_from_gpu_memory(tiny: Path) -> None:
     """Invented device facts (no GPU is touched before start): slots per GPU from free memory."""
     gb = 2**30
     facts = [DeviceInfo("cuda:0", "cuda", "big GPU", 24 * gb, 24 * gb), DeviceInfo("cuda:1", "cuda", "small GPU",
@@ -302,7 +289,7 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:
     return path
 
 
-def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, face_image: Path,
                                                           tmp_path: Path) -> None:
     """A video avatar: a face per frame (a frame without one borrows its neighbour's box), MuseTalk
     latents and masks for every frame in ping-pong order, cached on disk and reloaded unchanged."""
@@ -337,14 +324,13 @@ def test_video_avatar_frames_ping_pong_and_cached_latents(frontend: MuseTalk, fa
         prepare_avatar(write_video(tmp_path / "wall.mp4", [blank, blank]), cache_dir=tmp_path / "cache")
 
 
-async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: MuseTalk, face_image: Path,
                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A MuseTalk job's segment whose slot fails is submitted again and the job completes whole."""
     import asyncio
 
     from pipeline.talk.jobs import TalkJobs
-
-    from .test_talkinghead import write_wav
+    from tests.support.media import write_wav
 
     pool, made = pool_whose_slot0_fails(tiny)
 
@@ -372,7 +358,7 @@ async def test_a_talk_job_survives_a_failing_lipsync_slot(tiny: Path, frontend: 
     assert made.count(0) == 2  # slot 0 failed and was restarted
 
 
-def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTalk, face_image: Path,  # noqa: F811
+def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTalk, face_image: Path,
                                                     tmp_path: Path) -> None:
     """`lipsync.whisper = "slot"`: the session sends each block's audio window and the slot computes
     the prompts beside the UNet (as on a GPU); the frames are those of session-side prompts."""
@@ -396,7 +382,8 @@ def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTal
             sink = FrameSink()
             session = TalkSession("s", backend, [audio], sink, realtime=False)
             session.start()
-            assert session.wait(120) and session.state == "ended", session.error
+            assert session.wait(120), session.error
+            assert session.state == "ended", session.error
             slot = pool.pool.slots["lipsync.0"]
             memory[where] = slot.model.memory_bytes()  # type: ignore[union-attr]
         finally:
@@ -404,5 +391,6 @@ def test_whisper_on_the_slot_gives_the_same_frames(tiny: Path, frontend: MuseTal
         assert session.stats.errors == 0
         frames[where] = np.stack(sink.frames).astype(np.int16)
     diff = np.abs(frames["session"] - frames["slot"])
-    assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
+    assert diff.max() <= 2, (diff.max(), diff.mean())
+    assert diff.mean() < 0.01, (diff.max(), diff.mean())  # thread counts' float rounding
     assert memory["slot"] > memory["session"]  # the encoder's weights count in the slot's memory

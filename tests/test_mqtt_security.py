@@ -5,14 +5,9 @@ password) is one clear, redacted error, a distinct state and a slow retry."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -20,93 +15,8 @@ import pytest
 
 from pipeline import parse_config
 from pipeline.mqtt.publisher import Publisher
-
-from .conftest import Mosquitto
-
-PASSWORD = "s3cret:pa@ss/word"  # characters that need quoting in a URL
-PREFIX = "fgsec"
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    other_ca: Path
-    server: tuple[Path, Path]
-    expired: tuple[Path, Path]
-    client: tuple[Path, Path]
-
-
-def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple[object, object] | None,
-                  days: tuple[int, int] = (-1, 30), ca: bool = False) -> tuple[Path, Path, object, object]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name_ = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_key, issuer_cert = issuer if issuer else (key, None)
-    now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name_)
-               .issuer_name(issuer_cert.subject if issuer_cert else name_)  # type: ignore[attr-defined]
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now + dt.timedelta(days=days[0])).not_valid_after(now + dt.timedelta(days=days[1]))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        import ipaddress
-
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                        critical=False)
-    cert = builder.sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
-    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o644)  # mosquitto runs as its own user
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path, key, cert
-
-
-@pytest.fixture(scope="module")
-def shared_dir() -> Iterator[Path]:
-    """Files the broker reads: Mosquitto drops root for its own user, which cannot enter pytest's
-    private temporary folders."""
-    d = Path(tempfile.mkdtemp(prefix="fg-mqtts-"))
-    d.chmod(0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def shared_subdir(root: Path, name: str) -> Path:
-    d = root / f"{name}-{uuid.uuid4().hex[:6]}"
-    d.mkdir(mode=0o755)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pki(shared_dir: Path) -> Pki:
-    d = shared_subdir(shared_dir, "pki")
-    _, ca, ca_key, ca_cert = _key_and_cert(d, "ca", "framegrid test CA", None, ca=True, days=(-1, 365))
-    _, other, _, _ = _key_and_cert(d, "other-ca", "someone else's CA", None, ca=True, days=(-1, 365))
-    skey, scert, _, _ = _key_and_cert(d, "server", "127.0.0.1", (ca_key, ca_cert))
-    ekey, ecert, _, _ = _key_and_cert(d, "expired", "127.0.0.1", (ca_key, ca_cert), days=(-30, -1))
-    ckey, ccert, _, _ = _key_and_cert(d, "client", "framegrid", (ca_key, ca_cert))
-    return Pki(ca, other, (scert, skey), (ecert, ekey), (ccert, ckey))
-
-
-def secure_broker(folder: Path, pki: Pki, cert: tuple[Path, Path]) -> Mosquitto:
-    passwd, acl = folder / "passwd", folder / "acl"
-    passwd.write_text("")
-    for user, word in (("framegrid", PASSWORD), ("watcher", "watch-it")):
-        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, word], check=True, capture_output=True)
-    passwd.chmod(0o644)
-    acl.write_text(f"user framegrid\ntopic write {PREFIX}/#\ntopic read {PREFIX}/talk/+/audio\n\n"
-                   "user watcher\ntopic read #\n")
-    acl.chmod(0o644)
-    security = (f"cafile {pki.ca}\ncertfile {cert[0]}\nkeyfile {cert[1]}\nrequire_certificate false\n"
-                f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n")
-    broker = Mosquitto(folder, security=security, scheme="mqtts")
-    broker.start()
-    return broker
+from tests.support.procs import Mosquitto
+from tests.support.tls import PASSWORD, PREFIX, Pki, secure_broker, shared_subdir
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +38,9 @@ def watch(broker: Mosquitto, pki: Pki, topic: str) -> tuple[paho.Client, list[by
     return c, got
 
 
-async def run_publisher(mqtt: dict[str, object], tmp_path: Path, seconds: float,
-                        env: dict[str, str] | None = None) -> Publisher:
+async def run_publisher(
+    mqtt: dict[str, object], tmp_path: Path, seconds: float, env: dict[str, str] | None = None
+) -> Publisher:
     config = parse_config({"mqtt": {"topic_prefix": PREFIX, "reconnect_cap": 1.0, **mqtt}}, tmp_path, env=env or {})
     pub = Publisher(config.mqtt, secrets=config.secrets())
     task = asyncio.create_task(pub.run())
@@ -144,8 +55,12 @@ async def test_tls_with_a_password_from_the_environment_delivers(broker: Mosquit
     client, got = watch(broker, pki, f"{PREFIX}/hello")
     try:
         await asyncio.sleep(0.5)
-        pub = await run_publisher({"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
-                                   "password": "${MQTT_PASSWORD}"}, tmp_path, 1.5, env={"MQTT_PASSWORD": PASSWORD})
+        pub = await run_publisher(
+            {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid", "password": "${MQTT_PASSWORD}"},
+            tmp_path,
+            1.5,
+            env={"MQTT_PASSWORD": PASSWORD},
+        )
         assert got == [b"over tls"]
         assert pub.connects == 1
         assert pub.last_error is None
@@ -154,8 +69,9 @@ async def test_tls_with_a_password_from_the_environment_delivers(broker: Mosquit
         client.disconnect()
 
 
-async def test_credentials_in_the_url_work_and_are_redacted(broker: Mosquitto, pki: Pki, tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+async def test_credentials_in_the_url_work_and_are_redacted(
+    broker: Mosquitto, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from urllib.parse import quote
 
     client, got = watch(broker, pki, f"{PREFIX}/hello")
@@ -168,8 +84,9 @@ async def test_credentials_in_the_url_work_and_are_redacted(broker: Mosquitto, p
         assert pub.connects == 1
         # with a client certificate too (the broker does not require one; it must still load)
         ccert, ckey = pki.client
-        pub = await run_publisher({"url": url, "ca_file": str(pki.ca), "cert_file": str(ccert),
-                                   "key_file": str(ckey)}, tmp_path, 1.5)
+        pub = await run_publisher(
+            {"url": url, "ca_file": str(pki.ca), "cert_file": str(ccert), "key_file": str(ckey)}, tmp_path, 1.5
+        )
         assert got == [b"over tls", b"over tls"]
         assert pub.connects == 1
     finally:
@@ -182,12 +99,15 @@ async def test_credentials_in_the_url_work_and_are_redacted(broker: Mosquitto, p
 
 @pytest.mark.parametrize("case", ["wrong_ca", "bad_password", "expired_certificate"])
 async def test_a_refusal_is_one_clear_error_a_state_and_a_slow_retry(
-    case: str, broker: Mosquitto, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    case: str,
+    broker: Mosquitto,
+    pki: Pki,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
     shared_dir: Path,
 ) -> None:
     target = broker
-    mqtt: dict[str, object] = {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
-                               "password": PASSWORD}
+    mqtt: dict[str, object] = {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid", "password": PASSWORD}
     if case == "wrong_ca":
         mqtt["ca_file"] = str(pki.other_ca)
     elif case == "bad_password":
@@ -235,14 +155,25 @@ def test_config_refuses_credentials_given_twice_and_tls_files_without_tls(tmp_pa
     assert ok.mqtt.port == 8883
 
 
-async def test_an_acl_denial_is_one_clear_error_and_a_state(broker: Mosquitto, pki: Pki, tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_acl_denial_is_one_clear_error_and_a_state(
+    broker: Mosquitto, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The ACL lets framegrid's user write only under its prefix: with another prefix every publish is
     refused, and MQTT 5 says so (PUBACK reason codes). (Mosquitto grants a subscription its ACL will
     not deliver to, so the talk subscription is not refused here.)"""
     client, got = watch(broker, pki, "#")
-    config = parse_config({"mqtt": {"url": broker.url, "ca_file": str(pki.ca), "username": "framegrid",
-                                    "password": PASSWORD, "topic_prefix": "elsewhere"}}, tmp_path)
+    config = parse_config(
+        {
+            "mqtt": {
+                "url": broker.url,
+                "ca_file": str(pki.ca),
+                "username": "framegrid",
+                "password": PASSWORD,
+                "topic_prefix": "elsewhere",
+            }
+        },
+        tmp_path,
+    )
     pub = Publisher(config.mqtt, secrets=config.secrets())
     try:
         with caplog.at_level(logging.DEBUG):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,25 +19,6 @@ from talkinghead.musetalk import (
     window_indices,
 )
 
-from .conftest import ROOT
-from .test_talkinghead import face_image  # noqa: F401 - fixture
-
-sys.path.insert(0, str(ROOT))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.make_tiny_musetalk import make
-
-    return make(tmp_path_factory.mktemp("musetalk"), "v15")
-
-
-@pytest.fixture(scope="module")
-def model(tiny: Path) -> MuseTalk:
-    m = MuseTalk(tiny, "v15", device="cpu")
-    m.load()
-    return m
-
 
 def test_missing_weights_list_every_piece(tmp_path: Path, tiny: Path) -> None:
     with pytest.raises(MuseTalkError) as err:
@@ -50,27 +30,27 @@ def test_missing_weights_list_every_piece(tmp_path: Path, tiny: Path) -> None:
     partial = tmp_path / "partial"
     shutil.copytree(tiny, partial)
     (partial / "sd-vae" / "config.json").unlink()
-    with pytest.raises(MuseTalkError, match="sd-vae/config.json"):
+    with pytest.raises(MuseTalkError, match=r"sd-vae/config\.json"):
         check_layout(partial)
-    with pytest.raises(MuseTalkError, match="musetalk/pytorch_model.bin"):
+    with pytest.raises(MuseTalkError, match=r"musetalk/pytorch_model\.bin"):
         check_layout(tiny, "v1")  # v1.0 has its own folder
 
 
-def test_sizes_come_from_the_configs(model: MuseTalk) -> None:
-    assert model.d_model == 32
-    assert model.layers == 3
-    assert model.audio_fps == 50
-    assert model.prompt_len == 10 * 3
-    assert not model.half
-    assert model.dtype.is_floating_point
+def test_sizes_come_from_the_configs(musetalk_model: MuseTalk) -> None:
+    assert musetalk_model.d_model == 32
+    assert musetalk_model.layers == 3
+    assert musetalk_model.audio_fps == 50
+    assert musetalk_model.prompt_len == 10 * 3
+    assert not musetalk_model.half
+    assert musetalk_model.dtype.is_floating_point
 
 
-def test_audio_windows_and_prompts(model: MuseTalk) -> None:
+def test_audio_windows_and_prompts(musetalk_model: MuseTalk) -> None:
     assert window_indices(0, 50) == range(0, 10)
     assert window_indices(1, 50) == range(2, 12)
     assert window_indices(12, 50) == range(24, 34)
     audio = (0.3 * np.sin(np.arange(2 * 16_000) / 16_000 * 2 * np.pi * 220)).astype(np.float32)
-    prompts = model.audio_prompts(audio)
+    prompts = musetalk_model.audio_prompts(audio)
     assert tuple(prompts.shape) == (50, 30, 32)  # 25 fps x 2 s, 10 feature frames x 3 layers, d_model
     # frame 0 starts in the zero padding (2 frames = 4 features of left context)
     assert float(prompts[0, :4 * 3].abs().max()) == 0.0
@@ -81,19 +61,19 @@ def test_audio_windows_and_prompts(model: MuseTalk) -> None:
     assert pe[0, 1] == 1.0
 
 
-def test_face_latents_are_masked_first(model: MuseTalk, face_image: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_face_latents_are_masked_first(musetalk_model: MuseTalk, face_image: Path, tmp_path: Path) -> None:
     import cv2
     import torch
 
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
-    face = model.prepare_face(avatar.image, avatar.box)
+    face = musetalk_model.prepare_face(avatar.image, avatar.box)
     assert tuple(face.latents.shape) == (1, 8, 32, 32)  # 4 + 4 channels at 256 / 8
     x1, y1, x2, y2 = avatar.box
     crop = cv2.resize(avatar.image[y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
     masked = crop.copy()
     masked[128:] = 0  # what the lower-half mask does before normalising (0 -> -1)
-    lat_masked = model.encode_crop(masked)[:, :4]
-    lat_full = model.encode_crop(crop)[:, 4:]
+    lat_masked = musetalk_model.encode_crop(masked)[:, :4]
+    lat_full = musetalk_model.encode_crop(crop)[:, 4:]
     assert torch.allclose(face.latents[:, :4], lat_masked, atol=1e-5)
     assert torch.allclose(face.latents[:, 4:], lat_full, atol=1e-5)
     assert not torch.allclose(face.latents[:, :4], face.latents[:, 4:])
@@ -101,24 +81,24 @@ def test_face_latents_are_masked_first(model: MuseTalk, face_image: Path, tmp_pa
     assert not lower_half_mask(8)[4:].any()
 
 
-def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(model: MuseTalk, face_image: Path,  # noqa: F811
+def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(musetalk_model: MuseTalk, face_image: Path,
                                                                            tmp_path: Path) -> None:
     avatar = prepare_avatar(face_image, cache_dir=tmp_path)
-    face = model.prepare_face(avatar.image, avatar.box)
+    face = musetalk_model.prepare_face(avatar.image, avatar.box)
     audio = (0.3 * np.sin(np.arange(16_000) / 16_000 * 2 * np.pi * 220)).astype(np.float32)
-    prompts = model.audio_prompts(audio)[:3]
+    prompts = musetalk_model.audio_prompts(audio)[:3]
     calls = []
-    real_forward = model.unet.forward
+    real_forward = musetalk_model.unet.forward
 
     def spy(sample, timestep, encoder_hidden_states, **kw):  # type: ignore[no-untyped-def]
         calls.append((tuple(sample.shape), timestep.tolist(), tuple(encoder_hidden_states.shape)))
         return real_forward(sample, timestep, encoder_hidden_states=encoder_hidden_states, **kw)
 
-    model.unet.forward = spy
+    musetalk_model.unet.forward = spy
     try:
-        frames = model.generate([face] * 3, prompts)
+        frames = musetalk_model.generate([face] * 3, prompts)
     finally:
-        model.unet.forward = real_forward
+        musetalk_model.unet.forward = real_forward
     assert calls == [((3, 8, 32, 32), [0], (3, 30, 32))]  # one step, timestep 0, the audio as context
     cx1, cy1, cx2, cy2 = face.crop
     outside = np.ones(avatar.image.shape[:2], bool)
@@ -132,11 +112,10 @@ def test_generate_calls_unet_once_at_timestep_zero_and_pastes_inside_mask(model:
     assert ping_pong([1, 2, 3]) == [1, 2, 3, 3, 2, 1]
 
 
-def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: Path,  # noqa: F811
+def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.cli import main
-
-    from .test_talkinghead import probe_output, tone_on_off, write_wav
+    from tests.support.media import probe_output, tone_on_off, write_wav
 
     wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (1.0, False), (0.52, True)]), 16_000)
     out = tmp_path / "talk.mp4"
@@ -160,7 +139,7 @@ def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: 
     assert "musetalkV15/unet.pth" in capsys.readouterr().err
 
 
-def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image: Path,  # noqa: F811
+def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image: Path,
                                                           tmp_path: Path) -> None:
     """A face-parsing BiSeNet checkpoint (random weights, the published architecture's names) loads
     through the loader and shapes the blend mask: inside the face box, below the upper boundary."""
@@ -215,13 +194,13 @@ def test_face_parsing_mask_when_its_checkpoint_is_present(tiny: Path, face_image
     assert FaceParser(root / CHECKPOINT)(avatar.image).shape == avatar.image.shape[:2]
 
 
-def test_prompt_count_is_exact_for_whole_chunks(model: MuseTalk) -> None:
+def test_prompt_count_is_exact_for_whole_chunks(musetalk_model: MuseTalk) -> None:
     """One prompt per 40 ms chunk, for every length (floats would lose one at 28 chunks: 1.12 s * 25)."""
     for n in (1, 7, 28, 29, 57):
-        assert len(model.audio_prompts(np.zeros(n * 640, np.float32))) == n
+        assert len(musetalk_model.audio_prompts(np.zeros(n * 640, np.float32))) == n
 
 
-def test_audio_prompts_of_any_length_have_whole_windows(model: MuseTalk) -> None:
+def test_audio_prompts_of_any_length_have_whole_windows(musetalk_model: MuseTalk) -> None:
     """Every frame's prompt spans its whole window (2 frames before, itself, 2 after, zero-padded past
     either end), however short the audio: one frame of audio gave a 30-row prompt before, and the UNet
     call raised on the 50-row positional encoding (a live session whose pushed audio ran dry)."""
@@ -229,14 +208,15 @@ def test_audio_prompts_of_any_length_have_whole_windows(model: MuseTalk) -> None
 
     rng = np.random.default_rng(0)
     per = 16_000 // 25
-    long = model.audio_prompts(rng.normal(0, 0.1, 8 * per).astype(np.float32))
+    long = musetalk_model.audio_prompts(rng.normal(0, 0.1, 8 * per).astype(np.float32))
     for n in range(1, 7):
-        prompts = model.audio_prompts(rng.normal(0, 0.1, n * per).astype(np.float32))
-        assert prompts.shape == (n, model.prompt_len, model.d_model), (n, tuple(prompts.shape))
+        prompts = musetalk_model.audio_prompts(rng.normal(0, 0.1, n * per).astype(np.float32))
+        assert prompts.shape == (n, musetalk_model.prompt_len, musetalk_model.d_model), (n, tuple(prompts.shape))
         # the first frame's window starts with zero padding (nothing before the audio)
-        first = prompts[0].reshape(-1, model.layers, model.d_model)
-        assert torch.count_nonzero(first[: (model.audio_fps // 25) * 2]) == 0
+        first = prompts[0].reshape(-1, musetalk_model.layers, musetalk_model.d_model)
+        assert torch.count_nonzero(first[: (musetalk_model.audio_fps // 25) * 2]) == 0
     assert long.shape[0] == 8
-    latents = model.prepare_face(np.full((256, 256, 3), 128, np.uint8), (0, 0, 256, 256)).latents
-    faces = model.generate_faces([latents], model.audio_prompts(np.zeros(per, np.float32)))  # one frame: no raise
+    latents = musetalk_model.prepare_face(np.full((256, 256, 3), 128, np.uint8), (0, 0, 256, 256)).latents
+    prompts = musetalk_model.audio_prompts(np.zeros(per, np.float32))
+    faces = musetalk_model.generate_faces([latents], prompts)  # one frame: no raise
     assert faces[0].shape == (256, 256, 3)

@@ -27,8 +27,6 @@ from talkinghead.musetalk import (
 )
 from talkinghead.offline import Crossfade, model_frames
 
-from .test_musetalk import model, tiny  # noqa: F401 - fixtures
-
 
 # -- jaw parsing mode --------------------------------------------------------------------------------
 def reference_jaw(parsing: np.ndarray, cheek: int = 90) -> np.ndarray:
@@ -163,17 +161,16 @@ def test_version_defaults_and_blur_kernels() -> None:
     assert ramp[BLUR_REALTIME] >= 1.6 * ramp[BLUR_OFFLINE]
 
 
-def test_offline_render_blends_with_the_offline_kernel(model: MuseTalk, tmp_path: Path) -> None:  # noqa: F811
+def test_offline_render_blends_with_the_offline_kernel(musetalk_model: MuseTalk, tmp_path: Path) -> None:
     from talkinghead import prepare_avatar
     from talkinghead.offline import render
-
-    from .test_talkinghead import tone_on_off
+    from tests.support.media import tone_on_off
 
     image = tmp_path / "face.png"
     cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))
     avatar = prepare_avatar(image, box=(50, 50, 150, 150), cache_dir=tmp_path)
     blurs: list[float] = []
-    real = model.prepare_faces
+    real = musetalk_model.prepare_faces
 
     def spy(av, cache_dir=None, progress=None, blur=BLUR_REALTIME):  # type: ignore[no-untyped-def]
         blurs.append(blur)
@@ -186,12 +183,12 @@ def test_offline_render_blends_with_the_offline_kernel(model: MuseTalk, tmp_path
         def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
             self.n += 1
 
-    model.prepare_faces = spy  # type: ignore[method-assign]
+    musetalk_model.prepare_faces = spy  # type: ignore[method-assign]
     try:
         sink = Frames()
-        render(model_with_unet(model), avatar, tone_on_off([(0.2, True)]), sink)
+        render(model_with_unet(musetalk_model), avatar, tone_on_off([(0.2, True)]), sink)
     finally:
-        model.prepare_faces = real  # type: ignore[method-assign]
+        musetalk_model.prepare_faces = real  # type: ignore[method-assign]
     assert blurs == [BLUR_OFFLINE]
     assert sink.n == 5
 
@@ -235,7 +232,8 @@ def test_video_avatar_frames_are_resampled_to_25_fps(tmp_path: Path, fps: int) -
     avatar = prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path)
     shown = [frame_number(f.image) for f in avatar.frames]
     want = [min(n - 1, math.floor(k * fps / 25 + 1e-9)) for k in range(50)]
-    assert len(shown) in (50, 51) and shown[:50] == want, (fps, shown[:12])
+    assert len(shown) in (50, 51), (fps, shown[:12])
+    assert shown[:50] == want, (fps, shown[:12])
 
 
 def test_energy_backend_animates_every_frame_of_a_video_avatar(tmp_path: Path) -> None:
@@ -269,7 +267,7 @@ def test_crossfades_both_ways() -> None:
     assert int(start.spoken(gen, idle)[0, 0, 0]) == 200
 
 
-def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> None:  # noqa: F811
+def test_live_block_renders_ahead_of_speech(musetalk_model: MuseTalk, tmp_path: Path) -> None:
     """The session hands a block its lookahead's voicing: the frames just before an onset are
     generated (the mouth opens before the sound), faded in from the avatar's own frames."""
     from concurrent.futures import Future
@@ -277,7 +275,7 @@ def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> 
     from talkinghead.live import MuseTalkLive
 
     frame = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
-    faces = [model.prepare_face(frame, (50, 50, 150, 150))]
+    faces = [musetalk_model.prepare_face(frame, (50, 50, 150, 150))]
     sent: list[int] = []
 
     def submit(jobs: list) -> Future:  # type: ignore[type-arg]
@@ -286,10 +284,11 @@ def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> 
         f.set_result([np.full((256, 256, 3), 255, np.uint8)] * len(jobs))
         return f
 
-    live = MuseTalkLive(model, faces, submit, block=4, timeout=5.0, lookahead=5)
+    live = MuseTalkLive(musetalk_model, faces, submit, block=4, timeout=5.0, lookahead=5)
     quiet, loud = np.zeros(640, np.float32), np.full(640, 0.3, np.float32)
     # block 1: silent, but speech starts 3 frames after it: its last frame (within 5) is generated
-    frames = live.render_block([quiet] * 4, [False] * 4 + [False, False, True, True, True], [quiet, quiet, loud, loud, loud])
+    frames = live.render_block([quiet] * 4, [False] * 4 + [False, False, True, True, True],
+                               [quiet, quiet, loud, loud, loud])
     assert live.generated == 3
     assert sent == [3]
     assert np.array_equal(frames[0], frame)
@@ -299,15 +298,16 @@ def test_live_block_renders_ahead_of_speech(model: MuseTalk, tmp_path: Path) -> 
 
 
 # -- audio: the exact short log-mel, and live prompts against offline ----------------------------------
-def test_short_log_mel_equals_the_padded_one(model: MuseTalk) -> None:  # noqa: F811
+def test_short_log_mel_equals_the_padded_one(musetalk_model: MuseTalk) -> None:
     rng = np.random.default_rng(2)
     for n in (0, 1, 640, 16_000 * 3 + 123):
         x = (rng.standard_normal(n) * 0.1).astype(np.float32)
         if n > 1000:
-            x[n // 2:] *= 1e-4  # a quiet half: the clamp at max - 8 matters
-        ref = model.features(x, sampling_rate=16_000, return_tensors="pt").input_features
-        got = model.log_mel(x)
-        assert tuple(got.shape) == tuple(ref.shape) and float((got - ref).abs().max()) < 1e-5, n
+            x[n // 2 :] *= 1e-4  # a quiet half: the clamp at max - 8 matters
+        ref = musetalk_model.features(x, sampling_rate=16_000, return_tensors="pt").input_features
+        got = musetalk_model.log_mel(x)
+        assert tuple(got.shape) == tuple(ref.shape), n
+        assert float((got - ref).abs().max()) < 1e-5, n
 
 
 def speech_like(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray:
@@ -322,7 +322,7 @@ def speech_like(seconds: float, seed: int = 0, rate: int = 16_000) -> np.ndarray
 
 
 @pytest.mark.parametrize("blocks", [[4], [5], [3, 1, 2, 6]], ids=["block4", "block5-on-the-cut", "ragged"])
-def test_live_prompts_match_offline(model: MuseTalk, blocks: list[int]) -> None:  # noqa: F811
+def test_live_prompts_match_offline(musetalk_model: MuseTalk, blocks: list[int]) -> None:
     """Live blocks (200 ms lookahead) against the whole-file prompts of a 35 s speech-like clip
     (across a 30 s segment boundary): cosine similarity >= 0.98 for every frame. Blocks of 5 start
     exactly on the cut (frame 750), and pushed audio that runs dry makes blocks of any length: the
@@ -334,15 +334,15 @@ def test_live_prompts_match_offline(model: MuseTalk, blocks: list[int]) -> None:
     from talkinghead.live import MuseTalkLive
 
     audio = speech_like(35.0)
-    offline = model.audio_prompts(audio)
-    live = MuseTalkLive(model, [object()], lambda jobs: None, block=4, timeout=1.0, lookahead=5)  # type: ignore[list-item]
+    offline = musetalk_model.audio_prompts(audio)
+    live = MuseTalkLive(musetalk_model, [object()], lambda jobs: None, block=4, timeout=1.0, lookahead=5)  # type: ignore[list-item]
     per, got, b = 640, [], 0
     n = len(audio) // per
     sizes = itertools.cycle(blocks)
     while b < n:
         size = min(next(sizes), n - b)
-        block = audio[b * per:(b + size) * per]
-        ahead = [audio[i * per:(i + 1) * per] for i in range(b + size, min(n, b + size + 5))]
+        block = audio[b * per : (b + size) * per]
+        ahead = [audio[i * per : (i + 1) * per] for i in range(b + size, min(n, b + size + 5))]
         got.append(live.block_prompts(block, ahead))
         live.hear(block)
         b += size
@@ -354,7 +354,7 @@ def test_live_prompts_match_offline(model: MuseTalk, blocks: list[int]) -> None:
     assert float(cos[750:752].min()) >= 0.999, cos[748:754].tolist()
 
 
-def test_loading_is_quiet(tiny: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_loading_is_quiet(tiny: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """No install advice, progress bars or cast warnings from diffusers/transformers when MuseTalk
     loads (they repeated on every slot start and restart)."""
     for parts in ({"vae", "whisper"}, {"unet", "vae"}):

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import ROOT, Framegrid, Mosquitto, free_port, wait_port
-from .test_api import TOKEN, env_with_token, wait_ready, write_config
+from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+from tests.support.procs import ROOT, Framegrid, Mosquitto, free_port, wait_port
 
 pytestmark = pytest.mark.slow
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "framegrid.json"
@@ -47,7 +47,7 @@ def test_prometheus_scrapes_framegrid_and_dashboard_metrics_exist(
     tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, framegrid_env: dict[str, str],
 ) -> None:
     api_port = free_port()
-    cfg = write_config(tmp_path / "fg.toml", f"fgprom-{os.getpid()}", mosquitto, api_port,
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgprom-{os.getpid()}", mosquitto, api_port,
                        {"cam1": str(videos["cam1"]), "cam2": str(videos["cam2"])})
     fg = Framegrid(cfg, env_with_token(framegrid_env), tmp_path / "fg.log")
     prom_port = free_port()

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import Config, StreamConfig, parse_config
-
-from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
-from .test_e2e import detections
+from tests.support.media import detections
+from tests.support.procs import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 
 
 def stream_a_config(tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str) -> Config:

@@ -15,9 +15,8 @@ from detectors.onnx import OnnxYoloDetector, nms
 from detectors.openvino import OpenVinoYoloDetector
 from detectors.runtimes import CPU_PREFERENCE, installed, resolve_backend
 from streams.synthetic import MovingScene, render_image
-
-from .conftest import MODEL
-from .test_e2e import iou
+from tests.support.media import iou
+from tests.support.procs import MODEL
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +82,18 @@ def test_export_is_cached_and_keyed(weights: Path, cls: type) -> None:
     assert cache_path(weights, 320, "onnx") != cache_path(weights, 320, "openvino")
 
 
-@pytest.mark.parametrize(("cls", "extra"), [(OnnxYoloDetector, {}), (OpenVinoYoloDetector, {"inference_precision": "f32"}),
-                                            (OpenVinoYoloDetector, {"inference_precision": "auto"})],
-                         ids=["onnxruntime", "openvino-f32", "openvino-auto"])
-def test_same_objects_as_torch(weights: Path, images: list[np.ndarray], torch_reference: list, cls: type,
-                               extra: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [
+        (OnnxYoloDetector, {}),
+        (OpenVinoYoloDetector, {"inference_precision": "f32"}),
+        (OpenVinoYoloDetector, {"inference_precision": "auto"}),
+    ],
+    ids=["onnxruntime", "openvino-f32", "openvino-auto"],
+)
+def test_same_objects_as_torch(
+    weights: Path, images: list[np.ndarray], torch_reference: list, cls: type, extra: dict[str, str]
+) -> None:
     """Every runtime, at every precision it may pick by itself (OpenVINO's `auto` is bf16 on CPUs
     with BF16 units), finds the same objects as torch."""
     det = cls("m", weights, imgsz=320, confidence=0.3, threads=2, **extra)
@@ -110,14 +116,18 @@ def test_letterbox_matches_ultralytics() -> None:
         for rect in (False, True):
             ours = letterbox(img, geometry(w, h, 320, 32, rect=rect))
             theirs = LetterBox((320, 320), auto=rect, stride=32)(image=img)
-            assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (h, w, rect)
+            assert ours.shape == theirs.shape, (h, w, rect)
+            assert np.array_equal(ours, theirs), (h, w, rect)
     # each picture gets its own rectangle, as ultralytics gives it alone; one call per input size
     groups = batch_groups([(360, 640), (480, 640), (1080, 1920), (720, 1280)], 320)
     assert [(idx, {(g.out_w, g.out_h) for g in geos}) for idx, geos in groups] == [
-        ([0, 2, 3], {(320, 192)}), ([1], {(320, 256)})]
+        ([0, 2, 3], {(320, 192)}),
+        ([1], {(320, 256)}),
+    ]
     assert [g.src_w for g in groups[0][1]] == [640, 1920, 1280]  # each keeps its own scale
-    assert {(g.out_w, g.out_h) for _, geos in batch_groups([(360, 640), (480, 640)], 320, rect=False)
-            for g in geos} == {(320, 320)}
+    assert {
+        (g.out_w, g.out_h) for _, geos in batch_groups([(360, 640), (480, 640)], 320, rect=False) for g in geos
+    } == {(320, 320)}
 
 
 def test_device_side_preprocessing_matches_ultralytics(weights: Path, images: list[np.ndarray]) -> None:
@@ -180,22 +190,30 @@ def test_backend_choice(weights: Path, tmp_path: Path) -> None:
 
     assert resolve_backend("auto", "cuda:0") == "torch"  # the CUDA-stream path
     assert resolve_backend("auto", "cpu") == next(r for r in CPU_PREFERENCE if installed(r))
-    cfg = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "onnxruntime",
-                                         "threads": 2}}}, tmp_path)
+    cfg = parse_config(
+        {"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "onnxruntime", "threads": 2}}}, tmp_path
+    )
     det = default_detector_factory("m", cfg.models["m"])
     assert isinstance(det, OnnxYoloDetector)
     assert det.threads == 2
     auto = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights)}}}, tmp_path)
     assert default_detector_factory("m", auto.models["m"]).runtime == "openvino"  # installed with [cpu]
-    with pytest.raises(ConfigError, match="models.m.backend"):
+    with pytest.raises(ConfigError, match=r"models\.m\.backend"):
         parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "tensorrt"}}}, tmp_path)
     # two runtimes on the CPU of one process are refused before anything loads
-    mixed = parse_config({
-        "models": {"a": {"type": "yolo", "weights": str(weights), "backend": "torch"},
-                   "b": {"type": "yolo", "weights": str(weights), "backend": "onnxruntime"}},
-        "streams": {"s1": {"url": "rtsp://127.0.0.1:9/a", "model": "a"},
-                    "s2": {"url": "rtsp://127.0.0.1:9/b", "model": "b"}},
-    }, tmp_path)
+    mixed = parse_config(
+        {
+            "models": {
+                "a": {"type": "yolo", "weights": str(weights), "backend": "torch"},
+                "b": {"type": "yolo", "weights": str(weights), "backend": "onnxruntime"},
+            },
+            "streams": {
+                "s1": {"url": "rtsp://127.0.0.1:9/a", "model": "a"},
+                "s2": {"url": "rtsp://127.0.0.1:9/b", "model": "b"},
+            },
+        },
+        tmp_path,
+    )
     cpu = [DeviceInfo("cpu", "cpu", "test CPU", 0, 0, cores=2)]
     with pytest.raises(ConfigError, match="one inference runtime per process"):
         plan_models(mixed.models, ["a", "b"], mixed.devices, cpu)

@@ -13,8 +13,8 @@ from urllib.parse import quote, quote_plus
 import paho.mqtt.client as paho
 import pytest
 
-from .conftest import MODEL, Framegrid, RtspServer, free_port
-from .test_mqtt_security import PASSWORD, PREFIX, Pki, pki, secure_broker, shared_dir, shared_subdir  # noqa: F401
+from tests.support.procs import MODEL, Framegrid, RtspServer, free_port
+from tests.support.tls import PASSWORD, PREFIX, Pki, secure_broker, shared_subdir
 
 CAMERA_PASSWORD = "cam-Pa$$w0rd!x"  # sub-delimiters: allowed as they are in a URL, encoded differently
 TOKEN = f"tok-{uuid.uuid4().hex}"
@@ -52,7 +52,7 @@ def children_cmdlines(pid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_no_secret_in_logs_mqtt_http_metrics_or_command_lines(
-    tmp_path: Path, videos: dict[str, Path], framegrid_env: dict[str, str], shared_dir: Path, pki: Pki,  # noqa: F811
+    tmp_path: Path, videos: dict[str, Path], framegrid_env: dict[str, str], shared_dir: Path, pki: Pki,
 ) -> None:
     import httpx
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -25,8 +26,7 @@ from streams import (
     redact_url,
 )
 from streams.synthetic import MovingScene, write_video
-
-from .conftest import free_port
+from tests.support.procs import free_port
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_backoff_full_jitter_is_capped_and_resets() -> None:
     b.reset()
     assert b.ceiling() == 0.5
     assert b.next_delay() <= 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad backoff parameters"):
         Backoff(base=2, cap=1)
 
 
@@ -94,7 +94,7 @@ def test_file_source_is_paced_and_loops_with_continuous_pts(short_video: Path) -
     # 15 fps for 2.5 s, minus open time: paced, not decoded as fast as possible
     assert 25 <= len(frames) <= 40, len(frames)
     pts = [f.pts for f in frames]
-    assert all(b > a for a, b in zip(pts, pts[1:])), "pts must keep increasing across the loop"
+    assert all(b > a for a, b in itertools.pairwise(pts)), "pts must keep increasing across the loop"
     assert max(pts) > 1.0  # it did loop past the 1 s file
     assert [f.index for f in frames] == list(range(len(frames)))
     assert frames[0].image.shape == (180, 320, 3)
@@ -151,7 +151,7 @@ def test_probe_cli(short_video: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_rtsp_source_streams_from_real_server(videos: dict[str, Path]) -> None:
-    from .conftest import RtspServer
+    from tests.support.procs import RtspServer
 
     server = RtspServer({"cam": videos["cam1"]}, user="u", password="p@ss word")
     server.start()
@@ -252,7 +252,7 @@ def test_decoder_options_skip_frames_and_hardware_fallback(tmp_path: Path) -> No
     if not src.hw_decoding:  # the software fallback is the plain decoder, pixel for pixel
         plain, _ = _decode_all(ip, skip_frames="none")
         assert np.array_equal(hw[10].image, plain[10].image)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="hwaccel"):
         SourceSettings(hwaccel="nvidia-magic")
 
 
@@ -278,7 +278,8 @@ def test_shedding_decodes_only_keyframes_in_demand_and_each_at_once(tmp_path: Pa
     while src.state.state not in ("ended", "failed") and time.monotonic() < deadline:
         time.sleep(0.02)
     src.stop(5)
-    assert keyframes == 4 and [round(p or 0, 2) for p, _ in delivered] == [0.0, 2.0, 3.0], delivered
+    assert keyframes == 4, delivered
+    assert [round(p or 0, 2) for p, _ in delivered] == [0.0, 2.0, 3.0], delivered
     # each keyframe out before the next packet was looked at: after 0, 24+1+24 and 24 more skipped
     assert [skipped for _, skipped in delivered] == [0, 49, 73]
     assert src.shed_packets == 100 - 3 + 1  # and the demuxer's empty end-of-file packet

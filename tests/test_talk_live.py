@@ -13,10 +13,8 @@ import paho.mqtt.client as paho
 import pytest
 
 from pipeline import parse_config
-
-from .conftest import Mosquitto, Subscriber, start_pipeline, wait_until
-from .test_musetalk import tiny  # noqa: F401 - fixture
-from .test_talkinghead import face_image, probe_output, tone_on_off  # noqa: F401 - fixture
+from tests.support.media import probe_output, tone_on_off
+from tests.support.procs import Mosquitto, Subscriber, start_pipeline, wait_until
 
 
 async def speak(config: Any, mosquitto: Mosquitto, prefix: str, session: str, pcm: bytes,
@@ -52,7 +50,7 @@ async def speak(config: Any, mosquitto: Mosquitto, prefix: str, session: str, pc
 
 @pytest.mark.slow
 async def test_mqtt_audio_session_streams_hls_and_reports_state(
-    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,
 ) -> None:
     wall = tmp_path / "wall.png"
     cv2.imwrite(str(wall), np.full((200, 200, 3), 128, np.uint8))
@@ -75,7 +73,8 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
     states = [json.loads(m.payload) for m in sub.of("/talk/anna/state")]
     seen = [s["state"] for s in states]
     # (`degraded` in between when the CPU is busy); `stopped` at shutdown
-    assert seen[:2] == ["starting", "live"] and seen[-2:] == ["ended", "stopped"], seen
+    assert seen[:2] == ["starting", "live"], seen
+    assert seen[-2:] == ["ended", "stopped"], seen
     ended = next(s for s in states if s["state"] == "ended")
     assert ended["frames"] >= 50
     assert ended["output_fps"] is not None
@@ -98,7 +97,7 @@ async def test_mqtt_audio_session_streams_hls_and_reports_state(
 
 @pytest.mark.slow
 async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
-    tmp_path: Path, face_image: Path, tiny: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+    tmp_path: Path, face_image: Path, tiny: Path, mosquitto: Mosquitto, topic_prefix: str,
 ) -> None:
     """A live MuseTalk session (tiny random weights in the official layout) fed over MQTT: its frames
     are generated on the pipeline's lipsync slot, the output has all the audio, stats show the slot."""
@@ -116,7 +115,8 @@ async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
     ended = next(s for s in states if s["state"] == "ended")
     # every frame is accounted for: generated on the slot, silent (the avatar's own), or late (the
     # last frame repeated while generation caught up with real time: the CPU decides how many)
-    assert ended["errors"] == 0 and ended["inferred"] > 0, json.dumps(ended)
+    assert ended["errors"] == 0, json.dumps(ended)
+    assert ended["inferred"] > 0, json.dumps(ended)
     assert ended["frames"] == ended["inferred"] + ended["idle"] + ended["late"]
     assert ended["latency_ms_p50"] is not None
     assert ended["latency_ms_p50"] > 0
@@ -131,7 +131,7 @@ async def test_musetalk_session_on_lipsync_slots_in_the_pipeline(
     assert 0 <= audio_s - n / 25 <= 1024 / 16_000
 
 
-def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> None:  # noqa: F811
+def test_musetalk_session_needs_weights(tmp_path: Path, face_image: Path) -> None:
     from pipeline import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -153,7 +153,7 @@ def onsets(on: np.ndarray) -> list[int]:
 
 @pytest.mark.slow
 async def test_live_session_output_keeps_lips_and_sound_in_sync(
-    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,  # noqa: F811
+    tmp_path: Path, face_image: Path, mosquitto: Mosquitto, topic_prefix: str,
 ) -> None:
     """In the written output, the mouth opens on the frame whose sound starts: each onset of the voice
     (read from the decoded audio track at its own timestamps) and of the mouth (read from the decoded
@@ -181,13 +181,19 @@ async def test_live_session_output_keeps_lips_and_sound_in_sync(
                   for f in c.decode(stream)]
     audio = np.zeros(int((chunks[-1][0] - v0) * rate) + len(chunks[-1][1]), np.float32)
     for t, samples in chunks:  # placed by their timestamps on the video's clock (priming included)
-        i = int(round((t - v0) * rate))
+        i = round((t - v0) * rate)
         if i < 0:
             samples, i = samples[-i:], 0
         audio[i:i + len(samples)] = samples[:len(audio) - i]
     per_frame = rate // 25
-    loud = np.array([np.sqrt(np.mean(audio[k * per_frame:(k + 1) * per_frame] ** 2)) if (k + 1) * per_frame <= len(audio)
-                     else 0.0 for k in range(len(frames))])
+    loud = np.array(
+        [
+            np.sqrt(np.mean(audio[k * per_frame : (k + 1) * per_frame] ** 2))
+            if (k + 1) * per_frame <= len(audio)
+            else 0.0
+            for k in range(len(frames))
+        ]
+    )
     # the mouth: the pixels that change most over the clip; its opening: their distance from the median frame
     stack = np.stack([f.mean(axis=2) for f in frames]).astype(np.float32)
     median = np.median(stack, axis=0)
@@ -197,5 +203,6 @@ async def test_live_session_output_keeps_lips_and_sound_in_sync(
     voice_on, mouth_on = loud > 0.5 * loud.max(), mouth > 0.5 * mouth.max()
     voice, lips = onsets(voice_on), onsets(mouth_on)
     print(f"voice onsets {voice}, mouth onsets {lips} (frames)")
-    assert len(voice) == 3 and len(lips) == 3, (voice, lips)
+    assert len(voice) == 3, (voice, lips)
+    assert len(lips) == 3, (voice, lips)
     assert all(abs(a - b) <= 1 for a, b in zip(voice, lips, strict=True)), (voice, lips)

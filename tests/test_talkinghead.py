@@ -23,65 +23,7 @@ from talkinghead import (
     musetalk_box,
     prepare_avatar,
 )
-
-
-@pytest.fixture(scope="module")
-def face_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real photo with a frontal face, shipped inside scikit-image (no download)."""
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("avatar") / "astronaut.png"
-    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
-    return path
-
-
-def tone_on_off(pattern: list[tuple[float, bool]], rate: int = SAMPLE_RATE) -> np.ndarray:
-    """A 220 Hz tone switched on and off: [(seconds, on), ...]."""
-    parts = []
-    for seconds, on in pattern:
-        n = int(round(seconds * rate))
-        t = np.arange(n) / rate
-        parts.append((0.5 * np.sin(2 * np.pi * 220 * t) if on else np.zeros(n)).astype(np.float32))
-    return np.concatenate(parts)
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> Path:
-    import wave
-
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
-def probe_output(path: Path) -> tuple[int, float, float, list[np.ndarray]]:
-    """(video frames, video fps, audio seconds, decoded frames) of a written file."""
-    import av
-
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        fps = float(v.average_rate)
-        frames = [f.to_ndarray(format="bgr24") for f in c.decode(v)]
-    with av.open(str(path)) as c:
-        samples = sum(f.samples for f in c.decode(c.streams.audio[0]))
-        rate = c.streams.audio[0].rate
-    return len(frames), fps, samples / rate, frames
-
-
-def wait_until_stable(path: Path, quiet: float = 1.0, timeout: float = 15.0) -> None:
-    """Wait until `path` exists and its size has not changed for `quiet` seconds."""
-    deadline = time.monotonic() + timeout
-    last, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        size = path.stat().st_size if path.exists() else -1
-        if size != last:
-            last, since = size, time.monotonic()
-        elif size > 0 and time.monotonic() - since >= quiet:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{path} still changing after {timeout}s")
+from tests.support.media import probe_output, tone_on_off, wait_until_stable, write_wav
 
 
 def test_avatar_box_follows_musetalk_rule(face_image: Path, tmp_path: Path) -> None:
@@ -119,7 +61,7 @@ def test_bad_avatar_and_audio_inputs(tmp_path: Path) -> None:
         prepare_avatar(tmp_path / "missing.png", cache_dir=tmp_path)
     corrupt = tmp_path / "speech.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 10)
-    with pytest.raises(AudioError, match="speech.wav"):
+    with pytest.raises(AudioError, match=r"speech\.wav"):
         load_audio(corrupt)
 
 
@@ -142,7 +84,8 @@ def test_offline_session_writes_av_in_sync(face_image: Path, tmp_path: Path) -> 
     session = TalkSession("t", backend, [audio], AVSink(str(out), w, h), realtime=False,
                           on_frame=lambda i, lvl: opened.append(lvl))
     session.start()
-    assert session.wait(60) and session.state == "ended", session.error
+    assert session.wait(60), session.error
+    assert session.state == "ended", session.error
     n, fps, audio_s, frames = probe_output(out)
     duration = len(audio) / SAMPLE_RATE
     assert fps == FPS
@@ -177,7 +120,8 @@ def test_live_session_with_pushed_pcm_to_hls(face_image: Path, tmp_path: Path) -
         push.push_pcm16(pcm[i:i + 3200])
         time.sleep(0.05)
     push.close()
-    assert session.wait(30) and session.state in ("ended", "degraded"), session.error
+    assert session.wait(30), session.error
+    assert session.state in ("ended", "degraded"), session.error
     assert playlist.is_file()
     assert list(playlist.parent.glob("*.ts"))
     n, fps, audio_s, _ = probe_output(playlist)
@@ -240,7 +184,8 @@ def test_live_session_pushes_to_rtsp_record_server(face_image: Path, tmp_path: P
         session = TalkSession("push", EnergyLipSync(avatar), [audio], AVSink(server.url("anna"), w, h),
                               realtime=True)
         session.start()
-        assert session.wait(30) and session.state == "ended", session.error
+        assert session.wait(30), session.error
+        assert session.state == "ended", session.error
         wait_until_stable(received)  # the server drains and finalises the file after TEARDOWN
     finally:
         server.kill()
@@ -306,7 +251,7 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     after each block of 4 and takes 100 ms per block: the session delays the spurt by filler frames
     until block and lookahead are in, plus a render's length; then every block gets its whole
     lookahead, no frame is late, and the audio comes out whole and in order."""
-    from .test_lipsync import FrameSink
+    from tests.support.media import FrameSink
 
     backend = SlowBlocks(block=4, lookahead=5, cost=0.1)
     push, sink = PushAudio(), FrameSink()
@@ -319,10 +264,12 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
         time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
     time.sleep(1.0)
     push.close()
-    assert session.wait(10) and session.state == "ended", session.error
+    assert session.wait(10), session.error
+    assert session.state == "ended", session.error
     assert session.stats.late == 0, session.snapshot()
     full = [c for c in backend.calls[:-3]]  # the last blocks of the spurt have no audio after them
-    assert full and all(c == (4, 5) for c in full), backend.calls
+    assert full, backend.calls
+    assert all(c == (4, 5) for c in full), backend.calls
     values = [round(float(a[0]) * 1000) for a in sink.audio]
     spoken = [v for v in values if v > 0]
     assert spoken == list(range(1, n + 1))  # whole and in order, fillers (silence) only before and after

@@ -10,9 +10,8 @@ import pytest
 from detectors import Detections
 from pipeline import parse_config
 from pipeline.analytics.tracking import StreamTracker, TrackerSettings
-
-from .conftest import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
-from .test_e2e import detections
+from tests.support.media import detections
+from tests.support.procs import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
 
 
 def boxes_at(t: float, start: np.ndarray, vel: np.ndarray, size: float = 40) -> Detections:
@@ -175,8 +174,12 @@ def one(box: list[float], cls: int = 0, score: float = 0.9) -> Detections:
 
 
 def dets(rows: list[tuple[list[float], int, float]]) -> Detections:
-    return Detections(np.array([r[0] for r in rows], np.float32).reshape(-1, 4), np.array([r[2] for r in rows], np.float32),
-                      np.array([r[1] for r in rows], np.int32), tuple(("car", "bus")[r[1]] for r in rows))
+    return Detections(
+        np.array([r[0] for r in rows], np.float32).reshape(-1, 4),
+        np.array([r[2] for r in rows], np.float32),
+        np.array([r[1] for r in rows], np.int32),
+        tuple(("car", "bus")[r[1]] for r in rows),
+    )
 
 
 def behind_a_bar(settings: TrackerSettings) -> tuple[int, int]:
@@ -205,20 +208,24 @@ def test_an_object_cut_by_an_occluder_keeps_its_id() -> None:
     assert before > 0
     assert after == before
     before, after = behind_a_bar(TrackerSettings(partial_ratio=0))
-    assert before > 0 and after != before, "without cut views the id survived too: the test shows nothing"
+    assert before > 0, "without cut views the id survived too: the test shows nothing"
+    assert after != before, "without cut views the id survived too: the test shows nothing"
 
 
 def test_the_tracks_own_class_breaks_a_tie() -> None:
     """Two detections overlap a track's prediction: the one of the track's class takes it, although the
     other overlaps a little more (crossing objects of different classes keep their ids)."""
+
     def run_with(settings: TrackerSettings) -> tuple[int, np.ndarray]:
         tracker = StreamTracker(settings)
         for k in range(10):
             first = tracker.update(one([100 + 4 * k, 100, 180 + 4 * k, 180]), 1000 + k / 25)
         x = 100 + 4 * 10
-        ids = tracker.update(dets([([x, 100, x + 80, 180], 1, 0.9), ([x + 3, 100, x + 83, 180], 0, 0.9)]),
-                             1000 + 10 / 25)
+        ids = tracker.update(
+            dets([([x, 100, x + 80, 180], 1, 0.9), ([x + 3, 100, x + 83, 180], 0, 0.9)]), 1000 + 10 / 25
+        )
         return int(first[0]), ids
+
     track, ids = run_with(TrackerSettings())
     assert ids[1] == track
     assert ids[0] != track
@@ -228,6 +235,7 @@ def test_the_tracks_own_class_breaks_a_tie() -> None:
 
 def test_a_second_class_on_the_same_object_starts_no_track() -> None:
     """The detector often gives a half-hidden object two classes: the second box starts no track."""
+
     def ids_seen(settings: TrackerSettings) -> set[int]:
         tracker, seen = StreamTracker(settings), set()
         for k in range(20):
@@ -235,5 +243,6 @@ def test_a_second_class_on_the_same_object_starts_no_track() -> None:
             rows = [(box, 0, 0.9)] + ([([box[0] + 2, 101, box[2] + 1, 181], 1, 0.6)] if k >= 5 else [])
             seen |= {int(i) for i in tracker.update(dets(rows), 1000 + k / 25) if i}
         return seen
+
     assert len(ids_seen(TrackerSettings())) == 1
     assert len(ids_seen(TrackerSettings(duplicate_iou=1))) == 2, "the duplicate made no track anyway"

@@ -15,8 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import Framegrid, Mosquitto, free_port
-from .test_api import TOKEN, env_with_token, wait_ready, write_config
+from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+from tests.support.procs import Framegrid, Mosquitto, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,8 @@ def browser() -> Iterator[Any]:
 
     chromium = shutil.which("chromium")
     driver_bin = shutil.which("chromedriver")
-    assert chromium and driver_bin, "chromium and chromium-driver are not installed (tools/bootstrap test does it)"
+    assert chromium, "chromium and chromium-driver are not installed (tools/bootstrap test does it)"
+    assert driver_bin, "chromium and chromium-driver are not installed (tools/bootstrap test does it)"
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -85,7 +86,7 @@ def test_page_live_tiles_boxes_add_pause_remove_and_token(
     from selenium.webdriver.support.ui import Select
 
     port = free_port()
-    cfg = write_config(tmp_path / "fg.toml", f"fgweb-{os.getpid()}", mosquitto, port,
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgweb-{os.getpid()}", mosquitto, port,
                        {"cam1": str(videos["cam1"]), "cam2": str(videos["cam2"])})
     fg = Framegrid(cfg, env_with_token(framegrid_env), tmp_path / "fg.log")
     api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},

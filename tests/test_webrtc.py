@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+from tests.support.media import tone_on_off, write_wav
+from tests.support.procs import Framegrid, Mosquitto, free_port
 from tools.webrtc_probe import chromium, jitter_buffer_ms, onset_lags, open_session, page_state, speak, until
-
-from .conftest import Framegrid, Mosquitto, free_port
-from .test_api import TOKEN, env_with_token, wait_ready, write_config
-from .test_talkinghead import face_image, tone_on_off, write_wav  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,12 @@ def figures(client: httpx.Client, name: str) -> dict[str, Any]:
 
 
 def test_browser_watches_and_speaks_to_a_talking_head(
-    tmp_path: Path, mosquitto: Mosquitto, face_image: Path, speaking_browser: Any, framegrid_env: dict[str, str]  # noqa: F811
+    tmp_path: Path, mosquitto: Mosquitto, face_image: Path, speaking_browser: Any, framegrid_env: dict[str, str]
 ) -> None:
     port = free_port()
     extra = (f'[webrtc]\naddresses = ["127.0.0.1"]\n[talk.anna]\navatar = "{face_image}"\naudio = "webrtc"\n'
              'out = "webrtc"\n')
-    cfg = write_config(tmp_path / "fg.toml", f"fgrtc-{port}", mosquitto, port, {}, extra=extra)
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgrtc-{port}", mosquitto, port, {}, extra=extra)
     fg = Framegrid(cfg, env_with_token(framegrid_env), tmp_path / "fg.log")
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
@@ -65,16 +64,19 @@ def test_browser_watches_and_speaks_to_a_talking_head(
               f"from rest: {[round(m) for m in away]}")
         # no voice: a still picture; while the tone plays the mouth moves, and it stops in the pauses
         # (the page's change figure: grey levels at the 99.5th percentile of a 128x128 difference)
-        assert still and max(still) < STILL, still
+        assert still, still
+        assert max(still) < STILL, still
         assert max(motion) > MOVING, motion
         # both phases: the mouth away from rest (open) for a good part of the 7 s and back at rest
         # for another (the change between looks is high only while the mouth opens or closes)
         at_rest = sum(m < OPEN for m in away)
-        assert at_rest >= 10 and len(away) - at_rest >= 10, away
+        assert at_rest >= 10, away
+        assert len(away) - at_rest >= 10, away
         assert (state["stats"].get("audio") or {}).get("samples", 0) > 16_000, state["stats"]  # audio plays
         assert jitter_buffer_ms(state["stats"]) is not None, state["stats"]
         session = figures(client, "anna")
-        assert session["state"] in ("live", "degraded") and session["inferred"] > 0, session
+        assert session["state"] in ("live", "degraded"), session
+        assert session["inferred"] > 0, session
         # microphone onset -> the mouth moving on screen, both on the browser's clock
         lags = onset_lags(state["micOnsets"], state["motionOnsets"])
         assert len(lags) >= 2, (state["micOnsets"], state["motionOnsets"])

@@ -9,7 +9,7 @@ ultralytics' defaults. Boxes are matched greedily per class; a pair counts when 
 the threshold. Per camera: frames compared, F1 and the largest confidence difference of the
 matched pairs.
 
-    .venv/bin/python tools/agreement.py --backend torch auto --imgsz 320 640 --json agreement.json
+    .venv/bin/python -m tools.agreement --backend torch auto --imgsz 320 640 --json agreement.json
 
 The test suite asserts the targets on these cameras (tests/test_agreement.py); the benchmark
 reports the same numbers beside its speeds.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from streams.synthetic import box_iou
 
-from streams.synthetic import box_iou  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 CAMERAS: dict[str, tuple[int, int]] = {
@@ -58,7 +56,7 @@ def render_cameras(folder: Path, seconds: float = 3.0, fps: float = 25.0,
     if change:
         path = folder / "change.ts"
         if not path.exists():
-            half = int(round(seconds * fps / 2))
+            half = round(seconds * fps / 2)
             parts = []
             for k, (w, h) in enumerate(CHANGE):
                 part = folder / f"change-{k}.ts"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tracking accuracy on rendered scenes with known identities: framegrid vs ultralytics' track().
 
-    .venv/bin/python tools/bench_mot.py [--seconds 6 8 10 12] [--fps 25 10 5] [--json out.json]
+    .venv/bin/python -m tools.bench_mot [--seconds 6 8 10 12] [--fps 25 10 5] [--json out.json]
 
 Scenes (`streams.synthetic.tracking_scenes`): crossing paths, occlusion by a static bar, stop and
 go, leaving and re-entering; 960x540 H.264 at 25 fps, decoded with PyAV. Each is rendered at every
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 IMGSZ = 320
@@ -55,13 +53,27 @@ def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.nda
     return out
 
 
-def track_framegrid(frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, **tracker: Any) -> list[list[tuple[int, list[float]]]]:
+def track_framegrid(
+    frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, **tracker: Any
+) -> list[list[tuple[int, list[float]]]]:
     from detectors.runtimes import build_detector
     from pipeline.analytics.tracking import StreamTracker
     from pipeline.config import TrackerConfig
 
-    det = build_detector("torch", "shapes", MODEL, imgsz=IMGSZ, confidence=0.25, iou=0.7, device="cpu",
-                         threads=None, half=False, max_batch=1, max_detections=300, agnostic=False)
+    det = build_detector(
+        "torch",
+        "shapes",
+        MODEL,
+        imgsz=IMGSZ,
+        confidence=0.25,
+        iou=0.7,
+        device="cpu",
+        threads=None,
+        half=False,
+        max_batch=1,
+        max_detections=300,
+        agnostic=False,
+    )
     det.load()
     given = {k: v for k, v in tracker.items() if v is not None}
     tracker = StreamTracker(TrackerConfig(**given))
@@ -105,7 +117,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def score(truth: list[list[tuple[int, tuple[float, ...]]]], tracks: list[list[tuple[int, list[float]]]]) -> dict[str, float]:
+def score(
+    truth: list[list[tuple[int, tuple[float, ...]]]], tracks: list[list[tuple[int, list[float]]]]
+) -> dict[str, float]:
     """HOTA, MOTA, IDF1 (and ID switches) with TrackEval, IoU similarity."""
     from trackeval.metrics import CLEAR, HOTA, Identity
 
@@ -117,20 +131,33 @@ def score(truth: list[list[tuple[int, tuple[float, ...]]]], tracks: list[list[tu
         t = np.array([tr_map.setdefault(i, len(tr_map)) for i, _ in tr], int)
         data["gt_ids"].append(g)
         data["tracker_ids"].append(t)
-        data["similarity_scores"].append(_iou(np.array([b for _, b in gt], float).reshape(-1, 4),
-                                              np.array([b for _, b in tr], float).reshape(-1, 4)))
-    data.update(num_timesteps=len(truth), num_gt_ids=len(gt_map), num_tracker_ids=len(tr_map),
-                num_gt_dets=sum(len(x) for x in data["gt_ids"]), num_tracker_dets=sum(len(x) for x in data["tracker_ids"]))
+        data["similarity_scores"].append(
+            _iou(np.array([b for _, b in gt], float).reshape(-1, 4), np.array([b for _, b in tr], float).reshape(-1, 4))
+        )
+    data.update(
+        num_timesteps=len(truth),
+        num_gt_ids=len(gt_map),
+        num_tracker_ids=len(tr_map),
+        num_gt_dets=sum(len(x) for x in data["gt_ids"]),
+        num_tracker_dets=sum(len(x) for x in data["tracker_ids"]),
+    )
     quiet = {"PRINT_CONFIG": False}
     hota = HOTA(quiet).eval_sequence(data)
     clear = CLEAR(quiet).eval_sequence(data)
     ident = Identity(quiet).eval_sequence(data)
-    return {"HOTA": float(np.mean(hota["HOTA"])), "MOTA": float(clear["MOTA"]), "IDF1": float(ident["IDF1"]),
-            "IDSW": int(clear["IDSW"]), "tracks": len(tr_map), "objects": len(gt_map)}
+    return {
+        "HOTA": float(np.mean(hota["HOTA"])),
+        "MOTA": float(clear["MOTA"]),
+        "IDF1": float(ident["IDF1"]),
+        "IDSW": int(clear["IDSW"]),
+        "tracks": len(tr_map),
+        "objects": len(gt_map),
+    }
 
 
-def evaluate(scene: Any, video: Path, max_fps: float, systems: tuple[str, ...] = ("framegrid", "ultralytics"),
-             **framegrid: Any) -> dict[str, dict[str, float]]:
+def evaluate(
+    scene: Any, video: Path, max_fps: float, systems: tuple[str, ...] = ("framegrid", "ultralytics"), **framegrid: Any
+) -> dict[str, dict[str, float]]:
     frames = sampled_frames(video, max_fps)
     truth = [scene.tracks_at(i) for i, _, _ in frames]
     truth = [[(aid, box) for aid, _, box in rows] for rows in truth]
@@ -145,8 +172,13 @@ def main() -> None:
     from streams.synthetic import tracking_scenes, write_video
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, nargs="+", default=[6.0, 8.0, 10.0, 12.0],
-                    help="durations of each scene (speeds: the paths are the same)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        nargs="+",
+        default=[6.0, 8.0, 10.0, 12.0],
+        help="durations of each scene (speeds: the paths are the same)",
+    )
     ap.add_argument("--fps", type=float, nargs="+", default=[25, 10, 5])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--scenes", nargs="+", help="only these scenes (crossing, occlusion, stop_go, leave_reenter)")
@@ -156,27 +188,48 @@ def main() -> None:
     ap.add_argument("--duplicate-iou", type=float, help="framegrid's tracker.duplicate_iou (default: the config's)")
     ap.add_argument("--partial-ratio", type=float, help="framegrid's tracker.partial_ratio (default: the config's)")
     ap.add_argument("--systems", nargs="+", default=["framegrid", "ultralytics"], choices=["framegrid", "ultralytics"])
-    ap.add_argument("--frame-steps", action="store_true", help="feed framegrid's tracker a frame count as its "
-                    "time (ultralytics' way), to measure what real time changes")
+    ap.add_argument(
+        "--frame-steps",
+        action="store_true",
+        help="feed framegrid's tracker a frame count as its time (ultralytics' way), to measure what real time changes",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{'scene':<14} {'s':>3} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} "
-              f"{'tracks':>7}")
-        scenes = [scene for seconds in args.seconds for scene in tracking_scenes(seconds)
-                  if not args.scenes or scene.name in args.scenes]
+        print(
+            f"{'scene':<14} {'s':>3} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} "
+            f"{'tracks':>7}"
+        )
+        scenes = [
+            scene
+            for seconds in args.seconds
+            for scene in tracking_scenes(seconds)
+            if not args.scenes or scene.name in args.scenes
+        ]
         for scene in scenes:
             video = Path(tmp) / f"{scene.name}-{scene.seconds:g}.mp4"
             write_video(video, scene, scene.seconds)
             for fps in args.fps:
-                result = evaluate(scene, video, fps, tuple(args.systems), buffer_s=args.buffer_s,
-                                  min_hits=args.min_hits, class_penalty=args.class_penalty,
-                                  duplicate_iou=args.duplicate_iou,
-                                  partial_ratio=args.partial_ratio, frame_steps=args.frame_steps)
+                result = evaluate(
+                    scene,
+                    video,
+                    fps,
+                    tuple(args.systems),
+                    buffer_s=args.buffer_s,
+                    min_hits=args.min_hits,
+                    class_penalty=args.class_penalty,
+                    duplicate_iou=args.duplicate_iou,
+                    partial_ratio=args.partial_ratio,
+                    frame_steps=args.frame_steps,
+                )
                 for system, r in result.items():
                     rows.append({"scene": scene.name, "seconds": scene.seconds, "fps": fps, "system": system, **r})
-                    print(f"{scene.name:<14} {scene.seconds:>3g} {fps:>4g} {system:<12} {r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
-                          f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}", flush=True)
+                    print(
+                        f"{scene.name:<14} {scene.seconds:>3g} {fps:>4g} {system:<12} "
+                        f"{r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
+                        f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}",
+                        flush=True,
+                    )
     print()
     names = list(dict.fromkeys(r["scene"] for r in rows))
     print(f"means over {len(args.seconds)} speeds: HOTA MOTA IDF1, then IDF1 per scene ({', '.join(names)})")
@@ -184,8 +237,10 @@ def main() -> None:
         for system in args.systems:
             sel = [r for r in rows if r["fps"] == fps and r["system"] == system]
             per = " ".join(f"{np.mean([r['IDF1'] for r in sel if r['scene'] == n]):.3f}" for n in names)
-            print(f"{fps:>4g} fps {system:<12} {np.mean([r['HOTA'] for r in sel]):.3f} "
-                  f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f}   {per}")
+            print(
+                f"{fps:>4g} fps {system:<12} {np.mean([r['HOTA'] for r in sel]):.3f} "
+                f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f}   {per}"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

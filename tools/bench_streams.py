@@ -2,7 +2,7 @@
 
 One run, one machine, one model, the same RTSP cameras for every system:
 
-    .venv/bin/python tools/bench_streams.py --cameras 4 8 16 --imgsz 320 640 --seconds 60 --json bench.json
+    .venv/bin/python -m tools.bench_streams --cameras 4 8 16 --imgsz 320 640 --seconds 60 --json bench.json
 
 The cameras: by default a camera-like scene (objects crossing a textured background) rendered at
 `--camera-size` (1280x720) and `--camera-fps` (25), H.264 with a `--gop-seconds` (2 s) GOP, or
@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 SYSTEMS = ("framegrid", "framegrid-torch", "ultralytics", "ultralytics-openvino", "ceiling-decode", "ceiling")
@@ -387,7 +386,8 @@ def annexb(video: Path, folder: Path) -> Path:
     with av.open(str(video)) as src:
         vstream = src.streams.video[0]
         if vstream.codec_context.name != "h264":
-            raise SystemExit(f"--video {video}: the RTSP test server serves H.264; this is {vstream.codec_context.name}")
+            raise SystemExit(f"--video {video}: the RTSP test server serves H.264; "
+                             f"this is {vstream.codec_context.name}")
         with av.open(str(out), "w", format="h264") as dst:
             ostream = dst.add_stream_from_template(vstream)
             for packet in src.demux(vstream):
@@ -414,29 +414,58 @@ def served_camera(url: str, video: Path) -> dict[str, Any]:
                 keys.append(frames)
             frames += 1
     gop = (keys[1] - keys[0]) if len(keys) > 1 else frames
-    return {"size": f"{p.width}x{p.height}", "fps": p.fps, "codec": p.codec, "pix_fmt": p.pix_fmt,
-            "gop_frames": gop, "clip_frames": frames, "clip": video.name, "looped": True}
+    return {
+        "size": f"{p.width}x{p.height}",
+        "fps": p.fps,
+        "codec": p.codec,
+        "pix_fmt": p.pix_fmt,
+        "gop_frames": gop,
+        "clip_frames": frames,
+        "clip": video.name,
+        "looped": True,
+    }
 
 
-def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespace, video: Path,
-               mqtt: str | None) -> dict[str, Any]:
+def run_system(
+    system: str, urls: list[str], imgsz: int, args: argparse.Namespace, video: Path, mqtt: str | None
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--out", str(out),
-           "--imgsz", str(imgsz), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-           "--weights", str(args.weights), "--video", str(video),
-           *(["--cpu-slots", str(args.cpu_slots)] if args.cpu_slots is not None else []),
-           *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-           *(["--cpu-batch-ms", str(args.cpu_batch_ms)] if args.cpu_batch_ms else []),
-           *(["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
-             if args.malloc_mmap_threshold_kb is not None else []),
-           *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
-           "--urls", *urls]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        system,
+        "--out",
+        str(out),
+        "--imgsz",
+        str(imgsz),
+        "--seconds",
+        str(args.seconds),
+        "--warmup",
+        str(args.warmup),
+        "--weights",
+        str(args.weights),
+        "--video",
+        str(video),
+        *(["--cpu-slots", str(args.cpu_slots)] if args.cpu_slots is not None else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+        *(["--cpu-batch-ms", str(args.cpu_batch_ms)] if args.cpu_batch_ms else []),
+        *(
+            ["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
+            if args.malloc_mmap_threshold_kb is not None
+            else []
+        ),
+        *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
+        "--urls",
+        *urls,
+    ]
     if mqtt:
         cmd += ["--mqtt", mqtt]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + WORKER_SLACK,
-                              cwd=ROOT)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + WORKER_SLACK, cwd=ROOT
+        )
     except subprocess.TimeoutExpired as exc:
         return {"error": f"timed out; stderr: {(exc.stderr or b'')[-3000:]!r}"}
     if proc.returncode != 0 or not out.stat().st_size:
@@ -445,7 +474,9 @@ def run_system(system: str, urls: list[str], imgsz: int, args: argparse.Namespac
     result = json.loads(out.read_text())
     out.unlink()
     # what the system warned about while it ran (reconnects, stalls): helps read a bad row
-    result["warnings"] = [line for line in (proc.stderr or "").splitlines() if "WARNING" in line or "ERROR" in line][-20:]
+    result["warnings"] = [line for line in (proc.stderr or "").splitlines() if "WARNING" in line or "ERROR" in line][
+        -20:
+    ]
     return result
 
 
@@ -460,8 +491,12 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
         return (row.get("latency_ms") or {}).get("p95")
 
     out: dict[str, Any] = {"offered_fps": offered}
-    for other, key in (("ultralytics-openvino", "ultralytics_openvino"), ("ultralytics", "ultralytics"),
-                       ("ceiling-decode", "ceiling_decode"), ("ceiling", "ceiling")):
+    for other, key in (
+        ("ultralytics-openvino", "ultralytics_openvino"),
+        ("ultralytics", "ultralytics"),
+        ("ceiling-decode", "ceiling_decode"),
+        ("ceiling", "ceiling"),
+    ):
         row = rows.get(other, {})
         out[f"framegrid_over_{key}_fps"] = ratio(fg.get("processed_fps"), row.get("processed_fps"))
         if other.startswith("ultralytics"):
@@ -473,8 +508,9 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
         fps_r, p95_r = out["framegrid_over_ultralytics_openvino_fps"], out["framegrid_over_ultralytics_openvino_p95"]
         cpu_r = out["framegrid_over_ultralytics_openvino_cpu_per_frame"]
         out["targets"] = {
-            "vs_ultralytics_openvino": (cpu_r is not None and cpu_r <= 0.7) if saturated else
-            (fps_r >= 1.3 and cpu_r is not None and cpu_r <= 0.8),
+            "vs_ultralytics_openvino": (cpu_r is not None and cpu_r <= 0.7)
+            if saturated
+            else (fps_r >= 1.3 and cpu_r is not None and cpu_r <= 0.8),
             "p95_half_of_ultralytics_openvino": p95_r is not None and p95_r <= 0.5,
             "ultralytics_openvino_saturated": saturated,
         }
@@ -488,8 +524,10 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    head = (f"{'cams':>4} {'imgsz':>5} {'system':<21} {'runtime':<11} {'fps':>7} {'fair':>5} {'p50':>7} {'p95':>7} "
-            f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6}")
+    head = (
+        f"{'cams':>4} {'imgsz':>5} {'system':<21} {'runtime':<11} {'fps':>7} {'fair':>5} {'p50':>7} {'p95':>7} "
+        f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6}"
+    )
     print(head)
     print("-" * len(head))
     for res in results:
@@ -504,22 +542,35 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
             cpu = row.get("cpu_s_per_frame")
             growth = row.get("rss_growth_after_warmup")
-            print(f"{res['cameras']:>4} {res['imgsz']:>5} {system:<21} {row.get('runtime', ''):<11} "
-                  f"{f(row['processed_fps']):>7} {f(row.get('fairness'), '.2f'):>5} {f(lat.get('p50')):>7} "
-                  f"{f(lat.get('p95')):>7} {f(lat.get('max')):>7} {f(cpu * 1000 if cpu else None):>8} "
-                  f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6}")
+            print(
+                f"{res['cameras']:>4} {res['imgsz']:>5} {system:<21} {row.get('runtime', ''):<11} "
+                f"{f(row['processed_fps']):>7} {f(row.get('fairness'), '.2f'):>5} {f(lat.get('p50')):>7} "
+                f"{f(lat.get('p95')):>7} {f(lat.get('max')):>7} {f(cpu * 1000 if cpu else None):>8} "
+                f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6}"
+            )
         r = res["ratios"]
-        print(f"{'':>11} offered {r['offered_fps']:g} fps; framegrid/ultralytics-openvino fps "
-              f"x{r.get('framegrid_over_ultralytics_openvino_fps')}, p95 x{r.get('framegrid_over_ultralytics_openvino_p95')}, "
-              f"cpu/frame x{r.get('framegrid_over_ultralytics_openvino_cpu_per_frame')}; "
-              f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}")
+        print(
+            f"{'':>11} offered {r['offered_fps']:g} fps; framegrid/ultralytics-openvino fps "
+            f"x{r.get('framegrid_over_ultralytics_openvino_fps')}, "
+            f"p95 x{r.get('framegrid_over_ultralytics_openvino_p95')}, "
+            f"cpu/frame x{r.get('framegrid_over_ultralytics_openvino_cpu_per_frame')}; "
+            f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}"
+        )
         if r.get("targets"):
-            print(f"{'':>11} targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in r["targets"].items()
-                                                    if k != "ultralytics_openvino_saturated"))
+            print(
+                f"{'':>11} targets: "
+                + ", ".join(
+                    f"{k} {'met' if v else 'MISSED'}"
+                    for k, v in r["targets"].items()
+                    if k != "ultralytics_openvino_saturated"
+                )
+            )
         agr = res.get("agreement")
         if agr and "error" not in agr:
-            print(f"{'':>11} agreement with YOLO.predict ({agr['frames']} frames): F1 {agr['at_0.9']['f1']} at IoU 0.9, "
-                  f"{agr['at_0.7']['f1']} at IoU 0.7")
+            print(
+                f"{'':>11} agreement with YOLO.predict ({agr['frames']} frames): F1 {agr['at_0.9']['f1']} at IoU 0.9, "
+                f"{agr['at_0.7']['f1']} at IoU 0.7"
+            )
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -541,20 +592,34 @@ def main() -> int:
     ap.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--weights", type=Path, default=MODEL)
     ap.add_argument("--json", type=Path, default=Path("bench-streams.json"))
-    ap.add_argument("--video", type=Path, help="an H.264 file to serve as every camera, looped (default: the "
-                    "camera-like scene rendered at --camera-size/--camera-fps)")
+    ap.add_argument(
+        "--video",
+        type=Path,
+        help="an H.264 file to serve as every camera, looped (default: the "
+        "camera-like scene rendered at --camera-size/--camera-fps)",
+    )
     ap.add_argument("--camera-size", type=parse_size, default=(1280, 720), help="WxH of the rendered camera")
     ap.add_argument("--camera-fps", type=float, default=25.0, help="frame rate of the rendered camera")
     ap.add_argument("--gop-seconds", type=float, default=2.0, help="keyframe interval of the rendered camera")
     ap.add_argument("--no-agreement", action="store_true", help="skip the agreement measurement")
-    ap.add_argument("--cpu-slots", type=int, help="framegrid's CPU executor slots (devices.cpu_slots; default: "
-                    "the config's default)")
+    ap.add_argument(
+        "--cpu-slots",
+        type=int,
+        help="framegrid's CPU executor slots (devices.cpu_slots; default: the config's default)",
+    )
     ap.add_argument("--batch-size", type=int, help="framegrid's models.batch_size (default: the config's)")
     ap.add_argument("--cpu-batch-ms", type=float, help="framegrid's models.cpu_batch_ms (default: the config's)")
-    ap.add_argument("--malloc-mmap-threshold-kb", type=int, help="framegrid's pipeline.malloc_mmap_threshold_kb "
-                    "(default: the config default; 0 = glibc's dynamic threshold)")
-    ap.add_argument("--malloc-arenas", type=int, help="framegrid's pipeline.malloc_arenas (default: the config "
-                    "default; 0 = glibc's)")
+    ap.add_argument(
+        "--malloc-mmap-threshold-kb",
+        type=int,
+        help="framegrid's pipeline.malloc_mmap_threshold_kb "
+        "(default: the config default; 0 = glibc's dynamic threshold)",
+    )
+    ap.add_argument(
+        "--malloc-arenas",
+        type=int,
+        help="framegrid's pipeline.malloc_arenas (default: the config default; 0 = glibc's)",
+    )
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -598,8 +663,15 @@ def main() -> int:
                         print(f"-- {cams} cameras, imgsz {imgsz}: {system}", file=sys.stderr, flush=True)
                         rows[system] = run_system(system, urls, imgsz, args, video, mosq.url if mosq else None)
                     offered = (camera.get("fps") or args.camera_fps) * cams
-                    results.append({"cameras": cams, "imgsz": imgsz, "systems": rows,
-                                    "ratios": ratios(rows, offered), "agreement": agreement.get(imgsz)})
+                    results.append(
+                        {
+                            "cameras": cams,
+                            "imgsz": imgsz,
+                            "systems": rows,
+                            "ratios": ratios(rows, offered),
+                            "agreement": agreement.get(imgsz),
+                        }
+                    )
             finally:
                 server.kill()
     finally:
@@ -607,13 +679,21 @@ def main() -> int:
             mosq.stop()
     report = {
         "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
-        "settings": {"seconds": args.seconds, "warmup": args.warmup, "camera": camera, "weights": args.weights.name,
-                     "mqtt": "mosquitto" if mosq else "embedded", "max_frame_age": MAX_FRAME_AGE},
+        "settings": {
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "camera": camera,
+            "weights": args.weights.name,
+            "mqtt": "mosquitto" if mosq else "embedded",
+            "max_frame_age": MAX_FRAME_AGE,
+        },
         "results": results,
     }
     args.json.write_text(json.dumps(report, indent=2))
-    print(f"cameras: {camera.get('size')} at {camera.get('fps')} fps, {camera.get('codec')}, GOP "
-          f"{camera.get('gop_frames')} frames, looped clip of {camera.get('clip_frames')} frames")
+    print(
+        f"cameras: {camera.get('size')} at {camera.get('fps')} fps, {camera.get('codec')}, GOP "
+        f"{camera.get('gop_frames')} frames, looped clip of {camera.get('clip_frames')} frames"
+    )
     print_table(results)
     print(f"JSON: {args.json}")
     return 0

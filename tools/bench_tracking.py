@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cost of tracking one stream's results: ms per update at N objects (the issue's figure is 20).
 
-    .venv/bin/python tools/bench_tracking.py [--objects 20] [--seconds 20]
+    .venv/bin/python -m tools.bench_tracking [--objects 20] [--seconds 20]
 
 Objects move in straight lines at up to 150 px/s; each tracker type is fed at 25, 10 and 5 fps
 (the real time between frames, as in the pipeline). Prints the median and p95 per update and the
@@ -11,13 +11,9 @@ id switches seen (0 expected on these straight paths).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from detectors import Detections
 from pipeline.analytics.tracking import StreamTracker, TrackerSettings

@@ -1,6 +1,6 @@
 """Which way of bringing a decoded frame to the model's size keeps the model's answers, and at what cost?
 
-    .venv/bin/python tools/compare_resize.py [--imgsz 320] [--seconds 3]
+    .venv/bin/python -m tools.compare_resize [--imgsz 320] [--seconds 3]
 
 For camera files of several shapes (tools/agreement.py renders them), every third frame is
 prepared in several ways and run through the torch detector; each answer is compared with
@@ -18,7 +18,6 @@ milliseconds to prepare one frame (one thread).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tools.agreement import MODEL, render_cameras, score
 
-from tools.agreement import MODEL, render_cameras, score  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def ways(geo: Any) -> dict[str, Any]:

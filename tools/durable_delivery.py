@@ -5,8 +5,8 @@ Mosquitto that is restarted three times (down 4 s each); a durable paho subscrib
 off, QoS 1) reconnects `--subscriber-delay` seconds after each restart, so the broker must queue
 for it meanwhile. Prints the results the publisher counted as acknowledged that never arrived.
 
-    .venv/bin/python tools/durable_delivery.py                                  # broker defaults
-    .venv/bin/python tools/durable_delivery.py --broker-line "max_queued_messages 100000"
+    .venv/bin/python -m tools.durable_delivery                                  # broker defaults
+    .venv/bin/python -m tools.durable_delivery --broker-line "max_queued_messages 100000"
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import MqttConfig
 from pipeline.mqtt.publisher import Publisher

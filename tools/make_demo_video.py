@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Render the demo camera video used by the default config.toml (media/demo-shapes.mp4).
 
-    .venv/bin/python tools/make_demo_video.py [--seconds 30] [--out media/demo-shapes.mp4]
+    .venv/bin/python -m tools.make_demo_video [--seconds 30] [--out media/demo-shapes.mp4]
 
 Deterministic (seed 7): moving coloured shapes, 640x360 at 15 fps, H.264 with no B-frames and a
 one-second GOP. Its per-frame ground truth is `streams.synthetic.MovingScene(seed=7).truth_at(i)`.
@@ -10,13 +10,11 @@ one-second GOP. Its per-frame ground truth is `streams.synthetic.MovingScene(see
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from streams.synthetic import MovingScene, write_video
 
-from streams.synthetic import MovingScene, write_video  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Write tiny, randomly initialised MuseTalk-shaped models in the official folder layout.
 
-    .venv/bin/python tools/make_tiny_musetalk.py OUT_DIR [--version v15|v1] [--seed 0]
+    .venv/bin/python -m tools.make_tiny_musetalk OUT_DIR [--version v15|v1] [--seed 0]
 
 The same classes as the real weights (diffusers UNet2DConditionModel and AutoencoderKL,
 transformers WhisperModel and its feature extractor), a few channels wide, so the whole

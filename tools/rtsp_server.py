@@ -12,7 +12,8 @@ FFmpeg's RTSP muxer sends it) and writes the received H.264 and AAC into a Matro
 Each client gets its own pipeline starting at the file's first frame (unshared media), so a
 client's presentation times count from the start of the file: a test that knows the file's
 ground truth can score detections by timestamp. An Annex-B `.h264` file plays in a loop, for
-ever, with timestamps that keep counting (a camera); an .mp4/.mkv plays once. Runs under Debian's python3 with python3-gi
+ever, with timestamps that keep counting (a camera); an .mp4/.mkv plays once. Runs under Debian's
+python3 with python3-gi
 (not a virtualenv). Prints `READY <port>` on stdout once it listens; stops on SIGTERM/SIGINT.
 """
 
@@ -26,7 +27,7 @@ import gi
 
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402 - after require_version
 
 
 def pipeline_for(path: str) -> str:
@@ -34,12 +35,13 @@ def pipeline_for(path: str) -> str:
         # an Annex-B elementary stream played in a loop: the file has no timestamps, so the parser
         # makes them from the frame rate in the stream (SPS timing info) and they keep counting
         # across loops, a camera that never ends
-        return (f'( multifilesrc location="{path}" loop=true caps="video/x-h264,stream-format=byte-stream" '
-                f"! h264parse name=loopparse config-interval=-1 ! video/x-h264,alignment=au "
-                f"! rtph264pay name=pay0 pt=96 )")
+        return (
+            f'( multifilesrc location="{path}" loop=true caps="video/x-h264,stream-format=byte-stream" '
+            f"! h264parse name=loopparse config-interval=-1 ! video/x-h264,alignment=au "
+            f"! rtph264pay name=pay0 pt=96 )"
+        )
     demux = "qtdemux" if path.endswith((".mp4", ".mov")) else "matroskademux"
-    return (f'( filesrc location="{path}" ! {demux} ! h264parse config-interval=-1 '
-            f"! rtph264pay name=pay0 pt=96 )")
+    return f'( filesrc location="{path}" ! {demux} ! h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 )'
 
 
 def stamp_loop(factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
@@ -72,9 +74,12 @@ def stamp_loop(factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTS
 
 def record_pipeline(path: str) -> str:
     """Receive H.264 (stream 0) and AAC (stream 1) and write them, unchanged, into Matroska."""
-    return (f'( rtph264depay name=depay0 ! h264parse ! queue ! mux. '
-            f'rtpmp4gdepay name=depay1 ! aacparse ! queue ! mux. '
-            f'matroskamux name=mux streamable=true min-cluster-duration=0 max-cluster-duration=40000000 ! filesink location="{path}" )')
+    return (
+        f"( rtph264depay name=depay0 ! h264parse ! queue ! mux. "
+        f"rtpmp4gdepay name=depay1 ! aacparse ! queue ! mux. "
+        f"matroskamux name=mux streamable=true min-cluster-duration=0 max-cluster-duration=40000000 "
+        f'! filesink location="{path}" )'
+    )
 
 
 def main() -> int:
@@ -82,9 +87,13 @@ def main() -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--address", default="127.0.0.1")
     ap.add_argument("--mount", action="append", default=[], help="name=path of an H.264 mp4/mkv")
-    ap.add_argument("--record", action="append", default=[],
-                    help="name=path.mkv: a RECORD mount (ANNOUNCE/RECORD, e.g. FFmpeg pushing H.264 + AAC); "
-                         "what is received is written to the Matroska file")
+    ap.add_argument(
+        "--record",
+        action="append",
+        default=[],
+        help="name=path.mkv: a RECORD mount (ANNOUNCE/RECORD, e.g. FFmpeg pushing H.264 + AAC); "
+        "what is received is written to the Matroska file",
+    )
     ap.add_argument("--user")
     ap.add_argument("--password")
     args = ap.parse_args()

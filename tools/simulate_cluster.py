@@ -15,7 +15,7 @@ max/mean over nodes and over all slots, moves against the minimum needed, the pl
 re-place a failed node's streams, and the head's control-plane traffic (pings of every node each
 `ping_s`, two calls per moved stream; the ping answer grows with the node's streams).
 
-    .venv/bin/python tools/simulate_cluster.py [--json out.json] [--seed 0] [--nodes]
+    .venv/bin/python -m tools.simulate_cluster [--json out.json] [--seed 0] [--nodes]
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.core.devices import GB, DeviceInfo, plan_slots
 from pipeline.core.placement import PlacementError, Placer, SlotState
@@ -218,13 +215,21 @@ def node_scenario(nodes: int, gpus_per_node: int, streams: int, seed: int, ping_
     def row(event: str, **extra: object) -> None:
         alive = [n for n, r in c.head.slots.items() if r.healthy]
         per_stream = max(c.ping_bytes(n) / max(1, len(c.head.slots[n].members)) for n in alive)
-        rows.append({"scenario": f"{label}: {event}", "nodes": len(alive), "floor_nodes": round(c.head.floor_ratio(), 3),
-                     "slots": sum(len(c.local[n].placer.slots) for n in alive),
-                     "streams": sum(len(c.head.slots[n].members) for n in alive),
-                     "imbalance_nodes": round(c.head.imbalance(), 3), "imbalance_slots": round(c.slot_imbalance(), 3),
-                     "head_msgs_per_s": round(2 * len(alive) / ping_s, 1),
-                     "head_bytes_per_s": round(sum(c.ping_bytes(n) for n in alive) / ping_s),
-                     "ping_bytes_per_stream": round(per_stream, 1), **extra})
+        rows.append(
+            {
+                "scenario": f"{label}: {event}",
+                "nodes": len(alive),
+                "floor_nodes": round(c.head.floor_ratio(), 3),
+                "slots": sum(len(c.local[n].placer.slots) for n in alive),
+                "streams": sum(len(c.head.slots[n].members) for n in alive),
+                "imbalance_nodes": round(c.head.imbalance(), 3),
+                "imbalance_slots": round(c.slot_imbalance(), 3),
+                "head_msgs_per_s": round(2 * len(alive) / ping_s, 1),
+                "head_bytes_per_s": round(sum(c.ping_bytes(n) for n in alive) / ping_s),
+                "ping_bytes_per_stream": round(per_stream, 1),
+                **extra,
+            }
+        )
 
     row("placed")
     # a node fails: the head evacuates it (the planner's CPU time), the workers place what they get
@@ -234,9 +239,16 @@ def node_scenario(nodes: int, gpus_per_node: int, streams: int, seed: int, ping_
     moves, stuck = c.head.evacuate(victim, SlotState.FAILED, force=True)
     c.apply(moves)
     replace_ms = (time.process_time() - t0) * 1000
-    row("node fails", moved_on_failure=len(moves), stranded=len(stuck), lost_streams=lost,
-        replace_cpu_ms=round(replace_ms, 2), moves=len(moves), min_moves_needed=lost,
-        failover_msgs=len(moves))
+    row(
+        "node fails",
+        moved_on_failure=len(moves),
+        stranded=len(stuck),
+        lost_streams=lost,
+        replace_cpu_ms=round(replace_ms, 2),
+        moves=len(moves),
+        min_moves_needed=lost,
+        failover_msgs=len(moves),
+    )
     # a node joins: rebalance within the band, few moves
     c.add_node()
     need = c.head.min_moves_needed(fill=True)
@@ -253,8 +265,9 @@ def node_scenario(nodes: int, gpus_per_node: int, streams: int, seed: int, ping_
     n_drained = len(c.head.slots[drained].members)
     moves, stuck = c.head.evacuate(drained, SlotState.DRAINED)
     c.apply(moves)
-    row("a node is drained", moves=len(moves), min_moves_needed=n_drained, stranded=len(stuck),
-        move_msgs=2 * len(moves))
+    row(
+        "a node is drained", moves=len(moves), min_moves_needed=n_drained, stranded=len(stuck), move_msgs=2 * len(moves)
+    )
     return rows
 
 
@@ -267,18 +280,42 @@ def run(seed: int = 0, scale: float = 1.0) -> list[dict[str, object]]:
         return max(1, int(x * scale))
 
     rows = []
-    rows.append(scenario("8 GPUs x 200 streams", Cluster([RTX4090] * 8), [("streams", n(200))],
-                         random.Random(seed)))
-    rows.append(scenario("64 GPUs x 2000 streams", Cluster([RTX4090] * 64), [("streams", n(2000))],
-                         random.Random(seed)))
-    rows.append(scenario("mixed GPU sizes (A100/4090/L4/T4 x2)", Cluster([A100, RTX4090, L4, T4] * 2),
-                         [("streams", n(300))], random.Random(seed)))
-    rows.append(scenario("8 GPUs x 200, one GPU dies", Cluster([RTX4090] * 8),
-                         [("streams", n(200)), ("kill", 3)], random.Random(seed)))
-    rows.append(scenario("8 GPUs x 200, a GPU is added", Cluster([RTX4090] * 8),
-                         [("streams", n(200)), ("add_gpu", RTX4090)], random.Random(seed)))
-    rows.append(scenario("8 GPUs x 200, burst of 500 new", Cluster([RTX4090] * 8),
-                         [("streams", n(200)), ("streams", n(500))], random.Random(seed)))
+    rows.append(scenario("8 GPUs x 200 streams", Cluster([RTX4090] * 8), [("streams", n(200))], random.Random(seed)))
+    rows.append(
+        scenario("64 GPUs x 2000 streams", Cluster([RTX4090] * 64), [("streams", n(2000))], random.Random(seed))
+    )
+    rows.append(
+        scenario(
+            "mixed GPU sizes (A100/4090/L4/T4 x2)",
+            Cluster([A100, RTX4090, L4, T4] * 2),
+            [("streams", n(300))],
+            random.Random(seed),
+        )
+    )
+    rows.append(
+        scenario(
+            "8 GPUs x 200, one GPU dies",
+            Cluster([RTX4090] * 8),
+            [("streams", n(200)), ("kill", 3)],
+            random.Random(seed),
+        )
+    )
+    rows.append(
+        scenario(
+            "8 GPUs x 200, a GPU is added",
+            Cluster([RTX4090] * 8),
+            [("streams", n(200)), ("add_gpu", RTX4090)],
+            random.Random(seed),
+        )
+    )
+    rows.append(
+        scenario(
+            "8 GPUs x 200, burst of 500 new",
+            Cluster([RTX4090] * 8),
+            [("streams", n(200)), ("streams", n(500))],
+            random.Random(seed),
+        )
+    )
     return rows
 
 
@@ -290,20 +327,45 @@ def main() -> int:
     args = ap.parse_args()
     if args.nodes:
         rows = run_nodes(args.seed)
-        cols = ["scenario", "nodes", "slots", "streams", "imbalance_nodes", "floor_nodes", "imbalance_slots", "moves",
-                "min_moves_needed", "stranded", "replace_cpu_ms", "head_msgs_per_s", "head_bytes_per_s",
-                "ping_bytes_per_stream"]
+        cols = [
+            "scenario",
+            "nodes",
+            "slots",
+            "streams",
+            "imbalance_nodes",
+            "floor_nodes",
+            "imbalance_slots",
+            "moves",
+            "min_moves_needed",
+            "stranded",
+            "replace_cpu_ms",
+            "head_msgs_per_s",
+            "head_bytes_per_s",
+            "ping_bytes_per_stream",
+        ]
     else:
         rows = run(args.seed)
-        cols = ["scenario", "slots", "streams", "refused", "imbalance_max_mean", "mean_utilisation",
-                "moves", "min_moves_needed", "moved_on_failure", "replace_ms", "frames_dropped_on_failure",
-                "frames_dropped_per_s_steady"]
+        cols = [
+            "scenario",
+            "slots",
+            "streams",
+            "refused",
+            "imbalance_max_mean",
+            "mean_utilisation",
+            "moves",
+            "min_moves_needed",
+            "moved_on_failure",
+            "replace_ms",
+            "frames_dropped_on_failure",
+            "frames_dropped_per_s_steady",
+        ]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "-")) for c in cols))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

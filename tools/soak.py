@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak: framegrid for a long time against real RTSP cameras and a real Mosquitto, with faults.
 
-    .venv/bin/python tools/soak.py [--cameras 8] [--minutes 60] [--seed 1] [--json out.json]
+    .venv/bin/python -m tools.soak [--cameras 8] [--minutes 60] [--seed 1] [--json out.json]
 
 Every camera is its own gst-rtsp-server (so one can be killed or frozen alone); framegrid runs as a
 child process (`framegrid run`, `FRAMEGRID_FAULTS=1`); a durable subscriber takes every message.
@@ -46,11 +46,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+from tools.servers import Mosquitto, RtspServer, free_port
 
-from servers import Mosquitto, RtspServer, free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
 TOKEN = uuid.uuid4().hex
@@ -304,35 +302,48 @@ def report(rc: int, log: str, collector: Collector, cams: dict[str, RtspServer],
     unaccounted = sum(abs(a["decode_gap"] or 0) > 1 or abs(a["dispatch_gap"] or 0) > 0 or abs(a["result_gap"] or 0) > 0
                       for a in accounts.values())
     out = {
-        "cameras": cameras, "minutes": minutes, "exit_code": rc,
+        "cameras": cameras,
+        "minutes": minutes,
+        "exit_code": rc,
         "faults": faults,
-        "faults_recovered_in_bound": sum(1 for f in faults if f.get("ok")), "faults_total": len(faults),
-        "accounts": accounts, "streams_with_unaccounted_frames": unaccounted,
-        "results": total_results, "published": published, "dropped_overflow": dropped,
-        "received": total_received, "published_minus_received": None if published is None else published - total_received,
-        "not_received": lost, "not_received_outside_broker_restarts": lost_outside,
+        "faults_recovered_in_bound": sum(1 for f in faults if f.get("ok")),
+        "faults_total": len(faults),
+        "accounts": accounts,
+        "streams_with_unaccounted_frames": unaccounted,
+        "results": total_results,
+        "published": published,
+        "dropped_overflow": dropped,
+        "received": total_received,
+        "published_minus_received": None if published is None else published - total_received,
+        "not_received": lost,
+        "not_received_outside_broker_restarts": lost_outside,
         "rss_growth_after_warmup": None if rss_growth is None else round(rss_growth, 4),
-        "rss_growth_after_each_fault_kind_once": None if rss_growth_each_once is None else round(rss_growth_each_once, 4),
+        "rss_growth_after_each_fault_kind_once": None
+        if rss_growth_each_once is None
+        else round(rss_growth_each_once, 4),
         "rss_from_each_fault_kind_once_s": None if all_seen_at is None else round(all_seen_at),
         "rss_slope_mb_per_hour_second_half": None if slope is None else round(slope, 1),
-        "fds_min_max": spread("fds"), "threads_min_max": spread("threads"), "tasks_min_max": spread("tasks"),
+        "fds_min_max": spread("fds"),
+        "threads_min_max": spread("threads"),
+        "tasks_min_max": spread("tasks"),
         "samples": samples,
     }
     out["targets"] = {
-        "zero_unaccounted_frames": unaccounted == 0 and published is not None
-        and published + dropped == total_results,
+        "zero_unaccounted_frames": unaccounted == 0 and published is not None and published + dropped == total_results,
         "published_equals_received": published is not None and published == total_received,
         "received_all_but_across_broker_restarts": lost_outside == 0,
         "rss_growth_below_5pct": rss_growth is not None and rss_growth < 0.05,
-        "fds_flat": _no_growth(warm, "fds"), "threads_flat": _no_growth(warm, "threads"),
+        "fds_flat": _no_growth(warm, "fds"),
+        "threads_flat": _no_growth(warm, "threads"),
         "every_fault_recovered_in_bound": all(f.get("ok") for f in faults),
         "clean_exit": rc == 0,
     }
     return out
 
 
-def rss_diagnostics(warm: list[dict[str, Any]], faults: list[dict[str, Any]], t_start: float
-                    ) -> tuple[float | None, float | None, float | None]:
+def rss_diagnostics(
+    warm: list[dict[str, Any]], faults: list[dict[str, Any]], t_start: float
+) -> tuple[float | None, float | None, float | None]:
     """Beside the target's growth after warm-up: (seconds into the run when every fault kind of the
     run had happened once and recovered, RSS growth from then to the end, RSS trend over the second
     half of the warm samples in MB/h). The first of each kind does its recovery path's first
@@ -347,7 +358,7 @@ def rss_diagnostics(warm: list[dict[str, Any]], faults: list[dict[str, Any]], t_
             break
     after = [x for x in warm if all_seen_at is not None and x["t"] >= all_seen_at]
     growth = (after[-1]["rss_mb"] / after[0]["rss_mb"] - 1) if len(after) >= 2 else None
-    half = warm[len(warm) // 2:]
+    half = warm[len(warm) // 2 :]
     slope = None
     if len(half) >= 3:
         hours = np.array([x["t"] for x in half]) / 3600
@@ -363,7 +374,7 @@ def _no_growth(warm: list[dict[str, Any]], key: str, slack: int = 8) -> bool:
     if len(vals) < 4:
         return _flat((min(vals), max(vals)) if vals else (None, None), slack)
     q = len(vals) // 4
-    levels = [max(vals[i * q:(i + 1) * q if i < 3 else None]) for i in range(4)]
+    levels = [max(vals[i * q : (i + 1) * q if i < 3 else None]) for i in range(4)]
     return max(levels) - min(levels) <= slack
 
 
@@ -373,23 +384,36 @@ def _flat(span: tuple[Any, Any], slack: int = 8) -> bool:
 
 
 def summary(r: dict[str, Any]) -> str:
-    rows = [f"soak: {r['cameras']} cameras, {r['minutes']:g} min, {r['faults_total']} faults",
-            "", "| fault | recovered (s) | bound (s) | ok |", "|---|---|---|---|"]
+    rows = [
+        f"soak: {r['cameras']} cameras, {r['minutes']:g} min, {r['faults_total']} faults",
+        "",
+        "| fault | recovered (s) | bound (s) | ok |",
+        "|---|---|---|---|",
+    ]
     for f in r["faults"]:
-        rows.append(f"| {f['kind']}{' ' + f['slot'] if 'slot' in f else ''} | {f.get('recovered_s')} | "
-                    f"{f.get('bound_s')} | {'yes' if f.get('ok') else 'NO'} |")
-    rows += ["", "| figure | value |", "|---|---|",
-             f"| results / published / dropped / received | {r['results']} / {r['published']} / "
-             f"{r['dropped_overflow']} / {r['received']} |",
-             f"| streams with unaccounted frames | {r['streams_with_unaccounted_frames']} |",
-             f"| published but not received (of which outside broker restarts) | {r['not_received']} "
-             f"({r['not_received_outside_broker_restarts']}) |",
-             f"| RSS growth after warm-up | {r['rss_growth_after_warmup']} |",
-             f"| RSS growth after each fault kind once (from {r['rss_from_each_fault_kind_once_s']} s) | "
-             f"{r['rss_growth_after_each_fault_kind_once']} |",
-             f"| RSS trend over the second half (MB/h) | {r['rss_slope_mb_per_hour_second_half']} |",
-             f"| descriptors / threads / tasks (min-max) | {r['fds_min_max']} / {r['threads_min_max']} / "
-             f"{r['tasks_min_max']} |", "", "| target | holds |", "|---|---|"]
+        rows.append(
+            f"| {f['kind']}{' ' + f['slot'] if 'slot' in f else ''} | {f.get('recovered_s')} | "
+            f"{f.get('bound_s')} | {'yes' if f.get('ok') else 'NO'} |"
+        )
+    rows += [
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| results / published / dropped / received | {r['results']} / {r['published']} / "
+        f"{r['dropped_overflow']} / {r['received']} |",
+        f"| streams with unaccounted frames | {r['streams_with_unaccounted_frames']} |",
+        f"| published but not received (of which outside broker restarts) | {r['not_received']} "
+        f"({r['not_received_outside_broker_restarts']}) |",
+        f"| RSS growth after warm-up | {r['rss_growth_after_warmup']} |",
+        f"| RSS growth after each fault kind once (from {r['rss_from_each_fault_kind_once_s']} s) | "
+        f"{r['rss_growth_after_each_fault_kind_once']} |",
+        f"| RSS trend over the second half (MB/h) | {r['rss_slope_mb_per_hour_second_half']} |",
+        f"| descriptors / threads / tasks (min-max) | {r['fds_min_max']} / {r['threads_min_max']} / "
+        f"{r['tasks_min_max']} |",
+        "",
+        "| target | holds |",
+        "|---|---|",
+    ]
     rows += [f"| {k} | {'yes' if v else 'NO'} |" for k, v in r["targets"].items()]
     return "\n".join(rows)
 
@@ -401,8 +425,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-fps", type=float, default=4.0)
     ap.add_argument("--gap", type=float, help="seconds between faults (default: the run's length / 40, 15-60 s)")
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
-                    help="the faults to draw from (to find which one a figure follows)")
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="the faults to draw from (to find which one a figure follows)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     r = run(args.cameras, args.minutes, args.seed, args.max_fps, args.gap, tuple(args.kinds))

@@ -7,8 +7,8 @@ it, copies the best weights to `models/shapes-yolo11n.pt` and writes the figures
 `models/shapes-yolo11n.json`. It is slow (about 10 minutes on two cores); the tests use its
 committed output and never run it.
 
-    .venv/bin/python tools/train_shapes.py            # defaults used for the committed weights
-    .venv/bin/python tools/train_shapes.py --epochs 5 --train 50   # quick smoke run
+    .venv/bin/python -m tools.train_shapes            # defaults used for the committed weights
+    .venv/bin/python -m tools.train_shapes --epochs 5 --train 50   # quick smoke run
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from detectors.offline import prepare_ultralytics_offline
+from streams.synthetic import CLASSES, render_image
 
-from detectors.offline import prepare_ultralytics_offline  # noqa: E402
-from streams.synthetic import CLASSES, render_image  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_split(folder: Path, seeds: range, width: int, height: int) -> None:

@@ -135,7 +135,7 @@ def _timed(base: type) -> type:
     """A tracker class whose prediction step spans `self.dt` reference intervals, whose association
     prefers a track's own class, and which starts no track from a duplicate of a matched detection."""
 
-    class Timed(base):  # type: ignore[misc,valid-type]
+    class Timed(base):
         dt = 1.0
         class_penalty = 0.0
         duplicate_iou = 1.0

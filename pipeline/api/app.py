@@ -261,7 +261,7 @@ def add_webrtc_routes(app: FastAPI, pipeline: Any, guarded: list[Any], errors: d
     from streams.webrtc import WebRtcError
 
     sdp_body = {"content": {"application/sdp": {"schema": {"type": "string"}}}, "required": True}
-    sdp_answer = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
+    sdp_answer: dict[int | str, dict[str, Any]] = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
                         "description": "the SDP answer"}, 404: {"model": Problem}, 409: {"model": Problem}}
 
     def peer(table: dict[str, Any], name: str, what: str) -> Any:
@@ -473,7 +473,8 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     registry, latency = make_registry(pipeline, lambda: facts_now)
     pipeline.results.add_sink(latency)
     facts_now: list[Any] = []
-    secrets = lambda: tuple(pipeline.secrets)
+    def secrets():
+        return tuple(pipeline.secrets)
     def not_ready() -> list[str]:
         reasons = []
         if not pipeline.ready.is_set():
@@ -628,7 +629,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         if facts_cache[1] is None or time.monotonic() - facts_cache[0] >= 1.0:
             facts_cache[1] = await asyncio.to_thread(pipeline.live_devices)
             facts_cache[0] = time.monotonic()
-        return facts_cache[1]  # type: ignore[no-any-return]
+        return facts_cache[1]
 
     def devices_out(facts: list[Any]) -> list[DeviceOut]:
         slots: dict[str, list[SlotInfo]] = {}

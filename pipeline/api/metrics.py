@@ -11,6 +11,7 @@ Each pipeline gets its own registry (several can live in one test process).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -52,10 +53,8 @@ class LatencyMetrics:
     def forget(self, stream: str) -> None:
         """A deleted stream's series go (a new stream of the same name starts from zero)."""
         for hist, labels in ((self.latency, (stream,)), *((self.stage, (stream, s)) for s in STAGES)):
-            try:
+            with contextlib.suppress(KeyError):
                 hist.remove(*labels)
-            except KeyError:
-                pass
 
 
 class PipelineCollector(Collector):

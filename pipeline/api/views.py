@@ -22,7 +22,7 @@ MAX_VIEW_SIDE = 1280  # live views are scaled down to this (a 4K camera is not s
 
 def _colour(class_id: int) -> tuple[int, int, int]:
     hue = (class_id * 47) % 180
-    bgr = cv2.cvtColor(np.uint8([[[hue, 200, 255]]]), cv2.COLOR_HSV2BGR)[0, 0]  # type: ignore[call-overload]
+    bgr = cv2.cvtColor(np.array([[[hue, 200, 255]]], np.uint8), cv2.COLOR_HSV2BGR)[0, 0]
     return int(bgr[0]), int(bgr[1]), int(bgr[2])
 
 

@@ -105,7 +105,8 @@ class _Figures(Collector):
 
 def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs | None, token: str | None,
                       max_upload: int = 50_000_000) -> FastAPI:
-    secrets = lambda: tuple(head.secrets)
+    def secrets():
+        return tuple(head.secrets)
 
     def not_ready() -> list[str]:
         reasons = []

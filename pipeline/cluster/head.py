@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -162,7 +163,10 @@ class ClusterHead:
             cpus = info.get("Resources", {}).get("CPU")
             self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"], cpus),
                                                        name=f"cluster.start.{name}")
-            self._starting[name].add_done_callback(lambda _t, n=name: self._starting.pop(n, None))
+            self._starting[name].add_done_callback(functools.partial(self._started, name))
+
+    def _started(self, name: str, _task: asyncio.Task[None]) -> None:
+        self._starting.pop(name, None)
 
     async def _start_worker(self, name: str, node_id: str, cpus: float | None) -> None:
         import ray
@@ -179,7 +183,7 @@ class ClusterHead:
                 name=actor_name, namespace=self.settings.namespace, lifetime="detached", max_restarts=0,
                 num_cpus=0, resources={self.settings.node_resource: 1},
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-            actor = remote.remote(self.config, name, self.config_path, cpus)
+            actor = remote.remote(self.config, name, self.config_path, cpus)  # type: ignore[assignment]
             found = False
         node = NodeHandle(name, node_id, actor)
         self.nodes[name] = node
@@ -532,11 +536,16 @@ class ClusterHead:
         return {
             "v": PAYLOAD_VERSION,
             "at": round(time.time(), 3),
-            "nodes": {n.name: {"state": n.state, "streams": sorted(s for s in self.desired if self.where(s) == n.name),
-                               "sessions": sorted(t for t in self.sessions if self.talk.where(session_key(t)) == n.name),
-                               "throughput": {m: round(v, 1) for m, v in n.throughput.items()},
-                               "error": n.error}
-                      for n in self.nodes.values()},
+            "nodes": {
+                n.name: {
+                    "state": n.state,
+                    "streams": sorted(s for s in self.desired if self.where(s) == n.name),
+                    "sessions": sorted(t for t in self.sessions if self.talk.where(session_key(t)) == n.name),
+                    "throughput": {m: round(v, 1) for m, v in n.throughput.items()},
+                    "error": n.error,
+                }
+                for n in self.nodes.values()
+            },
             "unplaced": sorted(s for s in self.desired if self.where(s) is None),
             "unplaced_sessions": sorted(t for t in self.sessions if self.talk.where(session_key(t)) is None),
             "control_calls_per_s": round(self.calls / elapsed, 2),

@@ -13,6 +13,7 @@ invented facts (1 to 8 GPUs of any size) on a machine that has none.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -89,7 +90,9 @@ def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
     devices: list[DeviceInfo] = []
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         except ImportError:
             nvml = None
     if nvml is not None:
@@ -115,10 +118,8 @@ def discover(nvml: ModuleType | Any | None = None) -> list[DeviceInfo]:
                 devices.append(DeviceInfo(f"cuda:{i}", "cuda", name, int(mem.total), int(mem.free), util,
                                           temperature_c=temp))
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 nvml.nvmlShutdown()
-            except Exception:
-                pass
     if not devices and os.path.exists("/dev/nvidiactl"):
         devices += _torch_gpus()  # a driver but no NVML library: ask torch (only then: importing it costs)
     devices.append(_cpu_info())

@@ -24,7 +24,7 @@ class Handoff:
         """Schedule `fn(*args)` on the loop; never blocks, never raises (a closed loop drops it)."""
         if self.loop.is_closed():
             return
-        try:
+        try:  # noqa: SIM105 - the frame path: a bare try costs less than contextlib.suppress
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # closed between the check and the call
             pass

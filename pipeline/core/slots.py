@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import queue
 import threading
@@ -332,7 +333,8 @@ class Batcher:
                 if now >= deadline or not due:
                     return taken  # waiting would not pay: run the partial batch now
                 first = min(due)
-                timeout = first - now if first > now else deadline - now  # late: until it arrives or the deadline
+                # late: until it arrives or the deadline
+                timeout: float | None = first - now if first > now else deadline - now
             else:
                 later = [at for at in upcoming if at > now]
                 timeout = min(later) - now if later else None  # a rate-limited member's turn, or any arrival
@@ -437,7 +439,7 @@ class SlotPool:
             device = self.slots[name].device
             self.batchers[name] = Batcher(self.slots[name], self.placer.slots[name], self._members_of(name),
                                           self.adapter, self.settings, self.clock, self._on_fault, self.in_flight,
-                                          on_done=lambda d=device: self._wake_local(d))
+                                          on_done=functools.partial(self._wake_local, device))
         await asyncio.gather(*(self._start_slot(name) for name in self.slots))
         if not self.placer.healthy():
             errors = "; ".join(f"{n}: {r.last_error}" for n, r in self.placer.slots.items())

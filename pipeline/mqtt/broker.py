@@ -49,10 +49,8 @@ def _serve(host: str, port: int, ready: Any) -> None:  # runs in the child proce
         while not stop.is_set() and os.getppid() == parent:  # an orphan stops by itself
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.shutdown(), 3)
-        except Exception:
-            pass
 
     asyncio.run(main())
 

@@ -108,7 +108,8 @@ class Publisher:
         self.published = 0
         self.dropped_overflow = 0  # buffer full: oldest message discarded
         self.dropped_by_kind: dict[str, int] = {}
-        self.published_by_kind: dict[str, int] = {}  # acknowledged by the broker (QoS 1/2) or sent (QoS 0)  # the same, by the topic's last level (detections, stats, ...)
+        # acknowledged by the broker (QoS 1/2) or sent (QoS 0), by the topic's last level (detections, stats, ...)
+        self.published_by_kind: dict[str, int] = {}
         self.resent = 0  # in flight when the connection broke, sent again
         self.send_ms: deque[float] = deque(maxlen=512)
         self.dropped_unencodable = 0  # payloads json could not encode (NaN, unknown types): counted, never raised
@@ -239,8 +240,10 @@ class Publisher:
     def _refused(self, reason: str, what: str = "a publish") -> None:
         """The broker refused a message or a subscription (its ACL): counted, said once, state unauthorized."""
         self.denied += 1
-        error = (f"the broker refused {what} ({reason}): its ACL must let user {self.cfg.user or '(none)'} write "
-                 f"{self.topics.all} and read {self.topics.talk_audio_filter}")
+        error = (
+            f"the broker refused {what} ({reason}): its ACL must let user {self.cfg.user or '(none)'} write "
+            f"{self.topics.all} and read {self.topics.talk_audio_filter}"
+        )
         if self.state != "unauthorized" or self.last_error != error:
             log.error("mqtt: %s:%d %s", self.host, self.port, error)
         self.state, self.last_error = "unauthorized", error
@@ -281,12 +284,23 @@ class Publisher:
                 state = connection_state(exc)
                 if state != self.state or error != self.last_error:  # said once, not at every retry
                     if state == "unavailable":
-                        log.warning("mqtt: %s:%d unavailable (%s); buffering up to %d messages",
-                                    self.host, self.port, error, self.cfg.buffer)
+                        log.warning(
+                            "mqtt: %s:%d unavailable (%s); buffering up to %d messages",
+                            self.host,
+                            self.port,
+                            error,
+                            self.cfg.buffer,
+                        )
                     else:
-                        log.error("mqtt: %s:%d refused us: %s (%s); retrying every %gs, buffering up to %d "
-                                  "messages", self.host, self.port, HINTS[state], error, self.cfg.reconnect_cap,
-                                  self.cfg.buffer)
+                        log.error(
+                            "mqtt: %s:%d refused us: %s (%s); retrying every %gs, buffering up to %d messages",
+                            self.host,
+                            self.port,
+                            HINTS[state],
+                            error,
+                            self.cfg.reconnect_cap,
+                            self.cfg.buffer,
+                        )
                 self.state, self.last_error = state, error
             finally:
                 self.connected = False
@@ -339,8 +353,9 @@ class Publisher:
                 msg = self._buffer.popleft()
                 task = asyncio.create_task(send(msg), name="mqtt.publish")
                 inflight[task] = msg
-                task.add_done_callback(lambda t: inflight.pop(t, None) if not t.cancelled()
-                                       and t.exception() is None else None)
+                task.add_done_callback(
+                    lambda t: inflight.pop(t, None) if not t.cancelled() and t.exception() is None else None
+                )
                 await asyncio.sleep(0)
             if inflight:
                 await asyncio.wait(set(inflight), timeout=5)

@@ -2,7 +2,8 @@
 
 Audio `mqtt` listens on `<prefix>/talk/<name>/audio` for s16le mono 16 kHz PCM chunks (an empty
 message ends the audio); audio `webrtc` takes a browser's microphone (WHIP-style, through the HTTP
-API) and `out = "webrtc"` serves the session to browsers (WHEP-style, `streams.webrtc`). State goes to `<prefix>/talk/<name>/state` (retained) and figures into
+API) and `out = "webrtc"` serves the session to browsers (WHEP-style, `streams.webrtc`).
+State goes to `<prefix>/talk/<name>/state` (retained) and figures into
 `stats`. MuseTalk sessions run their UNet+VAE on the lipsync slots (`pipeline.talk.lipsync`, the same
 slot machinery as detection), started with the first such session.
 """
@@ -31,9 +32,18 @@ REJECT_LOG_EVERY_S = 10.0  # at most one warning per reason and session in this 
 
 
 class TalkSessions:
-    def __init__(self, config: Config, publisher: Publisher, telemetry: Telemetry, handoff: Handoff, clock: Clock,
-                 secrets: Sequence[str], device_facts: Callable[[], list[DeviceInfo]],
-                 cpu_runtimes: Callable[[], set[str]], on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        publisher: Publisher,
+        telemetry: Telemetry,
+        handoff: Handoff,
+        clock: Clock,
+        secrets: Sequence[str],
+        device_facts: Callable[[], list[DeviceInfo]],
+        cpu_runtimes: Callable[[], set[str]],
+        on_change: Callable[[], None],
+    ) -> None:
         self.config = config
         self.publisher = publisher
         self.telemetry = telemetry
@@ -60,6 +70,7 @@ class TalkSessions:
         from streams.sinks import AVSink
         from talkinghead import EnergyLipSync, PushAudio, TalkSession, prepare_avatar
         from talkinghead.audio import AudioError, iter_audio
+        from talkinghead.session import Sink as TalkSink
 
         if name in self.sessions:
             raise ValueError(f"session {name} already exists")
@@ -71,8 +82,9 @@ class TalkSessions:
 
                 margin = int(version_defaults(self.config.lipsync.version)["extra_margin"])
             avatar = await asyncio.to_thread(prepare_avatar, cfg.avatar, name, cfg.box, margin)
-            backend: Any = (await self._musetalk_backend(name, avatar) if cfg.backend == "musetalk"
-                            else EnergyLipSync(avatar))
+            backend: Any = (
+                await self._musetalk_backend(name, avatar) if cfg.backend == "musetalk" else EnergyLipSync(avatar)
+            )
             w, h = avatar.size
             if "webrtc" in (cfg.out, cfg.audio):
                 from streams.webrtc import restrict_host_addresses
@@ -81,7 +93,7 @@ class TalkSessions:
             if cfg.out == "webrtc":
                 from streams.webrtc import WebRtcOut
 
-                sink = WebRtcOut(asyncio.get_running_loop(), name, max_viewers=self.config.webrtc.max_viewers)
+                sink: TalkSink = WebRtcOut(asyncio.get_running_loop(), name, max_viewers=self.config.webrtc.max_viewers)
             else:
                 sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
         except Exception as exc:
@@ -112,8 +124,13 @@ class TalkSessions:
                     now = self.clock.mono()
                     if now - warned.get(exc.reason, -1e9) >= REJECT_LOG_EVERY_S:  # not a line per bad chunk
                         warned[exc.reason] = now
-                        log.warning("session %s: audio chunk refused (%s): %s (%d refused so far)", name, exc.reason,
-                                    exc, push.rejected)
+                        log.warning(
+                            "session %s: audio chunk refused (%s): %s (%d refused so far)",
+                            name,
+                            exc.reason,
+                            exc,
+                            push.rejected,
+                        )
 
             audio = push
             subscribed = self.publisher.subscribe(self.publisher.topics.talk_audio(name), on_audio)
@@ -131,8 +148,12 @@ class TalkSessions:
         session = TalkSession(name, backend, audio, sink, realtime=True, on_state=on_state)
         self.sessions[name] = session
         session.start()
-        log.info("session %s: started (%s -> %s)", name, cfg.audio if cfg.audio in ("mqtt", "webrtc") else
-                 redact_text(cfg.audio, tuple(self.secrets)), redact_text(cfg.out, tuple(self.secrets)))
+        log.info(
+            "session %s: started (%s -> %s)",
+            name,
+            cfg.audio if cfg.audio in ("mqtt", "webrtc") else redact_text(cfg.audio, tuple(self.secrets)),
+            redact_text(cfg.out, tuple(self.secrets)),
+        )
 
     async def stop(self, name: str) -> None:
         session = self.sessions.pop(name, None)
@@ -165,9 +186,16 @@ class TalkSessions:
         slot = pool.place(name)
         log.info("session %s: MuseTalk on %s", name, slot)
         lcfg = self.config.lipsync
-        return MuseTalkLive(frontend, faces, lambda jobs: pool.submit(name, jobs), block=lcfg.block,
-                            timeout=lcfg.timeout, lookahead=-(-lcfg.lookahead_ms // 40),
-                            always=lcfg.render_silence == "always", whisper_on_slot=pool.whisper_on_slot)
+        return MuseTalkLive(
+            frontend,
+            faces,
+            lambda jobs: pool.submit(name, jobs),
+            block=lcfg.block,
+            timeout=lcfg.timeout,
+            lookahead=-(-lcfg.lookahead_ms // 40),
+            always=lcfg.render_silence == "always",
+            whisper_on_slot=pool.whisper_on_slot,
+        )
 
     async def ensure_lipsync(self) -> tuple[LipSyncPool, Any]:
         """The lipsync slots and the MuseTalk front end (VAE + Whisper), started on first use."""
@@ -183,16 +211,30 @@ class TalkSessions:
         async with self._lock:
             if self.lipsync is None:
                 facts = await asyncio.to_thread(self.device_facts)
-                pool = musetalk_pool(lcfg, self.config.pipeline, self.config.devices.usable_fraction, facts,
-                                     on_change=self.on_change, clock=self.clock)
+                pool = musetalk_pool(
+                    lcfg,
+                    self.config.pipeline,
+                    self.config.devices.usable_fraction,
+                    facts,
+                    on_change=self.on_change,
+                    clock=self.clock,
+                )
                 others = {r for r in self.cpu_runtimes() if r != "torch"}
                 if others and "cpu" in pool.devices:
-                    raise PoolError(f"MuseTalk runs on torch, and this process's CPU already runs "
-                                    f"{', '.join(sorted(others))} for detection: one inference runtime per "
-                                    "process on the CPU (run talking heads in a second framegrid process, "
-                                    "or give MuseTalk a GPU)")
-                frontend = MuseTalk(lcfg.weights, lcfg.version, device=pool.devices[0], parts={"vae", "whisper"},
-                                    parsing_mode=lcfg.parsing_mode, cheek_width=lcfg.cheek_width)
+                    raise PoolError(
+                        f"MuseTalk runs on torch, and this process's CPU already runs "
+                        f"{', '.join(sorted(others))} for detection: one inference runtime per "
+                        "process on the CPU (run talking heads in a second framegrid process, "
+                        "or give MuseTalk a GPU)"
+                    )
+                frontend = MuseTalk(
+                    lcfg.weights,
+                    lcfg.version,
+                    device=pool.devices[0],
+                    parts={"vae", "whisper"},
+                    parsing_mode=lcfg.parsing_mode,
+                    cheek_width=lcfg.cheek_width,
+                )
                 await asyncio.to_thread(frontend.load)
                 await pool.start()
                 self._frontend, self.lipsync = frontend, pool
@@ -201,6 +243,11 @@ class TalkSessions:
         return self.lipsync, self._frontend
 
     def snapshot(self) -> dict[str, Any]:
-        return {name: {**s.snapshot(), "slot": self.lipsync.slot_of(name) if self.lipsync else None,
-                       **(self.webrtc[name].snapshot() if name in self.webrtc else {})}
-                for name, s in self.sessions.items()}
+        return {
+            name: {
+                **s.snapshot(),
+                "slot": self.lipsync.slot_of(name) if self.lipsync else None,
+                **(self.webrtc[name].snapshot() if name in self.webrtc else {}),
+            }
+            for name, s in self.sessions.items()
+        }
