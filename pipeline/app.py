@@ -17,23 +17,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from detectors import DetectorError
-from pipeline.analytics.events import EventEngine
-from pipeline.analytics.eventstore import EventStore
-from pipeline.analytics.snapshots import Snapshots
+from pipeline.analytics.service import Analytics
 from pipeline.analytics.tracking import StreamTracker
-from pipeline.core.detect import DetectorFactory, StreamFeed, default_detector_factory, detect_pool
+from pipeline.core.detect import DetectorFactory, StreamFeed, default_detector_factory
 from pipeline.core.devices import DeviceInfo, cap_cpu_cores, decode_threads, discover
 from pipeline.core.handoff import Handoff
 from pipeline.core.ingest import Ingest, StreamRecord
 from pipeline.core.memory import fix_mmap_threshold, limit_arenas
+from pipeline.core.models import Models
 from pipeline.core.overload import DecodeShedder
-from pipeline.core.placement import Move
-from pipeline.core.planning import Plan, plan_models
 from pipeline.core.registry import Registry
 from pipeline.core.results import MqttResults, Results, ResultSink
 from pipeline.core.slots import SlotPool
@@ -41,10 +36,10 @@ from pipeline.mqtt.broker import EmbeddedBroker
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from pipeline.talk.sessions import TalkSessions
-from streams import SYSTEM_CLOCK, Clock, StreamState, redact_text, url_password
+from streams import SYSTEM_CLOCK, Clock, StreamState, url_password
 
 from .config import Config, ModelConfig, StreamConfig, TalkConfig
-from .errors import PlacementError, PoolError
+from .errors import PlacementError
 
 log = logging.getLogger(__name__)
 LOAD_CHECK_S = 5.0  # seconds between load verdicts (and decode shedding decisions)
@@ -61,16 +56,14 @@ class Pipeline:
         self.config_path = config_path
         self.node = node  # the cluster node this pipeline is the worker of (None: a single process)
         self.registry = Registry(config)
-        self.detector_factory = detector_factory or default_detector_factory
         self.clock = clock
         self.device_facts = devices  # discovered at start when not given (tests give invented ones)
         self._facts_given = devices is not None
         self.secrets: list[str] = list(config.secrets())
         self.results = Results(clock, sinks)
-        self.plan = Plan()
-        self.pools: dict[str, SlotPool] = {}  # detection pools by model
-        self.model_errors: dict[str, str] = {}
-        self.drained: set[str] = set()  # devices taken out by an operator
+        self.models = Models(config, detector_factory or default_detector_factory, self.results, clock, self.facts,
+                             lambda: self.secrets, self._devices_changed, self._model_failed)
+        self.analytics = Analytics(config, config_path)
         hold = config.pipeline.shed_hold
         self.shedder = DecodeShedder(hold=hold, max_hold=max(900.0, hold))
         self._stats: tuple[float, dict[str, Any]] | None = None  # the last stats payload built, and when
@@ -82,10 +75,6 @@ class Pipeline:
         self.telemetry: Telemetry
         self.ingest: Ingest
         self.talk: TalkSessions
-        self.events: EventEngine | None = None
-        self.event_store: EventStore | None = None
-        self.snapshots: Snapshots | None = None
-        self._tg: asyncio.TaskGroup
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Pipeline:
@@ -122,21 +111,22 @@ class Pipeline:
             self.publisher = Publisher(mqtt, secrets=self.secrets, node=self.node)
         self.telemetry = Telemetry(self.publisher, mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
-        self._start_events(handoff)
+        self.analytics.start(self.publisher, self.results, handoff)
         self.ingest = Ingest(self.clock, handoff, self.telemetry.stream_state, self._reconnected)
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
-                                 self._facts, lambda: set(self.plan.runtimes.values()), self._devices_changed)
+                                 self.facts, self.models.runtimes, self._devices_changed)
         try:
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
+                self.models.spawn = lambda coro, name: tg.create_task(coro, name=name)
                 pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
                 for name, cfg in self.registry.streams.items():
                     self.ingest.add(name, cfg)
-                self._plan(self.registry.models_in_use())
-                for name in self.plan.layouts:
-                    log.info("model %s: %s", name, self.plan.describe(name))
-                for name in self.registry.models_in_use():
-                    await self._load_model(name)
+                in_use = self.registry.models_in_use()
+                self.models.plan(in_use)
+                for name in in_use:
+                    log.info("model %s: %s", name, self.models.table[name].describe())
+                for name in in_use:
+                    await self.models.load(name)
                 for record in self.ingest.records.values():
                     self._start_stream(record)
                 for name, tcfg in self.config.talk.items():
@@ -146,7 +136,7 @@ class Pipeline:
                 loops = [tg.create_task(self.telemetry.stats_loop(self.stats_payload), name="telemetry.stats"),
                          tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"),
                          tg.create_task(self._load_loop(), name="supervisor.load"),
-                         tg.create_task(self._events_loop(), name="events.sweep")]
+                         tg.create_task(self.analytics.sweep_loop(self.clock.wall), name="events.sweep")]
                 self.ready.set()
                 try:
                     await stop.wait()
@@ -162,8 +152,8 @@ class Pipeline:
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        await asyncio.gather(*(pool.close() for pool in self.pools.values()), return_exceptions=True)
-        await self._stop_events()
+        await self.models.close()
+        await self.analytics.close()
         self.telemetry.stats(self.stats_payload())
         await self.publisher.close()
         done, _ = await asyncio.wait({pub_task}, timeout=10)
@@ -174,66 +164,20 @@ class Pipeline:
         final = {**self.publisher.counters(), "results": {r.name: r.seq for r in self.ingest.records.values()}}
         log.info("mqtt: final account %s", json.dumps(final, separators=(",", ":")))
 
-    # -- events --------------------------------------------------------------------------------------
-    def events_folder(self) -> Path:
-        """Where the event store and the snapshots live: beside `events.store`, else `<config>.events/`."""
-        cfg = self.config.events
-        if cfg.store is not None:
-            return cfg.store.parent
-        if self.config_path is not None:
-            return self.config_path.resolve().with_name(self.config_path.stem + ".events")
-        from streams import default_state_dir
-
-        return default_state_dir() / "events"
-
-    def events_db(self) -> Path:
-        """The SQLite file of events: `events.store`, else `events.db` in `events_folder()`."""
-        return self.config.events.store or self.events_folder() / "events.db"
-
-    def _start_events(self, handoff: Handoff) -> None:
-        cfg = self.config.events
-        if not cfg.enabled:
-            return
-        folder = self.events_folder()
-        self.events = EventEngine(cfg, self.publisher)
-        self.event_store = EventStore(self.events_db(), cfg.max_age_days, cfg.max_events)
-        self.event_store.start()
-        store = self.event_store
-        self.events.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")
-                                     else None)
-        if cfg.snapshots:
-            self.snapshots = Snapshots(folder / "snapshots", cfg.max_snapshots, store, self.publisher,
-                                       cfg.mqtt_snapshots, on_loop=handoff.call)
-            self.events.listeners.append(self.snapshots)
-        self.results.add_sink(self.events)
-
-    async def _events_loop(self) -> None:
-        if self.events is None:
-            return
-        while True:
-            await asyncio.sleep(1.0)
-            self.events.sweep(self.clock.wall())
-
-    async def _stop_events(self) -> None:
-        if self.events is not None:
-            self.events.close()  # every live object's event ends
-        if self.snapshots is not None:
-            await asyncio.to_thread(self.snapshots.close)
-        if self.event_store is not None:
-            await asyncio.to_thread(self.event_store.close)
-
     def _reconnected(self, record: StreamRecord) -> None:
         """A new connection is a new scene: the stream's tracks end, and their objects' events."""
         if record.tracker is not None:
             record.tracker.restart()
-        if self.events is not None:
-            self.events.restart_stream(record.name)
+        self.analytics.restart_stream(record.name)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return self._tg.create_task(coro, name=name)
+    def _model_failed(self, model: str, why: str) -> None:
+        for record in self.ingest.records.values():
+            if record.model == model:
+                self.ingest.set_state(record, StreamState.FAILED, why)
 
-    # -- models ----------------------------------------------------------------------------------
-    def _facts(self) -> list[DeviceInfo]:
+    # -- devices -------------------------------------------------------------------------------------
+    def facts(self) -> list[DeviceInfo]:
+        """The device facts planning used (discovered once, at the first call)."""
         if self.device_facts is None:
             self.device_facts = cap_cpu_cores(discover(), self.cpu_cores)
         return self.device_facts
@@ -242,60 +186,25 @@ class Pipeline:
         """Device facts as they are now (memory in use, utilisation, temperature): blocking, call it
         off the loop. Invented facts (tests) are returned as given."""
         if self._facts_given:
-            return list(self._facts())
+            return list(self.facts())
         return cap_cpu_cores(discover(), self.cpu_cores)
-
-    def _plan(self, names: list[str]) -> None:
-        plan = plan_models(self.registry.models, names, self.config.devices, self._facts(), self.plan.runtimes)
-        self.plan.layouts.update(plan.layouts)
-        self.plan.runtimes.update(plan.runtimes)
-
-    async def _load_model(self, name: str) -> bool:
-        """Start the model's slots; False (its streams marked failed) when none could start."""
-        if name not in self.plan.layouts:
-            self._plan([name])
-        pool = detect_pool(name, self.registry.models[name], self.plan.layouts[name], self.config.pipeline,
-                           self.detector_factory, self.results, self.clock, self._devices_changed, self._spawn)
-        try:
-            await pool.start()
-        except PoolError as exc:
-            msg = redact_text(str(exc), tuple(self.secrets))
-            log.error("model %s: %s", name, msg)
-            self.model_errors[name] = msg
-            for record in self.ingest.records.values():
-                if record.model == name:
-                    self.ingest.set_state(record, StreamState.FAILED, f"model {name} unavailable: {msg}")
-            return False
-        self.pools[name] = pool
-        for device in self.drained & set(pool.devices):  # a model loaded during maintenance stays off it
-            with contextlib.suppress(PlacementError):
-                pool.drain(device)
-        self.model_errors.pop(name, None)
-        self._devices_changed()
-        return True
-
-    def _forget_model(self, name: str) -> None:
-        self.plan.layouts.pop(name, None)
-        self.plan.runtimes.pop(name, None)
-        self.model_errors.pop(name, None)
-        self.registry.models.pop(name, None)
 
     # -- streams ---------------------------------------------------------------------------------
     def _start_stream(self, record: StreamRecord) -> None:
-        pool = self.pools.get(record.model)
+        pool = self.models.pool(record.model)
         if pool is None:
             return  # its model failed to load; its state says so
-        tracking = record.cfg.tracker or self.registry.models[record.model].tracker
+        tracking = record.cfg.tracker or self.models.cfg(record.model).tracker
         record.tracker = StreamTracker(tracking) if tracking.type != "none" else None
-        if self.events is not None and record.tracker is not None:
-            self.events.add_stream(record.name, record.cfg)
+        if record.tracker is not None:
+            self.analytics.add_stream(record.name, record.cfg)
         try:
             pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
         except PlacementError as exc:
             self.ingest.set_state(record, StreamState.REFUSED, str(exc))
             log.warning("%s", exc)
             return
-        cpu = next((d for d in self._facts() if d.kind == "cpu"), None)
+        cpu = next((d for d in self.facts() if d.kind == "cpu"), None)
         threads = decode_threads((cpu.cores if cpu else None) or 1, len(self.ingest.records),
                                  self.config.pipeline.decode_threads)
         self.ingest.start(record, threads)
@@ -305,16 +214,12 @@ class Pipeline:
         return self.ingest.records
 
     def model_names(self) -> list[str]:
-        return list(self.registry.models)
+        return self.models.names()
 
     def is_running(self, name: str) -> bool:
         return name in self.registry.streams
 
     # -- supervision -----------------------------------------------------------------------------
-    def rebalance(self) -> list[Move]:
-        """Apply the fewest moves that even each model's load (see `SlotPool.rebalance`)."""
-        return [m for pool in self.pools.values() for m in pool.rebalance()]
-
     async def _load_loop(self) -> None:
         """Judge the load every LOAD_CHECK_S (the stats payload carries the verdict) and, while the
         process is decode-bound, let live streams decode keyframes only (`pipeline.shed_decode`)."""
@@ -350,28 +255,11 @@ class Pipeline:
             return
         while True:
             await asyncio.sleep(interval)
-            self.rebalance()
-
-    def drain_device(self, device: str) -> list[Move]:
-        """Move every stream off `device` (maintenance) until `resume_device`; KeyError for an unknown
-        device, PlacementError (nothing changed) when another device cannot take them."""
-        pools = [p for p in self.pools.values() if device in p.devices]
-        if not pools and device not in {d.id for d in self._facts()}:
-            raise KeyError(device)
-        problems = [p for pool in pools if (p := pool.drain_problem(device))]  # all or nothing
-        if problems:
-            raise PlacementError("; ".join(problems))
-        self.drained.add(device)
-        return [m for pool in pools for m in pool.drain(device)]
-
-    def resume_device(self, device: str) -> list[Move]:
-        if device not in {d.id for d in self._facts()}:
-            raise KeyError(device)
-        self.drained.discard(device)
-        return [m for pool in self.pools.values() if device in pool.devices for m in pool.resume(device)]
+            self.models.rebalance()
 
     def all_pools(self) -> dict[str, SlotPool]:
-        pools = dict(self.pools)
+        """Every slot pool of the process: the models' and, once started, the lipsync one."""
+        pools = dict(self.models.pools)
         if self.talk.lipsync is not None:  # set once its slots have started
             pools["lipsync"] = self.talk.lipsync.pool
         return pools
@@ -389,14 +277,14 @@ class Pipeline:
         if self._stats is not None and now - self._stats[0] < max_age:
             return self._stats[1]
         lipsync = self.talk.lipsync
-        payload = self.telemetry.stats_payload(self.ingest.records, self.pools, self.talk.snapshot(),
+        payload = self.telemetry.stats_payload(self.ingest.records, self.models.pools, self.talk.snapshot(),
                                                lipsync.snapshot() if lipsync is not None else None,
                                                self.results.sink_errors, self._cores())
         self._stats = (now, payload)
         return payload
 
     def _cores(self) -> int:
-        cpu = next((d for d in self._facts() if d.kind == "cpu"), None)
+        cpu = next((d for d in self.facts() if d.kind == "cpu"), None)
         return (cpu.cores if cpu else None) or 1
 
     # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
@@ -411,12 +299,12 @@ class Pipeline:
         load leaves the stream in state `failed` (as at start-up).
         """
         self._running()
-        self.registry.add_stream(name, cfg)
+        self.registry.add_stream(name, cfg, self.models.names())
         password = url_password(cfg.url)
         if password:
             self.secrets.append(password)
         record = self.ingest.add(name, cfg)
-        if cfg.model not in self.pools and not await self._load_model(cfg.model):
+        if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
             return
         self._start_stream(record)
         log.info("stream %s: added (model %s)", name, cfg.model)
@@ -428,12 +316,11 @@ class Pipeline:
         record = self.ingest.remove(name)
         assert record is not None
         record.live = False
-        pool = self.pools.get(record.model)
+        pool = self.models.pool(record.model)
         if pool is not None:
             pool.remove(name)
         await self.ingest.stop(record)
-        if self.events is not None:
-            self.events.remove_stream(name)  # its objects' events end
+        self.analytics.remove_stream(name)
         self.telemetry.stream_removed(name)
         log.info("stream %s: removed", name)
 
@@ -453,7 +340,7 @@ class Pipeline:
                 return False
         record.cfg = cfg
         self.registry.streams[name] = cfg
-        pool = self.pools.get(cfg.model)
+        pool = self.models.pool(cfg.model)
         feed = pool.feeds.get(name) if pool is not None else None
         if pool is not None and feed is not None:
             feed.max_fps = cfg.max_fps  # type: ignore[attr-defined]
@@ -461,60 +348,15 @@ class Pipeline:
         log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
         return True
 
-    async def load_models(self) -> dict[str, str]:
-        """Load every configured model not loaded yet (a cluster node's worker does, so a stream moved
-        to it starts at once). -> the models that could not start, with why."""
-        self._running()
-        todo = [name for name in self.registry.models if name not in self.pools]
-        if todo:
-            self._plan(todo)
-        for name in todo:
-            await self._load_model(name)
-        return {name: self.model_errors[name] for name in todo if name in self.model_errors}
-
-    def throughput(self) -> dict[str, float]:
-        """Frames per second each loaded model's healthy slots can serve (capacity / measured time per
-        frame): what a cluster head places streams against."""
-        out = {}
-        for name, pool in self.pools.items():
-            total = 0.0
-            for slot_name, slot in pool.slots.items():
-                record = pool.placer.slots.get(slot_name)
-                if record is not None and record.healthy and slot.service_s_per_frame:
-                    total += record.capacity / slot.service_s_per_frame
-            out[name] = total
-        return out
-
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
-        """Load a model while running (its slots planned like at start), ready for `add_stream`.
-
-        Raises ValueError for a bad or duplicate name, ConfigError when it would bring a second
-        CPU runtime into the process, and DetectorError when none of its slots could start.
-        """
+        """Load a model while running, ready for `add_stream` (see `Models.add` for what it raises)."""
         self._running()
-        self.registry.add_model(name, cfg)
-        try:
-            self._plan([name])
-            loaded = await self._load_model(name)
-        except BaseException:
-            self._forget_model(name)
-            raise
-        if not loaded:
-            msg = self.model_errors.get(name, "no slot started")
-            self._forget_model(name)
-            raise DetectorError(f"model {name}: {msg}")
-        log.info("model %s: added (%d slot(s))", name, len(self.pools[name].slots))
+        await self.models.add(name, cfg, self.registry.check_name)
 
     async def remove_model(self, name: str) -> None:
         """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""
         self._running()
-        self.registry.remove_model(name)
-        pool = self.pools.pop(name, None)
-        if pool is not None:
-            await pool.close()
-        self._forget_model(name)
-        self._devices_changed()
-        log.info("model %s: removed", name)
+        await self.models.remove(name, sorted(n for n, s in self.registry.streams.items() if s.model == name))
 
     # -- talking-head sessions ----------------------------------------------------------------------
     @property

@@ -397,15 +397,14 @@ def cmd_events(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from pipeline.analytics.eventstore import query
-
-    from .app import Pipeline
+    from pipeline.analytics.service import events_db
 
     try:
         config = load_config(args.config, check_files=False)
     except ConfigError as exc:
         print(redact_text(str(exc)), file=sys.stderr)
         return 2
-    db = Pipeline(config, config_path=args.config).events_db()
+    db = events_db(config, Path(args.config))
     rows = query(db, stream=args.stream, label=args.label, since=args.since, limit=args.limit)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -45,7 +45,7 @@ async def test_drain_and_resume_a_device_through_the_api(
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
     try:
         async with pipeline:
-            pool = pipeline.pools["shapes"]
+            pool = pipeline.models.pools["shapes"]
             assert sorted(pool.devices) == ["cuda:0", "cuda:1"]
             device_of = {s: pool.slots[pool.slot_of(s)].device for s in ("a", "b")}  # type: ignore[index]
             assert sorted(device_of.values()) == ["cuda:0", "cuda:1"]  # one stream per GPU

@@ -104,8 +104,8 @@ async def test_add_and_remove_models_at_runtime(
             await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL))
         with pytest.raises(DetectorError, match="weights file not found"):
             await pipeline.add_model("ghost", ModelConfig(type="yolo", weights=tmp_path / "ghost.pt"))
-        assert "ghost" not in pipeline.registry.models
-        assert "ghost" not in pipeline.pools
+        assert "ghost" not in pipeline.models.names()
+        assert "ghost" not in pipeline.models.pools
         await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes640", max_fps=5))
         await wait_until(lambda: len(detections(sub, "b")) >= 3, 30, "stream b on the added model")
         assert {m["model"] for m in detections(sub, "b")} == {"shapes640"}
@@ -113,8 +113,8 @@ async def test_add_and_remove_models_at_runtime(
             await pipeline.remove_model("shapes640")
         await pipeline.remove_stream("b")
         await pipeline.remove_model("shapes640")
-        assert "shapes640" not in pipeline.pools
-        assert "shapes640" not in pipeline.registry.models
+        assert "shapes640" not in pipeline.models.pools
+        assert "shapes640" not in pipeline.models.names()
         assert set(pipeline.config.models) == {"shapes"}  # the config as read was never mutated
         n_a = len(detections(sub, "a"))
         await asyncio.sleep(1.5)

@@ -456,7 +456,7 @@ def stream_figures(pipeline: Any, name: str, latest: LatestResults, secrets: tup
     if r is None:
         return {}
     snap = r.stats.snapshot()
-    pool = pipeline.pools.get(r.model)
+    pool = pipeline.models.pool(r.model)
     slot = pool.slot_of(name) if pool is not None else None
     return {"state": r.state.value, "since": round(r.since, 3), "error": redact_text(r.error, secrets) if r.error
             else None, "reconnects": r.reconnects, "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"],
@@ -481,7 +481,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
             reasons.append("starting")
         else:
             for name, r in pipeline.streams.items():
-                pool = pipeline.pools.get(r.model)
+                pool = pipeline.models.pool(r.model)
                 if pool is None or pool.slot_of(name) is None:
                     reasons.append(f"stream {name}: no executor slot ({r.state.value})")
             c = pipeline.publisher.counters()
@@ -586,13 +586,12 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     async def models() -> list[ModelInfo]:
         running()
         out = []
-        for name, cfg in sorted(pipeline.registry.models.items()):
-            pool = pipeline.pools.get(name)
+        for name, loaded in sorted(pipeline.models.table.items()):
+            pool, cfg, err = loaded.pool, loaded.cfg, loaded.error
             classes: list[str] = []
             if pool is not None:
                 model = next((s.model for s in pool.slots.values() if getattr(s.model, "class_names", None)), None)
                 classes = list(model.class_names) if model is not None else []
-            err = pipeline.model_errors.get(name)
             out.append(ModelInfo(name=name, backend=cfg.backend, imgsz=cfg.imgsz, loaded=pool is not None,
                                  error=redact_text(err, secrets()) if err else None, classes=classes))
         return out
@@ -603,20 +602,21 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     async def events(stream: str | None = None, label: str | None = None,
                      since: float | None = Query(None, description="unix time"),
                      limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
-        rows = await asyncio.to_thread(event_query, pipeline.events_db(), stream, label, since, limit)
+        rows = await asyncio.to_thread(event_query, pipeline.analytics.db, stream, label, since, limit)
+        snaps = pipeline.analytics.snapshots
         return [EventInfo(**{k: r[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
                                                 "best_score", "zones")},
-                          has_snapshot=r["crop_path"] is not None or (pipeline.snapshots is not None and
-                                                                      pipeline.snapshots.live(r["id"]) is not None),
+                          has_snapshot=r["crop_path"] is not None or (snaps is not None and
+                                                                      snaps.live(r["id"]) is not None),
                           state=r["data"]) for r in rows]
 
     @app.get("/api/events/{event_id}/snapshot.jpg", tags=["events"], dependencies=guarded, response_class=Response,
              responses={**errors, 404: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
     async def event_snapshot(event_id: str, crop: bool = Query(False, description="the object only")) -> Response:
-        live = pipeline.snapshots.live(event_id) if pipeline.snapshots is not None else None
+        live = pipeline.analytics.snapshots.live(event_id) if pipeline.analytics.snapshots is not None else None
         if live is not None:
             return Response(live[0] if crop else live[1], media_type="image/jpeg")
-        rows = await asyncio.to_thread(event_query, pipeline.events_db(), None, None, None, 1, event_id)
+        rows = await asyncio.to_thread(event_query, pipeline.analytics.db, None, None, None, 1, event_id)
         path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
         if not path or not Path(path).is_file():
             raise HTTPException(404, f"no snapshot for event {event_id}")
@@ -643,7 +643,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                     last_error=redact_text(snap["last_error"], secrets()) if snap["last_error"] else None))
         return [DeviceOut(id=d.id, kind=d.kind, name=d.name, memory_total_bytes=d.total_bytes,
                           memory_used_bytes=max(0, d.total_bytes - d.free_bytes), utilization_percent=d.utilization,
-                          temperature_c=d.temperature_c, drained=d.id in pipeline.drained,
+                          temperature_c=d.temperature_c, drained=d.id in pipeline.models.drained,
                           slots=slots.get(d.id, [])) for d in facts]
 
     def moves_out(device: str, moves: list[Any]) -> Moves:
@@ -661,7 +661,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     async def drain(device: str) -> Moves:
         running()
         try:
-            moves = pipeline.drain_device(device)
+            moves = pipeline.models.drain(device)
         except KeyError:
             raise HTTPException(404, f"no device {device}") from None
         except PlacementError as exc:
@@ -673,7 +673,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
     async def resume(device: str) -> Moves:
         running()
         try:
-            moves = pipeline.resume_device(device)
+            moves = pipeline.models.resume(device)
         except KeyError:
             raise HTTPException(404, f"no device {device}") from None
         return moves_out(device, moves)

@@ -87,8 +87,8 @@ class PipelineCollector(Collector):
     def _events(self, p: Pipeline) -> Iterator[Metric]:
         events = CounterMetricFamily("framegrid_events", "Events published on <prefix>/events",
                                      labels=["stream", "type"])
-        if p.events is not None:
-            for (stream, kind), n in sorted(p.events.by_type.items()):
+        if p.analytics.engine is not None:
+            for (stream, kind), n in sorted(p.analytics.engine.by_type.items()):
                 events.add_metric([stream, kind], n)
         yield events
 

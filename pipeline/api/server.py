@@ -131,7 +131,7 @@ class ApiServer(HttpServer):
         from pipeline.talk.lipsync import plan_lipsync
 
         lcfg = self.config.lipsync
-        plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+        plans = plan_lipsync(self.pipeline.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
                              lcfg.slots)
         return max(1, sum(p.slots for p in plans))
 

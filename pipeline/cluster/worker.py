@@ -57,11 +57,11 @@ class NodeWorker:
             self.latest = LatestResults()
             self.pipeline.results.add_sink(self.latest)
             await self.pipeline.__aenter__()
-            failed = await self.pipeline.load_models()
+            failed = await self.pipeline.models.load_missing()
             for model, why in failed.items():
                 log.error("node %s: model %s did not start: %s", self.node, model, why)
             log.info("node %s: worker ready (%s)", self.node, ", ".join(
-                f"{m} {fps:.0f} frames/s" for m, fps in self.pipeline.throughput().items()) or "no model")
+                f"{m} {fps:.0f} frames/s" for m, fps in self.pipeline.models.throughput().items()) or "no model")
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
@@ -70,8 +70,8 @@ class NodeWorker:
             "node": self.node,
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "throughput": p.throughput(),
-            "model_errors": dict(p.model_errors),
+            "throughput": p.models.throughput(),
+            "model_errors": p.models.errors(),
             "streams": {name: {"model": r.model, "state": r.state.value} for name, r in p.streams.items()},
             "sessions": {name: str(t.state) for name, t in p.sessions.items()},
             "talk_capacity": self.talk_capacity,
@@ -85,7 +85,7 @@ class NodeWorker:
             from pipeline.talk.lipsync import plan_lipsync
 
             lcfg = self.config.lipsync
-            plans = plan_lipsync(self.pipeline._facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+            plans = plan_lipsync(self.pipeline.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
                                  lcfg.slots)
             self._talk_capacity = max(1, sum(p.slots for p in plans))
         return self._talk_capacity

@@ -1,19 +1,19 @@
-"""What the pipeline runs now: the config's enabled models and streams, plus runtime changes.
+"""The streams the pipeline runs now: the config's enabled streams, plus runtime changes.
 
-The validated `Config` stays as it was read (frozen); models and streams added or removed while
-running change this registry only.
+The validated `Config` stays as it was read (frozen); streams added or removed while running
+change this registry only. The models' table is `pipeline.core.models.Models`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
-from pipeline.config import NAME_PATTERN, Config, ModelConfig, StreamConfig
+from pipeline.config import NAME_PATTERN, Config, StreamConfig
 
 
 class Registry:
     def __init__(self, config: Config) -> None:
-        self.models: dict[str, ModelConfig] = dict(config.models)
         self.streams: dict[str, StreamConfig] = {n: s for n, s in config.streams.items() if s.enabled}
 
     @staticmethod
@@ -21,25 +21,11 @@ class Registry:
         if not re.match(NAME_PATTERN, name):
             raise ValueError(f"{kind} name {name!r} must match {NAME_PATTERN}")
 
-    def add_model(self, name: str, cfg: ModelConfig) -> None:
-        self.check_name("model", name)
-        if name in self.models:
-            raise ValueError(f"model {name} already exists")
-        self.models[name] = cfg
-
-    def remove_model(self, name: str) -> ModelConfig:
-        if name not in self.models:
-            raise KeyError(f"no model {name}")
-        users = sorted(n for n, s in self.streams.items() if s.model == name)
-        if users:
-            raise ValueError(f"model {name} still serves stream(s) {', '.join(users)}: remove them first")
-        return self.models.pop(name)
-
-    def add_stream(self, name: str, cfg: StreamConfig) -> None:
+    def add_stream(self, name: str, cfg: StreamConfig, models: Collection[str]) -> None:
         self.check_name("stream", name)
         if name in self.streams:
             raise ValueError(f"stream {name} already exists")
-        if cfg.model not in self.models:
+        if cfg.model not in models:
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
         self.streams[name] = cfg
 

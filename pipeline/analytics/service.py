@@ -1,0 +1,98 @@
+"""What a pipeline does with its results beyond publishing them: the event engine (zones, lines,
+new/update/end), the SQLite event store and the snapshots, started and stopped together.
+
+`Analytics` is the one home of where events live on disk (`folder`, `db`) and of the three parts'
+lifecycle; the composer hands it results (it is a result sink) and stream changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.config import Config, StreamConfig
+from streams import default_state_dir
+
+from .events import EventEngine
+from .eventstore import EventStore
+from .snapshots import Snapshots
+
+if TYPE_CHECKING:
+    from pipeline.core.handoff import Handoff
+    from pipeline.core.results import Results
+    from pipeline.mqtt.publisher import Publisher
+
+
+def events_folder(config: Config, config_path: Path | None) -> Path:
+    """Where the event store and the snapshots live: beside `events.store`, else `<config>.events/`,
+    else `events` in the state folder."""
+    if config.events.store is not None:
+        return config.events.store.parent
+    if config_path is not None:
+        return config_path.resolve().with_name(config_path.stem + ".events")
+    return default_state_dir() / "events"
+
+
+def events_db(config: Config, config_path: Path | None) -> Path:
+    """The SQLite file of events: `events.store`, else `events.db` in `events_folder()`."""
+    return config.events.store or events_folder(config, config_path) / "events.db"
+
+
+class Analytics:
+    """The event engine, store and snapshots of one pipeline (all None while `events.enabled` is off)."""
+
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self.folder = events_folder(config, config_path)
+        self.db = events_db(config, config_path)
+        self.engine: EventEngine | None = None
+        self.store: EventStore | None = None
+        self.snapshots: Snapshots | None = None
+
+    def start(self, publisher: Publisher, results: Results, handoff: Handoff) -> None:
+        cfg = self.config.events
+        if not cfg.enabled:
+            return
+        self.engine = EventEngine(cfg, publisher)
+        self.store = EventStore(self.db, cfg.max_age_days, cfg.max_events)
+        self.store.start()
+        store = self.store
+        self.engine.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")
+                                     else None)
+        if cfg.snapshots:
+            self.snapshots = Snapshots(self.folder / "snapshots", cfg.max_snapshots, store, publisher,
+                                       cfg.mqtt_snapshots, on_loop=handoff.call)
+            self.engine.listeners.append(self.snapshots)
+        results.add_sink(self.engine)
+
+    async def sweep_loop(self, wall: Callable[[], float]) -> None:
+        """End the events of objects not seen for a while, once a second (`wall`: the clock's wall())."""
+        if self.engine is None:
+            return
+        while True:
+            await asyncio.sleep(1.0)
+            self.engine.sweep(wall())
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()  # every live object's event ends
+        if self.snapshots is not None:
+            await asyncio.to_thread(self.snapshots.close)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+    # -- stream changes ------------------------------------------------------------------------------------
+    def add_stream(self, name: str, cfg: StreamConfig) -> None:
+        if self.engine is not None:
+            self.engine.add_stream(name, cfg)
+
+    def remove_stream(self, name: str) -> None:
+        if self.engine is not None:
+            self.engine.remove_stream(name)  # its objects' events end
+
+    def restart_stream(self, name: str) -> None:
+        """A new connection is a new scene: the stream's objects' events end."""
+        if self.engine is not None:
+            self.engine.restart_stream(name)
