@@ -425,6 +425,8 @@ class EventsConfig(Strict):
                                "beside the config, where the snapshots go too); relative to the config")
     max_age_days: float = Field(30.0, gt=0, le=36500, description="events older than this are deleted")
     max_events: int = Field(100_000, ge=1, le=100_000_000, description="most events kept (oldest deleted first)")
+    max_queue: int = Field(10_000, ge=10, le=1_000_000, description="event writes waiting for the store's disk; "
+                           "beyond it new writes are dropped and counted (framegrid_event_store_dropped_total)")
     snapshots: bool = Field(True, description="keep each event's best frame as JPEGs (crop and full frame)")
     max_snapshots: int = Field(500, ge=0, le=1_000_000, description="snapshots kept per stream (oldest deleted "
                                "first)")

@@ -132,7 +132,7 @@ def test_stationary_and_reconnect_end_all() -> None:
 
 def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
     db = tmp_path / "events.db"
-    store = EventStore(db, max_age_days=1, max_events=5)
+    store = EventStore(db, max_age_days=1, max_events=5, max_queue=1000)
     store.start()
     now = time.time()
     store.put(event(1, now - 3 * 86400))  # older than max_age_days
@@ -143,7 +143,7 @@ def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
     assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 1
     assert len(query(db)) == 9
     assert query(db, event_id=event(9, now - 91)["after"]["id"])[0]["end_time"] is not None
-    store = EventStore(db, max_age_days=1, max_events=5)
+    store = EventStore(db, max_age_days=1, max_events=5, max_queue=1000)
     store.start()  # retention at start: the old one and the oldest beyond 5 go
     store.close()
     rows = query(db)
@@ -158,7 +158,7 @@ def test_store_survives_kill_9(tmp_path: Path) -> None:
 import time
 from pipeline.analytics.eventstore import EventStore
 from tests.support.media import event
-store = EventStore(__import__("pathlib").Path({str(db)!r}), 30, 100000)
+store = EventStore(__import__("pathlib").Path({str(db)!r}), 30, 100000, 1000)
 store.start()
 i = 0
 while True:
@@ -181,7 +181,7 @@ while True:
     kept = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     conn.close()
     assert kept >= 500
-    store = EventStore(db, 30, 100000)  # restart: opens, migrates nothing, writes on
+    store = EventStore(db, 30, 100000, 1000)  # restart: opens, migrates nothing, writes on
     store.start()
     store.put(event(10**6, time.time()))
     store.close()
@@ -421,3 +421,16 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
         )
     ] == ["events_label_start", "events_start", "events_stream_start"]
     conn.close()
+
+
+def test_a_stalled_store_drops_new_writes_and_counts_them(tmp_path: Path) -> None:
+    """The writer's queue is bounded: with its thread not draining, the bound holds, the excess is
+    counted, and what fit is written once the writer runs."""
+    store = EventStore(tmp_path / "events.db", 30, 100000, max_queue=10)
+    now = time.time()
+    for i in range(25):  # not started: nothing drains
+        store.put(event(i, now + i))
+    assert store.dropped == 15
+    store.start()
+    store.close()
+    assert len(query(tmp_path / "events.db", limit=100)) == 10

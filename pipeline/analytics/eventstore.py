@@ -107,13 +107,18 @@ def query(path: Path, stream: str | None = None, label: str | None = None, since
 
 
 class EventStore:
-    """The writer: `put(event)` from the loop (never blocks); one thread does the SQL."""
+    """The writer: `put(event)` from the loop (never blocks); one thread does the SQL.
 
-    def __init__(self, path: Path, max_age_days: float, max_events: int) -> None:
+    Its queue is bounded (`max_queue` items, policy `drop_newest`): when the disk cannot keep up, new
+    writes are counted in `dropped` and logged, never held in memory without limit. The writer takes
+    everything waiting in one transaction, so the bound is reached only by a stalled disk."""
+
+    def __init__(self, path: Path, max_age_days: float, max_events: int, max_queue: int) -> None:
         self.path = path
         self.max_age_s = max_age_days * 86400
         self.max_events = max_events
-        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(max_queue)
+        self.dropped = 0  # writes refused because the queue was full
         self._thread: threading.Thread | None = None
         self.written = 0
         self.errors = 0
@@ -130,14 +135,26 @@ class EventStore:
         self._thread.start()
 
     def put(self, event: dict[str, Any]) -> None:
-        self._queue.put(("event", event))
+        self._offer(("event", event))
 
     def set_snapshot(self, event_id: str, crop: str | None, frame: str | None) -> None:
-        self._queue.put(("snapshot", (event_id, crop, frame)))
+        self._offer(("snapshot", (event_id, crop, frame)))
+
+    def _offer(self, item: tuple[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("event store: %d write(s) dropped: the writer cannot keep up with %s", self.dropped,
+                          self.path)
 
     def close(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            try:  # the stop mark waits for room (the writer is draining), at most `timeout`
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                log.error("event store: writer stalled; %d write(s) not stored", self._queue.qsize())
             self._thread.join(timeout)
 
     def _run(self) -> None:

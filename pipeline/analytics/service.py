@@ -56,7 +56,7 @@ class Analytics:
         if not cfg.enabled:
             return
         self.engine = EventEngine(cfg, publisher)
-        self.store = EventStore(self.db, cfg.max_age_days, cfg.max_events)
+        self.store = EventStore(self.db, cfg.max_age_days, cfg.max_events, cfg.max_queue)
         self.store.start()
         store = self.store
         self.engine.listeners.append(lambda event, obj, result: store.put(event) if not event["type"].startswith("_")

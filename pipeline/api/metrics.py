@@ -91,6 +91,11 @@ class PipelineCollector(Collector):
             for (stream, kind), n in sorted(p.analytics.engine.by_type.items()):
                 events.add_metric([stream, kind], n)
         yield events
+        dropped = CounterMetricFamily("framegrid_event_store_dropped", "Event writes dropped: the store's queue "
+                                      "was full (its disk could not keep up)")
+        if p.analytics.store is not None:
+            dropped.add_metric([], p.analytics.store.dropped)
+        yield dropped
 
     def _streams(self, p: Pipeline) -> Iterator[Metric]:
         decoded = CounterMetricFamily("framegrid_frames_decoded", "Frames decoded", labels=["stream"])
