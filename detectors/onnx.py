@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
+from .defaults import CONFIDENCE, IMGSZ, IOU
 from .export import ensure_export
 from .letterbox import Geometry, InputBuffers, infer_in_groups
 from .yolo import missing_weights_message
@@ -63,8 +64,8 @@ class ExportedYoloDetector:
     export_format = "onnx"
     input_layout = "nchw-f32"  # what `_run` takes (see `letterbox.InputBuffers`)
 
-    def __init__(self, name: str, weights: str | Path, imgsz: int = 640, confidence: float = 0.25,
-                 iou: float = 0.7, threads: int | None = None, max_detections: int = 300,
+    def __init__(self, name: str, weights: str | Path, imgsz: int = IMGSZ, confidence: float = CONFIDENCE,
+                 iou: float = IOU, threads: int | None = None, max_detections: int = 300,
                  device: str = "cpu", precision: str = "fp32", rect: bool = True, agnostic: bool = False) -> None:
         self.name = name
         self.weights = Path(weights)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
+from .defaults import CONFIDENCE, IMGSZ, IOU
 from .letterbox import Geometry, InputBuffers, infer_in_groups, letterbox_torch
 from .offline import prepare_ultralytics_offline
 
@@ -52,9 +53,9 @@ class YoloDetector:
         self,
         name: str,
         weights: str | Path,
-        imgsz: int = 640,
-        confidence: float = 0.25,
-        iou: float = 0.7,
+        imgsz: int = IMGSZ,
+        confidence: float = CONFIDENCE,
+        iou: float = IOU,
         device: str = "cpu",
         half: bool = False,
         max_detections: int = 300,

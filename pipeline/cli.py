@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.handoff import wait_event
-from streams import SourceSettings, StreamError, probe, redact_text
+from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
 from .logs import setup_logging
 
 log = logging.getLogger("framegrid")
+CONFIG_DEFAULT = Path("config.toml")
 
 
 def _status_table(stats: dict[str, Any]) -> str:
@@ -423,15 +424,31 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("framegrid")
+    except PackageNotFoundError:  # a checkout run without installing
+        return "unknown"
+
+
+def _config_arg(p: argparse.ArgumentParser, default: Path | None = CONFIG_DEFAULT) -> None:
+    """The same positional CONFIG on every command that reads one."""
+    p.add_argument("config", nargs="?", default=default, type=Path, metavar="CONFIG",
+                   help="the TOML config file" + (f" (default: {default})" if default else " (optional)"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics server")
+    ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics and talking-head server")
+    ap.add_argument("--version", action="version", version=f"framegrid {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the pipeline until SIGINT/SIGTERM")
-    p.add_argument("config", nargs="?", default="config.toml", type=Path)
+    _config_arg(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a config file; exit 2 with every error")
-    p.add_argument("config", type=Path)
+    _config_arg(p)
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("probe", help="print codec, resolution and frame rate of a stream")
     p.add_argument("url")
@@ -444,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("devices", help="list devices and the executor-slot plan, before loading anything")
-    p.add_argument("config", nargs="?", type=Path)
+    _config_arg(p, default=None)
     p.set_defaults(func=cmd_devices)
     p = sub.add_parser("talk", help="lip-sync an avatar image to an audio file or URL, to a file or a live sink")
     p.add_argument("--avatar", required=True, type=Path, help="a photo with a frontal face")
@@ -454,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="pace output at 25 fps (live sinks; energy backend)")
     p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
     p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
-    p.add_argument("--version", choices=["v15", "v1"], default="v15")
+    p.add_argument("--musetalk-version", dest="version", choices=["v15", "v1"], default="v15",
+                   help="MuseTalk release of the weights (default: v15)")
     p.add_argument("--batch-size", type=int, help="frames per UNet batch (musetalk; default: lipsync.batch_size's)")
     p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
     p.add_argument(
@@ -468,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_talk)
     p = sub.add_parser("events", help="list stored events (tracked objects), newest first")
-    p.add_argument("config", nargs="?", default="config.toml", type=Path)
+    _config_arg(p)
     p.add_argument("--stream")
     p.add_argument("--label")
     p.add_argument("--since", type=_since, help="15m, 2h, 7d, an ISO date-time or a unix time")
@@ -488,10 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-frames", type=int, default=250, help="frames kept of a video avatar")
     p.add_argument("--weights", type=Path, help="MuseTalk folder: also cache the VAE latents and blend masks")
-    p.add_argument("--version", choices=["v15", "v1"], default=LipSyncConfig.model_fields["version"].default)
+    p.add_argument("--musetalk-version", dest="version", choices=["v15", "v1"],
+                   default=LipSyncConfig.model_fields["version"].default, help="MuseTalk release of the weights")
     p.set_defaults(func=cmd_avatar_prepare)
     args = ap.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except MissingExtra as exc:  # one line naming the pip install, never a traceback
+        print(f"framegrid {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,12 +19,19 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from detectors import defaults as yolo_defaults
 from streams import SourceSettings, is_local_file, redact_text, url_password
+from talkinghead import defaults as musetalk_defaults
 
 from .errors import FramegridError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def default(model: type[BaseModel], key: str) -> Any:
+    """A config key's default, for a library signature that offers one: the value's one home stays here."""
+    return model.model_fields[key].default
 
 
 class ConfigError(FramegridError):
@@ -220,17 +227,18 @@ class ModelConfig(SlotPoolConfig):
         "auto", description="auto: torch on CUDA, else the fastest installed CPU runtime (openvino, onnxruntime, "
         "torch); exported graphs are made once and cached next to the weights")
     weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
-    imgsz: int = Field(640, ge=32, le=4096, multiple_of=32, description="inference size")
-    confidence: float = Field(0.25, ge=0.0, le=1.0, description="minimum confidence (ultralytics' default)")
-    iou: float = Field(0.7, gt=0.0, le=1.0, description="NMS IoU threshold (ultralytics' default)")
+    imgsz: int = Field(yolo_defaults.IMGSZ, ge=32, le=4096, multiple_of=32, description="inference size")
+    confidence: float = Field(yolo_defaults.CONFIDENCE, ge=0.0, le=1.0, description="minimum confidence "
+                              "(ultralytics' default)")
+    iou: float = Field(yolo_defaults.IOU, gt=0.0, le=1.0, description="NMS IoU threshold (ultralytics' default)")
     max_det: int = Field(300, ge=1, le=10_000, description="most boxes per frame (ultralytics' default)")
     agnostic_nms: bool = Field(False, description="NMS across classes (a box suppresses overlapping boxes of "
                                "any class)")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
-    cpu_batch_ms: float | None = Field(30.0, gt=0, le=10_000, description="a CPU slot cuts its batches to what "
-                                       "it runs in this many ms (from its measured time per frame): cheap frames "
-                                       "batch, costly ones go one at a time (a CPU gains little from batching them "
-                                       "and latency grows with every frame); none = always up to batch_size")
+    cpu_batch_ms: float = Field(30.0, ge=0, le=10_000, description="a CPU slot cuts its batches to what "
+                                "it runs in this many ms (from its measured time per frame): cheap frames "
+                                "batch, costly ones go one at a time (a CPU gains little from batching them "
+                                "and latency grows with every frame); 0 = always up to batch_size")
     slots: int | None = Field(None, ge=1, le=64, description="executor slots (model copies, one worker thread "
                               "each); default: planned from the devices (see `framegrid devices`)")
     slot_memory_gb: float | None = Field(None, gt=0, le=1024, description="GPU memory one slot of this model "
@@ -251,7 +259,7 @@ class ModelConfig(SlotPoolConfig):
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
         return self._pool_settings(self.batch_size, pipeline.batch_timeout_ms, self.hang_timeout, pipeline,
-                                   self.cpu_batch_ms)
+                                   self.cpu_batch_ms or None)
 
 
 class StreamConfig(SourceSettings):
@@ -323,12 +331,13 @@ class TalkConfig(Strict):
 class LipSyncConfig(SlotPoolConfig):
     weights: Path | None = Field(None, description="MuseTalk models folder in the official layout (musetalkV15/, "
                                  "sd-vae/, whisper/), relative to the config")
-    version: Literal["v15", "v1"] = Field("v15", description="MuseTalk version")
+    version: Literal["v15", "v1"] = Field(musetalk_defaults.VERSION, description="MuseTalk version")
     slots: int | None = Field(None, ge=1, le=64, description="lipsync slots (model copies); default: planned "
                               "from GPU memory / slot_memory_gb, 1 on a CPU")
     slot_memory_gb: float = Field(8.0, gt=0, le=1024, description="GPU memory one MuseTalk slot needs (upstream "
                                   "reports 4-12 GB in fp16)")
-    batch_size: int = Field(8, ge=1, le=256, description="most frames per UNet batch, across the slot's sessions")
+    batch_size: int = Field(musetalk_defaults.BATCH_SIZE, ge=1, le=256, description="most frames per UNet batch, "
+                            "across the slot's sessions")
     batch_timeout_ms: float = Field(20.0, ge=0, le=10_000, description="how long a batch waits for other "
                                     "sessions' frames")
     block: int = Field(4, ge=1, le=64, description="frames a session renders per request (latency vs batching)")
@@ -342,8 +351,8 @@ class LipSyncConfig(SlotPoolConfig):
     parsing_mode: Literal["jaw", "raw", "neck"] | None = Field(
         None, description="blend mask from face parsing: jaw (v1.5's default: chin covered, cheeks eroded, nose "
         "kept), raw (v1.0's: skin and lips), neck (raw and the neck); default: the version's")
-    cheek_width: int = Field(90, ge=0, le=256, description="jaw mode: half-width (px of the 512 parse) of the "
-                             "central band left uneroded")
+    cheek_width: int = Field(musetalk_defaults.CHEEK_WIDTH, ge=0, le=256, description="jaw mode: half-width (px "
+                             "of the 512 parse) of the central band left uneroded")
     render_silence: Literal["around_speech", "always"] = Field(
         "around_speech", description="around_speech: the model renders frames within a few frames of speech "
         "(cross-faded both ways to the avatar's own frames); always: every frame")
@@ -572,6 +581,9 @@ def parse_config(
                     errors.append((key, text))
                 continue
             errors.append((loc, redact_text(msg)))
+        # the later stages too, as far as the raw tables allow: every error of the file at once
+        seen = {key for key, _ in errors}
+        errors += [(k, m) for k, m in _raw_checks(data, base_dir, check_files) if k not in seen]
         raise ConfigError(errors, source) from None
     if errors:
         raise ConfigError(errors, source)
@@ -581,6 +593,47 @@ def parse_config(
         if errors:
             raise ConfigError(errors, source)
     return config
+
+
+def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list[tuple[str, str]]:
+    """The reference and file checks of a valid config, run on raw tables that failed validation:
+    streams naming an unknown model, weights, stream files and avatars that do not exist. Only keys
+    whose values have the right type are looked at (a wrong type is already reported)."""
+    def table(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    errors: list[tuple[str, str]] = []
+    models = table(data.get("models"))
+    for name, stream in table(data.get("streams")).items():
+        model = table(stream).get("model")
+        if isinstance(model, str) and model not in models:
+            known = ", ".join(sorted(models)) or "none defined"
+            errors.append((f"streams.{name}.model", f"unknown model '{model}' (models: {known})"))
+    if not check_files:
+        return errors
+
+    def path(value: Any) -> Path | None:
+        if not isinstance(value, str) or not value:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base_dir / p
+
+    from detectors import missing_weights_message
+
+    for name, model in models.items():
+        weights = path(table(model).get("weights"))
+        if weights is not None and weights.suffix == ".pt" and not weights.is_file():
+            errors.append((f"models.{name}.weights", missing_weights_message(weights)))
+    for name, stream in table(data.get("streams")).items():
+        url = table(stream).get("url")
+        local = path(url) if isinstance(url, str) and is_local_file(url) else None
+        if local is not None and table(stream).get("enabled", True) is not False and not local.exists():
+            errors.append((f"streams.{name}.url", f"file not found: {url}"))
+    for name, talk in table(data.get("talk")).items():
+        avatar = path(table(talk).get("avatar"))
+        if avatar is not None and not avatar.is_file():
+            errors.append((f"talk.{name}.avatar", f"file not found: {avatar}"))
+    return errors
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:

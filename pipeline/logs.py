@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import sys
 
+from pipeline.config import LogConfig, default
 from streams import RedactingFilter
 
 
-def setup_logging(level: str = "info", secrets: tuple[str, ...] = ()) -> None:
+def setup_logging(level: str = default(LogConfig, "level"), secrets: tuple[str, ...] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(RedactingFilter(secrets))

@@ -3,6 +3,7 @@
 from .backoff import Backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
+from .extras import MissingExtra, require
 from .frame import Frame
 from .mailbox import Mailbox
 from .paths import default_state_dir
@@ -35,6 +36,7 @@ __all__ = [
     "Clock",
     "Frame",
     "Mailbox",
+    "MissingExtra",
     "NotVideoError",
     "ProbeResult",
     "RedactingFilter",
@@ -50,5 +52,6 @@ __all__ = [
     "probe",
     "redact_text",
     "redact_url",
+    "require",
     "url_password",
 ]

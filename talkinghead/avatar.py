@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from streams import default_state_dir
+from streams import MissingExtra, default_state_dir, require
 
 LANDMARKS_PACKAGE = "face_recognition_models"
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -63,8 +63,7 @@ class _Cached:
 def landmark_model_path() -> Path:
     spec = importlib.util.find_spec(LANDMARKS_PACKAGE)
     if spec is None or spec.origin is None:
-        raise AvatarError("face landmarks need the packages dlib-bin and face-recognition-models "
-                          "(pip install 'framegrid[talk]')")
+        raise MissingExtra(LANDMARKS_PACKAGE, "talk", "finding a face (avatar landmarks)")
     path = Path(spec.origin).parent / "models" / LANDMARKS_FILE
     if not path.is_file():
         raise AvatarError(f"face landmark model missing: {path} (reinstall face-recognition-models)")
@@ -86,15 +85,15 @@ def musetalk_box(landmarks: np.ndarray, width: int, height: int, extra_margin: i
 
 def detect_landmarks(image: np.ndarray, name: str) -> np.ndarray:
     """68 landmarks of the largest face in a BGR image."""
-    import dlib
-
+    dlib = require("dlib", "talk", "finding a face (avatar landmarks)")
+    model = landmark_model_path()  # both checked before any work
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     faces = dlib.get_frontal_face_detector()(rgb, 1)
     if not faces:
         raise AvatarError(f"avatar {name}: no face found in the image; use a frontal photo or set `box` "
                           "(x1, y1, x2, y2) in the avatar config")
     face = max(faces, key=lambda r: r.width() * r.height())
-    shape = dlib.shape_predictor(str(landmark_model_path()))(rgb, face)
+    shape = dlib.shape_predictor(str(model))(rgb, face)
     return np.array([[shape.part(i).x, shape.part(i).y] for i in range(68)], np.float32)
 
 

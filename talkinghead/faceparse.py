@@ -21,6 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .defaults import CHEEK_WIDTH
+
 FACE_CLASSES = (1, 11, 12, 13)  # skin, mouth, upper lip, lower lip
 SKIN, NOSE, NECK = 1, 10, 14
 MOUTH_AND_LIPS = (11, 12, 13)
@@ -166,7 +168,7 @@ def cone_kernel(cone_height: int = 21, tail_height: int = 12) -> np.ndarray:
     return kernel
 
 
-def cheek_mask(cheek_width: int = 90, size: int = INPUT) -> np.ndarray:
+def cheek_mask(cheek_width: int = CHEEK_WIDTH, size: int = INPUT) -> np.ndarray:
     """255 outside the central band of +-`cheek_width` px (the cheeks, where jaw mode erodes), 0 inside."""
     mask = np.full((size, size), 255, np.uint8)
     centre = size // 2
@@ -174,7 +176,7 @@ def cheek_mask(cheek_width: int = 90, size: int = INPUT) -> np.ndarray:
     return mask
 
 
-def face_mask(labels: np.ndarray, mode: str = "jaw", cheek_width: int = 90) -> np.ndarray:
+def face_mask(labels: np.ndarray, mode: str = "jaw", cheek_width: int = CHEEK_WIDTH) -> np.ndarray:
     """MuseTalk's blend mask (0/255) from a 512x512 BiSeNet label map, by parsing mode (see above)."""
     if mode == "raw":
         return np.isin(labels, FACE_CLASSES).astype(np.uint8) * 255
@@ -202,7 +204,7 @@ class FaceParser:
     """Loads `79999_iter.pth`; called on a BGR image it returns the blend mask (0/255, image-sized)
     of the parsing mode it was made with."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", mode: str = "jaw", cheek_width: int = 90
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", mode: str = "jaw", cheek_width: int = CHEEK_WIDTH
                  ) -> None:
         import torch
 

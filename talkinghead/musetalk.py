@@ -33,6 +33,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from streams import require
+
+from .defaults import CHEEK_WIDTH, VERSION
 from .faceparse import CHECKPOINT
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ class MuseTalkError(Exception):
     """Weights missing or unusable; the message lists what to download and where it goes."""
 
 
-def check_layout(root: Path, version: str = "v15") -> dict[str, Path]:
+def check_layout(root: Path, version: str = VERSION) -> dict[str, Path]:
     """The files MuseTalk needs under `root`; raises listing every missing piece at once."""
     if version not in MUSETALK_LAYOUT:
         raise MuseTalkError(f"unknown MuseTalk version {version!r} (v15 or v1)")
@@ -213,9 +216,9 @@ class MuseTalk:
 
     PARTS = frozenset({"unet", "vae", "whisper"})
 
-    def __init__(self, root: str | Path, version: str = "v15", device: str = "cpu", half: bool | None = None,
+    def __init__(self, root: str | Path, version: str = VERSION, device: str = "cpu", half: bool | None = None,
                  seed: int = 0, parts: frozenset[str] | set[str] = PARTS, parsing_mode: str | None = None,
-                 cheek_width: int = 90) -> None:
+                 cheek_width: int = CHEEK_WIDTH) -> None:
         """`parts` chooses which weights to load: a lipsync slot needs the UNet and the VAE (decode);
         the session side needs the VAE (avatar latents) and Whisper (audio prompts). `parsing_mode`
         (raw, jaw, neck; default: the version's) and `cheek_width` shape the blend mask."""
@@ -240,6 +243,8 @@ class MuseTalk:
     # -- loading ----------------------------------------------------------------------------------
     def load(self) -> None:
         paths = check_layout(self.root, self.version)
+        for module in ("diffusers", "transformers"):
+            require(module, "talk", "MuseTalk")
         try:
             import torch
             from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -506,7 +511,7 @@ class MuseTalkSlotModel:
     def __init__(
         self,
         root: str | Path,
-        version: str = "v15",
+        version: str = VERSION,
         device: str = "cpu",
         half: bool | None = None,
         threads: int | None = None,

@@ -24,6 +24,7 @@ import numpy as np
 
 from .audio import SAMPLES_PER_FRAME, rms_db
 from .avatar import Avatar
+from .defaults import BATCH_SIZE
 from .musetalk import BLUR_OFFLINE, WINDOW_LEFT, LipSyncJob, MuseTalk
 
 CROSSFADE_FRAMES = 3
@@ -96,7 +97,7 @@ def local_submit(model: MuseTalk) -> Submit:
     return submit
 
 
-def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, batch_size: int = 8,
+def render(model: MuseTalk, avatar: Avatar, samples: np.ndarray, sink: object, batch_size: int = BATCH_SIZE,
            silence_db: float = -50.0, progress: Callable[[int, int], None] | None = None,
            submit: Submit | None = None, in_flight: int = 2, always: bool = False) -> dict[str, int]:
     """Write len(samples)/640 frames (rounded up) to `sink`; returns counts of generated and idle frames.

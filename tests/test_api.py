@@ -233,6 +233,9 @@ def test_snapshot_and_mjpeg(served: Served) -> None:
     with served.client.stream("GET", "/api/streams/cam1/mjpeg?fps=30") as res:
         assert res.status_code == 200
         assert res.headers["content-type"].startswith("multipart/x-mixed-replace")
+        # never cached, never held back by a proxy's buffer (nginx honours X-Accel-Buffering)
+        assert res.headers["x-accel-buffering"] == "no"
+        assert "no-cache" in res.headers["cache-control"]
         buf = b""
         for chunk in res.iter_bytes():
             buf += chunk
@@ -265,6 +268,7 @@ def test_devices_stats_models_metrics(served: Served) -> None:
     assert served.call("POST", "/api/devices/cpu/resume").json() == {"device": "cpu", "moved": []}
     with served.client.stream("GET", "/api/live") as res:  # server-sent events, what the page shows
         assert res.headers["content-type"].startswith("text/event-stream")
+        assert res.headers["x-accel-buffering"] == "no"
         line = next(x for x in res.iter_lines() if x.startswith("data: "))
     live = json.loads(line.removeprefix("data: "))
     assert [s["name"] for s in live["streams"]] == ["cam1", "cam2"]
@@ -294,6 +298,11 @@ def test_devices_stats_models_metrics(served: Served) -> None:
         assert name in families, name
     stages = {s.labels["stage"] for s in families["framegrid_stage_seconds"].samples}
     assert stages >= {"decode", "queue", "preprocess", "inference", "postprocess", "publish"}
+    # the standard process and Python series, as from any Prometheus exporter
+    rss = next(s.value for s in families["process_resident_memory_bytes"].samples)
+    assert rss > 50e6, rss  # framegrid with a model loaded
+    assert next(s.labels for s in families["python_info"].samples)["implementation"] == "CPython"
+    assert "python_gc_objects_collected" in families
 
 
 def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:

@@ -107,3 +107,17 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (tmp_path / "broken.toml").write_text("[mqtt\nurl=")
     assert main(["validate", str(tmp_path / "broken.toml")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_every_stage_reports_at_once(tmp_path: Path) -> None:
+    """A typo, a bad value, an unknown model and missing files in one file: one run names them all."""
+    from pipeline.config import ConfigError, load_config
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[models.m]\ntype = "yolo"\nweights = "nope.pt"\n'
+                   '[streams.a]\nurl = "missing.mp4"\nmodel = "ghost"\nmax_fps = 0\ntypo_key = 1\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(cfg)
+    keys = {key for key, _ in caught.value.errors}
+    assert keys == {"streams.a.max_fps", "streams.a.typo_key", "streams.a.model", "models.m.weights",
+                    "streams.a.url"}, caught.value.errors

@@ -245,6 +245,10 @@ async def read_sdp(request: Request) -> str:
         raise HTTPException(400, "the SDP offer is not UTF-8") from None
 
 
+# live views and event streams: never cached, and not buffered by a proxy in front (nginx would hold
+# the frames of an MJPEG stream or the lines of an event stream until its buffer fills)
+LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
+
 STATUS_OF: dict[type[RequestError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, TooLarge: 413,
                                              Unavailable: 503}
 
@@ -579,7 +583,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                 await wait_event(closing, interval)
 
         return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
-                                 headers={"Cache-Control": "no-store"})
+                                 headers=LIVE_HEADERS)
 
     @app.get("/api/models", response_model=list[ModelInfo], tags=["streams"], dependencies=guarded,
              responses=errors, summary="Models streams can use")
@@ -723,7 +727,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                     return
                 await wait_event(closing, 1.0)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers=LIVE_HEADERS)
 
     # -- talking-head sessions -----------------------------------------------------------------
     def session_info(name: str, snap: dict[str, Any]) -> SessionInfo:

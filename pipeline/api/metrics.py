@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -209,5 +209,15 @@ class PipelineCollector(Collector):
 def make_registry(pipeline: Pipeline, devices: Callable[[], list[DeviceInfo]]) -> tuple[CollectorRegistry,
                                                                                        LatencyMetrics]:
     registry = CollectorRegistry(auto_describe=False)
+    add_standard_collectors(registry)
     registry.register(PipelineCollector(pipeline, devices))
     return registry, LatencyMetrics(registry)
+
+
+def add_standard_collectors(registry: CollectorRegistry) -> None:
+    """The process_* (CPU, memory, descriptors) and python_* (GC, version) series every exporter
+    carries; each pipeline has its own registry (several live in one test process), so they are
+    registered here rather than taken from the global one."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)

@@ -36,6 +36,7 @@ from pipeline.api.app import (
     session_config,
 )
 from pipeline.api.control import StreamControl
+from pipeline.api.metrics import add_standard_collectors
 from pipeline.api.server import HttpServer, jobs_folder
 from pipeline.errors import PlacementError
 from pipeline.talk.jobs import TalkJobs
@@ -123,6 +124,7 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
     app.add_middleware(BodyLimit, limit=2 * max_upload + 64 * 1024, paths=("/api/talk/jobs",))
     figures = _Figures()
     registry = CollectorRegistry(auto_describe=False)
+    add_standard_collectors(registry)
     registry.register(figures)
     not_found = {**errors, 404: {"model": Problem}}
 

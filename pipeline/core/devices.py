@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
+from pipeline.config import DevicesConfig, default
+
 GB = 1024**3
 
 
@@ -150,7 +152,7 @@ MAX_AUTO_CPU_SLOTS = 4
 def plan_slots(
     devices: list[DeviceInfo],
     slot_memory_bytes: int,
-    usable_fraction: float = 0.9,
+    usable_fraction: float = default(DevicesConfig, "usable_fraction"),
     overrides: dict[str, int] | None = None,
     cpu_slots: int | None = 1,
     cpu_threads_per_slot: int | None = None,

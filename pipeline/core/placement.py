@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from pipeline.config import PipelineConfig, default
 from pipeline.errors import PlacementError
 
 __all__ = ["Move", "PlacementError", "Placer", "SlotRecord", "SlotState"]
@@ -69,7 +70,7 @@ class Move:
 class Placer:
     """Decides where streams and sessions run. Holds the slot table; callers apply the moves it returns."""
 
-    def __init__(self, band: float = 0.10) -> None:
+    def __init__(self, band: float = default(PipelineConfig, "rebalance_band")) -> None:
         self.band = band  # rebalance until max/mean utilisation <= 1 + band
         self.slots: dict[str, SlotRecord] = {}
 

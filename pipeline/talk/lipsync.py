@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import LipSyncConfig, PipelineConfig, PoolSettings
+from pipeline.config import DevicesConfig, LipSyncConfig, PipelineConfig, PoolSettings, default
 from pipeline.core.devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
 from pipeline.core.handoff import Handoff
 from pipeline.core.slots import Model, SlotPool, Taken
@@ -300,13 +300,15 @@ class LipSyncPool:
                 "slots": slots}
 
 
-def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float, usable_fraction: float = 0.9,
+def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float,
+                 usable_fraction: float = default(DevicesConfig, "usable_fraction"),
                  slots: int | None = None) -> list[SlotPlan]:
     """Lipsync slots per device: per GPU from its free memory, on a CPU-only machine `slots` (default 1)."""
     return plan_slots(facts, int(slot_memory_gb * GB), usable_fraction, cpu_slots=slots or 1, kind="lipsync")
 
 
-def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None, usable_fraction: float = 0.9,
+def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None,
+                  usable_fraction: float = default(DevicesConfig, "usable_fraction"),
                   device_facts: list[DeviceInfo] | None = None, half: bool | None = None,
                   on_change: Callable[[], None] | None = None, clock: Clock = SYSTEM_CLOCK) -> LipSyncPool:
     """A pool of MuseTalk lipsync slots laid out by the device plan.
