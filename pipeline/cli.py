@@ -142,8 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.log.level, config.secrets())
     # `kill -USR1 <pid>` prints every thread's stack (file, line, function: no values) to stderr
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    log.info("framegrid: %d stream(s), %d model(s), mqtt %s", len(config.streams), len(config.models),
-             redact_text(config.mqtt.url))
+    log.info("framegrid %s: %d stream(s), %d model(s), mqtt %s", _version(), len(config.streams),
+             len(config.models), redact_text(config.mqtt.url))
+    _say_overlay(args.config)
     t0 = time.monotonic()
     try:
         rc = asyncio.run(_run(config, args.config))
@@ -152,6 +153,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     log.info("framegrid: stopped cleanly after %.1fs", time.monotonic() - t0)
     return rc
+
+
+def _say_overlay(config_path: Path) -> None:
+    """At start-up: one line when runtime API changes kept beside the TOML change its streams."""
+    from .overlay import describe_overlay, overlay_path, read_overlay
+
+    extra = overlay_path(config_path)
+    change = describe_overlay(read_overlay(extra))  # (load_config already refused an unreadable one)
+    if change:
+        log.warning("%s overrides %s's streams (changes made through the API): %s; delete it to go back "
+                    "to the TOML", extra.name, config_path.name, change)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`config show`: the effective config (TOML + overlay, defaults filled in, secrets masked);
+    `config schema`: its JSON Schema."""
+    if args.config_command == "schema":
+        print(json.dumps(Config.model_json_schema(), indent=2))
+        return 0
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigError as exc:
+        print(redact_text(str(exc)), file=sys.stderr)
+        return 2
+    text = json.dumps(config.model_dump(mode="json"), indent=2)  # SecretStr dumps masked
+    print(redact_text(text, config.secrets()))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -175,7 +203,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     except StreamError as exc:
         print(f"probe failed: {redact_text(str(exc))}", file=sys.stderr)
         return 2
-    print(result.describe())
+    if args.json:
+        print(json.dumps({"url": redact_text(result.url), "codec": result.codec, "width": result.width,
+                          "height": result.height, "fps": result.fps, "pix_fmt": result.pix_fmt,
+                          "open_ms": round(result.open_ms, 1), "first_frame_ms": round(result.first_frame_ms, 1)}))
+        return 0
+    print(redact_text(result.describe()))
     return 0
 
 
@@ -192,37 +225,50 @@ def cmd_devices(args: argparse.Namespace) -> int:
             return 2
     cfg = config.devices
     devices = discover()
-    print("devices:")
-    for d in devices:
-        extra = f", {d.utilization:.0f}% busy" if d.utilization is not None else ""
-        extra += f", {d.cores} cores" if d.cores else ""
-        print(f"  {d.id:<8} {d.name}: {d.total_bytes / GB:.1f} GB total, {d.free_bytes / GB:.1f} GB free{extra}")
-    print("plan (detect slots):")
+    out: dict[str, Any] = {"devices": [
+        {"id": d.id, "name": d.name, "total_gb": round(d.total_bytes / GB, 2), "free_gb": round(d.free_bytes / GB, 2),
+         "utilization": d.utilization, "cores": d.cores} for d in devices]}
     plans = plan_slots(devices, int(cfg.slot_memory_gb * GB), cfg.usable_fraction, dict(cfg.overrides),
                        cfg.cpu_slots, cfg.cpu_threads_per_slot, use_cpu_with_gpus=cfg.use_cpu_with_gpus)
-    for p in plans:
-        print(f"  {p.reason}")
-    print(f"total: {sum(p.slots for p in plans)} slot(s)")
+    out["detect_slots"] = [{"device": p.device.id, "slots": p.slots, "reason": p.reason} for p in plans]
     if args.config is not None and config.models:
         try:
             plan = plan_models(config.models, sorted(config.models), cfg, devices)
         except ConfigError as exc:
             print(redact_text(str(exc)), file=sys.stderr)
             return 2
-        print("models:")
-        for name in plan.layouts:
-            print(f"  {name}: {plan.describe(name)}")
+        out["models"] = {name: plan.describe(name) for name in plan.layouts}
         cores = next((d.cores for d in devices if d.kind == "cpu"), 1) or 1
         n = sum(1 for s in config.streams.values() if s.enabled)
-        print(f"decode: {n} stream(s), {decode_threads(cores, n, config.pipeline.decode_threads)} FFmpeg "
-              f"thread(s) each")
+        out["decode"] = {"streams": n, "threads_each": decode_threads(cores, n, config.pipeline.decode_threads)}
     lcfg = config.lipsync
     if any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
-        print("plan (lipsync slots, MuseTalk):")
         from pipeline.talk.lipsync import plan_lipsync
 
-        for p in plan_lipsync(devices, lcfg.slot_memory_gb, cfg.usable_fraction, lcfg.slots):
-            print(f"  {p.reason}")
+        out["lipsync_slots"] = [{"device": p.device.id, "slots": p.slots, "reason": p.reason}
+                                for p in plan_lipsync(devices, lcfg.slot_memory_gb, cfg.usable_fraction, lcfg.slots)]
+        out["lipsync_configured"] = lcfg.slots
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print("devices:")
+    for d in out["devices"]:
+        extra = f", {d['utilization']:.0f}% busy" if d["utilization"] is not None else ""
+        extra += f", {d['cores']} cores" if d["cores"] else ""
+        print(f"  {d['id']:<8} {d['name']}: {d['total_gb']:.1f} GB total, {d['free_gb']:.1f} GB free{extra}")
+    print("plan (detect slots):")
+    for row in out["detect_slots"]:
+        print(f"  {row['reason']}")
+    print(f"total: {sum(r['slots'] for r in out['detect_slots'])} slot(s)")
+    if "models" in out:
+        print("models:")
+        for name, text in out["models"].items():
+            print(f"  {name}: {text}")
+        print(f"decode: {out['decode']['streams']} stream(s), {out['decode']['threads_each']} FFmpeg thread(s) each")
+    if "lipsync_slots" in out:
+        print("plan (lipsync slots, MuseTalk):")
+        for row in out["lipsync_slots"]:
+            print(f"  {row['reason']}")
         if lcfg.slots is not None:
             print(f"  lipsync.slots = {lcfg.slots} (configured)")
     return 0
@@ -238,12 +284,32 @@ def _box(text: str | None) -> tuple[int, int, int, int] | None:
 
 
 def _progress_bar(label: str) -> Any:
-    def progress(done: int, total: int) -> None:
-        bar = "#" * int(30 * done / max(total, 1))
-        print(f"\r{label}: [{bar:<30}] {done}/{total}", end="" if done < total else "\n", file=sys.stderr,
-              flush=True)
+    """A progress callback (done, total): a tqdm bar on a terminal; elsewhere (Docker, CI, a file)
+    plain lines at every tenth, never carriage returns."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return progress
+        bar: Any = None
+
+        def on_tty(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, desc=label, unit="frame", file=sys.stderr)
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+        return on_tty
+    shown = -1
+
+    def plain(done: int, total: int) -> None:
+        nonlocal shown
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown or done >= total:
+            shown = tenth
+            print(f"{label}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return plain
 
 
 def cmd_avatar_prepare(args: argparse.Namespace) -> int:
@@ -459,9 +525,19 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to open and to wait for a frame",
     )
     p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("config", help="the effective config (show) or its JSON Schema (schema)")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="the config as framegrid runs it: TOML + overlay, defaults filled "
+                              "in, secrets masked (JSON)")
+    _config_arg(p)
+    p.set_defaults(func=cmd_config)
+    p = config_sub.add_parser("schema", help="the config file's JSON Schema")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("devices", help="list devices and the executor-slot plan, before loading anything")
     _config_arg(p, default=None)
+    p.add_argument("--json", action="store_true", help="print devices and plans as JSON")
     p.set_defaults(func=cmd_devices)
     p = sub.add_parser("talk", help="lip-sync an avatar image to an audio file or URL, to a file or a live sink")
     p.add_argument("--avatar", required=True, type=Path, help="a photo with a frontal face")

@@ -57,6 +57,17 @@ def read_overlay(path: Path) -> dict[str, Any]:
     return dict(data["streams"])
 
 
+def describe_overlay(overlay: dict[str, Any]) -> str:
+    """One line saying what an overlay changes in the TOML's streams ('' when nothing)."""
+    removed = sorted(n for n, e in overlay.items() if e is None)
+    replaced = sorted(n for n, e in overlay.items() if e is not None and "config" in e)
+    patched = sorted(f"{n} ({', '.join(sorted(e['patch']))})" for n, e in overlay.items()
+                     if e is not None and "patch" in e)
+    parts = [f"{what} {', '.join(names)}" for what, names in (("added or replaced", replaced),
+                                                              ("changed", patched), ("removed", removed)) if names]
+    return "; ".join(parts)
+
+
 def apply_overlay(streams: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """The TOML's raw stream tables with the overlay's entries applied."""
     out = dict(streams)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import ROOT
 
 
@@ -64,3 +66,65 @@ def test_licence_files() -> None:
     assert "Apache License" in licence
     assert "Version 2.0" in licence
     assert "AGPL-3.0" in (ROOT / "README.md").read_text()
+
+
+def test_config_show_is_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "cam.toml"
+    cfg.write_text('[mqtt]\nurl = "mqtt://127.0.0.1:1883"\nusername = "fg"\npassword = "${MQ_PW}"\n'
+                   f'[models.m]\ntype = "yolo"\nweights = "{ROOT}/models/shapes-yolo11n.pt"\n'
+                   '[streams.door]\nurl = "rtsp://viewer:Door-Secret-1@192.0.2.10/s"\nmodel = "m"\n')
+    (tmp_path / "cam.overlay.json").write_text(json.dumps({"v": 1, "streams": {"door": {"patch": {"max_fps": 3}}}}))
+    out = framegrid("config", "show", str(cfg), env={**os.environ, "MQ_PW": "Mq-Secret-2"})
+    assert out.returncode == 0, out.stderr
+    assert "Door-Secret-1" not in out.stdout
+    assert "Mq-Secret-2" not in out.stdout
+    shown = json.loads(out.stdout)
+    assert shown["streams"]["door"]["max_fps"] == 3  # the overlay applied
+    assert shown["models"]["m"]["imgsz"] == 640  # defaults filled in
+    assert shown["streams"]["door"]["url"].startswith("rtsp://viewer:")
+    schema = json.loads(framegrid("config", "schema").stdout)
+    assert "streams" in schema["properties"]
+
+
+def test_a_start_up_line_says_when_the_overlay_changes_the_streams(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+
+    from pipeline.cli import _say_overlay
+
+    cfg = tmp_path / "cam.toml"
+    _say_overlay(cfg)
+    assert not caplog.records
+    (tmp_path / "cam.overlay.json").write_text(json.dumps({"v": 1, "streams": {
+        "door": {"patch": {"max_fps": 3}}, "yard": {"config": {"url": "x.mp4", "model": "m"}}, "old": None}}))
+    with caplog.at_level(logging.WARNING):
+        _say_overlay(cfg)
+    line = caplog.records[-1].getMessage()
+    assert line.startswith("cam.overlay.json overrides cam.toml's streams"), line
+    assert "added or replaced yard" in line
+    assert "changed door (max_fps)" in line
+    assert "removed old" in line
+
+
+def test_progress_is_plain_lines_when_not_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import _progress_bar
+
+    progress = _progress_bar("faces")
+    for done in range(1, 101):
+        progress(done, 100)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["faces: 1/100"] + [f"faces: {n}/100" for n in range(10, 101, 10)]
+
+
+def test_devices_and_probe_speak_json(tmp_path: Path) -> None:
+    import json
+
+    devices = json.loads(framegrid("devices", "--json", str(ROOT / "config.toml")).stdout)
+    assert devices["devices"][-1]["id"] == "cpu"
+    assert devices["models"]["shapes"].startswith(f"{sum(r['slots'] for r in devices['detect_slots'])} slot(s)")
+    probe = json.loads(framegrid("probe", "--json", str(ROOT / "media" / "demo-shapes.mp4")).stdout)
+    assert (probe["codec"], probe["width"], probe["height"]) == ("h264", 640, 360)
