@@ -162,3 +162,76 @@ def test_page_live_tiles_boxes_add_pause_remove_and_token(
     finally:
         api.close()
         assert fg.stop() == 0
+
+
+def tile_pixels(driver: Any) -> dict[str, bytes]:
+    """Every tile's picture now, as PNG bytes read back through a canvas (empty: none shown yet)."""
+    got = driver.execute_script(
+        "const out = {};"
+        "for (const img of document.querySelectorAll('.tile img')) {"
+        "  const name = img.closest('.tile').dataset.stream;"
+        "  if (!img.naturalWidth) { out[name] = ''; continue; }"
+        "  const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;"
+        "  c.getContext('2d').drawImage(img, 0, 0); out[name] = c.toDataURL('image/png'); }"
+        "return out;")
+    return {k: base64.b64decode(v.split(",", 1)[1]) if v else b"" for k, v in got.items()}
+
+
+@pytest.mark.timeout(600)
+def test_page_holds_32_cameras_and_a_phone(
+    browser: Any, tmp_path: Path, mosquitto: Mosquitto, framegrid_env: dict[str, str],
+) -> None:
+    """32 cameras on one page: every tile's picture changes within 2 s (the tiles share the browser's six
+    connections instead of holding one MJPEG stream each), a click opens one live view, and the page
+    fits a phone (the screenshot at 390x844 is in the test output)."""
+    from selenium.webdriver.common.by import By
+
+    from streams.synthetic import MovingScene, write_video
+
+    names = [f"c{i:02d}" for i in range(32)]
+    video = tmp_path / "small.mp4"
+    write_video(video, MovingScene(seed=5, width=320, height=180, fps=5.0, speed=6.0), seconds=20)
+    port = free_port()
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgweb32-{os.getpid()}", mosquitto, port,
+                           dict.fromkeys(names, str(video)), token=None)
+    cfg.write_text(cfg.read_text().replace("max_fps = 4", "max_fps = 2"))
+    fg = Framegrid(cfg, framegrid_env, tmp_path / "fg.log")
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        wait_ready(api)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait("32 tiles", lambda: len(browser.find_elements(By.CSS_SELECTOR, ".tile")) == 32)
+        wait("a picture in every tile", lambda: all(tile_pixels(browser).values()), timeout=90)
+        before = tile_pixels(browser)
+        t0 = time.monotonic()
+        changed: set[str] = set()
+        while time.monotonic() - t0 < 2.0 and len(changed) < len(names):
+            now = tile_pixels(browser)
+            changed |= {n for n in names if now[n] and now[n] != before[n]}
+            time.sleep(0.1)
+        assert changed == set(names), f"{sorted(set(names) - changed)} did not change within 2 s"
+        # the live view of one camera, on click: an MJPEG stream that keeps coming
+        browser.find_element(By.CSS_SELECTOR, "#tile-c07 img").click()
+        wait("the live view", lambda: browser.find_element(By.ID, "live").is_displayed())
+        wait("its first picture", lambda: browser.execute_script(
+            "return document.querySelector('#live img').naturalWidth") == 320)
+        assert browser.find_element(By.CSS_SELECTOR, "#live .title").text == "c07"
+        browser.find_element(By.ID, "live-close").click()
+        wait("the live view closed", lambda: not browser.find_element(By.ID, "live").is_displayed())
+        # a phone: the page is one column and nothing runs off the side
+        browser.set_window_size(390, 844)
+        browser.execute_script("window.scrollTo(0, 0)")
+        time.sleep(1.5)
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        tile_width = browser.execute_script("return document.querySelector('.tile').getBoundingClientRect().width")
+        shot = tmp_path / "page-390x844.png"
+        browser.save_screenshot(str(shot))
+        print(f"phone screenshot: {shot}")
+        assert width <= 390, f"the page is {width}px wide on a 390px screen"
+        assert tile_width <= 390
+        # nothing covers the page: the first tile is what a finger on it would touch
+        assert browser.execute_script("return document.elementFromPoint(195, 250).closest('.tile')?.dataset.stream") \
+            == "c00"
+    finally:
+        api.close()
+        assert fg.stop() == 0, fg.output()[-3000:]

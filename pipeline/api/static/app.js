@@ -1,9 +1,16 @@
 // framegrid's page: live tiles per stream, devices, add/pause/remove. Plain JS, no build step.
 // It uses the HTTP API only; the token (when the server has one) is kept in a same-site cookie,
-// so the live views (<img> MJPEG) and the event stream carry it too.
+// so the pictures, the live view and the event stream carry it too.
+//
+// Tiles show each stream's newest picture with its boxes, fetched again as soon as the last one
+// arrived and at most every TILE_MS: every request is short, so 32 (or 100) tiles share the six
+// connections a browser opens to one server over HTTP/1.1. One MJPEG stream per tile would hold
+// one connection each and stall the page from the sixth camera on. A click on a tile opens the
+// live view (MJPEG) of that one camera.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
+const TILE_MS = 1000;  // a tile's picture is at most this old (plus one request)
 let events = null;
 
 async function api(path, options = {}) {
@@ -42,7 +49,9 @@ async function errorText(res) {
 function tile(stream) {
   let t = document.getElementById("tile-" + stream.name);
   if (!t) {
-    const img = el("img", { alt: stream.name, class: "view" });
+    const img = el("img", { alt: stream.name, class: "view", title: "live view", onclick: () => openLive(stream.name) });
+    img.addEventListener("load", () => { img.dataset.loads = String(Number(img.dataset.loads || 0) + 1); schedule(img); });
+    img.addEventListener("error", () => schedule(img));
     const pause = el("button", { class: "pause", onclick: () => setEnabled(stream.name, !t.dataset.enabled || t.dataset.enabled === "false") }, "pause");
     const remove = el("button", { class: "remove", onclick: () => removeStream(stream.name) }, "remove");
     t = el("div", { id: "tile-" + stream.name, class: "tile", "data-stream": stream.name }, img,
@@ -51,11 +60,13 @@ function tile(stream) {
         el("span", { class: "error" })));
     $("#tiles").append(t);
   }
-  const live = stream.enabled;
   const img = t.querySelector("img");
-  const src = "/api/streams/" + encodeURIComponent(stream.name) + "/mjpeg?boxes=1";
-  if (live && img.dataset.src !== src) { img.src = src; img.dataset.src = src; }
-  if (!live && img.dataset.src) { img.removeAttribute("src"); delete img.dataset.src; }
+  img.dataset.live = String(stream.enabled);
+  if (stream.enabled && !img.dataset.base) {
+    img.dataset.base = "/api/streams/" + encodeURIComponent(stream.name) + "/snapshot.jpg?boxes=1";
+    refresh(img);
+  }
+  if (!stream.enabled) delete img.dataset.base;
   t.dataset.enabled = String(stream.enabled);
   t.dataset.state = stream.state;
   t.dataset.published = String(stream.published);
@@ -70,6 +81,34 @@ function tile(stream) {
   t.querySelector(".objects").textContent = total ? Object.entries(objects).map(([k, v]) => `${v} ${k}`).join(", ") : "no objects";
   t.querySelector(".pause").textContent = stream.enabled ? "pause" : "resume";
   t.querySelector(".error").textContent = stream.error || "";
+}
+
+function refresh(img) {
+  if (!img.dataset.base || !img.isConnected) return;
+  img.dataset.asked = String(performance.now());
+  img.src = img.dataset.base + "&t=" + Date.now();  // a new URL: never a cached picture
+}
+
+function schedule(img) {
+  if (img.dataset.pending) return;
+  img.dataset.pending = "1";
+  const waited = performance.now() - Number(img.dataset.asked || 0);
+  setTimeout(() => { delete img.dataset.pending; refresh(img); }, Math.max(0, TILE_MS - waited));
+}
+
+function openLive(name) {
+  const box = $("#live");
+  box.querySelector(".title").textContent = name;
+  box.querySelector("img").src = "/api/streams/" + encodeURIComponent(name) + "/mjpeg?boxes=1";
+  box.dataset.stream = name;
+  box.hidden = false;
+}
+
+function closeLive() {
+  const box = $("#live");
+  box.querySelector("img").removeAttribute("src");  // ends the MJPEG connection
+  delete box.dataset.stream;
+  box.hidden = true;
 }
 
 function render(data) {
@@ -165,4 +204,6 @@ $("#login-form").addEventListener("submit", async (ev) => {
   start();
 });
 $("#add-form").addEventListener("submit", addStream);
+$("#live-close").addEventListener("click", closeLive);
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") closeLive(); });
 start();
