@@ -230,7 +230,7 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
     import httpx
     from ray.cluster_utils import Cluster
 
-    from tests.support.configs import TOKEN, env_with_token, wait_ready, write_config
+    from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
     from tests.support.procs import Framegrid, free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -239,7 +239,7 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
     server = RtspServer({"a": videos["cam1"], "b": videos["cam2"], "c": videos["cam1"]})
     server.start()
     port = free_port()
-    cfg = write_config(
+    cfg = write_api_config(
         tmp_path / "head.toml",
         topic_prefix,
         mosquitto,

@@ -355,7 +355,7 @@ def test_snapshot_views_waiting_for_the_encoder_are_bounded(tmp_path: Path) -> N
     and beyond MAX_PENDING new ones are skipped (counted), so memory cannot grow with the backlog."""
     import threading
 
-    from pipeline import snapshots as snap
+    from pipeline.analytics import snapshots as snap
     from pipeline.analytics.events import TrackedObject
 
     shots = snap.Snapshots(tmp_path, max_per_stream=100)

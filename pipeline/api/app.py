@@ -23,11 +23,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
 
 from pipeline.analytics.eventstore import query as event_query
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import Name, StreamConfig, TalkConfig
+from pipeline.config import StreamConfig, TalkConfig
 from pipeline.core import faults
 from pipeline.core.handoff import wait_event
 from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
@@ -36,156 +35,25 @@ from streams import redact_text
 
 from .control import StreamControl
 from .metrics import make_registry
+from .routes import LIVE_HEADERS, sessions_router, streams_router
+from .schemas import (
+    DeviceOut,
+    EventInfo,
+    Health,
+    JobInfo,
+    Move,
+    Moves,
+    NewSession,
+    Problem,
+    Ready,
+    SlotInfo,
+    StreamInfo,
+)
+from .target import LocalTarget
 from .views import LatestResults
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "framegrid_token"
-
-
-# -- models (the OpenAPI schema) ---------------------------------------------------------------------
-class Health(BaseModel):
-    status: str = Field(description="always 'ok' while the process serves requests")
-    uptime_s: float
-
-
-class Ready(BaseModel):
-    ready: bool
-    reasons: list[str] = Field(description="what is not ready yet (empty when ready)")
-
-
-class Latency(BaseModel):
-    p50: float | None = None
-    p95: float | None = None
-    max: float | None = None
-
-
-class StreamInfo(BaseModel):
-    name: str
-    url: str = Field(description="the source URL with its password masked")
-    model: str
-    max_fps: float | None
-    enabled: bool
-    state: str = Field(description="starting | connecting | running | reconnecting | failed | refused | stopped | "
-                       "disabled")
-    since: float | None = Field(None, description="unix time the state began")
-    error: str | None = None
-    reconnects: int = 0
-    fps_in: float = 0.0
-    fps_out: float = 0.0
-    decoded: int = 0
-    dispatched: int = 0
-    published: int = 0
-    drops: dict[str, int] = Field(default_factory=dict, description="frames dropped, by reason")
-    latency_ms: Latency = Field(default_factory=Latency)
-    objects: dict[str, int] = Field(default_factory=dict, description="objects in its newest result, by label")
-    slot: str | None = Field(None, description="the executor slot serving it")
-    device: str | None = None
-    node: str | None = Field(None, description="on a cluster: the node running it")
-    config: dict[str, Any] = Field(description="the stream's settings (passwords masked)")
-
-
-class NewStream(StreamConfig):
-    """A `[streams.<name>]` table plus its name."""
-
-    name: Name
-
-
-class StreamPatch(BaseModel):
-    model_config = {"extra": "forbid"}
-    max_fps: float | None = Field(None, gt=0, le=1000, description="null = no limit")
-    model: str | None = None
-    enabled: bool | None = None
-
-
-class ModelInfo(BaseModel):
-    name: str
-    backend: str
-    imgsz: int
-    loaded: bool
-    error: str | None = None
-    classes: list[str] = Field(default_factory=list)
-
-
-class SlotInfo(BaseModel):
-    name: str
-    model: str
-    state: str
-    healthy: bool
-    restarts: int
-    errors: int
-    streams: list[str]
-    service_ms_per_frame: float | None
-    last_error: str | None
-
-
-class DeviceOut(BaseModel):
-    id: str
-    kind: str
-    name: str
-    memory_total_bytes: int
-    memory_used_bytes: int
-    utilization_percent: float | None
-    temperature_c: float | None
-    drained: bool
-    slots: list[SlotInfo]
-
-
-class Move(BaseModel):
-    stream: str
-    source: str
-    target: str
-
-
-class Moves(BaseModel):
-    device: str
-    moved: list[Move]
-
-
-class NewSession(TalkConfig):
-    """A `[talk.<name>]` table plus its name."""
-
-    name: Name
-
-
-class SessionInfo(BaseModel):
-    name: str
-    state: str
-    error: str | None = None
-    backend: str | None = None
-    slot: str | None = None
-    node: str | None = Field(None, description="on a cluster: the node running it")
-    figures: dict[str, Any] = Field(default_factory=dict, description="frames, fps, latency (as in stats)")
-
-
-class JobInfo(BaseModel):
-    id: str
-    state: str = Field(description="queued | running | done | failed | cancelled")
-    backend: str
-    created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    progress: float = Field(description="0-1")
-    frames: int = 0
-    total_frames: int | None = None
-    error: str | None = None
-    video: str | None = Field(None, description="URL of the result once done")
-
-
-class EventInfo(BaseModel):
-    id: str
-    stream: str
-    label: str
-    track_id: int
-    start_time: float
-    end_time: float | None = Field(description="null while the object is still seen")
-    best_score: float
-    zones: list[str] = Field(description="zones it entered")
-    has_snapshot: bool
-    state: dict[str, Any] = Field(description="the object's last state (as in the MQTT event's `after`)")
-
-
-class Problem(BaseModel):
-    detail: str
 
 
 MAX_BODY = 1_000_000  # any other request body (JSON settings are a few kB)
@@ -244,10 +112,6 @@ async def read_sdp(request: Request) -> str:
     except UnicodeDecodeError:
         raise HTTPException(400, "the SDP offer is not UTF-8") from None
 
-
-# live views and event streams: never cached, and not buffered by a proxy in front (nginx would hold
-# the frames of an MJPEG stream or the lines of an event stream until its buffer fills)
-LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
 
 STATUS_OF: dict[type[RequestError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, TooLarge: 413,
                                              Unavailable: 503}
@@ -453,22 +317,6 @@ def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) ->
                       enabled=cfg.enabled, state="disabled", config=conf)
 
 
-def stream_figures(pipeline: Any, name: str, latest: LatestResults, secrets: tuple[str, ...]) -> dict[str, Any]:
-    """A running stream's state and figures (StreamInfo's fields), from its record and slot pool; {} when
-    it does not run here."""
-    r = pipeline.streams.get(name)
-    if r is None:
-        return {}
-    snap = r.stats.snapshot()
-    pool = pipeline.models.pool(r.model)
-    slot = pool.slot_of(name) if pool is not None else None
-    return {"state": r.state.value, "since": round(r.since, 3), "error": redact_text(r.error, secrets) if r.error
-            else None, "reconnects": r.reconnects, "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"],
-            "decoded": snap["decoded"], "dispatched": snap["dispatched"], "published": r.seq, "drops": snap["drops"],
-            "latency_ms": snap["latency_ms"], "slot": slot, "objects": latest.objects(name),
-            "device": pool.slots[slot].device if slot is not None and pool is not None else None}
-
-
 def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
               mjpeg_fps: float, closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
     """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
@@ -502,103 +350,15 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         if not pipeline.ready.is_set():
             raise HTTPException(503, "starting")
 
-    def record_of(name: str) -> Any:
-        running()
-        if name not in control.streams:
-            raise HTTPException(404, f"no stream {name}")
-        return pipeline.streams.get(name)
+    target = LocalTarget(pipeline, latest, latency)
+    app.include_router(streams_router(target, control, guarded, errors, mjpeg_fps, closing))
+    app.include_router(sessions_router(target, control, guarded, errors))
 
-    def stream_info(name: str) -> StreamInfo:
-        out = configured_stream(name, control.streams[name], secrets())
-        return StreamInfo.model_validate({**out.model_dump(), **stream_figures(pipeline, name, latest, secrets())})
-
-
-    # -- streams -------------------------------------------------------------------------------
-    @app.get("/api/streams", response_model=list[StreamInfo], tags=["streams"], dependencies=guarded,
-             responses=errors)
-    async def list_streams() -> list[StreamInfo]:
-        running()
-        return [stream_info(n) for n in sorted(control.streams)]
-
-    @app.get("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
-             responses={**errors, 404: {"model": Problem}})
-    async def get_stream(name: str) -> StreamInfo:
-        record_of(name)
-        return stream_info(name)
-
-    @app.post("/api/streams", response_model=StreamInfo, status_code=201, tags=["streams"], dependencies=guarded,
-              responses={**errors, 409: {"model": Problem, "description": "a stream of that name exists"}})
-    async def add_stream(body: NewStream) -> StreamInfo:
-        running()
-        raw = body.model_dump(exclude_unset=True, exclude={"name"}, mode="json")
-        await control.add(body.name, raw)
-        return stream_info(body.name)
-
-    @app.patch("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
-               responses={**errors, 404: {"model": Problem}})
-    async def patch_stream(name: str, body: StreamPatch) -> StreamInfo:
-        running()
-        await control.patch(name, body.model_dump(include=body.model_fields_set))
-        latest.forget(name)
-        return stream_info(name)
-
-    @app.delete("/api/streams/{name}", status_code=204, tags=["streams"], dependencies=guarded,
-                responses={**errors, 404: {"model": Problem}})
-    async def delete_stream(name: str) -> Response:
-        running()
-        await control.delete(name)
-        latest.forget(name)
-        latency.forget(name)
-        return Response(status_code=204)
-
-    @app.get("/api/streams/{name}/snapshot.jpg", tags=["streams"], dependencies=guarded,
-             response_class=Response, responses={**errors, 404: {"model": Problem}, 503: {"model": Problem},
-                                                 200: {"content": {"image/jpeg": {}}}})
-    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections")) -> Response:
-        record_of(name)
-        got = await latest.jpeg(name, boxes)
-        if got is None:
-            raise HTTPException(503, f"stream {name} has no processed frame yet")
-        return Response(got[1], media_type="image/jpeg", headers={"Cache-Control": "no-store",
-                                                                   "X-Frame-Seq": str(got[0])})
-
-    @app.get("/api/streams/{name}/mjpeg", tags=["streams"], dependencies=guarded, response_class=StreamingResponse,
-             responses={**errors, 404: {"model": Problem}, 200: {"content": {"multipart/x-mixed-replace": {}}}})
-    async def mjpeg(request: Request, name: str, boxes: bool = Query(True, description="draw the detections"),
-                    fps: float = Query(mjpeg_fps, gt=0, le=30, description=f"most frames/s (capped at {mjpeg_fps})")
-                    ) -> StreamingResponse:
-        record_of(name)
-        interval = 1.0 / min(fps, mjpeg_fps)
-
-        async def frames() -> AsyncIterator[bytes]:
-            sent = None
-            while not closing.is_set() and name in control.streams:
-                got = await latest.jpeg(name, boxes)
-                if got is not None and got[0] != sent:
-                    sent = got[0]
-                    yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(got[1])).encode()
-                           + b"\r\n\r\n" + got[1] + b"\r\n")
-                if await request.is_disconnected():
-                    return
-                await wait_event(closing, interval)
-
-        return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
-                                 headers=LIVE_HEADERS)
-
-    @app.get("/api/models", response_model=list[ModelInfo], tags=["streams"], dependencies=guarded,
-             responses=errors, summary="Models streams can use")
-    async def models() -> list[ModelInfo]:
-        running()
-        out = []
-        for name, loaded in sorted(pipeline.models.table.items()):
-            pool, cfg, err = loaded.pool, loaded.cfg, loaded.error
-            classes: list[str] = []
-            if pool is not None:
-                model = next((s.model for s in pool.slots.values() if getattr(s.model, "class_names", None)), None)
-                classes = list(model.class_names) if model is not None else []
-            out.append(ModelInfo(name=name, backend=cfg.backend, imgsz=cfg.imgsz, loaded=pool is not None,
-                                 error=redact_text(err, secrets()) if err else None, classes=classes))
-        return out
+    async def stream_infos() -> list[StreamInfo]:
+        secrets_now = secrets()
+        live = await target.figures(sorted(control.streams))
+        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets_now).model_dump(),
+                                           **live.get(n, {})}) for n in sorted(control.streams)]
 
     # -- events --------------------------------------------------------------------------------
     @app.get("/api/events", response_model=list[EventInfo], tags=["events"], dependencies=guarded,
@@ -719,7 +479,7 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
         async def events() -> AsyncIterator[bytes]:
             while not closing.is_set():
                 facts = await device_facts()
-                data = {"streams": [stream_info(n).model_dump() for n in sorted(control.streams)],
+                data = {"streams": [i.model_dump() for i in await stream_infos()],
                         "devices": [d.model_dump() for d in devices_out(facts)],
                         "mqtt": {k: pipeline.publisher.counters()[k] for k in ("connected", "buffered", "published")}}
                 yield f"data: {json.dumps(data)}\n\n".encode()
@@ -728,41 +488,6 @@ def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, toke
                 await wait_event(closing, 1.0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=LIVE_HEADERS)
-
-    # -- talking-head sessions -----------------------------------------------------------------
-    def session_info(name: str, snap: dict[str, Any]) -> SessionInfo:
-        figures = {k: v for k, v in snap.items() if k not in ("session", "state", "error", "backend", "slot")}
-        return SessionInfo(name=name, state=snap.get("state", "unknown"),
-                           error=redact_text(snap["error"], secrets()) if snap.get("error") else None,
-                           backend=snap.get("backend"), slot=snap.get("slot"), figures=figures)
-
-    @app.get("/api/talk/sessions", response_model=list[SessionInfo], tags=["talk"], dependencies=guarded,
-             responses=errors)
-    async def sessions() -> list[SessionInfo]:
-        running()
-        return [session_info(n, s) for n, s in sorted(pipeline.talk.snapshot().items())]
-
-    @app.post("/api/talk/sessions", response_model=SessionInfo, status_code=201, tags=["talk"],
-              dependencies=guarded, responses={**errors, 409: {"model": Problem}, 400: {"model": Problem}})
-    async def start_session(body: NewSession) -> SessionInfo:
-        running()
-        if body.name in pipeline.sessions:
-            raise HTTPException(409, f"session {body.name} already exists")
-        cfg = session_config(body, control.paths, pipeline.config.lipsync.weights is not None)
-        try:
-            await pipeline.start_session(body.name, cfg)
-        except Exception as exc:
-            raise HTTPException(400, f"session {body.name}: {redact_text(str(exc), secrets())}") from None
-        return session_info(body.name, pipeline.talk.snapshot().get(body.name, {}))
-
-    @app.delete("/api/talk/sessions/{name}", status_code=204, tags=["talk"], dependencies=guarded,
-                responses={**errors, 404: {"model": Problem}})
-    async def stop_session(name: str) -> Response:
-        running()
-        if name not in pipeline.sessions:
-            raise HTTPException(404, f"no session {name}")
-        await pipeline.stop_session(name)
-        return Response(status_code=204)
 
     add_webrtc_routes(app, pipeline, guarded, errors, running)
     add_job_routes(app, jobs, guarded, errors, secrets)

@@ -12,33 +12,25 @@ nodes' lipsync slots (`pipeline.cluster.segments`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException, Query, Response
+from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
-from pipeline.api.app import (
-    BodyLimit,
-    NewSession,
-    NewStream,
-    Problem,
-    SessionInfo,
-    StreamInfo,
-    StreamPatch,
-    add_job_routes,
-    base_app,
-    configured_stream,
-    session_config,
-)
+from pipeline.api.app import BodyLimit, add_job_routes, base_app
 from pipeline.api.control import StreamControl
 from pipeline.api.metrics import add_standard_collectors
+from pipeline.api.routes import sessions_router, streams_router
+from pipeline.api.schemas import ModelInfo, Problem, SessionInfo
 from pipeline.api.server import HttpServer, jobs_folder
-from pipeline.errors import PlacementError
+from pipeline.config import TalkConfig
+from pipeline.errors import PlacementError, Unavailable
 from pipeline.talk.jobs import TalkJobs
 from streams import redact_text
 
@@ -63,13 +55,6 @@ class NodeInfo(BaseModel):
 class NodeMoves(BaseModel):
     node: str
     moved: list[str]
-
-
-class ModelOut(BaseModel):
-    name: str
-    backend: str
-    imgsz: int
-    nodes: list[str] = Field(description="nodes serving it")
 
 
 class _Figures(Collector):
@@ -104,8 +89,72 @@ class _Figures(Collector):
         yield published
 
 
+class ClusterTarget:
+    """The control target of a cluster head: streams' figures and pictures are asked of the node
+    running them (one call per node per request; frames stay on the nodes)."""
+
+    def __init__(self, head: ClusterHead) -> None:
+        self.head = head
+        self.config = head.config
+        self.ready = head.ready
+
+    def secret_values(self) -> tuple[str, ...]:
+        return tuple(self.head.secrets)
+
+    async def figures(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        head = self.head
+        got = await head.stream_info([n for n in names if head.is_running(n)])
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            if not head.is_running(name):
+                continue
+            place: dict[str, Any] = {"node": head.where(name)}
+            if name not in got:
+                place["state"] = "starting" if head.where(name) else "unplaced"
+            out[name] = {**place, **got.get(name, {})}
+        return out
+
+    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+        try:
+            return await self.head.snapshot(name, boxes)
+        except Exception as exc:
+            raise Unavailable(f"stream {name}: its node did not answer ({type(exc).__name__})") from None
+
+    def forget(self, name: str) -> None:
+        pass  # nothing is cached here: the nodes hold the pictures
+
+    def models(self) -> list[ModelInfo]:
+        head = self.head
+        out = []
+        for m, cfg in sorted(head.config.models.items()):
+            nodes = sorted(n.name for n in head.nodes.values() if n.state == "up" and n.throughput.get(m))
+            errors = sorted({e for n in head.nodes.values() if (e := n.model_errors.get(m))})
+            out.append(ModelInfo(name=m, backend=cfg.backend, imgsz=cfg.imgsz, loaded=bool(nodes), nodes=nodes,
+                                 error=redact_text("; ".join(errors), self.secret_values()) if errors else None))
+        return out
+
+    def session_names(self) -> list[str]:
+        return list(self.head.sessions)
+
+    def _session_info(self, name: str) -> SessionInfo:
+        head = self.head
+        node = head.where(f"talk/{name}")
+        state = head.nodes[node].sessions.get(name, "starting") if node in head.nodes else "unplaced"
+        return SessionInfo(name=name, state=state, backend=head.sessions[name].backend, node=node)
+
+    def sessions(self) -> list[SessionInfo]:
+        return [self._session_info(n) for n in sorted(self.head.sessions)]
+
+    async def start_session(self, name: str, cfg: TalkConfig) -> SessionInfo:
+        await self.head.add_session(name, cfg)
+        return self._session_info(name)
+
+    async def stop_session(self, name: str) -> None:
+        await self.head.remove_session(name)
+
+
 def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs | None, token: str | None,
-                      max_upload: int = 50_000_000) -> FastAPI:
+                      closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
     def secrets():
         return tuple(head.secrets)
 
@@ -132,77 +181,9 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
         if not head.ready.is_set():
             raise HTTPException(503, "starting")
 
-    def known(name: str) -> None:
-        running()
-        if name not in control.streams:
-            raise HTTPException(404, f"no stream {name}")
-
-    async def infos(names: list[str]) -> list[StreamInfo]:
-        got = await head.stream_info([n for n in names if head.is_running(n)])
-        out = []
-        for name in names:
-            base = configured_stream(name, control.streams[name], secrets())
-            place = {"node": head.where(name)} if head.is_running(name) else {}
-            if head.is_running(name) and name not in got:
-                place["state"] = "starting" if head.where(name) else "unplaced"
-            out.append(StreamInfo.model_validate({**base.model_dump(), **place, **got.get(name, {})}))
-        return out
-
-
-    # -- streams -----------------------------------------------------------------------------------
-    @app.get("/api/streams", response_model=list[StreamInfo], tags=["streams"], dependencies=guarded,
-             responses=errors)
-    async def list_streams() -> list[StreamInfo]:
-        running()
-        return await infos(sorted(control.streams))
-
-    @app.get("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
-             responses=not_found)
-    async def get_stream(name: str) -> StreamInfo:
-        known(name)
-        return (await infos([name]))[0]
-
-    @app.post("/api/streams", response_model=StreamInfo, status_code=201, tags=["streams"], dependencies=guarded,
-              responses={**errors, 409: {"model": Problem, "description": "a stream of that name exists"}})
-    async def add_stream(body: NewStream) -> StreamInfo:
-        running()
-        await control.add(body.name, body.model_dump(exclude_unset=True, exclude={"name"}, mode="json"))
-        return (await infos([body.name]))[0]
-
-    @app.patch("/api/streams/{name}", response_model=StreamInfo, tags=["streams"], dependencies=guarded,
-               responses=not_found)
-    async def patch_stream(name: str, body: StreamPatch) -> StreamInfo:
-        running()
-        await control.patch(name, body.model_dump(include=body.model_fields_set))
-        return (await infos([name]))[0]
-
-    @app.delete("/api/streams/{name}", status_code=204, tags=["streams"], dependencies=guarded,
-                responses=not_found)
-    async def delete_stream(name: str) -> Response:
-        running()
-        await control.delete(name)
-        return Response(status_code=204)
-
-    @app.get("/api/streams/{name}/snapshot.jpg", tags=["streams"], dependencies=guarded, response_class=Response,
-             responses={**not_found, 503: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
-    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections")) -> Response:
-        known(name)
-        try:
-            got = await head.snapshot(name, boxes)
-        except Exception as exc:
-            raise HTTPException(503, f"stream {name}: its node did not answer ({type(exc).__name__})") from None
-        if got is None:
-            raise HTTPException(503, f"stream {name} has no processed frame yet")
-        return Response(got[1], media_type="image/jpeg", headers={"Cache-Control": "no-store",
-                                                                   "X-Frame-Seq": str(got[0])})
-
-    @app.get("/api/models", response_model=list[ModelOut], tags=["streams"], dependencies=guarded,
-             responses=errors, summary="Models streams can use")
-    async def models() -> list[ModelOut]:
-        running()
-        return [ModelOut(name=m, backend=cfg.backend, imgsz=cfg.imgsz,
-                         nodes=sorted(n.name for n in head.nodes.values() if n.state == "up" and n.throughput.get(m)))
-                for m, cfg in sorted(head.config.models.items())]
+    target = ClusterTarget(head)
+    app.include_router(streams_router(target, control, guarded, errors, head.config.api.mjpeg_fps, closing))
+    app.include_router(sessions_router(target, control, guarded, errors))
 
     # -- nodes -------------------------------------------------------------------------------------
     def node_info(name: str) -> NodeInfo:
@@ -245,37 +226,7 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
         moves = await head.rebalance()
         return NodeMoves(node=node, moved=sorted(s for s, _, target in moves if target == node))
 
-    # -- talk sessions and jobs ----------------------------------------------------------------------
-    def session_info(name: str) -> SessionInfo:
-        node = head.where(f"talk/{name}")
-        state = head.nodes[node].sessions.get(name, "starting") if node in head.nodes else "unplaced"
-        return SessionInfo(name=name, state=state, backend=head.sessions[name].backend, node=node)
-
-    @app.get("/api/talk/sessions", response_model=list[SessionInfo], tags=["talk"], dependencies=guarded,
-             responses=errors)
-    async def sessions() -> list[SessionInfo]:
-        running()
-        return [session_info(n) for n in sorted(head.sessions)]
-
-    @app.post("/api/talk/sessions", response_model=SessionInfo, status_code=201, tags=["talk"],
-              dependencies=guarded, responses={**errors, 409: {"model": Problem}})
-    async def start_session(body: NewSession) -> SessionInfo:
-        running()
-        if body.name in head.sessions:
-            raise HTTPException(409, f"session {body.name} already exists")
-        cfg = session_config(body, control.paths, head.config.lipsync.weights is not None)
-        await head.add_session(body.name, cfg)
-        return session_info(body.name)
-
-    @app.delete("/api/talk/sessions/{name}", status_code=204, tags=["talk"], dependencies=guarded,
-                responses=not_found)
-    async def stop_session(name: str) -> Response:
-        running()
-        if name not in head.sessions:
-            raise HTTPException(404, f"no session {name}")
-        await head.remove_session(name)
-        return Response(status_code=204)
-
+    # -- talk jobs -------------------------------------------------------------------------------
     add_job_routes(app, jobs, guarded, errors, secrets)
 
     @app.get("/api/cluster", response_model=dict[str, Any], tags=["nodes"], dependencies=guarded, responses=errors,
@@ -306,7 +257,8 @@ class ClusterApiServer(HttpServer):
                              musetalk_ready=self.config.lipsync.weights is not None, paths=self.control.paths,
                              render_always=self.config.lipsync.render_silence == "always")
         self._frontend: Any = None
-        self.app = build_cluster_app(head, self.control, self.jobs, self.token, int(api.max_upload_mb * 1e6))
+        self.app = build_cluster_app(head, self.control, self.jobs, self.token, self.closing,
+                                     int(api.max_upload_mb * 1e6))
 
     async def _lipsync(self) -> tuple[Any, Any]:
         """A MuseTalk job's (pool, front end): the nodes' lipsync slots, and Whisper + the VAE encoder here

@@ -64,6 +64,7 @@ class NodeHandle:
     actor: Any
     state: str = "starting"  # starting | up | drained | lost
     throughput: dict[str, float] = field(default_factory=dict)
+    model_errors: dict[str, str] = field(default_factory=dict)  # models that could not start there, with why
     streams: dict[str, dict[str, Any]] = field(default_factory=dict)  # as the worker last described them
     sessions: dict[str, str] = field(default_factory=dict)  # talk session -> its state, as last described
     talk_capacity: int = 0  # live talk sessions its lipsync slots serve
@@ -206,6 +207,7 @@ class ClusterHead:
 
     def _describe(self, node: NodeHandle, desc: dict[str, Any]) -> None:
         node.throughput = {m: float(v) for m, v in desc["throughput"].items()}
+        node.model_errors = {m: str(e) for m, e in desc.get("model_errors", {}).items()}
         node.streams = dict(desc["streams"])
         node.sessions = dict(desc.get("sessions", {}))
         node.talk_capacity = int(desc.get("talk_capacity", 0))

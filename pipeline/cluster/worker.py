@@ -95,11 +95,10 @@ class NodeWorker:
 
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
-        from pipeline.api.app import stream_figures
+        from pipeline.api.target import LocalTarget
 
-        secrets = tuple(self.pipeline.secrets)
-        return {n: {**stream_figures(self.pipeline, n, self.latest, secrets), "node": self.node}
-                for n in names if n in self.pipeline.streams}
+        target = LocalTarget(self.pipeline, self.latest)
+        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.pipeline.streams}
 
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""

@@ -1,0 +1,164 @@
+"""The routes one process and a cluster head share, written once over `ControlTarget`: streams
+(list, get, add, change, delete, snapshot, live MJPEG view), models, and talk sessions.
+
+Changes go through `StreamControl` (validated like the TOML, kept in the overlay, then applied by the
+target); what the routes answer is read from the target. Errors are raised as `RequestError`s and
+mapped to HTTP by the app (`http_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from pipeline.core.handoff import wait_event
+from pipeline.errors import Conflict, NotFound
+
+from .control import StreamControl
+from .schemas import ModelInfo, NewSession, NewStream, Problem, SessionInfo, StreamInfo, StreamPatch
+from .target import ControlTarget
+
+# live views and event streams: never cached, and not buffered by a proxy in front (nginx would hold
+# the frames of an MJPEG stream or the lines of an event stream until its buffer fills)
+LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
+Errors = dict[int | str, dict[str, Any]]
+
+
+def running(target: ControlTarget) -> None:
+    if not target.ready.is_set():
+        raise HTTPException(503, "starting")
+
+
+def streams_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
+                   mjpeg_fps: float, closing: asyncio.Event) -> APIRouter:
+    from .app import configured_stream
+
+    router = APIRouter(tags=["streams"], dependencies=guarded)
+    not_found: Errors = {**errors, 404: {"model": Problem}}
+
+    def known(name: str) -> None:
+        running(target)
+        if name not in control.streams:
+            raise NotFound(f"no stream {name}")
+
+    async def infos(names: list[str]) -> list[StreamInfo]:
+        secrets = target.secret_values()
+        live = await target.figures(names)
+        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets).model_dump(),
+                                           **live.get(n, {})}) for n in names]
+
+    @router.get("/api/streams", response_model=list[StreamInfo], responses=errors)
+    async def list_streams() -> list[StreamInfo]:
+        running(target)
+        return await infos(sorted(control.streams))
+
+    @router.get("/api/streams/{name}", response_model=StreamInfo, responses=not_found)
+    async def get_stream(name: str) -> StreamInfo:
+        known(name)
+        return (await infos([name]))[0]
+
+    @router.post("/api/streams", response_model=StreamInfo, status_code=201,
+                 responses={**errors, 409: {"model": Problem, "description": "a stream of that name exists"}})
+    async def add_stream(body: NewStream) -> StreamInfo:
+        running(target)
+        await control.add(body.name, body.model_dump(exclude_unset=True, exclude={"name"}, mode="json"))
+        return (await infos([body.name]))[0]
+
+    @router.patch("/api/streams/{name}", response_model=StreamInfo, responses=not_found)
+    async def patch_stream(name: str, body: StreamPatch) -> StreamInfo:
+        running(target)
+        await control.patch(name, body.model_dump(include=body.model_fields_set))
+        target.forget(name)
+        return (await infos([name]))[0]
+
+    @router.delete("/api/streams/{name}", status_code=204, responses=not_found)
+    async def delete_stream(name: str) -> Response:
+        running(target)
+        await control.delete(name)
+        target.forget(name)
+        return Response(status_code=204)
+
+    @router.get("/api/streams/{name}/snapshot.jpg", response_class=Response,
+                responses={**not_found, 503: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
+    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections")) -> Response:
+        known(name)
+        got = await target.snapshot(name, boxes)
+        if got is None:
+            raise HTTPException(503, f"stream {name} has no processed frame yet")
+        return Response(got[1], media_type="image/jpeg", headers={"Cache-Control": "no-store",
+                                                                   "X-Frame-Seq": str(got[0])})
+
+    @router.get("/api/streams/{name}/mjpeg", response_class=StreamingResponse,
+                responses={**not_found, 200: {"content": {"multipart/x-mixed-replace": {}}}})
+    async def mjpeg(request: Request, name: str, boxes: bool = Query(True, description="draw the detections"),
+                    fps: float = Query(mjpeg_fps, gt=0, le=30, description=f"most frames/s (capped at {mjpeg_fps})")
+                    ) -> StreamingResponse:
+        known(name)
+        interval = 1.0 / min(fps, mjpeg_fps)
+
+        async def frames() -> AsyncIterator[bytes]:
+            sent = None
+            while not closing.is_set() and name in control.streams:
+                try:
+                    got = await target.snapshot(name, boxes)
+                except Exception:  # (a cluster node that does not answer now): try again at the next tick
+                    got = None
+                if got is not None and got[0] != sent:
+                    sent = got[0]
+                    yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(got[1])).encode()
+                           + b"\r\n\r\n" + got[1] + b"\r\n")
+                if await request.is_disconnected():
+                    return
+                await wait_event(closing, interval)
+
+        return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
+                                 headers=LIVE_HEADERS)
+
+    @router.get("/api/models", response_model=list[ModelInfo], responses=errors, summary="Models streams can use")
+    async def models() -> list[ModelInfo]:
+        running(target)
+        return target.models()
+
+    return router
+
+
+def sessions_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors) -> APIRouter:
+    from streams import redact_text
+
+    from .app import session_config
+
+    router = APIRouter(tags=["talk"], dependencies=guarded)
+
+    @router.get("/api/talk/sessions", response_model=list[SessionInfo], responses=errors)
+    async def sessions() -> list[SessionInfo]:
+        running(target)
+        return target.sessions()
+
+    @router.post("/api/talk/sessions", response_model=SessionInfo, status_code=201,
+                 responses={**errors, 409: {"model": Problem}, 400: {"model": Problem}})
+    async def start_session(body: NewSession) -> SessionInfo:
+        running(target)
+        if body.name in target.session_names():
+            raise Conflict(f"session {body.name} already exists")
+        cfg = session_config(body, control.paths, target.config.lipsync.weights is not None)
+        try:
+            return await target.start_session(body.name, cfg)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            raise HTTPException(400, f"session {body.name}: {redact_text(str(exc), target.secret_values())}") \
+                from None
+
+    @router.delete("/api/talk/sessions/{name}", status_code=204, responses={**errors, 404: {"model": Problem}})
+    async def stop_session(name: str) -> Response:
+        running(target)
+        if name not in target.session_names():
+            raise NotFound(f"no session {name}")
+        await target.stop_session(name)
+        return Response(status_code=204)
+
+    return router

@@ -1,0 +1,156 @@
+"""The control plane's request and answer types (the OpenAPI schema), shared by one process and a
+cluster head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from pipeline.config import Name, StreamConfig, TalkConfig
+
+
+class Health(BaseModel):
+    status: str = Field(description="always 'ok' while the process serves requests")
+    uptime_s: float
+
+
+class Ready(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(description="what is not ready yet (empty when ready)")
+
+
+class Latency(BaseModel):
+    p50: float | None = None
+    p95: float | None = None
+    max: float | None = None
+
+
+class StreamInfo(BaseModel):
+    name: str
+    url: str = Field(description="the source URL with its password masked")
+    model: str
+    max_fps: float | None
+    enabled: bool
+    state: str = Field(description="starting | connecting | running | reconnecting | failed | refused | stopped | "
+                       "disabled")
+    since: float | None = Field(None, description="unix time the state began")
+    error: str | None = None
+    reconnects: int = 0
+    fps_in: float = 0.0
+    fps_out: float = 0.0
+    decoded: int = 0
+    dispatched: int = 0
+    published: int = 0
+    drops: dict[str, int] = Field(default_factory=dict, description="frames dropped, by reason")
+    latency_ms: Latency = Field(default_factory=Latency)
+    objects: dict[str, int] = Field(default_factory=dict, description="objects in its newest result, by label")
+    slot: str | None = Field(None, description="the executor slot serving it")
+    device: str | None = None
+    node: str | None = Field(None, description="on a cluster: the node running it")
+    config: dict[str, Any] = Field(description="the stream's settings (passwords masked)")
+
+
+class NewStream(StreamConfig):
+    """A `[streams.<name>]` table plus its name."""
+
+    name: Name
+
+
+class StreamPatch(BaseModel):
+    model_config = {"extra": "forbid"}
+    max_fps: float | None = Field(None, gt=0, le=1000, description="null = no limit")
+    model: str | None = None
+    enabled: bool | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    backend: str
+    imgsz: int
+    loaded: bool = Field(description="its slots run (in one process), or a node serves it (on a cluster)")
+    error: str | None = None
+    classes: list[str] = Field(default_factory=list)
+    nodes: list[str] | None = Field(None, description="on a cluster: the nodes serving it")
+
+
+class SlotInfo(BaseModel):
+    name: str
+    model: str
+    state: str
+    healthy: bool
+    restarts: int
+    errors: int
+    streams: list[str]
+    service_ms_per_frame: float | None
+    last_error: str | None
+
+
+class DeviceOut(BaseModel):
+    id: str
+    kind: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_percent: float | None
+    temperature_c: float | None
+    drained: bool
+    slots: list[SlotInfo]
+
+
+class Move(BaseModel):
+    stream: str
+    source: str
+    target: str
+
+
+class Moves(BaseModel):
+    device: str
+    moved: list[Move]
+
+
+class NewSession(TalkConfig):
+    """A `[talk.<name>]` table plus its name."""
+
+    name: Name
+
+
+class SessionInfo(BaseModel):
+    name: str
+    state: str
+    error: str | None = None
+    backend: str | None = None
+    slot: str | None = None
+    node: str | None = Field(None, description="on a cluster: the node running it")
+    figures: dict[str, Any] = Field(default_factory=dict, description="frames, fps, latency (as in stats)")
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: str = Field(description="queued | running | done | failed | cancelled")
+    backend: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float = Field(description="0-1")
+    frames: int = 0
+    total_frames: int | None = None
+    error: str | None = None
+    video: str | None = Field(None, description="URL of the result once done")
+
+
+class EventInfo(BaseModel):
+    id: str
+    stream: str
+    label: str
+    track_id: int
+    start_time: float
+    end_time: float | None = Field(description="null while the object is still seen")
+    best_score: float
+    zones: list[str] = Field(description="zones it entered")
+    has_snapshot: bool
+    state: dict[str, Any] = Field(description="the object's last state (as in the MQTT event's `after`)")
+
+
+class Problem(BaseModel):
+    detail: str
