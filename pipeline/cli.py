@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.handoff import wait_event
-from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text
+from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text, require
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
 from .logs import setup_logging
@@ -51,55 +51,78 @@ def _ms(v: float | None) -> str:
 
 
 async def _run(config: Config, config_path: Path | None = None) -> int:
-    from .app import Pipeline
-
+    """The one run path, for one process and for a cluster head: what runs the streams (a `Pipeline`
+    or a `ClusterHead`), its HTTP API, the status printer and the talk-job queue, in one TaskGroup."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if config.cluster.backend == "ray":
-        return await _run_head(config, config_path, stop)
-    pipeline = Pipeline(config, config_path=config_path)
-    api = None
-    if config.api.enabled:
-        from .api import ApiServer
-
-        api = ApiServer(pipeline, config_path)
-        if not await _start_api(api):
-            return 2
-
-    async def status() -> None:
-        interval = config.pipeline.status_interval
-        if interval <= 0:
-            return
-        await pipeline.ready.wait()
-        while not stop.is_set():
-            if not await wait_event(stop, interval):
-                print(redact_text(_status_table(pipeline.stats_payload()), pipeline.secrets),
-                      file=sys.stderr, flush=True)
-
-    side = [asyncio.create_task(status(), name="status"),
-            asyncio.create_task(_jobs(api, pipeline.ready), name="api.jobs")]
     try:
-        await pipeline.run(stop)
-    finally:
-        if api is not None:
-            await api.stop()
-        for task in side:
-            task.cancel()
+        runner, api = _runner(config, config_path)
+    except MissingExtra as exc:
+        log.error("%s", exc)
+        return 2
+    if api is not None:
+        from .api import ApiError
+
+        try:
+            api.bind()  # before anything loads: a taken port stops framegrid at once
+        except ApiError as exc:
+            log.error("%s", exc)
+            return 2
+    try:
+        async with asyncio.TaskGroup() as tg:
+            if api is not None:
+                tg.create_task(api.serve(), name="api.server")
+            side = [tg.create_task(_status(runner, config, stop), name="status"),
+                    tg.create_task(_jobs(api, runner.ready), name="api.jobs")]
+            try:
+                await runner.run(stop)
+            finally:
+                for task in side:  # (a runner that never became ready leaves them waiting)
+                    task.cancel()
+                if api is not None:
+                    await api.stop()
+    except ExceptionGroup as group:  # one error stopped it: report that one, not the group
+        raise group.exceptions[0] from None
     return 0
 
 
-async def _start_api(api: Any) -> bool:
-    """Bind and serve the HTTP API; False (said in the log) when its address is refused."""
-    from .api import ApiError
+def _runner(config: Config, config_path: Path | None) -> tuple[Any, Any]:
+    """(what runs the streams, its HTTP API server or None) for this config's deployment shape."""
+    if config.cluster.backend == "ray":
+        require("ray", "cluster", "cluster.backend = \"ray\"")
+        from pipeline.cluster.head import ClusterHead
 
+        head = ClusterHead(config, config_path)
+        if not config.api.enabled:
+            return head, None
+        from pipeline.cluster.api import ClusterApiServer
+
+        return head, ClusterApiServer(head, config_path)
+    from .app import Pipeline
+
+    pipeline = Pipeline(config, config_path=config_path)
+    if not config.api.enabled:
+        return pipeline, None
+    from .api import ApiServer
+
+    return pipeline, ApiServer(pipeline, config_path)
+
+
+async def _status(runner: Any, config: Config, stop: asyncio.Event) -> None:
+    """Print the status table every `pipeline.status_interval` seconds (one process only)."""
+    interval = config.pipeline.status_interval
+    if interval <= 0 or not hasattr(runner, "stats_payload"):
+        return
+    ready = asyncio.ensure_future(runner.ready.wait())
     try:
-        await api.start()
-    except ApiError as exc:
-        log.error("%s", exc)
-        return False
-    return True
+        await asyncio.wait({ready, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+    while not stop.is_set():
+        if not await wait_event(stop, interval):
+            print(redact_text(_status_table(runner.stats_payload()), runner.secrets), file=sys.stderr, flush=True)
 
 
 async def _jobs(api: Any, ready: asyncio.Event) -> None:
@@ -107,30 +130,6 @@ async def _jobs(api: Any, ready: asyncio.Event) -> None:
     await ready.wait()
     if api is not None:
         await api.start_jobs()
-
-
-async def _run_head(config: Config, config_path: Path | None, stop: asyncio.Event) -> int:
-    try:
-        from pipeline.cluster.head import ClusterHead
-    except ImportError as exc:
-        log.error("cluster.backend = \"ray\" needs Ray: pip install 'framegrid[cluster]' (%s)", exc)
-        return 2
-    head = ClusterHead(config, config_path)
-    api = None
-    if config.api.enabled:
-        from pipeline.cluster.api import ClusterApiServer
-
-        api = ClusterApiServer(head, config_path)
-        if not await _start_api(api):
-            return 2
-    side = asyncio.create_task(_jobs(api, head.ready), name="api.jobs")
-    try:
-        await head.run(stop)
-    finally:
-        if api is not None:
-            await api.stop()
-        side.cancel()
-    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
@@ -51,6 +51,9 @@ from .schemas import (
 )
 from .target import LocalTarget
 from .views import LatestResults
+
+if TYPE_CHECKING:
+    from pipeline.app import Pipeline
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "framegrid_token"
@@ -122,7 +125,7 @@ def http_status(exc: RequestError) -> int:
     return next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
 
 
-def add_webrtc_routes(app: FastAPI, pipeline: Any, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
+def add_webrtc_routes(app: FastAPI, pipeline: Pipeline, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
                       running: Callable[[], None]) -> None:
     """WHEP-style viewing and WHIP-style microphone for sessions with `out`/`audio` = "webrtc": one
     POST with the SDP offer, the answer in the response (201, Location: the peer's resource)."""
@@ -317,7 +320,7 @@ def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) ->
                       enabled=cfg.enabled, state="disabled", config=conf)
 
 
-def build_app(pipeline: Any, control: StreamControl, jobs: TalkJobs | None, token: str | None,
+def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None, token: str | None,
               mjpeg_fps: float, closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
     """The API over `pipeline` (running or about to). `closing` ends live streams at shutdown."""
     latest = LatestResults()

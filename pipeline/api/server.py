@@ -14,7 +14,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -24,6 +24,9 @@ from pipeline.talk.jobs import TalkJobs
 
 from .app import build_app
 from .control import StreamControl
+
+if TYPE_CHECKING:
+    from pipeline.app import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +86,29 @@ class HttpServer:
         api = self.config.api
         return (api.token.get_secret_value() if api.token is not None else None) or None
 
-    async def start(self) -> None:
+    def bind(self) -> None:
+        """Take `api.listen` (raises ApiError: taken, refused), before anything else starts."""
         api = self.config.api
         self._sock = bind(api.host, api.port)
         self.port = self._sock.getsockname()[1]
+
+    async def serve(self) -> None:
+        """Serve on the bound socket until `stop()`: the CLI runs this in its one TaskGroup."""
+        assert self._sock is not None, "bind() first"
+        api = self.config.api
         cfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
                              timeout_graceful_shutdown=3, server_header=False)
         self._server = _Server(cfg)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]), name="api.server")
         log.info("api: listening on http://%s:%d (docs /docs, metrics /metrics, page /)", api.host, self.port)
+        try:
+            await self._server.serve(sockets=[self._sock])
+        finally:
+            self._sock.close()
+
+    async def start(self) -> None:
+        """bind() and serve() in a task of its own (for callers without a TaskGroup: tests, tools)."""
+        self.bind()
+        self._task = asyncio.create_task(self.serve(), name="api.server")
 
     async def start_jobs(self) -> None:
         """The talk-job queue (re-queues what a previous run left), once the pipeline or head is ready."""
@@ -108,14 +125,12 @@ class HttpServer:
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
-        if self._sock is not None:
-            self._sock.close()
 
 
 class ApiServer(HttpServer):
     """The API of a running pipeline, and its talk-job queue."""
 
-    def __init__(self, pipeline: Any, config_path: Path | None) -> None:
+    def __init__(self, pipeline: Pipeline, config_path: Path | None) -> None:
         super().__init__(pipeline.config)
         self.pipeline = pipeline
         self.control = StreamControl(pipeline, config_path)
@@ -136,7 +151,7 @@ class ApiServer(HttpServer):
         return max(1, sum(p.slots for p in plans))
 
 
-def pipeline_lipsync(pipeline: Any) -> Any:
+def pipeline_lipsync(pipeline: Pipeline) -> Any:
     async def get() -> Any:
         return await pipeline.talk.ensure_lipsync()
 
