@@ -433,7 +433,8 @@ def run_system(
         out = Path(fh.name)
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "tools.bench_streams",  # (run from ROOT: the workers import tools.* like this process)
         "--worker",
         system,
         "--out",
