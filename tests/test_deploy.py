@@ -44,7 +44,8 @@ def test_images_run_the_readme_command_and_set_up_as_the_readme_does() -> None:
 def test_compose_file_parses_and_every_file_it_names_exists() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"framegrid", "mosquitto", "prometheus", "grafana"}
+    assert set(services) == {"framegrid", "framegrid-talk", "mosquitto", "prometheus", "grafana"}
+    assert services["framegrid-talk"]["profiles"] == ["talk"]  # talking heads, on request
     build = services["framegrid"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
     for name, svc in services.items():
@@ -78,6 +79,9 @@ def test_compose_file_parses_and_every_file_it_names_exists() -> None:
 def test_the_stack_config_is_valid_and_exposes_the_api_only_with_a_token() -> None:
     config = load_config(DEPLOY / "config.toml", env={"FRAMEGRID_TOKEN": "t0ken"}, check_files=False)
     assert config.api.listen == "0.0.0.0:8080"
+    talk = load_config(DEPLOY / "talk.toml", env={"FRAMEGRID_TOKEN": "t0ken"}, check_files=False)
+    assert talk.api.token is not None
+    assert [str(d) for d in talk.api.media_dirs or []] == ["/media"]
     assert config.api.token is not None
     assert config.mqtt.url == "mqtt://mosquitto:1883"
     assert Path(config.models["shapes"].weights).name == (ROOT / "models" / "shapes-yolo11n.pt").name
