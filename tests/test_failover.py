@@ -78,7 +78,7 @@ async def test_raising_slot_streams_move_and_slot_restarts(
 
     try:
         # placement spread the two streams over the two slots
-        pool = pipeline.pools["shapes"]
+        pool = pipeline.models.pools["shapes"]
         assert {tuple(pool.members(n)) for n in pool.slots} == {("a",), ("b",)}
         victim = next(n for n, s in pool.slots.items() if s.model is created[0])
         victim_stream = pool.members(victim)[0]
@@ -234,14 +234,14 @@ async def test_rebalance_moves_streams_losslessly(
     pipeline, shutdown = await start_pipeline(config)
     try:
         await asyncio.sleep(2)
-        pool = pipeline.pools["shapes"]
+        pool = pipeline.models.pools["shapes"]
         a, b = sorted(pool.slots)
         on_a = pool.members(a)
         assert len(on_a) == 2
         assert len(pool.members(b)) == 2
         for name in on_a:  # empty one slot: now 0 vs 2
             await pipeline.remove_stream(name)
-        moves = pipeline.rebalance()
+        moves = pipeline.models.rebalance()
         assert len(moves) == 1
         assert moves[0].target == a
         moved = moves[0].stream

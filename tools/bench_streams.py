@@ -167,7 +167,7 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             while not rec.done and not pipeline.done:  # a pipeline that died raises on leaving the block
                 await asyncio.sleep(0.2)
             out = rec.summary(list(streams), args.seconds)
-            out["runtime"] = next(iter(pipeline.plan.runtimes.values()), "torch")
+            out["runtime"] = next(iter(pipeline.models.runtimes()), "torch")
             stats = pipeline.stats_payload()["streams"]
             out["stages_ms_p50"] = stats["cam0"]["stage_ms_p50"]
             # frames each camera delivered (since start): unequal decoding shows up here, not in fairness
