@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from tests.support.procs import ROOT
-from tools import config_reference
+from tools import api_reference, config_reference
 
 PRODUCT = ("streams", "detectors", "talkinghead", "pipeline")
 
@@ -33,6 +33,13 @@ def test_the_config_reference_is_generated_from_the_models() -> None:
     assert committed == config_reference.render(), "run: .venv/bin/python -m tools.config_reference"
     for key in ("`streams.<name>.max_fps`", "`lipsync.batch_size`", "`webrtc.max_viewers`", "`events.max_queue`"):
         assert key in committed, key
+
+
+def test_the_api_reference_is_generated_from_the_openapi_schema() -> None:
+    committed = (ROOT / "docs" / "api-reference.md").read_text()
+    assert committed == api_reference.render(api_reference.openapi()), "run: .venv/bin/python -m tools.api_reference"
+    for route in ("`GET /api/streams`", "`POST /api/talk/sessions`", "`GET /api/streams/{name}/mjpeg`"):
+        assert route in committed, route
 
 
 def config_defaults() -> dict[str, set[str]]:
