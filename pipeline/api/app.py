@@ -25,8 +25,6 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.analytics.eventstore import query as event_query
-from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import StreamConfig, TalkConfig
 from pipeline.core import faults
 from pipeline.core.handoff import wait_event
 from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
@@ -35,7 +33,7 @@ from streams import redact_text
 
 from .control import StreamControl
 from .metrics import make_registry
-from .routes import LIVE_HEADERS, sessions_router, streams_router
+from .routes import LIVE_HEADERS, configured_stream, sessions_router, streams_router
 from .schemas import (
     DeviceOut,
     EventInfo,
@@ -43,7 +41,6 @@ from .schemas import (
     JobInfo,
     Move,
     Moves,
-    NewSession,
     Problem,
     Ready,
     SlotInfo,
@@ -179,28 +176,6 @@ def add_webrtc_routes(app: FastAPI, pipeline: Pipeline, guarded: list[Any], erro
 
 
 # -- the app ----------------------------------------------------------------------------------------
-def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -> TalkConfig:
-    """A new session's settings from an API client: its avatar, audio and output files inside
-    api.media_dirs (relative: to the config), or network URLs (ChangeError 422 naming the key)."""
-    cfg = TalkConfig.model_validate(body.model_dump(exclude={"name"}))
-    checks = {"avatar": lambda: paths.file(cfg.avatar),
-              "out": lambda: cfg.out if cfg.out == "webrtc" else paths.sink(cfg.out),
-              "audio": lambda: cfg.audio if cfg.audio in ("mqtt", "webrtc") else paths.url(cfg.audio)}
-    update = {}
-    for key, check in checks.items():
-        try:
-            update[key] = check()
-        except ClientPathError as exc:
-            raise Invalid(f"{key}: {exc}", [(key, str(exc))]) from None
-    cfg = cfg.model_copy(update=update)
-    if cfg.backend == "musetalk" and not musetalk_ready:
-        raise Invalid("backend: musetalk needs lipsync.weights in the config",
-                          [("backend", "musetalk needs lipsync.weights in the config")])
-    if not cfg.avatar.is_file():
-        raise Invalid(f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: {cfg.avatar}")])
-    return cfg
-
-
 def add_job_routes(app: FastAPI, jobs: TalkJobs | None, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
                    secrets: Callable[[], tuple[str, ...]]) -> None:
     """The offline talk-job routes (`/api/talk/jobs...`) over a job queue."""
@@ -311,13 +286,6 @@ def base_app(description: str, token: str | None, secrets: Callable[[], tuple[st
         return Ready(ready=not reasons, reasons=reasons)
 
     return app, [Depends(auth)], {401: {"model": Problem, "description": "missing or wrong token"}}
-
-
-def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) -> StreamInfo:
-    """A stream's info from its settings alone (state `disabled` until a running stream's figures are added)."""
-    conf = json.loads(redact_text(json.dumps(cfg.model_dump(mode="json")), secrets))  # nested too
-    return StreamInfo(name=name, url=redact_text(cfg.url, secrets), model=cfg.model, max_fps=cfg.max_fps,
-                      enabled=cfg.enabled, state="disabled", config=conf)
 
 
 def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None, token: str | None,

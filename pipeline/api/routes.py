@@ -9,14 +9,18 @@ mapped to HTTP by the app (`http_status`).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from pipeline.clientpaths import ClientPathError, ClientPaths
+from pipeline.config import StreamConfig, TalkConfig
 from pipeline.core.handoff import wait_event
-from pipeline.errors import Conflict, NotFound
+from pipeline.errors import Conflict, Invalid, NotFound
+from streams import redact_text
 
 from .control import StreamControl
 from .schemas import ModelInfo, NewSession, NewStream, Problem, SessionInfo, StreamInfo, StreamPatch
@@ -28,6 +32,35 @@ LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"
 Errors = dict[int | str, dict[str, Any]]
 
 
+def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) -> StreamInfo:
+    """A stream's info from its settings alone (state `disabled` until a running stream's figures are added)."""
+    conf = json.loads(redact_text(json.dumps(cfg.model_dump(mode="json")), secrets))  # nested too
+    return StreamInfo(name=name, url=redact_text(cfg.url, secrets), model=cfg.model, max_fps=cfg.max_fps,
+                      enabled=cfg.enabled, state="disabled", config=conf)
+
+
+def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -> TalkConfig:
+    """A new session's settings from an API client: its avatar, audio and output files inside
+    api.media_dirs (relative: to the config), or network URLs (Invalid naming the key)."""
+    cfg = TalkConfig.model_validate(body.model_dump(exclude={"name"}))
+    checks = {"avatar": lambda: paths.file(cfg.avatar),
+              "out": lambda: cfg.out if cfg.out == "webrtc" else paths.sink(cfg.out),
+              "audio": lambda: cfg.audio if cfg.audio in ("mqtt", "webrtc") else paths.url(cfg.audio)}
+    update = {}
+    for key, check in checks.items():
+        try:
+            update[key] = check()
+        except ClientPathError as exc:
+            raise Invalid(f"{key}: {exc}", [(key, str(exc))]) from None
+    cfg = cfg.model_copy(update=update)
+    if cfg.backend == "musetalk" and not musetalk_ready:
+        raise Invalid("backend: musetalk needs lipsync.weights in the config",
+                          [("backend", "musetalk needs lipsync.weights in the config")])
+    if not cfg.avatar.is_file():
+        raise Invalid(f"avatar: file not found: {cfg.avatar}", [("avatar", f"file not found: {cfg.avatar}")])
+    return cfg
+
+
 def running(target: ControlTarget) -> None:
     if not target.ready.is_set():
         raise HTTPException(503, "starting")
@@ -35,8 +68,6 @@ def running(target: ControlTarget) -> None:
 
 def streams_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
                    mjpeg_fps: float, closing: asyncio.Event) -> APIRouter:
-    from .app import configured_stream
-
     router = APIRouter(tags=["streams"], dependencies=guarded)
     not_found: Errors = {**errors, 404: {"model": Problem}}
 
@@ -127,10 +158,6 @@ def streams_router(target: ControlTarget, control: StreamControl, guarded: list[
 
 
 def sessions_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors) -> APIRouter:
-    from streams import redact_text
-
-    from .app import session_config
-
     router = APIRouter(tags=["talk"], dependencies=guarded)
 
     @router.get("/api/talk/sessions", response_model=list[SessionInfo], responses=errors)
