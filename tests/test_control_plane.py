@@ -4,6 +4,7 @@ Mosquitto, the real model)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -129,3 +130,52 @@ def test_talk_sessions_answer_alike(plane: tuple[str, httpx.Client]) -> None:
     gone = api.delete("/api/talk/sessions/nobody")
     assert gone.status_code == 404
     assert gone.json() == {"detail": "no session nobody"}
+
+
+def test_devices_stats_and_the_live_feed(plane: tuple[str, httpx.Client]) -> None:
+    kind, api = plane
+    devices = api.get("/api/devices").json()
+    assert devices, devices
+    slots = [s for d in devices for s in d["slots"]]
+    assert {s["model"] for s in slots} == {"shapes"}
+    served = {n for s in slots for n in s["streams"]}
+    assert served >= {"cam1", "cam2"}, devices
+    stats = api.get("/api/stats").json()
+    if kind == "cluster":
+        assert {d["node"] for d in devices} == set(stats["nodes"]), devices  # every node's devices
+        assert len(stats["nodes"]) == 2
+        assert set().union(*(n["streams"] for n in stats["nodes"].values())) >= {"cam1", "cam2"}
+    else:
+        assert {d["node"] for d in devices} == {None}
+        assert set(stats["streams"]) >= {"cam1", "cam2"}
+    with api.stream("GET", "/api/live") as res:
+        assert res.headers["x-accel-buffering"] == "no"
+        line = next(x for x in res.iter_lines() if x.startswith("data: "))
+    live = json.loads(line.removeprefix("data: "))
+    assert {s["name"] for s in live["streams"]} >= {"cam1", "cam2"}
+    assert live["devices"]
+    assert "connected" in live["mqtt"]
+
+
+def test_events_and_their_pictures(plane: tuple[str, httpx.Client]) -> None:
+    _, api = plane
+    deadline = time.monotonic() + 60
+    while not (events := api.get("/api/events?limit=50").json()):
+        assert time.monotonic() < deadline, "no event stored"
+        time.sleep(1)
+    assert {e["stream"] for e in events} <= {"cam1", "cam2", "cam3"}
+    assert [e["start_time"] for e in events] == sorted((e["start_time"] for e in events), reverse=True)
+    with_picture = next((e for e in events if e["has_snapshot"]), None)
+    if with_picture is not None:
+        jpeg = api.get(f"/api/events/{with_picture['id']}/snapshot.jpg?crop=1")
+        assert jpeg.status_code == 200, jpeg.text
+        assert jpeg.content[:2] == b"\xff\xd8"
+    assert api.get("/api/events/nobody-0-0/snapshot.jpg").status_code == 404
+
+
+def test_the_page(plane: tuple[str, httpx.Client]) -> None:
+    _, api = plane
+    page = api.get("/")
+    assert page.status_code == 200
+    assert "<title>framegrid</title>" in page.text
+    assert api.get("/static/app.js").status_code == 200

@@ -9,42 +9,35 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.analytics.eventstore import query as event_query
 from pipeline.core import faults
-from pipeline.core.handoff import wait_event
 from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
 from pipeline.talk.jobs import TalkJobs
 from streams import redact_text
 
 from .control import StreamControl
 from .metrics import make_registry
-from .routes import LIVE_HEADERS, configured_stream, sessions_router, streams_router
+from .routes import add_page, observe_router, sessions_router, streams_router
 from .schemas import (
-    DeviceOut,
-    EventInfo,
     Health,
     JobInfo,
     Move,
     Moves,
     Problem,
     Ready,
-    SlotInfo,
-    StreamInfo,
 )
 from .target import LocalTarget
 from .views import LatestResults
@@ -325,70 +318,10 @@ def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None,
     app.include_router(streams_router(target, control, guarded, errors, mjpeg_fps, closing))
     app.include_router(sessions_router(target, control, guarded, errors))
 
-    async def stream_infos() -> list[StreamInfo]:
-        secrets_now = secrets()
-        live = await target.figures(sorted(control.streams))
-        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets_now).model_dump(),
-                                           **live.get(n, {})}) for n in sorted(control.streams)]
-
-    # -- events --------------------------------------------------------------------------------
-    @app.get("/api/events", response_model=list[EventInfo], tags=["events"], dependencies=guarded,
-             responses=errors, summary="Stored events, newest first")
-    async def events(stream: str | None = None, label: str | None = None,
-                     since: float | None = Query(None, description="unix time"),
-                     limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
-        rows = await asyncio.to_thread(event_query, pipeline.analytics.db, stream, label, since, limit)
-        snaps = pipeline.analytics.snapshots
-        return [EventInfo(**{k: r[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
-                                                "best_score", "zones")},
-                          has_snapshot=r["crop_path"] is not None or (snaps is not None and
-                                                                      snaps.live(r["id"]) is not None),
-                          state=r["data"]) for r in rows]
-
-    @app.get("/api/events/{event_id}/snapshot.jpg", tags=["events"], dependencies=guarded, response_class=Response,
-             responses={**errors, 404: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
-    async def event_snapshot(event_id: str, crop: bool = Query(False, description="the object only")) -> Response:
-        live = pipeline.analytics.snapshots.live(event_id) if pipeline.analytics.snapshots is not None else None
-        if live is not None:
-            return Response(live[0] if crop else live[1], media_type="image/jpeg")
-        rows = await asyncio.to_thread(event_query, pipeline.analytics.db, None, None, None, 1, event_id)
-        path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
-        if not path or not Path(path).is_file():
-            raise HTTPException(404, f"no snapshot for event {event_id}")
-        return FileResponse(path, media_type="image/jpeg")
-
-    # -- devices -------------------------------------------------------------------------------
-    facts_cache: list[Any] = [0.0, None]  # (monotonic time, facts): NVML is asked at most once a second
-
-    async def device_facts() -> list[Any]:
-        if facts_cache[1] is None or time.monotonic() - facts_cache[0] >= 1.0:
-            facts_cache[1] = await asyncio.to_thread(pipeline.live_devices)
-            facts_cache[0] = time.monotonic()
-        return facts_cache[1]
-
-    def devices_out(facts: list[Any]) -> list[DeviceOut]:
-        slots: dict[str, list[SlotInfo]] = {}
-        for model, pool in pipeline.all_pools().items():
-            for name, snap in pool.snapshot().items():
-                members = snap.get("streams", [])
-                slots.setdefault(snap["device"], []).append(SlotInfo(
-                    name=name, model=model, state=snap["state"], healthy=snap["state"] == "healthy",
-                    restarts=snap["restarts"], errors=snap["errors"], streams=members,
-                    service_ms_per_frame=snap["service_ms_per_frame"],
-                    last_error=redact_text(snap["last_error"], secrets()) if snap["last_error"] else None))
-        return [DeviceOut(id=d.id, kind=d.kind, name=d.name, memory_total_bytes=d.total_bytes,
-                          memory_used_bytes=max(0, d.total_bytes - d.free_bytes), utilization_percent=d.utilization,
-                          temperature_c=d.temperature_c, drained=d.id in pipeline.models.drained,
-                          slots=slots.get(d.id, [])) for d in facts]
+    app.include_router(observe_router(target, control, guarded, errors, closing))
 
     def moves_out(device: str, moves: list[Any]) -> Moves:
         return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
-
-    @app.get("/api/devices", response_model=list[DeviceOut], tags=["devices"], dependencies=guarded,
-             responses=errors)
-    async def devices() -> list[DeviceOut]:
-        running()
-        return devices_out(await device_facts())
 
     @app.post("/api/devices/{device}/drain", response_model=Moves, tags=["devices"], dependencies=guarded,
               responses={**errors, 404: {"model": Problem}, 409: {"model": Problem,
@@ -427,47 +360,17 @@ def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None,
             return Response(status_code=204)
 
     # -- stats and metrics ---------------------------------------------------------------------
-    @app.get("/api/stats", response_model=dict[str, Any], tags=["stats"], dependencies=guarded, responses=errors,
-             summary="The same figures as the MQTT stats topic")
-    async def stats() -> dict[str, Any]:
-        running()
-        return json.loads(redact_text(json.dumps(pipeline.stats_payload()), secrets()))
-
     @app.get("/metrics", tags=["stats"], dependencies=guarded, response_class=Response,
              responses={**errors, 200: {"content": {CONTENT_TYPE_LATEST: {}}}}, summary="Prometheus metrics")
     async def metrics() -> Response:
         nonlocal facts_now
         if pipeline.ready.is_set():
-            facts_now = await device_facts()
+            facts_now = await target.device_facts()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/api/live", tags=["stats"], dependencies=guarded, response_class=StreamingResponse,
-             responses={**errors, 200: {"content": {"text/event-stream": {}}}},
-             summary="Server-sent events: streams, devices and stats every second")
-    async def live(request: Request) -> StreamingResponse:
-        running()
-
-        async def events() -> AsyncIterator[bytes]:
-            while not closing.is_set():
-                facts = await device_facts()
-                data = {"streams": [i.model_dump() for i in await stream_infos()],
-                        "devices": [d.model_dump() for d in devices_out(facts)],
-                        "mqtt": {k: pipeline.publisher.counters()[k] for k in ("connected", "buffered", "published")}}
-                yield f"data: {json.dumps(data)}\n\n".encode()
-                if await request.is_disconnected():
-                    return
-                await wait_event(closing, 1.0)
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=LIVE_HEADERS)
 
     add_webrtc_routes(app, pipeline, guarded, errors, running)
     add_job_routes(app, jobs, guarded, errors, secrets)
 
-    # -- the page and the docs -----------------------------------------------------------------
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+    add_page(app)
 
     return app

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import StreamConfig, TalkConfig
@@ -23,13 +25,24 @@ from pipeline.errors import Conflict, Invalid, NotFound
 from streams import redact_text
 
 from .control import StreamControl
-from .schemas import ModelInfo, NewSession, NewStream, Problem, SessionInfo, StreamInfo, StreamPatch
+from .schemas import (
+    DeviceOut,
+    EventInfo,
+    ModelInfo,
+    NewSession,
+    NewStream,
+    Problem,
+    SessionInfo,
+    StreamInfo,
+    StreamPatch,
+)
 from .target import ControlTarget
 
 # live views and event streams: never cached, and not buffered by a proxy in front (nginx would hold
 # the frames of an MJPEG stream or the lines of an event stream until its buffer fills)
 LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
 Errors = dict[int | str, dict[str, Any]]
+STATIC = Path(__file__).parent / "static"
 
 
 def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) -> StreamInfo:
@@ -189,3 +202,71 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
         return Response(status_code=204)
 
     return router
+
+
+def observe_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
+                   closing: asyncio.Event) -> APIRouter:
+    """What an operator watches: devices, the stats payload, stored events and their pictures, the
+    page's server-sent feed."""
+    router = APIRouter(dependencies=guarded)
+
+    async def stream_infos() -> list[StreamInfo]:
+        secrets = target.secret_values()
+        names = sorted(control.streams)
+        live = await target.figures(names)
+        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets).model_dump(),
+                                           **live.get(n, {})}) for n in names]
+
+    @router.get("/api/devices", response_model=list[DeviceOut], tags=["devices"], responses=errors)
+    async def devices() -> list[DeviceOut]:
+        running(target)
+        return await target.devices()
+
+    @router.get("/api/stats", response_model=dict[str, Any], tags=["stats"], responses=errors,
+                summary="The same figures as the MQTT stats topic (every node's, on a cluster)")
+    async def stats() -> dict[str, Any]:
+        running(target)
+        return await target.stats()
+
+    @router.get("/api/events", response_model=list[EventInfo], tags=["events"], responses=errors,
+                summary="Stored events, newest first")
+    async def events(stream: str | None = None, label: str | None = None,
+                     since: float | None = Query(None, description="unix time"),
+                     limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
+        return await target.events(stream, label, since, limit)
+
+    @router.get("/api/events/{event_id}/snapshot.jpg", tags=["events"], response_class=Response,
+                responses={**errors, 404: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
+    async def event_snapshot(event_id: str, crop: bool = Query(False, description="the object only")) -> Response:
+        jpeg = await target.event_snapshot(event_id, crop)
+        if jpeg is None:
+            raise NotFound(f"no snapshot for event {event_id}")
+        return Response(jpeg, media_type="image/jpeg")
+
+    @router.get("/api/live", tags=["stats"], response_class=StreamingResponse,
+                responses={**errors, 200: {"content": {"text/event-stream": {}}}},
+                summary="Server-sent events: streams, devices and stats every second")
+    async def live(request: Request) -> StreamingResponse:
+        running(target)
+
+        async def feed() -> AsyncIterator[bytes]:
+            while not closing.is_set():
+                data = {"streams": [i.model_dump() for i in await stream_infos()],
+                        "devices": [d.model_dump() for d in await target.devices()], "mqtt": target.mqtt()}
+                yield f"data: {json.dumps(data)}\n\n".encode()
+                if await request.is_disconnected():
+                    return
+                await wait_event(closing, 1.0)
+
+        return StreamingResponse(feed(), media_type="text/event-stream", headers=LIVE_HEADERS)
+
+    return router
+
+
+def add_page(app: FastAPI) -> None:
+    """The web page (`/`, plain files, no build step) of one process or a cluster head."""
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")

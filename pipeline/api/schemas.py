@@ -96,6 +96,7 @@ class DeviceOut(BaseModel):
     temperature_c: float | None
     drained: bool
     slots: list[SlotInfo]
+    node: str | None = Field(None, description="on a cluster: the node it belongs to")
 
 
 class Move(BaseModel):

@@ -9,12 +9,15 @@ its own (a process's devices and live views; a cluster's nodes).
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.config import Config, TalkConfig
 from streams import redact_text
 
-from .schemas import ModelInfo, SessionInfo
+from .schemas import DeviceOut, EventInfo, ModelInfo, SessionInfo, SlotInfo
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -56,6 +59,31 @@ class ControlTarget(Protocol):
 
     async def stop_session(self, name: str) -> None: ...
 
+    async def devices(self) -> list[DeviceOut]:
+        """Every device (of every node) with its memory, load and executor slots."""
+        ...
+
+    async def stats(self) -> dict[str, Any]:
+        """The stats payload (`<prefix>/stats`, or every node's on a cluster), redacted."""
+        ...
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[EventInfo]:
+        """Stored events, newest first (merged from every node on a cluster)."""
+        ...
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None: ...
+
+    def mqtt(self) -> dict[str, Any]:
+        """The publisher's connection figures the page shows (connected, buffered, published)."""
+        ...
+
+
+def event_info(row: dict[str, Any], live_snapshot: bool) -> EventInfo:
+    return EventInfo(**{k: row[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
+                                            "best_score", "zones")},
+                     has_snapshot=row["crop_path"] is not None or live_snapshot, state=row["data"])
+
 
 class LocalTarget:
     """The control target of one process: reads the pipeline's services and its live-view cache."""
@@ -66,6 +94,7 @@ class LocalTarget:
         self.ready = pipeline.ready
         self.latest = latest
         self.latency = latency
+        self._facts: tuple[float, list[Any]] | None = None  # NVML is asked at most once a second
 
     def secret_values(self) -> tuple[str, ...]:
         return tuple(self.pipeline.secrets)
@@ -127,3 +156,56 @@ class LocalTarget:
 
     async def stop_session(self, name: str) -> None:
         await self.pipeline.stop_session(name)
+
+    # -- devices, stats, events ------------------------------------------------------------------------
+    async def device_facts(self) -> list[Any]:
+        now = time.monotonic()
+        if self._facts is None or now - self._facts[0] >= 1.0:
+            self._facts = (now, await asyncio.to_thread(self.pipeline.live_devices))
+        return self._facts[1]
+
+    async def devices(self) -> list[DeviceOut]:
+        secrets = self.secret_values()
+        slots: dict[str, list[SlotInfo]] = {}
+        for model, pool in self.pipeline.all_pools().items():
+            for name, snap in pool.snapshot().items():
+                slots.setdefault(snap["device"], []).append(SlotInfo(
+                    name=name, model=model, state=snap["state"], healthy=snap["state"] == "healthy",
+                    restarts=snap["restarts"], errors=snap["errors"], streams=snap.get("streams", []),
+                    service_ms_per_frame=snap["service_ms_per_frame"],
+                    last_error=redact_text(snap["last_error"], secrets) if snap["last_error"] else None))
+        return [DeviceOut(id=d.id, kind=d.kind, name=d.name, memory_total_bytes=d.total_bytes,
+                          memory_used_bytes=max(0, d.total_bytes - d.free_bytes), utilization_percent=d.utilization,
+                          temperature_c=d.temperature_c, drained=d.id in self.pipeline.models.drained,
+                          slots=slots.get(d.id, [])) for d in await self.device_facts()]
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(redact_text(json.dumps(self.pipeline.stats_payload()),
+                                                        self.secret_values()))
+        return result
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[EventInfo]:
+        from pipeline.analytics.eventstore import query
+
+        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, stream, label, since, limit)
+        snaps = self.pipeline.analytics.snapshots
+        return [event_info(r, snaps is not None and snaps.live(r["id"]) is not None) for r in rows]
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
+        from pipeline.analytics.eventstore import query
+
+        snaps = self.pipeline.analytics.snapshots
+        live = snaps.live(event_id) if snaps is not None else None
+        if live is not None:
+            return bytes(live[0] if crop else live[1])
+        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, None, None, None, 1, event_id)
+        path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
+        if not path or not Path(path).is_file():
+            return None
+        return await asyncio.to_thread(Path(path).read_bytes)
+
+    def mqtt(self) -> dict[str, Any]:
+        counters = self.pipeline.publisher.counters()
+        return {k: counters[k] for k in ("connected", "buffered", "published")}
+

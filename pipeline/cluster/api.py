@@ -13,6 +13,7 @@ nodes' lipsync slots (`pipeline.cluster.segments`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -26,12 +27,13 @@ from pydantic import BaseModel, Field
 from pipeline.api.app import BodyLimit, add_job_routes, base_app
 from pipeline.api.control import StreamControl
 from pipeline.api.metrics import add_standard_collectors
-from pipeline.api.routes import sessions_router, streams_router
-from pipeline.api.schemas import ModelInfo, Problem, SessionInfo
+from pipeline.api.routes import add_page, observe_router, sessions_router, streams_router
+from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Problem, SessionInfo
 from pipeline.api.server import HttpServer, jobs_folder
 from pipeline.config import TalkConfig
 from pipeline.errors import PlacementError, Unavailable
 from pipeline.talk.jobs import TalkJobs
+from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text
 
 if TYPE_CHECKING:
@@ -152,6 +154,33 @@ class ClusterTarget:
     async def stop_session(self, name: str) -> None:
         await self.head.remove_session(name)
 
+    # -- what the nodes answer ---------------------------------------------------------------------------
+    async def devices(self) -> list[DeviceOut]:
+        got = await self.head.ask_nodes("devices")
+        return [DeviceOut.model_validate(d) for node in sorted(got) for d in got[node]]
+
+    async def stats(self) -> dict[str, Any]:
+        """The head's placement and every node's own stats payload (asked of the nodes, at once)."""
+        nodes = await self.head.ask_nodes("stats")
+        payload = {"v": PAYLOAD_VERSION, "at": round(time.time(), 3), "cluster": self.head.state(), "nodes": nodes}
+        result: dict[str, Any] = json.loads(redact_text(json.dumps(payload), self.secret_values()))
+        return result
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[EventInfo]:
+        got = await self.head.ask_nodes("events", stream, label, since, limit)
+        rows = sorted((EventInfo.model_validate(e) for found in got.values() for e in found),
+                      key=lambda e: e.start_time, reverse=True)
+        return rows[:limit]
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
+        got = await self.head.ask_nodes("event_snapshot", event_id, crop)
+        return next((bytes(jpeg) for jpeg in got.values() if jpeg is not None), None)
+
+    def mqtt(self) -> dict[str, Any]:
+        counters = self.head.publisher.counters()
+        return {k: counters[k] for k in ("connected", "buffered", "published")}
+
 
 def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs | None, token: str | None,
                       closing: asyncio.Event, max_upload: int = 50_000_000) -> FastAPI:
@@ -184,6 +213,8 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
     target = ClusterTarget(head)
     app.include_router(streams_router(target, control, guarded, errors, head.config.api.mjpeg_fps, closing))
     app.include_router(sessions_router(target, control, guarded, errors))
+    app.include_router(observe_router(target, control, guarded, errors, closing))
+    add_page(app)
 
     # -- nodes -------------------------------------------------------------------------------------
     def node_info(name: str) -> NodeInfo:

@@ -303,6 +303,21 @@ class ClusterHead:
             out.update(got)
         return out
 
+    async def ask_nodes(self, method: str, *args: Any) -> dict[str, Any]:
+        """Call `method` of every node worker that is up (or drained) at once: -> its answer by node;
+        a node that does not answer within a few seconds is left out."""
+        nodes = [n for n in self.nodes.values() if n.state in ("up", "drained")]
+
+        async def ask(node: NodeHandle) -> tuple[str, Any]:
+            self.calls += 1
+            try:
+                async with asyncio.timeout(min(5.0, self.settings.dead_after_s)):
+                    return node.name, await getattr(node.actor, method).remote(*args)
+            except Exception:
+                return node.name, None
+
+        return {name: got for name, got in await asyncio.gather(*(ask(n) for n in nodes)) if got is not None}
+
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         node = self.nodes.get(self.where(name) or "")
         if node is None or node.state == "lost":

@@ -38,6 +38,7 @@ class NodeWorker:
         self.config_path = config_path
         self.pipeline: Any = None
         self.latest: Any = None  # the newest result per stream (figures and snapshots for the head's API)
+        self.target: Any = None  # the node's answers to the head's API (a LocalTarget over its pipeline)
         self.started_at = time.time()
         self._talk_capacity: int | None = None
         self.segments = 0  # offline talk-job segments rendered here
@@ -95,10 +96,32 @@ class NodeWorker:
 
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
+        target = self._target()
+        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.pipeline.streams}
+
+    def _target(self) -> Any:
         from pipeline.api.target import LocalTarget
 
-        target = LocalTarget(self.pipeline, self.latest)
-        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.pipeline.streams}
+        if self.target is None or self.target.pipeline is not self.pipeline:
+            self.target = LocalTarget(self.pipeline, self.latest)
+        return self.target
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """This node's devices and slots (the API's DeviceOut fields)."""
+        return [{**d.model_dump(), "node": self.node} for d in await self._target().devices()]
+
+    async def stats(self) -> dict[str, Any]:
+        """This node's stats payload (as on its `<prefix>/nodes/<node>/stats` topic)."""
+        result: dict[str, Any] = await self._target().stats()
+        return result
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[dict[str, Any]]:
+        """Events from this node's store, newest first (the API's EventInfo fields)."""
+        return [e.model_dump() for e in await self._target().events(stream, label, since, limit)]
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
+        return await self._target().event_snapshot(event_id, crop)
 
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
