@@ -504,7 +504,33 @@ def _config_arg(p: argparse.ArgumentParser, default: Path | None = CONFIG_DEFAUL
                    help="the TOML config file" + (f" (default: {default})" if default else " (optional)"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_talk_parser(sub: Any) -> None:
+    p = sub.add_parser("talk", help="lip-sync an avatar image to an audio file or URL, to a file or a live sink")
+    p.add_argument("--avatar", required=True, type=Path, help="a photo with a frontal face")
+    p.add_argument("--audio", required=True, help="audio file or FFmpeg URL")
+    p.add_argument("--out", required=True, help="file (.mp4/.mkv), HLS playlist (.m3u8), rtsp:// or rtmp:// URL")
+    p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
+    p.add_argument("--realtime", action="store_true", help="pace output at 25 fps (live sinks; energy backend)")
+    p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
+    p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
+    p.add_argument("--musetalk-version", dest="version", choices=["v15", "v1"], default="v15",
+                   help="MuseTalk release of the weights (default: v15)")
+    p.add_argument("--batch-size", type=int, help="frames per UNet batch (musetalk; default: lipsync.batch_size's)")
+    p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
+    p.add_argument(
+        "--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: lipsync.slot_memory_gb's)"
+    )
+    p.add_argument(
+        "--render-silence",
+        choices=["around_speech", "always"],
+        default="around_speech",
+        help="musetalk: run the model around speech only (default) or on every frame",
+    )
+    p.set_defaults(func=cmd_talk)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `framegrid` command line: one sub-command per job."""
     ap = argparse.ArgumentParser(prog="framegrid", description="Real-time video analytics and talking-head server")
     ap.add_argument("--version", action="version", version=f"framegrid {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -538,28 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     _config_arg(p, default=None)
     p.add_argument("--json", action="store_true", help="print devices and plans as JSON")
     p.set_defaults(func=cmd_devices)
-    p = sub.add_parser("talk", help="lip-sync an avatar image to an audio file or URL, to a file or a live sink")
-    p.add_argument("--avatar", required=True, type=Path, help="a photo with a frontal face")
-    p.add_argument("--audio", required=True, help="audio file or FFmpeg URL")
-    p.add_argument("--out", required=True, help="file (.mp4/.mkv), HLS playlist (.m3u8), rtsp:// or rtmp:// URL")
-    p.add_argument("--box", help="face box x1,y1,x2,y2 instead of detection")
-    p.add_argument("--realtime", action="store_true", help="pace output at 25 fps (live sinks; energy backend)")
-    p.add_argument("--backend", choices=["energy", "musetalk"], default="energy")
-    p.add_argument("--weights", type=Path, help="MuseTalk models folder (official layout)")
-    p.add_argument("--musetalk-version", dest="version", choices=["v15", "v1"], default="v15",
-                   help="MuseTalk release of the weights (default: v15)")
-    p.add_argument("--batch-size", type=int, help="frames per UNet batch (musetalk; default: lipsync.batch_size's)")
-    p.add_argument("--slots", type=int, help="lipsync slots (musetalk; default: the device plan, 1 on a CPU)")
-    p.add_argument(
-        "--slot-memory-gb", type=float, help="GPU memory one MuseTalk slot needs (default: lipsync.slot_memory_gb's)"
-    )
-    p.add_argument(
-        "--render-silence",
-        choices=["around_speech", "always"],
-        default="around_speech",
-        help="musetalk: run the model around speech only (default) or on every frame",
-    )
-    p.set_defaults(func=cmd_talk)
+    _add_talk_parser(sub)
     p = sub.add_parser("events", help="list stored events (tracked objects), newest first")
     _config_arg(p)
     p.add_argument("--stream")
@@ -584,7 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--musetalk-version", dest="version", choices=["v15", "v1"],
                    default=LipSyncConfig.model_fields["version"].default, help="MuseTalk release of the weights")
     p.set_defaults(func=cmd_avatar_prepare)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return int(args.func(args))
     except MissingExtra as exc:  # one line naming the pip install, never a traceback

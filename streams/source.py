@@ -338,17 +338,8 @@ class Source:
     def _decode_once(self, pts_offset: float, index: int) -> Iterator[Frame]:
         container = self._open()
         try:
-            vstream = first_video_stream(container, self._url)
-            ctx = vstream.codec_context
-            ctx.thread_type = "AUTO"
-            if self.decode_threads:
-                ctx.thread_count = self.decode_threads
-            rate = vstream.average_rate or vstream.guessed_rate
-            self.fps = float(rate) if rate else None
-            self.skipping = self.skip_mode(self.fps)
+            vstream, ctx = self._decoder(container)
             applied = self.decoding
-            ctx.skip_frame = applied.upper()
-            self.hw_decoding = bool(getattr(ctx, "is_hwaccel", False))
             pace_start: float | None = None
             first_pts: float | None = None
             last_frame = self.clock.mono()
@@ -418,6 +409,21 @@ class Source:
                     t0 = time.perf_counter()
         finally:
             container.close()
+
+    def _decoder(self, container: Any) -> tuple[Any, Any]:
+        """The video stream and its codec context, set up: threads, the frames it skips (from the
+        stream's rate and `max_fps`), hardware decoding as opened."""
+        vstream = first_video_stream(container, self._url)
+        ctx = vstream.codec_context
+        ctx.thread_type = "AUTO"
+        if self.decode_threads:
+            ctx.thread_count = self.decode_threads
+        rate = vstream.average_rate or vstream.guessed_rate
+        self.fps = float(rate) if rate else None
+        self.skipping = self.skip_mode(self.fps)
+        ctx.skip_frame = self.decoding.upper()
+        self.hw_decoding = bool(getattr(ctx, "is_hwaccel", False))
+        return vstream, ctx
 
     def _pace(self, start: float | None, rel_pts: float) -> float:
         """Sleep until the frame's presentation time; returns the (possibly reset) start."""
