@@ -235,7 +235,7 @@ class ModelConfig(SlotPoolConfig):
     agnostic_nms: bool = Field(False, description="NMS across classes (a box suppresses overlapping boxes of "
                                "any class)")
     batch_size: int = Field(4, ge=1, le=256, description="max frames per batch")
-    cpu_batch_ms: float = Field(30.0, ge=0, le=10_000, description="a CPU slot cuts its batches to what "
+    cpu_batch_ms: float | None = Field(30.0, ge=0, le=10_000, description="a CPU slot cuts its batches to what "
                                 "it runs in this many ms (from its measured time per frame): cheap frames "
                                 "batch, costly ones go one at a time (a CPU gains little from batching them "
                                 "and latency grows with every frame); 0 = always up to batch_size")
