@@ -22,24 +22,24 @@ from typing import Any
 
 from pipeline.analytics.service import Analytics
 from pipeline.analytics.tracking import StreamTracker
-from pipeline.core.detect import DetectorFactory, StreamFeed, default_detector_factory
-from pipeline.core.devices import DeviceInfo, cap_cpu_cores, decode_threads, discover
+from pipeline.core.detect import DetectorFactory, default_detector_factory
+from pipeline.core.devices import DeviceInfo, cap_cpu_cores, discover
 from pipeline.core.handoff import Handoff
 from pipeline.core.ingest import Ingest, StreamRecord
 from pipeline.core.memory import fix_mmap_threshold, limit_arenas
 from pipeline.core.models import Models
-from pipeline.core.overload import DecodeShedder
+from pipeline.core.overload import DecodeShedder, LoadWatch, Verdict
 from pipeline.core.registry import Registry
 from pipeline.core.results import MqttResults, Results, ResultSink
+from pipeline.core.running import RunningStreams
 from pipeline.core.slots import SlotPool
 from pipeline.mqtt.broker import EmbeddedBroker
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from pipeline.talk.sessions import TalkSessions
-from streams import SYSTEM_CLOCK, Clock, StreamState, url_password
+from streams import SYSTEM_CLOCK, Clock, StreamState
 
 from .config import Config, ModelConfig, StreamConfig, TalkConfig
-from .errors import PlacementError
 
 log = logging.getLogger(__name__)
 LOAD_CHECK_S = 5.0  # seconds between load verdicts (and decode shedding decisions)
@@ -74,6 +74,7 @@ class Pipeline:
         self.publisher: Publisher
         self.telemetry: Telemetry
         self.ingest: Ingest
+        self.running: RunningStreams  # the stream operations, over the registry and the ingest
         self.talk: TalkSessions
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -113,6 +114,8 @@ class Pipeline:
         self.results.add_sink(MqttResults(self.publisher))
         self.analytics.start(self.publisher, self.results, handoff)
         self.ingest = Ingest(self.clock, handoff, self.telemetry.stream_state, self._reconnected)
+        self.running = RunningStreams(self.config, self.registry, self.ingest, self.models, self.analytics,
+                                      self.telemetry, self.facts, self.secrets, StreamTracker)
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
                                  self.facts, self.models.runtimes, self._devices_changed)
         try:
@@ -128,7 +131,7 @@ class Pipeline:
                 for name in in_use:
                     await self.models.load(name)
                 for record in self.ingest.records.values():
-                    self._start_stream(record)
+                    self.running.start(record)
                 for name, tcfg in self.config.talk.items():
                     if tcfg.enabled:
                         with contextlib.suppress(Exception):  # reported on its state topic; others run on
@@ -190,25 +193,6 @@ class Pipeline:
         return cap_cpu_cores(discover(), self.cpu_cores)
 
     # -- streams ---------------------------------------------------------------------------------
-    def _start_stream(self, record: StreamRecord) -> None:
-        pool = self.models.pool(record.model)
-        if pool is None:
-            return  # its model failed to load; its state says so
-        tracking = record.cfg.tracker or self.models.cfg(record.model).tracker
-        record.tracker = StreamTracker(tracking) if tracking.type != "none" else None
-        if record.tracker is not None:
-            self.analytics.add_stream(record.name, record.cfg)
-        try:
-            pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
-        except PlacementError as exc:
-            self.ingest.set_state(record, StreamState.REFUSED, str(exc))
-            log.warning("%s", exc)
-            return
-        cpu = next((d for d in self.facts() if d.kind == "cpu"), None)
-        threads = decode_threads((cpu.cores if cpu else None) or 1, len(self.ingest.records),
-                                 self.config.pipeline.decode_threads)
-        self.ingest.start(record, threads)
-
     @property
     def streams(self) -> dict[str, StreamRecord]:
         return self.ingest.records
@@ -221,33 +205,14 @@ class Pipeline:
 
     # -- supervision -----------------------------------------------------------------------------
     async def _load_loop(self) -> None:
-        """Judge the load every LOAD_CHECK_S (the stats payload carries the verdict) and, while the
-        process is decode-bound, let live streams decode keyframes only (`pipeline.shed_decode`)."""
         if not self.config.pipeline.shed_decode:
             return
-        while True:
-            await asyncio.sleep(LOAD_CHECK_S)
+
+        def judge() -> Verdict:
             self.stats_payload(max_age=LOAD_CHECK_S / 2)  # updates the verdict (unless the stats loop just did)
-            now = self.clock.mono()
-            change = self.shedder.update(now, self.telemetry.overload.verdict)
-            live = [r for r in self.ingest.records.values() if r.source is not None and not r.source.local
-                    and r.source.options.skip_frames == "auto"]
-            aged = sum(r.stats.drops["too_old"] for r in live)
-            if change is None:
-                if self.shedder.active:
-                    self.ingest.pacer.update(aged)
-                    log.debug("decode pacing: a keyframe per camera every %.2f s (%d aged out so far; %s)",
-                              self.ingest.pacer.interval, aged, self.ingest.pacer.turns(now))
-                continue
-            if change:
-                self.ingest.pacer.start(len(live), self._cores(), aged)
-            for r in live:
-                r.source.shed = change  # type: ignore[union-attr]
-            if change:
-                log.warning("decode-bound: %d live stream(s) decode keyframes only for at least %.0f s",
-                            len(live), self.shedder.hold)
-            else:
-                log.info("decoding every frame again (%d live stream(s))", len(live))
+            return self.telemetry.overload.verdict
+
+        await LoadWatch(self.shedder, self.ingest, self.clock, judge, self._cores, LOAD_CHECK_S).run()
 
     async def _rebalance_loop(self) -> None:
         interval = self.config.pipeline.rebalance_interval
@@ -293,60 +258,18 @@ class Pipeline:
             raise RuntimeError("pipeline is not running")
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
-        """Start a stream while running. Its model must be known; it is loaded if unused so far.
-
-        Raises ValueError for a bad name, a duplicate, or an unknown model; a model that fails to
-        load leaves the stream in state `failed` (as at start-up).
-        """
+        """Start a stream while running (see `RunningStreams.add` for what it raises)."""
         self._running()
-        self.registry.add_stream(name, cfg, self.models.names())
-        password = url_password(cfg.url)
-        if password:
-            self.secrets.append(password)
-        record = self.ingest.add(name, cfg)
-        if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
-            return
-        self._start_stream(record)
-        log.info("stream %s: added (model %s)", name, cfg.model)
+        await self.running.add(name, cfg)
 
     async def remove_stream(self, name: str) -> None:
         """Stop a stream while running, publish `stopped` and clear its retained state."""
         self._running()
-        self.registry.remove_stream(name)
-        record = self.ingest.remove(name)
-        assert record is not None
-        record.live = False
-        pool = self.models.pool(record.model)
-        if pool is not None:
-            pool.remove(name)
-        await self.ingest.stop(record)
-        self.analytics.remove_stream(name)
-        self.telemetry.stream_removed(name)
-        log.info("stream %s: removed", name)
+        await self.running.remove(name)
 
     def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
-        """Apply a new `max_fps` to a running stream without reconnecting it: True when done, False
-        when the change needs a restart (another key changed, or the decoder would skip frames
-        differently). The feed's rate and the placer's cost follow at once."""
-        record = self.ingest.records.get(name)
-        if record is None or record.cfg.model_copy(update={"max_fps": cfg.max_fps}) != cfg:
-            return False
-        source = record.source
-        if source is not None:
-            before = source.wanted_fps
-            source.wanted_fps = cfg.max_fps
-            if source.skip_mode(source.fps) != source.skipping:
-                source.wanted_fps = before
-                return False
-        record.cfg = cfg
-        self.registry.streams[name] = cfg
-        pool = self.models.pool(cfg.model)
-        feed = pool.feeds.get(name) if pool is not None else None
-        if pool is not None and feed is not None:
-            feed.max_fps = cfg.max_fps  # type: ignore[attr-defined]
-            pool.placer.update_cost(name, pool.cost(feed))
-        log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
-        return True
+        """A new `max_fps` without reconnecting; False when the change needs a restart."""
+        return self.running.retune(name, cfg)
 
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
         """Load a model while running, ready for `add_stream` (see `Models.add` for what it raises)."""
@@ -356,7 +279,7 @@ class Pipeline:
     async def remove_model(self, name: str) -> None:
         """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""
         self._running()
-        await self.models.remove(name, sorted(n for n, s in self.registry.streams.items() if s.model == name))
+        await self.models.remove(name, self.running.users(name))
 
     # -- talking-head sessions ----------------------------------------------------------------------
     @property

@@ -43,10 +43,14 @@ def plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     try:
         wait_ready(client, 240)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # both cameras processed once, wherever they run
-            if all(s["published"] > 0 for s in client.get("/api/streams").json()):
+        while time.monotonic() < deadline:  # both cameras processed once, and (a cluster) both nodes up
+            published = all(s["published"] > 0 for s in client.get("/api/streams").json())
+            up = cluster is None or [n["state"] for n in client.get("/api/nodes").json()] == ["up", "up"]
+            if published and up:
                 break
             time.sleep(0.5)
+        else:
+            raise AssertionError(f"not serving after 120 s: {client.get('/api/streams').text}")
         yield request.param, client
     finally:
         client.close()

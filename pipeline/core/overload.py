@@ -23,9 +23,19 @@ overload comes back. The verdict says so while it lasts.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streams import Clock
+
+    from .ingest import Ingest
+
+log = logging.getLogger(__name__)
 
 BEHIND_SHARE = 0.85  # a live stream decoding below this share of its camera's rate is behind
 DECODE_CORES_SHARE = 0.6  # ... and the decoders use at least this share of the cores: decode-bound
@@ -246,3 +256,45 @@ def _busiest_model(executors: dict[str, dict[str, Any]], slot_fps: dict[str, flo
         return None
     model, shares = max(by_model.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
     return model, sum(shares) / len(shares)
+
+
+class LoadWatch:
+    """Judges the load every `every` seconds (`judge` builds the stats payload, which carries the
+    verdict) and, while the process is decode-bound, lets live streams decode keyframes only, in
+    paced turns (`pipeline.shed_decode`)."""
+
+    def __init__(self, shedder: DecodeShedder, ingest: Ingest, clock: Clock, judge: Callable[[], Verdict],
+                 cores: Callable[[], int], every: float) -> None:
+        self.shedder = shedder
+        self.ingest = ingest
+        self.clock = clock
+        self.judge = judge
+        self.cores = cores
+        self.every = every
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            verdict = self.judge()
+            now = self.clock.mono()
+            change = self.shedder.update(now, verdict)
+            live = [r for r in self.ingest.records.values() if r.source is not None and not r.source.local
+                    and r.source.options.skip_frames == "auto"]
+            aged = sum(r.stats.drops["too_old"] for r in live)
+            pacer = self.ingest.pacer
+            if change is None:
+                if self.shedder.active:
+                    pacer.update(aged)
+                    log.debug("decode pacing: a keyframe per camera every %.2f s (%d aged out so far; %s)",
+                              pacer.interval, aged, pacer.turns(now))
+                continue
+            if change:
+                pacer.start(len(live), self.cores(), aged)
+            for r in live:
+                r.source.shed = change  # type: ignore[union-attr]
+            if change:
+                log.warning("decode-bound: %d live stream(s) decode keyframes only for at least %.0f s",
+                            len(live), self.shedder.hold)
+            else:
+                log.info("decoding every frame again (%d live stream(s))", len(live))
+

@@ -1,0 +1,128 @@
+"""The running streams: the registry of their configs and the ingest of their records, with how a
+stream starts (tracker, placement on its model's pool, its decoder), is added, retuned and removed
+while running.
+
+`RunningStreams` is the one service the composer, the control plane (through `Pipeline`) and a
+cluster node's worker change streams through. It reaches models, analytics and telemetry only
+through what it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Config, StreamConfig, TrackerConfig
+from pipeline.errors import PlacementError
+from streams import StreamState, url_password
+
+from .detect import StreamFeed
+from .devices import DeviceInfo, decode_threads
+from .ingest import Ingest, StreamRecord
+from .models import Models
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from pipeline.analytics.service import Analytics
+    from pipeline.mqtt.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class RunningStreams:
+    def __init__(self, config: Config, registry: Registry, ingest: Ingest, models: Models, analytics: Analytics,
+                 telemetry: Telemetry, facts: Callable[[], list[DeviceInfo]], secrets: list[str],
+                 tracker: Callable[[TrackerConfig], Any]) -> None:
+        self.config = config
+        self.registry = registry
+        self.ingest = ingest
+        self.models = models
+        self.analytics = analytics
+        self.telemetry = telemetry
+        self.facts = facts
+        self.secrets = secrets  # the composer's list: a new stream's password is added to it
+        self.tracker = tracker  # a stream's tracker from its settings (analytics builds it; core only holds it)
+
+    @property
+    def records(self) -> dict[str, StreamRecord]:
+        return self.ingest.records
+
+    def is_running(self, name: str) -> bool:
+        return name in self.registry.streams
+
+    def users(self, model: str) -> list[str]:
+        """The running streams of a model."""
+        return sorted(n for n, s in self.registry.streams.items() if s.model == model)
+
+    def start(self, record: StreamRecord) -> None:
+        """Track, place and decode a stream whose model is loaded (a failed model's state says so)."""
+        pool = self.models.pool(record.model)
+        if pool is None:
+            return
+        tracking = record.cfg.tracker or self.models.cfg(record.model).tracker
+        record.tracker = self.tracker(tracking) if tracking.type != "none" else None
+        if record.tracker is not None:
+            self.analytics.add_stream(record.name, record.cfg)
+        try:
+            pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
+        except PlacementError as exc:
+            self.ingest.set_state(record, StreamState.REFUSED, str(exc))
+            log.warning("%s", exc)
+            return
+        cpu = next((d for d in self.facts() if d.kind == "cpu"), None)
+        threads = decode_threads((cpu.cores if cpu else None) or 1, len(self.ingest.records),
+                                 self.config.pipeline.decode_threads)
+        self.ingest.start(record, threads)
+
+    async def add(self, name: str, cfg: StreamConfig) -> None:
+        """Start a stream. Its model must be known; it is loaded if unused so far. Raises ValueError for
+        a bad name, a duplicate, or an unknown model; a model that fails to load leaves the stream
+        `failed` (as at start-up)."""
+        self.registry.add_stream(name, cfg, self.models.names())
+        password = url_password(cfg.url)
+        if password:
+            self.secrets.append(password)
+        record = self.ingest.add(name, cfg)
+        if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
+            return
+        self.start(record)
+        log.info("stream %s: added (model %s)", name, cfg.model)
+
+    async def remove(self, name: str) -> None:
+        """Stop a stream, publish `stopped` and clear its retained state."""
+        self.registry.remove_stream(name)
+        record = self.ingest.remove(name)
+        assert record is not None
+        record.live = False
+        pool = self.models.pool(record.model)
+        if pool is not None:
+            pool.remove(name)
+        await self.ingest.stop(record)
+        self.analytics.remove_stream(name)
+        self.telemetry.stream_removed(name)
+        log.info("stream %s: removed", name)
+
+    def retune(self, name: str, cfg: StreamConfig) -> bool:
+        """Apply a new `max_fps` without reconnecting: True when done, False when the change needs a
+        restart (another key changed, or the decoder would skip frames differently). The feed's rate
+        and the placer's cost follow at once."""
+        record = self.ingest.records.get(name)
+        if record is None or record.cfg.model_copy(update={"max_fps": cfg.max_fps}) != cfg:
+            return False
+        source = record.source
+        if source is not None:
+            before = source.wanted_fps
+            source.wanted_fps = cfg.max_fps
+            if source.skip_mode(source.fps) != source.skipping:
+                source.wanted_fps = before
+                return False
+        record.cfg = cfg
+        self.registry.streams[name] = cfg
+        pool = self.models.pool(cfg.model)
+        feed = pool.feeds.get(name) if pool is not None else None
+        if pool is not None and feed is not None:
+            feed.max_fps = cfg.max_fps  # type: ignore[attr-defined]
+            pool.placer.update_cost(name, pool.cost(feed))
+        log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
+        return True
