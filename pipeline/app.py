@@ -229,9 +229,6 @@ class Pipeline:
             pools["lipsync"] = self.talk.lipsync.pool
         return pools
 
-    def devices_payload(self) -> dict[str, Any]:
-        return self.telemetry.devices_payload(self.all_pools())
-
     def _devices_changed(self) -> None:
         self.telemetry.devices(self.all_pools())
 

@@ -115,11 +115,7 @@ async def _status(runner: Any, config: Config, stop: asyncio.Event) -> None:
     interval = config.pipeline.status_interval
     if interval <= 0 or not hasattr(runner, "stats_payload"):
         return
-    ready = asyncio.ensure_future(runner.ready.wait())
-    try:
-        await asyncio.wait({ready, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        ready.cancel()
+    await runner.ready.wait()  # (cancelled by _run when the runner ends first)
     while not stop.is_set():
         if not await wait_event(stop, interval):
             print(redact_text(_status_table(runner.stats_payload()), runner.secrets), file=sys.stderr, flush=True)

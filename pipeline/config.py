@@ -618,21 +618,25 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
         p = Path(value).expanduser()
         return p if p.is_absolute() else base_dir / p
 
+    weights = {n: w for n, m in models.items() if (w := path(table(m).get("weights"))) is not None}
+    files = {n: (url, local) for n, st in table(data.get("streams")).items()
+             if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
+             and is_local_file(url) and (local := path(url)) is not None}
+    avatars = {n: a for n, t in table(data.get("talk")).items() if (a := path(table(t).get("avatar"))) is not None}
+    return errors + _missing_files(weights, files, avatars)
+
+
+def _missing_files(weights: dict[str, Path], stream_files: dict[str, tuple[str, Path]],
+                   avatars: dict[str, Path]) -> list[tuple[str, str]]:
+    """The one check (and message) of a config's files that must exist: weights, local stream files
+    (the URL as written, its path), avatars. Used on a valid config and on raw tables alike."""
     from detectors import missing_weights_message
 
-    for name, model in models.items():
-        weights = path(table(model).get("weights"))
-        if weights is not None and weights.suffix == ".pt" and not weights.is_file():
-            errors.append((f"models.{name}.weights", missing_weights_message(weights)))
-    for name, stream in table(data.get("streams")).items():
-        url = table(stream).get("url")
-        local = path(url) if isinstance(url, str) and is_local_file(url) else None
-        if local is not None and table(stream).get("enabled", True) is not False and not local.exists():
-            errors.append((f"streams.{name}.url", f"file not found: {url}"))
-    for name, talk in table(data.get("talk")).items():
-        avatar = path(table(talk).get("avatar"))
-        if avatar is not None and not avatar.is_file():
-            errors.append((f"talk.{name}.avatar", f"file not found: {avatar}"))
+    errors = [(f"models.{n}.weights", missing_weights_message(w)) for n, w in weights.items()
+              if w.suffix == ".pt" and not w.is_file()]
+    errors += [(f"streams.{n}.url", f"file not found: {url}") for n, (url, local) in stream_files.items()
+               if not local.exists()]
+    errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
     return errors
 
 
@@ -691,20 +695,13 @@ def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
     """Files the config names that must exist before anything starts."""
-    from detectors import missing_weights_message
-
-    errors = []
-    for name, m in config.models.items():
-        if m.weights.suffix == ".pt" and not m.weights.is_file():
-            errors.append((f"models.{name}.weights", missing_weights_message(m.weights)))
-        elif m.weights.suffix not in (".pt", ".yaml", ".yml"):
-            errors.append((f"models.{name}.weights", f"must be a .pt or .yaml file, got {m.weights.name}"))
-    for name, s in config.streams.items():
-        if s.enabled and is_local_file(s.url) and not Path(s.url).exists():
-            errors.append((f"streams.{name}.url", f"file not found: {s.url}"))
+    errors = _missing_files({n: m.weights for n, m in config.models.items()},
+                            {n: (s.url, Path(s.url)) for n, s in config.streams.items()
+                             if s.enabled and is_local_file(s.url)},
+                            {n: t.avatar for n, t in config.talk.items() if t.enabled})
+    errors += [(f"models.{n}.weights", f"must be a .pt or .yaml file, got {m.weights.name}")
+               for n, m in config.models.items() if m.weights.suffix not in (".pt", ".yaml", ".yml")]
     for name, t in config.talk.items():
-        if t.enabled and not t.avatar.is_file():
-            errors.append((f"talk.{name}.avatar", f"file not found: {t.avatar}"))
         if t.enabled and t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio) and not Path(t.audio).exists():
             errors.append((f"talk.{name}.audio", f"file not found: {t.audio}"))
     if config.lipsync.weights is not None and any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):

@@ -30,8 +30,11 @@ class Topics:
     prefix: str
     node: str | None = None
 
+    def __post_init__(self) -> None:  # once, not on every result published
+        object.__setattr__(self, "prefix", self.prefix.rstrip("/"))
+
     def _join(self, *parts: str) -> str:
-        return "/".join((self.prefix.rstrip("/"), *parts))
+        return "/".join((self.prefix, *parts))
 
     def _process(self, leaf: str) -> str:
         return self._join("nodes", self.node, leaf) if self.node else self._join(leaf)

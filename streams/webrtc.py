@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .extras import MissingExtra, require
+
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = 90_000
@@ -42,10 +44,11 @@ class WebRtcError(Exception):
 
 
 def require_aiortc() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("aiortc") is None:
-        raise WebRtcError("WebRTC needs aiortc: pip install 'framegrid[webrtc]'")
+    """aiortc importable, else a WebRtcError whose one line names the pip install (`streams.extras`)."""
+    try:
+        require("aiortc", "webrtc", "WebRTC")
+    except MissingExtra as exc:
+        raise WebRtcError(str(exc)) from exc
 
 
 def restrict_host_addresses(addresses: Sequence[str]) -> None:

@@ -52,6 +52,14 @@ def configured_stream(name: str, cfg: StreamConfig, secrets: tuple[str, ...]) ->
                       enabled=cfg.enabled, state="disabled", config=conf)
 
 
+async def stream_infos(target: ControlTarget, control: StreamControl, names: list[str]) -> list[StreamInfo]:
+    """The named configured streams' infos: their settings, with the live figures of those that run."""
+    secrets = target.secret_values()
+    live = await target.figures(names)
+    return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets).model_dump(),
+                                       **live.get(n, {})}) for n in names]
+
+
 def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -> TalkConfig:
     """A new session's settings from an API client: its avatar, audio and output files inside
     api.media_dirs (relative: to the config), or network URLs (Invalid naming the key)."""
@@ -90,10 +98,7 @@ def streams_router(target: ControlTarget, control: StreamControl, guarded: list[
             raise NotFound(f"no stream {name}")
 
     async def infos(names: list[str]) -> list[StreamInfo]:
-        secrets = target.secret_values()
-        live = await target.figures(names)
-        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets).model_dump(),
-                                           **live.get(n, {})}) for n in names]
+        return await stream_infos(target, control, names)
 
     @router.get("/api/streams", response_model=list[StreamInfo], responses=errors)
     async def list_streams() -> list[StreamInfo]:
@@ -210,13 +215,6 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
     page's server-sent feed."""
     router = APIRouter(dependencies=guarded)
 
-    async def stream_infos() -> list[StreamInfo]:
-        secrets = target.secret_values()
-        names = sorted(control.streams)
-        live = await target.figures(names)
-        return [StreamInfo.model_validate({**configured_stream(n, control.streams[n], secrets).model_dump(),
-                                           **live.get(n, {})}) for n in names]
-
     @router.get("/api/devices", response_model=list[DeviceOut], tags=["devices"], responses=errors)
     async def devices() -> list[DeviceOut]:
         running(target)
@@ -251,7 +249,8 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
 
         async def feed() -> AsyncIterator[bytes]:
             while not closing.is_set():
-                data = {"streams": [i.model_dump() for i in await stream_infos()],
+                data = {"streams": [i.model_dump() for i in await stream_infos(target, control,
+                                                                              sorted(control.streams))],
                         "devices": [d.model_dump() for d in await target.devices()], "mqtt": target.mqtt()}
                 yield f"data: {json.dumps(data)}\n\n".encode()
                 if await request.is_disconnected():
