@@ -358,9 +358,14 @@ def cmd_talk(args: argparse.Namespace) -> int:
     except (AvatarError, SinkError) as exc:
         print(f"talk: {redact_text(str(exc))}", file=sys.stderr)
         return 2
+    tty = sys.stderr.isatty()
+
     def progress(i: int, level: float) -> None:
-        if i % 25 == 0:
+        # on a terminal one line rewritten each second; elsewhere (Docker, CI, a file) a plain line every 10 s
+        if tty and i % 25 == 0:
             print(f"\rtalk: {i / 25:7.1f} s rendered", end="", file=sys.stderr, flush=True)
+        elif not tty and i % 250 == 0 and i:
+            print(f"talk: {i / 25:.0f} s rendered", file=sys.stderr, flush=True)
 
     if args.backend == "musetalk":
         return _talk_musetalk(args, avatar, sink)
@@ -372,7 +377,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         session.wait()
     except KeyboardInterrupt:
         session.stop()
-    print(file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     took = time.monotonic() - t0
     snap = session.snapshot()
     if session.state == "failed":

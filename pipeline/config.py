@@ -619,24 +619,46 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
         return p if p.is_absolute() else base_dir / p
 
     weights = {n: w for n, m in models.items() if (w := path(table(m).get("weights"))) is not None}
-    files = {n: (url, local) for n, st in table(data.get("streams")).items()
+    # messages name the path as resolved against the config's folder, as the valid config's check does
+    files = {n: (str(local), local) for n, st in table(data.get("streams")).items()
              if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
              and is_local_file(url) and (local := path(url)) is not None}
-    avatars = {n: a for n, t in table(data.get("talk")).items() if (a := path(table(t).get("avatar"))) is not None}
-    return errors + _missing_files(weights, files, avatars)
+    talks = {n: table(t) for n, t in table(data.get("talk")).items() if table(t).get("enabled", True) is not False}
+    avatars = {n: a for n, t in talks.items() if (a := path(t.get("avatar"))) is not None}
+    audios = {n: (str(local), local) for n, t in talks.items() if isinstance(audio := t.get("audio"), str)
+              and audio not in ("mqtt", "webrtc") and is_local_file(audio) and (local := path(audio)) is not None}
+    lipsync = table(data.get("lipsync"))
+    version = lipsync.get("version", musetalk_defaults.VERSION)
+    musetalk = None
+    if (folder := path(lipsync.get("weights"))) is not None and version in ("v15", "v1") and any(
+            t.get("backend") == "musetalk" for t in talks.values()):
+        musetalk = (folder, str(version))
+    return errors + _missing_files(weights, files, avatars, audios, musetalk)
 
 
-def _missing_files(weights: dict[str, Path], stream_files: dict[str, tuple[str, Path]],
-                   avatars: dict[str, Path]) -> list[tuple[str, str]]:
-    """The one check (and message) of a config's files that must exist: weights, local stream files
-    (the URL as written, its path), avatars. Used on a valid config and on raw tables alike."""
+def _missing_files(weights: dict[str, Path], stream_files: dict[str, tuple[str, Path]], avatars: dict[str, Path],
+                   audios: dict[str, tuple[str, Path]], musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
+    """The one check (and message) of the files a config names that must exist before anything starts:
+    weights (and their kind), local stream files and talk audio (the URL to name, its path), avatars,
+    the MuseTalk folder's layout. Used on a valid config and on raw tables alike."""
     from detectors import missing_weights_message
 
     errors = [(f"models.{n}.weights", missing_weights_message(w)) for n, w in weights.items()
               if w.suffix == ".pt" and not w.is_file()]
+    errors += [(f"models.{n}.weights", f"must be a .pt or .yaml file, got {w.name}")
+               for n, w in weights.items() if w.suffix not in (".pt", ".yaml", ".yml")]
     errors += [(f"streams.{n}.url", f"file not found: {url}") for n, (url, local) in stream_files.items()
                if not local.exists()]
     errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
+    errors += [(f"talk.{n}.audio", f"file not found: {audio}") for n, (audio, local) in audios.items()
+               if not local.exists()]
+    if musetalk is not None:
+        from talkinghead.musetalk import MuseTalkError, check_layout
+
+        try:
+            check_layout(*musetalk)
+        except MuseTalkError as exc:
+            errors.append(("lipsync.weights", str(exc)))
     return errors
 
 
@@ -695,23 +717,17 @@ def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
     """Files the config names that must exist before anything starts."""
-    errors = _missing_files({n: m.weights for n, m in config.models.items()},
-                            {n: (s.url, Path(s.url)) for n, s in config.streams.items()
-                             if s.enabled and is_local_file(s.url)},
-                            {n: t.avatar for n, t in config.talk.items() if t.enabled})
-    errors += [(f"models.{n}.weights", f"must be a .pt or .yaml file, got {m.weights.name}")
-               for n, m in config.models.items() if m.weights.suffix not in (".pt", ".yaml", ".yml")]
-    for name, t in config.talk.items():
-        if t.enabled and t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio) and not Path(t.audio).exists():
-            errors.append((f"talk.{name}.audio", f"file not found: {t.audio}"))
-    if config.lipsync.weights is not None and any(t.enabled and t.backend == "musetalk" for t in config.talk.values()):
-        from talkinghead.musetalk import MuseTalkError, check_layout
-
-        try:
-            check_layout(config.lipsync.weights, config.lipsync.version)
-        except MuseTalkError as exc:
-            errors.append(("lipsync.weights", str(exc)))
-    return errors
+    talks = {n: t for n, t in config.talk.items() if t.enabled}
+    musetalk = None
+    if config.lipsync.weights is not None and any(t.backend == "musetalk" for t in talks.values()):
+        musetalk = (config.lipsync.weights, config.lipsync.version)
+    return _missing_files({n: m.weights for n, m in config.models.items()},
+                          {n: (s.url, Path(s.url)) for n, s in config.streams.items()
+                           if s.enabled and is_local_file(s.url)},
+                          {n: t.avatar for n, t in talks.items()},
+                          {n: (t.audio, Path(t.audio)) for n, t in talks.items()
+                           if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)},
+                          musetalk)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -115,9 +115,21 @@ def test_every_stage_reports_at_once(tmp_path: Path) -> None:
 
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[models.m]\ntype = "yolo"\nweights = "nope.pt"\n'
-                   '[streams.a]\nurl = "missing.mp4"\nmodel = "ghost"\nmax_fps = 0\ntypo_key = 1\n')
+                   '[streams.a]\nurl = "missing.mp4"\nmodel = "ghost"\nmax_fps = 0\ntypo_key = 1\n'
+                   '[lipsync]\nweights = "musetalk"\n'
+                   '[talk.t]\navatar = "face.jpg"\naudio = "hello.wav"\nout = "o.mp4"\nbackend = "musetalk"\n')
+    (tmp_path / "musetalk").mkdir()  # a folder, but not in MuseTalk's layout
     with pytest.raises(ConfigError) as caught:
         load_config(cfg)
     keys = {key for key, _ in caught.value.errors}
     assert keys == {"streams.a.max_fps", "streams.a.typo_key", "streams.a.model", "models.m.weights",
-                    "streams.a.url"}, caught.value.errors
+                    "streams.a.url", "talk.t.avatar", "talk.t.audio", "lipsync.weights"}, caught.value.errors
+    # the same file checks on a config that is otherwise valid: the same keys and messages
+    cfg.write_text('[models.m]\ntype = "yolo"\nweights = "nope.pt"\n'
+                   '[streams.a]\nurl = "missing.mp4"\nmodel = "m"\n'
+                   '[lipsync]\nweights = "musetalk"\n'
+                   '[talk.t]\navatar = "face.jpg"\naudio = "hello.wav"\nout = "o.mp4"\nbackend = "musetalk"\n')
+    with pytest.raises(ConfigError) as valid:
+        load_config(cfg)
+    raw = {k: m for k, m in caught.value.errors if k in dict(valid.value.errors)}
+    assert raw == dict(valid.value.errors), valid.value.errors

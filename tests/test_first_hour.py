@@ -128,3 +128,26 @@ def test_devices_and_probe_speak_json(tmp_path: Path) -> None:
     assert devices["models"]["shapes"].startswith(f"{sum(r['slots'] for r in devices['detect_slots'])} slot(s)")
     probe = json.loads(framegrid("probe", "--json", str(ROOT / "media" / "demo-shapes.mp4")).stdout)
     assert (probe["codec"], probe["width"], probe["height"]) == ("h264", 640, 360)
+
+
+def test_the_readme_talking_head_command_runs_as_written(tmp_path: Path, face_image: Path) -> None:
+    """The README's talking-head line, taken from the README and run with a face photo and a WAV file
+    named as it names them: a video comes out, and its progress is plain lines (no carriage return)."""
+    import shlex
+    import shutil
+
+    from tests.support.media import probe_output, tone_on_off, write_wav
+
+    line = next(s.strip() for s in (ROOT / "README.md").read_text().splitlines() if " talk " in s and "framegrid" in s)
+    argv = shlex.split(line)
+    assert argv[0] == ".venv/bin/framegrid", line
+    shutil.copy(face_image, tmp_path / "face.jpg")
+    write_wav(tmp_path / "hello.wav", tone_on_off([(6.0, True), (6.0, False)]), 16000)
+    out = framegrid(*argv[1:], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr
+    assert "talk: 10 s rendered" in out.stderr.splitlines()
+    frames, fps, audio_s, _ = probe_output(tmp_path / "hello.mp4")
+    assert fps == pytest.approx(25, abs=0.5)
+    assert frames == pytest.approx(300, abs=2)
+    assert audio_s == pytest.approx(12, abs=0.2)
