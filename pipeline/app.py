@@ -29,7 +29,6 @@ from pipeline.core.ingest import Ingest, StreamRecord
 from pipeline.core.memory import fix_mmap_threshold, limit_arenas
 from pipeline.core.models import Models
 from pipeline.core.overload import DecodeShedder, LoadWatch, Verdict
-from pipeline.core.registry import Registry
 from pipeline.core.results import MqttResults, Results, ResultSink
 from pipeline.core.running import RunningStreams
 from pipeline.core.slots import SlotPool
@@ -55,8 +54,9 @@ class Pipeline:
         self.cpu_cores = cpu_cores  # on a cluster node: the cores its Ray node declares (None: all of them)
         self.config_path = config_path
         self.node = node  # the cluster node this pipeline is the worker of (None: a single process)
-        self.registry = Registry(config)
         self.clock = clock
+        # the one table of running streams: the config's enabled ones now, runtime changes later
+        self.ingest = Ingest(clock, {n: s for n, s in config.streams.items() if s.enabled})
         self.device_facts = devices  # discovered at start when not given (tests give invented ones)
         self._facts_given = devices is not None
         self.secrets: list[str] = list(config.secrets())
@@ -73,8 +73,7 @@ class Pipeline:
         # made on the loop, in run()
         self.publisher: Publisher
         self.telemetry: Telemetry
-        self.ingest: Ingest
-        self.running: RunningStreams  # the stream operations, over the registry and the ingest
+        self.running: RunningStreams  # the stream operations, over the ingest's records
         self.talk: TalkSessions
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -113,8 +112,8 @@ class Pipeline:
         self.telemetry = Telemetry(self.publisher, mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
         self.analytics.start(self.publisher, self.results, handoff)
-        self.ingest = Ingest(self.clock, handoff, self.telemetry.stream_state, self._reconnected)
-        self.running = RunningStreams(self.config, self.registry, self.ingest, self.models, self.analytics,
+        self.ingest.attach(handoff, self.telemetry.stream_state, self._reconnected)
+        self.running = RunningStreams(self.config, self.ingest, self.models, self.analytics,
                                       self.telemetry, self.facts, self.secrets, StreamTracker)
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
                                  self.facts, self.models.runtimes, self._devices_changed)
@@ -122,9 +121,7 @@ class Pipeline:
             async with asyncio.TaskGroup() as tg:
                 self.models.spawn = lambda coro, name: tg.create_task(coro, name=name)
                 pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
-                for name, cfg in self.registry.streams.items():
-                    self.ingest.add(name, cfg)
-                in_use = self.registry.models_in_use()
+                in_use = self.ingest.models_in_use()
                 self.models.plan(in_use)
                 for name in in_use:
                     log.info("model %s: %s", name, self.models.table[name].describe())
@@ -201,7 +198,7 @@ class Pipeline:
         return self.models.names()
 
     def is_running(self, name: str) -> bool:
-        return name in self.registry.streams
+        return name in self.ingest.records
 
     # -- supervision -----------------------------------------------------------------------------
     async def _load_loop(self) -> None:
@@ -271,7 +268,7 @@ class Pipeline:
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
         """Load a model while running, ready for `add_stream` (see `Models.add` for what it raises)."""
         self._running()
-        await self.models.add(name, cfg, self.registry.check_name)
+        await self.models.add(name, cfg)
 
     async def remove_model(self, name: str) -> None:
         """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""

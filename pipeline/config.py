@@ -26,6 +26,12 @@ from talkinghead import defaults as musetalk_defaults
 from .errors import FramegridError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def check_name(kind: str, name: str) -> None:
+    """A stream's, model's or session's name as the config allows it (ValueError otherwise)."""
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"{kind} name {name!r} must match {NAME_PATTERN}")
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 

@@ -44,9 +44,12 @@ class StreamFeed:
         self.key = record.name
         self.record = record
         self.mailbox = record.mailbox
-        self.max_fps = record.cfg.max_fps
         self.max_frame_age = max_frame_age
         self.next_due = 0.0
+
+    @property
+    def max_fps(self) -> float | None:
+        return self.record.cfg.max_fps  # the stream's one live setting (a live retune changes it there)
 
     def waiting_since(self) -> float | None:
         return self.mailbox.waiting_since

@@ -1,6 +1,8 @@
-"""Ingest: one record per stream (config, mailbox, source, state, stats, result sequence).
+"""Ingest: one record per running stream (config, mailbox, source, state, stats, result sequence).
 
-A `StreamRecord` is the one place a stream's state lives. Its source decodes on its own thread
+`Ingest.records` is the one table of the streams a pipeline runs: the config's enabled streams from
+the start, plus those added and less those removed while running. A `StreamRecord` is the one place
+a stream's state lives (its `cfg` the one live copy of its settings). Its source decodes on its own thread
 into the mailbox; the source's state changes cross to the loop through the one hand-off and are
 applied here, then told to the listener (telemetry publishes them). Nothing here runs a model
 or publishes by itself.
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.config import StreamConfig
+from pipeline.config import StreamConfig, check_name
 from streams import Clock, Mailbox, Source, SourceState, StreamState
 
 from .handoff import Handoff
@@ -48,22 +50,41 @@ class StreamRecord:
 
 
 class Ingest:
-    """The streams of a pipeline: add, start decoding, apply state changes, stop."""
+    """The streams of a pipeline: add, start decoding, apply state changes, stop.
 
-    def __init__(self, clock: Clock, handoff: Handoff, on_state: Callable[[StreamRecord], None],
-                 on_reconnect: Callable[[StreamRecord], None] | None = None) -> None:
+    Made with the pipeline (its records are the streams to run); `attach` wires it to the loop's
+    hand-off and the state listeners when the pipeline starts."""
+
+    def __init__(self, clock: Clock, streams: dict[str, StreamConfig] | None = None) -> None:
         self.clock = clock
-        self.handoff = handoff
-        self.on_state = on_state
-        self.on_reconnect = on_reconnect  # a new connection is a new scene (tracks and their events end)
+        self.handoff: Handoff | None = None
+        self.on_state: Callable[[StreamRecord], None] = lambda record: None
+        self.on_reconnect: Callable[[StreamRecord], None] | None = None  # a new connection is a new scene
         self.records: dict[str, StreamRecord] = {}
         self.pacer = DecodePacer()  # while shedding decode load: whose keyframe is decoded when
+        for name, cfg in (streams or {}).items():
+            self.add(name, cfg)
+
+    def attach(self, handoff: Handoff, on_state: Callable[[StreamRecord], None],
+               on_reconnect: Callable[[StreamRecord], None] | None = None) -> None:
+        self.handoff, self.on_state, self.on_reconnect = handoff, on_state, on_reconnect
 
     def add(self, name: str, cfg: StreamConfig) -> StreamRecord:
+        """A new stream's record (not decoding yet). ValueError for a bad name or a duplicate."""
+        check_name("stream", name)
+        if name in self.records:
+            raise ValueError(f"stream {name} already exists")
         mailbox = Mailbox(name)
         record = StreamRecord(name, cfg, mailbox, StreamStats(mailbox), since=self.clock.wall())
         self.records[name] = record
         return record
+
+    def models_in_use(self) -> list[str]:
+        return sorted({r.model for r in self.records.values()})
+
+    def users(self, model: str) -> list[str]:
+        """The running streams of a model."""
+        return sorted(n for n, r in self.records.items() if r.model == model)
 
     def set_state(self, record: StreamRecord, state: StreamState, error: str | None = None,
                   since: float | None = None, reconnects: int | None = None) -> None:
@@ -80,9 +101,11 @@ class Ingest:
 
     def start(self, record: StreamRecord, decode_threads: int) -> None:
         """Start decoding into the record's mailbox (the batcher of its slot is already wired)."""
+        handoff = self.handoff
+        assert handoff is not None, "attach() first"
         record.stats.restart_window(self.clock.mono())
         record.source = Source(record.name, record.cfg.url, record.mailbox.put,
-                               lambda st: self.handoff.call(self._source_state, record, st), record.cfg,
+                               lambda st: handoff.call(self._source_state, record, st), record.cfg,
                                decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
         # while shedding: a keyframe is decoded only when its mailbox is empty and it is the camera's turn
         record.source.demand = lambda: (record.mailbox.waiting_since is None
@@ -102,5 +125,8 @@ class Ingest:
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(r) for r in self.records.values()))
 
-    def remove(self, name: str) -> StreamRecord | None:
-        return self.records.pop(name, None)
+    def remove(self, name: str) -> StreamRecord:
+        """Take a stream's record out of the table (KeyError when there is none)."""
+        if name not in self.records:
+            raise KeyError(f"no stream {name}")
+        return self.records.pop(name)

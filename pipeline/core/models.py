@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectors import DetectorError
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ModelConfig, check_name
 from pipeline.errors import PlacementError, PoolError
 from streams import Clock, redact_text
 
@@ -148,7 +148,7 @@ class Models:
             await self.load(name)
         return {n: self.table[n].error or "" for n in todo if self.table[n].error}
 
-    async def add(self, name: str, cfg: ModelConfig, check_name: Callable[[str, str], None]) -> None:
+    async def add(self, name: str, cfg: ModelConfig) -> None:
         """Load a model while running (its slots planned like at start), ready for streams.
 
         Raises ValueError for a bad or duplicate name, ConfigError when it would bring a second CPU

@@ -1,6 +1,5 @@
-"""The running streams: the registry of their configs and the ingest of their records, with how a
-stream starts (tracker, placement on its model's pool, its decoder), is added, retuned and removed
-while running.
+"""The running streams: the ingest's records (the one table of them), with how a stream starts
+(tracker, placement on its model's pool, its decoder), is added, retuned and removed while running.
 
 `RunningStreams` is the one service the composer, the control plane (through `Pipeline`) and a
 cluster node's worker change streams through. It reaches models, analytics and telemetry only
@@ -21,7 +20,6 @@ from .detect import StreamFeed
 from .devices import DeviceInfo, decode_threads
 from .ingest import Ingest, StreamRecord
 from .models import Models
-from .registry import Registry
 
 if TYPE_CHECKING:
     from pipeline.analytics.service import Analytics
@@ -31,11 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class RunningStreams:
-    def __init__(self, config: Config, registry: Registry, ingest: Ingest, models: Models, analytics: Analytics,
+    def __init__(self, config: Config, ingest: Ingest, models: Models, analytics: Analytics,
                  telemetry: Telemetry, facts: Callable[[], list[DeviceInfo]], secrets: list[str],
                  tracker: Callable[[TrackerConfig], Any]) -> None:
         self.config = config
-        self.registry = registry
         self.ingest = ingest
         self.models = models
         self.analytics = analytics
@@ -49,11 +46,11 @@ class RunningStreams:
         return self.ingest.records
 
     def is_running(self, name: str) -> bool:
-        return name in self.registry.streams
+        return name in self.ingest.records
 
     def users(self, model: str) -> list[str]:
         """The running streams of a model."""
-        return sorted(n for n, s in self.registry.streams.items() if s.model == model)
+        return self.ingest.users(model)
 
     def start(self, record: StreamRecord) -> None:
         """Track, place and decode a stream whose model is loaded (a failed model's state says so)."""
@@ -79,11 +76,12 @@ class RunningStreams:
         """Start a stream. Its model must be known; it is loaded if unused so far. Raises ValueError for
         a bad name, a duplicate, or an unknown model; a model that fails to load leaves the stream
         `failed` (as at start-up)."""
-        self.registry.add_stream(name, cfg, self.models.names())
+        if cfg.model not in self.models.names():
+            raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
+        record = self.ingest.add(name, cfg)
         password = url_password(cfg.url)
         if password:
             self.secrets.append(password)
-        record = self.ingest.add(name, cfg)
         if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
             return
         self.start(record)
@@ -91,9 +89,7 @@ class RunningStreams:
 
     async def remove(self, name: str) -> None:
         """Stop a stream, publish `stopped` and clear its retained state."""
-        self.registry.remove_stream(name)
         record = self.ingest.remove(name)
-        assert record is not None
         record.live = False
         pool = self.models.pool(record.model)
         if pool is not None:
@@ -117,12 +113,10 @@ class RunningStreams:
             if source.skip_mode(source.fps) != source.skipping:
                 source.wanted_fps = before
                 return False
-        record.cfg = cfg
-        self.registry.streams[name] = cfg
+        record.cfg = cfg  # the feed reads its rate from here
         pool = self.models.pool(cfg.model)
         feed = pool.feeds.get(name) if pool is not None else None
         if pool is not None and feed is not None:
-            feed.max_fps = cfg.max_fps  # type: ignore[attr-defined]
             pool.placer.update_cost(name, pool.cost(feed))
         log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
         return True
