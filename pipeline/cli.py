@@ -97,17 +97,17 @@ def _runner(config: Config, config_path: Path | None) -> tuple[Any, Any]:
         head = ClusterHead(config, config_path)
         if not config.api.enabled:
             return head, None
-        from pipeline.cluster.api import ClusterApiServer
+        from pipeline.cluster.api import cluster_api
 
-        return head, ClusterApiServer(head, config_path)
+        return head, cluster_api(head, config_path)
     from .app import Pipeline
 
     pipeline = Pipeline(config, config_path=config_path)
     if not config.api.enabled:
         return pipeline, None
-    from .api import ApiServer
+    from .api import local_api
 
-    return pipeline, ApiServer(pipeline, config_path)
+    return pipeline, local_api(pipeline, config_path)
 
 
 async def _status(runner: Any, config: Config, stop: asyncio.Event) -> None:

@@ -381,7 +381,7 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.cluster.api import ClusterApiServer
+    from pipeline.cluster.api import cluster_api
     from pipeline.cluster.head import ClusterHead
     from talkinghead import prepare_avatar
     from talkinghead.musetalk import MuseTalk
@@ -410,7 +410,7 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
         tmp_path,
     )
     head, stop = ClusterHead(config), asyncio.Event()
-    api = ClusterApiServer(head, None)
+    api = cluster_api(head, None)
     await api.start()
     task = asyncio.create_task(head.run(stop))
     try:

@@ -4,6 +4,7 @@ Mosquitto, the real model)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -26,14 +27,14 @@ def plane(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     tmp = tmp_path_factory.mktemp(f"plane-{request.param}")
     port = free_port()
     cluster: Any = None
-    extra = ""
+    extra = '[webrtc]\naddresses = ["127.0.0.1"]\n'  # talking heads over WebRTC on loopback
     if request.param == "cluster":
         from ray.cluster_utils import Cluster
 
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         for _ in range(2):
             cluster.add_node(num_cpus=1, resources={"framegrid": 1})
-        extra = f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
+        extra += f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
     cfg = write_api_config(tmp / "fg.toml", f"fgplane-{request.param}-{os.getpid()}", mosquitto, port,
                            {"cam1": str(videos["cam1"]), "cam2": str(videos["cam2"])}, extra=extra)
     env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"})
@@ -185,3 +186,99 @@ def test_the_page(plane: tuple[str, httpx.Client]) -> None:
     assert page.status_code == 200
     assert "<title>framegrid</title>" in page.text
     assert api.get("/static/app.js").status_code == 200
+
+
+def test_devices_are_drained_and_resumed_where_they_are(plane: tuple[str, httpx.Client]) -> None:
+    kind, api = plane
+    devices = api.get("/api/devices").json()
+    cpu = next(d for d in devices if d["kind"] == "cpu")
+    where = f"?node={cpu['node']}" if kind == "cluster" else ""
+    # the only device of its process (node): nothing else can take its streams, so nothing moves
+    refused = api.post(f"/api/devices/cpu/drain{where}")
+    assert refused.status_code == 409, refused.text
+    resumed = api.post(f"/api/devices/cpu/resume{where}")
+    assert resumed.status_code == 200, resumed.text
+    assert resumed.json() == {"device": "cpu", "moved": []}
+    assert api.post(f"/api/devices/nope/drain{where}").status_code == 404
+    if kind == "cluster":
+        unnamed = api.post("/api/devices/cpu/drain")
+        assert unnamed.status_code == 422, unnamed.text
+        (problem,) = unnamed.json()["detail"]
+        assert problem["loc"][-1] == "node", problem
+        assert problem["msg"].startswith("required on a cluster"), problem
+        assert api.post("/api/devices/cpu/drain?node=nobody").status_code == 404
+    assert all(not d["drained"] for d in api.get("/api/devices").json())
+
+
+async def watch_and_speak(api: httpx.Client, name: str) -> tuple[int, str, int, list[int]]:
+    """A WebRTC viewer (WHEP) and microphone (WHIP) of a session, as a browser would: -> (video frames
+    received, the viewer's resource, the WHIP answer's status, the statuses of leaving twice while
+    still connected)."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    sdp = {"content-type": "application/sdp"}
+    viewer = RTCPeerConnection()
+    viewer.addTransceiver("video", direction="recvonly")
+    viewer.addTransceiver("audio", direction="recvonly")
+    video: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    @viewer.on("track")
+    def on_track(track: Any) -> None:
+        if track.kind == "video" and not video.done():
+            video.set_result(track)
+
+    mic = RTCPeerConnection()
+    mic.addTrack(AudioStreamTrack())  # silence, as a muted microphone sends
+    try:
+        await viewer.setLocalDescription(await viewer.createOffer())
+        answer = await asyncio.to_thread(api.post, f"/api/talk/sessions/{name}/whep",
+                                         content=viewer.localDescription.sdp, headers=sdp)
+        assert answer.status_code == 201, answer.text
+        await viewer.setRemoteDescription(RTCSessionDescription(sdp=answer.text, type="answer"))
+        track = await asyncio.wait_for(video, 30)
+        frames = 0
+        for _ in range(5):
+            await asyncio.wait_for(track.recv(), 30)
+            frames += 1
+        await mic.setLocalDescription(await mic.createOffer())
+        spoken = await asyncio.to_thread(api.post, f"/api/talk/sessions/{name}/whip",
+                                         content=mic.localDescription.sdp, headers=sdp)
+        if spoken.status_code == 201:
+            await mic.setRemoteDescription(RTCSessionDescription(sdp=spoken.text, type="answer"))
+        where = answer.headers["location"]
+        left = [(await asyncio.to_thread(api.delete, where)).status_code for _ in range(2)]
+        return frames, where, spoken.status_code, left
+    finally:
+        await viewer.close()
+        await mic.close()
+
+
+def test_a_talking_head_over_webrtc(plane: tuple[str, httpx.Client], face_image: Path) -> None:
+    """WHEP and WHIP signalling answered where the session runs (relayed by a cluster head to its node)."""
+    from streams.webrtc import restrict_host_addresses
+
+    kind, api = plane
+    started = api.post("/api/talk/sessions", json={"name": "anna", "avatar": str(face_image), "audio": "webrtc",
+                                                   "out": "webrtc"})
+    assert started.status_code == 201, started.text
+    assert (started.json()["node"] is not None) == (kind == "cluster"), started.json()
+    restrict_host_addresses(["127.0.0.1"])  # this process's ICE candidates on loopback too
+    try:
+        deadline = time.monotonic() + 60
+        while not any(s["name"] == "anna" and s["state"] == "live" for s in api.get("/api/talk/sessions").json()):
+            assert time.monotonic() < deadline, api.get("/api/talk/sessions").json()
+            time.sleep(0.5)
+        frames, viewer, whip, left = asyncio.run(watch_and_speak(api, "anna"))
+        assert frames == 5
+        assert whip == 201
+        assert viewer.startswith("/api/talk/sessions/anna/whep/"), viewer
+        assert left == [204, 404]  # the viewer left; then there is no such viewer
+        sdp = {"content-type": "application/sdp"}
+        bad = api.post("/api/talk/sessions/anna/whep", content="v=0 nonsense", headers=sdp)
+        assert bad.status_code == 409, bad.text
+        assert api.post("/api/talk/sessions/nobody/whep", content="v=0",
+                        headers={"content-type": "application/sdp"}).status_code == 404
+    finally:
+        restrict_host_addresses([])
+        assert api.delete("/api/talk/sessions/anna").status_code == 204

@@ -29,7 +29,7 @@ def on_cpu(name: str, cfg: ModelConfig) -> object:
 async def test_drain_and_resume_a_device_through_the_api(
     tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
 ) -> None:
-    from pipeline.api import ApiServer
+    from pipeline.api import local_api
 
     config = parse_config({
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
@@ -41,7 +41,7 @@ async def test_drain_and_resume_a_device_through_the_api(
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline = Pipeline(config, detector_factory=on_cpu, devices=[*GPUS, CPU])
-    api = ApiServer(pipeline, None)
+    api = local_api(pipeline, None)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
     try:
         async with pipeline:

@@ -196,7 +196,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     import httpx
 
     from pipeline.analytics.zones import anchor_of
-    from pipeline.api import ApiServer
+    from pipeline.api import local_api
     from streams.synthetic import Actor, ScriptedScene, write_video
 
     # the zone is the frame's left half, the line its middle: A starts inside and leaves, B comes in,
@@ -226,7 +226,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
             processed.append((result.seq, result.frame.pts))
 
     pipeline.results.add_sink(Processed())
-    api = ApiServer(pipeline, None)
+    api = local_api(pipeline, None)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=api.app), base_url="http://framegrid")
     try:
         # until every crossing of the script was seen (a loaded machine processes fewer frames: fine)

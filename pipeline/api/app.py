@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline.core import faults
-from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
+from pipeline.errors import Conflict, Invalid, NotFound, RequestError, TooLarge, Unavailable
 from pipeline.talk.jobs import TalkJobs
 from streams import redact_text
 
@@ -34,8 +34,6 @@ from .routes import add_page, observe_router, sessions_router, streams_router
 from .schemas import (
     Health,
     JobInfo,
-    Move,
-    Moves,
     Problem,
     Ready,
 )
@@ -90,22 +88,6 @@ class _TooLarge(Exception):
     pass
 
 
-# -- WebRTC signalling -------------------------------------------------------------------------------
-SDP_LIMIT = 64 * 1024  # an SDP offer is a few kB
-
-
-async def read_sdp(request: Request) -> str:
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/sdp":
-        raise HTTPException(415, "send the SDP offer as application/sdp")
-    body = await request.body()
-    if len(body) > SDP_LIMIT:
-        raise HTTPException(413, f"SDP offer larger than {SDP_LIMIT} bytes")
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPException(400, "the SDP offer is not UTF-8") from None
-
-
 STATUS_OF: dict[type[RequestError], int] = {NotFound: 404, Conflict: 409, Invalid: 422, TooLarge: 413,
                                              Unavailable: 503}
 
@@ -113,59 +95,6 @@ STATUS_OF: dict[type[RequestError], int] = {NotFound: 404, Conflict: 409, Invali
 def http_status(exc: RequestError) -> int:
     """The HTTP answer to a refused request: the control plane's one mapping of error kinds."""
     return next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
-
-
-def add_webrtc_routes(app: FastAPI, pipeline: Pipeline, guarded: list[Any], errors: dict[int | str, dict[str, Any]],
-                      running: Callable[[], None]) -> None:
-    """WHEP-style viewing and WHIP-style microphone for sessions with `out`/`audio` = "webrtc": one
-    POST with the SDP offer, the answer in the response (201, Location: the peer's resource)."""
-    from streams.webrtc import WebRtcError
-
-    sdp_body = {"content": {"application/sdp": {"schema": {"type": "string"}}}, "required": True}
-    sdp_answer: dict[int | str, dict[str, Any]] = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
-                        "description": "the SDP answer"}, 404: {"model": Problem}, 409: {"model": Problem}}
-
-    def peer(table: dict[str, Any], name: str, what: str) -> Any:
-        running()
-        if name not in pipeline.talk.sessions:
-            raise HTTPException(404, f"no session {name}")
-        if name not in table:
-            raise HTTPException(409, f"session {name} has no WebRTC {what} (set {what} = \"webrtc\")")
-        return table[name]
-
-    @app.post("/api/talk/sessions/{name}/whep", status_code=201, tags=["talk"], dependencies=guarded,
-              responses={**errors, **sdp_answer}, openapi_extra={"requestBody": sdp_body})
-    async def whep(name: str, request: Request) -> Response:
-        out = peer(pipeline.talk.webrtc, name, "out")
-        try:
-            viewer, answer = await out.offer(await read_sdp(request))
-        except WebRtcError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return Response(answer, status_code=201, media_type="application/sdp",
-                        headers={"Location": f"/api/talk/sessions/{name}/whep/{viewer}"})
-
-    @app.delete("/api/talk/sessions/{name}/whep/{viewer}", status_code=204, tags=["talk"], dependencies=guarded,
-                responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}})
-    async def whep_leave(name: str, viewer: str) -> Response:
-        out = peer(pipeline.talk.webrtc, name, "out")
-        if not await out.drop(viewer):
-            raise HTTPException(404, f"session {name} has no viewer {viewer}")
-        return Response(status_code=204)
-
-    @app.post("/api/talk/sessions/{name}/whip", status_code=201, tags=["talk"], dependencies=guarded,
-              responses={**errors, **sdp_answer}, openapi_extra={"requestBody": sdp_body})
-    async def whip(name: str, request: Request) -> Response:
-        mic = peer(pipeline.talk.mics, name, "audio")
-        try:
-            answer = await mic.offer(await read_sdp(request))
-        except WebRtcError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return Response(answer, status_code=201, media_type="application/sdp",
-                        headers={"Location": f"/api/talk/sessions/{name}/whip"})
-
-    @app.get("/talk/{name}", include_in_schema=False)
-    async def talk_page(name: str) -> FileResponse:
-        return FileResponse(STATIC / "talk.html", media_type="text/html")
 
 
 # -- the app ----------------------------------------------------------------------------------------
@@ -320,32 +249,6 @@ def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None,
 
     app.include_router(observe_router(target, control, guarded, errors, closing))
 
-    def moves_out(device: str, moves: list[Any]) -> Moves:
-        return Moves(device=device, moved=[Move(stream=m.stream, source=m.source, target=m.target) for m in moves])
-
-    @app.post("/api/devices/{device}/drain", response_model=Moves, tags=["devices"], dependencies=guarded,
-              responses={**errors, 404: {"model": Problem}, 409: {"model": Problem,
-                                                                  "description": "no other device can take them"}})
-    async def drain(device: str) -> Moves:
-        running()
-        try:
-            moves = pipeline.models.drain(device)
-        except KeyError:
-            raise HTTPException(404, f"no device {device}") from None
-        except PlacementError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return moves_out(device, moves)
-
-    @app.post("/api/devices/{device}/resume", response_model=Moves, tags=["devices"], dependencies=guarded,
-              responses={**errors, 404: {"model": Problem}})
-    async def resume(device: str) -> Moves:
-        running()
-        try:
-            moves = pipeline.models.resume(device)
-        except KeyError:
-            raise HTTPException(404, f"no device {device}") from None
-        return moves_out(device, moves)
-
     if faults.ENABLED:  # test-only (FRAMEGRID_FAULTS=1): the soak tool's executor-slot faults
         @app.post("/api/faults/slots/{slot}", status_code=204, tags=["faults"], dependencies=guarded,
                   include_in_schema=False)
@@ -368,7 +271,6 @@ def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None,
             facts_now = await target.device_facts()
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    add_webrtc_routes(app, pipeline, guarded, errors, running)
     add_job_routes(app, jobs, guarded, errors, secrets)
 
     add_page(app)

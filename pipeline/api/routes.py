@@ -1,5 +1,6 @@
 """The routes one process and a cluster head share, written once over `ControlTarget`: streams
-(list, get, add, change, delete, snapshot, live MJPEG view), models, and talk sessions.
+(list, get, add, change, delete, snapshot, live MJPEG view), models, talk sessions and their WebRTC
+signalling, devices (drain, resume), stats, events, the page's feed and the page.
 
 Changes go through `StreamControl` (validated like the TOML, kept in the overlay, then applied by the
 target); what the routes answer is read from the target. Errors are raised as `RequestError`s and
@@ -29,6 +30,7 @@ from .schemas import (
     DeviceOut,
     EventInfo,
     ModelInfo,
+    Moves,
     NewSession,
     NewStream,
     Problem,
@@ -206,7 +208,56 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
         await target.stop_session(name)
         return Response(status_code=204)
 
+    add_webrtc_routes(router, target, errors)
     return router
+
+
+SDP_LIMIT = 64 * 1024  # an SDP offer is a few kB
+
+
+async def read_sdp(request: Request) -> str:
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/sdp":
+        raise HTTPException(415, "send the SDP offer as application/sdp")
+    body = await request.body()
+    if len(body) > SDP_LIMIT:
+        raise HTTPException(413, f"SDP offer larger than {SDP_LIMIT} bytes")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the SDP offer is not UTF-8") from None
+
+
+def add_webrtc_routes(router: APIRouter, target: ControlTarget, errors: Errors) -> None:
+    """WHEP-style viewing and WHIP-style microphone for sessions with `out`/`audio` = "webrtc": one
+    POST with the SDP offer, the answer in the response (201, Location: the peer's resource). On a
+    cluster the head relays the signalling to the node that runs the session (the media then flows
+    between the browser and that node)."""
+    sdp_body = {"content": {"application/sdp": {"schema": {"type": "string"}}}, "required": True}
+    sdp_answer: Errors = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
+                                "description": "the SDP answer"}, 404: {"model": Problem}, 409: {"model": Problem}}
+
+    @router.post("/api/talk/sessions/{name}/whep", status_code=201, responses={**errors, **sdp_answer},
+                 openapi_extra={"requestBody": sdp_body}, summary="Watch a session (WHEP-style)")
+    async def whep(name: str, request: Request) -> Response:
+        running(target)
+        viewer, answer = await target.webrtc_offer(name, "whep", await read_sdp(request))
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/api/talk/sessions/{name}/whep/{viewer}"})
+
+    @router.delete("/api/talk/sessions/{name}/whep/{viewer}", status_code=204,
+                   responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}})
+    async def whep_leave(name: str, viewer: str) -> Response:
+        running(target)
+        await target.webrtc_leave(name, viewer)
+        return Response(status_code=204)
+
+    @router.post("/api/talk/sessions/{name}/whip", status_code=201, responses={**errors, **sdp_answer},
+                 openapi_extra={"requestBody": sdp_body}, summary="Speak to a session (WHIP-style)")
+    async def whip(name: str, request: Request) -> Response:
+        running(target)
+        _, answer = await target.webrtc_offer(name, "whip", await read_sdp(request))
+        return Response(answer, status_code=201, media_type="application/sdp",
+                        headers={"Location": f"/api/talk/sessions/{name}/whip"})
 
 
 def observe_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
@@ -219,6 +270,21 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
     async def devices() -> list[DeviceOut]:
         running(target)
         return await target.devices()
+
+    moved: Errors = {**errors, 404: {"model": Problem}, 409: {"model": Problem}}
+    node_query = Query(None, description="on a cluster: the node of the device (see /api/devices)")
+
+    @router.post("/api/devices/{device}/drain", response_model=Moves, tags=["devices"], responses=moved,
+                 summary="Move every stream off a device; nothing is placed there until resumed")
+    async def drain(device: str, node: str | None = node_query) -> Moves:
+        running(target)
+        return Moves(device=device, moved=await target.device_moves(device, node, drain=True))
+
+    @router.post("/api/devices/{device}/resume", response_model=Moves, tags=["devices"], responses=moved,
+                 summary="Place streams on a drained device again")
+    async def resume(device: str, node: str | None = node_query) -> Moves:
+        running(target)
+        return Moves(device=device, moved=await target.device_moves(device, node, drain=False))
 
     @router.get("/api/stats", response_model=dict[str, Any], tags=["stats"], responses=errors,
                 summary="The same figures as the MQTT stats topic (every node's, on a cluster)")
@@ -269,3 +335,7 @@ def add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/talk/{name}", include_in_schema=False)
+    async def talk_page(name: str) -> FileResponse:
+        return FileResponse(STATIC / "talk.html", media_type="text/html")

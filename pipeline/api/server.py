@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 
@@ -66,20 +66,28 @@ def jobs_folder(config: Config, config_path: Path | None) -> Path:
     return default_state_dir() / "jobs"
 
 
-class HttpServer:
-    """Serves `app` (uvicorn, in this loop) on `api.listen`: `start()` binds (raises ApiError) and serves,
-    `stop()` ends it (`closing` ends live views first). `port` is the bound port."""
+class ApiServer:
+    """The one HTTP server of framegrid, for one process and for a cluster head alike: serves the app
+    `build` makes (uvicorn, in this loop) on `api.listen` and runs the talk-job queue over `back_end`
+    (where a job's MuseTalk segments render). `bind()` raises ApiError; `stop()` ends it (`closing`
+    ends live views first). `port` is the bound port. Made by `local_api` or
+    `pipeline.cluster.api.cluster_api`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, control: StreamControl, back_end: JobBackEnd,
+                 build: Callable[[TalkJobs, str | None, asyncio.Event, int], Any], config_path: Path | None) -> None:
         self.config = config
+        self.control = control
         self.closing = asyncio.Event()
-        self.app: Any = None
-        self.jobs: TalkJobs | None = None  # the talk-job queue, started by start_jobs() once ready
+        api = config.api
+        self.jobs = TalkJobs(jobs_folder(config, config_path), int(api.max_upload_mb * 1e6), back_end.workers,
+                             back_end.lipsync, musetalk_ready=config.lipsync.weights is not None,
+                             paths=control.paths, render_always=config.lipsync.render_silence == "always")
         self._jobs_started = False
         self._sock: socket.socket | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.port = 0
+        self.app = build(self.jobs, self.token, self.closing, int(api.max_upload_mb * 1e6))
 
     @property
     def token(self) -> str | None:
@@ -112,13 +120,12 @@ class HttpServer:
 
     async def start_jobs(self) -> None:
         """The talk-job queue (re-queues what a previous run left), once the pipeline or head is ready."""
-        if self.jobs is not None:
-            await self.jobs.start()
-            self._jobs_started = True
+        await self.jobs.start()
+        self._jobs_started = True
 
     async def stop(self) -> None:
         self.closing.set()
-        if self._jobs_started and self.jobs is not None:
+        if self._jobs_started:
             await self.jobs.close()
         if self._server is not None:
             self._server.should_exit = True
@@ -127,32 +134,37 @@ class HttpServer:
                 await asyncio.wait_for(self._task, 10)
 
 
-class ApiServer(HttpServer):
-    """The API of a running pipeline, and its talk-job queue."""
+class JobBackEnd(Protocol):
+    """Where talk jobs render: how many run at once, and the lipsync slots (+ MuseTalk front end)."""
 
-    def __init__(self, pipeline: Pipeline, config_path: Path | None) -> None:
-        super().__init__(pipeline.config)
+    def workers(self) -> int: ...
+
+    async def lipsync(self) -> Any: ...
+
+
+class LocalJobs:
+    """Talk jobs of one process: on its own lipsync slots."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.control = StreamControl(pipeline, config_path)
-        api = self.config.api
-        self.jobs = TalkJobs(jobs_folder(self.config, config_path), int(api.max_upload_mb * 1e6),
-                             self._job_workers, pipeline_lipsync(pipeline),
-                             musetalk_ready=self.config.lipsync.weights is not None, paths=self.control.paths,
-                             render_always=self.config.lipsync.render_silence == "always")
-        self.app = build_app(pipeline, self.control, self.jobs, self.token, api.mjpeg_fps, self.closing,
-                             int(api.max_upload_mb * 1e6))
 
-    def _job_workers(self) -> int:
+    def workers(self) -> int:
         from pipeline.talk.lipsync import plan_lipsync
 
-        lcfg = self.config.lipsync
-        plans = plan_lipsync(self.pipeline.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
-                             lcfg.slots)
+        config = self.pipeline.config
+        lcfg = config.lipsync
+        plans = plan_lipsync(self.pipeline.facts(), lcfg.slot_memory_gb, config.devices.usable_fraction, lcfg.slots)
         return max(1, sum(p.slots for p in plans))
 
+    async def lipsync(self) -> Any:
+        return await self.pipeline.talk.ensure_lipsync()
 
-def pipeline_lipsync(pipeline: Pipeline) -> Any:
-    async def get() -> Any:
-        return await pipeline.talk.ensure_lipsync()
 
-    return get
+def local_api(pipeline: Pipeline, config_path: Path | None) -> ApiServer:
+    """The API of one running pipeline."""
+    control = StreamControl(pipeline, config_path)
+
+    def build(jobs: TalkJobs, token: str | None, closing: asyncio.Event, max_upload: int) -> Any:
+        return build_app(pipeline, control, jobs, token, pipeline.config.api.mjpeg_fps, closing, max_upload)
+
+    return ApiServer(pipeline.config, control, LocalJobs(pipeline), build, config_path)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.config import Config, TalkConfig
+from pipeline.errors import Conflict, NotFound, PlacementError
 from streams import redact_text
 
-from .schemas import DeviceOut, EventInfo, ModelInfo, SessionInfo, SlotInfo
+from .schemas import DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInfo
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -59,8 +60,20 @@ class ControlTarget(Protocol):
 
     async def stop_session(self, name: str) -> None: ...
 
+    async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str | None, str]:
+        """A browser's SDP offer to a session (`whep`: watch it, `whip`: its microphone), answered where
+        the session runs -> (viewer id or None, SDP answer). NotFound, Conflict, Unavailable."""
+        ...
+
+    async def webrtc_leave(self, session: str, viewer: str) -> None: ...
+
     async def devices(self) -> list[DeviceOut]:
         """Every device (of every node) with its memory, load and executor slots."""
+        ...
+
+    async def device_moves(self, device: str, node: str | None, drain: bool) -> list[Move]:
+        """Drain a device (move its streams to the others; nothing is placed there until resumed) or
+        resume it -> the moves made. On a cluster `node` names the device's node. NotFound, Conflict."""
         ...
 
     async def stats(self) -> dict[str, Any]:
@@ -157,6 +170,12 @@ class LocalTarget:
     async def stop_session(self, name: str) -> None:
         await self.pipeline.stop_session(name)
 
+    async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str | None, str]:
+        return await self.pipeline.talk.webrtc_offer(session, kind, sdp)
+
+    async def webrtc_leave(self, session: str, viewer: str) -> None:
+        await self.pipeline.talk.webrtc_leave(session, viewer)
+
     # -- devices, stats, events ------------------------------------------------------------------------
     async def device_facts(self) -> list[Any]:
         now = time.monotonic()
@@ -178,6 +197,18 @@ class LocalTarget:
                           memory_used_bytes=max(0, d.total_bytes - d.free_bytes), utilization_percent=d.utilization,
                           temperature_c=d.temperature_c, drained=d.id in self.pipeline.models.drained,
                           slots=slots.get(d.id, [])) for d in await self.device_facts()]
+
+    async def device_moves(self, device: str, node: str | None, drain: bool) -> list[Move]:
+        if node is not None and node != self.pipeline.node:
+            raise NotFound(f"no node {node}")
+        models = self.pipeline.models
+        try:
+            moves = models.drain(device) if drain else models.resume(device)
+        except KeyError:
+            raise NotFound(f"no device {device}") from None
+        except PlacementError as exc:
+            raise Conflict(str(exc)) from None
+        return [Move(stream=m.stream, source=m.source, target=m.target) for m in moves]
 
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(redact_text(json.dumps(self.pipeline.stats_payload()),

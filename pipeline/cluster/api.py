@@ -28,10 +28,10 @@ from pipeline.api.app import BodyLimit, add_job_routes, base_app
 from pipeline.api.control import StreamControl
 from pipeline.api.metrics import add_standard_collectors
 from pipeline.api.routes import add_page, observe_router, sessions_router, streams_router
-from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Problem, SessionInfo
-from pipeline.api.server import HttpServer, jobs_folder
+from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Move, Problem, SessionInfo
+from pipeline.api.server import ApiServer
 from pipeline.config import TalkConfig
-from pipeline.errors import PlacementError, Unavailable
+from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
 from pipeline.talk.jobs import TalkJobs
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .head import ClusterHead
 
 NODE_STATES = ("starting", "up", "drained", "lost", "stopped")
+# a node's refusal (`worker.answered`) by kind, raised again on the head
+REFUSALS: dict[str, type[RequestError]] = {k.__name__: k for k in (NotFound, Conflict, Invalid, TooLarge, Unavailable)}
 
 
 class NodeInfo(BaseModel):
@@ -119,8 +121,8 @@ class ClusterTarget:
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         try:
             return await self.head.snapshot(name, boxes)
-        except Exception as exc:
-            raise Unavailable(f"stream {name}: its node did not answer ({type(exc).__name__})") from None
+        except Unavailable as exc:
+            raise Unavailable(f"stream {name}: {exc}") from None
 
     def forget(self, name: str) -> None:
         pass  # nothing is cached here: the nodes hold the pictures
@@ -154,10 +156,41 @@ class ClusterTarget:
     async def stop_session(self, name: str) -> None:
         await self.head.remove_session(name)
 
+    async def _relay(self, node: str | None, method: str, *args: Any) -> Any:
+        """A request answered by one node's worker (`worker.answered`): its result, or its refusal raised
+        here as the same kind of error."""
+        kind, value = await self.head.ask(node, method, *args)
+        if kind != "ok":
+            raise REFUSALS.get(kind, Conflict)(value)
+        return value
+
+    async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str | None, str]:
+        if session not in self.head.sessions:
+            raise NotFound(f"no session {session}")
+        viewer, answer = await self._relay(self.head.where(f"talk/{session}"), "webrtc_offer", session, kind, sdp)
+        return viewer, answer
+
+    async def webrtc_leave(self, session: str, viewer: str) -> None:
+        if session not in self.head.sessions:
+            raise NotFound(f"no session {session}")
+        await self._relay(self.head.where(f"talk/{session}"), "webrtc_leave", session, viewer)
+
     # -- what the nodes answer ---------------------------------------------------------------------------
     async def devices(self) -> list[DeviceOut]:
         got = await self.head.ask_nodes("devices")
         return [DeviceOut.model_validate(d) for node in sorted(got) for d in got[node]]
+
+    async def device_moves(self, device: str, node: str | None, drain: bool) -> list[Move]:
+        if node is None:
+            up = [n.name for n in self.head.nodes.values() if n.state in ("up", "drained")]
+            if len(up) != 1:
+                names = ", ".join(sorted(up)) or "none"
+                raise Invalid(f"device {device}: name its node (?node=, one of {names})",
+                              [("node", f"required on a cluster with more than one node: one of {names}")])
+            node = up[0]
+        elif node not in self.head.nodes:
+            raise NotFound(f"no node {node}")
+        return [Move.model_validate(m) for m in await self._relay(node, "device_moves", device, drain)]
 
     async def stats(self) -> dict[str, Any]:
         """The head's placement and every node's own stats payload (asked of the nodes, at once)."""
@@ -275,34 +308,35 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
     return app
 
 
-class ClusterApiServer(HttpServer):
-    """The head's HTTP API on `api.listen`."""
+class ClusterJobs:
+    """Talk jobs of a cluster head: their MuseTalk segments on the nodes' lipsync slots, prompts and
+    avatar latents here (computed once per job, then sent per segment)."""
 
-    def __init__(self, head: ClusterHead, config_path: Path | None) -> None:
-        super().__init__(head.config)
+    def __init__(self, head: ClusterHead) -> None:
         self.head = head
-        self.control = StreamControl(head, config_path)
-        api = self.config.api
-        self.jobs = TalkJobs(jobs_folder(self.config, config_path), int(api.max_upload_mb * 1e6),
-                             lambda: max(1, sum(1 for n in head.nodes.values() if n.state == "up")), self._lipsync,
-                             musetalk_ready=self.config.lipsync.weights is not None, paths=self.control.paths,
-                             render_always=self.config.lipsync.render_silence == "always")
         self._frontend: Any = None
-        self.app = build_cluster_app(head, self.control, self.jobs, self.token, self.closing,
-                                     int(api.max_upload_mb * 1e6))
 
-    async def _lipsync(self) -> tuple[Any, Any]:
-        """A MuseTalk job's (pool, front end): the nodes' lipsync slots, and Whisper + the VAE encoder here
-        (prompts and avatar latents are computed once per job where it runs, then sent per segment)."""
-        import asyncio
+    def workers(self) -> int:
+        return max(1, sum(1 for n in self.head.nodes.values() if n.state == "up"))
 
+    async def lipsync(self) -> tuple[Any, Any]:
         from talkinghead.musetalk import MuseTalk
 
         if self._frontend is None:
-            lcfg = self.config.lipsync
+            lcfg = self.head.config.lipsync
             assert lcfg.weights is not None  # TalkJobs refuses musetalk jobs without them
             frontend = MuseTalk(lcfg.weights, lcfg.version, device="cpu", parts={"vae", "whisper"},
                                 parsing_mode=lcfg.parsing_mode, cheek_width=lcfg.cheek_width)
             await asyncio.to_thread(frontend.load)
             self._frontend = frontend
         return self.head.segments(), self._frontend
+
+
+def cluster_api(head: ClusterHead, config_path: Path | None) -> ApiServer:
+    """The head's HTTP API on `api.listen`: the same server as one process's."""
+    control = StreamControl(head, config_path)
+
+    def build(jobs: TalkJobs, token: str | None, closing: asyncio.Event, max_upload: int) -> FastAPI:
+        return build_cluster_app(head, control, jobs, token, closing, max_upload)
+
+    return ApiServer(head.config, control, ClusterJobs(head), build, config_path)

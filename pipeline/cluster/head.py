@@ -35,6 +35,7 @@ from typing import Any
 from pipeline.config import Config, StreamConfig, TalkConfig
 from pipeline.core.handoff import wait_event
 from pipeline.core.placement import PlacementError, Placer, SlotState
+from pipeline.errors import Unavailable
 from pipeline.mqtt.publisher import Publisher
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text, url_password
@@ -318,13 +319,23 @@ class ClusterHead:
 
         return {name: got for name, got in await asyncio.gather(*(ask(n) for n in nodes)) if got is not None}
 
+    async def ask(self, node_name: str | None, method: str, *args: Any, timeout: float = 10.0) -> Any:
+        """Call `method` of one node's worker; `Unavailable` when the node is not up or does not answer."""
+        node = self.nodes.get(node_name or "")
+        if node is None or node.state not in ("up", "drained"):
+            raise Unavailable(f"node {node_name or '(none)'} is not up" if node_name else "not placed on a node yet")
+        self.calls += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await getattr(node.actor, method).remote(*args)
+        except Exception as exc:
+            raise Unavailable(f"node {node.name} did not answer ({type(exc).__name__})") from None
+
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         node = self.nodes.get(self.where(name) or "")
         if node is None or node.state == "lost":
             return None
-        self.calls += 1
-        async with asyncio.timeout(10.0):
-            got = await node.actor.snapshot.remote(name, boxes)
+        got = await self.ask(node.name, "snapshot", name, boxes)
         return None if got is None else (int(got[0]), bytes(got[1]))
 
     def segments(self) -> Any:

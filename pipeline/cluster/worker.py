@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ApiConfig, Config, StreamConfig, TalkConfig
+from pipeline.errors import RequestError
 
 log = logging.getLogger("framegrid.cluster")
 
@@ -26,6 +28,15 @@ def worker_config(config: Config) -> Config:
     one process."""
     return config.model_copy(update={"streams": {}, "talk": {}, "api": ApiConfig(enabled=False),
                                      "cluster": config.cluster.model_copy(update={"backend": "local"})})
+
+
+async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
+    """A request's outcome as data the head turns back into the same answer: ("ok", result) or
+    (the refusal's kind, its message); a refusal is an answer, not a failure of the node."""
+    try:
+        return "ok", await call
+    except RequestError as exc:
+        return type(exc).__name__, str(exc)
 
 
 class NodeWorker:
@@ -128,6 +139,20 @@ class NodeWorker:
         if name not in self.pipeline.streams:
             return None
         return await self.latest.jpeg(name, boxes)
+
+    async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str, Any]:
+        """A browser's SDP offer relayed by the head -> `answered(...)` of (viewer id, SDP answer)."""
+        return await answered(self._target().webrtc_offer(session, kind, sdp))
+
+    async def webrtc_leave(self, session: str, viewer: str) -> tuple[str, Any]:
+        return await answered(self._target().webrtc_leave(session, viewer))
+
+    async def device_moves(self, device: str, drain: bool) -> tuple[str, Any]:
+        """Drain or resume one of this node's devices -> `answered(...)` of the moves (as dicts)."""
+        async def moves() -> list[dict[str, Any]]:
+            return [m.model_dump() for m in await self._target().device_moves(device, None, drain)]
+
+        return await answered(moves())
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
         await self.pipeline.add_stream(name, cfg)

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.config import Config, TalkConfig
 from pipeline.core.devices import DeviceInfo
 from pipeline.core.handoff import Handoff
-from pipeline.errors import PoolError
+from pipeline.errors import Conflict, NotFound, PoolError
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
@@ -170,6 +170,35 @@ class TalkSessions:
         if self.lipsync is not None:
             self.lipsync.release(name)
         self._state(name, "stopped", None, session.snapshot())
+
+    # -- WebRTC signalling (WHEP-style viewers of `out = "webrtc"`, WHIP-style microphones for `audio`) ----
+    def _peer(self, name: str, kind: str) -> Any:
+        if name not in self.sessions:
+            raise NotFound(f"no session {name}")
+        table, what = (self.webrtc, "out") if kind == "whep" else (self.mics, "audio")
+        if name not in table:
+            raise Conflict(f'session {name} has no WebRTC {what} (set {what} = "webrtc")')
+        return table[name]
+
+    async def webrtc_offer(self, name: str, kind: str, sdp: str) -> tuple[str | None, str]:
+        """A browser's SDP offer: `whep` adds a viewer of the session's picture and sound, `whip` takes
+        its microphone as the session's audio -> (the viewer's id, or None for whip; the SDP answer).
+        NotFound / Conflict (no such session, no WebRTC on that side, or the offer was refused)."""
+        from streams.webrtc import WebRtcError
+
+        peer = self._peer(name, kind)
+        try:
+            if kind == "whep":
+                viewer, answer = await peer.offer(sdp)
+                return viewer, answer
+            return None, await peer.offer(sdp)
+        except WebRtcError as exc:
+            raise Conflict(str(exc)) from None
+
+    async def webrtc_leave(self, name: str, viewer: str) -> None:
+        """A viewer hangs up (NotFound when the session has no such viewer)."""
+        if not await self._peer(name, "whep").drop(viewer):
+            raise NotFound(f"session {name} has no viewer {viewer}")
 
     async def close(self) -> None:
         await asyncio.gather(*(self.stop(name) for name in list(self.sessions)))
