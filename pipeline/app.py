@@ -35,6 +35,7 @@ from pipeline.core.slots import SlotPool
 from pipeline.mqtt.broker import EmbeddedBroker
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
+from pipeline.payloads import StatsPayload
 from pipeline.talk.sessions import TalkSessions
 from streams import SYSTEM_CLOCK, Clock, StreamState
 
@@ -66,7 +67,7 @@ class Pipeline:
         self.analytics = Analytics(config, config_path)
         hold = config.pipeline.shed_hold
         self.shedder = DecodeShedder(hold=hold, max_hold=max(900.0, hold))
-        self._stats: tuple[float, dict[str, Any]] | None = None  # the last stats payload built, and when
+        self._stats: tuple[float, StatsPayload] | None = None  # the last stats payload built, and when
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -229,7 +230,7 @@ class Pipeline:
     def _devices_changed(self) -> None:
         self.telemetry.devices(self.all_pools())
 
-    def stats_payload(self, max_age: float = 0.0) -> dict[str, Any]:
+    def stats_payload(self, max_age: float = 0.0) -> StatsPayload:
         """The stats payload (and, as it is built, the load verdict); one built less than `max_age`
         seconds ago is reused (the load check reuses the stats loop's instead of building its own)."""
         now = self.clock.mono()

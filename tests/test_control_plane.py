@@ -282,3 +282,42 @@ def test_a_talking_head_over_webrtc(plane: tuple[str, httpx.Client], face_image:
     finally:
         restrict_host_addresses([])
         assert api.delete("/api/talk/sessions/anna").status_code == 204
+
+
+def test_every_message_is_its_typed_payload(plane: tuple[str, httpx.Client], mosquitto: Mosquitto) -> None:
+    """What MQTT carries and what HTTP answers are the one typed payload of `pipeline.payloads`: each
+    message validates against its type, which refuses an undeclared key, and /api/stats is one."""
+    from pydantic import TypeAdapter
+
+    from pipeline import payloads as p
+    from tests.support.procs import Subscriber
+
+    kind, api = plane
+    prefix = f"fgplane-{kind}-{os.getpid()}"
+    types: dict[str, Any] = {"stats": p.StatsPayload, "devices": p.DevicesPayload,
+                             "state": p.StreamStatePayload | p.MovingPayload, "detections": p.DetectionsPayload,
+                             "cluster": p.ClusterPayload}
+    wanted = {"stats", "devices", "state", "detections"} | ({"cluster"} if kind == "cluster" else set())
+    sub = Subscriber(mosquitto.port, f"{prefix}/#")
+    try:
+        def kinds() -> set[str]:
+            return {m.topic.rsplit("/", 1)[-1] for m in list(sub.messages) if m.payload} & set(types)
+
+        sub.wait_for(lambda: kinds() >= wanted, 30, f"{wanted} on {prefix}/#")
+        checked: dict[str, int] = {}
+        for m in list(sub.messages):
+            leaf = m.topic.rsplit("/", 1)[-1]
+            if leaf not in types or not m.payload or (leaf == "state" and "/talk/" in m.topic):
+                continue
+            body = json.loads(m.payload)
+            assert TypeAdapter(types[leaf]).validate_python(body) == body, m.topic
+            checked[leaf] = checked.get(leaf, 0) + 1
+        assert set(checked) >= wanted, checked
+    finally:
+        sub.close()
+    stats = api.get("/api/stats").json()
+    expected = p.ClusterStatsPayload if kind == "cluster" else p.StatsPayload
+    assert TypeAdapter(expected).validate_python(stats) == stats
+    undeclared = {**stats, "surprise": 1}
+    with pytest.raises(ValueError, match="surprise"):
+        TypeAdapter(expected).validate_python(undeclared)

@@ -23,6 +23,7 @@ from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import StreamConfig, TalkConfig
 from pipeline.core.handoff import wait_event
 from pipeline.errors import Conflict, Invalid, NotFound
+from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
 
 from .control import StreamControl
@@ -286,9 +287,9 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
         running(target)
         return Moves(device=device, moved=await target.device_moves(device, node, drain=False))
 
-    @router.get("/api/stats", response_model=dict[str, Any], tags=["stats"], responses=errors,
+    @router.get("/api/stats", response_model=StatsPayload | ClusterStatsPayload, tags=["stats"], responses=errors,
                 summary="The same figures as the MQTT stats topic (every node's, on a cluster)")
-    async def stats() -> dict[str, Any]:
+    async def stats() -> StatsPayload | ClusterStatsPayload:
         running(target)
         return await target.stats()
 

@@ -12,10 +12,11 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pipeline.config import Config, TalkConfig
 from pipeline.errors import Conflict, NotFound, PlacementError
+from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
 
 from .schemas import DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInfo
@@ -76,7 +77,7 @@ class ControlTarget(Protocol):
         resume it -> the moves made. On a cluster `node` names the device's node. NotFound, Conflict."""
         ...
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> StatsPayload | ClusterStatsPayload:
         """The stats payload (`<prefix>/stats`, or every node's on a cluster), redacted."""
         ...
 
@@ -90,6 +91,15 @@ class ControlTarget(Protocol):
     def mqtt(self) -> dict[str, Any]:
         """The publisher's connection figures the page shows (connected, buffered, published)."""
         ...
+
+
+P = TypeVar("P")
+
+
+def redacted(payload: P, secrets: tuple[str, ...]) -> P:
+    """A payload with every secret masked wherever it appears (nested too): the same type, a new copy."""
+    result: P = json.loads(redact_text(json.dumps(payload), secrets))
+    return result
 
 
 def event_info(row: dict[str, Any], live_snapshot: bool) -> EventInfo:
@@ -210,10 +220,8 @@ class LocalTarget:
             raise Conflict(str(exc)) from None
         return [Move(stream=m.stream, source=m.source, target=m.target) for m in moves]
 
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(redact_text(json.dumps(self.pipeline.stats_payload()),
-                                                        self.secret_values()))
-        return result
+    async def stats(self) -> StatsPayload | ClusterStatsPayload:
+        return redacted(self.pipeline.stats_payload(), self.secret_values())
 
     async def events(self, stream: str | None, label: str | None, since: float | None,
                      limit: int) -> list[EventInfo]:

@@ -13,7 +13,6 @@ nodes' lipsync slots (`pipeline.cluster.segments`).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,10 @@ from pipeline.api.metrics import add_standard_collectors
 from pipeline.api.routes import add_page, observe_router, sessions_router, streams_router
 from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Move, Problem, SessionInfo
 from pipeline.api.server import ApiServer
+from pipeline.api.target import redacted
 from pipeline.config import TalkConfig
 from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
+from pipeline.payloads import ClusterPayload, ClusterStatsPayload, StatsPayload
 from pipeline.talk.jobs import TalkJobs
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text
@@ -65,25 +66,27 @@ class _Figures(Collector):
     """Metrics collected from what the route gathered just before (the head's state, the nodes' figures)."""
 
     def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
+        self.state: ClusterPayload | None = None
         self.figures: dict[str, dict[str, Any]] = {}
 
     def collect(self) -> Iterator[Metric]:
+        node_facts = self.state["nodes"] if self.state is not None else {}
+        unplaced = self.state["unplaced"] if self.state is not None else []
         nodes = GaugeMetricFamily("framegrid_cluster_nodes", "nodes by state", labels=["state"])
         for st in NODE_STATES:
-            nodes.add_metric([st], sum(1 for n in self.state.get("nodes", {}).values() if n["state"] == st))
+            nodes.add_metric([st], sum(1 for n in node_facts.values() if n["state"] == st))
         yield nodes
         placed = GaugeMetricFamily("framegrid_cluster_node_streams", "streams placed on each node", labels=["node"])
         capacity = GaugeMetricFamily("framegrid_cluster_node_throughput_fps", "frames/s a node's slots serve",
                                      labels=["node", "model"])
-        for name, n in self.state.get("nodes", {}).items():
+        for name, n in node_facts.items():
             placed.add_metric([name], len(n["streams"]))
-            for model, fps in n["throughput"].items():
-                capacity.add_metric([name, model], fps)
+            for model, rate in n["throughput"].items():
+                capacity.add_metric([name, model], rate)
         yield placed
         yield capacity
         yield GaugeMetricFamily("framegrid_cluster_unplaced_streams", "streams waiting for a node",
-                                value=len(self.state.get("unplaced", [])))
+                                value=len(unplaced))
         fps = GaugeMetricFamily("framegrid_stream_fps", "processed frames/s", labels=["stream", "node"])
         published = CounterMetricFamily("framegrid_stream_published", "results published", labels=["stream", "node"])
         for stream, f in sorted(self.figures.items()):
@@ -192,12 +195,12 @@ class ClusterTarget:
             raise NotFound(f"no node {node}")
         return [Move.model_validate(m) for m in await self._relay(node, "device_moves", device, drain)]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> StatsPayload | ClusterStatsPayload:
         """The head's placement and every node's own stats payload (asked of the nodes, at once)."""
         nodes = await self.head.ask_nodes("stats")
-        payload = {"v": PAYLOAD_VERSION, "at": round(time.time(), 3), "cluster": self.head.state(), "nodes": nodes}
-        result: dict[str, Any] = json.loads(redact_text(json.dumps(payload), self.secret_values()))
-        return result
+        payload: ClusterStatsPayload = {"v": PAYLOAD_VERSION, "at": round(time.time(), 3),
+                                        "cluster": self.head.state(), "nodes": nodes}
+        return redacted(payload, self.secret_values())
 
     async def events(self, stream: str | None, label: str | None, since: float | None,
                      limit: int) -> list[EventInfo]:
@@ -293,9 +296,9 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
     # -- talk jobs -------------------------------------------------------------------------------
     add_job_routes(app, jobs, guarded, errors, secrets)
 
-    @app.get("/api/cluster", response_model=dict[str, Any], tags=["nodes"], dependencies=guarded, responses=errors,
+    @app.get("/api/cluster", response_model=ClusterPayload, tags=["nodes"], dependencies=guarded, responses=errors,
              summary="The same payload as the <prefix>/cluster topic")
-    async def cluster() -> dict[str, Any]:
+    async def cluster() -> ClusterPayload:
         return head.state()
 
     @app.get("/metrics", tags=["stats"], dependencies=guarded, response_class=Response,

@@ -37,6 +37,7 @@ from pipeline.core.handoff import wait_event
 from pipeline.core.placement import PlacementError, Placer, SlotState
 from pipeline.errors import Unavailable
 from pipeline.mqtt.publisher import Publisher
+from pipeline.payloads import ClusterPayload, MovingPayload
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text, url_password
 
@@ -461,13 +462,15 @@ class ClusterHead:
     def _moving(self, key: str, target: str, why: str) -> None:
         """Tell a stream's (or talk session's) subscribers it is moving, and where (its new node then
         publishes its states)."""
-        body = {"v": PAYLOAD_VERSION, "state": "moving", "node": target, "reason": why, "since": round(time.time(), 3)}
+        body: MovingPayload = {"v": PAYLOAD_VERSION, "state": "moving", "node": target, "reason": why,
+                               "since": round(time.time(), 3)}
         if key.startswith(TALK):
             name = key.removeprefix(TALK)
-            self.publisher.publish(self.publisher.topics.talk_state(name), {**body, "session": name}, qos=1,
-                                   retain=True)
+            body["session"] = name
+            self.publisher.publish(self.publisher.topics.talk_state(name), body, qos=1, retain=True)
         else:
-            self.publisher.publish(self.publisher.topics.stream_state(key), {**body, "stream": key}, qos=1,
+            body["stream"] = key
+            self.publisher.publish(self.publisher.topics.stream_state(key), body, qos=1,
                                    retain=True)
 
     async def move(self, stream: str, target: str) -> None:
@@ -559,7 +562,7 @@ class ClusterHead:
             self._changed.clear()
             self.publisher.publish(self.publisher.topics.cluster, self.state(), qos=1, retain=True)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> ClusterPayload:
         elapsed = max(1e-9, time.monotonic() - self.started_at)
         return {
             "v": PAYLOAD_VERSION,

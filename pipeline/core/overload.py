@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
+
+from pipeline.payloads import ExecutorFigures, LoadVerdict, StreamFigures
 
 if TYPE_CHECKING:
     from streams import Clock
@@ -53,11 +55,11 @@ class Camera:
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str  # ok | overloaded
+    status: Literal["ok", "overloaded"]
     reasons: tuple[str, ...] = ()  # decode-bound, inference-bound
     detail: str = ""
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> LoadVerdict:
         return {"status": self.status, "reasons": list(self.reasons), "detail": self.detail or None}
 
     def shedding(self, streams: int) -> Verdict:
@@ -203,8 +205,8 @@ class OverloadMonitor:
         self._at: float | None = None
         self.verdict = Verdict("ok")
 
-    def assess(self, now: float, streams: dict[str, dict[str, Any]], cameras: dict[str, Camera],
-               executors: dict[str, dict[str, Any]], cores: int) -> Verdict:
+    def assess(self, now: float, streams: Mapping[str, StreamFigures], cameras: dict[str, Camera],
+               executors: Mapping[str, ExecutorFigures], cores: int) -> Verdict:
         dt = now - self._at if self._at is not None else None
         if dt is not None and dt < 1.0:  # several readers ask; a rate over a sliver of time is noise
             return self.verdict
@@ -243,7 +245,7 @@ class OverloadMonitor:
         return self.verdict
 
 
-def _busiest_model(executors: dict[str, dict[str, Any]], slot_fps: dict[str, float]) -> tuple[str, float] | None:
+def _busiest_model(executors: Mapping[str, ExecutorFigures], slot_fps: dict[str, float]) -> tuple[str, float] | None:
     """(model, mean share of time its slots spend in model calls) of the busiest model, from each slot's
     frames per second served and measured time per frame."""
     by_model: dict[str, list[float]] = {}

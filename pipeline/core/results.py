@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from detectors import Detections
+from pipeline.payloads import DetectionsPayload
 from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, Frame
 
@@ -47,7 +48,7 @@ class Result:
     def latency_ms(self) -> float:
         return (self.published_at - self.frame.captured_at) * 1000
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> DetectionsPayload:
         f = self.frame
         return {
             "v": PAYLOAD_VERSION,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
+from pipeline.payloads import StreamCounts
 from streams import Mailbox
 
 DROP_CAUSES = ("stale", "too_old", "error")  # stale: overwritten in the mailbox; the others: dropped here
@@ -72,7 +72,7 @@ class StreamStats:
         self.fps_processed = (self.processed - self._last_processed) / dt
         self._last_t, self._last_decoded, self._last_processed = now, decoded, self.processed
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StreamCounts:
         lat = self.latency_ms
         return {
             "decoded": self.mailbox.received,

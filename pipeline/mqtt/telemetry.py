@@ -21,6 +21,16 @@ from pipeline.config import MqttConfig
 from pipeline.core.ingest import StreamRecord
 from pipeline.core.overload import Camera, OverloadMonitor, Verdict
 from pipeline.core.slots import SlotPool
+from pipeline.payloads import (
+    DevicesPayload,
+    ExecutorFigures,
+    ProcessFigures,
+    SlotFacts,
+    StatsPayload,
+    StreamFigures,
+    StreamStatePayload,
+    TalkStatePayload,
+)
 from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, StreamState, redact_text
 
@@ -29,10 +39,10 @@ from .publisher import Publisher
 log = logging.getLogger(__name__)
 
 
-def process_figures() -> dict[str, Any]:
+def process_figures() -> ProcessFigures:
     """This process's resident memory, open descriptors, threads and asyncio tasks (Linux /proc;
     None where unknown): what a soak watches for creep."""
-    out: dict[str, Any] = {"rss_mb": None, "fds": None, "threads": threading.active_count(), "tasks": None}
+    out: ProcessFigures = {"rss_mb": None, "fds": None, "threads": threading.active_count(), "tasks": None}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -54,7 +64,7 @@ class Telemetry:
         self.clock = clock
         self.secrets = secrets
         self.started_at = clock.wall()
-        self.last_stats: dict[str, Any] | None = None
+        self.last_stats: StatsPayload | None = None
         self.overload = OverloadMonitor()
         self.published_verdict = Verdict("ok")  # the monitor's, plus what shedding changes
         self._load_logged = -1e9
@@ -63,10 +73,8 @@ class Telemetry:
         return redact_text(text, tuple(self.secrets)) if text else None
 
     # -- streams ---------------------------------------------------------------------------------
-    def stream_state_payload(self, record: StreamRecord) -> dict[str, Any]:
-        node = {"node": self.publisher.node} if self.publisher.node else {}  # on a cluster: where it runs now
-        return {
-            **node,
+    def stream_state_payload(self, record: StreamRecord) -> StreamStatePayload:
+        payload: StreamStatePayload = {
             "v": PAYLOAD_VERSION,
             "stream": record.name,
             "state": record.state.value,
@@ -76,6 +84,9 @@ class Telemetry:
             "model": record.model,
             "url": self._redact(record.cfg.url),
         }
+        if self.publisher.node:
+            payload["node"] = self.publisher.node  # on a cluster: where it runs now
+        return payload
 
     def stream_state(self, record: StreamRecord) -> None:
         if record.state is StreamState.STARTING:
@@ -89,12 +100,13 @@ class Telemetry:
                                retain=True)
 
     # -- slots -----------------------------------------------------------------------------------
-    def devices_payload(self, pools: Mapping[str, SlotPool]) -> dict[str, Any]:
-        slots: dict[str, Any] = {}
+    def devices_payload(self, pools: Mapping[str, SlotPool]) -> DevicesPayload:
+        slots: dict[str, SlotFacts] = {}
         for pool in pools.values():
             for name, snap in pool.snapshot().items():
-                slots[name] = {k: snap[k] for k in ("model", "device", "state", "restarts", "errors", "streams")}
-                slots[name]["last_error"] = self._redact(snap["last_error"])
+                slots[name] = {"model": snap["model"], "device": snap["device"], "state": snap["state"],
+                               "restarts": snap["restarts"], "errors": snap["errors"], "streams": snap["streams"],
+                               "last_error": self._redact(snap["last_error"])}
         return {"v": PAYLOAD_VERSION, "at": round(self.clock.wall(), 3), "slots": slots}
 
     def devices(self, pools: Mapping[str, SlotPool]) -> None:
@@ -103,34 +115,34 @@ class Telemetry:
 
     # -- sessions --------------------------------------------------------------------------------
     def session_state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any]) -> None:
-        node = {"node": self.publisher.node} if self.publisher.node else {}  # on a cluster: where it runs now
-        payload = {"v": PAYLOAD_VERSION, "session": name, "state": state, "at": round(self.clock.wall(), 3),
-                   "error": self._redact(error), **node,
-                   **{k: v for k, v in snapshot.items() if k not in ("session", "state", "error")}}
-        self.publisher.publish(self.publisher.topics.talk_state(name), payload, qos=self.mqtt.state_qos,
-                               retain=True)
+        head: TalkStatePayload = {"v": PAYLOAD_VERSION, "session": name, "state": state,
+                                  "at": round(self.clock.wall(), 3), "error": self._redact(error)}
+        if self.publisher.node:
+            head["node"] = self.publisher.node  # on a cluster: where it runs now
+        figures = {k: v for k, v in snapshot.items() if k not in head}
+        self.publisher.publish(self.publisher.topics.talk_state(name), {**head, **figures},
+                               qos=self.mqtt.state_qos, retain=True)
 
     # -- stats -----------------------------------------------------------------------------------
     def stats_payload(self, records: Mapping[str, StreamRecord], pools: Mapping[str, SlotPool],
                       talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int,
-                      cores: int = 1) -> dict[str, Any]:
+                      cores: int = 1) -> StatsPayload:
         now = self.clock.mono()
-        streams = {}
+        streams: dict[str, StreamFigures] = {}
         for record in records.values():
             record.stats.tick(now)
-            snap = record.stats.snapshot()
-            snap["state"] = record.state.value
-            snap["decode_errors"] = record.source.decode_errors if record.source is not None else 0
-            snap["corrupt_frames"] = record.source.corrupt_frames if record.source is not None else 0
-            snap["shed_packets"] = record.source.shed_packets if record.source is not None else 0
-            snap["reconnects"] = record.reconnects
-            streams[record.name] = snap
-        executors = {}
+            source = record.source
+            streams[record.name] = {**record.stats.snapshot(), "state": record.state.value,
+                                    "decode_errors": source.decode_errors if source is not None else 0,
+                                    "corrupt_frames": source.corrupt_frames if source is not None else 0,
+                                    "shed_packets": source.shed_packets if source is not None else 0,
+                                    "reconnects": record.reconnects}
+        executors: dict[str, ExecutorFigures] = {}
         for pool in pools.values():
             for name, s in pool.snapshot().items():
-                executors[name] = {"state": s["state"], "healthy": s["state"] == "healthy",
-                                   **{k: s[k] for k in ("batches", "frames", "errors", "batch_size", "mean_batch",
-                                                        "service_ms_per_frame")}}
+                executors[name] = {"state": s["state"], "healthy": s["state"] == "healthy", "batches": s["batches"],
+                                   "frames": s["frames"], "errors": s["errors"], "batch_size": s["batch_size"],
+                                   "mean_batch": s["mean_batch"], "service_ms_per_frame": s["service_ms_per_frame"]}
         wall = self.clock.wall()
         cameras = {r.name: Camera(r.source.fps, r.source.decoding, not r.source.local) for r in records.values()
                    if r.source is not None}
@@ -161,11 +173,11 @@ class Telemetry:
             "process": process_figures(),
         }
 
-    def stats(self, payload: dict[str, Any]) -> None:
+    def stats(self, payload: StatsPayload) -> None:
         self.last_stats = payload
         self.publisher.publish(self.publisher.topics.stats, payload, qos=self.mqtt.stats_qos)
 
-    async def stats_loop(self, build: Callable[[], dict[str, Any]]) -> None:
+    async def stats_loop(self, build: Callable[[], StatsPayload]) -> None:
         while True:
             await asyncio.sleep(self.mqtt.stats_interval)
             self.stats(build())
