@@ -109,6 +109,45 @@ class DetectionsPayload(TypedDict):
     node: NotRequired[str]
 
 
+# -- <prefix>/events, and the stored events' state ---------------------------------------------------------
+
+
+@with_config(STRICT)
+class Crossing(TypedDict):
+    line: str
+    direction: Literal["in", "out"]
+    at: float
+
+
+@with_config(STRICT)
+class ObjectState(TypedDict):
+    """A tracked object as an event sees it (before and after the change)."""
+
+    id: str  # <stream>-<track id>-<first seen, ms>: the event's id
+    track_id: int
+    label: str
+    score: float
+    best_score: float
+    box: list[float]
+    zones: list[str]  # the zones it is in now
+    entered_zones: list[str]
+    crossings: list[Crossing]
+    first_seen: float
+    last_seen: float
+    stationary: bool
+    has_snapshot: bool
+
+
+@with_config(STRICT)
+class EventPayload(TypedDict):
+    v: int  # EVENT_VERSION
+    stream: str
+    type: str  # new | update | end (and `_best`, internal: a better frame for the snapshot, never published)
+    before: ObjectState | None
+    after: ObjectState | None
+    changed: list[str]  # entered:<zone>, left:<zone>, crossed:<line>:<direction>, stationary, moving, ...
+
+
 # -- <prefix>/stats and GET /api/stats -----------------------------------------------------------------
 
 

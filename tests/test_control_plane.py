@@ -296,8 +296,8 @@ def test_every_message_is_its_typed_payload(plane: tuple[str, httpx.Client], mos
     prefix = f"fgplane-{kind}-{os.getpid()}"
     types: dict[str, Any] = {"stats": p.StatsPayload, "devices": p.DevicesPayload,
                              "state": p.StreamStatePayload | p.MovingPayload, "detections": p.DetectionsPayload,
-                             "cluster": p.ClusterPayload}
-    wanted = {"stats", "devices", "state", "detections"} | ({"cluster"} if kind == "cluster" else set())
+                             "cluster": p.ClusterPayload, "events": p.EventPayload}
+    wanted = {"stats", "devices", "state", "detections", "events"} | ({"cluster"} if kind == "cluster" else set())
     sub = Subscriber(mosquitto.port, f"{prefix}/#")
     try:
         def kinds() -> set[str]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EventsConfig, LineConfig, StreamConfig, ZoneConfig
+from pipeline.payloads import Crossing, EventPayload, ObjectState
 
 from .zones import anchor_of, crossing, inside, resolve, side
 
@@ -56,14 +57,14 @@ class TrackedObject:
     frame_size: tuple[int, int]
     zones: dict[str, ZoneState] = field(default_factory=dict)
     entered: list[str] = field(default_factory=list)  # zones ever entered, in order
-    crossings: list[dict[str, Any]] = field(default_factory=list)
+    crossings: list[Crossing] = field(default_factory=list)
     stationary: bool = False
     last_update: float = 0.0
     anchors: dict[str, tuple[float, float]] = field(default_factory=dict)  # last point per line's anchor
     path: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))  # t, cx, cy
     snapshot: bool = False  # a snapshot is kept for it
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> ObjectState:
         return {
             "id": self.id, "track_id": self.track_id, "label": self.label,
             "score": round(self.score, 4), "best_score": round(self.best_score, 4),
@@ -74,7 +75,8 @@ class TrackedObject:
         }
 
 
-Listener = Callable[[dict[str, Any], "TrackedObject", "Result | None"], None]
+Listener = Callable[[EventPayload, "TrackedObject", "Result | None"], None]
+Emit = Callable[[str, ObjectState | None, ObjectState | None, list[str], "TrackedObject", "Result | None"], None]
 
 
 class StreamEvents:
@@ -103,7 +105,7 @@ class StreamEvents:
         return got
 
     # -- each result -------------------------------------------------------------------------------
-    def on_result(self, result: Result, emit: Listener) -> None:
+    def on_result(self, result: Result, emit: Emit) -> None:
         ids = result.track_ids
         if ids is None:
             return
@@ -125,7 +127,7 @@ class StreamEvents:
                                     t, t, size)
                 self.objects[tid] = obj
                 reasons = self._move(obj, box, score, t, polys, segs)
-                emit({"type": "new", "before": None, "after": obj.state(), "changed": reasons}, obj, result)
+                emit("new", None, obj.state(), reasons, obj, result)
                 continue
             before = obj.state()
             improved = score > obj.best_score + 1e-6
@@ -140,10 +142,10 @@ class StreamEvents:
             due = t - obj.last_update >= self.cfg.update_interval
             if urgent or (timed and due):
                 obj.last_update = t
-                emit({"type": "update", "before": before, "after": obj.state(), "changed": urgent + timed}, obj,
+                emit("update", before, obj.state(), urgent + timed, obj,
                      result)
             elif improved:
-                emit({"type": "_best", "before": before, "after": obj.state(), "changed": []}, obj, result)
+                emit("_best", before, obj.state(), [], obj, result)
         self._end_unseen(t, emit)
         self._publish_zone_counts()
 
@@ -192,19 +194,19 @@ class StreamEvents:
             reasons.append("stationary" if still else "moving")
         return reasons
 
-    def _end_unseen(self, now: float, emit: Listener) -> None:
+    def _end_unseen(self, now: float, emit: Emit) -> None:
         for tid in [k for k, o in self.objects.items() if now - o.last_seen >= self.cfg.end_after]:
             self.end(tid, emit)
 
-    def end(self, tid: int, emit: Listener) -> None:
+    def end(self, tid: int, emit: Emit) -> None:
         obj = self.objects.pop(tid)
         before = obj.state()
         for st in obj.zones.values():
             st.inside = False
         after = obj.state()
-        emit({"type": "end", "before": before, "after": after, "changed": []}, obj, None)
+        emit("end", before, after, [], obj, None)
 
-    def end_all(self, emit: Listener) -> None:
+    def end_all(self, emit: Emit) -> None:
         for tid in list(self.objects):
             self.end(tid, emit)
         self._publish_zone_counts()
@@ -266,22 +268,24 @@ class EventEngine:
         for name in list(self.streams):
             self.remove_stream(name)
 
-    def _emit_for(self, stream: str) -> Listener:
-        def emit(event: dict[str, Any], obj: TrackedObject, result: Result | None) -> None:
-            payload = {"v": EVENT_VERSION, "stream": stream, **event}
+    def _emit_for(self, stream: str) -> Emit:
+        def emit(kind: str, before: ObjectState | None, after: ObjectState | None, changed: list[str],
+                 obj: TrackedObject, result: Result | None) -> None:
+            payload: EventPayload = {"v": EVENT_VERSION, "stream": stream, "type": kind, "before": before,
+                                     "after": after, "changed": changed}
             for listener in self.listeners:
                 try:
                     listener(payload, obj, result)
                 except Exception:
                     log.exception("event listener failed on %s", obj.id)
-            if event["type"].startswith("_"):
+            if kind.startswith("_"):
                 return  # internal (a better frame for the snapshot): not published
             if payload["after"] is not None:
                 payload["after"]["has_snapshot"] = obj.snapshot  # a listener may have kept one just now
             if self.publisher is not None:
                 self.publisher.publish(self.publisher.topics.events, payload)
             self.published += 1
-            key = (stream, event["type"])
+            key = (stream, kind)
             self.by_type[key] = self.by_type.get(key, 0) + 1
 
         return emit

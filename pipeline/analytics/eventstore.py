@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.payloads import EventPayload
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS = [
@@ -134,7 +136,7 @@ class EventStore:
         self._thread = threading.Thread(target=self._run, name="events.store", daemon=True)
         self._thread.start()
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: EventPayload) -> None:
         self._offer(("event", event))
 
     def set_snapshot(self, event_id: str, crop: str | None, frame: str | None) -> None:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from pipeline.payloads import EventPayload
+
 if TYPE_CHECKING:
     from pipeline.core.results import Result
     from pipeline.mqtt.publisher import Publisher
@@ -99,7 +101,7 @@ class Snapshots:
             return None
         return got[2].result()
 
-    def __call__(self, event: dict[str, Any], obj: TrackedObject, result: Result | None) -> None:
+    def __call__(self, event: EventPayload, obj: TrackedObject, result: Result | None) -> None:
         if event["type"] == "end":
             self._finish(obj)
             return

@@ -11,6 +11,7 @@ Direction: `in` is a crossing to the right-hand side of someone walking from a t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 Point = tuple[float, float]
 
@@ -53,7 +54,7 @@ def side(point: Point, a: Point, b: Point) -> float:
     return (b[0] - a[0]) * (point[1] - a[1]) - (b[1] - a[1]) * (point[0] - a[0])
 
 
-def crossing(p: Point, q: Point, a: Point, b: Point) -> str | None:
+def crossing(p: Point, q: Point, a: Point, b: Point) -> Literal["in", "out"] | None:
     """`in` (left -> right of a->b), `out`, or None when the path p->q does not cross the segment a-b.
 
     A path that only touches the line is no crossing; a path that ends on the line crosses when it
