@@ -24,7 +24,6 @@ from pipeline.analytics.service import Analytics
 from pipeline.analytics.tracking import StreamTracker
 from pipeline.core.detect import DetectorFactory, default_detector_factory
 from pipeline.core.devices import DeviceInfo, cap_cpu_cores, discover
-from pipeline.core.handoff import Handoff
 from pipeline.core.ingest import Ingest, StreamRecord
 from pipeline.core.memory import fix_mmap_threshold, limit_arenas
 from pipeline.core.models import Models
@@ -38,6 +37,7 @@ from pipeline.mqtt.telemetry import Telemetry
 from pipeline.payloads import StatsPayload
 from pipeline.talk.sessions import TalkSessions
 from streams import SYSTEM_CLOCK, Clock, StreamState
+from streams.handoff import Handoff
 
 from .config import Config, ModelConfig, StreamConfig, TalkConfig
 

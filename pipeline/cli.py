@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.handoff import wait_event
 from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text, require
+from streams.handoff import wait_event
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
 from .logs import setup_logging

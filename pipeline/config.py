@@ -386,6 +386,8 @@ class ApiConfig(Strict):
                                     "needs; use ${FRAMEGRID_TOKEN}")
     mjpeg_fps: float = Field(5.0, gt=0, le=30, description="most frames/s of a live view (/mjpeg)")
     max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest file a talk job may upload")
+    max_queued_jobs: int = Field(100, ge=1, le=100_000, description="talk jobs waiting to render at most; a new "
+                                 "job beyond it is refused (503, nothing stored)")
     jobs_dir: Path | None = Field(None, description="where talk jobs keep their inputs and results (default: "
                                   "<config name>.jobs beside the config)")
     media_dirs: list[Path] | None = Field(None, description="folders whose files API clients may name (stream "

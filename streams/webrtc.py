@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .extras import MissingExtra, require
+from .handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,9 @@ class _Viewer:
 class WebRtcOut:
     """A session's WebRTC output (the session's sink); `offer` adds a viewer, `drop` removes one."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, fps: int = 25, sample_rate: int = 16_000,
+    def __init__(self, handoff: Handoff, name: str, fps: int = 25, sample_rate: int = 16_000,
                  max_viewers: int = MAX_VIEWERS) -> None:
-        self.loop = loop
+        self.handoff = handoff  # the session's thread reaches the loop only through it
         self.name = name
         self.fps = fps
         self.sample_rate = sample_rate
@@ -164,6 +165,7 @@ class WebRtcOut:
         self.frames = 0  # written by the session (its clock)
         self.closed = False
         self.served = 0  # viewers that ever connected
+        self._closing: asyncio.Task[None] | None = None
         self.delays: deque[float] = deque(maxlen=250)  # ms from the session's write to a viewer's encoder
 
     # -- the sink side (the session's thread) -----------------------------------------------------
@@ -171,14 +173,16 @@ class WebRtcOut:
         index = self.frames
         self.frames += 1
         if self.viewers:  # read without the loop: at worst one frame more or less for a joining viewer
-            self.loop.call_soon_threadsafe(self._fan_out, frame, audio, index, time.monotonic())
+            self.handoff.call(self._fan_out, frame, audio, index, time.monotonic())
 
     def close(self) -> None:
         self.closed = True
-        with contextlib.suppress(RuntimeError):  # the loop may be gone at exit
-            asyncio.run_coroutine_threadsafe(self.close_all(), self.loop)
+        self.handoff.call(self._start_closing)  # dropped when the loop is gone at exit
 
     # -- the loop side ----------------------------------------------------------------------------
+    def _start_closing(self) -> None:
+        self._closing = asyncio.get_running_loop().create_task(self.close_all())
+
     def _fan_out(self, frame: np.ndarray, audio: np.ndarray, index: int, written: float) -> None:
         for v in list(self.viewers.values()):
             ok = _put(v.video.queue, (frame, index, written)) & _put(v.audio.queue, (audio, index, written))

@@ -278,3 +278,27 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     assert values[first:first + n] == spoken
     # the spurt plays (4 + 5 - 1) frames plus a render behind its arrival: well under a second
     assert 9 <= first <= 9 + 25, first
+
+
+async def test_the_talk_job_queue_is_bounded_and_says_so(face_image: Path, tmp_path: Path) -> None:
+    """Beyond `api.max_queued_jobs` waiting jobs a new one is refused (nothing stored); a restart that
+    finds more waiting than the bound fails the rest with the reason instead of growing the queue."""
+    from pipeline.errors import Unavailable
+    from pipeline.talk.jobs import TalkJobs
+
+    wav = write_wav(tmp_path / "a.wav", tone_on_off([(0.4, True)]), 16_000)
+    folder = tmp_path / "jobs"
+    jobs = TalkJobs(folder, 10**8, lambda: 1, max_queued=2)  # not started: nothing renders, jobs wait
+    first = await jobs.submit(None, None, str(face_image), str(wav), "energy")
+    second = await jobs.submit(None, None, str(face_image), str(wav), "energy")
+    with pytest.raises(Unavailable, match=r"queue is full \(2 waiting, api.max_queued_jobs\)"):
+        await jobs.submit(None, None, str(face_image), str(wav), "energy")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([first.id, second.id])  # the refused one left nothing
+    again = TalkJobs(folder, 10**8, lambda: 1, max_queued=1)
+    await again.start()
+    try:
+        states = sorted((j.state, j.error or "") for j in again.list())
+        assert states[0] == ("failed", "not queued again after a restart: the queue holds 1 jobs "
+                                       "(api.max_queued_jobs)"), states
+    finally:
+        await again.close()

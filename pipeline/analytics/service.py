@@ -20,9 +20,9 @@ from .eventstore import EventStore
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
-    from pipeline.core.handoff import Handoff
     from pipeline.core.results import Results
     from pipeline.mqtt.publisher import Publisher
+    from streams.handoff import Handoff
 
 
 def events_folder(config: Config, config_path: Path | None) -> Path:

@@ -21,10 +21,10 @@ from fastapi.staticfiles import StaticFiles
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import StreamConfig, TalkConfig
-from pipeline.core.handoff import wait_event
 from pipeline.errors import Conflict, Invalid, NotFound
 from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
+from streams.handoff import wait_event
 
 from .control import StreamControl
 from .schemas import (

@@ -81,7 +81,8 @@ class ApiServer:
         api = config.api
         self.jobs = TalkJobs(jobs_folder(config, config_path), int(api.max_upload_mb * 1e6), back_end.workers,
                              back_end.lipsync, musetalk_ready=config.lipsync.weights is not None,
-                             paths=control.paths, render_always=config.lipsync.render_silence == "always")
+                             paths=control.paths, render_always=config.lipsync.render_silence == "always",
+                             max_queued=api.max_queued_jobs)
         self._jobs_started = False
         self._sock: socket.socket | None = None
         self._server: _Server | None = None

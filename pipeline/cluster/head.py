@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, StreamConfig, TalkConfig
-from pipeline.core.handoff import wait_event
 from pipeline.core.placement import PlacementError, Placer, SlotState
 from pipeline.errors import Unavailable
 from pipeline.mqtt.publisher import Publisher
 from pipeline.payloads import ClusterPayload, MovingPayload
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text, url_password
+from streams.handoff import wait_event
 
 log = logging.getLogger("framegrid.cluster")
 

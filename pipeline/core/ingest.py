@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import StreamConfig, check_name
 from streams import Clock, Mailbox, Source, SourceState, StreamState
+from streams.handoff import Handoff
 
-from .handoff import Handoff
 from .overload import DecodePacer
 from .stats import StreamStats
 

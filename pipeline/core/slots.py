@@ -31,9 +31,9 @@ from typing import Any, Protocol
 from pipeline.config import PoolSettings
 from pipeline.errors import PlacementError, PoolError, SlotError, SlotHang, SlotOutOfMemory, slot_error
 from streams import SYSTEM_CLOCK, Backoff, Clock
+from streams.handoff import Handoff, wait_event
 
 from . import faults
-from .handoff import Handoff, wait_event
 from .placement import Move, Placer, SlotRecord, SlotState
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from typing import Any
 import aiomqtt
 
 from pipeline.config import MqttConfig
-from pipeline.core.handoff import wait_event
 from pipeline.core.stats import percentile
 from pipeline.topics import Topics
 from streams import Backoff, redact_text
+from streams.handoff import wait_event
 
 log = logging.getLogger(__name__)
 

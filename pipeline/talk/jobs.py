@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.errors import Invalid, TooLarge
+from pipeline.config import ApiConfig, default
+from pipeline.errors import Invalid, TooLarge, Unavailable
 from pipeline.overlay import write_atomic
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class TalkJobs:
 
     def __init__(self, folder: Path, max_upload_bytes: int, workers: Callable[[], int],
                  lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False,
-                 paths: ClientPaths | None = None, render_always: bool = False) -> None:
+                 paths: ClientPaths | None = None, render_always: bool = False,
+                 max_queued: int = default(ApiConfig, "max_queued_jobs")) -> None:
         """`render_always`: MuseTalk renders silent frames too (`lipsync.render_silence = "always"`)."""
         self.folder = folder
         self.render_always = render_always
@@ -78,7 +80,9 @@ class TalkJobs:
         self.lipsync = lipsync  # async () -> (LipSyncPool, MuseTalk front end)
         self.musetalk_ready = musetalk_ready
         self.jobs: dict[str, Job] = {}
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        # bounded: a job beyond `max_queued` is refused at submission (nothing stored), or failed with
+        # a reason when a restart finds more waiting than the bound
+        self._queue: asyncio.Queue[str] = asyncio.Queue(max_queued)
         self._tasks: list[asyncio.Task[None]] = []
         self._cancel: dict[str, threading.Event] = {}
 
@@ -93,6 +97,12 @@ class TalkJobs:
                 continue
             self.jobs[job.id] = job
             if job.state in ("queued", "running"):
+                if self._queue.full():
+                    job.state, job.error = "failed", f"not queued again after a restart: the queue holds " \
+                                                     f"{self._queue.maxsize} jobs (api.max_queued_jobs)"
+                    self._save(job)
+                    log.warning("talk job %s: %s", job.id, job.error)
+                    continue
                 job.state, job.frames, job.started_at = "queued", 0, None
                 self._save(job)
                 self._queue.put_nowait(job.id)
@@ -122,6 +132,9 @@ class TalkJobs:
                      backend: str) -> Job:
         if backend == "musetalk" and not self.musetalk_ready:
             raise Invalid("backend: musetalk needs lipsync.weights in the config")
+        if self._queue.full():
+            raise Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
+                              "try again when some have rendered")
         job_id = uuid.uuid4().hex[:12]
         folder = self.folder / job_id
         folder.mkdir(parents=True)
@@ -134,9 +147,14 @@ class TalkJobs:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         job = Job(job_id, backend, names["avatar"], names["audio"])
+        try:
+            self._queue.put_nowait(job_id)
+        except asyncio.QueueFull:  # others filled it while this one's files were taken in
+            shutil.rmtree(folder, ignore_errors=True)
+            raise Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
+                              "try again when some have rendered") from None
         self.jobs[job_id] = job
         self._save(job)
-        self._queue.put_nowait(job_id)
         log.info("talk job %s: queued (%s)", job_id, backend)
         return job
 

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 from pipeline.config import DevicesConfig, LipSyncConfig, PipelineConfig, PoolSettings, default
 from pipeline.core.devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
-from pipeline.core.handoff import Handoff
 from pipeline.core.slots import Model, SlotPool, Taken
 from pipeline.errors import PoolError, SlotError
 from streams import SYSTEM_CLOCK, Clock
+from streams.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -203,28 +203,30 @@ class LipSyncPool:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Close a pool started with `start_in_thread` (from any other thread)."""
-        if self.loop is None:
+        loop, handoff = self.loop, self._handoff
+        if loop is None or handoff is None:
             return
-        asyncio.run_coroutine_threadsafe(self.close(), self.loop).result(timeout)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        closed: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def close() -> None:
+            try:
+                await self.close()
+                closed.set_result(None)
+            except BaseException as exc:
+                closed.set_exception(exc)
+            finally:
+                loop.stop()
+
+        handoff.run(lambda: loop.create_task(close()), timeout)
+        closed.result(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _on_loop(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the pool's loop (the placer and slot table are the loop's) and return its value."""
-        loop = self.loop
-        if loop is None:
+        if self._handoff is None:
             raise PoolError("lipsync pool is not running")
-        try:
-            if asyncio.get_running_loop() is loop:
-                return fn()
-        except RuntimeError:
-            pass
-
-        async def run() -> T:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(30)
+        return self._handoff.run(fn)
 
     # -- sessions ---------------------------------------------------------------------------------
     def place(self, session: str) -> str:

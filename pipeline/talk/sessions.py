@@ -18,11 +18,11 @@ from typing import Any
 
 from pipeline.config import Config, TalkConfig
 from pipeline.core.devices import DeviceInfo
-from pipeline.core.handoff import Handoff
 from pipeline.errors import Conflict, NotFound, PoolError
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
+from streams.handoff import Handoff
 
 from .lipsync import LipSyncPool, musetalk_pool
 
@@ -93,7 +93,7 @@ class TalkSessions:
             if cfg.out == "webrtc":
                 from streams.webrtc import WebRtcOut
 
-                sink: TalkSink = WebRtcOut(asyncio.get_running_loop(), name, max_viewers=self.config.webrtc.max_viewers)
+                sink: TalkSink = WebRtcOut(self.handoff, name, max_viewers=self.config.webrtc.max_viewers)
             else:
                 sink = await asyncio.to_thread(AVSink, cfg.out, w, h)
         except Exception as exc:

@@ -1,17 +1,23 @@
-"""The one thread-to-loop boundary: decode threads, worker threads and talk sessions reach the
-asyncio loop only through `Handoff`, which wraps `loop.call_soon_threadsafe`.
+"""The one thread-to-loop boundary: decode threads, worker threads, talk sessions, WebRTC outputs
+and blocking callers of the lip-sync pool reach an asyncio loop only through `Handoff`:
+`call` (fire and forget, wraps `loop.call_soon_threadsafe`) and `run` (the portal for a blocking
+caller: runs a function on the loop and waits for its value).
 
 A hand-off after the loop has closed (shutdown) is dropped quietly: the thread that made it is
 being stopped anyway. `Waker` coalesces wake-ups: however many frames a decode thread puts in
-one loop turn, the loop is woken once.
+one loop turn, the loop is woken once. It lives in `streams` (the lowest layer) so that media
+I/O (`streams.webrtc`) crosses the same way as the pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Handoff:
@@ -28,6 +34,28 @@ class Handoff:
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # closed between the check and the call
             pass
+
+    def run(self, fn: Callable[[], T], timeout: float = 30.0) -> T:
+        """The portal for a blocking caller on another thread: run `fn()` on the loop and return its
+        value (or raise what it raised; TimeoutError after `timeout`). Called on the loop itself, it
+        just calls `fn`. RuntimeError when the loop has closed."""
+        try:
+            if asyncio.get_running_loop() is self.loop:
+                return fn()
+        except RuntimeError:
+            pass  # no loop in this thread: the usual case
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        if self.loop.is_closed():
+            raise RuntimeError("the loop has closed")
+        self.loop.call_soon_threadsafe(on_loop)
+        return done.result(timeout)
 
     def waker(self, *events: asyncio.Event) -> Waker:
         return Waker(self, *events)
