@@ -9,6 +9,7 @@ them. `DetectJobs` turns a batch of frames into one detector call and each answe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -130,8 +131,8 @@ class DetectJobs:
 
 def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipeline: PipelineConfig,
                 factory: DetectorFactory, results: Results, clock: Clock, on_change: Callable[[], None],
-                spawn: Spawn | None = None) -> SlotPool:
-    """The slots of one detection model, as planned."""
+                spawn: Spawn | None = None, drained: AbstractSet[str] = frozenset()) -> SlotPool:
+    """The slots of one detection model, as planned (`drained`: the operator's drained devices)."""
 
     def make(i: int) -> Detector:
         a = layout[i]
@@ -147,7 +148,7 @@ def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipel
     frames = [np.zeros((side * 9 // 16, side, 3), np.uint8)] * cfg.batch_size
     return SlotPool(name, make, [a.device for a in layout], DetectJobs(name, cfg.classes, results, clock),
                     settings, clock=clock, calibration=((frames,), len(frames)),
-                    check=check, on_change=on_change, spawn=spawn)
+                    check=check, on_change=on_change, spawn=spawn, drained=drained)
 
 
 def _only(det: Detections, wanted: set[str]) -> Detections:

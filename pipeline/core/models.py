@@ -9,7 +9,6 @@ streams beyond the `on_failed` callback through which a model that cannot start 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -121,7 +120,7 @@ class Models:
         assert model.layout is not None
         assert self.spawn is not None, "load() before the composer runs"
         pool = detect_pool(name, model.cfg, model.layout, self.config.pipeline, self.factory, self.results,
-                           self.clock, self.devices_changed, self.spawn)
+                           self.clock, self.devices_changed, self.spawn, self.drained)
         try:
             await pool.start()
         except PoolError as exc:
@@ -130,10 +129,7 @@ class Models:
             model.error = msg
             self.on_failed(name, f"model {name} unavailable: {msg}")
             return False
-        model.pool = pool
-        for device in self.drained & set(pool.devices):  # a model loaded during maintenance stays off it
-            with contextlib.suppress(PlacementError):
-                pool.drain(device)
+        model.pool = pool  # a model loaded during maintenance starts with its drained devices' slots out
         model.error = None
         self.devices_changed()
         return True

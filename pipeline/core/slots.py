@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 from pipeline.config import PoolSettings
@@ -394,7 +395,7 @@ class SlotPool:
                  settings: PoolSettings, *, clock: Clock = SYSTEM_CLOCK,
                  calibration: tuple[tuple[Any, ...], int] | None = None,
                  check: Callable[[Any], None] | None = None, on_change: Callable[[], None] | None = None,
-                 spawn: Spawn | None = None) -> None:
+                 spawn: Spawn | None = None, drained: AbstractSet[str] = frozenset()) -> None:
         if not devices:
             raise PoolError(f"pool {name}: no slot planned")
         self.name = name
@@ -414,7 +415,9 @@ class SlotPool:
         self.batchers: dict[str, Batcher] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._restarting: set[asyncio.Task[None]] = set()
-        self.drained: set[str] = set()  # devices taken out by an operator: their slots stay out
+        # the devices an operator took out (owned by `Models`, read here): their slots stay out, also
+        # after a restart
+        self.drained = drained
         self.closed = False
 
     def slot_names(self) -> list[str]:
@@ -569,13 +572,12 @@ class SlotPool:
 
     # -- maintenance -------------------------------------------------------------------------------
     def drain(self, device: str) -> list[Move]:
-        """Take every slot of `device` out of service and move its members to other devices' slots
-        (past their capacity when needed: a drain is the operator's call). PlacementError, and
-        nothing changed, when members would have nowhere to go."""
+        """Take every slot of `device` out of service (`Models.drain` records the device as drained)
+        and move its members to other devices' slots (past their capacity when needed: a drain is the
+        operator's call). PlacementError, and nothing changed, when members would have nowhere to go."""
         problem = self.drain_problem(device)
         if problem:
             raise PlacementError(problem)
-        self.drained.add(device)
         names = [n for n, s in self.slots.items() if s.device == device]
         for n in names:
             if self.placer.slots[n].state is SlotState.HEALTHY:
@@ -601,7 +603,6 @@ class SlotPool:
 
     def resume(self, device: str) -> list[Move]:
         """Put a drained device's slots back in service and rebalance onto them."""
-        self.drained.discard(device)
         for n, s in self.slots.items():
             if s.device == device and self.placer.slots[n].state is SlotState.DRAINED:
                 self.placer.slots[n].state = SlotState.HEALTHY
