@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.analytics.service import Analytics
 from pipeline.analytics.tracking import StreamTracker
 from pipeline.core.detect import DetectorFactory, default_detector_factory
-from pipeline.core.devices import DeviceInfo, cap_cpu_cores, discover
+from pipeline.core.devices import DeviceFacts, DeviceInfo
 from pipeline.core.ingest import Ingest, StreamRecord
 from pipeline.core.memory import fix_mmap_threshold, limit_arenas
 from pipeline.core.models import Models
@@ -52,22 +52,20 @@ class Pipeline:
                  devices: list[DeviceInfo] | None = None, sinks: list[ResultSink] | None = None,
                  config_path: Path | None = None, node: str | None = None, cpu_cores: int | None = None) -> None:
         self.config = config
-        self.cpu_cores = cpu_cores  # on a cluster node: the cores its Ray node declares (None: all of them)
         self.config_path = config_path
         self.node = node  # the cluster node this pipeline is the worker of (None: a single process)
         self.clock = clock
         # the one table of running streams: the config's enabled ones now, runtime changes later
         self.ingest = Ingest(clock, {n: s for n, s in config.streams.items() if s.enabled})
-        self.device_facts = devices  # discovered at start when not given (tests give invented ones)
-        self._facts_given = devices is not None
+        # discovered at the first ask unless given (tests); on a cluster node `cpu_cores` are the cores
+        # its Ray node declares
+        self.devices = DeviceFacts(devices, cpu_cores)
+        self.facts = self.devices.planned  # what planning and placement use
         self.secrets: list[str] = list(config.secrets())
         self.results = Results(clock, sinks)
         self.models = Models(config, detector_factory or default_detector_factory, self.results, clock, self.facts,
                              lambda: self.secrets, self._devices_changed, self._model_failed)
         self.analytics = Analytics(config, config_path)
-        hold = config.pipeline.shed_hold
-        self.shedder = DecodeShedder(hold=hold, max_hold=max(900.0, hold))
-        self._stats: tuple[float, StatsPayload] | None = None  # the last stats payload built, and when
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -135,7 +133,8 @@ class Pipeline:
                         with contextlib.suppress(Exception):  # reported on its state topic; others run on
                             await self.talk.start(name, tcfg)
                 loops = [tg.create_task(self.telemetry.stats_loop(self.stats_payload), name="telemetry.stats"),
-                         tg.create_task(self._rebalance_loop(), name="supervisor.rebalance"),
+                         tg.create_task(self.models.rebalance_loop(self.config.pipeline.rebalance_interval),
+                                        name="supervisor.rebalance"),
                          tg.create_task(self._load_loop(), name="supervisor.load"),
                          tg.create_task(self.analytics.sweep_loop(self.clock.wall), name="events.sweep")]
                 self.ready.set()
@@ -176,20 +175,6 @@ class Pipeline:
             if record.model == model:
                 self.ingest.set_state(record, StreamState.FAILED, why)
 
-    # -- devices -------------------------------------------------------------------------------------
-    def facts(self) -> list[DeviceInfo]:
-        """The device facts planning used (discovered once, at the first call)."""
-        if self.device_facts is None:
-            self.device_facts = cap_cpu_cores(discover(), self.cpu_cores)
-        return self.device_facts
-
-    def live_devices(self) -> list[DeviceInfo]:
-        """Device facts as they are now (memory in use, utilisation, temperature): blocking, call it
-        off the loop. Invented facts (tests) are returned as given."""
-        if self._facts_given:
-            return list(self.facts())
-        return cap_cpu_cores(discover(), self.cpu_cores)
-
     # -- streams ---------------------------------------------------------------------------------
     @property
     def streams(self) -> dict[str, StreamRecord]:
@@ -210,15 +195,9 @@ class Pipeline:
             self.stats_payload(max_age=LOAD_CHECK_S / 2)  # updates the verdict (unless the stats loop just did)
             return self.telemetry.overload.verdict
 
-        await LoadWatch(self.shedder, self.ingest, self.clock, judge, self._cores, LOAD_CHECK_S).run()
-
-    async def _rebalance_loop(self) -> None:
-        interval = self.config.pipeline.rebalance_interval
-        if interval <= 0:
-            return
-        while True:
-            await asyncio.sleep(interval)
-            self.models.rebalance()
+        hold = self.config.pipeline.shed_hold
+        shedder = DecodeShedder(hold=hold, max_hold=max(900.0, hold))
+        await LoadWatch(shedder, self.ingest, self.clock, judge, self.devices.cpu_cores, LOAD_CHECK_S).run()
 
     def all_pools(self) -> dict[str, SlotPool]:
         """Every slot pool of the process: the models' and, once started, the lipsync one."""
@@ -232,20 +211,14 @@ class Pipeline:
 
     def stats_payload(self, max_age: float = 0.0) -> StatsPayload:
         """The stats payload (and, as it is built, the load verdict); one built less than `max_age`
-        seconds ago is reused (the load check reuses the stats loop's instead of building its own)."""
-        now = self.clock.mono()
-        if self._stats is not None and now - self._stats[0] < max_age:
-            return self._stats[1]
-        lipsync = self.talk.lipsync
-        payload = self.telemetry.stats_payload(self.ingest.records, self.models.pools, self.talk.snapshot(),
-                                               lipsync.snapshot() if lipsync is not None else None,
-                                               self.results.sink_errors, self._cores())
-        self._stats = (now, payload)
-        return payload
+        seconds ago is reused."""
+        def build() -> StatsPayload:
+            lipsync = self.talk.lipsync
+            return self.telemetry.stats_payload(self.ingest.records, self.models.pools, self.talk.snapshot(),
+                                                lipsync.snapshot() if lipsync is not None else None,
+                                                self.results.sink_errors, self.devices.cpu_cores())
 
-    def _cores(self) -> int:
-        cpu = next((d for d in self.facts() if d.kind == "cpu"), None)
-        return (cpu.cores if cpu else None) or 1
+        return self.telemetry.recent_stats(build, max_age)
 
     # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
     def _running(self) -> None:

@@ -190,7 +190,7 @@ class LocalTarget:
     async def device_facts(self) -> list[Any]:
         now = time.monotonic()
         if self._facts is None or now - self._facts[0] >= 1.0:
-            self._facts = (now, await asyncio.to_thread(self.pipeline.live_devices))
+            self._facts = (now, await asyncio.to_thread(self.pipeline.devices.now))
         return self._facts[1]
 
     async def devices(self) -> list[DeviceOut]:

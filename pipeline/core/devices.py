@@ -71,6 +71,32 @@ def cap_cpu_cores(facts: list[DeviceInfo], cores: int | None) -> list[DeviceInfo
     return [replace(d, cores=min(d.cores or cores, cores)) if d.kind == "cpu" else d for d in facts]
 
 
+class DeviceFacts:
+    """The device facts of one process: as planning used them (discovered once, at the first ask) and
+    as they are now (memory in use, utilisation, temperature). Facts given at construction (tests:
+    invented GPUs) are returned as given either way. `cores` caps the CPU's (a cluster node declaring
+    part of its machine)."""
+
+    def __init__(self, given: list[DeviceInfo] | None = None, cores: int | None = None) -> None:
+        self._planned = given
+        self._given = given is not None
+        self.cores_cap = cores
+
+    def planned(self) -> list[DeviceInfo]:
+        if self._planned is None:
+            self._planned = cap_cpu_cores(discover(), self.cores_cap)
+        return self._planned
+
+    def now(self) -> list[DeviceInfo]:
+        """Blocking (NVML, /proc): call it off the loop."""
+        return list(self.planned()) if self._given else cap_cpu_cores(discover(), self.cores_cap)
+
+    def cpu_cores(self) -> int:
+        """The cores of the CPU planning used (at least 1)."""
+        cpu = next((d for d in self.planned() if d.kind == "cpu"), None)
+        return (cpu.cores if cpu else None) or 1
+
+
 def cpu_utilization() -> float | None:
     """Percent of all cores busy since the previous call (None on the first call or without /proc/stat)."""
     global _cpu_times

@@ -186,6 +186,14 @@ class Models:
         """Apply the fewest moves that even each model's load (see `SlotPool.rebalance`)."""
         return [m for pool in self.pools.values() for m in pool.rebalance()]
 
+    async def rebalance_loop(self, interval: float) -> None:
+        """Rebalance every `interval` seconds (0: never)."""
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            self.rebalance()
+
     def drain(self, device: str) -> list[Move]:
         """Move every stream off `device` (maintenance) until `resume`; KeyError for an unknown device,
         PlacementError (nothing changed) when another device cannot take them."""

@@ -64,7 +64,8 @@ class Telemetry:
         self.clock = clock
         self.secrets = secrets
         self.started_at = clock.wall()
-        self.last_stats: StatsPayload | None = None
+        self.last_stats: StatsPayload | None = None  # the last one published
+        self._built: tuple[float, StatsPayload] | None = None  # the last one built, and when (monotonic)
         self.overload = OverloadMonitor()
         self.published_verdict = Verdict("ok")  # the monitor's, plus what shedding changes
         self._load_logged = -1e9
@@ -172,6 +173,14 @@ class Telemetry:
             "executors": executors,
             "process": process_figures(),
         }
+
+    def recent_stats(self, build: Callable[[], StatsPayload], max_age: float) -> StatsPayload:
+        """The stats payload built less than `max_age` seconds ago, or a new one from `build` (the load
+        check reuses the stats loop's instead of building its own)."""
+        now = self.clock.mono()
+        if self._built is None or now - self._built[0] >= max_age:
+            self._built = (now, build())
+        return self._built[1]
 
     def stats(self, payload: StatsPayload) -> None:
         self.last_stats = payload
