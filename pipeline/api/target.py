@@ -23,6 +23,7 @@ from .schemas import DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInf
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
+    from pipeline.core.devices import DeviceInfo
 
     from .metrics import LatencyMetrics
     from .views import LatestResults
@@ -117,7 +118,7 @@ class LocalTarget:
         self.ready = pipeline.ready
         self.latest = latest
         self.latency = latency
-        self._facts: tuple[float, list[Any]] | None = None  # NVML is asked at most once a second
+        self._facts: tuple[float, list[DeviceInfo]] | None = None  # NVML is asked at most once a second
 
     def secret_values(self) -> tuple[str, ...]:
         return tuple(self.pipeline.secrets)
@@ -187,7 +188,7 @@ class LocalTarget:
         await self.pipeline.talk.webrtc_leave(session, viewer)
 
     # -- devices, stats, events ------------------------------------------------------------------------
-    async def device_facts(self) -> list[Any]:
+    async def device_facts(self) -> list[DeviceInfo]:
         now = time.monotonic()
         if self._facts is None or now - self._facts[0] >= 1.0:
             self._facts = (now, await asyncio.to_thread(self.pipeline.devices.now))

@@ -15,10 +15,16 @@ import os
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from pipeline.api.views import LatestResults
 from pipeline.config import ApiConfig, Config, StreamConfig, TalkConfig
 from pipeline.errors import RequestError
+from pipeline.payloads import ClusterStatsPayload, StatsPayload
+
+if TYPE_CHECKING:  # imported when a worker starts: the head imports this module too, and needs neither
+    from pipeline.api.target import LocalTarget
+    from pipeline.app import Pipeline
 
 log = logging.getLogger("framegrid.cluster")
 
@@ -39,6 +45,20 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
+class NodeDescription(TypedDict):
+    """What a worker tells the head when it starts and at every ping."""
+
+    node: str
+    pid: int
+    started_at: float
+    throughput: dict[str, float]  # frames/s its slots serve, by model
+    model_errors: dict[str, str]
+    streams: dict[str, dict[str, str]]  # name -> model, state
+    sessions: dict[str, str]  # name -> state
+    talk_capacity: int
+    segments: int
+
+
 class NodeWorker:
     """One node's framegrid. Async methods: they run on the actor's event loop, as the pipeline does."""
 
@@ -47,14 +67,14 @@ class NodeWorker:
         self.node = node
         self.cpus = cpus  # the CPUs its Ray node declares (`ray start --num-cpus`): the cores its slots use
         self.config_path = config_path
-        self.pipeline: Any = None
-        self.latest: Any = None  # the newest result per stream (figures and snapshots for the head's API)
-        self.target: Any = None  # the node's answers to the head's API (a LocalTarget over its pipeline)
+        self.pipeline: Pipeline | None = None  # made by start()
+        self.latest = LatestResults()  # the newest result per stream (figures and snapshots for the head's API)
+        self.target: LocalTarget | None = None  # the node's answers to the head's API, over its pipeline
         self.started_at = time.time()
         self._talk_capacity: int | None = None
         self.segments = 0  # offline talk-job segments rendered here
 
-    async def start(self) -> dict[str, Any]:
+    async def start(self) -> NodeDescription:
         """Start the pipeline and load every model (idempotent: a restarted head calls it again and
         learns what runs here). -> `describe()`."""
         if self.pipeline is None:
@@ -62,22 +82,28 @@ class NodeWorker:
             from pipeline.logs import setup_logging
 
             setup_logging(self.config.log.level, self.config.secrets())
-            from pipeline.api.views import LatestResults
-
-            self.pipeline = Pipeline(self.config, config_path=self.config_path, node=self.node,
-                                     cpu_cores=int(self.cpus) if self.cpus and self.cpus >= 1 else None)
+            pipeline = Pipeline(self.config, config_path=self.config_path, node=self.node,
+                                cpu_cores=int(self.cpus) if self.cpus and self.cpus >= 1 else None)
             self.latest = LatestResults()
-            self.pipeline.results.add_sink(self.latest)
-            await self.pipeline.__aenter__()
-            failed = await self.pipeline.models.load_missing()
+            pipeline.results.add_sink(self.latest)
+            await pipeline.__aenter__()
+            self.pipeline = pipeline
+            failed = await pipeline.models.load_missing()
             for model, why in failed.items():
                 log.error("node %s: model %s did not start: %s", self.node, model, why)
             log.info("node %s: worker ready (%s)", self.node, ", ".join(
-                f"{m} {fps:.0f} frames/s" for m, fps in self.pipeline.models.throughput().items()) or "no model")
+                f"{m} {fps:.0f} frames/s" for m, fps in pipeline.models.throughput().items()) or "no model")
         return self.describe()
 
-    def describe(self) -> dict[str, Any]:
-        p = self.pipeline
+    @property
+    def running(self) -> Pipeline:
+        """The node's pipeline (RuntimeError before `start()` or after `stop()`)."""
+        if self.pipeline is None:
+            raise RuntimeError(f"node {self.node}: the worker is not running")
+        return self.pipeline
+
+    def describe(self) -> NodeDescription:
+        p = self.running
         return {
             "node": self.node,
             "pid": os.getpid(),
@@ -97,34 +123,33 @@ class NodeWorker:
             from pipeline.talk.lipsync import plan_lipsync
 
             lcfg = self.config.lipsync
-            plans = plan_lipsync(self.pipeline.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+            plans = plan_lipsync(self.running.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
                                  lcfg.slots)
             self._talk_capacity = max(1, sum(p.slots for p in plans))
         return self._talk_capacity
 
-    async def ping(self) -> dict[str, Any]:
+    async def ping(self) -> NodeDescription:
         return self.describe()
 
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
         target = self._target()
-        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.pipeline.streams}
+        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.running.streams}
 
-    def _target(self) -> Any:
+    def _target(self) -> LocalTarget:
         from pipeline.api.target import LocalTarget
 
-        if self.target is None or self.target.pipeline is not self.pipeline:
-            self.target = LocalTarget(self.pipeline, self.latest)
+        if self.target is None or self.target.pipeline is not self.running:
+            self.target = LocalTarget(self.running, self.latest)
         return self.target
 
     async def devices(self) -> list[dict[str, Any]]:
         """This node's devices and slots (the API's DeviceOut fields)."""
         return [{**d.model_dump(), "node": self.node} for d in await self._target().devices()]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> StatsPayload | ClusterStatsPayload:
         """This node's stats payload (as on its `<prefix>/nodes/<node>/stats` topic)."""
-        result: dict[str, Any] = await self._target().stats()
-        return result
+        return await self._target().stats()
 
     async def events(self, stream: str | None, label: str | None, since: float | None,
                      limit: int) -> list[dict[str, Any]]:
@@ -136,7 +161,7 @@ class NodeWorker:
 
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
-        if name not in self.pipeline.streams:
+        if name not in self.running.streams:
             return None
         return await self.latest.jpeg(name, boxes)
 
@@ -155,27 +180,27 @@ class NodeWorker:
         return await answered(moves())
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
-        await self.pipeline.add_stream(name, cfg)
+        await self.running.add_stream(name, cfg)
 
     async def remove_stream(self, name: str) -> None:
-        if name in self.pipeline.streams:
-            await self.pipeline.remove_stream(name)
+        if name in self.running.streams:
+            await self.running.remove_stream(name)
         self.latest.forget(name)
 
     async def start_session(self, name: str, cfg: TalkConfig) -> None:
-        await self.pipeline.start_session(name, cfg)
+        await self.running.start_session(name, cfg)
 
     async def stop_session(self, name: str) -> None:
-        if name in self.pipeline.sessions:
-            await self.pipeline.stop_session(name)
+        if name in self.running.sessions:
+            await self.running.stop_session(name)
 
     async def render_segment(self, key: str, jobs: list[Any], slot: int) -> list[Any]:
         """One segment of an offline talk job (`pipeline.cluster.segments`): its frames' faces from this
         node's lipsync slot `slot`, batched with the slot's other work."""
         import asyncio
 
-        pool, _ = await self.pipeline.talk.ensure_lipsync()
-        faces = list(await asyncio.wrap_future(pool.submit(key, jobs, slot=slot)))
+        pool, _ = await self.running.talk.ensure_lipsync()
+        faces: list[Any] = await asyncio.wrap_future(pool.submit(key, jobs, slot=slot))
         self.segments += 1
         return faces
 
