@@ -237,13 +237,16 @@ def add_webrtc_routes(router: APIRouter, target: ControlTarget, errors: Errors) 
     sdp_answer: Errors = {201: {"content": {"application/sdp": {"schema": {"type": "string"}}},
                                 "description": "the SDP answer"}, 404: {"model": Problem}, 409: {"model": Problem}}
 
+    async def answered(name: str, kind: str, request: Request) -> Response:
+        running(target)
+        viewer, answer = await target.webrtc_offer(name, kind, await read_sdp(request))
+        where = f"/api/talk/sessions/{name}/{kind}" + (f"/{viewer}" if viewer is not None else "")
+        return Response(answer, status_code=201, media_type="application/sdp", headers={"Location": where})
+
     @router.post("/api/talk/sessions/{name}/whep", status_code=201, responses={**errors, **sdp_answer},
                  openapi_extra={"requestBody": sdp_body}, summary="Watch a session (WHEP-style)")
     async def whep(name: str, request: Request) -> Response:
-        running(target)
-        viewer, answer = await target.webrtc_offer(name, "whep", await read_sdp(request))
-        return Response(answer, status_code=201, media_type="application/sdp",
-                        headers={"Location": f"/api/talk/sessions/{name}/whep/{viewer}"})
+        return await answered(name, "whep", request)
 
     @router.delete("/api/talk/sessions/{name}/whep/{viewer}", status_code=204,
                    responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}})
@@ -255,10 +258,7 @@ def add_webrtc_routes(router: APIRouter, target: ControlTarget, errors: Errors) 
     @router.post("/api/talk/sessions/{name}/whip", status_code=201, responses={**errors, **sdp_answer},
                  openapi_extra={"requestBody": sdp_body}, summary="Speak to a session (WHIP-style)")
     async def whip(name: str, request: Request) -> Response:
-        running(target)
-        _, answer = await target.webrtc_offer(name, "whip", await read_sdp(request))
-        return Response(answer, status_code=201, media_type="application/sdp",
-                        headers={"Location": f"/api/talk/sessions/{name}/whip"})
+        return await answered(name, "whip", request)
 
 
 def observe_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
