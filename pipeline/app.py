@@ -14,7 +14,6 @@ finishes), then the publisher (which says `offline`), then the embedded broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -31,7 +30,7 @@ from pipeline.core.overload import DecodeShedder, LoadWatch, Verdict
 from pipeline.core.results import MqttResults, Results, ResultSink
 from pipeline.core.running import RunningStreams
 from pipeline.core.slots import SlotPool
-from pipeline.mqtt.broker import EmbeddedBroker
+from pipeline.mqtt.broker import publisher_for
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from pipeline.payloads import StatsPayload
@@ -100,15 +99,8 @@ class Pipeline:
         handoff = Handoff(asyncio.get_running_loop())
         fix_mmap_threshold(self.config.pipeline.malloc_mmap_threshold_kb)  # before the first frame is decoded
         limit_arenas(self.config.pipeline.malloc_arenas)  # before the decoder and slot threads start
-        mqtt = self.config.mqtt
-        broker = None
-        if mqtt.url == "embedded":
-            broker = EmbeddedBroker("127.0.0.1", mqtt.embedded_port)
-            await asyncio.to_thread(broker.start)
-            self.publisher = Publisher(mqtt, "127.0.0.1", broker.port, secrets=self.secrets, node=self.node)
-        else:
-            self.publisher = Publisher(mqtt, secrets=self.secrets, node=self.node)
-        self.telemetry = Telemetry(self.publisher, mqtt, self.clock, self.secrets)
+        self.publisher, broker = await publisher_for(self.config.mqtt, self.secrets, self.node)
+        self.telemetry = Telemetry(self.publisher, self.config.mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
         self.analytics.start(self.publisher, self.results, handoff)
         self.ingest.attach(handoff, self.telemetry.stream_state, self._reconnected)
@@ -120,18 +112,10 @@ class Pipeline:
             async with asyncio.TaskGroup() as tg:
                 self.models.spawn = lambda coro, name: tg.create_task(coro, name=name)
                 pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
-                in_use = self.ingest.models_in_use()
-                self.models.plan(in_use)
-                for name in in_use:
-                    log.info("model %s: %s", name, self.models.table[name].describe())
-                for name in in_use:
-                    await self.models.load(name)
+                await self.models.start(self.ingest.models_in_use())
                 for record in self.ingest.records.values():
                     self.running.start(record)
-                for name, tcfg in self.config.talk.items():
-                    if tcfg.enabled:
-                        with contextlib.suppress(Exception):  # reported on its state topic; others run on
-                            await self.talk.start(name, tcfg)
+                await self.talk.start_configured()
                 loops = [tg.create_task(self.telemetry.stats_loop(self.stats_payload), name="telemetry.stats"),
                          tg.create_task(self.models.rebalance_loop(self.config.pipeline.rebalance_interval),
                                         name="supervisor.rebalance"),

@@ -112,6 +112,15 @@ class Models:
             self.table[name].layout = plan.layouts[name]
             self.table[name].runtime = plan.runtimes.get(name)
 
+    async def start(self, names: list[str]) -> None:
+        """Plan the slots of `names` together (said in the log), then load each (one failing leaves the
+        others running)."""
+        self.plan(names)
+        for name in names:
+            log.info("model %s: %s", name, self.table[name].describe())
+        for name in names:
+            await self.load(name)
+
     async def load(self, name: str) -> bool:
         """Start the model's slots; False (its streams marked failed through `on_failed`) when none could."""
         model = self.table[name]

@@ -17,6 +17,10 @@ import socket
 import time
 from typing import Any
 
+from pipeline.config import MqttConfig
+
+from .publisher import Publisher
+
 log = logging.getLogger(__name__)
 
 
@@ -115,3 +119,14 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+async def publisher_for(mqtt: MqttConfig, secrets: list[str],
+                        node: str | None) -> tuple[Publisher, EmbeddedBroker | None]:
+    """The publisher of `mqtt`, and the embedded broker it talks to when `url = "embedded"` (started
+    here; the caller stops it after the publisher has said `offline`)."""
+    if mqtt.url != "embedded":
+        return Publisher(mqtt, secrets=secrets, node=node), None
+    broker = EmbeddedBroker("127.0.0.1", mqtt.embedded_port)
+    await asyncio.to_thread(broker.start)
+    return Publisher(mqtt, "127.0.0.1", broker.port, secrets=secrets, node=node), broker

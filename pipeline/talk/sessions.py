@@ -155,6 +155,13 @@ class TalkSessions:
             redact_text(cfg.out, tuple(self.secrets)),
         )
 
+    async def start_configured(self) -> None:
+        """The config's enabled sessions; one that cannot start says so on its state topic, the others run."""
+        for name, cfg in self.config.talk.items():
+            if cfg.enabled:
+                with contextlib.suppress(Exception):
+                    await self.start(name, cfg)
+
     async def stop(self, name: str) -> None:
         session = self.sessions.pop(name, None)
         if session is None:
