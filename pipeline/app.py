@@ -110,7 +110,7 @@ class Pipeline:
                                  self.facts, self.models.runtimes, self._devices_changed)
         try:
             async with asyncio.TaskGroup() as tg:
-                self.models.spawn = lambda coro, name: tg.create_task(coro, name=name)
+                self.models.spawn = self.talk.spawn = lambda coro, name: tg.create_task(coro, name=name)
                 pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
                 await self.models.start(self.ingest.models_in_use())
                 for record in self.ingest.records.values():

@@ -125,7 +125,7 @@ async def _jobs(api: Any, ready: asyncio.Event) -> None:
     """The talk-job queue, once the pipeline (or the cluster head) is ready."""
     await ready.wait()
     if api is not None:
-        await api.start_jobs()
+        await api.run_jobs()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

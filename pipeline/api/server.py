@@ -119,8 +119,13 @@ class ApiServer:
         self.bind()
         self._task = asyncio.create_task(self.serve(), name="api.server")
 
+    async def run_jobs(self) -> None:
+        """The talk-job queue until cancelled (the CLI runs this in its one TaskGroup once the
+        pipeline or head is ready)."""
+        await self.jobs.run()
+
     async def start_jobs(self) -> None:
-        """The talk-job queue (re-queues what a previous run left), once the pipeline or head is ready."""
+        """The talk-job queue in a task of its own (for callers without a TaskGroup: tests, tools)."""
         await self.jobs.start()
         self._jobs_started = True
 

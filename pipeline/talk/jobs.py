@@ -83,11 +83,23 @@ class TalkJobs:
         # bounded: a job beyond `max_queued` is refused at submission (nothing stored), or failed with
         # a reason when a restart finds more waiting than the bound
         self._queue: asyncio.Queue[str] = asyncio.Queue(max_queued)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: asyncio.Task[None] | None = None  # start()'s task (run() is the caller's)
         self._cancel: dict[str, threading.Event] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the queue until cancelled (a task of the caller's TaskGroup): jobs a previous run left
+        are queued again, then `workers()` of them render at once, as tasks of this one's TaskGroup."""
+        self._requeue()
+        await self._serve()
+
     async def start(self) -> None:
+        """`run()` for a caller without a TaskGroup (tests, tools): returns once the queue is restored;
+        `close()` ends it."""
+        self._requeue()
+        self._runner = asyncio.create_task(self._serve(), name="talk.jobs")
+
+    def _requeue(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         for job_file in sorted(self.folder.glob("*/job.json"), key=lambda p: p.stat().st_mtime):
             try:
@@ -107,15 +119,22 @@ class TalkJobs:
                 self._save(job)
                 self._queue.put_nowait(job.id)
                 log.info("talk job %s: queued again after a restart", job.id)
-        for i in range(max(1, self.workers())):
-            self._tasks.append(asyncio.create_task(self._worker(), name=f"talk.jobs[{i}]"))
+
+    async def _serve(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(max(1, self.workers())):
+                    tg.create_task(self._worker(), name=f"talk.jobs[{i}]")
+        finally:  # cancelled: renders in progress (on threads) are told to stop
+            for ev in self._cancel.values():
+                ev.set()
 
     async def close(self) -> None:
         for ev in self._cancel.values():
             ev.set()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
 
     # -- queries -----------------------------------------------------------------------------------
     def list(self) -> list[Job]:
@@ -234,8 +253,8 @@ class TalkJobs:
                 continue
             cancel = self._cancel[job_id] = threading.Event()
             job.state, job.started_at, job.error = "running", time.time(), None
-            self._save(job)
-            try:
+            try:  # nothing a job does stops the queue (its TaskGroup is framegrid's)
+                self._save(job)
                 if job.backend == "musetalk":
                     await self._run_musetalk(job, cancel)
                 else:
@@ -256,7 +275,10 @@ class TalkJobs:
                 self._cancel.pop(job_id, None)
                 if job.state != "cancelled":
                     job.finished_at = time.time() if job.state in ("done", "failed") else None
-                    self._save(job)
+                    try:
+                        self._save(job)
+                    except OSError as exc:  # its record stays as it was; the queue goes on
+                        log.warning("talk job %s: record not saved: %s", job_id, exc)
 
     def _progress(self, job: Job, cancel: threading.Event) -> Callable[[int, int], None]:
         last = [0.0]

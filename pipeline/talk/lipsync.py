@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from pipeline.config import DevicesConfig, LipSyncConfig, PipelineConfig, PoolSettings, default
 from pipeline.core.devices import GB, DeviceInfo, SlotPlan, discover, pinned_device, plan_slots, slot_layout
-from pipeline.core.slots import Model, SlotPool, Taken
+from pipeline.core.slots import Model, SlotPool, Spawn, Taken
 from pipeline.errors import PoolError, SlotError
 from streams import SYSTEM_CLOCK, Clock
 from streams.handoff import Handoff
@@ -135,14 +135,16 @@ class LipSyncPool:
 
     def __init__(self, factory: Callable[[int], Model], devices: list[str], settings: PoolSettings,
                  max_queue: int, slot_memory_bytes: int | None = None, clock: Clock = SYSTEM_CLOCK,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, spawn: Spawn | None = None) -> None:
         self.devices = devices
         self.settings = settings
         self.max_queue = max_queue
         self.slot_memory_bytes = slot_memory_bytes  # planned per GPU slot, checked against the loaded model
         self.whisper_on_slot = False  # the slots compute live prompts from audio windows (see whisper_on_slots)
         self.clock = clock
-        self.pool = SlotPool("lipsync", factory, devices, LipSyncJobs(), settings, clock=clock, on_change=on_change)
+        # `spawn`: the pipeline's TaskGroup (its batchers are tasks of it); None: tasks of whichever loop starts it
+        self.pool = SlotPool("lipsync", factory, devices, LipSyncJobs(), settings, clock=clock, on_change=on_change,
+                             spawn=spawn)
         self.memory_bytes: dict[str, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._handoff: Handoff | None = None
@@ -312,7 +314,8 @@ def plan_lipsync(facts: list[DeviceInfo], slot_memory_gb: float,
 def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None,
                   usable_fraction: float = default(DevicesConfig, "usable_fraction"),
                   device_facts: list[DeviceInfo] | None = None, half: bool | None = None,
-                  on_change: Callable[[], None] | None = None, clock: Clock = SYSTEM_CLOCK) -> LipSyncPool:
+                  on_change: Callable[[], None] | None = None, clock: Clock = SYSTEM_CLOCK,
+                  spawn: Spawn | None = None) -> LipSyncPool:
     """A pool of MuseTalk lipsync slots laid out by the device plan.
 
     Per GPU: floor(free memory x usable_fraction / slot_memory_gb) slots; on a CPU-only machine
@@ -338,7 +341,7 @@ def musetalk_pool(cfg: LipSyncConfig, pipeline: PipelineConfig | None = None,
 
     pool = LipSyncPool(factory, [a.device for a in layout], cfg.pool_settings(pipeline or PipelineConfig()),
                        cfg.max_queue, slot_memory_bytes=int(cfg.slot_memory_gb * GB), clock=clock,
-                       on_change=on_change)
+                       on_change=on_change, spawn=spawn)
     pool.whisper_on_slot = whisper
     return pool
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import Config, TalkConfig
 from pipeline.core.devices import DeviceInfo
+from pipeline.core.slots import Spawn
 from pipeline.errors import Conflict, NotFound, PoolError
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
@@ -54,6 +55,7 @@ class TalkSessions:
         self.cpu_runtimes = cpu_runtimes
         self.on_change = on_change
         self.sessions: dict[str, Any] = {}  # talkinghead.TalkSession by name
+        self.spawn: Spawn | None = None  # the composer's TaskGroup: the lipsync slots' batchers run in it
         self.lipsync: LipSyncPool | None = None  # started with the first musetalk session
         self._frontend: Any = None  # VAE + Whisper for the sessions' side (talkinghead.musetalk.MuseTalk)
         self._lock = asyncio.Lock()
@@ -254,6 +256,7 @@ class TalkSessions:
                     facts,
                     on_change=self.on_change,
                     clock=self.clock,
+                    spawn=self.spawn,
                 )
                 others = {r for r in self.cpu_runtimes() if r != "torch"}
                 if others and "cpu" in pool.devices:
