@@ -38,7 +38,7 @@ from pipeline.talk.sessions import TalkSessions
 from streams import SYSTEM_CLOCK, Clock, StreamState
 from streams.handoff import Handoff
 
-from .config import Config, ModelConfig, StreamConfig, TalkConfig
+from .config import Config
 
 log = logging.getLogger(__name__)
 LOAD_CHECK_S = 5.0  # seconds between load verdicts (and decode shedding decisions)
@@ -66,12 +66,14 @@ class Pipeline:
                              lambda: self.secrets, self._devices_changed, self._model_failed)
         self.analytics = Analytics(config, config_path)
         self.ready = asyncio.Event()
+        # the runtime changes of streams and models (the control plane's and node workers' way in)
+        self.running = RunningStreams(config, self.ingest, self.models, self.analytics, self.facts, self.secrets,
+                                      StreamTracker, self.ready)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # made on the loop, in run()
         self.publisher: Publisher
         self.telemetry: Telemetry
-        self.running: RunningStreams  # the stream operations, over the ingest's records
         self.talk: TalkSessions
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -104,8 +106,7 @@ class Pipeline:
         self.results.add_sink(MqttResults(self.publisher))
         self.analytics.start(self.publisher, self.results, handoff)
         self.ingest.attach(handoff, self.telemetry.stream_state, self._reconnected)
-        self.running = RunningStreams(self.config, self.ingest, self.models, self.analytics,
-                                      self.telemetry, self.facts, self.secrets, StreamTracker)
+        self.running.on_removed = self.telemetry.stream_removed
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
                                  self.facts, self.models.runtimes, self._devices_changed)
         try:
@@ -159,16 +160,9 @@ class Pipeline:
             if record.model == model:
                 self.ingest.set_state(record, StreamState.FAILED, why)
 
-    # -- streams ---------------------------------------------------------------------------------
     @property
     def streams(self) -> dict[str, StreamRecord]:
         return self.ingest.records
-
-    def model_names(self) -> list[str]:
-        return self.models.names()
-
-    def is_running(self, name: str) -> bool:
-        return name in self.ingest.records
 
     # -- supervision -----------------------------------------------------------------------------
     async def _load_loop(self) -> None:
@@ -203,44 +197,3 @@ class Pipeline:
                                                 self.results.sink_errors, self.devices.cpu_cores())
 
         return self.telemetry.recent_stats(build, max_age)
-
-    # -- runtime changes (the Python API the CLI and HTTP API build on) -------------------------------
-    def _running(self) -> None:
-        if not self.ready.is_set():
-            raise RuntimeError("pipeline is not running")
-
-    async def add_stream(self, name: str, cfg: StreamConfig) -> None:
-        """Start a stream while running (see `RunningStreams.add` for what it raises)."""
-        self._running()
-        await self.running.add(name, cfg)
-
-    async def remove_stream(self, name: str) -> None:
-        """Stop a stream while running, publish `stopped` and clear its retained state."""
-        self._running()
-        await self.running.remove(name)
-
-    def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
-        """A new `max_fps` without reconnecting; False when the change needs a restart."""
-        return self.running.retune(name, cfg)
-
-    async def add_model(self, name: str, cfg: ModelConfig) -> None:
-        """Load a model while running, ready for `add_stream` (see `Models.add` for what it raises)."""
-        self._running()
-        await self.models.add(name, cfg)
-
-    async def remove_model(self, name: str) -> None:
-        """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""
-        self._running()
-        await self.models.remove(name, self.running.users(name))
-
-    # -- talking-head sessions ----------------------------------------------------------------------
-    @property
-    def sessions(self) -> dict[str, Any]:
-        return self.talk.sessions
-
-    async def start_session(self, name: str, cfg: TalkConfig) -> None:
-        self._running()
-        await self.talk.start(name, cfg)
-
-    async def stop_session(self, name: str) -> None:
-        await self.talk.stop(name)

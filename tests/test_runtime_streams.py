@@ -38,13 +38,13 @@ async def test_add_and_remove_streams_at_runtime(
 
     try:
         await wait_until(lambda: len(detections(sub, "a")) >= 5, 30, "stream a detecting")
-        await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5))
+        await pipeline.running.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5))
         with pytest.raises(ValueError, match="already exists"):
-            await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes"))
+            await pipeline.running.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes"))
         with pytest.raises(ValueError, match="unknown model"):
-            await pipeline.add_stream("c", StreamConfig(url=str(videos["cam2"]), model="nope"))
+            await pipeline.running.add_stream("c", StreamConfig(url=str(videos["cam2"]), model="nope"))
         await wait_until(lambda: len(detections(sub, "b")) >= 5, 30, "added stream b detecting")
-        await pipeline.remove_stream("a")
+        await pipeline.running.remove_stream("a")
         removed_at = time.time()
         n_b = len(detections(sub, "b"))
         await asyncio.sleep(2)
@@ -99,20 +99,20 @@ async def test_add_and_remove_models_at_runtime(
     pipeline, shutdown = await start_pipeline(config)
     try:
         await wait_until(lambda: len(detections(sub, "a")) >= 3, 30, "stream a detecting")
-        await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL, imgsz=640, slots=1))
+        await pipeline.running.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL, imgsz=640, slots=1))
         with pytest.raises(ValueError, match="already exists"):
-            await pipeline.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL))
+            await pipeline.running.add_model("shapes640", ModelConfig(type="yolo", weights=MODEL))
         with pytest.raises(DetectorError, match="weights file not found"):
-            await pipeline.add_model("ghost", ModelConfig(type="yolo", weights=tmp_path / "ghost.pt"))
+            await pipeline.running.add_model("ghost", ModelConfig(type="yolo", weights=tmp_path / "ghost.pt"))
         assert "ghost" not in pipeline.models.names()
         assert "ghost" not in pipeline.models.pools
-        await pipeline.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes640", max_fps=5))
+        await pipeline.running.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes640", max_fps=5))
         await wait_until(lambda: len(detections(sub, "b")) >= 3, 30, "stream b on the added model")
         assert {m["model"] for m in detections(sub, "b")} == {"shapes640"}
         with pytest.raises(ValueError, match="still serves stream\\(s\\) b"):
-            await pipeline.remove_model("shapes640")
-        await pipeline.remove_stream("b")
-        await pipeline.remove_model("shapes640")
+            await pipeline.running.remove_model("shapes640")
+        await pipeline.running.remove_stream("b")
+        await pipeline.running.remove_model("shapes640")
         assert "shapes640" not in pipeline.models.pools
         assert "shapes640" not in pipeline.models.names()
         assert set(pipeline.config.models) == {"shapes"}  # the config as read was never mutated

@@ -28,7 +28,7 @@ async def speak(config: Any, mosquitto: Mosquitto, prefix: str, session: str, pc
     pub.connect("127.0.0.1", mosquitto.port)
     pub.loop_start()
     try:
-        await wait_until(lambda: session in pipeline.sessions and pipeline.sessions[session].state == "live",
+        await wait_until(lambda: session in pipeline.talk.sessions and pipeline.talk.sessions[session].state == "live",
                          timeout, "session live")
         topic = f"{prefix}/talk/{session}/audio"
         for i in range(0, len(pcm), 3200):
@@ -36,7 +36,7 @@ async def speak(config: Any, mosquitto: Mosquitto, prefix: str, session: str, pc
         for message in (*extra, b""):
             pub.publish(topic, message, qos=1).wait_for_publish(5)
         try:
-            await wait_until(lambda: pipeline.sessions[session].state == "ended", timeout, "session ended")
+            await wait_until(lambda: pipeline.talk.sessions[session].state == "ended", timeout, "session ended")
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {pipeline.stats_payload()}") from None
         await asyncio.sleep(1.2)  # a stats message with the session in it

@@ -78,7 +78,7 @@ def render(schema: dict[str, Any]) -> str:
 def openapi() -> dict[str, Any]:
     config = load_config(ROOT / "config.toml", check_files=False)
     pipeline = Pipeline(config)
-    app = build_app(pipeline, StreamControl(pipeline, None), None, None, config.api.mjpeg_fps, asyncio.Event())
+    app = build_app(pipeline, StreamControl(pipeline.running, None), None, None, config.api.mjpeg_fps, asyncio.Event())
     return app.openapi()
 
 

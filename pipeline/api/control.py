@@ -7,7 +7,7 @@ applied to the running pipeline, touching only that stream (on a cluster: to the
 places it on a node). Changes run one at a time.
 
 It keeps the configured streams (enabled or not, as the TOML + overlay say now); the pipeline's
-registry (the head's placement) keeps the running ones.
+ingest (the head's placement) keeps the running ones.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 class StreamTarget(Protocol):
-    """What runs the streams: a `Pipeline`, or a cluster head placing them on nodes."""
+    """What runs the streams: a pipeline's `RunningStreams`, or a cluster head placing them on nodes."""
 
     config: Config
 
@@ -53,12 +53,12 @@ def _invalid(exc: ValidationError) -> Invalid:
 
 
 class StreamControl:
-    def __init__(self, pipeline: StreamTarget, config_path: Path | None) -> None:
-        self.pipeline = pipeline
+    def __init__(self, runner: StreamTarget, config_path: Path | None) -> None:
+        self.runner = runner
         self.config_path = config_path
         self.base_dir = config_path.resolve().parent if config_path is not None else Path.cwd()
-        self.streams: dict[str, StreamConfig] = dict(pipeline.config.streams)  # configured, enabled or not
-        self.paths = ClientPaths(pipeline.config.api.media_dirs or [self.base_dir], self.base_dir)
+        self.streams: dict[str, StreamConfig] = dict(runner.config.streams)  # configured, enabled or not
+        self.paths = ClientPaths(runner.config.api.media_dirs or [self.base_dir], self.base_dir)
         self._lock = asyncio.Lock()
 
     @property
@@ -78,7 +78,7 @@ class StreamControl:
             except ClientPathError as exc:
                 raise Invalid(f"url: {exc}", [("url", str(exc))]) from None
         cfg = resolve_stream(cfg, self.base_dir)
-        models = self.pipeline.model_names()
+        models = self.runner.model_names()
         if cfg.model not in models:
             known = ", ".join(sorted(models)) or "none defined"
             raise Invalid(f"model: unknown model '{cfg.model}' (models: {known})",
@@ -100,7 +100,7 @@ class StreamControl:
             self._persist(name, {"config": raw})
             self.streams[name] = cfg
             if cfg.enabled:
-                await self.pipeline.add_stream(name, cfg)
+                await self.runner.add_stream(name, cfg)
             log.info("stream %s: added through the API", name)
             return cfg
 
@@ -116,14 +116,14 @@ class StreamControl:
             cfg = self.validate({**old.model_dump(exclude_unset=True, mode="json"), **changes})
             self._persist(name, self._patched_entry(name, changes))
             self.streams[name] = cfg
-            running = self.pipeline.is_running(name)
-            if running and cfg.enabled and self.pipeline.retune_stream(name, cfg):
+            running = self.runner.is_running(name)
+            if running and cfg.enabled and self.runner.retune_stream(name, cfg):
                 pass  # max_fps alone: applied live, the source keeps its connection
             else:
                 if running:
-                    await self.pipeline.remove_stream(name)
+                    await self.runner.remove_stream(name)
                 if cfg.enabled:
-                    await self.pipeline.add_stream(name, cfg)
+                    await self.runner.add_stream(name, cfg)
             log.info("stream %s: changed through the API (%s)", name, ", ".join(sorted(changes)))
             return cfg
 
@@ -133,8 +133,8 @@ class StreamControl:
                 raise NotFound(f"no stream {name}")
             self._persist(name, None)
             del self.streams[name]
-            if self.pipeline.is_running(name):
-                await self.pipeline.remove_stream(name)
+            if self.runner.is_running(name):
+                await self.runner.remove_stream(name)
             log.info("stream %s: deleted through the API", name)
 
     # -- persistence -------------------------------------------------------------------------------

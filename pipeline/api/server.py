@@ -168,7 +168,7 @@ class LocalJobs:
 
 def local_api(pipeline: Pipeline, config_path: Path | None) -> ApiServer:
     """The API of one running pipeline."""
-    control = StreamControl(pipeline, config_path)
+    control = StreamControl(pipeline.running, config_path)
 
     def build(jobs: TalkJobs, token: str | None, closing: asyncio.Event, max_upload: int) -> Any:
         return build_app(pipeline, control, jobs, token, pipeline.config.api.mjpeg_fps, closing, max_upload)

@@ -163,7 +163,7 @@ class LocalTarget:
         return out
 
     def session_names(self) -> list[str]:
-        return list(self.pipeline.sessions)
+        return list(self.pipeline.talk.sessions)
 
     def _session_info(self, name: str, snap: dict[str, Any]) -> SessionInfo:
         figures = {k: v for k, v in snap.items() if k not in ("session", "state", "error", "backend", "slot")}
@@ -175,11 +175,11 @@ class LocalTarget:
         return [self._session_info(n, s) for n, s in sorted(self.pipeline.talk.snapshot().items())]
 
     async def start_session(self, name: str, cfg: TalkConfig) -> SessionInfo:
-        await self.pipeline.start_session(name, cfg)
+        await self.pipeline.talk.start(name, cfg)
         return self._session_info(name, self.pipeline.talk.snapshot().get(name, {}))
 
     async def stop_session(self, name: str) -> None:
-        await self.pipeline.stop_session(name)
+        await self.pipeline.talk.stop(name)
 
     async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str | None, str]:
         return await self.pipeline.talk.webrtc_offer(session, kind, sdp)

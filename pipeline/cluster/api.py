@@ -160,9 +160,9 @@ class ClusterTarget:
         await self.head.remove_session(name)
 
     async def _relay(self, node: str | None, method: str, *args: Any) -> Any:
-        """A request answered by one node's worker (`worker.answered`): its result, or its refusal raised
-        here as the same kind of error."""
-        kind, value = await self.head.ask(node, method, *args)
+        """A request answered by one node's worker (`NodeWorker.relayed`): its result, or its refusal
+        raised here as the same kind of error."""
+        kind, value = await self.head.ask(node, "relayed", method, *args)
         if kind != "ok":
             raise REFUSALS.get(kind, Conflict)(value)
         return value
@@ -193,7 +193,7 @@ class ClusterTarget:
             node = up[0]
         elif node not in self.head.nodes:
             raise NotFound(f"no node {node}")
-        return [Move.model_validate(m) for m in await self._relay(node, "device_moves", device, drain)]
+        return [Move.model_validate(m) for m in await self._relay(node, "device_moves", device, None, drain)]
 
     async def stats(self) -> StatsPayload | ClusterStatsPayload:
         """The head's placement and every node's own stats payload (asked of the nodes, at once)."""

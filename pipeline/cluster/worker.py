@@ -45,6 +45,9 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
+RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves")  # ControlTarget calls a head relays to a node
+
+
 class NodeDescription(TypedDict):
     """What a worker tells the head when it starts and at every ping."""
 
@@ -96,14 +99,14 @@ class NodeWorker:
         return self.describe()
 
     @property
-    def running(self) -> Pipeline:
+    def live(self) -> Pipeline:
         """The node's pipeline (RuntimeError before `start()` or after `stop()`)."""
         if self.pipeline is None:
             raise RuntimeError(f"node {self.node}: the worker is not running")
         return self.pipeline
 
     def describe(self) -> NodeDescription:
-        p = self.running
+        p = self.live
         return {
             "node": self.node,
             "pid": os.getpid(),
@@ -111,7 +114,7 @@ class NodeWorker:
             "throughput": p.models.throughput(),
             "model_errors": p.models.errors(),
             "streams": {name: {"model": r.model, "state": r.state.value} for name, r in p.streams.items()},
-            "sessions": {name: str(t.state) for name, t in p.sessions.items()},
+            "sessions": {name: str(t.state) for name, t in p.talk.sessions.items()},
             "talk_capacity": self.talk_capacity,
             "segments": self.segments,
         }
@@ -123,7 +126,7 @@ class NodeWorker:
             from pipeline.talk.lipsync import plan_lipsync
 
             lcfg = self.config.lipsync
-            plans = plan_lipsync(self.running.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
+            plans = plan_lipsync(self.live.facts(), lcfg.slot_memory_gb, self.config.devices.usable_fraction,
                                  lcfg.slots)
             self._talk_capacity = max(1, sum(p.slots for p in plans))
         return self._talk_capacity
@@ -134,13 +137,13 @@ class NodeWorker:
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""
         target = self._target()
-        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.running.streams}
+        return {n: {**target.stream_figures(n), "node": self.node} for n in names if n in self.live.streams}
 
     def _target(self) -> LocalTarget:
         from pipeline.api.target import LocalTarget
 
-        if self.target is None or self.target.pipeline is not self.running:
-            self.target = LocalTarget(self.running, self.latest)
+        if self.target is None or self.target.pipeline is not self.live:
+            self.target = LocalTarget(self.live, self.latest)
         return self.target
 
     async def devices(self) -> list[dict[str, Any]]:
@@ -161,45 +164,44 @@ class NodeWorker:
 
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
-        if name not in self.running.streams:
+        if name not in self.live.streams:
             return None
         return await self.latest.jpeg(name, boxes)
 
-    async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str, Any]:
-        """A browser's SDP offer relayed by the head -> `answered(...)` of (viewer id, SDP answer)."""
-        return await answered(self._target().webrtc_offer(session, kind, sdp))
+    async def relayed(self, call: str, *args: Any) -> tuple[str, Any]:
+        """A control-plane request the head relays to the node concerned (WebRTC signalling of a session
+        here, a drain of a device here), answered by this node's `LocalTarget` -> `answered(...)`;
+        pydantic answers go back as dicts."""
+        if call not in RELAYED:
+            return "Invalid", f"not a relayed request: {call}"
 
-    async def webrtc_leave(self, session: str, viewer: str) -> tuple[str, Any]:
-        return await answered(self._target().webrtc_leave(session, viewer))
+        async def ask() -> Any:
+            got = await getattr(self._target(), call)(*args)
+            return [m.model_dump() for m in got] if isinstance(got, list) else got
 
-    async def device_moves(self, device: str, drain: bool) -> tuple[str, Any]:
-        """Drain or resume one of this node's devices -> `answered(...)` of the moves (as dicts)."""
-        async def moves() -> list[dict[str, Any]]:
-            return [m.model_dump() for m in await self._target().device_moves(device, None, drain)]
-
-        return await answered(moves())
+        return await answered(ask())
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
-        await self.running.add_stream(name, cfg)
+        await self.live.running.add_stream(name, cfg)
 
     async def remove_stream(self, name: str) -> None:
-        if name in self.running.streams:
-            await self.running.remove_stream(name)
+        if name in self.live.streams:
+            await self.live.running.remove_stream(name)
         self.latest.forget(name)
 
     async def start_session(self, name: str, cfg: TalkConfig) -> None:
-        await self.running.start_session(name, cfg)
+        await self.live.talk.start(name, cfg)
 
     async def stop_session(self, name: str) -> None:
-        if name in self.running.sessions:
-            await self.running.stop_session(name)
+        if name in self.live.talk.sessions:
+            await self.live.talk.stop(name)
 
     async def render_segment(self, key: str, jobs: list[Any], slot: int) -> list[Any]:
         """One segment of an offline talk job (`pipeline.cluster.segments`): its frames' faces from this
         node's lipsync slot `slot`, batched with the slot's other work."""
         import asyncio
 
-        pool, _ = await self.running.talk.ensure_lipsync()
+        pool, _ = await self.live.talk.ensure_lipsync()
         faces: list[Any] = await asyncio.wrap_future(pool.submit(key, jobs, slot=slot))
         self.segments += 1
         return faces

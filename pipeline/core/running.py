@@ -1,18 +1,21 @@
-"""The running streams: the ingest's records (the one table of them), with how a stream starts
-(tracker, placement on its model's pool, its decoder), is added, retuned and removed while running.
+"""Runtime changes: how a stream starts (tracker, placement on its model's pool, its decoder), and
+how streams and models are added, retuned and removed while running, over the ingest's records (the
+one table of running streams) and the models.
 
-`RunningStreams` is the one service the composer, the control plane (through `Pipeline`) and a
-cluster node's worker change streams through. It reaches models, analytics and telemetry only
-through what it is given.
+`RunningStreams` is the one service the composer, the control plane (`StreamControl`, whose
+`StreamTarget` it is on one process, as the cluster head is on a cluster) and a node's worker change
+streams and models through. It is made with the pipeline; changes are refused until it runs. It
+reaches models and analytics only through what it is given, and telemetry through `on_removed`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, StreamConfig, TrackerConfig
+from pipeline.config import Config, ModelConfig, StreamConfig, TrackerConfig
 from pipeline.errors import PlacementError
 from streams import StreamState, url_password
 
@@ -23,23 +26,30 @@ from .models import Models
 
 if TYPE_CHECKING:
     from pipeline.analytics.service import Analytics
-    from pipeline.mqtt.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
 class RunningStreams:
     def __init__(self, config: Config, ingest: Ingest, models: Models, analytics: Analytics,
-                 telemetry: Telemetry, facts: Callable[[], list[DeviceInfo]], secrets: list[str],
-                 tracker: Callable[[TrackerConfig], Any]) -> None:
+                 facts: Callable[[], list[DeviceInfo]], secrets: list[str],
+                 tracker: Callable[[TrackerConfig], Any], ready: asyncio.Event) -> None:
         self.config = config
         self.ingest = ingest
         self.models = models
         self.analytics = analytics
-        self.telemetry = telemetry
         self.facts = facts
         self.secrets = secrets  # the composer's list: a new stream's password is added to it
         self.tracker = tracker  # a stream's tracker from its settings (analytics builds it; core only holds it)
+        self.ready = ready  # set by the composer once everything runs
+        self.on_removed: Callable[[str], None] = lambda name: None  # telemetry clears its retained state
+
+    def _running(self) -> None:
+        if not self.ready.is_set():
+            raise RuntimeError("pipeline is not running")
+
+    def model_names(self) -> list[str]:
+        return self.models.names()
 
     @property
     def records(self) -> dict[str, StreamRecord]:
@@ -72,10 +82,11 @@ class RunningStreams:
                                  self.config.pipeline.decode_threads)
         self.ingest.start(record, threads)
 
-    async def add(self, name: str, cfg: StreamConfig) -> None:
+    async def add_stream(self, name: str, cfg: StreamConfig) -> None:
         """Start a stream. Its model must be known; it is loaded if unused so far. Raises ValueError for
         a bad name, a duplicate, or an unknown model; a model that fails to load leaves the stream
         `failed` (as at start-up)."""
+        self._running()
         if cfg.model not in self.models.names():
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
         record = self.ingest.add(name, cfg)
@@ -87,8 +98,9 @@ class RunningStreams:
         self.start(record)
         log.info("stream %s: added (model %s)", name, cfg.model)
 
-    async def remove(self, name: str) -> None:
-        """Stop a stream, publish `stopped` and clear its retained state."""
+    async def remove_stream(self, name: str) -> None:
+        """Stop a stream, publish `stopped` and clear its retained state (KeyError: no such stream)."""
+        self._running()
         record = self.ingest.remove(name)
         record.live = False
         pool = self.models.pool(record.model)
@@ -96,10 +108,10 @@ class RunningStreams:
             pool.remove(name)
         await self.ingest.stop(record)
         self.analytics.remove_stream(name)
-        self.telemetry.stream_removed(name)
+        self.on_removed(name)
         log.info("stream %s: removed", name)
 
-    def retune(self, name: str, cfg: StreamConfig) -> bool:
+    def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
         """Apply a new `max_fps` without reconnecting: True when done, False when the change needs a
         restart (another key changed, or the decoder would skip frames differently). The feed's rate
         and the placer's cost follow at once."""
@@ -120,3 +132,13 @@ class RunningStreams:
             pool.placer.update_cost(name, pool.cost(feed))
         log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
         return True
+
+    async def add_model(self, name: str, cfg: ModelConfig) -> None:
+        """Load a model while running, ready for `add_stream` (see `Models.add` for what it raises)."""
+        self._running()
+        await self.models.add(name, cfg)
+
+    async def remove_model(self, name: str) -> None:
+        """Stop a model's slots and forget it. Its streams must be removed first (ValueError names them)."""
+        self._running()
+        await self.models.remove(name, self.users(name))
