@@ -121,7 +121,8 @@ class Pipeline:
                          tg.create_task(self.models.rebalance_loop(self.config.pipeline.rebalance_interval),
                                         name="supervisor.rebalance"),
                          tg.create_task(self._load_loop(), name="supervisor.load"),
-                         tg.create_task(self.analytics.sweep_loop(self.clock.wall), name="events.sweep")]
+                         tg.create_task(self.analytics.sweep_loop(self.clock.wall), name="events.sweep"),
+                         tg.create_task(self.analytics.deliver_loop(), name="events.webhooks")]
                 self.ready.set()
                 try:
                     await stop.wait()
@@ -194,6 +195,7 @@ class Pipeline:
             lipsync = self.talk.lipsync
             return self.telemetry.stats_payload(self.ingest.records, self.models.pools, self.talk.snapshot(),
                                                 lipsync.snapshot() if lipsync is not None else None,
-                                                self.results.sink_errors, self.devices.cpu_cores())
+                                                self.results.sink_errors, self.devices.cpu_cores(),
+                                                self.analytics.webhooks.figures())
 
         return self.telemetry.recent_stats(build, max_age)

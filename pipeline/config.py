@@ -451,6 +451,34 @@ class EventsConfig(Strict):
                                  "<prefix>/streams/<s>/snapshot/<label> (retained)")
 
 
+class WebhookConfig(Strict):
+    """`[[webhooks]]`: each event (new/update/end) POSTed as JSON to `url`, signed when `secret` is set."""
+
+    url: str = Field(description="http:// or https:// URL events are POSTed to (credentials in it are redacted "
+                     "from logs)")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="the hook's name in stats and metrics "
+                             "(default: webhook-<n>, n counting from 1)")
+    events: list[Literal["new", "update", "end"]] = Field(["new", "end"], min_length=1,
+                                                          description="event types sent")
+    labels: list[str] | None = Field(None, description="only events of objects with these labels (default: all)")
+    streams: list[str] | None = Field(None, description="only events of these streams (default: all)")
+    secret: SecretStr | None = Field(None, description="signs each body: X-Framegrid-Signature: sha256=<hex "
+                                     "HMAC-SHA256 of the body>; use ${WEBHOOK_SECRET}")
+    timeout_s: float = Field(5.0, gt=0, le=300, description="seconds one delivery attempt may take")
+    retries: int = Field(5, ge=0, le=100, description="attempts after the first for a failed delivery (timeout, "
+                         "connection error, HTTP 5xx, 408 or 429), with exponential backoff; other 4xx are not retried")
+    max_queue: int = Field(1000, ge=1, le=1_000_000, description="events waiting for this hook; beyond it new ones "
+                           "are dropped and counted (framegrid_webhook_events_total{outcome=\"dropped\"})")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v
+
+
 class LogConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -490,10 +518,15 @@ class Config(Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list, description="`[[webhooks]]`: events POSTed "
+                                          "to HTTP endpoints")
 
     @model_validator(mode="after")
     def _references(self) -> Config:
         errors = []
+        hooks = [h.name or f"webhook-{i + 1}" for i, h in enumerate(self.webhooks)]
+        errors += [f"webhooks[{i}].name: {n!r} names another hook too" for i, n in enumerate(hooks)
+                   if hooks.count(n) > 1]
         for name, stream in self.streams.items():
             if stream.model not in self.models:
                 known = ", ".join(sorted(self.models)) or "none defined"
@@ -522,6 +555,8 @@ class Config(Strict):
             out.append(self.api.token.get_secret_value())
         out += [url_password(stream.url) for stream in self.streams.values()]
         out += [url_password(u) for t in self.talk.values() for u in (t.audio, t.out)]
+        out += [url_password(h.url) for h in self.webhooks]
+        out += [h.secret.get_secret_value() for h in self.webhooks if h.secret is not None]
         return tuple(s for s in out if s)
 
 
@@ -583,7 +618,7 @@ def parse_config(
                 err["input"], dict | list
             ):
                 msg += f" (got {redact_text(repr(err['input']))[:80]})"
-            if loc == "" and msg.startswith(("streams.", "talk.")):
+            if loc == "" and msg.startswith(("streams.", "talk.", "webhooks[")):
                 for part in msg.split("; "):
                     key, _, text = part.partition(": ")
                     errors.append((key, text))

@@ -214,6 +214,17 @@ class ResultFigures(TypedDict):
 
 
 @with_config(STRICT)
+class WebhookFigures(TypedDict):
+    url: str  # redacted
+    queued: int  # waiting now
+    sent: int  # delivered (HTTP 2xx)
+    failed: int  # given up after the retries, or refused (4xx)
+    dropped: int  # not queued: the hook's queue was full
+    retried: int  # attempts after a first one
+    last_error: str | None
+
+
+@with_config(STRICT)
 class StatsPayload(TypedDict):
     v: int
     at: float
@@ -225,6 +236,7 @@ class StatsPayload(TypedDict):
     talk: dict[str, dict[str, Any]]  # per session: its figures
     lipsync: dict[str, Any] | None  # the lip-sync pool (batches, slots), once started
     executors: dict[str, ExecutorFigures]
+    webhooks: dict[str, WebhookFigures]
     process: ProcessFigures
 
 

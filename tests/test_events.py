@@ -20,8 +20,10 @@ from detectors import Detections
 from pipeline import parse_config
 from pipeline.analytics.events import StreamEvents
 from pipeline.analytics.eventstore import EventStore, query
+from pipeline.analytics.webhooks import sign
 from pipeline.analytics.zones import crossing, inside, resolve
 from pipeline.config import EventsConfig, StreamConfig
+from tests.support.hooks import HookServer
 from tests.support.media import event
 from tests.support.procs import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
 
@@ -198,6 +200,7 @@ while True:
 
 
 # -- through the real pipeline and a real broker ----------------------------------------------------------
+HOOK_SECRET = "hook-secret-7f3a"
 @pytest.mark.slow
 async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str
@@ -217,6 +220,7 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
     ), 18.0, width=640, height=360)  # still for 3 s: a late start of the pipeline misses no crossing
     video = tmp_path / "events.mp4"
     write_video(video, scene, scene.seconds)
+    hooks = HookServer(fail_first=2)  # the receiver is down for the first two tries: retried, not lost
     config = parse_config({
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
@@ -225,6 +229,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
                             "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}}},
         "pipeline": {"status_interval": 0},
         "events": {"store": str(tmp_path / "ev" / "events.db"), "update_interval": 1.0, "mqtt_snapshots": True},
+        "webhooks": [{"url": hooks.url("/all"), "secret": HOOK_SECRET, "events": ["new", "end"]},
+                     {"url": hooks.url("/people"), "name": "people", "labels": ["person"]}],
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
     pipeline, shutdown = await start_pipeline(config)
@@ -252,6 +258,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
         await client.aclose()
     await asyncio_sleep(1.0)
     sub.close()
+    hooks.close()
+    hook_figures = pipeline.analytics.webhooks.figures()
     shots = [m for m in sub.messages if "/streams/cam/snapshot/" in m.topic]
     assert shots
     assert all(m.payload[:2] == b"\xff\xd8" for m in shots)
@@ -268,6 +276,22 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
         assert kinds[0] == "new", kinds
         assert kinds[-1] == "end", kinds
         assert kinds.count("new") == kinds.count("end") == 1, kinds
+
+    # the webhook got every new and end event MQTT carried (the ends at shutdown too), each signed over
+    # its exact body, after the receiver's first two failures were retried; the `person` hook got none
+    assert [r.status for r in hooks.requests[:2]] == [500, 500]
+    delivered = [r for r in hooks.accepted() if r.path == "/all"]
+    for r in delivered:
+        assert r.headers["X-Framegrid-Signature"] == sign(HOOK_SECRET, r.body), r.headers
+        assert r.headers["Content-Type"] == "application/json"
+    posted = [json.loads(r.body) for r in delivered]
+    assert sorted((e["type"], e["after"]["id"]) for e in posted) == sorted(
+        (e["type"], e["after"]["id"]) for e in events if e["type"] in ("new", "end"))
+    assert not [r for r in hooks.requests if r.path == "/people"]
+    assert hook_figures["webhook-1"]["sent"] == len(delivered) == 6
+    assert hook_figures["webhook-1"]["retried"] >= 2
+    assert hook_figures["webhook-1"]["failed"] == hook_figures["webhook-1"]["dropped"] == 0
+    assert hook_figures["people"]["sent"] == 0
 
     # every line crossing of the truth, on the frames processed, is one event
     results = [m.json() for m in sub.of("/streams/cam/detections")]
@@ -443,3 +467,55 @@ def test_a_stalled_store_drops_new_writes_and_counts_them(tmp_path: Path) -> Non
     store.start()
     store.close()
     assert len(query(tmp_path / "events.db", limit=100)) == 10
+
+
+# -- webhooks: the hook's own rules, against a real local HTTP server ---------------------------------------
+def hook_event(kind: str, label: str = "car", stream: str = "cam") -> Any:
+    state = {"id": f"{stream}-1-0", "track_id": 1, "label": label, "score": 0.9, "best_score": 0.9,
+             "box": [0.0, 0.0, 1.0, 1.0], "zones": [], "entered_zones": [], "crossings": [], "first_seen": 0.0,
+             "last_seen": 0.0, "stationary": False, "has_snapshot": False}
+    return {"v": 1, "stream": stream, "type": kind, "before": None, "after": state, "changed": []}
+
+
+async def test_a_webhook_filters_bounds_refuses_and_keeps_its_url_secret(caplog: pytest.LogCaptureFixture) -> None:
+    import httpx
+
+    from pipeline.analytics.webhooks import Webhooks
+    from pipeline.config import ConfigError, WebhookConfig
+
+    with HookServer() as server:
+        url = server.url("/h").replace("http://", "http://user:hook-pass@")
+        hooks = Webhooks([WebhookConfig(url=url, labels=["car"], streams=["cam"], max_queue=2, retries=3)],
+                         ("hook-pass",))
+        (hook,) = hooks.hooks
+        for event in (hook_event("new"), hook_event("update"), hook_event("new", label="dog"),
+                      hook_event("new", stream="other"), hook_event("end"), hook_event("end")):
+            hooks.put(event)
+        assert hook.queue.qsize() == 2  # update: not asked for; dog, other: filtered; the third: no room
+        assert hook.dropped == 1
+        async with httpx.AsyncClient() as client:
+            while not hook.queue.empty():
+                assert await hook.deliver(client, hook.queue.get_nowait())
+        assert [json.loads(r.body)["type"] for r in server.accepted()] == ["new", "end"]
+        assert "X-Framegrid-Signature" not in server.requests[0].headers  # no secret, no signature
+    with HookServer(fail_first=100) as down:  # always 500: retried, then given up and counted
+        hooks = Webhooks([WebhookConfig(url=down.url(), retries=1)], ())
+        async with httpx.AsyncClient() as client:
+            assert not await hooks.hooks[0].deliver(client, hook_event("new"))
+        assert len(down.requests) == 2
+        assert hooks.figures()["webhook-1"] == {"url": down.url(), "queued": 0, "sent": 0, "failed": 1, "dropped": 0,
+                                                "retried": 1, "last_error": "HTTP 500"}
+    refused = httpx.MockTransport(lambda request: httpx.Response(403))  # a 4xx is the receiver's no: once
+    hooks = Webhooks([WebhookConfig(url="http://127.0.0.1:9/h", retries=5)], ())
+    async with httpx.AsyncClient(transport=refused) as client:
+        assert not await hooks.hooks[0].deliver(client, hook_event("new"))
+    assert hooks.hooks[0].retried == 0
+    assert "hook-pass" not in caplog.text
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"webhooks": [{"url": "ftp://x/h"}]}, Path("."))
+    assert bad.value.errors == [("webhooks[0].url", "must be an http:// or https:// URL with a host "
+                                                    "(got 'ftp://x/h')")]
+    with pytest.raises(ConfigError) as twice:
+        parse_config({"webhooks": [{"url": "http://a/h", "name": "a"}, {"url": "http://b/h", "name": "a"}]},
+                     Path("."))
+    assert sorted(k for k, _ in twice.value.errors) == ["webhooks[0].name", "webhooks[1].name"], twice.value.errors

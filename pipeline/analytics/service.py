@@ -18,6 +18,7 @@ from streams import default_state_dir
 from .events import EventEngine
 from .eventstore import EventStore
 from .snapshots import Snapshots
+from .webhooks import Webhooks
 
 if TYPE_CHECKING:
     from pipeline.core.results import Results
@@ -40,6 +41,9 @@ def events_db(config: Config, config_path: Path | None) -> Path:
     return config.events.store or events_folder(config, config_path) / "events.db"
 
 
+WEBHOOK_FLUSH_S = 5.0  # at shutdown: the most time given to deliver the webhooks' last events
+
+
 class Analytics:
     """The event engine, store and snapshots of one pipeline (all None while `events.enabled` is off)."""
 
@@ -50,6 +54,7 @@ class Analytics:
         self.engine: EventEngine | None = None
         self.store: EventStore | None = None
         self.snapshots: Snapshots | None = None
+        self.webhooks = Webhooks(config.webhooks, config.secrets())  # events POSTed to HTTP endpoints
 
     def start(self, publisher: Publisher, results: Results, handoff: Handoff) -> None:
         cfg = self.config.events
@@ -65,6 +70,7 @@ class Analytics:
             self.snapshots = Snapshots(self.folder / "snapshots", cfg.max_snapshots, store, publisher,
                                        cfg.mqtt_snapshots, on_loop=handoff.call)
             self.engine.listeners.append(self.snapshots)
+        self.engine.listeners.append(self.webhooks.put)
         results.add_sink(self.engine)
 
     async def sweep_loop(self, wall: Callable[[], float]) -> None:
@@ -75,9 +81,15 @@ class Analytics:
             await asyncio.sleep(1.0)
             self.engine.sweep(wall())
 
+    async def deliver_loop(self) -> None:
+        """Send the webhooks' events until cancelled (nothing to do without hooks or events)."""
+        if self.engine is not None:
+            await self.webhooks.run()
+
     async def close(self) -> None:
         if self.engine is not None:
             self.engine.close()  # every live object's event ends
+            await self.webhooks.flush(WEBHOOK_FLUSH_S)  # ... and reaches the hooks, if they answer in time
         if self.snapshots is not None:
             await asyncio.to_thread(self.snapshots.close)
         if self.store is not None:

@@ -96,6 +96,13 @@ class PipelineCollector(Collector):
         if p.analytics.store is not None:
             dropped.add_metric([], p.analytics.store.dropped)
         yield dropped
+        hooks = CounterMetricFamily("framegrid_webhook_events", "Events per webhook by outcome: sent, failed "
+                                    "(after its retries, or refused), dropped (its queue was full)",
+                                    labels=["hook", "outcome"])
+        for name, f in p.analytics.webhooks.figures().items():
+            for outcome in ("sent", "failed", "dropped"):
+                hooks.add_metric([name, outcome], f[outcome])
+        yield hooks
 
     def _streams(self, p: Pipeline) -> Iterator[Metric]:
         decoded = CounterMetricFamily("framegrid_frames_decoded", "Frames decoded", labels=["stream"])

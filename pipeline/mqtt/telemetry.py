@@ -30,6 +30,7 @@ from pipeline.payloads import (
     StreamFigures,
     StreamStatePayload,
     TalkStatePayload,
+    WebhookFigures,
 )
 from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, StreamState, redact_text
@@ -127,7 +128,7 @@ class Telemetry:
     # -- stats -----------------------------------------------------------------------------------
     def stats_payload(self, records: Mapping[str, StreamRecord], pools: Mapping[str, SlotPool],
                       talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int,
-                      cores: int = 1) -> StatsPayload:
+                      cores: int = 1, webhooks: dict[str, WebhookFigures] | None = None) -> StatsPayload:
         now = self.clock.mono()
         streams: dict[str, StreamFigures] = {}
         for record in records.values():
@@ -171,6 +172,7 @@ class Telemetry:
             "talk": talk,
             "lipsync": lipsync,
             "executors": executors,
+            "webhooks": webhooks or {},
             "process": process_figures(),
         }
 
