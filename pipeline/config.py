@@ -520,6 +520,9 @@ class Config(Strict):
     webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="`[[webhooks]]`: events POSTed "
                                           "to HTTP endpoints")
+    stream_defaults: dict[str, Any] = Field(default_factory=dict, description="`[stream_defaults]`: keys every "
+                                            "stream takes unless it sets its own (any [streams.<name>] key but "
+                                            "url; tables merge key by key); also for streams added through the API")
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -602,22 +605,13 @@ def parse_config(
     """Validate raw TOML data; raises ConfigError listing every problem with its key path."""
     errors: list[tuple[str, str]] = []
     data = _substitute(data, "", dict(os.environ) if env is None else env, errors)
+    data = _with_stream_defaults(data, errors)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             loc = _loc(tuple(err["loc"]))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            elif msg.startswith("Value error, "):
-                msg = msg.removeprefix("Value error, ")
-            if "input" in err and err["type"] not in ("extra_forbidden", "missing") and not isinstance(
-                err["input"], dict | list
-            ):
-                msg += f" (got {redact_text(repr(err['input']))[:80]})"
+            msg = _message(err)
             if loc == "" and msg.startswith(("streams.", "talk.", "webhooks[")):
                 for part in msg.split("; "):
                     key, _, text = part.partition(": ")
@@ -636,6 +630,55 @@ def parse_config(
         if errors:
             raise ConfigError(errors, source)
     return config
+
+
+def _message(err: Any) -> str:
+    """A pydantic error as the config's reports say it."""
+    msg = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = msg.removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], dict | list):
+        msg += f" (got {redact_text(repr(err['input']))[:80]})"
+    return msg
+
+
+def _with_stream_defaults(data: dict[str, Any], errors: list[tuple[str, str]]) -> dict[str, Any]:
+    """`[stream_defaults]` under every `[streams.<name>]` table (the stream's own keys win; nested
+    tables such as `tracker` and `zones` merge key by key). The defaults are checked once, their
+    errors named `stream_defaults.<key>`, and a default in error is not applied (so 32 cameras do
+    not repeat one error)."""
+    defaults = data.get("stream_defaults")
+    if defaults is None:
+        return data
+    if not isinstance(defaults, dict):
+        errors.append(("stream_defaults", "must be a table of stream keys"))
+        return {k: v for k, v in data.items() if k != "stream_defaults"}
+    bad: set[str | int] = set()
+    if "url" in defaults:
+        errors.append(("stream_defaults.url", "not a default: each stream names its own url"))
+        bad.add("url")
+    try:
+        StreamConfig.model_validate({"url": "x", "model": "m", **{k: v for k, v in defaults.items() if k != "url"}})
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            bad.add(err["loc"][0])
+            errors.append((f"stream_defaults.{_loc(tuple(err['loc']))}", redact_text(_message(err))))
+    good = {k: v for k, v in defaults.items() if k not in bad}
+    streams = data.get("streams")
+    if isinstance(streams, dict):
+        streams = {n: merged(good, s) if isinstance(s, dict) else s for n, s in streams.items()}
+    return {**data, "stream_defaults": good, **({"streams": streams} if streams is not None else {})}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, tables merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list[tuple[str, str]]:

@@ -133,3 +133,65 @@ def test_every_stage_reports_at_once(tmp_path: Path) -> None:
         load_config(cfg)
     raw = {k: m for k, m in caught.value.errors if k in dict(valid.value.errors)}
     assert raw == dict(valid.value.errors), valid.value.errors
+
+
+def test_stream_defaults_apply_to_every_stream_and_to_api_additions(tmp_path: Path) -> None:
+    """`[stream_defaults]`: 32 cameras need not repeat a key; a stream's own keys win, tables merge
+    key by key, and a stream added through the API gets them too."""
+    from types import SimpleNamespace
+
+    from pipeline.api.control import StreamControl
+
+    cameras = "".join(f'[streams.cam{i}]\nurl = "rtsp://127.0.0.1:8554/cam{i}"\n' for i in range(32))
+    cfg = load_config(write(tmp_path, f"""
+[models.m]
+type = "yolo"
+weights = "{MODEL}"
+[stream_defaults]
+model = "m"
+max_fps = 5
+skip_frames = "nonkey"
+tracker = {{ type = "bytetrack", buffer_s = 3.0 }}
+zones.door = {{ polygon = [[0, 0], [0.5, 0], [0.5, 1], [0, 1]] }}
+{cameras}
+[streams.cam31.tracker]
+buffer_s = 9.0
+[streams.cam31.zones.gate]
+polygon = [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]
+"""))
+    assert len(cfg.streams) == 32
+    assert {s.model for s in cfg.streams.values()} == {"m"}
+    assert {s.max_fps for s in cfg.streams.values()} == {5}
+    assert cfg.streams["cam0"].skip_frames == "nonkey"
+    assert cfg.streams["cam0"].tracker is not None
+    assert cfg.streams["cam0"].tracker.buffer_s == 3.0
+    own = cfg.streams["cam31"]
+    assert own.tracker is not None
+    assert (own.tracker.type, own.tracker.buffer_s) == ("bytetrack", 9.0)  # merged: its own buffer, the default type
+    assert set(own.zones) == {"door", "gate"}
+    control = StreamControl(SimpleNamespace(config=cfg, model_names=lambda: ["m"]), None)  # type: ignore[arg-type]
+    added = control.validate({"url": "rtsp://127.0.0.1:8554/new"}, from_client=False)
+    assert (added.model, added.max_fps, added.skip_frames) == ("m", 5, "nonkey")
+
+
+def test_stream_defaults_errors_are_named_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"""
+[models.m]
+type = "yolo"
+weights = "{MODEL}"
+[stream_defaults]
+url = "rtsp://127.0.0.1/x"
+max_fps = -1
+typo_key = 1
+model = "m"
+[streams.a]
+url = "rtsp://127.0.0.1:8554/a"
+[streams.b]
+url = "rtsp://127.0.0.1:8554/b"
+"""))
+    assert sorted(caught.value.errors) == [
+        ("stream_defaults.max_fps", "Input should be greater than 0 (got -1)"),
+        ("stream_defaults.typo_key", "unknown key"),
+        ("stream_defaults.url", "not a default: each stream names its own url"),
+    ]

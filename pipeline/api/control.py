@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import ValidationError
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import NAME_PATTERN, StreamConfig, _loc, read_toml, resolve_stream
+from pipeline.config import NAME_PATTERN, StreamConfig, _loc, merged, read_toml, resolve_stream
 from pipeline.errors import Conflict, Invalid, NotFound, Unavailable
 from pipeline.overlay import OverlayError, overlay_path, read_overlay, write_overlay
 from streams import is_local_file
@@ -68,8 +68,8 @@ class StreamControl:
     # -- validation --------------------------------------------------------------------------------
     def validate(self, raw: dict[str, Any], from_client: bool = False) -> StreamConfig:
         """`from_client`: the URL came from an API client (network schemes, or files in api.media_dirs)."""
-        try:
-            cfg = StreamConfig.model_validate(raw)
+        try:  # [stream_defaults] under the client's keys, as for the TOML's streams
+            cfg = StreamConfig.model_validate(merged(self.runner.config.stream_defaults, raw))
         except ValidationError as exc:
             raise _invalid(exc) from None
         if from_client:
