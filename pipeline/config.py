@@ -218,6 +218,13 @@ class ZoneConfig(Strict):
                             "object counts as entered (or left)")
 
 
+class MaskConfig(Strict):
+    polygon: Coordinates = Field(min_length=3, description="corners [[x, y], ...] in source pixels, or fractions "
+                                 "of the frame when every value is at most 1")
+    anchor: Literal["bottom_center", "center", "top_center", "bottom_left", "bottom_right"] = Field(
+        "bottom_center", description="a detection whose anchor falls inside is dropped")
+
+
 class LineConfig(Strict):
     points: Coordinates = Field(min_length=2, max_length=2, description="the segment [[x1, y1], [x2, y2]] (pixels "
                                 "or fractions); crossing from its left to its right (seen from the first point "
@@ -279,6 +286,23 @@ class StreamConfig(SourceSettings):
     tracker: TrackerConfig | None = Field(None, description="this stream's tracking (default: its model's)")
     zones: dict[Name, ZoneConfig] = Field(default_factory=dict, description="named zones (events, counts)")
     lines: dict[Name, LineConfig] = Field(default_factory=dict, description="named counting lines")
+    # filters of this stream's detections, on its model's shared copy; changed at run time without a reconnect
+    classes: list[str] | None = Field(None, description="keep only these labels (default: every label the model "
+                                      "publishes)")
+    confidence: float | None = Field(None, ge=0, le=1, description="drop detections below this score (above the "
+                                     "model's own threshold)")
+    label_confidence: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=dict, description="per label, instead of `confidence`: {person = 0.6, car = 0.4}")
+    min_area: float | None = Field(None, ge=0, le=1, description="drop boxes smaller than this fraction of the frame")
+    max_area: float | None = Field(None, gt=0, le=1, description="drop boxes larger than this fraction of the frame")
+    masks: dict[Name, MaskConfig] = Field(default_factory=dict, description="named polygons: detections whose "
+                                          "anchor falls inside one are dropped (a tree, a timestamp overlay)")
+
+    @model_validator(mode="after")
+    def _areas(self) -> StreamConfig:
+        if self.min_area is not None and self.max_area is not None and self.min_area >= self.max_area:
+            raise ValueError(f"max_area must be larger than min_area ({self.min_area})")
+        return self
 
     @field_validator("url")
     @classmethod

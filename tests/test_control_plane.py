@@ -124,6 +124,18 @@ def test_a_stream_added_changed_and_removed(plane: tuple[str, httpx.Client], vid
     patched = api.patch("/api/streams/cam3", json={"max_fps": 3})
     assert patched.status_code == 200, patched.text
     assert patched.json()["max_fps"] == 3
+    # the stream's own filters on the shared model copy: only circles from now on (live on one process;
+    # a cluster head restarts the stream on its node)
+    filtered = api.patch("/api/streams/cam3", json={"classes": ["circle"], "confidence": 0.3})
+    assert filtered.status_code == 200, filtered.text
+    assert filtered.json()["config"]["classes"] == ["circle"]
+    deadline, in_a_row = time.monotonic() + 60, 0
+    while in_a_row < 5:  # its scene shows three circles and a square: five looks in a row without the square
+        objects = api.get("/api/streams/cam3").json().get("objects") or {}
+        in_a_row = in_a_row + 1 if set(objects) == {"circle"} else 0
+        assert time.monotonic() < deadline, f"cam3 still shows {objects}"
+        time.sleep(0.5)
+    assert api.patch("/api/streams/cam3", json={"url": "x"}).status_code == 422  # not changeable at run time
     assert api.delete("/api/streams/cam3").status_code == 204
     assert api.delete("/api/streams/cam3").status_code == 404
     assert "cam3" not in {s["name"] for s in api.get("/api/streams").json()}

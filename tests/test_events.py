@@ -21,8 +21,8 @@ from pipeline import parse_config
 from pipeline.analytics.events import StreamEvents
 from pipeline.analytics.eventstore import EventStore, query
 from pipeline.analytics.webhooks import sign
-from pipeline.analytics.zones import crossing, inside, resolve
 from pipeline.config import EventsConfig, StreamConfig
+from pipeline.core.zones import crossing, inside, resolve
 from tests.support.hooks import HookServer
 from tests.support.media import event
 from tests.support.procs import MODEL, ROOT, Mosquitto, Subscriber, start_pipeline, wait_until
@@ -207,8 +207,8 @@ async def test_events_zone_counts_store_and_snapshots_from_a_real_scene(
 ) -> None:
     import httpx
 
-    from pipeline.analytics.zones import anchor_of
     from pipeline.api import local_api
+    from pipeline.core.zones import anchor_of
     from streams.synthetic import Actor, ScriptedScene, write_video
 
     # the zone is the frame's left half, the line its middle: A starts inside and leaves, B comes in,

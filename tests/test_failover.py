@@ -240,7 +240,7 @@ async def test_rebalance_moves_streams_losslessly(
         assert len(on_a) == 2
         assert len(pool.members(b)) == 2
         for name in on_a:  # empty one slot: now 0 vs 2
-            await pipeline.remove_stream(name)
+            await pipeline.running.remove_stream(name)
         moves = pipeline.models.rebalance()
         assert len(moves) == 1
         assert moves[0].target == a

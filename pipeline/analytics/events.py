@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EventsConfig, LineConfig, StreamConfig, ZoneConfig
+from pipeline.core.zones import anchor_of, crossing, inside, resolve, side
 from pipeline.payloads import Crossing, EventPayload, ObjectState
-
-from .zones import anchor_of, crossing, inside, resolve, side
 
 if TYPE_CHECKING:
     from pipeline.core.results import Result

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import NAME_PATTERN, StreamConfig, _loc, merged, read_toml, resolve_stream
+from pipeline.core.filters import FILTER_KEYS
 from pipeline.errors import Conflict, Invalid, NotFound, Unavailable
 from pipeline.overlay import OverlayError, overlay_path, read_overlay, write_overlay
 from streams import is_local_file
@@ -43,7 +44,7 @@ class StreamTarget(Protocol):
 
 log = logging.getLogger(__name__)
 
-PATCHABLE = ("max_fps", "model", "enabled")
+PATCHABLE = ("max_fps", "model", "enabled", *FILTER_KEYS)  # max_fps and the filters apply without a reconnect
 
 
 def _invalid(exc: ValidationError) -> Invalid:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.config import Name, StreamConfig, TalkConfig
+from pipeline.config import MaskConfig, Name, StreamConfig, TalkConfig
 
 
 class Health(BaseModel):
@@ -62,6 +62,12 @@ class StreamPatch(BaseModel):
     max_fps: float | None = Field(None, gt=0, le=1000, description="null = no limit")
     model: str | None = None
     enabled: bool | None = None
+    classes: list[str] | None = Field(None, description="keep only these labels (null = all)")
+    confidence: float | None = Field(None, ge=0, le=1)
+    label_confidence: dict[str, float] | None = None
+    min_area: float | None = Field(None, ge=0, le=1)
+    max_area: float | None = Field(None, gt=0, le=1)
+    masks: dict[str, MaskConfig] | None = None
 
 
 class ModelInfo(BaseModel):

@@ -20,6 +20,7 @@ from pipeline.config import StreamConfig, check_name
 from streams import Clock, Mailbox, Source, SourceState, StreamState
 from streams.handoff import Handoff
 
+from .filters import StreamFilter
 from .overload import DecodePacer
 from .stats import StreamStats
 
@@ -43,6 +44,7 @@ class StreamRecord:
     seq: int = 0  # results published so far (assigned on the loop, so in order)
     live: bool = True  # False once removed at runtime: a result still in flight is not published
     tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
+    filter: StreamFilter | None = None  # its own filters of the shared model's detections (None: none set)
 
     @property
     def model(self) -> str:
@@ -75,7 +77,8 @@ class Ingest:
         if name in self.records:
             raise ValueError(f"stream {name} already exists")
         mailbox = Mailbox(name)
-        record = StreamRecord(name, cfg, mailbox, StreamStats(mailbox), since=self.clock.wall())
+        record = StreamRecord(name, cfg, mailbox, StreamStats(mailbox), since=self.clock.wall(),
+                              filter=StreamFilter.of(cfg))
         self.records[name] = record
         return record
 

@@ -110,6 +110,8 @@ class Results:
         # time is in stats as mqtt.send_ms)
         timings["publish"] = max(0.0, (now - inferred_at) * 1000)
         record.seq += 1
+        if record.filter is not None:
+            det = record.filter.apply(det, frame.width, frame.height)
         ids = None
         if record.tracker is not None:
             t0 = time.perf_counter()

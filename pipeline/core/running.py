@@ -21,6 +21,7 @@ from streams import StreamState, url_password
 
 from .detect import StreamFeed
 from .devices import DeviceInfo, decode_threads
+from .filters import FILTER_KEYS, StreamFilter
 from .ingest import Ingest, StreamRecord
 from .models import Models
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from pipeline.analytics.service import Analytics
 
 log = logging.getLogger(__name__)
+LIVE_KEYS = ("max_fps", *FILTER_KEYS)  # changed at run time without a reconnect
 
 
 class RunningStreams:
@@ -112,11 +114,11 @@ class RunningStreams:
         log.info("stream %s: removed", name)
 
     def retune_stream(self, name: str, cfg: StreamConfig) -> bool:
-        """Apply a new `max_fps` without reconnecting: True when done, False when the change needs a
-        restart (another key changed, or the decoder would skip frames differently). The feed's rate
-        and the placer's cost follow at once."""
+        """Apply a new `max_fps` or new filters without reconnecting: True when done, False when the
+        change needs a restart (another key changed, or the decoder would skip frames differently). The
+        feed's rate, the placer's cost and the filters follow at once."""
         record = self.ingest.records.get(name)
-        if record is None or record.cfg.model_copy(update={"max_fps": cfg.max_fps}) != cfg:
+        if record is None or record.cfg.model_copy(update={k: getattr(cfg, k) for k in LIVE_KEYS}) != cfg:
             return False
         source = record.source
         if source is not None:
@@ -125,12 +127,14 @@ class RunningStreams:
             if source.skip_mode(source.fps) != source.skipping:
                 source.wanted_fps = before
                 return False
-        record.cfg = cfg  # the feed reads its rate from here
+        before_cfg, record.cfg = record.cfg, cfg  # the feed reads its rate from here
+        record.filter = StreamFilter.of(cfg)
         pool = self.models.pool(cfg.model)
         feed = pool.feeds.get(name) if pool is not None else None
         if pool is not None and feed is not None:
             pool.placer.update_cost(name, pool.cost(feed))
-        log.info("stream %s: max_fps %s (live)", name, cfg.max_fps)
+        log.info("stream %s: %s changed (live)", name, ", ".join(k for k in LIVE_KEYS if getattr(cfg, k) != getattr(
+            before_cfg, k)) or "nothing")
         return True
 
     async def add_model(self, name: str, cfg: ModelConfig) -> None:
