@@ -58,6 +58,14 @@ class Detections:
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32), ())
 
+    def take(self, keep: Sequence[int] | np.ndarray) -> Detections:
+        """The detections at indices `keep`, in order (the same object when it keeps them all)."""
+        if len(keep) == len(self.labels):
+            return self
+        idx = np.asarray(keep, dtype=np.intp)
+        return Detections(self.boxes[idx], self.confidences[idx], self.class_ids[idx],
+                          tuple(self.labels[i] for i in idx), self.timings_ms)
+
     def to_json(self, decimals: int = 1) -> list[dict[str, object]]:
         return [
             {

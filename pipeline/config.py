@@ -551,7 +551,7 @@ class Config(Strict):
     @model_validator(mode="after")
     def _references(self) -> Config:
         errors = []
-        hooks = [h.name or f"webhook-{i + 1}" for i, h in enumerate(self.webhooks)]
+        hooks = self.webhook_names()
         errors += [f"webhooks[{i}].name: {n!r} names another hook too" for i, n in enumerate(hooks)
                    if hooks.count(n) > 1]
         for name, stream in self.streams.items():
@@ -572,6 +572,10 @@ class Config(Strict):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def webhook_names(self) -> list[str]:
+        """Each `[[webhooks]]` hook's name: its own, or webhook-<n> counting from 1."""
+        return [h.name or f"webhook-{i + 1}" for i, h in enumerate(self.webhooks)]
 
     def secrets(self) -> tuple[str, ...]:
         """Literal secrets to scrub from any output, besides URL passwords."""
@@ -729,13 +733,12 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
         return p if p.is_absolute() else base_dir / p
 
     weights = {n: w for n, m in models.items() if (w := path(table(m).get("weights"))) is not None}
-    # messages name the path as resolved against the config's folder, as the valid config's check does
-    files = {n: (str(local), local) for n, st in table(data.get("streams")).items()
+    files = {n: local for n, st in table(data.get("streams")).items()
              if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
              and is_local_file(url) and (local := path(url)) is not None}
     talks = {n: table(t) for n, t in table(data.get("talk")).items() if table(t).get("enabled", True) is not False}
     avatars = {n: a for n, t in talks.items() if (a := path(t.get("avatar"))) is not None}
-    audios = {n: (str(local), local) for n, t in talks.items() if isinstance(audio := t.get("audio"), str)
+    audios = {n: local for n, t in talks.items() if isinstance(audio := t.get("audio"), str)
               and audio not in ("mqtt", "webrtc") and is_local_file(audio) and (local := path(audio)) is not None}
     lipsync = table(data.get("lipsync"))
     version = lipsync.get("version", musetalk_defaults.VERSION)
@@ -746,22 +749,21 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
     return errors + _missing_files(weights, files, avatars, audios, musetalk)
 
 
-def _missing_files(weights: dict[str, Path], stream_files: dict[str, tuple[str, Path]], avatars: dict[str, Path],
-                   audios: dict[str, tuple[str, Path]], musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
+def _missing_files(weights: dict[str, Path], stream_files: dict[str, Path], avatars: dict[str, Path],
+                   audios: dict[str, Path], musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
     """The one check (and message) of the files a config names that must exist before anything starts:
-    weights (and their kind), local stream files and talk audio (the URL to name, its path), avatars,
-    the MuseTalk folder's layout. Used on a valid config and on raw tables alike."""
+    weights (and their kind), local stream files and talk audio, avatars (each named as resolved
+    against the config's folder), the MuseTalk folder's layout. Used on a valid config and on raw
+    tables alike."""
     from detectors import missing_weights_message
 
     errors = [(f"models.{n}.weights", missing_weights_message(w)) for n, w in weights.items()
               if w.suffix == ".pt" and not w.is_file()]
     errors += [(f"models.{n}.weights", f"must be a .pt or .yaml file, got {w.name}")
                for n, w in weights.items() if w.suffix not in (".pt", ".yaml", ".yml")]
-    errors += [(f"streams.{n}.url", f"file not found: {url}") for n, (url, local) in stream_files.items()
-               if not local.exists()]
+    errors += [(f"streams.{n}.url", f"file not found: {p}") for n, p in stream_files.items() if not p.exists()]
     errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
-    errors += [(f"talk.{n}.audio", f"file not found: {audio}") for n, (audio, local) in audios.items()
-               if not local.exists()]
+    errors += [(f"talk.{n}.audio", f"file not found: {p}") for n, p in audios.items() if not p.exists()]
     if musetalk is not None:
         from talkinghead.musetalk import MuseTalkError, check_layout
 
@@ -832,10 +834,9 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     if config.lipsync.weights is not None and any(t.backend == "musetalk" for t in talks.values()):
         musetalk = (config.lipsync.weights, config.lipsync.version)
     return _missing_files({n: m.weights for n, m in config.models.items()},
-                          {n: (s.url, Path(s.url)) for n, s in config.streams.items()
-                           if s.enabled and is_local_file(s.url)},
+                          {n: Path(s.url) for n, s in config.streams.items() if s.enabled and is_local_file(s.url)},
                           {n: t.avatar for n, t in talks.items()},
-                          {n: (t.audio, Path(t.audio)) for n, t in talks.items()
+                          {n: Path(t.audio) for n, t in talks.items()
                            if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)},
                           musetalk)
 

@@ -486,7 +486,7 @@ async def test_a_webhook_filters_bounds_refuses_and_keeps_its_url_secret(caplog:
     with HookServer() as server:
         url = server.url("/h").replace("http://", "http://user:hook-pass@")
         hooks = Webhooks([WebhookConfig(url=url, labels=["car"], streams=["cam"], max_queue=2, retries=3)],
-                         ("hook-pass",))
+                         ["webhook-1"], ("hook-pass",))
         (hook,) = hooks.hooks
         for event in (hook_event("new"), hook_event("update"), hook_event("new", label="dog"),
                       hook_event("new", stream="other"), hook_event("end"), hook_event("end")):
@@ -499,14 +499,14 @@ async def test_a_webhook_filters_bounds_refuses_and_keeps_its_url_secret(caplog:
         assert [json.loads(r.body)["type"] for r in server.accepted()] == ["new", "end"]
         assert "X-Framegrid-Signature" not in server.requests[0].headers  # no secret, no signature
     with HookServer(fail_first=100) as down:  # always 500: retried, then given up and counted
-        hooks = Webhooks([WebhookConfig(url=down.url(), retries=1)], ())
+        hooks = Webhooks([WebhookConfig(url=down.url(), retries=1)], ["webhook-1"], ())
         async with httpx.AsyncClient() as client:
             assert not await hooks.hooks[0].deliver(client, hook_event("new"))
         assert len(down.requests) == 2
         assert hooks.figures()["webhook-1"] == {"url": down.url(), "queued": 0, "sent": 0, "failed": 1, "dropped": 0,
                                                 "retried": 1, "last_error": "HTTP 500"}
     refused = httpx.MockTransport(lambda request: httpx.Response(403))  # a 4xx is the receiver's no: once
-    hooks = Webhooks([WebhookConfig(url="http://127.0.0.1:9/h", retries=5)], ())
+    hooks = Webhooks([WebhookConfig(url="http://127.0.0.1:9/h", retries=5)], ["webhook-1"], ())
     async with httpx.AsyncClient(transport=refused) as client:
         assert not await hooks.hooks[0].deliver(client, hook_event("new"))
     assert hooks.hooks[0].retried == 0

@@ -54,7 +54,8 @@ class Analytics:
         self.engine: EventEngine | None = None
         self.store: EventStore | None = None
         self.snapshots: Snapshots | None = None
-        self.webhooks = Webhooks(config.webhooks, config.secrets())  # events POSTed to HTTP endpoints
+        # events POSTed to HTTP endpoints
+        self.webhooks = Webhooks(config.webhooks, config.webhook_names(), config.secrets())
 
     def start(self, publisher: Publisher, results: Results, handoff: Handoff) -> None:
         cfg = self.config.events

@@ -125,8 +125,8 @@ class Webhook:
 class Webhooks:
     """Every hook of the config: `put` is an event-engine listener, `run` sends until cancelled."""
 
-    def __init__(self, hooks: list[WebhookConfig], secrets: tuple[str, ...]) -> None:
-        self.hooks = [Webhook(h.name or f"webhook-{i + 1}", h, secrets) for i, h in enumerate(hooks)]
+    def __init__(self, hooks: list[WebhookConfig], names: list[str], secrets: tuple[str, ...]) -> None:
+        self.hooks = [Webhook(name, h, secrets) for name, h in zip(names, hooks, strict=True)]
 
     def put(self, event: EventPayload, obj: Any = None, result: Any = None) -> None:
         if event["type"].startswith("_"):

@@ -152,8 +152,4 @@ def detect_pool(name: str, cfg: ModelConfig, layout: list[SlotAssignment], pipel
 
 
 def _only(det: Detections, wanted: set[str]) -> Detections:
-    keep = [i for i, label in enumerate(det.labels) if label in wanted]
-    if len(keep) == len(det.labels):
-        return det
-    return Detections(det.boxes[keep], det.confidences[keep], det.class_ids[keep],
-                      tuple(det.labels[i] for i in keep), det.timings_ms)
+    return det.take([i for i, label in enumerate(det.labels) if label in wanted])

@@ -58,8 +58,4 @@ class StreamFilter:
                 box = det.boxes[i]
                 if any(inside(anchor_of(box, anchor), polygon) for anchor, polygon in masks):
                     keep[i] = False
-        if keep.all():
-            return det
-        idx = np.flatnonzero(keep)
-        return Detections(det.boxes[idx], det.confidences[idx], det.class_ids[idx],
-                          tuple(det.labels[i] for i in idx), det.timings_ms)
+        return det.take(np.flatnonzero(keep))

@@ -151,9 +151,8 @@ class TalkJobs:
                      backend: str) -> Job:
         if backend == "musetalk" and not self.musetalk_ready:
             raise Invalid("backend: musetalk needs lipsync.weights in the config")
-        if self._queue.full():
-            raise Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
-                              "try again when some have rendered")
+        if self._queue.full():  # before the uploads are taken in
+            raise self._full()
         job_id = uuid.uuid4().hex[:12]
         folder = self.folder / job_id
         folder.mkdir(parents=True)
@@ -170,12 +169,15 @@ class TalkJobs:
             self._queue.put_nowait(job_id)
         except asyncio.QueueFull:  # others filled it while this one's files were taken in
             shutil.rmtree(folder, ignore_errors=True)
-            raise Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
-                              "try again when some have rendered") from None
+            raise self._full() from None
         self.jobs[job_id] = job
         self._save(job)
         log.info("talk job %s: queued (%s)", job_id, backend)
         return job
+
+    def _full(self) -> Unavailable:
+        return Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
+                           "try again when some have rendered")
 
     async def _take_input(self, folder: Path, kind: str, upload: Any, path: str | None) -> str:
         if (upload is None) == (path is None):
