@@ -37,6 +37,8 @@ from pipeline.talk.jobs import TalkJobs
 from pipeline.topics import PAYLOAD_VERSION
 from streams import redact_text
 
+from .head import session_key
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -145,7 +147,7 @@ class ClusterTarget:
 
     def _session_info(self, name: str) -> SessionInfo:
         head = self.head
-        node = head.where(f"talk/{name}")
+        node = head.where(session_key(name))
         state = head.nodes[node].sessions.get(name, "starting") if node in head.nodes else "unplaced"
         return SessionInfo(name=name, state=state, backend=head.sessions[name].backend, node=node)
 
@@ -170,13 +172,13 @@ class ClusterTarget:
     async def webrtc_offer(self, session: str, kind: str, sdp: str) -> tuple[str | None, str]:
         if session not in self.head.sessions:
             raise NotFound(f"no session {session}")
-        viewer, answer = await self._relay(self.head.where(f"talk/{session}"), "webrtc_offer", session, kind, sdp)
+        viewer, answer = await self._relay(self.head.where(session_key(session)), "webrtc_offer", session, kind, sdp)
         return viewer, answer
 
     async def webrtc_leave(self, session: str, viewer: str) -> None:
         if session not in self.head.sessions:
             raise NotFound(f"no session {session}")
-        await self._relay(self.head.where(f"talk/{session}"), "webrtc_leave", session, viewer)
+        await self._relay(self.head.where(session_key(session)), "webrtc_leave", session, viewer)
 
     # -- what the nodes answer ---------------------------------------------------------------------------
     async def devices(self) -> list[DeviceOut]:

@@ -308,17 +308,11 @@ class ClusterHead:
     async def ask_nodes(self, method: str, *args: Any) -> dict[str, Any]:
         """Call `method` of every node worker that is up (or drained) at once: -> its answer by node;
         a node that does not answer within a few seconds is left out."""
-        nodes = [n for n in self.nodes.values() if n.state in ("up", "drained")]
-
-        async def ask(node: NodeHandle) -> tuple[str, Any]:
-            self.calls += 1
-            try:
-                async with asyncio.timeout(min(5.0, self.settings.dead_after_s)):
-                    return node.name, await getattr(node.actor, method).remote(*args)
-            except Exception:
-                return node.name, None
-
-        return {name: got for name, got in await asyncio.gather(*(ask(n) for n in nodes)) if got is not None}
+        names = [n.name for n in self.nodes.values() if n.state in ("up", "drained")]
+        timeout = min(5.0, self.settings.dead_after_s)
+        got = await asyncio.gather(*(self.ask(n, method, *args, timeout=timeout) for n in names),
+                                   return_exceptions=True)
+        return {n: g for n, g in zip(names, got, strict=True) if g is not None and not isinstance(g, BaseException)}
 
     async def ask(self, node_name: str | None, method: str, *args: Any, timeout: float = 10.0) -> Any:
         """Call `method` of one node's worker; `Unavailable` when the node is not up or does not answer."""
