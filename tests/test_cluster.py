@@ -186,6 +186,15 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
         await head.resume_node(joined)
         await wait_until(lambda: any(head.where(s) == joined for s in STREAMS), 60, "load back on the resumed node")
 
+        def settled() -> bool:  # each stream streams from the node it is placed on: no move still under way
+            for s in STREAMS:
+                said = [m.json() for m in sub.of(f"/streams/{s}/state") if m.payload]
+                if not said or said[-1].get("node") != head.where(s) or said[-1]["state"] != "streaming":
+                    return False
+            return True
+
+        await wait_until(settled, 60, "the rebalance's moves finished")
+
         # the head goes away without stopping the workers; a new head finds them and their streams
         head.keep_workers = True
         heads[-1][1].set()
