@@ -12,6 +12,7 @@ in numpy, with an explicit thread budget. The defaults are ultralytics' `predict
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotF
 from .defaults import CONFIDENCE, IMGSZ, IOU
 from .export import ensure_export
 from .letterbox import Geometry, InputBuffers, infer_in_groups
+from .modelfile import GraphFacts, ModelFileError, check_detection_head, dims, flag
 from .yolo import missing_weights_message
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ class ExportedYoloDetector:
 
     def __init__(self, name: str, weights: str | Path, imgsz: int = IMGSZ, confidence: float = CONFIDENCE,
                  iou: float = IOU, threads: int | None = None, max_detections: int = 300,
-                 device: str = "cpu", precision: str = "fp32", rect: bool = True, agnostic: bool = False) -> None:
+                 device: str = "cpu", precision: str = "fp32", rect: bool = True, agnostic: bool = False,
+                 names: Sequence[str] = ()) -> None:
         self.name = name
         self.weights = Path(weights)
         self.imgsz = imgsz
@@ -80,11 +83,13 @@ class ExportedYoloDetector:
         self._inputs = InputBuffers(self.input_layout)
         self.rect = rect
         self.stride = 32
+        self.names = tuple(names)  # the config's class names (win over the file's)
         self.class_names: tuple[str, ...] = ()
         self.export_path: Path | None = None
+        self.fixed_batch: int | None = None  # a graph exported with a fixed batch runs in chunks of it
 
-    # subclasses: open the session and say the class names; run one NCHW float32 batch
-    def _open(self, path: Path) -> tuple[str, ...]:
+    # subclasses: open the session and say the file's class names and shapes; run one batch
+    def _open(self, path: Path) -> tuple[tuple[str, ...], GraphFacts]:
         raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -99,11 +104,46 @@ class ExportedYoloDetector:
         return self.weights  # already exported by the user
 
     def load(self) -> None:
-        self.export_path = self._resolve_export()
+        self.export_path = path = self._resolve_export()
         try:
-            self.class_names = self._open(self.export_path)
+            file_names, facts = self._open(path)
         except Exception as exc:
-            raise ModelLoadError(f"model {self.name}: cannot load {self.export_path}: {exc}") from exc
+            raise ModelLoadError(f"model {self.name}: cannot load {path}: {exc}") from exc
+        try:
+            if len(facts.output_shape) == 3 and facts.output_shape[1] < 0 and len(facts.input_shape) == 4:
+                facts = self._probe_output(facts)  # a graph without output shapes: ask it
+            classes = check_detection_head(self.name, path, facts, self.names)
+            self._fit_fixed_shape(path, facts)
+        except ModelFileError as exc:
+            self.close()
+            raise ModelLoadError(str(exc)) from exc
+        self.class_names = self.names or file_names
+        if len(self.class_names) != classes:
+            log.warning("model %s: %s names %d classes but has %d; labels are class ids where no name is known "
+                        "(set `names` or `classes_file` in the model's config)", self.name, path.name,
+                        len(self.class_names), classes)
+
+    def _probe_output(self, facts: GraphFacts) -> GraphFacts:
+        """The facts with the output shape of one blank frame run through the graph."""
+        n = facts.fixed_batch or 1
+        h, w = facts.fixed_size or (64, 64)
+        shape = (n, 3, h, w) if self.input_layout == "nchw-f32" else (n, h, w, 3)
+        blank = np.zeros(shape, np.float32 if self.input_layout == "nchw-f32" else np.uint8)
+        out_shape = tuple(int(d) for d in self._run(blank).shape)
+        return dataclasses.replace(facts, output_shape=out_shape)
+
+    def _fit_fixed_shape(self, path: Path, facts: GraphFacts) -> None:
+        """A graph exported with fixed shapes gets exactly those: square letterbox, batches in its size."""
+        self.fixed_batch = facts.fixed_batch
+        if (size := facts.fixed_size) is None:
+            return
+        if size[0] != size[1]:
+            raise ModelFileError(f"model {self.name}: {path.name} has a fixed non-square input {size[1]}x{size[0]}; "
+                                 "export it with dynamic=True or a square imgsz")
+        if size[0] != self.imgsz:
+            log.warning("model %s: %s takes a fixed %dx%d input; imgsz %d does not apply", self.name, path.name,
+                        size[0], size[0], self.imgsz)
+        self.imgsz, self.rect = size[0], False
 
     def warmup(self) -> None:
         self.infer([np.zeros((self.imgsz, self.imgsz, 3), np.uint8)])
@@ -122,7 +162,7 @@ class ExportedYoloDetector:
         batch = self._inputs.fill([bgr_of(im) for im in images], geos)
         t1 = time.perf_counter()
         try:
-            out = self._run(batch)
+            out = self._run_in_chunks(batch)
         except Exception as exc:
             raise InferenceError(f"model {self.name}: inference failed: {exc}") from exc
         t2 = time.perf_counter()
@@ -131,6 +171,20 @@ class ExportedYoloDetector:
         timings = {"preprocess": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000,
                    "postprocess": (t3 - t2) * 1000, "batch_total": (t3 - t0) * 1000}
         return [Detections(d.boxes, d.confidences, d.class_ids, d.labels, dict(timings)) for d in results]
+
+    def _run_in_chunks(self, batch: np.ndarray) -> np.ndarray:
+        """`_run`, in chunks of a fixed-batch graph's size (the last one padded with blank frames)."""
+        n = self.fixed_batch
+        if n is None or len(batch) == n:
+            return self._run(batch)
+        parts = []
+        for i in range(0, len(batch), n):
+            chunk = batch[i:i + n]
+            real = len(chunk)
+            if real < n:
+                chunk = np.concatenate([chunk, np.zeros((n - real, *chunk.shape[1:]), chunk.dtype)])
+            parts.append(self._run(chunk)[:real])
+        return np.concatenate(parts)
 
     def _decode(self, pred: np.ndarray, geo: Geometry) -> Detections:
         pred = pred.T  # (anchors, 4 + classes)
@@ -164,7 +218,7 @@ class OnnxYoloDetector(ExportedYoloDetector):
     def onnx_path(self) -> Path | None:
         return self.export_path
 
-    def _open(self, path: Path) -> tuple[str, ...]:
+    def _open(self, path: Path) -> tuple[tuple[str, ...], GraphFacts]:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -175,12 +229,15 @@ class OnnxYoloDetector(ExportedYoloDetector):
         if self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         self._session = ort.InferenceSession(str(path), opts, providers=providers)
-        self._input = self._session.get_inputs()[0].name
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        self._input = inputs[0].name
         meta = self._session.get_modelmeta().custom_metadata_map
         self.stride = int(meta.get("stride", 32))
         log.info("model %s: ONNX Runtime session on %s (%s, %s threads)", self.name, path.name,
                  ", ".join(self._session.get_providers()), self.threads or "default")
-        return parse_names(meta.get("names", "{}"))
+        facts = GraphFacts(dims(inputs[0].shape), dims(outputs[0].shape), len(outputs), meta.get("task"),
+                           flag(meta.get("end2end")))
+        return parse_names(meta.get("names", "{}")), facts
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self._session.run(None, {self._input: batch})

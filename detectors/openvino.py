@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .modelfile import GraphFacts, dims, flag
 from .onnx import ExportedYoloDetector, parse_names
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,20 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
     background_compile = True  # False: compile a new shape in the calling thread (tests, benchmarks of one shape)
     _model: Any = None
 
-    def _open(self, path: Path) -> tuple[str, ...]:
+    def _open(self, path: Path) -> tuple[tuple[str, ...], GraphFacts]:
         import openvino as ov
-        import yaml
 
         xml = next(path.glob("*.xml"), None) if path.is_dir() else path
         if xml is None or not xml.is_file():
             raise FileNotFoundError(f"no OpenVINO .xml model in {path}")
         prime_numpy_bridge()
         self._core = ov.Core()
+        source = self._core.read_model(xml)  # an IR's .xml, or an ONNX file as it is
+        meta = _metadata(source, xml)
+        facts = GraphFacts(dims(_shape(source.inputs[0])), dims(_shape(source.outputs[0])), len(source.outputs),
+                           meta.get("task"), flag(meta.get("end2end")))
+        if len(facts.input_shape) != 4 or facts.outputs != 1 or len(facts.output_shape) != 3:
+            return parse_names(meta.get("names", {})), facts  # not a detector: refused by the caller
         # inference precision: "auto" is OpenVINO's own choice for the device (bf16 on CPUs with BF16
         # units, e.g. AMX/AVX512-BF16: measured 2.3x the f32 throughput of yolo11n here, same objects
         # as torch in the parity test); "f32" keeps full precision
@@ -75,7 +81,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
             config["INFERENCE_NUM_THREADS"] = self.threads
         device = "GPU" if self.device.startswith("gpu") else "CPU"
         self._config, self._ov_device = config, device
-        self._model = with_u8_input(self._core.read_model(xml))
+        self._model = with_u8_input(source)
         self._requests: dict[tuple[int, ...], Any] = {}
         self._compiling: set[tuple[int, ...]] = set()
         self._compile_threads: list[threading.Thread] = []
@@ -84,12 +90,10 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         compiled = self._core.compile_model(self._model, device, config)
         self._dynamic = compiled.create_infer_request()
         self.effective_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        meta_file = xml.parent / "metadata.yaml"
-        meta = yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else {}
         self.stride = int(meta.get("stride", 32))
-        log.info("model %s: OpenVINO %s on %s (%s threads, %s)", self.name, xml.parent.name, device,
+        log.info("model %s: OpenVINO %s on %s (%s threads, %s)", self.name, xml.name, device,
                  self.threads or "default", self.effective_precision)
-        return parse_names(meta.get("names", {}))
+        return parse_names(meta.get("names", {})), facts
 
     def __init__(self, *args: Any, max_batch: int = 1, inference_precision: str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -106,8 +110,8 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         """
         from .letterbox import geometry
 
-        g = geometry(16, 9, self.imgsz, self.stride, rect=True)
-        for b in range(1, self.max_batch + 1):
+        g = geometry(16, 9, self.imgsz, self.stride, rect=self.rect)
+        for b in (self.fixed_batch,) if self.fixed_batch else range(1, self.max_batch + 1):
             shape = (b, g.out_h, g.out_w, 3)
             with self._lock:
                 known = shape in self._requests or shape in self._compiling
@@ -170,6 +174,25 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         self._requests = {}
         self._dynamic = None
         self._model = None
+
+
+def _shape(port: Any) -> list[int]:
+    """A port's shape, -1 where it is dynamic."""
+    return [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
+
+
+def _metadata(model: Any, xml: Path) -> dict[str, Any]:
+    """ultralytics' metadata: `metadata.yaml` beside an IR, else what an ONNX file carries (read by OpenVINO
+    into the model's `framework` run-time info)."""
+    import yaml
+
+    meta_file = xml.parent / "metadata.yaml"
+    if xml.suffix == ".xml" and meta_file.is_file():
+        return dict(yaml.safe_load(meta_file.read_text()) or {})
+    if not model.has_rt_info(["framework"]):
+        return {}
+    framework = model.get_rt_info()["framework"]
+    return {str(k): framework[k].astype(str) for k in framework}
 
 
 def with_u8_input(model: Any) -> Any:

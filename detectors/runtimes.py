@@ -4,7 +4,9 @@
 FP16); on the CPU the fastest runtime that is installed, in the order measured by
 `tools/bench_streams.py` on x86 CPUs (OpenVINO, then ONNX Runtime, then torch). Resolution
 happens once, before anything is loaded, so a process never ends up with two runtimes competing
-for the same cores.
+for the same cores. A model file that is already exported narrows the choice to the runtimes that
+read it (see `detectors.modelfile`): an ONNX file runs on OpenVINO or ONNX Runtime, an IR on
+OpenVINO, a TensorRT engine on TensorRT (CUDA only).
 """
 
 from __future__ import annotations
@@ -14,30 +16,40 @@ from pathlib import Path
 from typing import Any
 
 from .base import Detector
+from .modelfile import RUNTIMES, runtime_refusal
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")
-_MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+_MODULES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 
 
 def installed(runtime: str) -> bool:
     return importlib.util.find_spec(_MODULES[runtime]) is not None
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """The concrete runtime for `backend` on `device` ("cpu", "cuda:N")."""
+def resolve_backend(backend: str, device: str, kind: str = "pt") -> str:
+    """The concrete runtime for `backend` on `device` ("cpu", "cuda:N") for a model file of `kind`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if (refusal := runtime_refusal(backend, kind)) is not None:
+        raise ValueError(refusal)
+    if "tensorrt" in (backend, *RUNTIMES[kind][:1]) and not device.startswith("cuda"):
+        raise ValueError("a TensorRT engine runs only on an NVIDIA GPU (device cuda[:N]); on this device use the "
+                         ".pt, .onnx or OpenVINO IR of the same model")
     if backend != "auto":
         if not installed(backend):
-            raise ValueError(f"backend {backend} is not installed (pip install 'framegrid[cpu]')")
+            extra = "tensorrt" if backend == "tensorrt" else "cpu"
+            raise ValueError(f"backend {backend} is not installed (pip install 'framegrid[{extra}]')")
         return backend
     if device.startswith("cuda"):
-        return "torch"
+        cuda_order = {"pt": "torch", "yaml": "torch", "onnx": "onnxruntime", "openvino": "openvino",
+                      "engine": "tensorrt"}
+        return cuda_order[kind]
     for runtime in CPU_PREFERENCE:
-        if installed(runtime):
+        if runtime in RUNTIMES[kind] and installed(runtime):
             return runtime
-    raise ValueError("no inference runtime installed: install torch, onnxruntime or openvino")
+    needed = " or ".join(r for r in CPU_PREFERENCE if r in RUNTIMES[kind])
+    raise ValueError(f"no inference runtime installed that runs this model: install {needed}")
 
 
 def build_detector(runtime: str, name: str, weights: str | Path, *, imgsz: int, confidence: float, iou: float,
@@ -54,6 +66,11 @@ def build_detector(runtime: str, name: str, weights: str | Path, *, imgsz: int, 
 
         return OpenVinoYoloDetector(name, weights, imgsz=imgsz, confidence=confidence, iou=iou, threads=threads,
                                     device=device, max_batch=max_batch, **extra)
+    if runtime == "tensorrt":
+        from .tensorrt import TensorRtYoloDetector
+
+        return TensorRtYoloDetector(name, weights, imgsz=imgsz, confidence=confidence, iou=iou, device=device,
+                                    **extra)
     if runtime == "torch":
         from .yolo import YoloDetector
 

@@ -21,6 +21,7 @@ import numpy as np
 from .base import Detections, Image, InferenceError, ModelLoadError, WeightsNotFoundError, bgr_of, picture_size
 from .defaults import CONFIDENCE, IMGSZ, IOU
 from .letterbox import Geometry, InputBuffers, infer_in_groups, letterbox_torch
+from .modelfile import ModelFileError
 from .offline import prepare_ultralytics_offline
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ class YoloDetector:
         rect: bool = True,
         device_preprocess: bool | None = None,
         agnostic: bool = False,
+        names: Sequence[str] = (),
     ) -> None:
         self.name = name
+        self.names = tuple(names)  # the config's class names (win over the file's)
         self.weights = Path(weights)
         self.imgsz = imgsz
         self.confidence = confidence
@@ -104,7 +107,10 @@ class YoloDetector:
             if self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
             source = str(self.weights) if self.weights.is_file() else self.weights.name
-            yolo = YOLO(source, task="detect")
+            yolo = YOLO(source)
+            if yolo.task != "detect":
+                raise ModelFileError(f"model {self.name}: {self.weights.name} is a {yolo.task} model; expected a "
+                                     "YOLOv8/YOLO11 detection model")
             device = torch.device(self.device)
             self.fp16 = bool(self.half) and device.type == "cuda" and supports_fp16(device)
             model = AutoBackend(yolo.model, device=device, fp16=self.fp16, fuse=True, verbose=False)
@@ -112,10 +118,17 @@ class YoloDetector:
             self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         except WeightsNotFoundError:
             raise
+        except ModelFileError as exc:
+            raise ModelLoadError(str(exc)) from exc
         except Exception as exc:
             raise ModelLoadError(f"model {self.name}: cannot load {self.weights}: {exc}") from exc
         names = yolo.names
         self.class_names = tuple(names[i] for i in sorted(names)) if isinstance(names, dict) else tuple(names)
+        if self.names:
+            if len(self.names) != len(self.class_names):
+                raise ModelLoadError(f"model {self.name}: {self.weights.name} has {len(self.class_names)} classes "
+                                     f"but {len(self.names)} names were given")
+            self.class_names = self.names
         self.stride = max(int(model.stride), 32) if hasattr(model, "stride") else 32
         self._device, self._dtype = device, torch.float16 if self.fp16 else torch.float32
         self._model = model

@@ -236,10 +236,16 @@ class LineConfig(Strict):
 
 class ModelConfig(SlotPoolConfig):
     type: Literal["yolo"] = Field(description="backend family")
-    backend: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = Field(
         "auto", description="auto: torch on CUDA, else the fastest installed CPU runtime (openvino, onnxruntime, "
-        "torch); exported graphs are made once and cached next to the weights")
-    weights: Path = Field(description=".pt weights (or a .yaml for an untrained model), relative to the config")
+        "torch) that runs the weights' kind; a .pt's exported graphs are made once and cached next to it")
+    weights: Path = Field(description="a YOLOv8/YOLO11 detection model: .pt, .onnx (dynamic or fixed shapes), an "
+                          "OpenVINO IR folder or its .xml, a TensorRT .engine (CUDA only), or a .yaml for an "
+                          "untrained model; relative to the config")
+    names: list[str] | None = Field(None, min_length=1, description="class names in class-id order (default: "
+                                    "the file's own metadata)")
+    classes_file: Path | None = Field(None, description="a text file of class names, one per line in class-id "
+                                      "order (instead of `names`)")
     imgsz: int = Field(yolo_defaults.IMGSZ, ge=32, le=4096, multiple_of=32, description="inference size")
     confidence: float = Field(yolo_defaults.CONFIDENCE, ge=0.0, le=1.0, description="minimum confidence "
                               "(ultralytics' default)")
@@ -269,6 +275,28 @@ class ModelConfig(SlotPoolConfig):
                                    "detections (a stream's own [streams.<name>.tracker] wins)")
     threads: int | None = Field(None, ge=1, le=256, description="inference threads per CPU slot "
                                 "(default: cores / CPU slots)")
+
+    @model_validator(mode="after")
+    def _model_file(self) -> ModelConfig:
+        from detectors.modelfile import ModelFileError, model_kind, runtime_refusal
+
+        if self.names is not None and self.classes_file is not None:
+            raise ValueError("set names or classes_file, not both")
+        try:
+            refusal = runtime_refusal(self.backend, model_kind(self.weights))
+        except ModelFileError:
+            return self  # the file check names the weights' kind (models.<name>.weights)
+        if refusal is not None:
+            raise ValueError(refusal)
+        return self
+
+    def label_names(self) -> tuple[str, ...]:
+        """The class names the config gives (`names`, or `classes_file` read now); empty: the file's own."""
+        from detectors.modelfile import read_names_file
+
+        if self.classes_file is not None:
+            return read_names_file(self.classes_file)
+        return tuple(self.names or ())
 
     def pool_settings(self, pipeline: PipelineConfig) -> PoolSettings:
         return self._pool_settings(self.batch_size, pipeline.batch_timeout_ms, self.hang_timeout, pipeline,
@@ -733,12 +761,14 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
         return p if p.is_absolute() else base_dir / p
 
     weights = {n: w for n, m in models.items() if (w := path(table(m).get("weights"))) is not None}
-    files = {n: local for n, st in table(data.get("streams")).items()
-             if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
-             and is_local_file(url) and (local := path(url)) is not None}
+    files = {f"models.{n}.classes_file": p for n, m in models.items()
+             if (p := path(table(m).get("classes_file"))) is not None}
+    files |= {f"streams.{n}.url": local for n, st in table(data.get("streams")).items()
+              if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
+              and is_local_file(url) and (local := path(url)) is not None}
     talks = {n: table(t) for n, t in table(data.get("talk")).items() if table(t).get("enabled", True) is not False}
     avatars = {n: a for n, t in talks.items() if (a := path(t.get("avatar"))) is not None}
-    audios = {n: local for n, t in talks.items() if isinstance(audio := t.get("audio"), str)
+    files |= {f"talk.{n}.audio": local for n, t in talks.items() if isinstance(audio := t.get("audio"), str)
               and audio not in ("mqtt", "webrtc") and is_local_file(audio) and (local := path(audio)) is not None}
     lipsync = table(data.get("lipsync"))
     version = lipsync.get("version", musetalk_defaults.VERSION)
@@ -746,24 +776,32 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
     if (folder := path(lipsync.get("weights"))) is not None and version in ("v15", "v1") and any(
             t.get("backend") == "musetalk" for t in talks.values()):
         musetalk = (folder, str(version))
-    return errors + _missing_files(weights, files, avatars, audios, musetalk)
+    return errors + _missing_files(weights, files, avatars, musetalk)
 
 
-def _missing_files(weights: dict[str, Path], stream_files: dict[str, Path], avatars: dict[str, Path],
-                   audios: dict[str, Path], musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
+def _missing_files(weights: dict[str, Path], files: dict[str, Path], avatars: dict[str, Path],
+                   musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
     """The one check (and message) of the files a config names that must exist before anything starts:
-    weights (and their kind), local stream files and talk audio, avatars (each named as resolved
-    against the config's folder), the MuseTalk folder's layout. Used on a valid config and on raw
-    tables alike."""
+    weights (and their kind), other files by their key (local stream files, talk audio, class-name
+    files), avatars (each named as resolved against the config's folder), the MuseTalk folder's
+    layout. Used on a valid config and on raw tables alike."""
     from detectors import missing_weights_message
+    from detectors.modelfile import ModelFileError, model_kind
 
-    errors = [(f"models.{n}.weights", missing_weights_message(w)) for n, w in weights.items()
-              if w.suffix == ".pt" and not w.is_file()]
-    errors += [(f"models.{n}.weights", f"must be a .pt or .yaml file, got {w.name}")
-               for n, w in weights.items() if w.suffix not in (".pt", ".yaml", ".yml")]
-    errors += [(f"streams.{n}.url", f"file not found: {p}") for n, p in stream_files.items() if not p.exists()]
+    errors: list[tuple[str, str]] = []
+    for n, w in weights.items():
+        try:
+            kind = model_kind(w)
+        except ModelFileError as exc:
+            errors.append((f"models.{n}.weights", str(exc)))
+            continue
+        if kind == "pt" and not w.is_file():
+            errors.append((f"models.{n}.weights", missing_weights_message(w)))
+        elif kind not in ("pt", "yaml") and not w.exists():
+            errors.append((f"models.{n}.weights", f"model file not found: {w} (export it with ultralytics, e.g. "
+                                                  "yolo export model=best.pt format=onnx, and put it there)"))
+    errors += [(key, f"file not found: {p}") for key, p in files.items() if not p.exists()]
     errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
-    errors += [(f"talk.{n}.audio", f"file not found: {p}") for n, p in audios.items() if not p.exists()]
     if musetalk is not None:
         from talkinghead.musetalk import MuseTalkError, check_layout
 
@@ -775,10 +813,12 @@ def _missing_files(weights: dict[str, Path], stream_files: dict[str, Path], avat
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:
-    models = {
-        name: m.model_copy(update={"weights": (base_dir / m.weights) if not m.weights.is_absolute() else m.weights})
-        for name, m in config.models.items()
-    }
+    def under(p: Path) -> Path:
+        return p if p.is_absolute() else base_dir / p
+
+    models = {name: m.model_copy(update={"weights": under(m.weights),
+                                         "classes_file": m.classes_file and under(m.classes_file)})
+              for name, m in config.models.items()}
     streams = {name: resolve_stream(s, base_dir) for name, s in config.streams.items()}
     talk = {}
     for name, t in config.talk.items():
@@ -833,12 +873,12 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     musetalk = None
     if config.lipsync.weights is not None and any(t.backend == "musetalk" for t in talks.values()):
         musetalk = (config.lipsync.weights, config.lipsync.version)
-    return _missing_files({n: m.weights for n, m in config.models.items()},
-                          {n: Path(s.url) for n, s in config.streams.items() if s.enabled and is_local_file(s.url)},
-                          {n: t.avatar for n, t in talks.items()},
-                          {n: Path(t.audio) for n, t in talks.items()
-                           if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)},
-                          musetalk)
+    files = {f"models.{n}.classes_file": m.classes_file for n, m in config.models.items() if m.classes_file}
+    files |= {f"streams.{n}.url": Path(s.url) for n, s in config.streams.items() if s.enabled and is_local_file(s.url)}
+    files |= {f"talk.{n}.audio": Path(t.audio) for n, t in talks.items()
+              if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)}
+    return _missing_files({n: m.weights for n, m in config.models.items()}, files,
+                          {n: t.avatar for n, t in talks.items()}, musetalk)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -199,6 +199,8 @@ def test_backend_choice(weights: Path, tmp_path: Path) -> None:
     auto = parse_config({"models": {"m": {"type": "yolo", "weights": str(weights)}}}, tmp_path)
     assert default_detector_factory("m", auto.models["m"]).runtime == "openvino"  # installed with [cpu]
     with pytest.raises(ConfigError, match=r"models\.m\.backend"):
+        parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "tflite"}}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"models\.m: backend tensorrt cannot run a \.pt file"):
         parse_config({"models": {"m": {"type": "yolo", "weights": str(weights), "backend": "tensorrt"}}}, tmp_path)
     # two runtimes on the CPU of one process are refused before anything loads
     mixed = parse_config(

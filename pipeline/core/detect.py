@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from detectors import Detections, Detector, DetectorError
+from detectors.modelfile import model_kind
 from detectors.runtimes import build_detector, resolve_backend
 from pipeline.config import ModelConfig, PipelineConfig
 from pipeline.errors import SlotError
@@ -31,11 +32,11 @@ DetectorFactory = Callable[[str, ModelConfig], Detector]
 def default_detector_factory(name: str, cfg: ModelConfig) -> Detector:
     """The detector for one slot. `cfg.device` is the slot's device ("cpu", "cuda:N"; "auto" = CPU)."""
     device = pinned_device(cfg.device) or "cpu"
-    runtime = resolve_backend(cfg.backend, device)
+    runtime = resolve_backend(cfg.backend, device, model_kind(cfg.weights))
     extra = {"inference_precision": cfg.cpu_precision} if runtime == "openvino" else {}
     return build_detector(runtime, name, cfg.weights, imgsz=cfg.imgsz, confidence=cfg.confidence, iou=cfg.iou,
                           device=device, threads=cfg.threads, half=cfg.half, max_batch=cfg.batch_size,
-                          max_detections=cfg.max_det, agnostic=cfg.agnostic_nms, **extra)
+                          max_detections=cfg.max_det, agnostic=cfg.agnostic_nms, names=cfg.label_names(), **extra)
 
 
 class StreamFeed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from detectors.modelfile import ModelFileError, model_kind
 from detectors.runtimes import resolve_backend
 from pipeline.config import ConfigError, DevicesConfig, ModelConfig
 
@@ -46,7 +47,9 @@ def plan_models(models: Mapping[str, ModelConfig], names: Iterable[str], devices
             raise ConfigError([(f"models.{name}.device", str(exc))]) from exc
         if any(a.device == "cpu" for a in plan.layouts[name]):
             try:
-                plan.runtimes[name] = resolve_backend(mcfg.backend, "cpu")
+                plan.runtimes[name] = resolve_backend(mcfg.backend, "cpu", model_kind(mcfg.weights))
+            except ModelFileError as exc:
+                raise ConfigError([(f"models.{name}.weights", str(exc))]) from exc
             except ValueError as exc:
                 raise ConfigError([(f"models.{name}.backend", str(exc))]) from exc
     cpu = {**(running or {}), **plan.runtimes}
