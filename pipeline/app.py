@@ -31,6 +31,7 @@ from pipeline.core.results import MqttResults, Results, ResultSink
 from pipeline.core.running import RunningStreams
 from pipeline.core.slots import SlotPool
 from pipeline.mqtt.broker import publisher_for
+from pipeline.mqtt.homeassistant import HomeAssistant
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from pipeline.payloads import StatsPayload
@@ -107,6 +108,8 @@ class Pipeline:
         self.analytics.start(self.publisher, self.results, handoff)
         self.ingest.attach(handoff, self.telemetry.stream_state, self._reconnected)
         self.running.on_removed = self.telemetry.stream_removed
+        if self.node is None:  # a cluster node's streams move: its head tells Home Assistant
+            self._tell_home_assistant(HomeAssistant(self.config.homeassistant, self.publisher))
         self.talk = TalkSessions(self.config, self.publisher, self.telemetry, handoff, self.clock, self.secrets,
                                  self.facts, self.models.runtimes, self._devices_changed)
         try:
@@ -149,6 +152,19 @@ class Pipeline:
         # the whole account, once: every result was acknowledged by the broker, dropped, or is left over
         final = {**self.publisher.counters(), "results": {r.name: r.seq for r in self.ingest.records.values()}}
         log.info("mqtt: final account %s", json.dumps(final, separators=(",", ":")))
+
+    def _tell_home_assistant(self, discovery: HomeAssistant) -> None:
+        """Announce each stream as it starts, withdraw it when removed."""
+        def started(record: StreamRecord) -> None:
+            labels = discovery.labels_for(record.cfg, self.models.cfg(record.model).classes,
+                                          self.models.class_names(record.model))
+            discovery.announce(record.name, record.cfg, labels)
+
+        def removed(name: str) -> None:
+            self.telemetry.stream_removed(name)
+            discovery.withdraw(name)
+
+        self.running.on_started, self.running.on_removed = started, removed
 
     def _reconnected(self, record: StreamRecord) -> None:
         """A new connection is a new scene: the stream's tracks end, and their objects' events."""

@@ -503,6 +503,17 @@ class EventsConfig(Strict):
                                  "<prefix>/streams/<s>/snapshot/<label> (retained)")
 
 
+class HomeAssistantConfig(Strict):
+    """`[homeassistant]`: MQTT discovery, so Home Assistant lists each stream's entities by itself."""
+
+    enabled: bool = Field(False, description="publish retained discovery configs for every stream")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_\-/]+$", description="Home Assistant's "
+                                  "discovery prefix (its MQTT integration's setting)")
+    labels: list[str] | None = Field(None, description="labels that get an object-count sensor and a snapshot "
+                                     "camera (default: the stream's classes, else its model's classes, else "
+                                     "every class of the model)")
+
+
 class WebhookConfig(Strict):
     """`[[webhooks]]`: each event (new/update/end) POSTed as JSON to `url`, signed when `secret` is set."""
 
@@ -572,6 +583,7 @@ class Config(Strict):
     webrtc: WebRtcConfig = Field(default_factory=WebRtcConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="`[[webhooks]]`: events POSTed "
                                           "to HTTP endpoints")
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     stream_defaults: dict[str, Any] = Field(default_factory=dict, description="`[stream_defaults]`: keys every "
                                             "stream takes unless it sets its own (any [streams.<name>] key but "
                                             "url; tables merge key by key); also for streams added through the API")

@@ -7,7 +7,9 @@
     <prefix>/streams/<stream>/detections          every result
     <prefix>/streams/<stream>/state               retained stream state
     <prefix>/streams/<stream>/snapshot/<label>    JPEG of an ended event's best view
+    <prefix>/streams/<stream>/objects/<label|all>         retained count of objects tracked now
     <prefix>/streams/<stream>/<zones|lines>/<name>/<...>   retained zone and line counts
+    <discovery_prefix>/<component>/<node>/<object>/config  Home Assistant discovery (pipeline/mqtt/homeassistant.py)
     <prefix>/events                               tracked-object events (new / update / end)
     <prefix>/talk/<session>/state                 retained talk session state
     <prefix>/talk/<session>/audio                 PCM pushed into a session (subscribed)

@@ -90,7 +90,7 @@ class StreamEvents:
         self.counts = counts  # (kind, topic suffix, payload) -> None
         self.objects: dict[int, TrackedObject] = {}
         self.line_counts = {name: {"in": 0, "out": 0} for name in self.lines}
-        self._zone_counts: dict[tuple[str, str], int] = {}
+        self._counted: dict[tuple[str, str], int] = {}  # (kind, topic suffix) -> the count last published
         self._resolved: dict[tuple[int, int], tuple[dict[str, list[Any]], dict[str, list[Any]]]] = {}
 
     # -- geometry per frame size -------------------------------------------------------------------
@@ -146,7 +146,7 @@ class StreamEvents:
             elif improved:
                 emit("_best", before, obj.state(), [], obj, result)
         self._end_unseen(t, emit)
-        self._publish_zone_counts()
+        self._publish_counts()
 
     def _move(self, obj: TrackedObject, box: list[float], score: float, t: float,
               polys: dict[str, list[Any]], segs: dict[str, list[Any]]) -> list[str]:
@@ -208,22 +208,26 @@ class StreamEvents:
     def end_all(self, emit: Emit) -> None:
         for tid in list(self.objects):
             self.end(tid, emit)
-        self._publish_zone_counts()
+        self._publish_counts()
 
-    def _publish_zone_counts(self) -> None:
-        counts: dict[tuple[str, str], int] = {}
+    def _publish_counts(self) -> None:
+        """The retained counts that changed: objects tracked now (per label and all), per zone the same."""
+        counts: dict[tuple[str, str], int] = {("objects", "all"): 0}
         for name in self.zones:
-            counts[(name, "all")] = 0
+            counts[("zones", f"{name}/all")] = 0
         for obj in self.objects.values():
+            counts[("objects", obj.label)] = counts.get(("objects", obj.label), 0) + 1
+            counts[("objects", "all")] += 1
             for name, st in obj.zones.items():
                 if st.inside:
-                    counts[(name, obj.label)] = counts.get((name, obj.label), 0) + 1
-                    counts[(name, "all")] += 1
-        for key in set(counts) | set(self._zone_counts):
+                    key = ("zones", f"{name}/{obj.label}")
+                    counts[key] = counts.get(key, 0) + 1
+                    counts[("zones", f"{name}/all")] += 1
+        for key in set(counts) | set(self._counted):
             n = counts.get(key, 0)
-            if self._zone_counts.get(key) != n:
-                self.counts("zones", f"{key[0]}/{key[1]}", n)
-        self._zone_counts = counts
+            if self._counted.get(key) != n:
+                self.counts(key[0], key[1], n)
+        self._counted = counts
 
 
 class EventEngine:
@@ -261,7 +265,7 @@ class EventEngine:
         """End objects of streams that stopped producing results (called periodically)."""
         for name, ev in self.streams.items():
             ev._end_unseen(now, self._emit_for(name))
-            ev._publish_zone_counts()
+            ev._publish_counts()
 
     def close(self) -> None:
         for name in list(self.streams):

@@ -154,12 +154,9 @@ class LocalTarget:
         out = []
         for name, loaded in sorted(self.pipeline.models.table.items()):
             pool, cfg, err = loaded.pool, loaded.cfg, loaded.error
-            classes: list[str] = []
-            if pool is not None:
-                classes = next((list(names) for s in pool.slots.values()
-                                if (names := getattr(s.model, "class_names", None))), [])
             out.append(ModelInfo(name=name, backend=cfg.backend, imgsz=cfg.imgsz, loaded=pool is not None,
-                                 error=redact_text(err, self.secret_values()) if err else None, classes=classes))
+                                 error=redact_text(err, self.secret_values()) if err else None,
+                                 classes=self.pipeline.models.class_names(name)))
         return out
 
     def session_names(self) -> list[str]:

@@ -35,6 +35,7 @@ from typing import Any
 from pipeline.config import Config, StreamConfig, TalkConfig
 from pipeline.core.placement import PlacementError, Placer, SlotState
 from pipeline.errors import Unavailable
+from pipeline.mqtt.homeassistant import HomeAssistant
 from pipeline.mqtt.publisher import Publisher
 from pipeline.payloads import ClusterPayload, MovingPayload
 from pipeline.topics import PAYLOAD_VERSION
@@ -98,6 +99,7 @@ class ClusterHead:
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # starts, moves and removals in flight
         self.publisher: Publisher
+        self.discovery: HomeAssistant
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -108,6 +110,9 @@ class ClusterHead:
             await asyncio.to_thread(ray.init, address=s.address, namespace=s.namespace, logging_level=logging.WARNING,
                                     log_to_driver=True)
         self.publisher = Publisher(self.config.mqtt, secrets=self.secrets)
+        self.discovery = HomeAssistant(self.config.homeassistant, self.publisher)
+        for name, cfg in self.desired.items():
+            self._announce(name, cfg)
         async with asyncio.TaskGroup() as tg:
             pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
             await self._discover()
@@ -415,12 +420,23 @@ class ClusterHead:
         if password:
             self.secrets.append(password)
         self.desired[name] = cfg
+        self._announce(name, cfg)
         return self._place(name, cfg)
+
+    def _announce(self, name: str, cfg: StreamConfig) -> None:
+        """Home Assistant's entities of a stream (the head knows each model's names from its config only)."""
+        model = self.config.models[cfg.model]
+        try:
+            names = list(model.label_names())
+        except (OSError, ValueError):
+            names = []
+        self.discovery.announce(name, cfg, self.discovery.labels_for(cfg, model.classes, names))
 
     async def remove_stream(self, name: str) -> None:
         cfg = self.desired.pop(name, None)
         if cfg is None:
             raise KeyError(name)
+        self.discovery.withdraw(name)
         placer = self.placers[cfg.model]
         node = self.nodes.get(placer.where(name) or "")
         placer.remove(name)

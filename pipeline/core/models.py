@@ -77,6 +77,14 @@ class Models:
         model = self.table.get(name)
         return model.pool if model is not None else None
 
+    def class_names(self, name: str) -> list[str]:
+        """A loaded model's class names (empty while it is not loaded)."""
+        pool = self.pool(name)
+        if pool is None:
+            return []
+        return next((list(names) for s in pool.slots.values() if (names := getattr(s.model, "class_names", None))),
+                    [])
+
     @property
     def pools(self) -> dict[str, SlotPool]:
         """The loaded models' pools, by model."""

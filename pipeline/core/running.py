@@ -45,6 +45,7 @@ class RunningStreams:
         self.tracker = tracker  # a stream's tracker from its settings (analytics builds it; core only holds it)
         self.ready = ready  # set by the composer once everything runs
         self.on_removed: Callable[[str], None] = lambda name: None  # telemetry clears its retained state
+        self.on_started: Callable[[StreamRecord], None] = lambda record: None  # Home Assistant discovery
 
     def _running(self) -> None:
         if not self.ready.is_set():
@@ -83,6 +84,7 @@ class RunningStreams:
         threads = decode_threads((cpu.cores if cpu else None) or 1, len(self.ingest.records),
                                  self.config.pipeline.decode_threads)
         self.ingest.start(record, threads)
+        self.on_started(record)
 
     async def add_stream(self, name: str, cfg: StreamConfig) -> None:
         """Start a stream. Its model must be known; it is loaded if unused so far. Raises ValueError for
