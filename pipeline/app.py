@@ -105,7 +105,7 @@ class Pipeline:
         self.publisher, broker = await publisher_for(self.config.mqtt, self.secrets, self.node)
         self.telemetry = Telemetry(self.publisher, self.config.mqtt, self.clock, self.secrets)
         self.results.add_sink(MqttResults(self.publisher))
-        self.analytics.start(self.publisher, self.results, handoff)
+        self.analytics.start(self.publisher, self.results, handoff, self.clock.wall)
         self.ingest.attach(handoff, self.telemetry.stream_state, self._reconnected)
         self.running.on_removed = self.telemetry.stream_removed
         if self.node is None:  # a cluster node's streams move: its head tells Home Assistant
@@ -212,6 +212,7 @@ class Pipeline:
             return self.telemetry.stats_payload(self.ingest.records, self.models.pools, self.talk.snapshot(),
                                                 lipsync.snapshot() if lipsync is not None else None,
                                                 self.results.sink_errors, self.devices.cpu_cores(),
-                                                self.analytics.webhooks.figures())
+                                                self.analytics.webhooks.figures(),
+                                                self.analytics.recording_figures())
 
         return self.telemetry.recent_stats(build, max_age)

@@ -480,13 +480,15 @@ def cmd_events(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no events in {db}" + ("" if db.exists() else " (not created yet)"))
         return 0
-    print(f"{'start':<19} {'end':<8} {'stream':<14} {'label':<12} {'score':>5}  zones / snapshot")
+    print(f"{'start':<19} {'end':<8} {'stream':<14} {'label':<12} {'score':>5}  zones / snapshot / clip")
     for r in rows:
         start = dt.datetime.fromtimestamp(r["start_time"]).strftime("%Y-%m-%d %H:%M:%S")
         end = dt.datetime.fromtimestamp(r["end_time"]).strftime("%H:%M:%S") if r["end_time"] else "live"
         print(
             f"{start:<19} {end:<8} {r['stream']:<14} {r['label']:<12} {r['best_score']:>5.2f}  "
             f"{','.join(r['zones']) or '-'} {r['crop_path'] or ''}"
+            + (f" {r['clip_path']} ({r['clip_size'] / 1e6:.1f} MB, {r['clip_end'] - r['clip_start']:.1f} s)"
+               if r["clip_path"] else "")
         )
     return 0
 

@@ -303,6 +303,17 @@ class ModelConfig(SlotPoolConfig):
                                    self.cpu_batch_ms or None)
 
 
+class StreamRecordConfig(Strict):
+    """A stream's event clips: the camera's own packets around each event, copied (never re-encoded)."""
+
+    enabled: bool = Field(False, description="write one MP4 per event (needs tracking and events)")
+    pre_s: float = Field(5.0, ge=0, le=60, description="seconds before the event's start (from the keyframe at or "
+                         "before it)")
+    post_s: float = Field(5.0, ge=0, le=300, description="seconds after the event's end")
+    max_clip_s: float = Field(600.0, gt=0, le=86_400, description="a clip is cut after this long (an object that "
+                              "never leaves)")
+
+
 class StreamConfig(SourceSettings):
     """A stream: the source's own settings (`streams.SourceSettings`: transport, timeouts, reconnect,
     pacing) plus what the pipeline needs."""
@@ -323,6 +334,8 @@ class StreamConfig(SourceSettings):
         default_factory=dict, description="per label, instead of `confidence`: {person = 0.6, car = 0.4}")
     min_area: float | None = Field(None, ge=0, le=1, description="drop boxes smaller than this fraction of the frame")
     max_area: float | None = Field(None, gt=0, le=1, description="drop boxes larger than this fraction of the frame")
+    record: StreamRecordConfig = Field(default_factory=StreamRecordConfig, description="event clips (set once for "
+                                       "all cameras in [stream_defaults.record])")
     masks: dict[Name, MaskConfig] = Field(default_factory=dict, description="named polygons: detections whose "
                                           "anchor falls inside one are dropped (a tree, a timestamp overlay)")
 
@@ -503,6 +516,18 @@ class EventsConfig(Strict):
                                  "<prefix>/streams/<s>/snapshot/<label> (retained)")
 
 
+class RecordConfig(Strict):
+    """`[record]`: where clips go and the one disk budget of clips and event snapshots."""
+
+    dir: Path | None = Field(None, description="folder of clips (default: clips/ beside the event store); "
+                             "relative to the config")
+    max_gb: float = Field(10.0, gt=0, le=1_000_000, description="clips and event snapshots together: over it, the "
+                          "oldest events' media are deleted first (their events stay)")
+    retain_days: dict[str, Annotated[float, Field(gt=0, le=36500)]] = Field(
+        default_factory=lambda: {"default": 10.0}, description="days an event's clip and snapshots are kept, per "
+        "label: {default = 10, person = 30}")
+
+
 class HomeAssistantConfig(Strict):
     """`[homeassistant]`: MQTT discovery, so Home Assistant lists each stream's entities by itself."""
 
@@ -584,6 +609,7 @@ class Config(Strict):
     webhooks: list[WebhookConfig] = Field(default_factory=list, description="`[[webhooks]]`: events POSTed "
                                           "to HTTP endpoints")
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
     stream_defaults: dict[str, Any] = Field(default_factory=dict, description="`[stream_defaults]`: keys every "
                                             "stream takes unless it sets its own (any [streams.<name>] key but "
                                             "url; tables merge key by key); also for streams added through the API")
@@ -858,8 +884,12 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     events = config.events
     if events.store is not None and not events.store.is_absolute():
         events = events.model_copy(update={"store": base_dir / events.store})
+    record = config.record
+    if record.dir is not None and not record.dir.is_absolute():
+        record = record.model_copy(update={"dir": base_dir / record.dir})
     return config.model_copy(
         update={
+            "record": record,
             "models": models,
             "streams": streams,
             "talk": talk,

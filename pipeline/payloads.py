@@ -225,6 +225,28 @@ class WebhookFigures(TypedDict):
 
 
 @with_config(STRICT)
+class RecorderFigures(TypedDict):
+    clips_written: int
+    clips_failed: int  # not kept (a write error, a full disk, no packets)
+    clips_open: int  # being written now
+    bytes_written: int
+    ring_packets: int  # the packet ring: pre-roll plus one GOP, and what open clips have yet to write
+    ring_bytes: int
+    ring_s: float
+    cut_packets: int  # dropped from a ring over its bound (a stalled disk): clips cut short
+    disk_full: bool  # the last clip failed for want of space (cleared by the next one written)
+    last_error: str | None
+
+
+@with_config(STRICT)
+class RecordingFigures(TypedDict):
+    streams: dict[str, RecorderFigures]
+    media_bytes: int  # clips and event snapshots the store knows of, at its last check
+    media_limit_bytes: int  # [record] max_gb
+    media_deleted: int  # events whose media retention deleted (their events stay)
+
+
+@with_config(STRICT)
 class StatsPayload(TypedDict):
     v: int
     at: float
@@ -237,6 +259,7 @@ class StatsPayload(TypedDict):
     lipsync: dict[str, Any] | None  # the lip-sync pool (batches, slots), once started
     executors: dict[str, ExecutorFigures]
     webhooks: dict[str, WebhookFigures]
+    recording: RecordingFigures | None  # None: events (and so clips) off
     process: ProcessFigures
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import av
 from pydantic import BaseModel, ConfigDict, Field
@@ -161,6 +161,14 @@ def _describe(exc: BaseException) -> str:
     return redact_text(text)
 
 
+class PacketSink(Protocol):
+    """What takes a source's packets before they are decoded (see `streams.recorder`)."""
+
+    def opened(self, vstream: Any) -> None: ...
+
+    def packet(self, pkt: Any, wall: float) -> None: ...
+
+
 class Source:
     """A live (or paced file) video source decoded on its own thread."""
 
@@ -206,6 +214,7 @@ class Source:
         self.shed_packets = 0  # packets not decoded while shedding (non-key, or keyframes not in demand)
         self.hw_decoding = False  # whether the open decoder really runs on hardware
         self.hw_error: str | None = None  # why hardware decoding was given up (then: software for good)
+        self.recorder: PacketSink | None = None  # gets every demuxed video packet (event clips), decoded or not
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,6 +348,9 @@ class Source:
         container = self._open()
         try:
             vstream, ctx = self._decoder(container)
+            recorder = self.recorder
+            if recorder is not None:
+                recorder.opened(vstream)
             applied = self.decoding
             pace_start: float | None = None
             first_pts: float | None = None
@@ -347,6 +359,8 @@ class Source:
             for packet in container.demux(vstream):
                 if self._stop.is_set():
                     return
+                if recorder is not None:
+                    recorder.packet(packet, self.clock.wall())
                 if self.decoding != applied:  # shedding began or ended: the decoder reads it per frame
                     applied = self.decoding
                     ctx.skip_frame = applied.upper()

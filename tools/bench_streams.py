@@ -132,6 +132,8 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
 
     streams = {f"cam{i}": url for i, url in enumerate(args.urls)}
     mqtt_url = args.mqtt or "embedded"
+    events = args.events or args.record
+    tmp = tempfile.TemporaryDirectory(prefix="framegrid-bench-events-")
     cfg = parse_config({
         "mqtt": {"url": mqtt_url, "topic_prefix": "bench", "stats_interval": 10,
                  **({"embedded_port": 0} if mqtt_url == "embedded" else {})},
@@ -139,9 +141,12 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                          **({"batch_size": args.batch_size} if args.batch_size else {}),
                          **({"cpu_batch_ms": args.cpu_batch_ms} if args.cpu_batch_ms else {}),
                          # the same work as the other systems (detection only): tracking is measured
-                         # by tools/bench_tracking.py
-                         "tracker": {"type": "none"}}},
-        "streams": {n: {"url": u, "model": "m", "stall_timeout": 20} for n, u in streams.items()},
+                         # by tools/bench_tracking.py (--events / --record turn it on, for their cost)
+                         **({} if events else {"tracker": {"type": "none"}})}},
+        "streams": {n: {"url": u, "model": "m", "stall_timeout": 20, "record": {"enabled": args.record}}
+                    for n, u in streams.items()},
+        # events, snapshots and clips go to a temporary folder, never the user's
+        "events": {"enabled": events, "store": str(Path(tmp.name) / "events.db")},
         "pipeline": {"status_interval": 0, "max_frame_age": MAX_FRAME_AGE,
                      **({} if args.malloc_mmap_threshold_kb is None
                         else {"malloc_mmap_threshold_kb": args.malloc_mmap_threshold_kb}),
@@ -172,9 +177,18 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             out["stages_ms_p50"] = stats["cam0"]["stage_ms_p50"]
             # frames each camera delivered (since start): unequal decoding shows up here, not in fairness
             out["decoded_per_stream"] = {n: s["decoded"] for n, s in stats.items()}
+            recording = pipeline.stats_payload()["recording"]
+            if recording is not None:
+                figures = recording["streams"].values()
+                out["recording"] = {"clips_written": sum(f["clips_written"] for f in figures),
+                                    "clips_failed": sum(f["clips_failed"] for f in figures),
+                                    "bytes_written": sum(f["bytes_written"] for f in figures)}
         return out
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        tmp.cleanup()
 
 
 def run_ultralytics(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
@@ -458,6 +472,8 @@ def run_system(
             else []
         ),
         *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
+        *(["--events"] if args.events else []),
+        *(["--record"] if args.record else []),
         "--urls",
         *urls,
     ]
@@ -621,6 +637,10 @@ def main() -> int:
         type=int,
         help="framegrid's pipeline.malloc_arenas (default: the config default; 0 = glibc's)",
     )
+    ap.add_argument("--events", action="store_true", help="framegrid tracks and stores events (their cost); "
+                    "the store, snapshots and clips go to a temporary folder")
+    ap.add_argument("--record", action="store_true", help="--events, plus an event clip of every stream "
+                    "(record.enabled): compare with --events alone for the cost of recording")
     # worker mode (internal)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

@@ -44,8 +44,18 @@ MIGRATIONS = [
     CREATE INDEX events_stream_start ON events (stream, start_time);
     CREATE INDEX events_label_start ON events (label, start_time);
     """,
+    # 2: event clips, and the media's sizes (one disk budget for clips and snapshots)
+    """
+    ALTER TABLE events ADD COLUMN clip_path TEXT;
+    ALTER TABLE events ADD COLUMN clip_size INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE events ADD COLUMN clip_start REAL;
+    ALTER TABLE events ADD COLUMN clip_end REAL;
+    ALTER TABLE events ADD COLUMN snapshot_size INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX events_media ON events (start_time) WHERE clip_path IS NOT NULL OR crop_path IS NOT NULL;
+    """,
 ]
 RETENTION_EVERY_S = 300.0
+MEDIA_RETENTION_EVERY_S = 10.0  # the disk budget is checked this often while media are written
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -105,7 +115,8 @@ def query(path: Path, stream: str | None = None, label: str | None = None, since
     return [{"id": r["id"], "stream": r["stream"], "label": r["label"], "track_id": r["track_id"],
              "start_time": r["start_time"], "end_time": r["end_time"], "best_score": r["best_score"],
              "zones": json.loads(r["zones"]), "crop_path": r["crop_path"], "frame_path": r["frame_path"],
-             "data": json.loads(r["data"])} for r in rows]
+             "clip_path": r["clip_path"], "clip_size": r["clip_size"], "clip_start": r["clip_start"],
+             "clip_end": r["clip_end"], "data": json.loads(r["data"])} for r in rows]
 
 
 class EventStore:
@@ -115,10 +126,15 @@ class EventStore:
     writes are counted in `dropped` and logged, never held in memory without limit. The writer takes
     everything waiting in one transaction, so the bound is reached only by a stalled disk."""
 
-    def __init__(self, path: Path, max_age_days: float, max_events: int, max_queue: int) -> None:
+    def __init__(self, path: Path, max_age_days: float, max_events: int, max_queue: int,
+                 media_bytes: int = 10 << 30, retain_days: dict[str, float] | None = None) -> None:
         self.path = path
         self.max_age_s = max_age_days * 86400
         self.max_events = max_events
+        self.media_bytes = media_bytes  # clips and snapshots together
+        self.retain_days = retain_days or {"default": 10.0}  # per label, of the media (the events stay)
+        self.media_deleted = 0  # events whose media retention deleted
+        self.media_size = 0  # bytes of media the store knows of, at the last check
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue(max_queue)
         self.dropped = 0  # writes refused because the queue was full
         self._thread: threading.Thread | None = None
@@ -131,6 +147,7 @@ class EventStore:
         try:
             migrate(conn)
             self._retention(conn)
+            self._media_retention(conn)
         finally:
             conn.close()
         self._thread = threading.Thread(target=self._run, name="events.store", daemon=True)
@@ -141,6 +158,9 @@ class EventStore:
 
     def set_snapshot(self, event_id: str, crop: str | None, frame: str | None) -> None:
         self._offer(("snapshot", (event_id, crop, frame)))
+
+    def set_clip(self, event_id: str, path: str, size: int, start: float, end: float) -> None:
+        self._offer(("clip", (event_id, path, size, start, end)))
 
     def _offer(self, item: tuple[str, Any]) -> None:
         try:
@@ -161,7 +181,8 @@ class EventStore:
 
     def _run(self) -> None:
         conn = connect(self.path)
-        last_retention = time.monotonic()
+        last_retention = last_media = time.monotonic()
+        media_written = False
         try:
             while True:
                 item = self._queue.get()
@@ -181,8 +202,13 @@ class EventStore:
                 except sqlite3.Error as exc:
                     self.errors += 1
                     log.error("event store: %s (%d item(s) lost)", exc, len(batch))
+                media_written = media_written or any(e is not None and e[0] != "event" for e in batch)
+                if media_written and time.monotonic() - last_media > MEDIA_RETENTION_EVERY_S:
+                    self._media_retention(conn)
+                    last_media, media_written = time.monotonic(), False
                 if time.monotonic() - last_retention > RETENTION_EVERY_S:
                     self._retention(conn)
+                    self._media_retention(conn)
                     last_retention = time.monotonic()
                 if stop:
                     return
@@ -192,7 +218,14 @@ class EventStore:
     def _write(self, conn: sqlite3.Connection, kind: str, value: Any) -> None:
         if kind == "snapshot":
             event_id, crop, frame = value
-            conn.execute("UPDATE events SET crop_path = ?, frame_path = ? WHERE id = ?", (crop, frame, event_id))
+            size = sum(Path(p).stat().st_size for p in (crop, frame) if p and Path(p).is_file())
+            conn.execute("UPDATE events SET crop_path = ?, frame_path = ?, snapshot_size = ? WHERE id = ?",
+                         (crop, frame, size, event_id))
+            return
+        if kind == "clip":
+            event_id, path, size, start, end = value
+            conn.execute("UPDATE events SET clip_path = ?, clip_size = ?, clip_start = ?, clip_end = ? WHERE id = ?",
+                         (path, size, start, end, event_id))
             return
         after = value["after"]
         conn.execute(
@@ -210,10 +243,11 @@ class EventStore:
     def _retention(self, conn: sqlite3.Connection) -> None:
         cutoff = time.time() - self.max_age_s
         with conn:
-            old = conn.execute("SELECT crop_path, frame_path FROM events WHERE start_time < ?", (cutoff,)).fetchall()
+            old = conn.execute("SELECT crop_path, frame_path, clip_path FROM events WHERE start_time < ?",
+                               (cutoff,)).fetchall()
             conn.execute("DELETE FROM events WHERE start_time < ?", (cutoff,))
-            extra = conn.execute("SELECT crop_path, frame_path FROM events ORDER BY start_time DESC LIMIT -1 "
-                                 "OFFSET ?", (self.max_events,)).fetchall()
+            extra = conn.execute("SELECT crop_path, frame_path, clip_path FROM events ORDER BY start_time DESC "
+                                 "LIMIT -1 OFFSET ?", (self.max_events,)).fetchall()
             conn.execute("DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY start_time DESC "
                          "LIMIT -1 OFFSET ?)", (self.max_events,))
         for row in [*old, *extra]:
@@ -222,3 +256,34 @@ class EventStore:
                     Path(p).unlink(missing_ok=True)
         if old or extra:
             log.info("event store: retention deleted %d event(s)", len(old) + len(extra))
+
+    def _media_retention(self, conn: sqlite3.Connection) -> None:
+        """Clips and snapshots past their label's days, then the oldest until all fit `media_bytes`: their
+        files are deleted and their paths cleared; the events themselves stay."""
+        now = time.time()
+        default = self.retain_days.get("default", 10.0)
+        rows = conn.execute("SELECT id, label, start_time, crop_path, frame_path, clip_path, clip_size, snapshot_size "
+                            "FROM events WHERE clip_path IS NOT NULL OR crop_path IS NOT NULL "
+                            "ORDER BY start_time").fetchall()
+        expired = [r for r in rows if r["start_time"] < now - self.retain_days.get(r["label"], default) * 86400]
+        gone_ids = {r["id"] for r in expired}
+        kept = [r for r in rows if r["id"] not in gone_ids]
+        total = sum(r["clip_size"] + r["snapshot_size"] for r in kept)
+        gone = list(expired)
+        for r in kept:  # oldest first, until the rest fits
+            if total <= self.media_bytes:
+                break
+            gone.append(r)
+            total -= r["clip_size"] + r["snapshot_size"]
+        if gone:
+            with conn:
+                conn.executemany("UPDATE events SET crop_path = NULL, frame_path = NULL, clip_path = NULL, "
+                                 "clip_size = 0, snapshot_size = 0 WHERE id = ?", [(r["id"],) for r in gone])
+            for r in gone:
+                for p in (r["crop_path"], r["frame_path"], r["clip_path"]):
+                    if p:
+                        Path(p).unlink(missing_ok=True)
+            self.media_deleted += len(gone)
+            log.info("event store: media of %d event(s) deleted (retention: %.1f MB kept of %.1f MB allowed)",
+                     len(gone), total / 1e6, self.media_bytes / 1e6)
+        self.media_size = total

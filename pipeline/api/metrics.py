@@ -103,6 +103,19 @@ class PipelineCollector(Collector):
             for outcome in ("sent", "failed", "dropped"):
                 hooks.add_metric([name, outcome], f[outcome])
         yield hooks
+        recording = p.analytics.recording_figures()
+        if recording is not None:
+            clips = CounterMetricFamily("framegrid_clips", "Event clips by outcome: written, failed (not kept)",
+                                        labels=["stream", "outcome"])
+            full = GaugeMetricFamily("framegrid_recording_disk_full", "1 while a stream's last clip failed for "
+                                     "want of disk space", labels=["stream"])
+            for name, r in recording["streams"].items():
+                clips.add_metric([name, "written"], r["clips_written"])
+                clips.add_metric([name, "failed"], r["clips_failed"])
+                full.add_metric([name], int(r["disk_full"]))
+            media = GaugeMetricFamily("framegrid_media_bytes", "Bytes of event clips and snapshots kept")
+            media.add_metric([], recording["media_bytes"])
+            yield from (clips, full, media)
 
     def _streams(self, p: Pipeline) -> Iterator[Metric]:
         decoded = CounterMetricFamily("framegrid_frames_decoded", "Frames decoded", labels=["stream"])

@@ -85,6 +85,26 @@ def session_config(body: NewSession, paths: ClientPaths, musetalk_ready: bool) -
     return cfg
 
 
+def ranged(data: bytes, header: str | None, media_type: str) -> Response:
+    """`data` whole, or the one byte range a `Range: bytes=a-b` header asks for (206; 416 if outside)."""
+    size = len(data)
+    common = {"Accept-Ranges": "bytes"}
+    if not header or not header.startswith("bytes=") or "," in header:
+        return Response(data, media_type=media_type, headers=common)
+    first, _, last = header.removeprefix("bytes=").strip().partition("-")
+    try:
+        if first:
+            start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        else:
+            start, end = max(0, size - int(last)), size - 1
+    except ValueError:
+        return Response(data, media_type=media_type, headers=common)
+    if start > end or start >= size:
+        return Response(status_code=416, headers={**common, "Content-Range": f"bytes */{size}"})
+    return Response(data[start:end + 1], status_code=206, media_type=media_type,
+                    headers={**common, "Content-Range": f"bytes {start}-{end}/{size}"})
+
+
 def running(target: ControlTarget) -> None:
     if not target.ready.is_set():
         raise HTTPException(503, "starting")
@@ -307,6 +327,19 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
         if jpeg is None:
             raise NotFound(f"no snapshot for event {event_id}")
         return Response(jpeg, media_type="image/jpeg")
+
+    @router.get("/api/events/{event_id}/clip.mp4", tags=["events"], response_class=Response,
+                responses={**errors, 404: {"model": Problem}, 206: {"content": {"video/mp4": {}}},
+                           200: {"content": {"video/mp4": {}}}},
+                summary="An event's clip (MP4, stream copy of the camera); Range requests let a player seek")
+    async def event_clip(event_id: str, request: Request) -> Response:
+        clip = await target.event_clip(event_id)
+        if clip is None:
+            raise NotFound(f"no clip for event {event_id}")
+        if isinstance(clip, Path):
+            return FileResponse(clip, media_type="video/mp4", filename=f"{event_id}.mp4",
+                                content_disposition_type="inline")
+        return ranged(clip, request.headers.get("range"), "video/mp4")
 
     @router.get("/api/live", tags=["stats"], response_class=StreamingResponse,
                 responses={**errors, 200: {"content": {"text/event-stream": {}}}},

@@ -146,6 +146,13 @@ class JobInfo(BaseModel):
     video: str | None = Field(None, description="URL of the result once done")
 
 
+class ClipInfo(BaseModel):
+    size: int = Field(description="bytes")
+    start: float = Field(description="unix time of its first frame (a keyframe at or before the event's start "
+                         "minus pre_s)")
+    end: float = Field(description="unix time of its last frame")
+
+
 class EventInfo(BaseModel):
     id: str
     stream: str
@@ -156,6 +163,7 @@ class EventInfo(BaseModel):
     best_score: float
     zones: list[str] = Field(description="zones it entered")
     has_snapshot: bool
+    clip: ClipInfo | None = Field(None, description="its clip (GET /api/events/{id}/clip.mp4), once written")
     state: dict[str, Any] = Field(description="the object's last state (as in the MQTT event's `after`)")
 
 

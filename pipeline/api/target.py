@@ -19,7 +19,7 @@ from pipeline.errors import Conflict, NotFound, PlacementError
 from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
 
-from .schemas import DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInfo
+from .schemas import ClipInfo, DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInfo
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -89,6 +89,10 @@ class ControlTarget(Protocol):
 
     async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None: ...
 
+    async def event_clip(self, event_id: str) -> Path | bytes | None:
+        """An event's clip: its file here, or its bytes from the node that has it."""
+        ...
+
     def mqtt(self) -> dict[str, Any]:
         """The publisher's connection figures the page shows (connected, buffered, published)."""
         ...
@@ -106,7 +110,9 @@ def redacted(payload: P, secrets: tuple[str, ...]) -> P:
 def event_info(row: dict[str, Any], live_snapshot: bool) -> EventInfo:
     return EventInfo(**{k: row[k] for k in ("id", "stream", "label", "track_id", "start_time", "end_time",
                                             "best_score", "zones")},
-                     has_snapshot=row["crop_path"] is not None or live_snapshot, state=row["data"])
+                     has_snapshot=row["crop_path"] is not None or live_snapshot, state=row["data"],
+                     clip=ClipInfo(size=row["clip_size"], start=row["clip_start"], end=row["clip_end"])
+                     if row.get("clip_path") else None)
 
 
 class LocalTarget:
@@ -241,6 +247,13 @@ class LocalTarget:
         if not path or not Path(path).is_file():
             return None
         return await asyncio.to_thread(Path(path).read_bytes)
+
+    async def event_clip(self, event_id: str) -> Path | bytes | None:
+        from pipeline.analytics.eventstore import query
+
+        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, None, None, None, 1, event_id)
+        path = rows[0]["clip_path"] if rows else None
+        return Path(path) if path and Path(path).is_file() else None
 
     def mqtt(self) -> dict[str, Any]:
         counters = self.pipeline.publisher.counters()

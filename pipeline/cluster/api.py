@@ -215,6 +215,10 @@ class ClusterTarget:
         got = await self.head.ask_nodes("event_snapshot", event_id, crop)
         return next((bytes(jpeg) for jpeg in got.values() if jpeg is not None), None)
 
+    async def event_clip(self, event_id: str) -> Path | bytes | None:
+        got = await self.head.ask_nodes("relayed", "event_clip", event_id)
+        return next((bytes(value) for kind, value in got.values() if kind == "ok" and value is not None), None)
+
     def mqtt(self) -> dict[str, Any]:
         counters = self.head.publisher.counters()
         return {k: counters[k] for k in ("connected", "buffered", "published")}

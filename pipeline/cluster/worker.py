@@ -10,6 +10,7 @@ leave the node. This module does not import Ray: the head wraps the class with `
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -45,7 +46,7 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
-RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves")  # ControlTarget calls a head relays to a node
+RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves", "event_clip")  # ControlTarget calls a head relays
 
 
 class NodeDescription(TypedDict):
@@ -177,6 +178,8 @@ class NodeWorker:
 
         async def ask() -> Any:
             got = await getattr(self._target(), call)(*args)
+            if isinstance(got, Path):  # a file here: its bytes go to the head (another machine, maybe)
+                return await asyncio.to_thread(got.read_bytes)
             return [m.model_dump() for m in got] if isinstance(got, list) else got
 
         return await answered(ask())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from pipeline.config import StreamConfig, check_name
 from streams import Clock, Mailbox, Source, SourceState, StreamState
 from streams.handoff import Handoff
+from streams.source import PacketSink
 
 from .filters import StreamFilter
 from .overload import DecodePacer
@@ -45,6 +46,7 @@ class StreamRecord:
     live: bool = True  # False once removed at runtime: a result still in flight is not published
     tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
     filter: StreamFilter | None = None  # its own filters of the shared model's detections (None: none set)
+    recorder: PacketSink | None = None  # takes its packets for event clips (None: not recording)
 
     @property
     def model(self) -> str:
@@ -111,6 +113,7 @@ class Ingest:
                                lambda st: handoff.call(self._source_state, record, st), record.cfg,
                                decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
         # while shedding: a keyframe is decoded only when its mailbox is empty and it is the camera's turn
+        record.source.recorder = record.recorder
         record.source.demand = lambda: (record.mailbox.waiting_since is None
                                         and self.pacer.may_decode(record.name, self.clock.mono(),
                                                                   record.stats.drops["too_old"]))

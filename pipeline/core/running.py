@@ -74,6 +74,7 @@ class RunningStreams:
         record.tracker = self.tracker(tracking) if tracking.type != "none" else None
         if record.tracker is not None:
             self.analytics.add_stream(record.name, record.cfg)
+            record.recorder = self.analytics.recorder_for(record.name, record.cfg)
         try:
             pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
         except PlacementError as exc:

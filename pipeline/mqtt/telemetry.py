@@ -25,6 +25,7 @@ from pipeline.payloads import (
     DevicesPayload,
     ExecutorFigures,
     ProcessFigures,
+    RecordingFigures,
     SlotFacts,
     StatsPayload,
     StreamFigures,
@@ -128,7 +129,8 @@ class Telemetry:
     # -- stats -----------------------------------------------------------------------------------
     def stats_payload(self, records: Mapping[str, StreamRecord], pools: Mapping[str, SlotPool],
                       talk: dict[str, Any], lipsync: dict[str, Any] | None, sink_errors: int,
-                      cores: int = 1, webhooks: dict[str, WebhookFigures] | None = None) -> StatsPayload:
+                      cores: int = 1, webhooks: dict[str, WebhookFigures] | None = None,
+                      recording: RecordingFigures | None = None) -> StatsPayload:
         now = self.clock.mono()
         streams: dict[str, StreamFigures] = {}
         for record in records.values():
@@ -173,6 +175,7 @@ class Telemetry:
             "lipsync": lipsync,
             "executors": executors,
             "webhooks": webhooks or {},
+            "recording": recording,
             "process": process_figures(),
         }
 

@@ -149,6 +149,19 @@ async function refreshEvents() {
       el("div", {}, `${e.label} ${e.best_score.toFixed(2)}`),
       el("div", {}, `${e.stream} ${when}`),
       el("div", { class: e.end_time ? "" : "live" }, e.end_time ? (e.zones.join(", ") || "no zone") : "in view"));
+    if (e.clip && !card.querySelector(".clip")) {
+      // the clip replaces the snapshot when asked for: the browser fetches ranges of it as it plays
+      const play = el("button", { class: "clip", type: "button", title: "play the event's clip" },
+        `▶ clip ${(e.clip.end - e.clip.start).toFixed(0)} s`);
+      play.addEventListener("click", () => {
+        const video = el("video", { controls: "", autoplay: "", muted: "", playsinline: "",
+          src: "/api/events/" + encodeURIComponent(e.id) + "/clip.mp4" });
+        video.muted = true;
+        card.querySelector("img, video")?.remove();
+        card.prepend(video);
+      });
+      card.querySelector(".meta").after(play);
+    }
     if (box.children[i] !== card) box.insertBefore(card, box.children[i] || null);
   });
 }
