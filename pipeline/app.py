@@ -142,6 +142,7 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
         await self.models.close()
+        await asyncio.to_thread(self.running.secondaries.close)
         await self.analytics.close()
         self.telemetry.stats(self.stats_payload())
         await self.publisher.close()

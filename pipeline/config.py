@@ -234,8 +234,30 @@ class LineConfig(Strict):
     min_confidence: float = Field(0.0, ge=0, le=1)
 
 
+def stream_references(name: str, stream: StreamConfig, models: dict[str, ModelConfig]) -> list[str]:
+    """What a stream's model and secondary models name that does not exist or is of the wrong type."""
+    known = ", ".join(sorted(models)) or "none defined"
+    errors = []
+    model = models.get(stream.model)
+    if model is None:
+        errors.append(f"streams.{name}.model: unknown model '{stream.model}' (models: {known})")
+    elif model.type != "yolo":
+        errors.append(f"streams.{name}.model: '{stream.model}' is a {model.type} model; a stream's model detects "
+                      "(a classifier goes in `secondary`)")
+    for i, sec in enumerate(stream.secondary):
+        other = models.get(sec.model)
+        if other is None:
+            errors.append(f"streams.{name}.secondary[{i}].model: unknown model '{sec.model}' (models: {known})")
+        elif other.type != "classify":
+            errors.append(f"streams.{name}.secondary[{i}].model: '{sec.model}' is a {other.type} model; "
+                          "secondary models classify (type = \"classify\")")
+    return errors
+
+
 class ModelConfig(SlotPoolConfig):
-    type: Literal["yolo"] = Field(description="backend family")
+    type: Literal["yolo", "classify"] = Field(description="yolo: detection (a stream's model); classify: a "
+                                              "classification model run on detected objects' crops "
+                                              "(a stream's `secondary`)")
     backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt"] = Field(
         "auto", description="auto: torch on CUDA, else the fastest installed CPU runtime (openvino, onnxruntime, "
         "torch) that runs the weights' kind; a .pt's exported graphs are made once and cached next to it")
@@ -303,6 +325,16 @@ class ModelConfig(SlotPoolConfig):
                                    self.cpu_batch_ms or None)
 
 
+class SecondaryConfig(Strict):
+    """A classification model run on a stream's tracked objects' crops; its top label goes in `attributes`."""
+
+    model: str = Field(description="a model of type classify")
+    labels: list[str] | None = Field(None, description="only objects with these labels (default: all)")
+    every_s: float = Field(2.0, gt=0, le=3600, description="an object is classified again at most this often, "
+                           "on its best crop since")
+    min_score: float = Field(0.0, ge=0, le=1, description="a class probability below this is not kept")
+
+
 class StreamRecordConfig(Strict):
     """A stream's event clips: the camera's own packets around each event, copied (never re-encoded)."""
 
@@ -334,6 +366,8 @@ class StreamConfig(SourceSettings):
         default_factory=dict, description="per label, instead of `confidence`: {person = 0.6, car = 0.4}")
     min_area: float | None = Field(None, ge=0, le=1, description="drop boxes smaller than this fraction of the frame")
     max_area: float | None = Field(None, gt=0, le=1, description="drop boxes larger than this fraction of the frame")
+    secondary: list[SecondaryConfig] = Field(default_factory=list, description="classifiers on its objects' crops: "
+                                             "[{model = \"colour\", labels = [\"car\"]}] (needs tracking)")
     record: StreamRecordConfig = Field(default_factory=StreamRecordConfig, description="event clips (set once for "
                                        "all cameras in [stream_defaults.record])")
     masks: dict[Name, MaskConfig] = Field(default_factory=dict, description="named polygons: detections whose "
@@ -621,9 +655,7 @@ class Config(Strict):
         errors += [f"webhooks[{i}].name: {n!r} names another hook too" for i, n in enumerate(hooks)
                    if hooks.count(n) > 1]
         for name, stream in self.streams.items():
-            if stream.model not in self.models:
-                known = ", ".join(sorted(self.models)) or "none defined"
-                errors.append(f"streams.{name}.model: unknown model '{stream.model}' (models: {known})")
+            errors += stream_references(name, stream, self.models)
         for name, talk in self.talk.items():
             if talk.backend == "musetalk" and self.lipsync.weights is None:
                 errors.append(f"talk.{name}.backend: musetalk needs lipsync.weights (the MuseTalk models folder)")

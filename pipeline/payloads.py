@@ -136,6 +136,8 @@ class ObjectState(TypedDict):
     last_seen: float
     stationary: bool
     has_snapshot: bool
+    attributes: NotRequired[dict[str, Any]]  # secondary models' top label and score, by model (stored events
+    # from before secondary models have none)
 
 
 @with_config(STRICT)

@@ -62,6 +62,7 @@ class TrackedObject:
     anchors: dict[str, tuple[float, float]] = field(default_factory=dict)  # last point per line's anchor
     path: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))  # t, cx, cy
     snapshot: bool = False  # a snapshot is kept for it
+    attributes: dict[str, Any] = field(default_factory=dict)  # secondary models' answers (model -> label, score)
 
     def state(self) -> ObjectState:
         return {
@@ -71,6 +72,7 @@ class TrackedObject:
             "zones": sorted(z for z, s in self.zones.items() if s.inside), "entered_zones": list(self.entered),
             "crossings": list(self.crossings), "first_seen": round(self.first_seen, 3),
             "last_seen": round(self.last_seen, 3), "stationary": self.stationary, "has_snapshot": self.snapshot,
+            "attributes": dict(self.attributes),
         }
 
 
@@ -134,6 +136,10 @@ class StreamEvents:
             if improved:
                 obj.best_score = score
             reasons = self._move(obj, box, score, t, polys, segs)
+            attrs = result.attributes[i] if result.attributes is not None else None
+            if attrs and attrs != obj.attributes:  # a secondary model answered (or changed its mind)
+                obj.attributes = dict(attrs)
+                reasons.append("attributes")
             timed = [r for r in reasons if r in ("stationary", "moving")]
             if improved and obj.best_score - before["best_score"] >= 0.01:
                 timed.append("best_score")

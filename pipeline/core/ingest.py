@@ -28,6 +28,8 @@ from .stats import StreamStats
 if TYPE_CHECKING:
     from pipeline.analytics.tracking import StreamTracker
 
+    from .secondary import StreamSecondary
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,7 @@ class StreamRecord:
     tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
     filter: StreamFilter | None = None  # its own filters of the shared model's detections (None: none set)
     recorder: PacketSink | None = None  # takes its packets for event clips (None: not recording)
+    secondary: StreamSecondary | None = None  # classifiers on its tracked objects' crops (None: none)
 
     @property
     def model(self) -> str:

@@ -43,6 +43,7 @@ class Result:
     detections: Detections
     timings_ms: dict[str, float] = field(default_factory=dict)
     track_ids: np.ndarray | None = None  # one per detection (0: no confirmed track yet); None: not tracked
+    attributes: list[dict[str, Any] | None] | None = None  # per detection, secondary models' answers
 
     @property
     def latency_ms(self) -> float:
@@ -72,6 +73,10 @@ class Result:
         if self.track_ids is not None:
             for d, tid in zip(out, self.track_ids, strict=True):
                 d["track_id"] = int(tid) or None
+        if self.attributes is not None:
+            for d, attrs in zip(out, self.attributes, strict=True):
+                if attrs:
+                    d["attributes"] = attrs
         return out
 
 
@@ -117,7 +122,14 @@ class Results:
             t0 = time.perf_counter()
             ids = record.tracker.update(det, frame.captured_at)
             timings["track"] = (time.perf_counter() - t0) * 1000
-        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids)
+        attributes = None
+        if record.secondary is not None:
+            try:
+                attributes = record.secondary.attributes(det, frame, ids)
+            except Exception:
+                self.sink_errors += 1
+                log.exception("secondary models failed on %s #%d", record.name, record.seq)
+        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids, attributes)
         record.stats.record(result.latency_ms, timings)
         for sink in self.sinks:
             try:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Config, ModelConfig, StreamConfig, TrackerConfig
+from pipeline.config import Config, ModelConfig, StreamConfig, TrackerConfig, stream_references
 from pipeline.errors import PlacementError
 from streams import StreamState, url_password
 
@@ -24,6 +24,7 @@ from .devices import DeviceInfo, decode_threads
 from .filters import FILTER_KEYS, StreamFilter
 from .ingest import Ingest, StreamRecord
 from .models import Models
+from .secondary import Secondaries
 
 if TYPE_CHECKING:
     from pipeline.analytics.service import Analytics
@@ -46,6 +47,7 @@ class RunningStreams:
         self.ready = ready  # set by the composer once everything runs
         self.on_removed: Callable[[str], None] = lambda name: None  # telemetry clears its retained state
         self.on_started: Callable[[StreamRecord], None] = lambda record: None  # Home Assistant discovery
+        self.secondaries = Secondaries(config.models)  # classifiers on tracked objects' crops
 
     def _running(self) -> None:
         if not self.ready.is_set():
@@ -75,6 +77,7 @@ class RunningStreams:
         if record.tracker is not None:
             self.analytics.add_stream(record.name, record.cfg)
             record.recorder = self.analytics.recorder_for(record.name, record.cfg)
+            record.secondary = self.secondaries.for_stream(record.name, record.cfg.secondary)
         try:
             pool.place(StreamFeed(record, self.config.pipeline.max_frame_age))
         except PlacementError as exc:
@@ -94,6 +97,8 @@ class RunningStreams:
         self._running()
         if cfg.model not in self.models.names():
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
+        if problems := stream_references(name, cfg, self.config.models):
+            raise ValueError("; ".join(problems))
         record = self.ingest.add(name, cfg)
         password = url_password(cfg.url)
         if password:
@@ -113,6 +118,7 @@ class RunningStreams:
             pool.remove(name)
         await self.ingest.stop(record)
         self.analytics.remove_stream(name)
+        self.secondaries.forget(name)
         self.on_removed(name)
         log.info("stream %s: removed", name)
 
