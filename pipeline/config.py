@@ -344,6 +344,10 @@ class StreamRecordConfig(Strict):
     post_s: float = Field(5.0, ge=0, le=300, description="seconds after the event's end")
     max_clip_s: float = Field(600.0, gt=0, le=86_400, description="a clip is cut after this long (an object that "
                               "never leaves)")
+    continuous: bool = Field(False, description="also record all the time, in segments (same copy, same disk "
+                             "budget; retain_days' `continuous` entry, else its default)")
+    segment_s: float = Field(60.0, ge=5, le=3600, description="length of a continuous segment (each starts on a "
+                             "keyframe)")
 
 
 class StreamConfig(SourceSettings):

@@ -20,6 +20,7 @@ import errno
 import io
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class _Clip:
     written: int = 0
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    segment: bool = False  # a piece of continuous recording: ends at the first keyframe after segment_s
+    rotate_at: int = -1  # (a segment) the keyframe the next segment starts at
 
 
 class StreamRecorder:
@@ -89,7 +92,9 @@ class StreamRecorder:
     decode thread, `begin`/`finish` on any thread; a writer thread of its own does the file I/O."""
 
     def __init__(self, stream: str, folder: Path, pre_s: float, post_s: float, max_clip_s: float,
-                 on_done: Callable[[ClipResult], None], wall: Callable[[], float]) -> None:
+                 on_done: Callable[[ClipResult], None], wall: Callable[[], float],
+                 segment_s: float | None = None) -> None:
+        """`segment_s`: also record continuously, in segments of about that long (each from a keyframe)."""
         self.stream = stream
         self.folder = folder
         self.pre_s = pre_s
@@ -97,6 +102,7 @@ class StreamRecorder:
         self.max_clip_s = max_clip_s
         self.on_done = on_done
         self.wall = wall
+        self.segment_s = segment_s
         self._ring: deque[Packet] = deque()
         self._ring_bytes = 0
         self._seq = 0
@@ -126,6 +132,8 @@ class StreamRecorder:
             used = {p.conn for p in self._ring} | {c.conn for c in self._clips.values()} | {self._conn}
             for conn in [c for c in self._templates if c not in used]:
                 self._templates.pop(conn)
+            if self.segment_s and not any(c.segment for c in self._clips.values()):
+                self._new_segment(-1)  # continuous recording starts with the first keyframe
 
     def packet(self, pkt: Any, wall: float) -> None:
         if pkt.size == 0 or self._conn < 0:
@@ -211,6 +219,8 @@ class StreamRecorder:
                 self._lock.wait(0.5)
                 stop = self._stop
                 work = []
+                if self.segment_s and not stop and not any(c.segment for c in self._clips.values()):
+                    self._new_segment(-1)
                 for clip in list(self._clips.values()):
                     if clip.next_seq < 0:
                         self._place(clip)
@@ -225,13 +235,32 @@ class StreamRecorder:
                 if self._done(clip, stop):
                     with self._lock:
                         self._clips.pop(clip.key, None)
+                        if clip.segment and clip.rotate_at >= 0 and not stop:
+                            self._new_segment(clip.rotate_at)  # the next one starts where this one stopped
                     self._close(clip)
             if stop:
                 return
 
+    def _new_segment(self, from_seq: int) -> None:
+        """Open the next continuous segment (under the lock): at `from_seq`, else the newest keyframe."""
+        now = self.wall()
+        name = time.strftime("%Y-%m-%d/%H%M%S", time.localtime(now)) + f"-{int(now * 1000) % 1000:03d}.mp4"
+        clip = _Clip(f"segment:{now:.3f}", self.folder / "continuous" / name, now, segment=True)
+        if from_seq >= 0:
+            clip.next_seq = from_seq
+        else:
+            keys = [p.seq for p in self._ring if p.key]
+            if keys:
+                clip.next_seq = keys[-1]
+            else:
+                clip.start = float("inf")  # placed on the first keyframe (see `_place`)
+        self._clips[clip.key] = clip
+
     def _done(self, clip: _Clip, stopping: bool) -> bool:
         if clip.error is not None or stopping:
             return True
+        if clip.segment:
+            return clip.rotate_at >= 0
         if clip.end is not None and self.wall() > clip.end + self.post_s + ABANDON_S:
             return True  # the stream stopped giving packets
         if clip.written and clip.last_wall - clip.first_wall >= self.max_clip_s:
@@ -242,6 +271,10 @@ class StreamRecorder:
         for p in packets:
             if clip.error is not None or (clip.end is not None and clip.written and
                                           p.wall > clip.end + self.post_s):
+                return
+            if (clip.segment and self.segment_s and p.key and clip.written
+                    and p.wall - clip.first_wall >= self.segment_s):
+                clip.rotate_at = p.seq
                 return
             try:
                 self._mux(clip, p)

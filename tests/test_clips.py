@@ -5,6 +5,7 @@ disk fails a clip clearly and the next one is written again."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,11 @@ def test_one_budget_for_clips_and_snapshots_oldest_first_and_per_label_days(tmp_
         store.set_snapshot(eid, str(crop), str(frame))
         store.set_clip(eid, str(clip), 600, after["first_seen"] - 1, after["last_seen"] + 1)
         files[eid] = (clip, crop, frame)
+    old_segment, new_segment = tmp_path / "old-segment.mp4", tmp_path / "new-segment.mp4"
+    old_segment.write_bytes(b"s" * 10)
+    new_segment.write_bytes(b"s" * 10)
+    store.add_segment("cam", str(old_segment), 10, now - 11 * 86400, now - 11 * 86400 + 60)  # past the default
+    store.add_segment("cam", str(new_segment), 10, now - 60, now)
     store.close()
     # 5 x 800 bytes against 2500: the person's media go by its 1 day, then the oldest until it fits
     again = EventStore(tmp_path / "events.db", 30, 1000, 100, media_bytes=2500,
@@ -188,8 +194,10 @@ def test_one_budget_for_clips_and_snapshots_oldest_first_and_per_label_days(tmp_
     assert kept == {"cam-1", "cam-3", "cam-4"}
     for eid, paths in files.items():
         assert all(p.exists() for p in paths) == (eid in kept)
-    assert again.media_size == 3 * 800
-    assert again.media_deleted == 2
+    assert not old_segment.exists()  # continuous segments: the same budget, `continuous` or the default days
+    assert new_segment.exists()
+    assert again.media_size == 3 * 800 + 10
+    assert again.media_deleted == 3
     again.close()
 
 
@@ -287,4 +295,31 @@ def test_a_store_from_before_clips_is_migrated_with_its_events(tmp_path: Path) -
     assert row["id"] == "cam-1-1"
     assert row["clip_path"] is None
     assert row["clip_size"] == 0
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
+
+
+def test_continuous_segments_follow_each_other_without_a_gap(tmp_path: Path, scene_video: Path) -> None:
+    done: list[ClipResult] = []
+    clock = [0.0]
+    recorder = StreamRecorder("cam", tmp_path, 1.0, 1.0, 600, done.append, lambda: clock[0], segment_s=5.0)
+    source = probe(scene_video)
+    with av.open(str(scene_video)) as c:
+        s = c.streams.video[0]
+        recorder.opened(s)
+        for pkt in c.demux(s):
+            if pkt.pts is None:
+                continue
+            clock[0] = float(pkt.pts * pkt.time_base)
+            recorder.packet(pkt, clock[0])
+            time.sleep(0.002)  # the writer keeps up as it would with a live camera
+    recorder.close()
+    segments = [r for r in done if r.key.startswith("segment:")]
+    assert len(segments) == 3  # 12 s in segments of 5 s (each cut at the next keyframe)
+    assert all(r.path is not None and r.path.parent.parent.name == "continuous" for r in segments)
+    probes = [probe(r.path) for r in segments if r.path is not None]
+    assert [p["codec"] for p in probes] == ["h264"] * 3
+    # every frame of the camera in exactly one segment, in order, each segment from a keyframe
+    assert sum(p["frames"] for p in probes) == source["frames"]
+    for a, b in itertools.pairwise(segments):
+        assert 0 < b.start - a.end < 0.05  # the next one starts with the frame after this one's last
+    assert [round(r.start) for r in segments] == [0, 5, 10]

@@ -151,7 +151,7 @@ def test_store_migrates_filters_and_retains(tmp_path: Path) -> None:
         store.put(event(i, now - 100 + i))
     store.put(event(9, now - 100 + 9, "end"))
     store.close()
-    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 2  # (2: clips and media sizes)
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == 3  # (2: clips, 3: segments)
     assert len(query(db)) == 9
     assert query(db, event_id=event(9, now - 91)["after"]["id"])[0]["end_time"] is not None
     store = EventStore(db, max_age_days=1, max_events=5, max_queue=1000)
@@ -452,7 +452,7 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
         for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name"
         )
-    ] == ["events_label_start", "events_media", "events_start", "events_stream_start"]
+    ] == ["events_label_start", "events_media", "events_start", "events_stream_start", "segments_start"]
     conn.close()
 
 

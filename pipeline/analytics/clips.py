@@ -41,8 +41,9 @@ class Clips:
         old = self.recorders.pop(name, None)
         if old is not None:
             self._retire(old)
-        recorder = StreamRecorder(name, self.folder / name, rec.pre_s, rec.post_s, rec.max_clip_s, self._done,
-                                  self.wall)
+        recorder = StreamRecorder(name, self.folder / name, rec.pre_s, rec.post_s, rec.max_clip_s,
+                                  lambda result: self._done(name, result), self.wall,
+                                  rec.segment_s if rec.continuous else None)
         self.recorders[name] = recorder
         return recorder
 
@@ -69,8 +70,12 @@ class Clips:
         elif event["type"] == "end":
             recorder.finish(after["id"], after["last_seen"])
 
-    def _done(self, result: ClipResult) -> None:  # on a recorder's writer thread
-        if result.path is not None:
+    def _done(self, stream: str, result: ClipResult) -> None:  # on a recorder's writer thread
+        if result.path is None:
+            return
+        if result.key.startswith("segment:"):
+            self.store.add_segment(stream, str(result.path), result.size, result.start, result.end)
+        else:
             self.store.set_clip(result.key, str(result.path), result.size, result.start, result.end)
 
     def close(self, timeout: float = 15.0) -> None:

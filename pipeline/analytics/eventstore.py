@@ -53,6 +53,17 @@ MIGRATIONS = [
     ALTER TABLE events ADD COLUMN snapshot_size INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX events_media ON events (start_time) WHERE clip_path IS NOT NULL OR crop_path IS NOT NULL;
     """,
+    # 3: continuous recording's segments (in the same disk budget)
+    """
+    CREATE TABLE segments (
+        path TEXT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        start_time REAL NOT NULL,
+        end_time REAL NOT NULL,
+        size INTEGER NOT NULL
+    );
+    CREATE INDEX segments_start ON segments (start_time);
+    """,
 ]
 RETENTION_EVERY_S = 300.0
 MEDIA_RETENTION_EVERY_S = 10.0  # the disk budget is checked this often while media are written
@@ -162,6 +173,9 @@ class EventStore:
     def set_clip(self, event_id: str, path: str, size: int, start: float, end: float) -> None:
         self._offer(("clip", (event_id, path, size, start, end)))
 
+    def add_segment(self, stream: str, path: str, size: int, start: float, end: float) -> None:
+        self._offer(("segment", (stream, path, size, start, end)))
+
     def _offer(self, item: tuple[str, Any]) -> None:
         try:
             self._queue.put_nowait(item)
@@ -222,6 +236,11 @@ class EventStore:
             conn.execute("UPDATE events SET crop_path = ?, frame_path = ?, snapshot_size = ? WHERE id = ?",
                          (crop, frame, size, event_id))
             return
+        if kind == "segment":
+            stream, path, size, start, end = value
+            conn.execute("INSERT OR REPLACE INTO segments (path, stream, start_time, end_time, size) "
+                         "VALUES (?, ?, ?, ?, ?)", (path, stream, start, end, size))
+            return
         if kind == "clip":
             event_id, path, size, start, end = value
             conn.execute("UPDATE events SET clip_path = ?, clip_size = ?, clip_start = ?, clip_end = ? WHERE id = ?",
@@ -262,12 +281,17 @@ class EventStore:
         files are deleted and their paths cleared; the events themselves stay."""
         now = time.time()
         default = self.retain_days.get("default", 10.0)
-        rows = conn.execute("SELECT id, label, start_time, crop_path, frame_path, clip_path, clip_size, snapshot_size "
-                            "FROM events WHERE clip_path IS NOT NULL OR crop_path IS NOT NULL "
-                            "ORDER BY start_time").fetchall()
+        rows = [dict(r) for r in conn.execute(
+            "SELECT id, label, start_time, crop_path, frame_path, clip_path, clip_size, snapshot_size FROM events "
+            "WHERE clip_path IS NOT NULL OR crop_path IS NOT NULL")]
+        # continuous segments: label `continuous` for retain_days, in the one budget, oldest first with the rest
+        rows += [{"id": None, "label": "continuous", "start_time": r["start_time"], "crop_path": None,
+                  "frame_path": None, "clip_path": r["path"], "clip_size": r["size"], "snapshot_size": 0}
+                 for r in conn.execute("SELECT path, start_time, size FROM segments")]
+        rows.sort(key=lambda r: r["start_time"])
         expired = [r for r in rows if r["start_time"] < now - self.retain_days.get(r["label"], default) * 86400]
-        gone_ids = {r["id"] for r in expired}
-        kept = [r for r in rows if r["id"] not in gone_ids]
+        gone_ids = {id(r) for r in expired}
+        kept = [r for r in rows if id(r) not in gone_ids]
         total = sum(r["clip_size"] + r["snapshot_size"] for r in kept)
         gone = list(expired)
         for r in kept:  # oldest first, until the rest fits
@@ -278,7 +302,10 @@ class EventStore:
         if gone:
             with conn:
                 conn.executemany("UPDATE events SET crop_path = NULL, frame_path = NULL, clip_path = NULL, "
-                                 "clip_size = 0, snapshot_size = 0 WHERE id = ?", [(r["id"],) for r in gone])
+                                 "clip_size = 0, snapshot_size = 0 WHERE id = ?",
+                                 [(r["id"],) for r in gone if r["id"] is not None])
+                conn.executemany("DELETE FROM segments WHERE path = ?",
+                                 [(r["clip_path"],) for r in gone if r["id"] is None])
             for r in gone:
                 for p in (r["crop_path"], r["frame_path"], r["clip_path"]):
                     if p:
