@@ -258,3 +258,69 @@ def test_thirty_two_1080p30_cameras_on_two_cores_degrade_gracefully(
     finally:
         sub.close()
         rtsp.kill()
+
+
+class StallsBeforeInferring:
+    """The real detector, after a stall its own timings do not see (a starved slot thread): from the
+    `stall_from`-th call on, each batch waits `seconds` before the model runs."""
+
+    def __init__(self, inner: Any, seconds: float, stall_from: int) -> None:
+        self.inner, self.seconds, self.stall_from, self.calls = inner, seconds, stall_from, 0
+        self.name = inner.name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.inner.class_names  # type: ignore[no-any-return]
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def infer(self, images: Any) -> Any:
+        self.calls += 1
+        if self.calls >= self.stall_from:
+            time.sleep(self.seconds)
+        return self.inner.infer(images)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.slow
+async def test_a_result_that_aged_in_its_slot_is_dropped_not_published_as_fresh(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    from pipeline import default_detector_factory, parse_config
+    from tests.support.media import detections
+    from tests.support.procs import start_pipeline, wait_until
+
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320, "slots": 1}},
+        "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5}},
+        "pipeline": {"status_interval": 0, "max_frame_age": 1.0},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    made: list[StallsBeforeInferring] = []
+
+    def factory(name: str, cfg: Any) -> Any:
+        made.append(StallsBeforeInferring(default_detector_factory(name, cfg), 1.5, stall_from=12))
+        return made[-1]
+
+    pipeline, shutdown = await start_pipeline(config, factory)
+    try:
+        await wait_until(lambda: made and made[0].calls >= 16, 60, "stalled batches")
+        stats = pipeline.stats_payload()["streams"]["a"]
+    finally:
+        await shutdown()
+        sub.close()
+    published = detections(sub, "a")
+    assert published, "results before the stall are published"
+    # every published result was fresh: captured at most max_frame_age plus its inference ago
+    for d in published:
+        bound = 1.0 + d["timings_ms"].get("batch_total", 0) / 1000
+        assert (d["published_at"] - d["captured_at"]) <= bound + 0.05, d
+    # the stalled ones were counted, not lost silently
+    assert stats["drops"]["too_old"] >= 3

@@ -114,10 +114,16 @@ class DetectJobs:
         return ([f.picture for f in frames],)
 
     def deliver(self, taken: list[Taken], outputs: list[Detections], shipped_at: float) -> None:
-        inferred_at = self.clock.wall()
+        inferred_at, now = self.clock.wall(), self.clock.mono()
         for (feed, frame), det in zip(taken, outputs, strict=True):
             record: StreamRecord = feed.record  # type: ignore[attr-defined]
             if not record.live:  # removed while in flight
+                continue
+            # a frame young enough when taken may have aged in the slot past its bound plus the model's own
+            # time (a starved slot thread, a stalled process): it is not published as fresh, it is dropped
+            # and counted like a frame too old to take
+            if now - frame.captured_mono > feed.max_frame_age + det.timings_ms.get("batch_total", 0.0) / 1000:  # type: ignore[attr-defined]
+                record.stats.drop("too_old")
                 continue
             if self.classes is not None:
                 det = _only(det, self.classes)
