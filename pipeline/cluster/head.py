@@ -45,9 +45,17 @@ from streams.handoff import wait_event
 log = logging.getLogger("framegrid.cluster")
 
 START_TIMEOUT_S = 300.0  # a worker loads its models before it is ready
-RETRY_LOST_S = 30.0  # a node whose worker was lost gets a new worker after this, if Ray still lists it
+# a node whose worker was lost gets a new one at once if Ray still lists it alive; a second loss in a row
+# waits (its raylet may be dying), longer each time
+RETRY_LOST_S = (0.0, 5.0, 15.0, 30.0)
+HEALTH = "health"  # the workers' concurrency group for pings: its own thread, so a busy loop answers
 DEFAULT_FPS = 25.0  # the cost of a stream without max_fps (a camera's usual rate)
 TALK = "talk/"  # talk sessions' keys in the placement ("talk/<name>": names never hold a slash)
+
+
+def retry_after(node: NodeHandle) -> float:
+    """Seconds after a loss before a new worker is tried on a node Ray still lists alive."""
+    return RETRY_LOST_S[min(max(node.losses - 1, 0), len(RETRY_LOST_S) - 1)]
 
 
 def session_key(name: str) -> str:
@@ -75,6 +83,8 @@ class NodeHandle:
     last_seen: float = 0.0
     lost_at: float | None = None  # monotonic time it was lost (a worker is tried there again later)
     error: str | None = None
+    up_at: float = 0.0  # monotonic time it came up (late answers are forgiven for a while after)
+    losses: int = 0  # workers lost on this node in a row (the wait before the next try grows)
 
 
 class ClusterHead:
@@ -166,17 +176,18 @@ class ClusterHead:
             name = "node-" + info["NodeID"][:8]
             known = self.nodes.get(name)
             if name in self._starting or (known is not None and (known.state != "lost" or time.monotonic() <
-                                                                 (known.lost_at or 0.0) + RETRY_LOST_S)):
-                continue  # a lost worker's node still listed alive: its raylet may be dying; try later
+                                                                 (known.lost_at or 0.0) + retry_after(known))):
+                continue  # lost again soon after a new start: its raylet may be dying; try later
             cpus = info.get("Resources", {}).get("CPU")
-            self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"], cpus),
+            losses = known.losses if known is not None else 0
+            self._starting[name] = asyncio.create_task(self._start_worker(name, info["NodeID"], cpus, losses),
                                                        name=f"cluster.start.{name}")
             self._starting[name].add_done_callback(functools.partial(self._started, name))
 
     def _started(self, name: str, _task: asyncio.Task[None]) -> None:
         self._starting.pop(name, None)
 
-    async def _start_worker(self, name: str, node_id: str, cpus: float | None) -> None:
+    async def _start_worker(self, name: str, node_id: str, cpus: float | None, losses: int = 0) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -187,13 +198,13 @@ class ClusterHead:
             actor = ray.get_actor(actor_name, namespace=self.settings.namespace)
             found = True
         except ValueError:
-            remote = ray.remote(NodeWorker).options(
+            remote = ray.remote(concurrency_groups={HEALTH: 1})(NodeWorker).options(  # type: ignore[call-overload]
                 name=actor_name, namespace=self.settings.namespace, lifetime="detached", max_restarts=0,
                 num_cpus=0, resources={self.settings.node_resource: 1},
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-            actor = remote.remote(self.config, name, self.config_path, cpus)  # type: ignore[assignment]
+            actor = remote.remote(self.config, name, self.config_path, cpus)
             found = False
-        node = NodeHandle(name, node_id, actor)
+        node = NodeHandle(name, node_id, actor, losses=losses)
         self.nodes[name] = node
         self.calls += 1
         try:
@@ -203,7 +214,7 @@ class ClusterHead:
             await self._lost(node, f"its worker did not start: {exc!r}")
             return
         self._describe(node, desc)
-        node.state = "up"
+        node.state, node.up_at = "up", time.monotonic()
         self._adopt(node)
         log.info("cluster: %s %s (%s)", name, "found running" if found else "joined",
                  ", ".join(f"{m} {fps:.0f} frames/s" for m, fps in node.throughput.items()) or "no model")
@@ -254,6 +265,7 @@ class ClusterHead:
         if node.state == "lost":
             return
         node.state, node.error, node.lost_at = "lost", why, time.monotonic()
+        node.losses += 1
         log.warning("cluster: %s lost (%s); moving its streams", node.name, why)
         with contextlib.suppress(Exception):
             ray.kill(node.actor, no_restart=True)  # a worker cut off but alive must publish nothing more
@@ -534,17 +546,25 @@ class ClusterHead:
 
     async def _ping(self, node: NodeHandle) -> None:
         self.calls += 1
+        s = self.settings
         try:
-            async with asyncio.timeout(self.settings.dead_after_s):
-                desc = await node.actor.ping.remote()
+            async with asyncio.timeout(s.dead_after_s):
+                desc = await node.actor.ping.options(concurrency_group=HEALTH).remote()
         except TimeoutError:
-            await self._lost(node, f"no answer for {self.settings.dead_after_s:g}s")
+            now = time.monotonic()
+            if now - node.up_at < s.start_grace_s and now - node.last_seen < 3 * s.dead_after_s:
+                log.warning("cluster: %s slow to answer (%.0f s since its last answer; it came up %.0f s ago)",
+                            node.name, now - node.last_seen, now - node.up_at)
+                return
+            await self._lost(node, f"no answer for {now - node.last_seen:.0f}s")
             return
         except Exception as exc:
             await self._lost(node, type(exc).__name__)
             return
         before = (set(node.streams), dict(node.sessions))
         self._describe(node, desc)
+        if node.losses and node.last_seen - node.up_at > s.start_grace_s:
+            node.losses = 0  # it has held up: a later loss is tried again at once
         if (set(node.streams), node.sessions) != before:
             self._changed.set()
 

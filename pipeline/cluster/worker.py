@@ -133,7 +133,17 @@ class NodeWorker:
         return self._talk_capacity
 
     async def ping(self) -> NodeDescription:
-        return self.describe()
+        """Answered on the `health` concurrency group's own thread and loop (the head asks there), so a
+        pipeline loop busy starting streams or compiling cannot make this node look dead; a description
+        raced by the pipeline's own changes (a stream added meanwhile) is read again."""
+        for attempt in range(3):
+            try:
+                return self.describe()
+            except RuntimeError:  # "dictionary changed size during iteration" (or not running)
+                if attempt == 2 or self.pipeline is None:
+                    raise
+                await asyncio.sleep(0.01)
+        raise AssertionError("unreachable")
 
     async def stream_info(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The state and figures of those of `names` running here (the API's StreamInfo fields)."""

@@ -97,7 +97,7 @@ class RunningStreams:
         self._running()
         if cfg.model not in self.models.names():
             raise ValueError(f"stream {name}: unknown model '{cfg.model}'")
-        if problems := stream_references(name, cfg, self.config.models):
+        if problems := stream_references(name, cfg, {n: self.models.cfg(n) for n in self.models.names()}):
             raise ValueError("; ".join(problems))
         record = self.ingest.add(name, cfg)
         password = url_password(cfg.url)
