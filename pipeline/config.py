@@ -624,7 +624,7 @@ class ClusterConfig(Strict):
     ping_s: float = Field(1.0, gt=0, le=60, description="seconds between the head's checks of each worker")
     dead_after_s: float = Field(5.0, gt=0, le=600, description="a worker that has not answered this long is "
                                 "taken as lost: its streams move to the other nodes")
-    start_grace_s: float = Field(60.0, ge=0, le=3600, description="for this long after a worker came up (its "
+    start_grace_s: float = Field(10.0, ge=0, le=3600, description="for this long after a worker came up (its "
                                  "streams starting, models compiling shapes), it is lost only after 3 x "
                                  "dead_after_s without an answer (a late answer is warned about)")
     rebalance_s: float = Field(30.0, gt=0, le=86400, description="seconds between rebalancing passes (also "

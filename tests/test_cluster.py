@@ -115,7 +115,9 @@ async def test_streams_spread_fail_over_rebalance_and_survive_a_head_restart(
                                if m.json()["node"] == victim_name)
         assert last_from_victim <= min(m.at for s in moved for m in from_survivor(s)), "both nodes published a stream"
         assert all(head.where(s) != victim_name for s in STREAMS)
-        assert head.nodes[victim_name].state == "lost"
+        # declared lost (its availability says so); the head may already be trying a new worker there
+        assert head.nodes[victim_name].state in ("lost", "starting")
+        assert b"offline" in [m.payload for m in sub.of(f"/nodes/{victim_name}/availability") if m.at > t_kill]
         # the talk session of the lost node is started again on the survivor
         orphan = next(t for t, n in sessions.items() if n == victim_name)
         survivor = next(n for n in by_node if n != victim_name)
@@ -361,8 +363,9 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             print(f"hung worker: a published from the other node {first_new - t_freeze:.1f}s after SIGSTOP")
             assert first_new - t_freeze <= FAILOVER_BOUND_S
             nodes = {n["name"]: n for n in api.get("/api/nodes").json()}
-            assert nodes[frozen["name"]]["state"] == "lost", nodes
-            assert "no answer" in nodes[frozen["name"]]["error"], nodes
+            # lost for not answering; its node still up, a new worker is being started there at once
+            assert nodes[frozen["name"]]["state"] in ("lost", "starting", "up"), nodes
+            assert f"{frozen['name']} lost (no answer" in head2.output(), head2.output()[-3000:]
         time.sleep(3.0)  # had it survived SIGCONT, it would publish again now
         assert not [m for s in "ab" for m in published_since(sub, s, first_new) if m.json()["node"] == frozen["name"]]
         assert head2.stop() == 0, head2.output()[-3000:]
@@ -501,7 +504,8 @@ async def test_offline_talk_segments_run_on_every_node_and_survive_a_dead_one(
         diff = np.abs(again - local)
         assert diff.max() <= 2, (diff.max(), diff.mean())
         assert diff.mean() < 0.01, (diff.max(), diff.mean())
-        survivor = next(n for n in head.nodes.values() if n is not victim)
+        # (the victim's node is alive: the head may already have started a new worker there, under its name)
+        survivor = next(n for n in head.nodes.values() if n.name != victim.name)
         assert (await survivor.actor.ping.remote())["segments"] == done[survivor.name] + 12
     finally:
         await api.stop()
