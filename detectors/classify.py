@@ -75,7 +75,7 @@ class Classifier:
         if self.runtime == "openvino":
             import openvino as ov
 
-            from .openvino import _metadata, prime_numpy_bridge
+            from .openvino import file_metadata, prime_numpy_bridge
 
             xml = next(path.glob("*.xml"), None) if path.is_dir() else path
             if xml is None:
@@ -93,7 +93,7 @@ class Classifier:
                 return np.array(request.get_output_tensor(0).data, copy=True)
 
             self._run = run
-            return _metadata(model, xml), len(model.outputs[0].get_partial_shape())
+            return file_metadata(model, xml), len(model.outputs[0].get_partial_shape())
         import onnxruntime as ort
 
         opts = ort.SessionOptions()

@@ -63,7 +63,7 @@ class OpenVinoYoloDetector(ExportedYoloDetector):
         prime_numpy_bridge()
         self._core = ov.Core()
         source = self._core.read_model(xml)  # an IR's .xml, or an ONNX file as it is
-        meta = _metadata(source, xml)
+        meta = file_metadata(source, xml)
         facts = GraphFacts(dims(_shape(source.inputs[0])), dims(_shape(source.outputs[0])), len(source.outputs),
                            meta.get("task"), flag(meta.get("end2end")))
         if len(facts.input_shape) != 4 or facts.outputs != 1 or len(facts.output_shape) != 3:
@@ -181,7 +181,7 @@ def _shape(port: Any) -> list[int]:
     return [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()]
 
 
-def _metadata(model: Any, xml: Path) -> dict[str, Any]:
+def file_metadata(model: Any, xml: Path) -> dict[str, Any]:
     """ultralytics' metadata: `metadata.yaml` beside an IR, else what an ONNX file carries (read by OpenVINO
     into the model's `framework` run-time info)."""
     import yaml

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class _Clip:
     last_wall: float = 0.0
     written: int = 0
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    last_duration: int = 0  # of the last packet written (the next connection's timeline continues after it)
     segment: bool = False  # a piece of continuous recording: ends at the first keyframe after segment_s
     rotate_at: int = -1  # (a segment) the keyframe the next segment starts at
 
@@ -301,7 +301,7 @@ class StreamRecorder:
             clip.stream = clip.out.add_stream_from_template(template[1])
             clip.first_wall = p.wall
         if p.conn != clip.conn:  # continue the timeline after the last packet written
-            start = 0 if clip.last_dts is None else clip.last_dts + max(1, self._last_duration(clip))
+            start = 0 if clip.last_dts is None else clip.last_dts + max(1, clip.last_duration)
             clip.shift = start - (p.dts if p.dts is not None else p.pts or 0)
             clip.conn = p.conn
         out = av.Packet(p.data)
@@ -315,13 +315,9 @@ class StreamRecorder:
         out.stream = clip.stream
         clip.out.mux(out)
         clip.last_dts = out.dts
-        clip.extra["duration"] = p.duration
+        clip.last_duration = p.duration
         clip.last_wall = p.wall
         clip.written += 1
-
-    @staticmethod
-    def _last_duration(clip: _Clip) -> int:
-        return int(clip.extra.get("duration", 0))
 
     def _close(self, clip: _Clip) -> None:
         part = Path(str(clip.path) + ".part")
