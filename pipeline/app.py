@@ -117,6 +117,7 @@ class Pipeline:
                 self.models.spawn = self.talk.spawn = lambda coro, name: tg.create_task(coro, name=name)
                 pub_task = tg.create_task(self.publisher.run(), name="mqtt.publisher")
                 await self.models.start(self.ingest.models_in_use())
+                await self.running.prepare(self.ingest.records.values())
                 for record in self.ingest.records.values():
                     self.running.start(record)
                 await self.talk.start_configured()

@@ -19,6 +19,7 @@ from typing import Any
 
 from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text, require
 from streams.handoff import wait_event
+from streams.loopwatch import LoopWatch
 
 from .config import Config, ConfigError, LipSyncConfig, load_config
 from .logs import setup_logging
@@ -75,7 +76,8 @@ async def _run(config: Config, config_path: Path | None = None) -> int:
             if api is not None:
                 tg.create_task(api.serve(), name="api.server")
             side = [tg.create_task(_status(runner, config, stop), name="status"),
-                    tg.create_task(_jobs(api, runner.ready), name="api.jobs")]
+                    tg.create_task(_jobs(api, runner.ready), name="api.jobs"),
+                    tg.create_task(LoopWatch().run(), name="loopwatch")]
             try:
                 await runner.run(stop)
             finally:

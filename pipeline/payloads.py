@@ -17,6 +17,8 @@ from typing import Any, Literal, NotRequired
 from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict  # the one pydantic reads on Python < 3.12
 
+from streams.loopwatch import LoopFigures
+
 # as response models: a key a payload carries but its type does not declare is an error, never
 # dropped silently (what HTTP answers must equal what MQTT carries)
 STRICT = ConfigDict(extra="forbid")
@@ -208,6 +210,7 @@ class ProcessFigures(TypedDict):
     fds: int | None
     threads: int
     tasks: int | None
+    loop: LoopFigures | None  # the event loop's stalls (streams.loopwatch); None where nothing watches it
 
 
 @with_config(STRICT)

@@ -324,3 +324,50 @@ async def test_a_result_that_aged_in_its_slot_is_dropped_not_published_as_fresh(
         assert (d["published_at"] - d["captured_at"]) <= bound + 0.05, d
     # the stalled ones were counted, not lost silently
     assert stats["drops"]["too_old"] >= 3
+
+
+@pytest.mark.slow
+async def test_tracker_code_is_imported_off_the_event_loop_at_start_and_for_added_streams(
+    tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 8.5 s freeze of issue 27: a stream's first tracker imported ultralytics' trackers (and torch)
+    on the event loop, holding every stream's results for as long as the import took on a busy machine."""
+    import asyncio
+    import threading
+
+    from pipeline import default_detector_factory, parse_config
+    from pipeline.analytics import tracking
+    from pipeline.config import StreamConfig
+    from streams.loopwatch import LoopWatch
+    from tests.support.procs import start_pipeline, wait_until
+
+    made_on_loop: list[bool] = []
+    real = tracking._timed
+
+    def slow_first_import(base: type) -> type:  # runs once per tracker kind, where its code is imported
+        made_on_loop.append(threading.current_thread() is threading.main_thread())
+        time.sleep(1.5)  # what the cold import costs beside a CPU hog (measured 1.5-3.2 s alone)
+        return real(base)
+
+    monkeypatch.setattr(tracking, "_classes", {})
+    monkeypatch.setattr(tracking, "_timed", slow_first_import)
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320, "slots": 1}},
+        "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5}},
+        "pipeline": {"status_interval": 0},
+    }, tmp_path)
+    watch = LoopWatch(stall_s=0.5, tick_s=0.05)
+    watching = asyncio.create_task(watch.run())
+    pipeline, shutdown = await start_pipeline(config, default_detector_factory)
+    try:
+        await wait_until(lambda: pipeline.stats_payload()["streams"]["a"]["processed"] >= 3, 60, "stream a")
+        await pipeline.running.add_stream("b", StreamConfig(url=str(videos["cam2"]), model="shapes", max_fps=5,
+                                                            tracker={"type": "botsort"}))
+        await wait_until(lambda: pipeline.stats_payload()["streams"]["b"]["processed"] >= 3, 60, "stream b")
+    finally:
+        await shutdown()
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+    assert made_on_loop == [False, False]  # bytetrack at start, botsort when b was added: both on a thread
+    assert watch.figures()["stalls"] == 0, watch.figures()

@@ -280,18 +280,33 @@ def _batched_update(kf: Any, pairs: list[tuple[Any, Any]], frame_id: int) -> Non
         track.score, track.cls, track.idx = det.score, det.cls, det.idx
 
 
+_classes: dict[str, type] = {}  # kind -> its tracker class, made once per process
+
+
 def _tracker_class(kind: str) -> type:
-    if kind == "botsort":
-        from ultralytics.trackers.bot_sort import BOTSORT
+    cls = _classes.get(kind)
+    if cls is None:
+        if kind == "botsort":
+            from ultralytics.trackers.bot_sort import BOTSORT
 
-        return _timed(BOTSORT)
-    from ultralytics.trackers.byte_tracker import BYTETracker
+            cls = _timed(BOTSORT)
+        else:
+            from ultralytics.trackers.byte_tracker import BYTETracker
 
-    return _timed(BYTETracker)
+            cls = _timed(BYTETracker)
+        _classes[kind] = cls
+    return cls
 
 
 class StreamTracker:
     """Track ids for one stream's results. `update(det, t)` -> one id per detection (0 = not tracked yet)."""
+
+    @staticmethod
+    def prepare(kind: str) -> None:
+        """Import a kind's tracker code (ultralytics' trackers, and with them torch: 1.5-3 s cold on a busy
+        machine, measured up to 8.5 s inside a loaded process). Called on a worker thread before a stream
+        of that kind starts: a first import on the event loop freezes every stream while it runs."""
+        _tracker_class(kind)
 
     def __init__(self, settings: TrackerSettings) -> None:
         self.settings = settings

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.core.stats import DROP_CAUSES
 from streams import StreamState
+from streams.loopwatch import loop_figures
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -83,6 +84,15 @@ class PipelineCollector(Collector):
         for reason in ("decode-bound", "inference-bound"):
             g.add_metric([reason], 1.0 if reason in verdict.reasons else 0.0)
         yield g
+        watch = loop_figures()  # (scraped on the loop itself)
+        if watch is not None:
+            stalls = CounterMetricFamily("framegrid_loop_stalls", "Times the event loop did not turn for a second "
+                                         "or more (the log names the function that held it)")
+            stalls.add_metric([], watch["stalls"])
+            longest = GaugeMetricFamily("framegrid_loop_stall_longest_seconds", "The longest event-loop stall so "
+                                        "far (including one going on now)")
+            longest.add_metric([], watch["longest_s"])
+            yield from (stalls, longest)
 
     def _events(self, p: Pipeline) -> Iterator[Metric]:
         events = CounterMetricFamily("framegrid_events", "Events published on <prefix>/events",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.config import Config, ModelConfig, StreamConfig, TrackerConfig, stream_references
 from pipeline.errors import PlacementError
@@ -33,10 +33,18 @@ log = logging.getLogger(__name__)
 LIVE_KEYS = ("max_fps", *FILTER_KEYS)  # changed at run time without a reconnect
 
 
+class Trackers(Protocol):
+    """What builds a stream's tracker (analytics' `StreamTracker`; core only holds what it makes)."""
+
+    def __call__(self, settings: TrackerConfig) -> Any: ...
+
+    def prepare(self, kind: str) -> None: ...  # import its code, off the loop
+
+
 class RunningStreams:
     def __init__(self, config: Config, ingest: Ingest, models: Models, analytics: Analytics,
                  facts: Callable[[], list[DeviceInfo]], secrets: list[str],
-                 tracker: Callable[[TrackerConfig], Any], ready: asyncio.Event) -> None:
+                 tracker: Trackers, ready: asyncio.Event) -> None:
         self.config = config
         self.ingest = ingest
         self.models = models
@@ -67,12 +75,24 @@ class RunningStreams:
         """The running streams of a model."""
         return self.ingest.users(model)
 
+    def _tracking(self, record: StreamRecord) -> TrackerConfig:
+        return record.cfg.tracker or self.models.cfg(record.model).tracker
+
+    async def prepare(self, records: Iterable[StreamRecord]) -> None:
+        """Import the trackers these streams use on a worker thread, before they start: `start` runs on
+        the event loop, where a first import of a tracker (seconds on a busy machine) would hold every
+        stream's results (the 8.5 s freeze of issue 27)."""
+        for kind in sorted({self._tracking(r).type for r in records if self.models.pool(r.model) is not None}):
+            if kind != "none":
+                await asyncio.to_thread(self.tracker.prepare, kind)
+
     def start(self, record: StreamRecord) -> None:
-        """Track, place and decode a stream whose model is loaded (a failed model's state says so)."""
+        """Track, place and decode a stream whose model is loaded (a failed model's state says so);
+        `prepare` it first."""
         pool = self.models.pool(record.model)
         if pool is None:
             return
-        tracking = record.cfg.tracker or self.models.cfg(record.model).tracker
+        tracking = self._tracking(record)
         record.tracker = self.tracker(tracking) if tracking.type != "none" else None
         if record.tracker is not None:
             self.analytics.add_stream(record.name, record.cfg)
@@ -105,6 +125,7 @@ class RunningStreams:
             self.secrets.append(password)
         if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
             return
+        await self.prepare([record])
         self.start(record)
         log.info("stream %s: added (model %s)", name, cfg.model)
 

@@ -35,6 +35,7 @@ from pipeline.payloads import (
 )
 from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, StreamState, redact_text
+from streams.loopwatch import loop_figures
 
 from .publisher import Publisher
 
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 def process_figures() -> ProcessFigures:
     """This process's resident memory, open descriptors, threads and asyncio tasks (Linux /proc;
     None where unknown): what a soak watches for creep."""
-    out: ProcessFigures = {"rss_mb": None, "fds": None, "threads": threading.active_count(), "tasks": None}
+    out: ProcessFigures = {"rss_mb": None, "fds": None, "threads": threading.active_count(), "tasks": None,
+                           "loop": loop_figures()}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
