@@ -17,10 +17,10 @@ The file holds stream URLs as given, passwords included (like the TOML): it is w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from streams.disk import write_atomic
 
 OVERLAY_VERSION = 1
 
@@ -85,24 +85,3 @@ def apply_overlay(streams: dict[str, Any], overlay: dict[str, Any]) -> dict[str,
 def write_overlay(path: Path, streams: dict[str, Any]) -> None:
     """Replace the overlay atomically and durably (see the module's doc)."""
     write_atomic(path, json.dumps({"v": OVERLAY_VERSION, "streams": streams}, indent=2, sort_keys=True) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a crash leaves the old file or the new one: a temporary
-    file in the same folder (mode 0600), fsync, rename, fsync of the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

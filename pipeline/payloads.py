@@ -17,6 +17,7 @@ from typing import Any, Literal, NotRequired
 from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict  # the one pydantic reads on Python < 3.12
 
+from streams.disk import DiskFigures
 from streams.loopwatch import LoopFigures
 
 # as response models: a key a payload carries but its type does not declare is an error, never
@@ -265,6 +266,7 @@ class StatsPayload(TypedDict):
     executors: dict[str, ExecutorFigures]
     webhooks: dict[str, WebhookFigures]
     recording: RecordingFigures | None  # None: events (and so clips) off
+    disk: dict[str, DiskFigures]  # per writer that has written (event store, snapshots, clips, overlay, ...)
     process: ProcessFigures
 
 

@@ -16,7 +16,6 @@ clip never mixes two connections' parameters, it is cut at the change).
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import threading
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import av
+
+from .disk import disk_state
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class StreamRecorder:
         self.cut_packets = 0  # packets a stalled writer lost (clips cut short)
         self.last_error: str | None = None
         self.disk_full = False
+        self.disk = disk_state("clips")  # every stream's clips: one disk
 
     # -- the decode thread ------------------------------------------------------------------------
     def opened(self, vstream: Any) -> None:
@@ -280,7 +282,7 @@ class StreamRecorder:
                 self._mux(clip, p)
             except (OSError, av.error.FFmpegError) as exc:
                 clip.error = str(exc)
-                if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space" in str(exc):
+                if self.disk.failed(exc, str(clip.path)):
                     self.disk_full = True
                 return
 
@@ -326,23 +328,27 @@ class StreamRecorder:
                 clip.out.close()
             except (OSError, av.error.FFmpegError) as exc:
                 clip.error = clip.error or str(exc)
+                self.disk_full = self.disk.failed(exc, str(part)) or self.disk_full
         if clip.error is None and clip.written:
             try:
                 part.replace(clip.path)
                 size = clip.path.stat().st_size
             except OSError as exc:
                 clip.error = str(exc)
+                self.disk_full = self.disk.failed(exc, str(clip.path)) or self.disk_full
             else:
                 self.clips_written += 1
                 self.bytes_written += size
                 self.disk_full = False
+                self.disk.wrote()
                 self._report(ClipResult(clip.key, clip.path, size, clip.first_wall, clip.last_wall))
                 return
         part.unlink(missing_ok=True)
         error = clip.error or "no packets (the stream gave none while the event lasted)"
         self.clips_failed += 1
         self.last_error = error
-        log.warning("stream %s: clip %s not kept: %s", self.stream, clip.key, error)
+        if not self.disk.full:  # a full disk is said once (streams.disk), not per clip
+            log.warning("stream %s: clip %s not kept: %s", self.stream, clip.key, error)
         self._report(ClipResult(clip.key, None, 0, clip.first_wall, clip.last_wall, error))
 
     def _report(self, result: ClipResult) -> None:

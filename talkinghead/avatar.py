@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ import cv2
 import numpy as np
 
 from streams import MissingExtra, default_state_dir, require
+from streams.disk import disk_state, write_atomic
+
+log = logging.getLogger(__name__)
 
 LANDMARKS_PACKAGE = "face_recognition_models"
 LANDMARKS_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -133,8 +137,15 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
         found = [_Cached(**c) for c in json.loads(cache.read_text())]
     else:
         found = _find_faces(images, name, box, extra_margin, progress)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps([asdict(c) for c in found]))
+        cache_disk = disk_state("avatar cache")
+        try:  # a cache that cannot be written costs the next start the face search, nothing else
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, json.dumps([asdict(c) for c in found]))
+        except OSError as exc:
+            if not cache_disk.failed(exc, str(cache)):
+                log.warning("avatar %s: face cache not written: %s", name, exc)
+        else:
+            cache_disk.wrote()
     frames = tuple(
         Avatar(name, img, tuple(c.box), None if c.landmarks is None else np.array(c.landmarks, np.float32),  # type: ignore[arg-type]
                tuple(c.mouth), key=key)  # type: ignore[arg-type]

@@ -10,16 +10,19 @@ Schema versions live in `MIGRATIONS` (applied in order; `PRAGMA user_version` sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.payloads import EventPayload
+from streams.disk import disk_state
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ MIGRATIONS = [
 ]
 RETENTION_EVERY_S = 300.0
 MEDIA_RETENTION_EVERY_S = 10.0  # the disk budget is checked this often while media are written
+MAX_BATCH = 1000  # writes in one transaction; also the most held in memory while the disk is full
+RETRY_FULL_S = 1.0  # a batch the full disk refused is tried again this often
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -151,6 +156,7 @@ class EventStore:
         self._thread: threading.Thread | None = None
         self.written = 0
         self.errors = 0
+        self.disk = disk_state("event store")
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,37 +203,58 @@ class EventStore:
         conn = connect(self.path)
         last_retention = last_media = time.monotonic()
         media_written = False
+        held: list[tuple[str, Any] | None] = []  # a batch the full disk refused, retried until it fits
         try:
             while True:
-                item = self._queue.get()
-                batch = [item]
-                while item is not None:  # write what is waiting in one transaction
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.append(item)
+                batch = held
+                if len(batch) >= MAX_BATCH:  # holding all it may: the rest waits in the queue (bounded)
+                    time.sleep(RETRY_FULL_S)
+                else:
+                    with contextlib.suppress(queue.Empty):  # while holding, wake up to retry even so
+                        batch = [*held, self._queue.get(timeout=RETRY_FULL_S if held else None)]
+                    while batch[-1] is not None and len(batch) < MAX_BATCH:  # what waits, in one transaction
+                        try:
+                            batch.append(self._queue.get_nowait())
+                        except queue.Empty:
+                            break
                 stop = any(i is None for i in batch)
+                held = []
                 try:
                     with conn:
                         for entry in batch:
                             if entry is not None:
                                 self._write(conn, *entry)
+                    self.written += sum(1 for e in batch if e is not None and e[0] == "event")
+                    self.disk.wrote()
                 except sqlite3.Error as exc:
-                    self.errors += 1
-                    log.error("event store: %s (%d item(s) lost)", exc, len(batch))
+                    if self.disk.failed(exc, str(self.path)) and not stop:
+                        held = batch  # nothing of it was stored (the transaction rolled back): try again
+                    else:
+                        self.errors += 1
+                        log.error("event store: %s (%d item(s) lost)", exc, len(batch))
+                self.disk.held = len(held)
+                if held:
+                    continue
                 media_written = media_written or any(e is not None and e[0] != "event" for e in batch)
                 if media_written and time.monotonic() - last_media > MEDIA_RETENTION_EVERY_S:
-                    self._media_retention(conn)
+                    self._housekeeping(conn, self._media_retention)
                     last_media, media_written = time.monotonic(), False
                 if time.monotonic() - last_retention > RETENTION_EVERY_S:
-                    self._retention(conn)
-                    self._media_retention(conn)
+                    self._housekeeping(conn, self._retention, self._media_retention)
                     last_retention = time.monotonic()
                 if stop:
                     return
         finally:
             conn.close()
+
+    def _housekeeping(self, conn: sqlite3.Connection, *steps: Callable[[sqlite3.Connection], None]) -> None:
+        """Retention on the writer's thread: a failure (a full disk refuses even a delete's journal) is
+        counted and tried again at the next round, never the end of the writer."""
+        try:
+            for step in steps:
+                step(conn)
+        except sqlite3.Error as exc:
+            self.disk.failed(exc, f"{self.path} (retention)")
 
     def _write(self, conn: sqlite3.Connection, kind: str, value: Any) -> None:
         if kind == "snapshot":
@@ -257,7 +284,6 @@ class EventStore:
             (after["id"], value["stream"], after["label"], after["track_id"], after["first_seen"],
              after["last_seen"] if value["type"] == "end" else None, after["best_score"],
              json.dumps(after["entered_zones"]), json.dumps(after), time.time()))
-        self.written += 1
 
     def _retention(self, conn: sqlite3.Connection) -> None:
         cutoff = time.time() - self.max_age_s

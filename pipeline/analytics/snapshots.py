@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from .events import TrackedObject
     from .eventstore import EventStore
 
+from streams.disk import disk_state
+
 log = logging.getLogger(__name__)
 
 EDGE_PENALTY = 0.8  # a box touching the frame's edge is probably cut: its view counts for less
@@ -91,6 +93,7 @@ class Snapshots:
         self._best: dict[str, tuple[float, float, Future[tuple[bytes, bytes]], list[Any]]] = {}
         self._kept: dict[str, deque[tuple[str, Path, Path]]] = {}  # stream -> (id, crop, frame), oldest first
         self.written = 0
+        self.disk = disk_state("snapshots")
         self.skipped = 0  # views not encoded because MAX_PENDING were waiting
         self._pending = 0  # views submitted and not yet encoded or cancelled (the loop adds, the encoder takes)
         self._lock = threading.Lock()
@@ -152,8 +155,12 @@ class Snapshots:
             crop_path.write_bytes(crop)
             frame_path.write_bytes(full)
         except Exception as exc:
-            log.warning("snapshot of %s not kept: %s", event_id, exc)
+            for part in (self.folder / stream / f"{event_id}-crop.jpg", self.folder / stream / f"{event_id}-frame.jpg"):
+                part.unlink(missing_ok=True)  # no half-written JPEG left behind
+            if not self.disk.failed(exc, event_id):  # a full disk: said once, not per snapshot
+                log.warning("snapshot of %s not kept: %s", event_id, exc)
             return
+        self.disk.wrote()
         self.written += 1
         kept = self._kept.setdefault(stream, deque())
         kept.append((event_id, crop_path, frame_path))

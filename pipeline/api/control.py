@@ -26,6 +26,7 @@ from pipeline.core.filters import FILTER_KEYS
 from pipeline.errors import Conflict, Invalid, NotFound, Unavailable
 from pipeline.overlay import OverlayError, overlay_path, read_overlay, write_overlay
 from streams import is_local_file
+from streams.disk import disk_state
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -169,8 +170,11 @@ class StreamControl:
                 entries.pop(name, None)
         else:
             entries[name] = entry
+        overlay_disk = disk_state("overlay")
         try:
             write_overlay(path, entries)
         except OSError as exc:
+            overlay_disk.failed(exc, str(path.name))
             raise Unavailable(f"cannot keep the change in {path.name}: {exc.strerror or exc} (nothing was "
                               "changed; the folder of the config must be writable)") from None
+        overlay_disk.wrote()

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.core.stats import DROP_CAUSES
 from streams import StreamState
+from streams.disk import disk_figures
 from streams.loopwatch import loop_figures
 
 if TYPE_CHECKING:
@@ -84,6 +85,13 @@ class PipelineCollector(Collector):
         for reason in ("decode-bound", "inference-bound"):
             g.add_metric([reason], 1.0 if reason in verdict.reasons else 0.0)
         yield g
+        full = GaugeMetricFamily("framegrid_disk_full", "1 while a writer's last write failed for want of space "
+                                 "(event store, snapshots, clips, overlay, talk jobs, avatar cache)", labels=["writer"])
+        failed = CounterMetricFamily("framegrid_disk_write_errors", "Writes that failed, by writer", labels=["writer"])
+        for writer, d in disk_figures().items():
+            full.add_metric([writer], int(d["full"]))
+            failed.add_metric([writer], d["errors"])
+        yield from (full, failed)
         watch = loop_figures()  # (scraped on the loop itself)
         if watch is not None:
             stalls = CounterMetricFamily("framegrid_loop_stalls", "Times the event loop did not turn for a second "

@@ -35,6 +35,7 @@ from pipeline.payloads import (
 )
 from pipeline.topics import PAYLOAD_VERSION
 from streams import Clock, StreamState, redact_text
+from streams.disk import disk_figures
 from streams.loopwatch import loop_figures
 
 from .publisher import Publisher
@@ -178,6 +179,7 @@ class Telemetry:
             "executors": executors,
             "webhooks": webhooks or {},
             "recording": recording,
+            "disk": disk_figures(),
             "process": process_figures(),
         }
 

@@ -34,7 +34,7 @@ from typing import Any
 from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import ApiConfig, default
 from pipeline.errors import Invalid, TooLarge, Unavailable
-from pipeline.overlay import write_atomic
+from streams.disk import disk_state, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class TalkJobs:
                  max_queued: int = default(ApiConfig, "max_queued_jobs")) -> None:
         """`render_always`: MuseTalk renders silent frames too (`lipsync.render_silence = "always"`)."""
         self.folder = folder
+        self.disk = disk_state("talk jobs")
         self.render_always = render_always
         self.paths = paths  # where `avatar_path` / `audio_path` may point (None: anywhere, in-process use)
         self.max_upload = max_upload_bytes
@@ -272,6 +273,8 @@ class TalkJobs:
                 if cancel.is_set():
                     continue
                 job.state, job.error = "failed", str(exc)[:500]
+                if self.disk.failed(exc, f"job {job_id}"):
+                    job.error = f"the disk is full: {job.error}"[:500]
                 log.warning("talk job %s: failed: %s", job_id, job.error)
             finally:
                 self._cancel.pop(job_id, None)
@@ -280,7 +283,11 @@ class TalkJobs:
                     try:
                         self._save(job)
                     except OSError as exc:  # its record stays as it was; the queue goes on
+                        self.disk.failed(exc, f"job {job_id} record")
                         log.warning("talk job %s: record not saved: %s", job_id, exc)
+                    else:
+                        if job.state == "done":
+                            self.disk.wrote()
 
     def _progress(self, job: Job, cancel: threading.Event) -> Callable[[int, int], None]:
         last = [0.0]

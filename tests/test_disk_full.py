@@ -1,0 +1,142 @@
+"""A full disk under the event store, snapshots, clips and the overlay: one clear state, the pipeline
+keeps publishing, no acknowledged event is lost, and writing resumes by itself when space returns.
+On a real small tmpfs (mounting needs root, as the test command runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import MODEL, Mosquitto, Subscriber, start_pipeline, wait_until
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the test command runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class Filler:
+    """Takes every free byte of the file system under `folder`, and keeps taking what is freed (a clip's
+    partial file deleted, a journal rolled back) until `release()` gives it all back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "filler"
+        self._stop = threading.Event()
+        self._top_up()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _top_up(self) -> None:
+        for block in (1 << 20, 64 << 10, 1024):  # then the last partial blocks
+            with contextlib.suppress(OSError), self.path.open("ab") as f:
+                while True:
+                    f.write(b"\0" * block)
+                    f.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self._top_up()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink()
+
+
+def events_in(db: Path) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0]: {"end_time": r[1], "data": json.loads(r[2])}
+                for r in conn.execute("SELECT id, end_time, data FROM events")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itself(
+    small_disk: Path, tmp_path: Path, videos: dict[str, Path], mosquitto: Mosquitto, topic_prefix: str
+) -> None:
+    import httpx
+
+    from pipeline import parse_config
+    from pipeline.api import local_api
+
+    db = small_disk / "events.db"
+    config = parse_config({
+        "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
+        "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
+        "streams": {"a": {"url": str(videos["cam1"]), "model": "shapes", "max_fps": 5,
+                          "record": {"enabled": True, "pre_s": 1.0, "post_s": 0.5}}},
+        "pipeline": {"status_interval": 0},
+        "events": {"store": str(db), "end_after": 0.4, "update_interval": 0.3},
+        "record": {"dir": str(small_disk / "clips")},
+    }, tmp_path)
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    pipeline, shutdown = await start_pipeline(config)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=local_api(pipeline, None).app),
+                               base_url="http://framegrid")
+    store = pipeline.analytics.store
+    assert store is not None
+
+    def disk(writer: str) -> dict[str, Any]:
+        return pipeline.stats_payload()["disk"].get(writer, {"full": False, "held": 0, "errors": 0})
+
+    def detections() -> int:
+        return len(sub.of("/streams/a/detections"))
+
+    try:
+        await wait_until(lambda: store.written >= 3, 60, "events stored before the disk fills")
+        filler = Filler(small_disk)
+        await wait_until(lambda: disk("event store")["full"], 30, "the event store to meet the full disk")
+        await wait_until(lambda: disk("event store")["held"] > 0, 10, "event writes held for later")
+        during = detections()
+        full_from = len(sub.of(f"{topic_prefix}/events"))
+
+        def ended_while_full() -> bool:
+            return any(json.loads(m.payload)["type"] == "end" for m in sub.of(f"{topic_prefix}/events")[full_from:])
+
+        await wait_until(lambda: detections() >= during + 10, 30, "detections published while the disk is full")
+        await wait_until(ended_while_full, 30, "an event that ended while the disk was full")
+        stats = pipeline.stats_payload()
+        assert stats["disk"]["event store"]["last_error"]
+        assert "full" in str(stats["disk"]["event store"]["last_error"])
+        text = (await client.get("/metrics")).text
+        assert 'framegrid_disk_full{writer="event store"} 1.0' in text
+        filler.release()  # space returns
+        await wait_until(lambda: not disk("event store")["full"] and disk("event store")["held"] == 0, 30,
+                         "the event store to write again by itself")
+        assert 'framegrid_disk_full{writer="event store"} 0.0' in (await client.get("/metrics")).text
+        published_end = detections()
+        await wait_until(lambda: detections() >= published_end + 5, 30, "detections after the disk emptied")
+    finally:
+        await client.aclose()
+        await shutdown()
+        sub.close()
+    stored = events_in(db)
+    published = [json.loads(m.payload) for m in sub.of(f"{topic_prefix}/events")]
+    assert published, "events were published"
+    # every event published (acknowledged by the pipeline) is in the store as last published, ended ones
+    # as ended: a write the full disk refused was held and written, not replaced by a later one
+    last = {e["after"]["id"]: e for e in published if e["type"] in ("new", "update", "end")}
+    for event_id, e in last.items():
+        assert event_id in stored, event_id
+        assert stored[event_id]["data"]["last_seen"] == e["after"]["last_seen"], (event_id, e["type"])
+        assert (stored[event_id]["end_time"] is not None) == (e["type"] == "end"), (event_id, e["type"])
+    assert store.dropped == 0
