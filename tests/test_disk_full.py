@@ -79,6 +79,8 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
     from pipeline.api import local_api
 
     db = small_disk / "events.db"
+    config_path = small_disk / "fg.toml"  # its overlay (changes made through the API) beside it
+    config_path.write_text("# streams come from the test\n")
     config = parse_config({
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
@@ -89,8 +91,8 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
         "record": {"dir": str(small_disk / "clips")},
     }, tmp_path)
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
-    pipeline, shutdown = await start_pipeline(config)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=local_api(pipeline, None).app),
+    pipeline, shutdown = await start_pipeline(config, config_path=config_path)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=local_api(pipeline, config_path).app),
                                base_url="http://framegrid")
     store = pipeline.analytics.store
     assert store is not None
@@ -119,10 +121,20 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
         assert "full" in str(stats["disk"]["event store"]["last_error"])
         text = (await client.get("/metrics")).text
         assert 'framegrid_disk_full{writer="event store"} 1.0' in text
+        # a change through the API cannot be kept: refused whole, with the reason, and the state says so
+        refused = await client.patch("/api/streams/a", json={"max_fps": 4})
+        assert refused.status_code == 503, refused.text
+        assert "No space left" in refused.json()["detail"]
+        assert pipeline.running.records["a"].cfg.max_fps == 5
+        assert disk("overlay")["full"]
         filler.release()  # space returns
         await wait_until(lambda: not disk("event store")["full"] and disk("event store")["held"] == 0, 30,
                          "the event store to write again by itself")
         assert 'framegrid_disk_full{writer="event store"} 0.0' in (await client.get("/metrics")).text
+        kept = await client.patch("/api/streams/a", json={"max_fps": 4})
+        assert kept.status_code == 200, kept.text
+        assert not disk("overlay")["full"]
+        assert json.loads((small_disk / "fg.overlay.json").read_text())["streams"]["a"]
         published_end = detections()
         await wait_until(lambda: detections() >= published_end + 5, 30, "detections after the disk emptied")
     finally:
@@ -140,3 +152,39 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
         assert stored[event_id]["data"]["last_seen"] == e["after"]["last_seen"], (event_id, e["type"])
         assert (stored[event_id]["end_time"] is not None) == (e["type"] == "end"), (event_id, e["type"])
     assert store.dropped == 0
+
+
+async def test_a_talk_job_on_a_full_disk_fails_with_the_reason_and_the_next_one_runs(
+    small_disk: Path, face_image: Path, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from pipeline.talk.jobs import TalkJobs
+    from streams.disk import disk_state
+    from tests.support.media import tone_on_off, write_wav
+    from tests.support.procs import wait_until
+
+    wav = write_wav(tmp_path / "a.wav", tone_on_off([(2.0, True)]), 16_000)
+    jobs = TalkJobs(small_disk / "jobs", 10**8, lambda: 1)
+    runner = asyncio.create_task(jobs.run())
+    try:
+        first = await jobs.submit(None, None, str(face_image), str(wav), "energy")  # its inputs fit
+        filler = Filler(small_disk)  # then its video cannot be written
+        try:
+            await wait_until(lambda: jobs.get(first.id).state in ("done", "failed"), 60, "the first job")  # type: ignore[union-attr]
+            failed = jobs.get(first.id)
+            assert failed is not None
+            assert failed.state == "failed", failed
+            assert str(failed.error).startswith("the disk is full"), failed.error
+            assert disk_state("talk jobs").full
+        finally:
+            filler.release()
+        second = await jobs.submit(None, None, str(face_image), str(wav), "energy")
+        await wait_until(lambda: jobs.get(second.id).state in ("done", "failed"), 60, "the second job")  # type: ignore[union-attr]
+        done = jobs.get(second.id)
+        assert done is not None
+        assert done.state == "done", done.error
+        assert not disk_state("talk jobs").full
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

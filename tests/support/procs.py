@@ -89,13 +89,13 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-async def start_pipeline(config: Any, detector_factory: Any = None) -> tuple[Any, Any]:
+async def start_pipeline(config: Any, detector_factory: Any = None, config_path: Path | None = None) -> tuple[Any, Any]:
     """Run a Pipeline in this event loop until ready; returns it and an async `shutdown()`."""
     import asyncio
 
     from pipeline import Pipeline
 
-    pipeline = Pipeline(config, detector_factory=detector_factory)
+    pipeline = Pipeline(config, detector_factory=detector_factory, config_path=config_path)
     stop = asyncio.Event()
     task = asyncio.create_task(pipeline.run(stop))
 
