@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,45 @@ from .target import ControlTarget
 
 # live views and event streams: never cached, and not buffered by a proxy in front (nginx would hold
 # the frames of an MJPEG stream or the lines of an event stream until its buffer fills)
+log = logging.getLogger(__name__)
+
 LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
+STUCK_VIEWER_S = 10.0  # a live view whose client takes nothing for this long is cut
+TRANSPORT_KEY = "framegrid.transport"  # in the ASGI scope: the connection (set by the API server)
+
+
+class LiveResponse(StreamingResponse):
+    """A live view (MJPEG, server-sent events) that a client which stops reading cannot hold for ever.
+
+    While the client reads nothing, the server's flow control holds the view at its send (one chunk
+    and the connection's bounded write buffer: no growth). After `STUCK_VIEWER_S` of that the view is
+    cut: the connection is aborted (its buffered bytes let go) and counted in `cut`."""
+
+    cut = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._scope = scope
+        await super().__call__(scope, receive, send)
+
+    async def stream_response(self, send: Any) -> None:
+        cut = False
+
+        async def timed(message: Any) -> None:
+            nonlocal cut
+            if cut:  # the view ends at its next disconnect check; nothing more is sent
+                return
+            try:
+                await asyncio.wait_for(send(message), STUCK_VIEWER_S)
+            except TimeoutError:
+                cut = True
+                LiveResponse.cut += 1
+                transport = self._scope.get(TRANSPORT_KEY)
+                log.info("api: live view %s cut: its client read nothing for %.0f s", self._scope.get("path"),
+                         STUCK_VIEWER_S)
+                if transport is not None:
+                    transport.abort()
+
+        await super().stream_response(timed)
 Errors = dict[int | str, dict[str, Any]]
 STATIC = Path(__file__).parent / "static"
 
@@ -187,7 +226,7 @@ def streams_router(target: ControlTarget, control: StreamControl, guarded: list[
                     return
                 await wait_event(closing, interval)
 
-        return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
+        return LiveResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame",
                                  headers=LIVE_HEADERS)
 
     @router.get("/api/models", response_model=list[ModelInfo], responses=errors, summary="Models streams can use")
@@ -357,7 +396,7 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
                     return
                 await wait_event(closing, 1.0)
 
-        return StreamingResponse(feed(), media_type="text/event-stream", headers=LIVE_HEADERS)
+        return LiveResponse(feed(), media_type="text/event-stream", headers=LIVE_HEADERS)
 
     return router
 

@@ -24,6 +24,7 @@ from pipeline.talk.jobs import TalkJobs
 
 from .app import build_app
 from .control import StreamControl
+from .routes import TRANSPORT_KEY
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -39,6 +40,20 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the CLI owns SIGINT/SIGTERM (they stop the pipeline)
         yield
+
+
+def with_transport(app: Any) -> Any:
+    """The ASGI app behind uvicorn, with each HTTP request's connection in its scope (`TRANSPORT_KEY`), so a
+    live view can abort the connection of a client that stopped reading (`LiveResponse`)."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's request cycle
+            if transport is not None:
+                scope = {**scope, TRANSPORT_KEY: transport}
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -105,7 +120,7 @@ class ApiServer:
         """Serve on the bound socket until `stop()`: the CLI runs this in its one TaskGroup."""
         assert self._sock is not None, "bind() first"
         api = self.config.api
-        cfg = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+        cfg = uvicorn.Config(with_transport(self.app), log_level="warning", access_log=False, lifespan="off",
                              timeout_graceful_shutdown=3, server_header=False)
         self._server = _Server(cfg)
         log.info("api: listening on http://%s:%d (docs /docs, metrics /metrics, page /)", api.host, self.port)

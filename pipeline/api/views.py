@@ -59,6 +59,9 @@ class LatestResults:
     def __init__(self) -> None:
         self.results: dict[str, Result] = {}
         self._jpegs: dict[tuple[str, bool], tuple[int, bytes]] = {}  # (stream, boxes) -> (seq, jpeg)
+        # (stream, boxes) -> (seq, its encode under way): viewers asking for the same frame at once share
+        # one encode (20 MJPEG viewers of a stream otherwise encoded each new frame up to 20 times)
+        self._encoding: dict[tuple[str, bool], tuple[int, asyncio.Future[bytes]]] = {}
 
     def emit(self, result: Result) -> None:
         self.results[result.stream.name] = result
@@ -67,6 +70,7 @@ class LatestResults:
         self.results.pop(stream, None)
         for boxes in (False, True):
             self._jpegs.pop((stream, boxes), None)
+            self._encoding.pop((stream, boxes), None)
 
     def objects(self, stream: str) -> dict[str, int]:
         r = self.results.get(stream)
@@ -86,9 +90,16 @@ class LatestResults:
         result = self.results.get(stream)
         if result is None:
             return None
-        cached = self._jpegs.get((stream, boxes))
+        key = (stream, boxes)
+        cached = self._jpegs.get(key)
         if cached is not None and cached[0] == result.seq:
             return cached
-        data = await asyncio.to_thread(render_jpeg, result, boxes)
-        self._jpegs[(stream, boxes)] = (result.seq, data)
+        running = self._encoding.get(key)
+        if running is None or running[0] != result.seq:
+            running = (result.seq, asyncio.ensure_future(asyncio.to_thread(render_jpeg, result, boxes)))
+            self._encoding[key] = running
+        data = await asyncio.shield(running[1])  # a viewer that leaves does not cancel the others' encode
+        if self._encoding.get(key) is running:
+            del self._encoding[key]
+            self._jpegs[key] = (result.seq, data)
         return result.seq, data
