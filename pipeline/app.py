@@ -125,7 +125,7 @@ class Pipeline:
                          tg.create_task(self.models.rebalance_loop(self.config.pipeline.rebalance_interval),
                                         name="supervisor.rebalance"),
                          tg.create_task(self._load_loop(), name="supervisor.load"),
-                         tg.create_task(self.analytics.sweep_loop(self.clock.wall), name="events.sweep"),
+                         tg.create_task(self.analytics.sweep_loop(self.clock.mono), name="events.sweep"),
                          tg.create_task(self.analytics.deliver_loop(), name="events.webhooks")]
                 self.ready.set()
                 try:

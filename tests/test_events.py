@@ -46,11 +46,11 @@ def test_zone_and_line_geometry() -> None:
 
 # -- the event state machine ----------------------------------------------------------------------------
 def result(t: float, boxes: list[list[float]], ids: list[int], scores: list[float] | None = None,
-           labels: tuple[str, ...] | None = None) -> Any:
+           labels: tuple[str, ...] | None = None, mono: float | None = None) -> Any:
     n = len(boxes)
     det = Detections(np.array(boxes, np.float32).reshape(n, 4), np.array(scores or [0.8] * n, np.float32),
                      np.zeros(n, np.int32), labels or ("car",) * n)
-    frame = SimpleNamespace(captured_at=t, width=640, height=360)
+    frame = SimpleNamespace(captured_at=t, captured_mono=t if mono is None else mono, width=640, height=360)
     return SimpleNamespace(track_ids=np.array(ids, np.int64), frame=frame, detections=det, attributes=None)
 
 
@@ -110,6 +110,35 @@ def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
     assert out[-1]["type"] == "end"
     assert out[-1]["after"]["zones"] == []
     assert ("zones", "left/car", 0) in counts[counts.index(("zones", "left/car", 1)):]
+
+
+def test_a_wall_clock_step_neither_ends_nor_prolongs_an_event() -> None:
+    """The wall clock steps forward an hour, then back two, while objects are tracked: object 4 (gone just
+    before the step forward) is not ended early, object 5 (gone just before the step back) is not kept
+    alive, object 3 stays one event; the published stamps follow the wall clock."""
+    ev, out, _ = engine(end_after=2.0, update_interval=60.0)
+    wall, mono = 1_000_000.0, 500.0
+    ended_at: dict[int, float] = {}
+    last_seen_mono: dict[int, float] = {}
+    for k in range(34):  # 5 fps; +1 h at frame 10, -2 h at frame 20
+        wall += 0.2 + (3600 if k == 10 else 0) - (7200 if k == 20 else 0)
+        mono += 0.2
+        present = [(3, [500, 150, 540, 190])] + ([(4, [100, 250, 140, 290])] if k <= 8 else []) + \
+                  ([(5, [300, 50, 340, 90])] if k <= 18 else [])
+        for tid, _ in present:
+            last_seen_mono[tid] = mono
+        n = len(out)
+        feed(ev, out, result(wall, [b for _, b in present], [t for t, _ in present], mono=mono))
+        for e in out[n:]:
+            if e["type"] == "end":
+                ended_at[e["after"]["track_id"]] = mono
+    assert set(ended_at) == {4, 5}
+    for tid in (4, 5):  # ended by the monotonic clock: end_after (2 s) unseen, within one frame
+        assert 2.0 <= ended_at[tid] - last_seen_mono[tid] <= 2.2 + 1e-9, (tid, ended_at[tid] - last_seen_mono[tid])
+    kinds = [(e["type"], e["after"]["track_id"]) for e in out]
+    assert kinds.count(("new", 3)) == 1
+    five = next(e for e in out if e["type"] == "end" and e["after"]["track_id"] == 5)
+    assert five["after"]["last_seen"] == pytest.approx(1_000_000.0 + 19 * 0.2 + 3600)  # a stamp: the wall's
 
 
 def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:

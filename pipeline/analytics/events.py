@@ -58,9 +58,10 @@ class TrackedObject:
     entered: list[str] = field(default_factory=list)  # zones ever entered, in order
     crossings: list[Crossing] = field(default_factory=list)
     stationary: bool = False
-    last_update: float = 0.0
+    seen_mono: float = 0.0  # monotonic time last seen: what ages it (a wall-clock step never ends it)
+    last_update: float = 0.0  # monotonic time of its last timed update
     anchors: dict[str, tuple[float, float]] = field(default_factory=dict)  # last point per line's anchor
-    path: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))  # t, cx, cy
+    path: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))  # mono t, cx, cy
     snapshot: bool = False  # a snapshot is kept for it
     attributes: dict[str, Any] = field(default_factory=dict)  # secondary models' answers (model -> label, score)
 
@@ -110,7 +111,8 @@ class StreamEvents:
         ids = result.track_ids
         if ids is None:
             return
-        t = result.frame.captured_at
+        t = result.frame.captured_at  # wall: the stamps published (first/last seen, crossings)
+        m = result.frame.captured_mono or t  # monotonic: every duration (unseen, stationary, update rate)
         size = (result.frame.width, result.frame.height)
         polys, segs = self._geometry(size)
         det = result.detections
@@ -125,17 +127,17 @@ class StreamEvents:
             obj = self.objects.get(tid)
             if obj is None:
                 obj = TrackedObject(f"{self.name}-{tid}-{int(t * 1000)}", self.name, tid, label, score, score, box,
-                                    t, t, size)
+                                    t, t, size, seen_mono=m)
                 self.objects[tid] = obj
-                reasons = self._move(obj, box, score, t, polys, segs)
+                reasons = self._move(obj, box, score, t, m, polys, segs)
                 emit("new", None, obj.state(), reasons, obj, result)
                 continue
             before = obj.state()
             improved = score > obj.best_score + 1e-6
-            obj.score, obj.box, obj.last_seen, obj.frame_size = score, box, t, size
+            obj.score, obj.box, obj.last_seen, obj.seen_mono, obj.frame_size = score, box, t, m, size
             if improved:
                 obj.best_score = score
-            reasons = self._move(obj, box, score, t, polys, segs)
+            reasons = self._move(obj, box, score, t, m, polys, segs)
             attrs = result.attributes[i] if result.attributes is not None else None
             if attrs and attrs != obj.attributes:  # a secondary model answered (or changed its mind)
                 obj.attributes = dict(attrs)
@@ -144,17 +146,17 @@ class StreamEvents:
             if improved and obj.best_score - before["best_score"] >= 0.01:
                 timed.append("best_score")
             urgent = [r for r in reasons if r not in ("stationary", "moving")]
-            due = t - obj.last_update >= self.cfg.update_interval
+            due = m - obj.last_update >= self.cfg.update_interval
             if urgent or (timed and due):
-                obj.last_update = t
+                obj.last_update = m
                 emit("update", before, obj.state(), urgent + timed, obj,
                      result)
             elif improved:
                 emit("_best", before, obj.state(), [], obj, result)
-        self._end_unseen(t, emit)
+        self._end_unseen(m, emit)
         self._publish_counts()
 
-    def _move(self, obj: TrackedObject, box: list[float], score: float, t: float,
+    def _move(self, obj: TrackedObject, box: list[float], score: float, t: float, m: float,
               polys: dict[str, list[Any]], segs: dict[str, list[Any]]) -> list[str]:
         """Update zones, lines and the stationary flag; what changed, as reasons."""
         reasons: list[str] = []
@@ -189,10 +191,10 @@ class StreamEvents:
             if side(point, a, b) != 0:  # a point on the line waits for the side it leaves to
                 obj.anchors[name] = point
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        obj.path.append((t, cx, cy))
+        obj.path.append((m, cx, cy))
         limit = self.cfg.stationary_fraction * obj.frame_size[0]
-        window = [(pt, x, y) for pt, x, y in obj.path if t - pt <= self.cfg.stationary_after]
-        spanned = bool(obj.path) and t - obj.path[0][0] >= self.cfg.stationary_after
+        window = [(pt, x, y) for pt, x, y in obj.path if m - pt <= self.cfg.stationary_after]
+        spanned = bool(obj.path) and m - obj.path[0][0] >= self.cfg.stationary_after
         still = spanned and all(math.hypot(x - cx, y - cy) <= limit for _, x, y in window)
         if still != obj.stationary:
             obj.stationary = still
@@ -200,7 +202,8 @@ class StreamEvents:
         return reasons
 
     def _end_unseen(self, now: float, emit: Emit) -> None:
-        for tid in [k for k, o in self.objects.items() if now - o.last_seen >= self.cfg.end_after]:
+        """`now`: monotonic seconds."""
+        for tid in [k for k, o in self.objects.items() if now - o.seen_mono >= self.cfg.end_after]:
             self.end(tid, emit)
 
     def end(self, tid: int, emit: Emit) -> None:

@@ -82,13 +82,14 @@ class Analytics:
         self.engine.listeners.append(self.webhooks.put)
         results.add_sink(self.engine)
 
-    async def sweep_loop(self, wall: Callable[[], float]) -> None:
-        """End the events of objects not seen for a while, once a second (`wall`: the clock's wall())."""
+    async def sweep_loop(self, mono: Callable[[], float]) -> None:
+        """End the events of objects not seen for a while, once a second (`mono`: the clock's mono(): a
+        wall-clock step neither ends every object nor keeps one alive)."""
         if self.engine is None:
             return
         while True:
             await asyncio.sleep(1.0)
-            self.engine.sweep(wall())
+            self.engine.sweep(mono())
 
     async def deliver_loop(self) -> None:
         """Send the webhooks' events until cancelled (nothing to do without hooks or events)."""

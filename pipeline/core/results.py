@@ -120,7 +120,7 @@ class Results:
         ids = None
         if record.tracker is not None:
             t0 = time.perf_counter()
-            ids = record.tracker.update(det, frame.captured_at)
+            ids = record.tracker.update(det, frame.captured_mono or frame.captured_at)  # durations: monotonic
             timings["track"] = (time.perf_counter() - t0) * 1000
         attributes = None
         if record.secondary is not None:
