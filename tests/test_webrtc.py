@@ -5,6 +5,7 @@ track arrives, the session counts its viewers, and a viewer leaving does not sto
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,9 @@ def test_browser_watches_and_speaks_to_a_talking_head(
         print(f"voice onset to mouth motion on screen: {sorted(lags)} ms; jitter buffer "
               f"{jitter_buffer_ms(state['stats'])} ms; server: audio in -> frame out p95 "
               f"{session['latency_ms_p95']} ms, write -> encoder p95 {session['webrtc_send_ms_p95']} ms")
+        # the target (issue 27): voice onset to mouth on screen, p50 <= 300 ms on this machine class with the
+        # energy backend (measured 127-137 ms here, 196 ms from an independent client)
+        assert statistics.median(lags) <= 300, sorted(lags)
 
         # a second viewer joins, the first leaves: the session goes on
         first = driver.current_window_handle
