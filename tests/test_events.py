@@ -141,6 +141,16 @@ def test_a_wall_clock_step_neither_ends_nor_prolongs_an_event() -> None:
     assert five["after"]["last_seen"] == pytest.approx(1_000_000.0 + 19 * 0.2 + 3600)  # a stamp: the wall's
 
 
+def test_a_results_latency_ignores_a_wall_clock_step_between_capture_and_publish() -> None:
+    from pipeline.core.results import Result
+    from streams.frame import Frame
+
+    frame = Frame("cam", 0, np.zeros((8, 8, 3), np.uint8), captured_at=1_000_000.0, pts=None, decode_ms=1.0,
+                  captured_mono=50.0)
+    stepped_back = Result(None, 1, "m", frame, 996_400.1, 996_400.2, None, published_mono=50.2)  # type: ignore[arg-type]
+    assert stepped_back.latency_ms == pytest.approx(200.0)
+
+
 def test_updates_are_rate_limited_but_zone_changes_are_not() -> None:
     ev, out, _ = engine(update_interval=5.0)
     for k in range(20):  # still in the right half, its score rising every frame

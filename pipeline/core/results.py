@@ -44,9 +44,14 @@ class Result:
     timings_ms: dict[str, float] = field(default_factory=dict)
     track_ids: np.ndarray | None = None  # one per detection (0: no confirmed track yet); None: not tracked
     attributes: list[dict[str, Any] | None] | None = None  # per detection, secondary models' answers
+    published_mono: float = 0.0  # monotonic s at publish: with the frame's `captured_mono`, its latency
 
     @property
     def latency_ms(self) -> float:
+        """Capture to publish, on the monotonic clock (a wall-clock step in between does not count);
+        on the wall clock for a frame made without a monotonic stamp."""
+        if self.frame.captured_mono and self.published_mono:
+            return (self.published_mono - self.frame.captured_mono) * 1000
         return (self.published_at - self.frame.captured_at) * 1000
 
     def payload(self) -> DetectionsPayload:
@@ -129,7 +134,8 @@ class Results:
             except Exception:
                 self.sink_errors += 1
                 log.exception("secondary models failed on %s #%d", record.name, record.seq)
-        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids, attributes)
+        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids, attributes,
+                        self.clock.mono())
         record.stats.record(result.latency_ms, timings)
         for sink in self.sinks:
             try:
