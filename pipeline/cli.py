@@ -154,10 +154,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _say_overlay(config_path: Path) -> None:
     """At start-up: one line when runtime API changes kept beside the TOML change its streams."""
-    from .overlay import describe_overlay, overlay_path, read_overlay
+    from .overlay import describe_overlay, overlay_path, read_overlay, read_talk_overlay
 
     extra = overlay_path(config_path)
     change = describe_overlay(read_overlay(extra))  # (load_config already refused an unreadable one)
+    talk = read_talk_overlay(extra)
+    started = sorted(n for n, e in talk.items() if e is not None)
+    stopped = sorted(n for n, e in talk.items() if e is None)
+    if started or stopped:
+        log.warning("%s keeps talk sessions changed through the API: %s", extra.name, "; ".join(
+            f"{what} {', '.join(names)}" for what, names in (("started", started), ("stopped", stopped)) if names))
     if change:
         log.warning("%s overrides %s's streams (changes made through the API): %s; delete it to go back "
                     "to the TOML", extra.name, config_path.name, change)

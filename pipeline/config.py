@@ -979,7 +979,7 @@ def load_config(
 ) -> Config:
     """Read and validate a config file with its overlay of runtime changes (see `pipeline.overlay`);
     raises ConfigError (with key paths) on any problem."""
-    from .overlay import OverlayError, apply_overlay, overlay_path, read_overlay
+    from .overlay import OverlayError, apply_overlay, apply_talk_overlay, overlay_path, read_overlay, read_talk_overlay
 
     path = Path(path)
     data = read_toml(path)
@@ -987,11 +987,15 @@ def load_config(
     if overlay:
         extra = overlay_path(path)
         try:
-            entries = read_overlay(extra)
+            entries, talk = read_overlay(extra), read_talk_overlay(extra)
         except OverlayError as exc:
             raise ConfigError([("", str(exc))], f"{path} + {extra.name}") from None
-        if entries:
+        if entries or talk:
             source = f"{path} + {extra.name}"
+        if entries:
             streams = data.get("streams", {})
             data["streams"] = apply_overlay(streams if isinstance(streams, dict) else {}, entries)
+        if talk:
+            sessions = data.get("talk", {})
+            data["talk"] = apply_talk_overlay(sessions if isinstance(sessions, dict) else {}, talk)
     return parse_config(data, path.resolve().parent, source, env=env, check_files=check_files)

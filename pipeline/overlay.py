@@ -11,6 +11,10 @@ Per stream the overlay holds one of:
   {"config": {...}}     the whole stream table (added at runtime, or replaced)
   {"patch": {...}}      keys changed on top of the TOML's table (its `${ENV}` placeholders stay)
 
+and, under "talk", per talk session started or stopped through the API: null (stopped, even if the
+TOML defines it) or {"config": {...}} (its whole table), so a restart (or a kill -9) brings back the
+sessions the API started and not those it stopped.
+
 The file holds stream URLs as given, passwords included (like the TOML): it is written mode 0600.
 """
 
@@ -33,20 +37,21 @@ def overlay_path(config_path: Path) -> Path:
     return config_path.with_name(config_path.stem + ".overlay.json")
 
 
-def read_overlay(path: Path) -> dict[str, Any]:
-    """The overlay's stream entries ({} when there is no file); OverlayError when it is unreadable."""
+def _load(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_text("utf-8")
     except FileNotFoundError:
-        return {}
+        return {"v": OVERLAY_VERSION, "streams": {}}
     except OSError as exc:
         raise OverlayError(f"cannot read {path.name}: {exc.strerror or exc}") from None
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise OverlayError(f"{path.name} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("v") != OVERLAY_VERSION or not isinstance(data.get("streams"), dict):
-        raise OverlayError(f"{path.name}: expected {{\"v\": {OVERLAY_VERSION}, \"streams\": {{...}}}}")
+    if not isinstance(data, dict) or data.get("v") != OVERLAY_VERSION or not isinstance(data.get("streams"), dict) \
+            or not isinstance(data.get("talk", {}), dict):
+        raise OverlayError(f"{path.name}: expected {{\"v\": {OVERLAY_VERSION}, \"streams\": {{...}}}} (and \"talk\": "
+                           "{...})")
     for name, entry in data["streams"].items():
         if entry is None:
             continue
@@ -54,7 +59,21 @@ def read_overlay(path: Path) -> dict[str, Any]:
                 or not isinstance(next(iter(entry.values())), dict):
             raise OverlayError(f"{path.name}: streams.{name} must be null, {{\"config\": {{...}}}} or "
                                "{\"patch\": {...}}")
-    return dict(data["streams"])
+    for name, entry in data.get("talk", {}).items():
+        if entry is not None and (not isinstance(entry, dict) or set(entry) != {"config"}
+                                  or not isinstance(entry["config"], dict)):
+            raise OverlayError(f"{path.name}: talk.{name} must be null or {{\"config\": {{...}}}}")
+    return data
+
+
+def read_overlay(path: Path) -> dict[str, Any]:
+    """The overlay's stream entries ({} when there is no file); OverlayError when it is unreadable."""
+    return dict(_load(path)["streams"])
+
+
+def read_talk_overlay(path: Path) -> dict[str, Any]:
+    """The overlay's talk-session entries ({} when none); OverlayError when the file is unreadable."""
+    return dict(_load(path).get("talk", {}))
 
 
 def describe_overlay(overlay: dict[str, Any]) -> str:
@@ -82,6 +101,20 @@ def apply_overlay(streams: dict[str, Any], overlay: dict[str, Any]) -> dict[str,
     return out
 
 
-def write_overlay(path: Path, streams: dict[str, Any]) -> None:
+def apply_talk_overlay(talk: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """The TOML's raw talk tables with the overlay's session entries applied."""
+    out = dict(talk)
+    for name, entry in overlay.items():
+        if entry is None:
+            out.pop(name, None)
+        else:
+            out[name] = dict(entry["config"])
+    return out
+
+
+def write_overlay(path: Path, streams: dict[str, Any], talk: dict[str, Any] | None = None) -> None:
     """Replace the overlay atomically and durably (see the module's doc)."""
-    write_atomic(path, json.dumps({"v": OVERLAY_VERSION, "streams": streams}, indent=2, sort_keys=True) + "\n")
+    data: dict[str, Any] = {"v": OVERLAY_VERSION, "streams": streams}
+    if talk:
+        data["talk"] = talk
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -543,7 +543,8 @@ def test_musetalk_job_on_two_lipsync_slots(tmp_path: Path, tiny: Path, face_imag
 def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosquitto: Mosquitto,
                                          framegrid_env: dict[str, str]) -> None:
     port = free_port()
-    cfg = write_api_config(tmp_path / "fg.toml", f"fgjobs-{os.getpid()}", mosquitto, port, {}, token=None)
+    bob = f'[talk.bob]\navatar = "{face_image}"\naudio = "mqtt"\nout = "{tmp_path / "bob.mp4"}"\n'
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgjobs-{os.getpid()}", mosquitto, port, {}, token=None, extra=bob)
     wav = write_wav(tmp_path / "long.wav", tone_on_off([(4.0, True), (4.0, False)]), 16000)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
@@ -553,6 +554,11 @@ def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosqu
                .json()["id"] for _ in range(3)]
         states = [client.get(f"/api/talk/jobs/{i}").json()["state"] for i in ids]
         assert client.get(f"/api/talk/jobs/{ids[-1]}/video").status_code == 409  # not done yet
+        # a live session started through the API, and the configured one stopped through it
+        res = client.post("/api/talk/sessions", json={"name": "anna", "avatar": str(face_image), "audio": "mqtt",
+                                                      "out": str(tmp_path / "anna.mp4")})
+        assert res.status_code == 201, res.text
+        assert client.delete("/api/talk/sessions/bob").status_code == 204
         fg.proc.send_signal(signal.SIGKILL)  # with jobs accepted and not done
         fg.proc.wait(10)
         fg.stop()
@@ -570,6 +576,10 @@ def test_queued_talk_jobs_survive_kill_9(tmp_path: Path, face_image: Path, mosqu
         assert [j["state"] for j in jobs] == ["done"] * 3, jobs
         assert all(j["frames"] == 200 for j in jobs)
         assert "queued again after a restart" in fg.output()
+        # the sessions as the API left them: anna back (started again), bob still stopped
+        sessions = {s["name"]: s for s in client.get("/api/talk/sessions").json()}
+        assert set(sessions) == {"anna"}, sessions
+        assert sessions["anna"]["state"] in ("starting", "live"), sessions
         assert fg.stop() == 0
     finally:
         client.close()

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import ValidationError
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import NAME_PATTERN, StreamConfig, _loc, merged, read_toml, resolve_stream
+from pipeline.config import NAME_PATTERN, StreamConfig, TalkConfig, _loc, merged, read_toml, resolve_stream
 from pipeline.core.filters import FILTER_KEYS
 from pipeline.errors import Conflict, Invalid, NotFound, Unavailable
-from pipeline.overlay import OverlayError, overlay_path, read_overlay, write_overlay
+from pipeline.overlay import OverlayError, overlay_path, read_overlay, read_talk_overlay, write_overlay
 from streams import is_local_file
 from streams.disk import disk_state
 
@@ -157,6 +157,24 @@ class StreamControl:
             return {"config": {**self.streams[name].model_dump(exclude_unset=True, mode="json"), **changes}}
         return {"patch": {**previous, **changes}}
 
+    def persist_session(self, name: str, cfg: TalkConfig | None) -> None:
+        """Keep a talk session the API started (`cfg`) or stopped (None) in the overlay, so a restart brings
+        back what the API left running. Unavailable when it cannot be written (nothing changed)."""
+        path = self.overlay_file
+        if path is None:
+            return
+        try:
+            talk = read_talk_overlay(path)
+        except OverlayError as exc:
+            raise Unavailable(f"{exc} (nothing was changed: fix or remove the file)") from None
+        if cfg is not None:
+            talk[name] = {"config": cfg.model_dump(mode="json", exclude_unset=True)}
+        elif name in read_toml(self.config_path).get("talk", {}):  # type: ignore[arg-type]
+            talk[name] = None  # stopped: stays stopped, though the TOML starts it
+        else:
+            talk.pop(name, None)
+        self._write(self._entries(), talk)
+
     def _persist(self, name: str, entry: dict[str, Any] | None) -> None:
         path = self.overlay_file
         if path is None:
@@ -170,9 +188,18 @@ class StreamControl:
                 entries.pop(name, None)
         else:
             entries[name] = entry
+        try:
+            talk = read_talk_overlay(path)
+        except OverlayError as exc:
+            raise Unavailable(f"{exc} (nothing was changed: fix or remove the file)") from None
+        self._write(entries, talk)
+
+    def _write(self, entries: dict[str, Any], talk: dict[str, Any]) -> None:
+        path = self.overlay_file
+        assert path is not None
         overlay_disk = disk_state("overlay")
         try:
-            write_overlay(path, entries)
+            write_overlay(path, entries, talk)
         except OSError as exc:
             overlay_disk.failed(exc, str(path.name))
             raise Unavailable(f"cannot keep the change in {path.name}: {exc.strerror or exc} (nothing was "

@@ -252,11 +252,13 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
         if body.name in target.session_names():
             raise Conflict(f"session {body.name} already exists")
         cfg = session_config(body, control.paths, target.config.lipsync.weights is not None)
+        control.persist_session(body.name, cfg)  # first: acknowledged = kept across a restart
         try:
             return await target.start_session(body.name, cfg)
-        except HTTPException:
-            raise
         except Exception as exc:
+            control.persist_session(body.name, None)
+            if isinstance(exc, HTTPException):
+                raise
             raise HTTPException(400, f"session {body.name}: {redact_text(str(exc), target.secret_values())}") \
                 from None
 
@@ -265,6 +267,7 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
         running(target)
         if name not in target.session_names():
             raise NotFound(f"no session {name}")
+        control.persist_session(name, None)
         await target.stop_session(name)
         return Response(status_code=204)
 
