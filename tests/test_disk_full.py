@@ -116,6 +116,8 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
 
         await wait_until(lambda: detections() >= during + 10, 30, "detections published while the disk is full")
         await wait_until(ended_while_full, 30, "an event that ended while the disk was full")
+        await wait_until(lambda: disk("snapshots")["full"] and disk("clips")["full"], 30,
+                         "the snapshot and clip writers to meet the full disk (an ended event's media)")
         stats = pipeline.stats_payload()
         assert stats["disk"]["event store"]["last_error"]
         assert "full" in str(stats["disk"]["event store"]["last_error"])
@@ -131,6 +133,8 @@ async def test_a_full_disk_is_a_state_the_pipeline_rides_out_and_leaves_by_itsel
         await wait_until(lambda: not disk("event store")["full"] and disk("event store")["held"] == 0, 30,
                          "the event store to write again by itself")
         assert 'framegrid_disk_full{writer="event store"} 0.0' in (await client.get("/metrics")).text
+        await wait_until(lambda: not disk("snapshots")["full"] and not disk("clips")["full"], 30,
+                         "snapshots and clips written again")
         kept = await client.patch("/api/streams/a", json={"max_fps": 4})
         assert kept.status_code == 200, kept.text
         assert not disk("overlay")["full"]
