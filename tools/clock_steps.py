@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.servers import Mosquitto, RtspServer
+from tools.servers import Mosquitto, RtspServer, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
@@ -98,11 +97,7 @@ def main() -> int:
             time.sleep(a.seconds)
         t1 = time.time()
     finally:
-        fg.send_signal(signal.SIGINT)
-        try:
-            fg.wait(30)
-        except subprocess.TimeoutExpired:
-            fg.kill()
+        stop_child(fg)
         log.close()
         sub.loop_stop()
         server.kill()

@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.servers import Mosquitto, RtspServer, free_port
+from tools.servers import Mosquitto, RtspServer, free_port, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
@@ -158,13 +158,7 @@ def row(cameras: int, seconds: float, hog: str, max_fps: float, warmup: float, d
         if hog_proc is not None:
             os.killpg(hog_proc.pid, signal.SIGKILL)
             hog_proc.wait(10)
-        if fg.poll() is None:
-            fg.send_signal(signal.SIGINT)
-            try:
-                fg.wait(30)
-            except subprocess.TimeoutExpired:
-                fg.kill()
-                fg.wait(10)
+        stop_child(fg)
         log.close()
         http.close()
         watcher.close()

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.servers import Mosquitto, RtspServer, free_port
+from tools.servers import Mosquitto, RtspServer, free_port, stop_child
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
@@ -254,11 +253,7 @@ def run(cameras: int, clients: int, viewers: int, live: int, stuck: int, seconds
         time.sleep(seconds)
         a1 = sample(port)
     finally:
-        fg.send_signal(signal.SIGINT)
-        try:
-            fg.wait(30)
-        except subprocess.TimeoutExpired:
-            fg.kill()
+        stop_child(fg)
         log.close()
         server.kill()
         broker.stop()
