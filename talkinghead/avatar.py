@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from streams import MissingExtra, default_state_dir, require
-from streams.disk import disk_state, write_atomic
+from streams.disk import disk_state
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,24 @@ def _mouth_from_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
 
+def write_cache(cache: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write an avatar cache file through a temporary beside it. A cache that cannot be written costs
+    the next start the work it saves, nothing else: a full disk is the `avatar cache` writer's state
+    (stats, /metrics), any other error a warning; the session or job goes on either way."""
+    state = disk_state("avatar cache")
+    tmp = cache.with_name(f".{cache.name}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        tmp.replace(cache)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if not state.failed(exc, str(cache)):
+            log.warning("%s not written: %s", what, exc)
+    else:
+        state.wrote()
+
+
 def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[int, int, int, int] | None = None,
                    extra_margin: int = 10, cache_dir: Path | None = None, max_frames: int = 250,
                    progress: Callable[[int, int], None] | None = None) -> Avatar:
@@ -137,15 +155,8 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
         found = [_Cached(**c) for c in json.loads(cache.read_text())]
     else:
         found = _find_faces(images, name, box, extra_margin, progress)
-        cache_disk = disk_state("avatar cache")
-        try:  # a cache that cannot be written costs the next start the face search, nothing else
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps([asdict(c) for c in found]))
-        except OSError as exc:
-            if not cache_disk.failed(exc, str(cache)):
-                log.warning("avatar %s: face cache not written: %s", name, exc)
-        else:
-            cache_disk.wrote()
+        text = json.dumps([asdict(c) for c in found])
+        write_cache(cache, lambda tmp: tmp.write_text(text), f"avatar {name}: face cache")
     frames = tuple(
         Avatar(name, img, tuple(c.box), None if c.landmarks is None else np.array(c.landmarks, np.float32),  # type: ignore[arg-type]
                tuple(c.mouth), key=key)  # type: ignore[arg-type]

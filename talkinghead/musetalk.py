@@ -372,13 +372,17 @@ class MuseTalk:
             if progress is not None:
                 progress(i + 1, len(frames))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp.npz")
+            from .avatar import write_cache
+
             arrays: dict[str, np.ndarray] = {f"mask_{i}": p.mask for i, p in enumerate(prepared)}
             arrays["latents"] = np.stack([p.latents.float().cpu().numpy() for p in prepared])
             arrays["crops"] = np.array([p.crop for p in prepared])
-            np.savez(tmp, **arrays)  # type: ignore[arg-type]
-            tmp.replace(cache)
+
+            def write(tmp: Path) -> None:
+                with tmp.open("wb") as fh:
+                    np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+            write_cache(cache, write, f"avatar {avatar.name}: MuseTalk latents cache")
         return ping_pong(prepared)
 
     def encode_crop(self, crop_bgr: np.ndarray) -> Any:

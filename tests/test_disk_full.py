@@ -190,3 +190,34 @@ async def test_a_talk_job_on_a_full_disk_fails_with_the_reason_and_the_next_one_
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_avatar_caches_on_a_full_disk_cost_only_the_work_they_save(
+    small_disk: Path, face_image: Path, musetalk_model: Any
+) -> None:
+    """The face-search cache and MuseTalk's latents cache meet a full disk: the avatar is prepared all
+    the same (the session or job goes on), the `avatar cache` writer is full, no partial file is left;
+    with room again both caches are written and the state clears by itself."""
+    from streams.disk import disk_state
+    from talkinghead import prepare_avatar
+
+    cache = small_disk / "avatars"
+    filler = Filler(small_disk)
+    try:
+        avatar = prepare_avatar(face_image, cache_dir=cache)
+        faces = musetalk_model.prepare_faces(avatar, cache_dir=cache)
+        assert faces, "no face prepared"
+        assert disk_state("avatar cache").full
+        assert "No space left" in str(disk_state("avatar cache").last_error)
+        assert not [p for p in cache.rglob("*") if p.is_file()], list(cache.rglob("*"))  # no partial cache file
+    finally:
+        filler.release()
+    again = prepare_avatar(face_image, cache_dir=cache)
+    assert not disk_state("avatar cache").full  # the face cache was written
+    assert again.key == avatar.key
+    musetalk_model.prepare_faces(again, cache_dir=cache)
+    assert not disk_state("avatar cache").full
+    written = sorted(p.suffix for p in cache.iterdir())
+    assert written == [".json", ".npz"], written
+    cached = musetalk_model.prepare_faces(again, cache_dir=cache)  # read back from the cache
+    assert [f.crop for f in cached] == [f.crop for f in faces]
