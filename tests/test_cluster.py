@@ -368,6 +368,9 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             assert f"{frozen['name']} lost (no answer" in head2.output(), head2.output()[-3000:]
         time.sleep(3.0)  # had it survived SIGCONT, it would publish again now
         assert not [m for s in "ab" for m in published_since(sub, s, first_new) if m.json()["node"] == frozen["name"]]
+        for s in "ab":  # across the head's death, adoption and the failover: no frame published twice
+            frames = [m.json()["captured_at"] for m in sub.of(f"/streams/{s}/detections")]
+            assert len(frames) == len(set(frames)), (s, len(frames) - len(set(frames)))
         assert head2.stop() == 0, head2.output()[-3000:]
         log = head.output() + head2.output()
         assert TOKEN not in log, log[-5000:]
@@ -375,6 +378,102 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
     finally:
         sub.close()
         server.kill()
+        cluster.shutdown()
+
+
+def submit_musetalk_job(api: Any, avatar: Path, wav: Path) -> str:
+    with avatar.open("rb") as fa, wav.open("rb") as fw:
+        r = api.post("/api/talk/jobs", data={"backend": "musetalk"},
+                     files={"avatar": ("face.png", fa, "image/png"), "audio": ("a.wav", fw, "audio/wav")})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_head_killed_mid_job_and_mid_session_loses_neither(
+    tmp_path: Path, mosquitto: Mosquitto, topic_prefix: str, face_image: Path
+) -> None:
+    """A cluster head process killed with SIGKILL while a MuseTalk job renders on the nodes' lipsync
+    slots and a live session runs on a node: a new head finds the session still live where it was
+    (not started again) and completes the job, frame for frame the same job run undisturbed."""
+    import os
+    import signal
+
+    import httpx
+    from ray.cluster_utils import Cluster
+
+    from tests.support.configs import TOKEN, env_with_token, wait_ready, write_api_config
+    from tests.support.media import probe_output, tone_on_off, write_wav
+    from tests.support.procs import Framegrid, free_port
+    from tools.make_tiny_musetalk import make
+
+    tiny = make(tmp_path / "musetalk", "v15")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"framegrid": 1})
+    port = free_port()
+    cfg = write_api_config(
+        tmp_path / "head.toml", topic_prefix, mosquitto, port, {},
+        extra=f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\ndead_after_s = 15\n'
+        f'[lipsync]\nweights = "{tiny}"\nbatch_size = 4\n',
+    )
+    # nodes load every model: torch for detection too (one inference runtime per process on the CPU)
+    cfg.write_text(cfg.read_text().replace('type = "yolo"\n', 'type = "yolo"\nbackend = "torch"\n'))
+    # 6 s of speech: 150 frames, every one rendered by the model; long enough to be mid-render at the kill
+    wav = write_wav(tmp_path / "speech.wav", tone_on_off([(1.0, True), (0.2, False)] * 5), 16_000)
+    env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
+    sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    head = Framegrid(cfg, env, tmp_path / "head1.log")
+    head2 = None
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
+            wait_ready(api, 240)
+            r = api.post("/api/talk/sessions", json={"name": "s1", "avatar": str(face_image), "audio": "mqtt",
+                                                     "out": str(tmp_path / "s1.mp4")})
+            assert r.status_code == 201, r.text
+            node = r.json()["node"]
+            sub.wait_for(lambda: [s["state"] for s in api.get("/api/talk/sessions").json()] == ["live"], 60, "s1 live")
+            job = submit_musetalk_job(api, face_image, wav)
+            sub.wait_for(lambda: api.get(f"/api/talk/jobs/{job}").json()["frames"] > 0, 120, "the job rendering")
+            at_kill = api.get(f"/api/talk/jobs/{job}").json()
+        starts = len([m for m in sub.of("/talk/s1/state") if m.payload and m.json()["state"] == "starting"])
+        assert head.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert at_kill["state"] == "running" and at_kill["frames"] < 150, at_kill  # killed mid-render
+
+        head2 = Framegrid(cfg, env, tmp_path / "head2.log")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth) as api:
+            wait_ready(api, 240)
+            # the session: still live on its node
+            sub.wait_for(lambda: [s["state"] for s in api.get("/api/talk/sessions").json()] == ["live"], 30,
+                         "s1 listed live")
+            assert [s["node"] for s in api.get("/api/talk/sessions").json()] == [node]
+            # the job: queued again and completed; frame for frame as the same job run undisturbed
+            sub.wait_for(lambda: api.get(f"/api/talk/jobs/{job}").json()["state"] in ("done", "failed"), 240,
+                         "the interrupted job done")
+            assert api.get(f"/api/talk/jobs/{job}").json()["state"] == "done", api.get(f"/api/talk/jobs/{job}").text
+            again = submit_musetalk_job(api, face_image, wav)
+            sub.wait_for(lambda: api.get(f"/api/talk/jobs/{again}").json()["state"] in ("done", "failed"), 240,
+                         "the undisturbed job done")
+            outputs = []
+            for j in (job, again):
+                path = tmp_path / f"{j}.mp4"
+                path.write_bytes(api.get(api.get(f"/api/talk/jobs/{j}").json()["video"]).content)
+                outputs.append(probe_output(path))
+        (n1, fps1, _, frames1), (n2, _, _, frames2) = outputs
+        assert n1 == n2 == 150 and fps1 == 25, (n1, n2, fps1)
+        diff = np.abs(np.stack(frames1).astype(np.int16) - np.stack(frames2).astype(np.int16))
+        assert diff.mean() < 0.5, (diff.max(), diff.mean())
+        # the session was never started again (one `starting`, before the kill)
+        assert len([m for m in sub.of("/talk/s1/state") if m.payload and m.json()["state"] == "starting"]) == starts
+        assert "queued again after a restart" in head2.output()
+        assert head2.stop() == 0, head2.output()[-3000:]
+    finally:
+        sub.close()
+        for proc in (head, head2):
+            if proc is not None:
+                proc.stop(signal.SIGKILL)
         cluster.shutdown()
 
 
