@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pipeline import parse_config
-from pipeline.analytics.eventstore import EventStore, query
+from pipeline.analytics.eventstore import EventStore, query, segments
 from streams.recorder import ClipResult, StreamRecorder
 from tests.support.procs import MODEL, Mosquitto, RtspServer, start_pipeline, wait_until
 
@@ -54,7 +54,8 @@ async def test_event_clip_over_rtsp_is_a_stream_copy_around_the_event(
     config = parse_config({
         "mqtt": {"url": mosquitto.url, "topic_prefix": topic_prefix},
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
-        "stream_defaults": {"record": {"enabled": True, "pre_s": pre, "post_s": post}},
+        "stream_defaults": {"record": {"enabled": True, "pre_s": pre, "post_s": post, "continuous": True,
+                                       "segment_s": 5}},
         "streams": {"cam": {"url": server.url("cam"), "model": "shapes", "max_fps": 5}},
         "pipeline": {"status_interval": 0},
         "events": {"store": str(tmp_path / "ev" / "events.db"), "end_after": 1.0},
@@ -75,6 +76,14 @@ async def test_event_clip_over_rtsp_is_a_stream_copy_around_the_event(
         part = await client.get(f"/api/events/{row['id']}/clip.mp4", headers={"Range": "bytes=100-299"})
         missing = await client.get("/api/events/nope/clip.mp4")
         figures = pipeline.stats_payload()["recording"]
+        # continuous recording alongside: its segments listed and served by the API
+        await wait_until(lambda: segments(db), 30, "a continuous segment")
+        listed_segments = (await client.get("/api/recordings", params={"stream": "cam"})).json()
+        segment = listed_segments[0]
+        segment_file = await client.get(f"/api/recordings/{segment['id']}.mp4")
+        segment_part = await client.get(f"/api/recordings/{segment['id']}.mp4", headers={"Range": "bytes=0-99"})
+        none_later = (await client.get("/api/recordings", params={"since": segment["end_time"] + 3600})).json()
+        no_segment = await client.get("/api/recordings/cam-1.mp4")
     finally:
         await shutdown()
         await client.aclose()
@@ -106,9 +115,24 @@ async def test_event_clip_over_rtsp_is_a_stream_copy_around_the_event(
     assert missing.status_code == 404
     assert listed["clip"]["size"] == row["clip_size"]
     assert figures["streams"]["cam"]["clips_written"] >= 1
+    stored = segments(db)[0]
+    assert segment["stream"] == "cam"
+    assert segment["size"] == stored["size"] == len(segment_file.content)
+    assert segment["end_time"] - segment["start_time"] >= 4.5  # about segment_s, cut at a keyframe
+    assert segment_file.status_code == 200
+    assert probe_bytes(segment_file.content, tmp_path / "segment.mp4")["codec"] == "h264"
+    assert segment_part.status_code == 206
+    assert segment_part.content == segment_file.content[:100]
+    assert none_later == []
+    assert no_segment.status_code == 404
     assert figures["streams"]["cam"]["disk_full"] is False
     # memory stays bounded: the ring held the pre-roll, its margin and a GOP, not the whole stream
     assert figures["streams"]["cam"]["ring_s"] <= pre + 3.0 + GOP_S + 1.0
+
+
+def probe_bytes(data: bytes, path: Path) -> dict[str, Any]:
+    path.write_bytes(data)
+    return probe(path)
 
 
 def feed(recorder: StreamRecorder, video: Path, t0: float, realtime: bool = False) -> float:

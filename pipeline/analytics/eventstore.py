@@ -135,6 +135,41 @@ def query(path: Path, stream: str | None = None, label: str | None = None, since
              "clip_end": r["clip_end"], "data": json.loads(r["data"])} for r in rows]
 
 
+def segment_id(stream: str, start: float) -> str:
+    """A continuous segment's id in the API: its stream and start (ms), unique across a cluster."""
+    return f"{stream}-{round(start * 1000)}"
+
+
+def segments(path: Path, stream: str | None = None, since: float | None = None, until: float | None = None,
+             limit: int = 1000, segment: str | None = None) -> list[dict[str, Any]]:
+    """Continuous-recording segments that overlap [since, until], oldest first (or the one `segment` id)."""
+    if segment is not None:
+        stream, _, ms = segment.rpartition("-")
+        if not stream or not ms.isdigit():
+            return []
+    if not path.exists():
+        return []
+    conn = connect(path, readonly=True)
+    try:
+        if conn.execute("PRAGMA user_version").fetchone()[0] < 3:
+            return []  # no segments table yet
+        sql, args = "SELECT * FROM segments WHERE 1=1", []
+        for cond, val in (("stream = ?", stream), ("end_time >= ?", since), ("start_time <= ?", until)):
+            if val is not None:
+                sql += f" AND {cond}"
+                args.append(val)
+        if segment is not None:  # the start as stored, to the millisecond
+            sql += " AND abs(start_time * 1000 - ?) < 0.5"
+            args.append(int(ms))
+        sql += " ORDER BY start_time LIMIT ?"
+        args.append(limit)
+        rows = conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+    return [{"id": segment_id(r["stream"], r["start_time"]), "stream": r["stream"], "path": r["path"],
+             "start_time": r["start_time"], "end_time": r["end_time"], "size": r["size"]} for r in rows]
+
+
 class EventStore:
     """The writer: `put(event)` from the loop (never blocks); one thread does the SQL.
 

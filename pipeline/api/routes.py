@@ -36,6 +36,7 @@ from .schemas import (
     NewSession,
     NewStream,
     Problem,
+    RecordingInfo,
     SessionInfo,
     StreamInfo,
     StreamPatch,
@@ -360,12 +361,12 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
     async def events(stream: str | None = None, label: str | None = None,
                      since: float | None = Query(None, description="unix time"),
                      limit: int = Query(100, ge=1, le=10_000)) -> list[EventInfo]:
-        return await target.events(stream, label, since, limit)
+        return await target.media.events(stream, label, since, limit)
 
     @router.get("/api/events/{event_id}/snapshot.jpg", tags=["events"], response_class=Response,
                 responses={**errors, 404: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
     async def event_snapshot(event_id: str, crop: bool = Query(False, description="the object only")) -> Response:
-        jpeg = await target.event_snapshot(event_id, crop)
+        jpeg = await target.media.event_snapshot(event_id, crop)
         if jpeg is None:
             raise NotFound(f"no snapshot for event {event_id}")
         return Response(jpeg, media_type="image/jpeg")
@@ -375,13 +376,34 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
                            200: {"content": {"video/mp4": {}}}},
                 summary="An event's clip (MP4, stream copy of the camera); Range requests let a player seek")
     async def event_clip(event_id: str, request: Request) -> Response:
-        clip = await target.event_clip(event_id)
+        clip = await target.media.event_clip(event_id)
         if clip is None:
             raise NotFound(f"no clip for event {event_id}")
         if isinstance(clip, Path):
             return FileResponse(clip, media_type="video/mp4", filename=f"{event_id}.mp4",
                                 content_disposition_type="inline")
         return ranged(clip, request.headers.get("range"), "video/mp4")
+
+    @router.get("/api/recordings", response_model=list[RecordingInfo], tags=["events"], responses=errors,
+                summary="Continuous recording's segments (`record.continuous`), oldest first")
+    async def recordings(stream: str | None = None,
+                         since: float | None = Query(None, description="unix time: segments ending at or after it"),
+                         until: float | None = Query(None, description="unix time: segments starting at or before it"),
+                         limit: int = Query(1000, ge=1, le=100_000)) -> list[RecordingInfo]:
+        return await target.media.recordings(stream, since, until, limit)
+
+    @router.get("/api/recordings/{segment}.mp4", tags=["events"], response_class=Response,
+                responses={**errors, 404: {"model": Problem}, 206: {"content": {"video/mp4": {}}},
+                           200: {"content": {"video/mp4": {}}}},
+                summary="One segment of continuous recording (MP4, stream copy); Range requests let a player seek")
+    async def recording(segment: str, request: Request) -> Response:
+        found = await target.media.recording(segment)
+        if found is None:
+            raise NotFound(f"no recording {segment}")
+        if isinstance(found, Path):
+            return FileResponse(found, media_type="video/mp4", filename=f"{segment}.mp4",
+                                content_disposition_type="inline")
+        return ranged(found, request.headers.get("range"), "video/mp4")
 
     @router.get("/api/live", tags=["stats"], response_class=StreamingResponse,
                 responses={**errors, 200: {"content": {"text/event-stream": {}}}},

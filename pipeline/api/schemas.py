@@ -167,5 +167,13 @@ class EventInfo(BaseModel):
     state: dict[str, Any] = Field(description="the object's last state (as in the MQTT event's `after`)")
 
 
+class RecordingInfo(BaseModel):
+    id: str = Field(description="GET /api/recordings/{id}.mp4 serves it")
+    stream: str
+    start_time: float = Field(description="unix time of its first frame")
+    end_time: float = Field(description="unix time of its last frame")
+    size: int = Field(description="bytes")
+
+
 class Problem(BaseModel):
     detail: str

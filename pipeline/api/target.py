@@ -19,7 +19,7 @@ from pipeline.errors import Conflict, NotFound, PlacementError
 from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
 
-from .schemas import ClipInfo, DeviceOut, EventInfo, ModelInfo, Move, SessionInfo, SlotInfo
+from .schemas import ClipInfo, DeviceOut, EventInfo, ModelInfo, Move, RecordingInfo, SessionInfo, SlotInfo
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -29,10 +29,40 @@ if TYPE_CHECKING:
     from .views import LatestResults
 
 
+class EventMedia(Protocol):
+    """Stored events, their pictures and clips, and continuous recording, as the routes see them (this
+    process's store and files, or every node's on a cluster)."""
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[EventInfo]:
+        """Stored events, newest first (merged from every node on a cluster)."""
+        ...
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None: ...
+
+    async def event_clip(self, event_id: str) -> Path | bytes | None:
+        """An event's clip: its file here, or its bytes from the node that has it."""
+        ...
+
+    async def recordings(self, stream: str | None, since: float | None, until: float | None,
+                         limit: int) -> list[RecordingInfo]:
+        """Continuous-recording segments overlapping [since, until], oldest first (every node's)."""
+        ...
+
+    async def recording(self, segment: str) -> Path | bytes | None:
+        """One segment: its file here, or its bytes from the node that has it."""
+        ...
+
+
 class ControlTarget(Protocol):
     """A running framegrid as the routes see it (one process, or a cluster head)."""
 
     config: Config
+
+    @property
+    def media(self) -> EventMedia:
+        """Its stored events and recordings."""
+        ...
     ready: asyncio.Event
 
     def secret_values(self) -> tuple[str, ...]:
@@ -82,17 +112,6 @@ class ControlTarget(Protocol):
         """The stats payload (`<prefix>/stats`, or every node's on a cluster), redacted."""
         ...
 
-    async def events(self, stream: str | None, label: str | None, since: float | None,
-                     limit: int) -> list[EventInfo]:
-        """Stored events, newest first (merged from every node on a cluster)."""
-        ...
-
-    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None: ...
-
-    async def event_clip(self, event_id: str) -> Path | bytes | None:
-        """An event's clip: its file here, or its bytes from the node that has it."""
-        ...
-
     def mqtt(self) -> dict[str, Any]:
         """The publisher's connection figures the page shows (connected, buffered, published)."""
         ...
@@ -125,6 +144,7 @@ class LocalTarget:
         self.latest = latest
         self.latency = latency
         self._facts: tuple[float, list[DeviceInfo]] | None = None  # NVML is asked at most once a second
+        self.media = LocalMedia(pipeline)
 
     def secret_values(self) -> tuple[str, ...]:
         return tuple(self.pipeline.secrets)
@@ -227,22 +247,33 @@ class LocalTarget:
     async def stats(self) -> StatsPayload | ClusterStatsPayload:
         return redacted(self.pipeline.stats_payload(), self.secret_values())
 
+    def mqtt(self) -> dict[str, Any]:
+        counters = self.pipeline.publisher.counters()
+        return {k: counters[k] for k in ("connected", "buffered", "published")}
+
+
+class LocalMedia:
+    """This process's event store, snapshots, clips and continuous segments (`EventMedia`)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.analytics = pipeline.analytics
+
     async def events(self, stream: str | None, label: str | None, since: float | None,
                      limit: int) -> list[EventInfo]:
         from pipeline.analytics.eventstore import query
 
-        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, stream, label, since, limit)
-        snaps = self.pipeline.analytics.snapshots
+        rows = await asyncio.to_thread(query, self.analytics.db, stream, label, since, limit)
+        snaps = self.analytics.snapshots
         return [event_info(r, snaps is not None and snaps.live(r["id"]) is not None) for r in rows]
 
     async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
         from pipeline.analytics.eventstore import query
 
-        snaps = self.pipeline.analytics.snapshots
+        snaps = self.analytics.snapshots
         live = snaps.live(event_id) if snaps is not None else None
         if live is not None:
             return bytes(live[0] if crop else live[1])
-        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, None, None, None, 1, event_id)
+        rows = await asyncio.to_thread(query, self.analytics.db, None, None, None, 1, event_id)
         path = rows[0]["crop_path" if crop else "frame_path"] if rows else None
         if not path or not Path(path).is_file():
             return None
@@ -251,11 +282,21 @@ class LocalTarget:
     async def event_clip(self, event_id: str) -> Path | bytes | None:
         from pipeline.analytics.eventstore import query
 
-        rows = await asyncio.to_thread(query, self.pipeline.analytics.db, None, None, None, 1, event_id)
+        rows = await asyncio.to_thread(query, self.analytics.db, None, None, None, 1, event_id)
         path = rows[0]["clip_path"] if rows else None
         return Path(path) if path and Path(path).is_file() else None
 
-    def mqtt(self) -> dict[str, Any]:
-        counters = self.pipeline.publisher.counters()
-        return {k: counters[k] for k in ("connected", "buffered", "published")}
+    async def recordings(self, stream: str | None, since: float | None, until: float | None,
+                         limit: int) -> list[RecordingInfo]:
+        from pipeline.analytics.eventstore import segments
 
+        rows = await asyncio.to_thread(segments, self.analytics.db, stream, since, until, limit)
+        return [RecordingInfo(**{k: r[k] for k in ("id", "stream", "start_time", "end_time", "size")})
+                for r in rows]
+
+    async def recording(self, segment: str) -> Path | bytes | None:
+        from pipeline.analytics.eventstore import segments
+
+        rows = await asyncio.to_thread(segments, self.analytics.db, None, None, None, 1, segment)
+        path = rows[0]["path"] if rows else None
+        return Path(path) if path and Path(path).is_file() else None

@@ -27,7 +27,7 @@ from pipeline.api.app import BodyLimit, add_job_routes, base_app
 from pipeline.api.control import StreamControl
 from pipeline.api.metrics import add_standard_collectors
 from pipeline.api.routes import add_page, observe_router, sessions_router, streams_router
-from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Move, Problem, SessionInfo
+from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Move, Problem, RecordingInfo, SessionInfo
 from pipeline.api.server import ApiServer
 from pipeline.api.target import redacted
 from pipeline.config import TalkConfig
@@ -98,6 +98,40 @@ class _Figures(Collector):
         yield published
 
 
+class ClusterMedia:
+    """Every node's events, pictures, clips and segments (`EventMedia`): lists merged, files from the
+    node that has them."""
+
+    def __init__(self, head: ClusterHead) -> None:
+        self.head = head
+
+    async def events(self, stream: str | None, label: str | None, since: float | None,
+                     limit: int) -> list[EventInfo]:
+        got = await self.head.ask_nodes("events", stream, label, since, limit)
+        rows = sorted((EventInfo.model_validate(e) for found in got.values() for e in found),
+                      key=lambda e: e.start_time, reverse=True)
+        return rows[:limit]
+
+    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
+        got = await self.head.ask_nodes("event_snapshot", event_id, crop)
+        return next((bytes(jpeg) for jpeg in got.values() if jpeg is not None), None)
+
+    async def event_clip(self, event_id: str) -> Path | bytes | None:
+        got = await self.head.ask_nodes("relayed", "event_clip", event_id)
+        return next((bytes(value) for kind, value in got.values() if kind == "ok" and value is not None), None)
+
+    async def recordings(self, stream: str | None, since: float | None, until: float | None,
+                         limit: int) -> list[RecordingInfo]:
+        got = await self.head.ask_nodes("relayed", "recordings", stream, since, until, limit)
+        rows = sorted((RecordingInfo.model_validate(r) for kind, found in got.values() if kind == "ok"
+                       for r in found), key=lambda r: r.start_time)
+        return rows[:limit]
+
+    async def recording(self, segment: str) -> Path | bytes | None:
+        got = await self.head.ask_nodes("relayed", "recording", segment)
+        return next((bytes(value) for kind, value in got.values() if kind == "ok" and value is not None), None)
+
+
 class ClusterTarget:
     """The control target of a cluster head: streams' figures and pictures are asked of the node
     running them (one call per node per request; frames stay on the nodes)."""
@@ -106,6 +140,7 @@ class ClusterTarget:
         self.head = head
         self.config = head.config
         self.ready = head.ready
+        self.media = ClusterMedia(head)
 
     def secret_values(self) -> tuple[str, ...]:
         return tuple(self.head.secrets)
@@ -203,21 +238,6 @@ class ClusterTarget:
         payload: ClusterStatsPayload = {"v": PAYLOAD_VERSION, "at": round(time.time(), 3),
                                         "cluster": self.head.state(), "nodes": nodes}
         return redacted(payload, self.secret_values())
-
-    async def events(self, stream: str | None, label: str | None, since: float | None,
-                     limit: int) -> list[EventInfo]:
-        got = await self.head.ask_nodes("events", stream, label, since, limit)
-        rows = sorted((EventInfo.model_validate(e) for found in got.values() for e in found),
-                      key=lambda e: e.start_time, reverse=True)
-        return rows[:limit]
-
-    async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
-        got = await self.head.ask_nodes("event_snapshot", event_id, crop)
-        return next((bytes(jpeg) for jpeg in got.values() if jpeg is not None), None)
-
-    async def event_clip(self, event_id: str) -> Path | bytes | None:
-        got = await self.head.ask_nodes("relayed", "event_clip", event_id)
-        return next((bytes(value) for kind, value in got.values() if kind == "ok" and value is not None), None)
 
     def mqtt(self) -> dict[str, Any]:
         counters = self.head.publisher.counters()

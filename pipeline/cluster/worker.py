@@ -46,7 +46,8 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
-RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves", "event_clip")  # ControlTarget calls a head relays
+MEDIA_RELAYED = ("event_clip", "recordings", "recording")  # of its `media`
+RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves", *MEDIA_RELAYED)  # ControlTarget calls a head relays
 
 
 class NodeDescription(TypedDict):
@@ -168,10 +169,10 @@ class NodeWorker:
     async def events(self, stream: str | None, label: str | None, since: float | None,
                      limit: int) -> list[dict[str, Any]]:
         """Events from this node's store, newest first (the API's EventInfo fields)."""
-        return [e.model_dump() for e in await self._target().events(stream, label, since, limit)]
+        return [e.model_dump() for e in await self._target().media.events(stream, label, since, limit)]
 
     async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
-        return await self._target().event_snapshot(event_id, crop)
+        return await self._target().media.event_snapshot(event_id, crop)
 
     async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
         """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
@@ -187,7 +188,8 @@ class NodeWorker:
             return "Invalid", f"not a relayed request: {call}"
 
         async def ask() -> Any:
-            got = await getattr(self._target(), call)(*args)
+            target = self._target()
+            got = await getattr(target.media if call in MEDIA_RELAYED else target, call)(*args)
             if isinstance(got, Path):  # a file here: its bytes go to the head (another machine, maybe)
                 return await asyncio.to_thread(got.read_bytes)
             return [m.model_dump() for m in got] if isinstance(got, list) else got
