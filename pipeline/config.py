@@ -201,6 +201,16 @@ class TrackerConfig(Strict):
                                  "its track's usual size is a cut view (an object sliding behind something or off "
                                  "the frame): the track keeps its size and speed instead of learning the cut box; "
                                  "0 = off")
+    appearance: float = Field(0.5, ge=0, le=2, description="weight of the appearance distance (colour histograms "
+                              "of the boxes, 0-1) in the association cost: look-alike boxes match first where "
+                              "objects cross; 0 = off")
+    appearance_gate: float = Field(0.5, gt=0, le=1, description="a track and a detection whose appearance "
+                                   "distance is above this never match (1 = no gate)")
+    reid_distance: float = Field(0.15, ge=0, le=1, description="a lost track is found again anywhere in the frame "
+                                 "by a detection of its class and size this close in appearance (an exit and "
+                                 "re-entry, a long occlusion); 0 = off")
+    reid_s: float = Field(10.0, gt=0, le=600, description="seconds a lost track can be found again by its "
+                          "appearance (`reid_distance`)")
 
 
 

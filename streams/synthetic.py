@@ -415,3 +415,85 @@ def tracking_scenes(seconds: float = 10.0) -> list[ScriptedScene]:
             s,
         ),
     ]
+
+
+def held_out_scene(seed: int, seconds: float = 16.0, width: int = 1280, height: int = 720) -> ScriptedScene:
+    """A random tracking scene for measuring, never for tuning: 7-11 actors of the three classes (pairs
+    of one class crossing each other), a pillar, stops, exits and re-entries, at camera speeds (60-220
+    px/s). Each `seed` is its own layout; the scenes the tracker's settings were chosen on are
+    `tracking_scenes`."""
+    rng = np.random.default_rng(seed)
+    margin = 60.0
+    bar_w = int(rng.integers(60, 111))
+    bar_x = int(rng.uniform(0.3, 0.6) * width)
+    bg = _background(np.random.default_rng(seed), width, height)  # the scene's own background (`_initial`)
+    n = int(rng.integers(7, 12))
+    hues = rng.permutation(12)[:n] * 15  # OpenCV hue: 0-179
+    mean = bg.reshape(-1, 3).mean(0)
+
+    def colour(i: int) -> tuple[int, int, int]:
+        for value in (235, 150, 255, 90):
+            hsv = np.array([[[hues[i], int(rng.integers(170, 256)), value]]], np.uint8)
+            bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(int)
+            if np.abs(bgr - mean).sum() > 150:
+                break
+        return (int(bgr[0]), int(bgr[1]), int(bgr[2]))
+
+    def inside() -> np.ndarray:
+        return np.array([rng.uniform(margin * 2, width - margin * 2), rng.uniform(margin * 2, height - margin * 2)])
+
+    def outside(near: np.ndarray, r: float) -> np.ndarray:
+        """The point just off the frame's nearest edge (or a random one) from `near`."""
+        edge = int(rng.integers(0, 4))
+        x, y = float(near[0]), float(near[1])
+        return np.array([(-r - 5, y), (width + r + 5, y), (x, -r - 5), (x, height + r + 5)][edge])
+
+    def leg(path: list[tuple[float, float, float]], to: np.ndarray, speed: float) -> None:
+        t, x, y = path[-1]
+        path.append((t + float(np.hypot(to[0] - x, to[1] - y)) / speed, float(to[0]), float(to[1])))
+
+    actors: list[Actor] = []
+    classes = [int(c) for c in rng.integers(0, 3, n)]
+    kinds = ["cross", "cross", "cross", "cross", *rng.choice(["stop", "reenter", "wander"], n - 4).tolist()]
+    classes[1] = classes[0]
+    classes[3] = classes[2]  # two pairs of one class that cross each other
+    pair_meet: dict[int, tuple[np.ndarray, float, np.ndarray]] = {}
+    for i in range(n):
+        r = float(rng.uniform(28, 48))
+        speed = float(rng.uniform(60, 220))
+        start = float(rng.uniform(0, seconds * 0.3))
+        path: list[tuple[float, float, float]]
+        if kinds[i] == "cross":
+            if i % 2 == 0:
+                meet, at = inside(), float(rng.uniform(seconds * 0.3, seconds * 0.7))
+                direction = rng.normal(size=2)
+                pair_meet[i] = (meet, at, direction / np.linalg.norm(direction))
+            meet, at, d = pair_meet[i - i % 2]
+            if i % 2:  # from the other side, at an angle
+                a = float(rng.uniform(-0.6, 0.6))
+                d = -np.array([d[0] * math.cos(a) - d[1] * math.sin(a), d[0] * math.sin(a) + d[1] * math.cos(a)])
+            before, after = meet - d * speed * at, meet + d * speed * (seconds - at)
+            path = [(0.0, float(before[0]), float(before[1])), (at, float(meet[0]), float(meet[1])),
+                    (seconds, float(after[0]), float(after[1]))]
+        else:
+            first = inside()
+            ox, oy = (float(v) for v in outside(first, r))
+            path = [(start, ox, oy)]
+            leg(path, first, speed)
+            if kinds[i] == "stop":
+                t, x, y = path[-1]
+                path.append((t + float(rng.uniform(1.0, 3.0)), x, y))
+                leg(path, inside(), speed)
+            elif kinds[i] == "reenter":
+                t, x, y = path[-1]
+                gone = outside(np.array([x, y]), r)
+                leg(path, gone, speed)
+                t, x, y = path[-1]
+                path.append((t + float(rng.uniform(1.0, 3.0)), x, y))  # off the frame for a while, then back
+                leg(path, inside(), speed)
+            else:
+                for _ in range(2):
+                    leg(path, inside(), speed)
+            leg(path, outside(np.array(path[-1][1:]), r), speed)
+        actors.append(Actor(i + 1, classes[i], r, colour(i), tuple(path)))
+    return ScriptedScene(f"held-out-{seed}", seed, tuple(actors), seconds, width, height, bar=(bar_x, bar_x + bar_w))

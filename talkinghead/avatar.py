@@ -110,7 +110,7 @@ def _mouth_from_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 
 
-def write_cache(cache: Path, write: Callable[[Path], None], what: str) -> None:
+def write_cache(cache: Path, write: Callable[[Path], object], what: str) -> None:
     """Write an avatar cache file through a temporary beside it. A cache that cannot be written costs
     the next start the work it saves, nothing else: a full disk is the `avatar cache` writer's state
     (stats, /metrics), any other error a warning; the session or job goes on either way."""

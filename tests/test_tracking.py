@@ -246,3 +246,97 @@ def test_a_second_class_on_the_same_object_starts_no_track() -> None:
 
     assert len(ids_seen(TrackerSettings())) == 1
     assert len(ids_seen(TrackerSettings(duplicate_iou=1))) == 2, "the duplicate made no track anyway"
+
+
+def painted(rows: list[tuple[list[float], tuple[int, int, int]]], size: tuple[int, int] = (720, 1280)
+            ) -> tuple[Detections, np.ndarray]:
+    """Same-class boxes and a grey frame with each box filled in its colour."""
+    image = np.full((*size, 3), 120, np.uint8)
+    for box, colour in rows:
+        x1, y1, x2, y2 = (int(v) for v in box)
+        image[max(0, y1):max(0, y2), max(0, x1):max(0, x2)] = colour
+    return dets([(box, 0, 0.9) for box, _ in rows]), image
+
+
+RED, BLUE = (40, 40, 220), (220, 60, 40)
+
+
+def meeting(settings: TrackerSettings, fps: float = 5) -> list[dict[tuple[int, int, int], int]]:
+    """Two same-class objects at 5 fps come at each other, nearly touch and turn back (two people
+    meeting in a corridor): at the frame after they turn, each one's motion points at the other's box."""
+    tracker, out = StreamTracker(settings), []
+    for k in range(int(fps * 4)):
+        t = k / fps
+        d = 150 * (t if t < 2 else 4 - t)  # towards each other for 2 s, then back
+        a, b = 300 + d, 980 - d
+        rows = [([a - 35, 300, a + 35, 370], RED), ([b - 35, 310, b + 35, 380], BLUE)]
+        det, image = painted(rows)
+        ids = tracker.update(det, 1000 + t, image)
+        out.append({colour: int(i) for (_, colour), i in zip(rows, ids, strict=True) if i})
+    return out
+
+
+def test_appearance_keeps_ids_of_look_alike_classes_apart_where_they_meet() -> None:
+    """A red and a blue object of one class meet and turn back at 5 fps: with appearance each keeps
+    its id; without it (IoU and motion only) the ids swap."""
+    def ids(settings: TrackerSettings) -> dict[tuple[int, int, int], set[int]]:
+        seen = meeting(settings)
+        return {c: {frame[c] for frame in seen if c in frame} for c in (RED, BLUE)}
+
+    kept = ids(TrackerSettings())
+    assert len(kept[RED]) == 1, kept
+    assert len(kept[BLUE]) == 1, kept
+    assert kept[RED] != kept[BLUE], kept
+    blind = ids(TrackerSettings(appearance=0, reid_distance=0))
+    assert len(blind[RED]) > 1 or len(blind[BLUE]) > 1, blind  # the case needs the look
+    # the descriptor tells the colours apart, and a colour from itself under noise
+    rng = np.random.default_rng(0)
+    _, image = painted([([100, 100, 200, 200], RED), ([300, 100, 400, 200], BLUE)])
+    noisy = np.clip(image.astype(int) + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    from pipeline.analytics.tracking import appearance
+
+    boxes = np.array([[100, 100, 200, 200], [300, 100, 400, 200]], np.float32)
+    a, b = appearance(image, boxes), appearance(noisy, boxes)
+    assert float(a[0] @ b[0]) > 0.9
+    assert float(a[1] @ b[1]) > 0.9
+    assert float(a[0] @ a[1]) < 0.3
+    # boxes at or beyond the frame's edges (a wide frame: bottom and right apart) still get a look
+    edges = np.array([[100, 730, 160, 790], [1250, 100, 1300, 160], [-50, -50, 10, 10], [600, 720, 660, 720]],
+                     np.float32)
+    looks = appearance(np.full((720, 1280, 3), 90, np.uint8), edges)
+    assert np.allclose(np.linalg.norm(looks, axis=1), 1.0, atol=1e-4)
+
+
+def test_an_object_that_leaves_and_comes_back_elsewhere_keeps_its_id_by_its_look() -> None:
+    """A red object leaves the frame on the right and comes back 3 s later from the bottom (beyond
+    `buffer_s`, far from where it went): the same id by appearance; a blue newcomer of its class
+    and size gets a new one; with re-identification off, the red one gets a new id too."""
+    def scene(settings: TrackerSettings) -> tuple[set[int], set[int], set[int]]:
+        tracker = StreamTracker(settings)
+        before, after, blue = set(), set(), set()
+        for k in range(40):  # 8 s at 5 fps
+            t = k / 5
+            rows = []
+            if t < 2:
+                x = 1000 + 150 * t
+                rows.append(([x - 35, 300, x + 35, 370], RED))
+            elif t >= 5:
+                y = 720 - 100 * (t - 5)
+                rows.append(([400, y - 35, 470, y + 35], RED))
+            if t >= 5.4:
+                rows.append(([800, 200, 870, 270], BLUE))
+            det, image = painted(rows) if rows else (Detections.empty(), np.full((720, 1280, 3), 120, np.uint8))
+            ids = tracker.update(det, 1000 + t, image)
+            for (_, colour), i in zip(rows, ids, strict=True):
+                if i:
+                    (blue if colour == BLUE else before if t < 2 else after).add(int(i))
+        return before, after, blue
+
+    before, after, blue = scene(TrackerSettings())
+    assert len(before) == 1, before
+    assert after == before, (before, after)
+    assert len(blue) == 1, blue
+    assert blue != before, (before, blue)
+    before, after, _ = scene(TrackerSettings(reid_distance=0))
+    assert after, after
+    assert after.isdisjoint(before), (before, after)

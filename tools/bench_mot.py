@@ -54,7 +54,7 @@ def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.nda
 
 
 def track_framegrid(
-    frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, **tracker: Any
+    frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, imgsz: int = IMGSZ, **tracker: Any
 ) -> list[list[tuple[int, list[float]]]]:
     from detectors.runtimes import build_detector
     from pipeline.analytics.tracking import StreamTracker
@@ -64,7 +64,7 @@ def track_framegrid(
         "torch",
         "shapes",
         MODEL,
-        imgsz=IMGSZ,
+        imgsz=imgsz,
         confidence=0.25,
         iou=0.7,
         device="cpu",
@@ -80,13 +80,15 @@ def track_framegrid(
     out = []
     for k, (_, t, image) in enumerate(frames):
         d = det.infer([image])[0]
-        ids = tracker.update(d, k / 25 if frame_steps else t)  # frame_steps: time as a frame count
+        ids = tracker.update(d, k / 25 if frame_steps else t, image)  # frame_steps: time as a frame count
         out.append([(int(i), [float(v) for v in b]) for i, b in zip(ids, d.boxes, strict=True) if i])
     det.close()
     return out
 
 
-def track_ultralytics(frames: list[tuple[int, float, np.ndarray]]) -> list[list[tuple[int, list[float]]]]:
+def track_ultralytics(
+    frames: list[tuple[int, float, np.ndarray]], imgsz: int = IMGSZ
+) -> list[list[tuple[int, list[float]]]]:
     from detectors.offline import prepare_ultralytics_offline
 
     prepare_ultralytics_offline()
@@ -95,7 +97,7 @@ def track_ultralytics(frames: list[tuple[int, float, np.ndarray]]) -> list[list[
     model = YOLO(str(MODEL))
     out = []
     for _, _, image in frames:
-        r = model.track(image, persist=True, imgsz=IMGSZ, verbose=False, tracker="bytetrack.yaml")[0]
+        r = model.track(image, persist=True, imgsz=imgsz, verbose=False, tracker="bytetrack.yaml")[0]
         rows = []
         if r.boxes is not None and r.boxes.id is not None:
             for tid, box in zip(r.boxes.id.int().tolist(), r.boxes.xyxy.tolist(), strict=True):
@@ -163,13 +165,14 @@ def evaluate(
     truth = [[(aid, box) for aid, _, box in rows] for rows in truth]
     out = {}
     for system in systems:
-        tracks = track_framegrid(frames, **framegrid) if system == "framegrid" else track_ultralytics(frames)
+        imgsz = framegrid.get("imgsz") or IMGSZ
+        tracks = track_framegrid(frames, **framegrid) if system == "framegrid" else track_ultralytics(frames, imgsz)
         out[system] = score(truth, tracks)
     return out
 
 
 def main() -> None:
-    from streams.synthetic import tracking_scenes, write_video
+    from streams.synthetic import held_out_scene, tracking_scenes, write_video
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -182,11 +185,22 @@ def main() -> None:
     ap.add_argument("--fps", type=float, nargs="+", default=[25, 10, 5])
     ap.add_argument("--json", type=Path)
     ap.add_argument("--scenes", nargs="+", help="only these scenes (crossing, occlusion, stop_go, leave_reenter)")
+    ap.add_argument(
+        "--held-out",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="instead: random 1280x720 scenes of these seeds (streams.synthetic.held_out_scene), never tuned on",
+    )
     ap.add_argument("--buffer-s", type=float, help="framegrid's tracker.buffer_s (default: the config's)")
     ap.add_argument("--min-hits", type=int, help="framegrid's tracker.min_hits (default: the config's)")
     ap.add_argument("--class-penalty", type=float, help="framegrid's tracker.class_penalty (default: the config's)")
     ap.add_argument("--duplicate-iou", type=float, help="framegrid's tracker.duplicate_iou (default: the config's)")
     ap.add_argument("--partial-ratio", type=float, help="framegrid's tracker.partial_ratio (default: the config's)")
+    ap.add_argument("--imgsz", type=int, default=IMGSZ, help="inference size (640 suits --held-out's 1280x720)")
+    ap.add_argument("--appearance", type=float, help="framegrid's tracker.appearance (default: the config's)")
+    ap.add_argument("--appearance-gate", type=float, help="framegrid's tracker.appearance_gate (default: the config's)")
+    ap.add_argument("--reid-distance", type=float, help="framegrid's tracker.reid_distance (default: the config's)")
     ap.add_argument("--systems", nargs="+", default=["framegrid", "ultralytics"], choices=["framegrid", "ultralytics"])
     ap.add_argument(
         "--frame-steps",
@@ -200,12 +214,16 @@ def main() -> None:
             f"{'scene':<14} {'s':>3} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} "
             f"{'tracks':>7}"
         )
-        scenes = [
-            scene
-            for seconds in args.seconds
-            for scene in tracking_scenes(seconds)
-            if not args.scenes or scene.name in args.scenes
-        ]
+        scenes = (
+            [held_out_scene(seed) for seed in args.held_out]
+            if args.held_out
+            else [
+                scene
+                for seconds in args.seconds
+                for scene in tracking_scenes(seconds)
+                if not args.scenes or scene.name in args.scenes
+            ]
+        )
         for scene in scenes:
             video = Path(tmp) / f"{scene.name}-{scene.seconds:g}.mp4"
             write_video(video, scene, scene.seconds)
@@ -220,7 +238,11 @@ def main() -> None:
                     class_penalty=args.class_penalty,
                     duplicate_iou=args.duplicate_iou,
                     partial_ratio=args.partial_ratio,
+                    appearance=args.appearance,
+                    appearance_gate=args.appearance_gate,
+                    reid_distance=args.reid_distance,
                     frame_steps=args.frame_steps,
+                    imgsz=args.imgsz,
                 )
                 for system, r in result.items():
                     rows.append({"scene": scene.name, "seconds": scene.seconds, "fps": fps, "system": system, **r})
@@ -232,14 +254,15 @@ def main() -> None:
                     )
     print()
     names = list(dict.fromkeys(r["scene"] for r in rows))
-    print(f"means over {len(args.seconds)} speeds: HOTA MOTA IDF1, then IDF1 per scene ({', '.join(names)})")
+    print(f"means: HOTA MOTA IDF1, tracks per true object, then IDF1 per scene ({', '.join(names)})")
     for fps in args.fps:
         for system in args.systems:
             sel = [r for r in rows if r["fps"] == fps and r["system"] == system]
             per = " ".join(f"{np.mean([r['IDF1'] for r in sel if r['scene'] == n]):.3f}" for n in names)
             print(
                 f"{fps:>4g} fps {system:<12} {np.mean([r['HOTA'] for r in sel]):.3f} "
-                f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f}   {per}"
+                f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f} "
+                f"{sum(r['tracks'] for r in sel) / max(1, sum(r['objects'] for r in sel)):.2f}   {per}"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

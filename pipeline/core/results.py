@@ -125,7 +125,12 @@ class Results:
         ids = None
         if record.tracker is not None:
             t0 = time.perf_counter()
-            ids = record.tracker.update(det, frame.captured_mono or frame.captured_at)  # durations: monotonic
+            image = frame.image if record.tracker.wants_image else None  # converted by the slot already
+            try:
+                ids = record.tracker.update(det, frame.captured_mono or frame.captured_at, image)  # monotonic
+            except Exception:  # the result is still published, untracked
+                self.sink_errors += 1
+                log.exception("tracking failed on %s #%d", record.name, record.seq)
             timings["track"] = (time.perf_counter() - t0) * 1000
         attributes = None
         if record.secondary is not None:
