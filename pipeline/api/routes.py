@@ -145,6 +145,17 @@ def ranged(data: bytes, header: str | None, media_type: str) -> Response:
                     headers={**common, "Content-Range": f"bytes {start}-{end}/{size}"})
 
 
+MP4_RESPONSES: dict[int | str, dict[str, Any]] = {404: {"model": Problem}, 206: {"content": {"video/mp4": {}}},
+                                                 200: {"content": {"video/mp4": {}}}}
+
+
+def mp4(found: Path | bytes, name: str, request: Request) -> Response:
+    """A video file here (FileResponse: ranges, inline), or its bytes from a node (`ranged`)."""
+    if isinstance(found, Path):
+        return FileResponse(found, media_type="video/mp4", filename=f"{name}.mp4", content_disposition_type="inline")
+    return ranged(found, request.headers.get("range"), "video/mp4")
+
+
 def running(target: ControlTarget) -> None:
     if not target.ready.is_set():
         raise HTTPException(503, "starting")
@@ -372,17 +383,13 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
         return Response(jpeg, media_type="image/jpeg")
 
     @router.get("/api/events/{event_id}/clip.mp4", tags=["events"], response_class=Response,
-                responses={**errors, 404: {"model": Problem}, 206: {"content": {"video/mp4": {}}},
-                           200: {"content": {"video/mp4": {}}}},
+                responses={**errors, **MP4_RESPONSES},
                 summary="An event's clip (MP4, stream copy of the camera); Range requests let a player seek")
     async def event_clip(event_id: str, request: Request) -> Response:
         clip = await target.media.event_clip(event_id)
         if clip is None:
             raise NotFound(f"no clip for event {event_id}")
-        if isinstance(clip, Path):
-            return FileResponse(clip, media_type="video/mp4", filename=f"{event_id}.mp4",
-                                content_disposition_type="inline")
-        return ranged(clip, request.headers.get("range"), "video/mp4")
+        return mp4(clip, event_id, request)
 
     @router.get("/api/recordings", response_model=list[RecordingInfo], tags=["events"], responses=errors,
                 summary="Continuous recording's segments (`record.continuous`), oldest first")
@@ -393,17 +400,13 @@ def observe_router(target: ControlTarget, control: StreamControl, guarded: list[
         return await target.media.recordings(stream, since, until, limit)
 
     @router.get("/api/recordings/{segment}.mp4", tags=["events"], response_class=Response,
-                responses={**errors, 404: {"model": Problem}, 206: {"content": {"video/mp4": {}}},
-                           200: {"content": {"video/mp4": {}}}},
+                responses={**errors, **MP4_RESPONSES},
                 summary="One segment of continuous recording (MP4, stream copy); Range requests let a player seek")
     async def recording(segment: str, request: Request) -> Response:
         found = await target.media.recording(segment)
         if found is None:
             raise NotFound(f"no recording {segment}")
-        if isinstance(found, Path):
-            return FileResponse(found, media_type="video/mp4", filename=f"{segment}.mp4",
-                                content_disposition_type="inline")
-        return ranged(found, request.headers.get("range"), "video/mp4")
+        return mp4(found, segment, request)
 
     @router.get("/api/live", tags=["stats"], response_class=StreamingResponse,
                 responses={**errors, 200: {"content": {"text/event-stream": {}}}},
