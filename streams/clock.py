@@ -16,5 +16,17 @@ class Clock:
     wall: Callable[[], float] = time.time  # unix seconds: capture/inference/publish stamps
     mono: Callable[[], float] = time.monotonic  # seconds: frame ages, deadlines, rates
 
+    def stamp(self) -> tuple[float, float]:
+        """(wall, mono) of one moment: read between two monotonic reads and read again (at most
+        twice more) if a thread switch came in between, so a latency computed on either clock agrees
+        to within a millisecond."""
+        for _ in range(3):
+            before = self.mono()
+            wall = self.wall()
+            mono = self.mono()
+            if mono - before < 0.001:
+                break
+        return wall, mono
+
 
 SYSTEM_CLOCK = Clock()

@@ -407,7 +407,7 @@ class Source:
                         pace_start = self._pace(pace_start, pts - first_pts)
                         if self._stop.is_set():
                             return
-                    mono = self.clock.mono()
+                    wall, mono = self.clock.stamp()  # one moment: a latency on either clock agrees
                     last_frame = mono
                     if self._state.state != STREAMING:
                         self._set_state(STREAMING)
@@ -418,7 +418,7 @@ class Source:
                     else:
                         stream_pts = pts
                     # the picture stays as decoded: converted only if a slot takes it (see streams.frame)
-                    yield Frame(self.stream, index, VideoPicture(vf), self.clock.wall(), stream_pts, decode_ms, mono)
+                    yield Frame(self.stream, index, VideoPicture(vf), wall, stream_pts, decode_ms, mono)
                     index += 1
                     t0 = time.perf_counter()
         finally:

@@ -25,6 +25,7 @@ from streams import (
     redact_text,
     redact_url,
 )
+from streams.clock import SYSTEM_CLOCK, Clock
 from streams.synthetic import MovingScene, write_video
 from tests.support.procs import free_port
 
@@ -43,6 +44,18 @@ def test_redaction() -> None:
     text = "cannot open 'rtsp://u:p%40w@h/x' and rtmp://a:b@c/d"
     assert redact_text(text) == "cannot open 'rtsp://u:***@h/x' and rtmp://a:***@c/d"
     assert redact_text("pw is s3cret!", secrets=("s3cret!",)) == "pw is ***"
+
+
+def test_a_stamp_is_one_moment_on_both_clocks_even_across_a_thread_switch() -> None:
+    """A thread switch between the wall and the monotonic read (simulated: the monotonic clock
+    jumps 6 ms on one read) would make a latency on the wall clock differ from the same latency on
+    the monotonic clock by those 6 ms; `stamp` reads again."""
+    walls = iter([100.0, 100.1])
+    monos = iter([5.0, 5.006, 5.1, 5.1002])  # the first pair straddles a switch, the second does not
+    wall, mono = Clock(wall=lambda: next(walls), mono=lambda: next(monos)).stamp()
+    assert (wall, mono) == (100.1, 5.1002)
+    wall, mono = SYSTEM_CLOCK.stamp()
+    assert abs((time.time() - wall) - (time.monotonic() - mono)) < 0.002
 
 
 def test_backoff_full_jitter_is_capped_and_resets() -> None:

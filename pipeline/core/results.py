@@ -115,10 +115,6 @@ class Results:
 
     def emit(self, record: StreamRecord, model: str, frame: Frame, det: Detections, timings: dict[str, float],
              inferred_at: float) -> None:
-        now = self.clock.wall()
-        # the publish stage: model returned -> handed to the sinks (the MQTT client's own send/ack
-        # time is in stats as mqtt.send_ms)
-        timings["publish"] = max(0.0, (now - inferred_at) * 1000)
         record.seq += 1
         if record.filter is not None:
             det = record.filter.apply(det, frame.width, frame.height)
@@ -139,8 +135,12 @@ class Results:
             except Exception:
                 self.sink_errors += 1
                 log.exception("secondary models failed on %s #%d", record.name, record.seq)
-        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids, attributes,
-                        self.clock.mono())
+        # stamped once, on both clocks, as the result is handed to the sinks: the publish stage (model
+        # returned -> sinks, filter, tracking and secondary models included; the MQTT client's own
+        # send/ack time is in stats as mqtt.send_ms)
+        now, now_mono = self.clock.stamp()
+        timings["publish"] = max(0.0, (now - inferred_at) * 1000)
+        result = Result(record, record.seq, model, frame, inferred_at, now, det, timings, ids, attributes, now_mono)
         record.stats.record(result.latency_ms, timings)
         for sink in self.sinks:
             try:
