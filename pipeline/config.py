@@ -201,6 +201,9 @@ class TrackerConfig(Strict):
                                  "its track's usual size is a cut view (an object sliding behind something or off "
                                  "the frame): the track keeps its size and speed instead of learning the cut box; "
                                  "0 = off")
+    first_reach: bool = Field(True, description="a track seen once (no velocity yet) matches a detection up to "
+                              "about a box size away at 5 fps (buffered IoU; less at higher rates): a fast object "
+                              "at a low detect rate gets a track")
     appearance: float = Field(0.5, ge=0, le=2, description="weight of the appearance distance (colour histograms "
                               "of the boxes, 0-1) in the association cost: look-alike boxes match first where "
                               "objects cross; 0 = off")
@@ -544,7 +547,10 @@ class ApiConfig(Strict):
 
 class EventsConfig(Strict):
     enabled: bool = Field(True, description="turn tracked objects into events (needs tracking)")
-    end_after: float = Field(2.0, gt=0, le=3600, description="seconds an object is unseen before its event ends")
+    end_after: float = Field(5.0, gt=0, le=3600, description="seconds an object is unseen before its event ends "
+                             "(Frigate's 5 s: an object that steps out of view for a moment keeps its event)")
+    min_seen_s: float = Field(0.5, ge=0, le=60, description="seconds a track must last before its event starts "
+                              "(a shorter one, a flicker or a duplicate box, starts none); 0: at its first sighting")
     update_interval: float = Field(2.0, ge=0, le=3600, description="fewest seconds between two `update` events of "
                                    "one object for a better score or a stationary change (zone changes and line "
                                    "crossings are never held back)")

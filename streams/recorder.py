@@ -37,6 +37,7 @@ MAX_RING_BYTES = 256 << 20  # a stalled writer cannot hold more than this per st
 # kept beyond pre_s: an event is told some time after its start (the tracker confirms a track after a few
 # frames, at 5 fps that is most of a second), and its clip still gets its whole pre-roll
 RING_MARGIN_S = 3.0
+WRITE_EVERY_S = 0.5  # the writer's turn at the latest: packets are written in batches, woken per keyframe
 ABANDON_S = 10.0  # a clip whose stream gave no packets this long after its end is closed with what it has
 
 
@@ -105,6 +106,7 @@ class StreamRecorder:
         self.wall = wall
         self.segment_s = segment_s
         self._ring: deque[Packet] = deque()
+        self._keys: deque[tuple[int, float]] = deque()  # (seq, wall) of the keyframes from the ring's horizon on
         self._ring_bytes = 0
         self._seq = 0
         self._conn = -1
@@ -146,21 +148,20 @@ class StreamRecorder:
             self._seq += 1
             self._ring.append(entry)
             self._ring_bytes += len(entry.data)
+            if entry.key:
+                self._keys.append((entry.seq, wall))
             self._trim(wall)
-            if self._clips:
+            if entry.key and self._clips:  # not per packet: the writer takes a GOP (or WRITE_EVERY_S) in one go
                 self._lock.notify()
 
     def _trim(self, now: float) -> None:
         """Drop what no clip needs: before the newest keyframe at or before `pre_s` (plus a margin) ago,
         and nothing a clip has yet to write unless the ring is over its byte bound."""
-        ring = self._ring
+        ring, keys = self._ring, self._keys
+        while len(keys) > 1 and keys[1][1] <= now - self.pre_s - RING_MARGIN_S:
+            keys.popleft()  # keys[0]: the newest keyframe at or before the ring's horizon (if any)
+        keep_from = keys[0][0] if keys and keys[0][1] <= now - self.pre_s - RING_MARGIN_S else None
         needed = min((c.next_seq for c in self._clips.values() if c.next_seq >= 0), default=None)
-        keep_from = None
-        for p in ring:
-            if p.key and p.wall <= now - self.pre_s - RING_MARGIN_S:
-                keep_from = p.seq
-            elif p.wall > now - self.pre_s - RING_MARGIN_S:
-                break
         while ring and keep_from is not None and ring[0].seq < keep_from and (needed is None or ring[0].seq < needed):
             self._ring_bytes -= len(ring.popleft().data)
         while ring and self._ring_bytes > MAX_RING_BYTES:
@@ -218,16 +219,17 @@ class StreamRecorder:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait(0.5)
+                self._lock.wait(WRITE_EVERY_S)
                 stop = self._stop
                 work = []
                 if self.segment_s and not stop and not any(c.segment for c in self._clips.values()):
                     self._new_segment(-1)
+                ring = list(self._ring) if self._clips else []  # seqs are consecutive: a clip's share is a slice
                 for clip in list(self._clips.values()):
                     if clip.next_seq < 0:
                         self._place(clip)
                     if clip.next_seq >= 0:
-                        work.append((clip, [p for p in self._ring if p.seq >= clip.next_seq]))
+                        work.append((clip, ring[max(0, clip.next_seq - ring[0].seq):] if ring else []))
                         if work[-1][1]:
                             clip.next_seq = work[-1][1][-1].seq + 1
                     elif stop:

@@ -62,7 +62,9 @@ def engine(**events: Any) -> tuple[StreamEvents, list[dict[str, Any]], list[tupl
         "lines": {"mid": {"points": [[0.5, 0], [0.5, 1]]}}})
     out: list[dict[str, Any]] = []
     counts: list[tuple[str, str, Any]] = []
-    ev = StreamEvents("cam", cfg, EventsConfig(**events), lambda k, s, p: counts.append((k, s, p)))
+    # the rules below are about announced objects: announced at first sight unless a test says otherwise
+    ev = StreamEvents("cam", cfg, EventsConfig(**{"min_seen_s": 0.0, **events}),
+                      lambda k, s, p: counts.append((k, s, p)))
     return ev, out, counts
 
 
@@ -80,7 +82,7 @@ def feed(ev: StreamEvents, out: list[dict[str, Any]], r: Any) -> None:
 
 
 def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
-    ev, out, counts = engine(update_interval=10.0)
+    ev, out, counts = engine(update_interval=10.0, end_after=2.0)
     # a car drives right to left across the middle at 5 fps: x from 500 to 100, 40 px per frame
     for k in range(11):
         x = 500 - 40 * k
@@ -110,6 +112,33 @@ def test_an_object_crossing_a_line_and_a_zone_gives_one_event_each() -> None:
     assert out[-1]["type"] == "end"
     assert out[-1]["after"]["zones"] == []
     assert ("zones", "left/car", 0) in counts[counts.index(("zones", "left/car", 1)):]
+
+
+def test_a_flicker_starts_no_event_and_a_track_that_lasts_starts_one_from_its_first_sighting() -> None:
+    """min_seen_s 0.5 at 5 fps: track 8 seen on 2 frames (a duplicate box) is never announced, counted
+    or ended; track 7 is announced on its 4th frame (0.6 s) with what happened before (entered the
+    zone) in its `new`, its first sighting as `first_seen`, and only then counted."""
+    ev, out, counts = engine(min_seen_s=0.5, update_interval=10.0, end_after=2.0)
+    for k in range(8):  # car 7 drives left from x=340 (into the zone on its 2nd frame, min_frames 2)
+        x = 340 - 20 * k
+        boxes, ids = [[x - 20, 150, x + 20, 190]], [7]
+        if k in (1, 2):
+            boxes.append([x - 18, 152, x + 22, 192])
+            ids.append(8)
+        n = len(counts)
+        feed(ev, out, result(1000 + k / 5, boxes, ids))
+        if k < 3:
+            assert not out, k
+            assert ("zones", "left/car", 1) not in counts[n:]
+    assert [(e["type"], e["after"]["track_id"]) for e in out] == [("new", 7)]
+    assert out[0]["after"]["first_seen"] == pytest.approx(1000.0)
+    assert "entered:left" in out[0]["changed"]
+    assert out[0]["after"]["zones"] == ["left"]
+    assert ("zones", "left/car", 1) in counts
+    assert ("objects", "car", 2) not in counts  # the flicker was never counted
+    feed(ev, out, result(1000 + 8 / 5 + 2.1, [], []))
+    assert [(e["type"], e["after"]["track_id"]) for e in out] == [("new", 7), ("end", 7)]
+    assert ev.discarded == 1
 
 
 def test_a_wall_clock_step_neither_ends_nor_prolongs_an_event() -> None:
@@ -468,15 +497,16 @@ def test_processes_opening_one_new_store_together_migrate_it_once(tmp_path: Path
     barrier, errors, versions = threading.Barrier(8), [], []
 
     def open_store() -> None:
-        conn = connect(path)
         try:
-            barrier.wait()
-            migrate(conn)
-            versions.append(conn.execute("PRAGMA user_version").fetchone()[0])
+            barrier.wait(30)
+            conn = connect(path)  # all at once: the switch to WAL races too
+            try:
+                migrate(conn)
+                versions.append(conn.execute("PRAGMA user_version").fetchone()[0])
+            finally:
+                conn.close()
         except Exception as exc:
             errors.append(repr(exc))
-        finally:
-            conn.close()
 
     threads = [threading.Thread(target=open_store) for _ in range(8)]
     for t in threads:

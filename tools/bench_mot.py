@@ -17,8 +17,9 @@ systems see exactly those frames:
                would call it (it counts frames, not time)
 
 Scored with TrackEval (HOTA, CLEAR's MOTA, Identity's IDF1) against the scene's truth on those
-frames. Targets (issue 13): framegrid IDF1 >= 0.85 at 25 and 10 fps, >= 0.7 at 5 fps, and at least
-ultralytics' on the same scenes.
+frames; framegrid's tracks also go through its event engine (default `[events]`), and the events it
+starts per true object are reported (what a user of the events sees). Targets (issue 13): framegrid
+IDF1 >= 0.85 at 25 and 10 fps, >= 0.7 at 5 fps, and at least ultralytics' on the same scenes.
 """
 
 from __future__ import annotations
@@ -54,8 +55,13 @@ def sampled_frames(video: Path, max_fps: float) -> list[tuple[int, float, np.nda
 
 
 def track_framegrid(
-    frames: list[tuple[int, float, np.ndarray]], frame_steps: bool = False, imgsz: int = IMGSZ, **tracker: Any
+    frames: list[tuple[int, float, np.ndarray]],
+    frame_steps: bool = False,
+    imgsz: int = IMGSZ,
+    events: list[tuple[float, int, int, Any, np.ndarray]] | None = None,
+    **tracker: Any,
 ) -> list[list[tuple[int, list[float]]]]:
+    """Each frame's confirmed (track id, box); `events` (if given) gets what the event engine needs."""
     from detectors.runtimes import build_detector
     from pipeline.analytics.tracking import StreamTracker
     from pipeline.config import TrackerConfig
@@ -82,8 +88,36 @@ def track_framegrid(
         d = det.infer([image])[0]
         ids = tracker.update(d, k / 25 if frame_steps else t, image)  # frame_steps: time as a frame count
         out.append([(int(i), [float(v) for v in b]) for i, b in zip(ids, d.boxes, strict=True) if i])
+        if events is not None:
+            events.append((t, image.shape[1], image.shape[0], d, ids))
     det.close()
     return out
+
+
+def events_started(steps: list[tuple[float, int, int, Any, np.ndarray]], **events: Any) -> int:
+    """The `new` events framegrid's event engine (`pipeline.analytics.events.StreamEvents`, default
+    `[events]`) starts from these tracked results: what a user of the events sees per object."""
+    from types import SimpleNamespace
+
+    from pipeline.analytics.events import StreamEvents
+    from pipeline.config import EventsConfig, StreamConfig
+
+    engine = StreamEvents(
+        "cam",
+        StreamConfig.model_validate({"url": "x", "model": "m"}),
+        EventsConfig(**{k: v for k, v in events.items() if v is not None}),
+        lambda *_: None,
+    )
+    started = 0
+
+    def emit(kind: str, *_: Any) -> None:
+        nonlocal started
+        started += kind == "new"
+
+    for t, w, h, d, ids in steps:
+        frame = SimpleNamespace(captured_at=t, captured_mono=t, width=w, height=h)
+        engine.on_result(SimpleNamespace(track_ids=ids, frame=frame, detections=d, attributes=None), emit)  # type: ignore[arg-type]
+    return started
 
 
 def track_ultralytics(
@@ -166,8 +200,14 @@ def evaluate(
     out = {}
     for system in systems:
         imgsz = framegrid.get("imgsz") or IMGSZ
-        tracks = track_framegrid(frames, **framegrid) if system == "framegrid" else track_ultralytics(frames, imgsz)
+        steps: list[tuple[float, int, int, Any, np.ndarray]] = []
+        if system == "framegrid":
+            tracks = track_framegrid(frames, events=steps, **framegrid)
+        else:
+            tracks = track_ultralytics(frames, imgsz)
         out[system] = score(truth, tracks)
+        if system == "framegrid":
+            out[system]["events"] = events_started(steps)
     return out
 
 
@@ -212,7 +252,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(
             f"{'scene':<14} {'s':>3} {'fps':>4} {'system':<12} {'HOTA':>6} {'MOTA':>6} {'IDF1':>6} {'IDSW':>5} "
-            f"{'tracks':>7}"
+            f"{'tracks':>7} {'events':>6}"
         )
         scenes = (
             [held_out_scene(seed) for seed in args.held_out]
@@ -249,12 +289,13 @@ def main() -> None:
                     print(
                         f"{scene.name:<14} {scene.seconds:>3g} {fps:>4g} {system:<12} "
                         f"{r['HOTA']:>6.3f} {r['MOTA']:>6.3f} "
-                        f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}",
+                        f"{r['IDF1']:>6.3f} {r['IDSW']:>5} {r['tracks']:>4}/{r['objects']}"
+                        + (f" {r['events']:>4}" if "events" in r else ""),
                         flush=True,
                     )
     print()
     names = list(dict.fromkeys(r["scene"] for r in rows))
-    print(f"means: HOTA MOTA IDF1, tracks per true object, then IDF1 per scene ({', '.join(names)})")
+    print(f"means: HOTA MOTA IDF1, tracks and events started per true object, then IDF1 per scene ({', '.join(names)})")
     for fps in args.fps:
         for system in args.systems:
             sel = [r for r in rows if r["fps"] == fps and r["system"] == system]
@@ -262,7 +303,13 @@ def main() -> None:
             print(
                 f"{fps:>4g} fps {system:<12} {np.mean([r['HOTA'] for r in sel]):.3f} "
                 f"{np.mean([r['MOTA'] for r in sel]):.3f} {np.mean([r['IDF1'] for r in sel]):.3f} "
-                f"{sum(r['tracks'] for r in sel) / max(1, sum(r['objects'] for r in sel)):.2f}   {per}"
+                f"{sum(r['tracks'] for r in sel) / max(1, sum(r['objects'] for r in sel)):.2f} "
+                + (
+                    f"{sum(r['events'] for r in sel) / max(1, sum(r['objects'] for r in sel)):.2f}"
+                    if all("events" in r for r in sel)
+                    else "   -"
+                )
+                + f"   {per}"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

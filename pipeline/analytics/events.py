@@ -3,7 +3,8 @@
 `EventEngine` is a `ResultSink`. For each stream it keeps one `TrackedObject` per announced track
 id and, from each result, decides what changed:
 
-    new      the first result that carries the object's track id
+    new      once the track has lasted `events.min_seen_s` (a shorter one, a flicker or a duplicate
+             box, starts no event and is not counted); `first_seen` is its first sighting
     update   it entered or left a zone, crossed a line, became (or stopped being) stationary, or
              its best score improved (the last two at most every `events.update_interval` seconds)
     end      unseen for `events.end_after` seconds, or its stream reconnected or stopped
@@ -64,6 +65,9 @@ class TrackedObject:
     path: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))  # mono t, cx, cy
     snapshot: bool = False  # a snapshot is kept for it
     attributes: dict[str, Any] = field(default_factory=dict)  # secondary models' answers (model -> label, score)
+    announced: bool = True  # False while younger than `events.min_seen_s`: no event yet, not counted
+    first_mono: float = 0.0  # monotonic time first seen
+    held: list[str] = field(default_factory=list)  # what changed before it was announced (its `new` says it)
 
     def state(self) -> ObjectState:
         return {
@@ -95,6 +99,7 @@ class StreamEvents:
         self.line_counts = {name: {"in": 0, "out": 0} for name in self.lines}
         self._counted: dict[tuple[str, str], int] = {}  # (kind, topic suffix) -> the count last published
         self._resolved: dict[tuple[int, int], tuple[dict[str, list[Any]], dict[str, list[Any]]]] = {}
+        self.discarded = 0  # tracks gone before they lasted `min_seen_s` (no event)
 
     # -- geometry per frame size -------------------------------------------------------------------
     def _geometry(self, size: tuple[int, int]) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
@@ -127,10 +132,13 @@ class StreamEvents:
             obj = self.objects.get(tid)
             if obj is None:
                 obj = TrackedObject(f"{self.name}-{tid}-{int(t * 1000)}", self.name, tid, label, score, score, box,
-                                    t, t, size, seen_mono=m)
+                                    t, t, size, seen_mono=m, first_mono=m, announced=self.cfg.min_seen_s <= 0)
                 self.objects[tid] = obj
                 reasons = self._move(obj, box, score, t, m, polys, segs)
-                emit("new", None, obj.state(), reasons, obj, result)
+                if obj.announced:
+                    emit("new", None, obj.state(), reasons, obj, result)
+                else:
+                    obj.held = reasons
                 continue
             before = obj.state()
             improved = score > obj.best_score + 1e-6
@@ -142,6 +150,9 @@ class StreamEvents:
             if attrs and attrs != obj.attributes:  # a secondary model answered (or changed its mind)
                 obj.attributes = dict(attrs)
                 reasons.append("attributes")
+            if not obj.announced:
+                self._hold(obj, reasons, m, result, emit)
+                continue
             timed = [r for r in reasons if r in ("stationary", "moving")]
             if improved and obj.best_score - before["best_score"] >= 0.01:
                 timed.append("best_score")
@@ -201,6 +212,15 @@ class StreamEvents:
             reasons.append("stationary" if still else "moving")
         return reasons
 
+    def _hold(self, obj: TrackedObject, reasons: list[str], m: float, result: Result, emit: Emit) -> None:
+        """A track younger than `min_seen_s`: its changes wait; once it has lasted that long its
+        event starts (`first_seen` is still its first sighting, so a clip gets its whole pre-roll)."""
+        obj.held += [r for r in reasons if r not in ("stationary", "moving", "attributes")]
+        if m - obj.first_mono >= self.cfg.min_seen_s:
+            obj.announced, obj.last_update = True, m
+            emit("new", None, obj.state(), obj.held, obj, result)
+            obj.held = []
+
     def _end_unseen(self, now: float, emit: Emit) -> None:
         """`now`: monotonic seconds."""
         for tid in [k for k, o in self.objects.items() if now - o.seen_mono >= self.cfg.end_after]:
@@ -208,6 +228,9 @@ class StreamEvents:
 
     def end(self, tid: int, emit: Emit) -> None:
         obj = self.objects.pop(tid)
+        if not obj.announced:  # gone before it lasted `min_seen_s`: a flicker, never an event
+            self.discarded += 1
+            return
         before = obj.state()
         for st in obj.zones.values():
             st.inside = False
@@ -225,6 +248,8 @@ class StreamEvents:
         for name in self.zones:
             counts[("zones", f"{name}/all")] = 0
         for obj in self.objects.values():
+            if not obj.announced:
+                continue
             counts[("objects", obj.label)] = counts.get(("objects", obj.label), 0) + 1
             counts[("objects", "all")] += 1
             for name, st in obj.zones.items():

@@ -129,6 +129,16 @@ def _cut_aware_iou(tracks: list[Any], dets: list[Any], ratio: float, xywh: bool)
     return inter / np.maximum(union, 1e-9)
 
 
+def _buffered_iou(a: np.ndarray, b: np.ndarray, buffer: float) -> np.ndarray:
+    """IoU of xyxy boxes each grown by `buffer` times its own width and height on every side
+    (buffered IoU, Yang et al. 2023): boxes that a move of up to about a box size apart still overlap."""
+    def grow(x: np.ndarray) -> np.ndarray:
+        pad = buffer * (x[:, 2:] - x[:, :2])
+        return np.concatenate([x[:, :2] - pad, x[:, 2:] + pad], axis=1)
+
+    return _iou_matrix(grow(a), grow(b))
+
+
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
@@ -137,6 +147,7 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+FIRST_REACH_PER_S = 6.25  # box sizes a once-seen track's box grows by per second of step beyond 0.04 s (1 at 5 fps)
 APPEARANCE_BINS = (12, 3, 4)  # hue x saturation, then value: 40 numbers per detection
 EMA = 0.9  # a track's appearance: the running mean of its whole views' (BoT-SORT's smoothing)
 CROWDED = 0.15  # a box this much covered by another has a mixed look: not learned, not gated
@@ -205,6 +216,7 @@ def _timed(base: type) -> type:
         _xyxy = np.zeros((0, 4), np.float32)
 
         buffer_frames = 30  # updates a lost track can be matched by position (`buffer_s`)
+        first_buffer = 0.0  # a track seen once (no velocity yet) is matched by its box grown this much
         young_frames = 25  # updates a new track may still take a lost track's id by its look (1 s)
         _crowded = np.zeros(0, bool)
         lost_stracks: list[Any]
@@ -287,6 +299,15 @@ def _timed(base: type) -> type:
                 dists = 1 - sim
             else:
                 dists = super().get_dists(tracks, detections)
+            new = np.array([not t.is_activated for t in tracks], bool)
+            if self.first_buffer and dists.size and new.any():
+                # seen once: no velocity to predict with, so at a low detect rate a fast object's next
+                # box may not overlap its first; within about a box size of it, it is the same object
+                grown = _buffered_iou(np.array([tracks[i].xyxy for i in np.flatnonzero(new)], np.float64),
+                                      np.array([d.xyxy for d in detections], np.float64), self.first_buffer)
+                if self.args.fuse_score:
+                    grown = grown * np.array([d.score for d in detections])[None, :]
+                dists[new] = np.minimum(dists[new], 1 - grown)
             if self.class_penalty and dists.size:
                 own = np.array([_label(t) for t in tracks])[:, None]
                 dists = dists + self.class_penalty * (own != np.array([d.cls for d in detections])[None, :])
@@ -562,6 +583,10 @@ class StreamTracker:
             # a lost track is matched by position for `buffer_s`, by its look alone for `reid_s`
             tracker.buffer_frames = max(1, round(self.settings.buffer_s / self._interval))
             tracker.young_frames = max(2, round(1.0 / self._interval))
+            # how far a once-seen object may have moved: a box size per 0.2 s step, nothing at 25 fps
+            # (there a step moves it little, and a wider reach only pairs false detections)
+            tracker.first_buffer = (float(np.clip((self._interval - 0.04) * FIRST_REACH_PER_S, 0.0, 1.0))
+                                    if self.settings.first_reach else 0.0)
             keep = self.settings.reid_s if self.settings.reid_distance and seeing else 0.0
             tracker.max_frames_lost = max(tracker.buffer_frames, round(keep / self._interval))
         boxes = _Boxes(det.boxes.astype(np.float32), det.confidences.astype(np.float32),

@@ -109,6 +109,12 @@ class PipelineCollector(Collector):
             for (stream, kind), n in sorted(p.analytics.engine.by_type.items()):
                 events.add_metric([stream, kind], n)
         yield events
+        flickers = CounterMetricFamily("framegrid_tracks_without_event", "Tracks gone before they lasted "
+                                       "events.min_seen_s (a flicker or a duplicate box): no event", labels=["stream"])
+        if p.analytics.engine is not None:
+            for stream, ev in sorted(p.analytics.engine.streams.items()):
+                flickers.add_metric([stream], ev.discarded)
+        yield flickers
         dropped = CounterMetricFamily("framegrid_event_store_dropped", "Event writes dropped: the store's queue "
                                       "was full (its disk could not keep up)")
         if p.analytics.store is not None:
