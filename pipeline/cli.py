@@ -20,8 +20,9 @@ from typing import Any
 from streams import MissingExtra, SourceSettings, StreamError, probe, redact_text, require
 from streams.handoff import wait_event
 from streams.loopwatch import LoopWatch
+from streams.sinks import PRESETS
 
-from .config import Config, ConfigError, LipSyncConfig, load_config
+from .config import ApiConfig, Config, ConfigError, LipSyncConfig, default, load_config
 from .logs import setup_logging
 
 log = logging.getLogger("framegrid")
@@ -350,7 +351,7 @@ def cmd_avatar_prepare(args: argparse.Namespace) -> int:
 
 def cmd_talk(args: argparse.Namespace) -> int:
     """Render (or stream, with --realtime) a talking head from an avatar image and an audio input."""
-    from streams.sinks import AVSink, SinkError
+    from streams.sinks import LIVE, AVSink, Encoding, SinkError, container_for
     from talkinghead import SAMPLE_RATE, AvatarError, EnergyLipSync, TalkSession, prepare_avatar
     from talkinghead.audio import iter_audio
 
@@ -362,7 +363,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
             margin = int(version_defaults(args.version)["extra_margin"])
         avatar = prepare_avatar(args.avatar, box=_box(args.box), extra_margin=margin)
         w, h = avatar.size
-        sink = AVSink(args.out, w, h)
+        live = args.realtime or container_for(args.out)[1] is not None  # a stream or a playlist: latency first
+        sink = AVSink(args.out, w, h, encoding=LIVE if live else Encoding(args.preset, args.crf, live=False))
     except (AvatarError, SinkError) as exc:
         print(f"talk: {redact_text(str(exc))}", file=sys.stderr)
         return 2
@@ -535,9 +537,13 @@ def _add_talk_parser(sub: Any) -> None:
     p.add_argument(
         "--render-silence",
         choices=["around_speech", "always"],
-        default="around_speech",
-        help="musetalk: run the model around speech only (default) or on every frame",
+        default=default(LipSyncConfig, "offline_render_silence"),
+        help="musetalk: the model on every frame (default, as MuseTalk's published inference) or around speech only",
     )
+    p.add_argument("--crf", type=int, default=default(ApiConfig, "jobs_crf"), choices=range(52), metavar="0-51",
+                   help="x264 CRF of a file output (default: 18, MuseTalk's published inference)")
+    p.add_argument("--preset", choices=PRESETS, default=default(ApiConfig, "jobs_preset"),
+                   help="x264 preset of a file output (default: medium); live outputs are always ultrafast")
     p.set_defaults(func=cmd_talk)
 
 

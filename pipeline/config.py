@@ -476,8 +476,12 @@ class LipSyncConfig(SlotPoolConfig):
     cheek_width: int = Field(musetalk_defaults.CHEEK_WIDTH, ge=0, le=256, description="jaw mode: half-width (px "
                              "of the 512 parse) of the central band left uneroded")
     render_silence: Literal["around_speech", "always"] = Field(
-        "around_speech", description="around_speech: the model renders frames within a few frames of speech "
-        "(cross-faded both ways to the avatar's own frames); always: every frame")
+        "around_speech", description="live sessions: around_speech, the model renders frames within a few frames "
+        "of speech (cross-faded both ways to the avatar's own frames; saves the model's time in pauses); always: "
+        "every frame")
+    offline_render_silence: Literal["around_speech", "always"] = Field(
+        "always", description="talk jobs and `framegrid talk`: always (every frame, as MuseTalk's published "
+        "inference renders) or around_speech (faster on pauses)")
     whisper: Literal["auto", "slot", "session"] = Field(
         "auto", description="where live sessions' Whisper encoder runs: on the lipsync slots (beside the UNet, "
         "in their memory plan) or on the session side (one shared copy); auto: slots when all are GPUs")
@@ -504,6 +508,11 @@ class ApiConfig(Strict):
     max_upload_mb: float = Field(50.0, gt=0, le=4096, description="largest file a talk job may upload")
     max_queued_jobs: int = Field(100, ge=1, le=100_000, description="talk jobs waiting to render at most; a new "
                                  "job beyond it is refused (503, nothing stored)")
+    jobs_crf: int = Field(18, ge=0, le=51, description="x264 CRF of talk jobs' videos (18: MuseTalk's published "
+                          "inference; lower is better and larger)")
+    jobs_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                         "veryslow"] = Field("medium", description="x264 preset of talk jobs' videos (medium: "
+                                             "MuseTalk's published inference; faster presets make larger files)")
     jobs_dir: Path | None = Field(None, description="where talk jobs keep their inputs and results (default: "
                                   "<config name>.jobs beside the config)")
     media_dirs: list[Path] | None = Field(None, description="folders whose files API clients may name (stream "

@@ -2,14 +2,17 @@
 
 `AVSink.write(frame, audio)` takes one BGR video frame and the float32 mono audio that belongs
 to it (40 ms at 25 fps and 16 kHz), stamps both from one counter, and encodes them into one
-container: audio and video share a clock by construction. H.264 (ultrafast, zerolatency, one
-keyframe per second so HLS segments and late RTSP viewers start quickly) and AAC.
+container: audio and video share a clock by construction. H.264 and AAC. Live (the default:
+`Encoding()`): ultrafast, zerolatency, one keyframe per second so HLS segments and late RTSP
+viewers start quickly. Offline files (`OFFLINE`): x264 at CRF 18, preset medium, its own keyframe
+placement, as MuseTalk's published inference writes its results.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -40,11 +43,34 @@ def container_for(target: str) -> tuple[str, str | None, dict[str, str]]:
     return target, None, {}
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """x264 settings of a sink: `crf` None is x264's default rate control for `preset`; `live`
+    adds zerolatency and a keyframe every second."""
+
+    preset: str = "ultrafast"
+    crf: int | None = None
+    live: bool = True
+
+    def options(self, fps: int) -> dict[str, str]:
+        opts = {"preset": self.preset}
+        if self.crf is not None:
+            opts["crf"] = str(self.crf)
+        if self.live:
+            opts.update({"tune": "zerolatency", "g": str(fps), "keyint_min": str(fps), "sc_threshold": "0"})
+        return opts
+
+
+LIVE = Encoding()
+OFFLINE = Encoding(preset="medium", crf=18, live=False)  # MuseTalk's published inference: -crf 18, medium
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 class AVSink:
     """One output stream; not thread-safe (one writer)."""
 
     def __init__(self, target: str, width: int, height: int, fps: int = 25, sample_rate: int = 16_000,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, encoding: Encoding = LIVE) -> None:
         import av
 
         self.target = target
@@ -56,8 +82,7 @@ class AVSink:
             self._out: Any = av.open(url, mode="w", format=fmt, options=options, timeout=timeout)
             v = self._out.add_stream("libx264", rate=fps)
             v.width, v.height, v.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
-            v.codec_context.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps),
-                                       "keyint_min": str(fps), "sc_threshold": "0"}
+            v.codec_context.options = encoding.options(fps)
             v.codec_context.time_base = Fraction(1, fps)
             a = self._out.add_stream("aac", rate=sample_rate)
             a.codec_context.layout = "mono"

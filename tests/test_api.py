@@ -359,6 +359,11 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
     assert frames == 50
     assert fps == 25
     assert abs(seconds - 2.0) < 0.1
+    from tests.support.media import x264_settings
+
+    encoded = x264_settings(out)  # api.jobs_crf / jobs_preset defaults: MuseTalk's published 18 / medium
+    assert encoded["crf"] == "18.0"
+    assert encoded["subme"] == "7"
     assert any(j["id"] == job["id"] for j in served.call("GET", "/api/talk/jobs").json())
     assert served.call("DELETE", f"/api/talk/jobs/{job['id']}").status_code == 204
     assert served.call("GET", f"/api/talk/jobs/{job['id']}").status_code == 404

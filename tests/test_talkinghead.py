@@ -23,7 +23,7 @@ from talkinghead import (
     musetalk_box,
     prepare_avatar,
 )
-from tests.support.media import probe_output, tone_on_off, wait_until_stable, write_wav
+from tests.support.media import probe_output, tone_on_off, wait_until_stable, write_wav, x264_settings
 
 
 def test_avatar_box_follows_musetalk_rule(face_image: Path, tmp_path: Path) -> None:
@@ -302,3 +302,34 @@ async def test_the_talk_job_queue_is_bounded_and_says_so(face_image: Path, tmp_p
                                        "(api.max_queued_jobs)"), states
     finally:
         await again.close()
+
+
+def test_a_file_is_encoded_as_musetalk_publishes_and_a_live_output_for_latency(face_image: Path,
+                                                                              tmp_path: Path) -> None:
+    """`framegrid talk` to an .mp4: x264 CRF 18, preset medium (subme 7, 16 reference frames would be
+    slower presets), keyframes where x264 wants them (keyint 250); to an HLS playlist: ultrafast
+    (subme 0), zerolatency, a keyframe every second (keyint 25)."""
+    from pipeline.cli import main
+
+    audio = tmp_path / "a.wav"
+    write_wav(audio, tone_on_off([(0.3, False), (0.5, True), (0.2, False)]), SAMPLE_RATE)
+    out = tmp_path / "talk.mp4"
+    assert main(["talk", "--avatar", str(face_image), "--audio", str(audio), "--out", str(out)]) == 0
+    offline = x264_settings(out)
+    assert offline["rc"] == "crf"
+    assert offline["crf"] == "18.0"
+    assert offline["subme"] == "7"  # medium
+    assert offline["keyint"] == "250"
+    assert main(["talk", "--avatar", str(face_image), "--audio", str(audio), "--out", str(out), "--crf", "28",
+                 "--preset", "veryfast"]) == 0
+    chosen = x264_settings(out)
+    assert chosen["crf"] == "28.0"
+    assert chosen["subme"] == "2"  # veryfast
+    hls = tmp_path / "hls" / "live.m3u8"
+    assert main(["talk", "--avatar", str(face_image), "--audio", str(audio), "--out", str(hls)]) == 0
+    live = x264_settings(next(hls.parent.glob("*.ts")))
+    assert live["subme"] == "0"  # ultrafast
+    assert live["keyint"] == "25"
+    assert live["bframes"] == "0"  # zerolatency: no B-frames, sliced threads
+    assert live["sliced_threads"] == "1"
+    assert offline["bframes"] == "3"

@@ -21,6 +21,7 @@ import uvicorn
 from pipeline.config import Config
 from pipeline.errors import FramegridError
 from pipeline.talk.jobs import TalkJobs
+from streams.sinks import Encoding
 
 from .app import build_app
 from .control import StreamControl
@@ -96,7 +97,8 @@ class ApiServer:
         api = config.api
         self.jobs = TalkJobs(jobs_folder(config, config_path), int(api.max_upload_mb * 1e6), back_end.workers,
                              back_end.lipsync, musetalk_ready=config.lipsync.weights is not None,
-                             paths=control.paths, render_always=config.lipsync.render_silence == "always",
+                             paths=control.paths, render_always=config.lipsync.offline_render_silence == "always",
+                             encoding=Encoding(preset=api.jobs_preset, crf=api.jobs_crf, live=False),
                              max_queued=api.max_queued_jobs)
         self._jobs_started = False
         self._sock: socket.socket | None = None

@@ -35,6 +35,7 @@ from pipeline.clientpaths import ClientPathError, ClientPaths
 from pipeline.config import ApiConfig, default
 from pipeline.errors import Invalid, TooLarge, Unavailable
 from streams.disk import disk_state, write_atomic
+from streams.sinks import OFFLINE, Encoding
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ class TalkJobs:
     def __init__(self, folder: Path, max_upload_bytes: int, workers: Callable[[], int],
                  lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False,
                  paths: ClientPaths | None = None, render_always: bool = False,
-                 max_queued: int = default(ApiConfig, "max_queued_jobs")) -> None:
-        """`render_always`: MuseTalk renders silent frames too (`lipsync.render_silence = "always"`)."""
+                 max_queued: int = default(ApiConfig, "max_queued_jobs"), encoding: Encoding = OFFLINE) -> None:
+        """`render_always`: MuseTalk renders silent frames too (`lipsync.offline_render_silence`);
+        `encoding`: the videos' x264 settings (`api.jobs_crf`, `api.jobs_preset`)."""
+        self.encoding = encoding
         self.folder = folder
         self.disk = disk_state("talk jobs")
         self.render_always = render_always
@@ -312,7 +315,7 @@ class TalkJobs:
         total = -(-len(samples) // SAMPLES_PER_FRAME)
         avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}")
         w, h = avatar.size
-        sink = AVSink(str(folder / "out.partial.mp4"), w, h)
+        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
         progress = self._progress(job, cancel)
         chunks = (samples[i:i + SAMPLES_PER_FRAME] for i in range(0, len(samples), SAMPLES_PER_FRAME))
         session = TalkSession(f"job-{job.id}", EnergyLipSync(avatar), chunks, sink, realtime=False,
@@ -340,7 +343,7 @@ class TalkJobs:
         avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", extra_margin=frontend.extra_margin)
         samples = load_audio(folder / job.audio)
         w, h = avatar.size
-        sink = AVSink(str(folder / "out.partial.mp4"), w, h)
+        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
         key = f"job-{job.id}"
 
         def submit(jobs: list[Any], k: int) -> concurrent.futures.Future[list[Any]]:

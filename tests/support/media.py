@@ -116,3 +116,13 @@ class FrameSink:
 
     def close(self) -> None:
         pass
+
+
+def x264_settings(path: Path) -> dict[str, str]:
+    """The options x264 wrote into the stream (its SEI text: `... options: cabac=1 ... crf=18.0 ...`)."""
+    import av
+
+    with av.open(str(path)) as c:
+        data = b"".join(bytes(p) for _, p in zip(range(3), c.demux(c.streams.video[0]), strict=False))
+    text = data[data.index(b"options: ") + 9:].split(b"\x00")[0].decode("ascii", "replace")
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
