@@ -354,6 +354,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
     from streams.sinks import LIVE, AVSink, Encoding, SinkError, container_for
     from talkinghead import SAMPLE_RATE, AvatarError, EnergyLipSync, TalkSession, prepare_avatar
     from talkinghead.audio import iter_audio
+    from talkinghead.avatar import LIVE_MAX_FRAMES
 
     try:
         margin = 10  # the face box's chin margin: MuseTalk v1.5's (v1.0 has none)
@@ -361,9 +362,10 @@ def cmd_talk(args: argparse.Namespace) -> int:
             from talkinghead.musetalk import version_defaults
 
             margin = int(version_defaults(args.version)["extra_margin"])
-        avatar = prepare_avatar(args.avatar, box=_box(args.box), extra_margin=margin)
-        w, h = avatar.size
         live = args.realtime or container_for(args.out)[1] is not None  # a stream or a playlist: latency first
+        avatar = prepare_avatar(args.avatar, box=_box(args.box), extra_margin=margin,
+                                max_frames=LIVE_MAX_FRAMES if live else None)  # a file: every frame
+        w, h = avatar.size
         sink = AVSink(args.out, w, h, encoding=LIVE if live else Encoding(args.preset, args.crf, live=False))
     except (AvatarError, SinkError) as exc:
         print(f"talk: {redact_text(str(exc))}", file=sys.stderr)

@@ -128,13 +128,19 @@ def write_cache(cache: Path, write: Callable[[Path], object], what: str) -> None
         state.wrote()
 
 
+LIVE_MAX_FRAMES = 250  # a live session's avatar video: 10 s at 25 fps, held in memory while it runs
+OFFLINE_MAX_BYTES = 4 << 30  # an offline render uses every frame, up to this much decoded video
+
+
 def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[int, int, int, int] | None = None,
-                   extra_margin: int = 10, cache_dir: Path | None = None, max_frames: int = 250,
+                   extra_margin: int = 10, cache_dir: Path | None = None, max_frames: int | None = LIVE_MAX_FRAMES,
                    progress: Callable[[int, int], None] | None = None) -> Avatar:
     """Load the photo or video, find (or take) the face box per frame, and cache the result keyed by its inputs.
 
-    A video keeps at most `max_frames` frames (10 s at 25 fps); `progress(done, total)` is called
-    per frame while faces are searched.
+    A video keeps at most `max_frames` frames (live sessions: 10 s at 25 fps, since a session holds
+    them, and MuseTalk's latents, for as long as it runs); None (offline renders, as MuseTalk's
+    published inference does): every frame, and a clear error beyond `OFFLINE_MAX_BYTES` decoded.
+    `progress(done, total)` is called per frame while faces are searched.
     """
     path = Path(image_path)
     name = name or path.stem
@@ -167,11 +173,13 @@ def prepare_avatar(image_path: str | Path, name: str | None = None, box: tuple[i
     return Avatar(name, first.image, first.box, first.landmarks, first.mouth, sequence=frames, key=key)
 
 
-def _video_frames(path: Path, name: str, max_frames: int, fps: int = 25) -> list[np.ndarray]:
+def _video_frames(path: Path, name: str, limit: int | None, fps: int = 25) -> list[np.ndarray]:
     """The video's frames resampled to `fps` by their timestamps (a 30 or 60 fps avatar plays at its
-    own speed in a 25 fps session: frames are skipped or, below 25 fps, shown twice)."""
+    own speed in a 25 fps session: frames are skipped or, below 25 fps, shown twice); at most
+    `limit` (None: all, up to `OFFLINE_MAX_BYTES`)."""
     import av
 
+    max_frames = limit if limit is not None else 1 << 62
     images: list[np.ndarray] = []
     held: np.ndarray | None = None
     start: float | None = None
@@ -189,6 +197,10 @@ def _video_frames(path: Path, name: str, max_frames: int, fps: int = 25) -> list
                 held = vf.to_ndarray(format="bgr24")
                 if len(images) >= max_frames:
                     break
+                if limit is None and (len(images) + 1) * held.nbytes > OFFLINE_MAX_BYTES:
+                    raise AvatarError(f"avatar {name}: {path} holds more than {OFFLINE_MAX_BYTES >> 20} MB of "
+                                      f"decoded {held.shape[1]}x{held.shape[0]} frames ({len(images) + 1} so far "
+                                      f"at 25 fps): cut it or lower its resolution")
     except (av.error.FFmpegError, OSError, IndexError) as exc:
         raise AvatarError(f"avatar {name}: {path} is not a video PyAV can read: {exc}") from exc
     if held is not None and len(images) < max_frames:

@@ -236,6 +236,24 @@ def test_video_avatar_frames_are_resampled_to_25_fps(tmp_path: Path, fps: int) -
     assert shown[:50] == want, (fps, shown[:12])
 
 
+def test_an_offline_render_keeps_every_avatar_frame_and_a_live_session_ten_seconds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 12 s avatar video: a live session holds 250 frames (10 s), an offline render all 300 (as
+    MuseTalk's published inference uses the whole video); beyond the offline memory bound, a clear error."""
+    from talkinghead import AvatarError, prepare_avatar
+    from talkinghead import avatar as avatar_module
+
+    video = write_numbered_video(tmp_path / "long.mp4", 25, 300)
+    live = prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path)
+    offline = prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path, max_frames=None)
+    assert len(live.frames) == 250
+    assert len(offline.frames) == 300
+    assert [frame_number(f.image) for f in offline.frames[250:]] == list(range(250, 256)) + list(range(44))
+    monkeypatch.setattr(avatar_module, "OFFLINE_MAX_BYTES", 64 * 64 * 3 * 100)
+    with pytest.raises(AvatarError, match=r"more than 1 MB of decoded 64x64 frames \(101 so far"):
+        prepare_avatar(video, box=(8, 8, 56, 56), cache_dir=tmp_path / "other", max_frames=None)
+
+
 def test_energy_backend_animates_every_frame_of_a_video_avatar(tmp_path: Path) -> None:
     from talkinghead import EnergyLipSync, prepare_avatar
 

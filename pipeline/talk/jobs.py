@@ -313,7 +313,7 @@ class TalkJobs:
         folder = self.folder / job.id
         samples = load_audio(folder / job.audio)
         total = -(-len(samples) // SAMPLES_PER_FRAME)
-        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}")
+        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", max_frames=None)  # every frame, offline
         w, h = avatar.size
         sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
         progress = self._progress(job, cancel)
@@ -340,7 +340,8 @@ class TalkJobs:
         from talkinghead.offline import render
 
         folder = self.folder / job.id
-        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", extra_margin=frontend.extra_margin)
+        avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", extra_margin=frontend.extra_margin,
+                                max_frames=None)  # every frame, offline
         samples = load_audio(folder / job.audio)
         w, h = avatar.size
         sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
