@@ -366,7 +366,9 @@ def cmd_talk(args: argparse.Namespace) -> int:
         avatar = prepare_avatar(args.avatar, box=_box(args.box), extra_margin=margin,
                                 max_frames=LIVE_MAX_FRAMES if live else None)  # a file: every frame
         w, h = avatar.size
-        sink = AVSink(args.out, w, h, encoding=LIVE if live else Encoding(args.preset, args.crf, live=False))
+        given = None if live or not Path(args.audio).is_file() else args.audio  # a file: its own audio, as given
+        sink = AVSink(args.out, w, h, encoding=LIVE if live else Encoding(args.preset, args.crf, live=False),
+                      audio_source=given)
     except (AvatarError, SinkError) as exc:
         print(f"talk: {redact_text(str(exc))}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -70,7 +71,9 @@ class AVSink:
     """One output stream; not thread-safe (one writer)."""
 
     def __init__(self, target: str, width: int, height: int, fps: int = 25, sample_rate: int = 16_000,
-                 timeout: float = 10.0, encoding: Encoding = LIVE) -> None:
+                 timeout: float = 10.0, encoding: Encoding = LIVE, audio_source: str | Path | None = None) -> None:
+        """`audio_source`: a file whose own audio (its rate and channels) goes into the output instead of
+        the 16 kHz mono given to `write` (offline renders, as MuseTalk's published inference muxes it)."""
         import av
 
         self.target = target
@@ -84,9 +87,11 @@ class AVSink:
             v.width, v.height, v.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
             v.codec_context.options = encoding.options(fps)
             v.codec_context.time_base = Fraction(1, fps)
-            a = self._out.add_stream("aac", rate=sample_rate)
-            a.codec_context.layout = "mono"
-            a.codec_context.time_base = Fraction(1, sample_rate)
+            self._given = _GivenAudio(audio_source) if audio_source is not None else None
+            rate, layout = (self._given.rate, self._given.layout) if self._given else (sample_rate, "mono")
+            a = self._out.add_stream("aac", rate=rate)
+            a.codec_context.layout = layout
+            a.codec_context.time_base = Fraction(1, rate)
             if fmt in ("rtsp", "flv"):
                 self._out.start_encoding()  # connect now (ANNOUNCE/RECORD), so a dead server fails here
         except (av.error.FFmpegError, OSError) as exc:
@@ -110,11 +115,16 @@ class AVSink:
             vf.pts = self.frames
             vf.time_base = Fraction(1, self.fps)
             self._mux(self._v.encode(vf))
-            af = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="fltp", layout="mono")
-            af.sample_rate = self.sample_rate
-            af.pts = self.samples
-            af.time_base = Fraction(1, self.sample_rate)
-            self._mux(self._a.encode(af))
+            if self._given is not None:  # the source's own audio, up to the end of this frame
+                for af in self._given.until((self.frames + 1) / self.fps):
+                    self._mux(self._a.encode(af))
+            else:
+                af = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="fltp",
+                                                layout="mono")
+                af.sample_rate = self.sample_rate
+                af.pts = self.samples
+                af.time_base = Fraction(1, self.sample_rate)
+                self._mux(self._a.encode(af))
         except (av.error.FFmpegError, OSError) as exc:
             raise SinkError(f"sink {self.name}: write failed: {exc}") from exc
         self.frames += 1
@@ -132,6 +142,10 @@ class AVSink:
         self._closed = True
         try:
             self._mux(self._v.encode(None))
+            if self._given is not None:  # the rest of the source's audio, all of it
+                for af in self._given.until(float("inf")):
+                    self._mux(self._a.encode(af))
+                self._given.close()
             self._mux(self._a.encode(None))
         except (av.error.FFmpegError, OSError) as exc:
             log.warning("sink %s: flush failed: %s", self.name, exc)
@@ -144,3 +158,39 @@ class AVSink:
                 self._out.close()
             except (av.error.FFmpegError, OSError) as exc:
                 log.warning("sink %s: close failed: %s", self.name, exc)
+
+
+class _GivenAudio:
+    """A file's audio decoded in order and handed out by time, at its own rate and channels (as
+    float planes, what the AAC encoder takes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import av
+
+        try:
+            self._in: Any = av.open(str(path))
+            stream = self._in.streams.audio[0]
+        except (av.error.FFmpegError, OSError, IndexError) as exc:
+            raise SinkError(f"audio {redact_text(str(path))}: cannot read its audio: {exc}") from exc
+        self.rate = int(stream.codec_context.sample_rate or stream.rate)
+        channels = stream.codec_context.channels
+        self.layout = "mono" if channels == 1 else "stereo" if channels == 2 else stream.codec_context.layout.name
+        self._resampler = av.AudioResampler(format="fltp", layout=self.layout, rate=self.rate)
+        self._frames: Iterator[Any] | None = self._in.decode(stream)
+        self._written = 0  # samples handed out
+
+    def until(self, t: float) -> list[Any]:
+        """The next frames of the source, up to `t` seconds (stamped consecutively)."""
+        out: list[Any] = []
+        while self._frames is not None and self._written < t * self.rate:
+            frame = next(self._frames, None)
+            for af in self._resampler.resample(frame):  # None flushes the resampler at the end
+                af.pts, af.time_base = self._written, Fraction(1, self.rate)
+                self._written += af.samples
+                out.append(af)
+            if frame is None:
+                self._frames = None
+        return out
+
+    def close(self) -> None:
+        self._in.close()

@@ -119,8 +119,11 @@ def test_offline_talk_cli_with_musetalk(tiny: Path, face_image: Path, tmp_path: 
 
     wav = write_wav(tmp_path / "speech.wav", tone_on_off([(0.6, True), (1.0, False), (0.52, True)]), 16_000)
     out = tmp_path / "talk.mp4"
-    rc = main(["talk", "--backend", "musetalk", "--weights", str(tiny), "--avatar", str(face_image),
-               "--audio", str(wav), "--out", str(out), "--batch-size", "4"])
+    args = ["talk", "--backend", "musetalk", "--weights", str(tiny), "--avatar", str(face_image),
+            "--audio", str(wav), "--out", str(out), "--batch-size", "4"]
+    assert main(args) == 0  # offline, by default every frame is rendered, as upstream's inference does
+    assert "53 frames (53 generated, 0 silent)" in capsys.readouterr().out
+    rc = main([*args, "--render-silence", "around_speech"])
     err = capsys.readouterr()
     assert rc == 0, err.err
     n, fps, audio_s, _ = probe_output(out)

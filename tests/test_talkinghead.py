@@ -333,3 +333,42 @@ def test_a_file_is_encoded_as_musetalk_publishes_and_a_live_output_for_latency(f
     assert live["bframes"] == "0"  # zerolatency: no B-frames, sliced threads
     assert live["sliced_threads"] == "1"
     assert offline["bframes"] == "3"
+
+
+def test_a_file_keeps_the_input_audio_as_given(face_image: Path, tmp_path: Path) -> None:
+    """44.1 kHz stereo in (a different tone per channel): the file carries 44.1 kHz stereo, both
+    channels the input's (correlation after AAC >= 0.98), all of it; a live output stays 16 kHz mono."""
+    import wave
+
+    import av
+
+    rate, seconds = 44_100, 1.6
+    t = np.arange(round(rate * seconds)) / rate
+    left, right = 0.4 * np.sin(2 * np.pi * 220 * t), 0.4 * np.sin(2 * np.pi * 330 * t) * (t > 0.5)
+    wav = tmp_path / "stereo.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.stack([left, right], axis=1) * 32767).astype("<i2").tobytes())
+    from pipeline.cli import main
+
+    out = tmp_path / "talk.mp4"
+    assert main(["talk", "--avatar", str(face_image), "--audio", str(wav), "--out", str(out)]) == 0
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        assert a.codec_context.sample_rate == rate
+        assert a.codec_context.channels == 2
+        got = np.concatenate([f.to_ndarray() for f in c.decode(a)], axis=1)  # (2, n), planar float
+    n, fps, _, _ = probe_output(out)
+    assert n == round(seconds * fps)
+    assert abs(got.shape[1] / rate - seconds) < 0.05  # all of it (AAC frames of 1024 aside)
+    for ch, src in enumerate((left, right)):  # aligned on the encoder's delay, then compared
+        lag = max(range(0, 2049), key=lambda k: float(np.dot(got[ch, k:k + 20000], src[:20000])))
+        seg = got[ch, lag:lag + len(src) - 4096]
+        assert np.corrcoef(seg, src[:len(seg)])[0, 1] >= 0.98, ch
+    hls = tmp_path / "hls" / "live.m3u8"
+    assert main(["talk", "--avatar", str(face_image), "--audio", str(wav), "--out", str(hls)]) == 0
+    with av.open(str(next(hls.parent.glob("*.ts")))) as c:
+        assert c.streams.audio[0].codec_context.sample_rate == SAMPLE_RATE
+        assert c.streams.audio[0].codec_context.channels == 1

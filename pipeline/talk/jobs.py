@@ -315,7 +315,8 @@ class TalkJobs:
         total = -(-len(samples) // SAMPLES_PER_FRAME)
         avatar = prepare_avatar(folder / job.avatar, f"job-{job.id}", max_frames=None)  # every frame, offline
         w, h = avatar.size
-        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
+        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding,
+                      audio_source=folder / job.audio)  # its own audio, as given
         progress = self._progress(job, cancel)
         chunks = (samples[i:i + SAMPLES_PER_FRAME] for i in range(0, len(samples), SAMPLES_PER_FRAME))
         session = TalkSession(f"job-{job.id}", EnergyLipSync(avatar), chunks, sink, realtime=False,
@@ -344,7 +345,8 @@ class TalkJobs:
                                 max_frames=None)  # every frame, offline
         samples = load_audio(folder / job.audio)
         w, h = avatar.size
-        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding)
+        sink = AVSink(str(folder / "out.partial.mp4"), w, h, encoding=self.encoding,
+                      audio_source=folder / job.audio)  # its own audio, as given
         key = f"job-{job.id}"
 
         def submit(jobs: list[Any], k: int) -> concurrent.futures.Future[list[Any]]:
