@@ -450,6 +450,15 @@ class TalkConfig(Strict):
     enabled: bool = True
 
 
+class TtsConfig(Strict):
+    """`[tts]`: how `say` speaks text in live sessions (Debian's espeak-ng, offline)."""
+
+    voice: str = Field("en", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
+                       description="espeak-ng voice (`espeak-ng --voices` lists them: en, en-us, de, fr, ...); a "
+                       "`say` may name another")
+    speed: int = Field(170, ge=80, le=500, description="words per minute")
+
+
 class LipSyncConfig(SlotPoolConfig):
     weights: Path | None = Field(None, description="MuseTalk models folder in the official layout (musetalkV15/, "
                                  "sd-vae/, whisper/), relative to the config")
@@ -667,6 +676,7 @@ class Config(Strict):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     talk: dict[Name, TalkConfig] = Field(default_factory=dict)
     lipsync: LipSyncConfig = Field(default_factory=LipSyncConfig)
+    tts: TtsConfig = Field(default_factory=TtsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     log: LogConfig = Field(default_factory=LogConfig)

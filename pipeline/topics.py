@@ -92,6 +92,9 @@ class Topics:
     def talk_audio(self, session: str) -> str:
         return self._join("talk", session, "audio")
 
+    def talk_say(self, session: str) -> str:
+        return self._join("talk", session, "say")
+
     @property
     def talk_audio_filter(self) -> str:
         return self._join("talk", "+", "audio")

@@ -154,9 +154,17 @@ class PushAudio:
         return data[12:]
 
     def push_pcm16(self, data: bytes) -> None:
-        now = time.monotonic()
         check_pcm16(data)
-        samples = pcm16_to_float(data)
+        self.push_samples(pcm16_to_float(data))
+
+    @property
+    def queued_s(self) -> float:
+        """Seconds of audio waiting to be spoken."""
+        return len(self._chunks) / FPS
+
+    def push_samples(self, samples: np.ndarray) -> None:
+        """float32 16 kHz mono samples (speech synthesised here, say)."""
+        now = time.monotonic()
         with self._lock:
             for c in self._chunker.push(samples):
                 if len(self._chunks) == self._chunks.maxlen:

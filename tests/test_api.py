@@ -385,6 +385,70 @@ def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None
     assert served.call("DELETE", "/api/talk/sessions/anna").status_code == 404
 
 
+def test_a_session_speaks_text_from_the_api_and_from_mqtt_in_order(served: Served, face_image: Path,
+                                                                   mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """`say` through the API and on <prefix>/talk/<name>/say: espeak-ng's speech goes into the live
+    session in order, its first audio within 300 ms of the request, and the file the session writes
+    carries it; bad requests are refused by reason."""
+    import paho.mqtt.client as paho
+
+    from tests.support.media import probe_output
+
+    out = tmp_path / "anna.mp4"
+    body = {"name": "anna", "avatar": str(face_image), "audio": "mqtt", "out": str(out)}
+    assert served.call("POST", "/api/talk/sessions", json=body).status_code == 201
+    res = served.call("POST", "/api/talk/sessions/anna/say", json={"text": "Hello, this is framegrid speaking."})
+    assert res.status_code == 202, res.text
+    assert res.json()["id"].startswith("anna-")
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{served.prefix}-say")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+    try:
+        pub.publish(f"{served.prefix}/talk/anna/say", json.dumps({"text": "And this came over MQTT."}),
+                    qos=1).wait_for_publish(5)
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    figures: dict[str, Any] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        figures = next(s for s in served.call("GET", "/api/talk/sessions").json() if s["name"] == "anna")["figures"]
+        if figures.get("say", {}).get("said") == 2 and figures["say"]["waiting"] == 0:
+            break
+        time.sleep(0.3)
+    assert figures["say"]["said"] == 2, figures
+    assert figures["say"]["failed"] == 0
+    assert 0 < figures["say"]["first_audio_ms"] < 300, figures
+    time.sleep(1.5)  # the last second of speech (at most LOOKAHEAD_S waits in the session) is rendered
+    # refused, by reason: no such session, no pushed audio, empty text, an unknown voice (said later, counted)
+    assert served.call("POST", "/api/talk/sessions/nobody/say", json={"text": "hi"}).status_code == 404
+    assert served.call("POST", "/api/talk/sessions/anna/say", json={"text": ""}).status_code == 422
+    filed = {**body, "name": "filed", "audio": str(write_wav(tmp_path / "t.wav", tone_on_off([(2.0, True)]), 16000)),
+             "out": str(tmp_path / "filed.mp4")}
+    assert served.call("POST", "/api/talk/sessions", json=filed).status_code == 201
+    res = served.call("POST", "/api/talk/sessions/filed/say", json={"text": "hi"})
+    assert res.status_code == 409
+    assert "mqtt" in res.json()["detail"]
+    res = served.call("POST", "/api/talk/sessions/anna/say", json={"text": "hi", "voice": "xx-none"})
+    assert res.status_code == 202
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and figures["say"]["failed"] == 0:
+        figures = next(s for s in served.call("GET", "/api/talk/sessions").json() if s["name"] == "anna")["figures"]
+        time.sleep(0.2)
+    assert figures["say"]["failed"] == 1
+    assert "voice" in figures["say"]["last_error"]
+    for name in ("anna", "filed"):
+        assert served.call("DELETE", f"/api/talk/sessions/{name}").status_code == 204
+    import av
+
+    with av.open(str(out)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(c.streams.audio[0])])
+    loud = np.array([np.sqrt(np.mean(audio[i:i + 640] ** 2)) for i in range(0, len(audio) - 640, 640)]) > 0.02
+    assert loud.sum() >= 2.0 * 25, loud.sum()  # both sentences: over 2 s of speech in the file
+    n, _, _, _ = probe_output(out)
+    assert n > 100
+
+
 def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,
                                                                       tmp_path: Path) -> None:
     """No path a client gives reads or writes outside api.media_dirs (here pytest's base folder):

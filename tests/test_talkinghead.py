@@ -372,3 +372,23 @@ def test_a_file_keeps_the_input_audio_as_given(face_image: Path, tmp_path: Path)
     with av.open(str(next(hls.parent.glob("*.ts")))) as c:
         assert c.streams.audio[0].codec_context.sample_rate == SAMPLE_RATE
         assert c.streams.audio[0].codec_context.channels == 1
+
+
+def test_speech_is_streamed_at_16k_and_says_what_is_wrong() -> None:
+    """espeak-ng's speech comes in blocks while it synthesises, at the session rate; an unknown voice,
+    empty text, too long a text and a missing engine each give a clear error."""
+    from talkinghead.tts import MAX_TEXT, Speech, TtsError
+
+    speech = Speech("en", 170)
+    blocks = list(speech.stream("Hello there, this is a test of streamed speech."))
+    assert len(blocks) > 5  # not one block at the end
+    audio = np.concatenate(blocks)
+    assert audio.dtype == np.float32
+    assert 1.5 < len(audio) / SAMPLE_RATE < 6  # a sentence at 170 words per minute
+    assert np.sqrt(np.mean(audio ** 2)) > 0.02
+    for text, voice, message in (("hi", "xx-none", "voice 'xx-none'"), ("  ", None, "empty"),
+                                 ("a" * (MAX_TEXT + 1), None, "at most")):
+        with pytest.raises(TtsError, match=message):
+            list(speech.stream(text, voice))
+    with pytest.raises(TtsError, match="apt install espeak-ng"):
+        list(Speech("en", 170, binary="no-such-tts").stream("hi"))

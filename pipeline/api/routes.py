@@ -37,9 +37,11 @@ from .schemas import (
     NewStream,
     Problem,
     RecordingInfo,
+    Say,
     SessionInfo,
     StreamInfo,
     StreamPatch,
+    Utterance,
 )
 from .target import ControlTarget
 
@@ -282,6 +284,13 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
         control.persist_session(name, None)
         await target.stop_session(name)
         return Response(status_code=204)
+
+    @router.post("/api/talk/sessions/{name}/say", response_model=Utterance, status_code=202,
+                 responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}},
+                 summary="Speak text in a session (audio = \"mqtt\")")
+    async def say(name: str, body: Say) -> Utterance:
+        running(target)
+        return Utterance(id=await target.say(name, body.text, body.voice))
 
     add_webrtc_routes(router, target, errors)
     return router

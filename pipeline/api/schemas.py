@@ -116,6 +116,19 @@ class Moves(BaseModel):
     moved: list[Move]
 
 
+class Say(BaseModel):
+    """Text a session speaks (espeak-ng), after what it was given before."""
+
+    model_config = {"extra": "forbid"}
+    text: str = Field(min_length=1, max_length=5000)
+    voice: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
+                              description="espeak-ng voice (default: [tts] voice)")
+
+
+class Utterance(BaseModel):
+    id: str = Field(description="the utterance's id (<session>-<n>)")
+
+
 class NewSession(TalkConfig):
     """A `[talk.<name>]` table plus its name."""
 

@@ -99,6 +99,11 @@ class ControlTarget(Protocol):
 
     async def webrtc_leave(self, session: str, viewer: str) -> None: ...
 
+    async def say(self, session: str, text: str, voice: str | None) -> str:
+        """Speak `text` in a session with pushed audio, where it runs -> the utterance's id.
+        NotFound, Conflict, Invalid."""
+        ...
+
     async def devices(self) -> list[DeviceOut]:
         """Every device (of every node) with its memory, load and executor slots."""
         ...
@@ -209,6 +214,9 @@ class LocalTarget:
 
     async def webrtc_leave(self, session: str, viewer: str) -> None:
         await self.pipeline.talk.webrtc_leave(session, viewer)
+
+    async def say(self, session: str, text: str, voice: str | None) -> str:
+        return self.pipeline.talk.say(session, text, voice)
 
     # -- devices, stats, events ------------------------------------------------------------------------
     async def device_facts(self) -> list[DeviceInfo]:

@@ -215,6 +215,12 @@ class ClusterTarget:
             raise NotFound(f"no session {session}")
         await self._relay(self.head.where(session_key(session)), "webrtc_leave", session, viewer)
 
+    async def say(self, session: str, text: str, voice: str | None) -> str:
+        if session not in self.head.sessions:
+            raise NotFound(f"no session {session}")
+        got: str = await self._relay(self.head.where(session_key(session)), "say", session, text, voice)
+        return got
+
     # -- what the nodes answer ---------------------------------------------------------------------------
     async def devices(self) -> list[DeviceOut]:
         got = await self.head.ask_nodes("devices")

@@ -47,7 +47,7 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
 
 
 MEDIA_RELAYED = ("event_clip", "recordings", "recording")  # of its `media`
-RELAYED = ("webrtc_offer", "webrtc_leave", "device_moves", *MEDIA_RELAYED)  # ControlTarget calls a head relays
+RELAYED = ("webrtc_offer", "webrtc_leave", "say", "device_moves", *MEDIA_RELAYED)  # ControlTarget calls a head relays
 
 
 class NodeDescription(TypedDict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,13 +20,15 @@ from typing import Any
 from pipeline.config import Config, TalkConfig
 from pipeline.core.devices import DeviceInfo
 from pipeline.core.slots import Spawn
-from pipeline.errors import Conflict, NotFound, PoolError
+from pipeline.errors import Conflict, NotFound, PoolError, RequestError
 from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
 from streams.handoff import Handoff
+from talkinghead.tts import Speech
 
 from .lipsync import LipSyncPool, musetalk_pool
+from .say import Voice
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class TalkSessions:
         self._lock = asyncio.Lock()
         self.webrtc: dict[str, Any] = {}  # streams.webrtc.WebRtcOut of the sessions with `out = "webrtc"`
         self.mics: dict[str, Any] = {}  # streams.webrtc.MicIn of the sessions with `audio = "webrtc"`
+        self.voice = Voice(Speech(config.tts.voice, config.tts.speed))  # `say`: text into pushed-audio sessions
 
     def _state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any] | None = None) -> None:
         session = self.sessions.get(name)
@@ -134,7 +138,16 @@ class TalkSessions:
                             push.rejected,
                         )
 
+            def on_say(_topic: str, payload: bytes) -> None:  # text, or {"text": ..., "voice": ...}
+                try:
+                    body = json.loads(payload) if payload[:1] == b"{" else {"text": payload.decode("utf-8")}
+                    self.say(name, str(body.get("text", "")), body.get("voice"))
+                except (ValueError, AttributeError, RequestError) as exc:
+                    log.warning("session %s: say refused: %s", name, exc)
+
             audio = push
+            self.voice.attach(name, push)
+            self.publisher.subscribe(self.publisher.topics.talk_say(name), on_say)
             subscribed = self.publisher.subscribe(self.publisher.topics.talk_audio(name), on_audio)
             # `live` must mean the audio topic is listened to: wait for the broker's SUBACK (also
             # when the connection is still being made: the subscription then comes with it)
@@ -169,6 +182,8 @@ class TalkSessions:
         if session is None:
             raise KeyError(f"no session {name}")
         self.publisher.unsubscribe(self.publisher.topics.talk_audio(name))
+        self.publisher.unsubscribe(self.publisher.topics.talk_say(name))
+        self.voice.detach(name)
         mic = self.mics.pop(name, None)
         if mic is not None:
             await mic.close()
@@ -179,6 +194,12 @@ class TalkSessions:
         if self.lipsync is not None:
             self.lipsync.release(name)
         self._state(name, "stopped", None, session.snapshot())
+
+    def say(self, name: str, text: str, voice: str | None = None) -> str:
+        """Speak `text` in session `name` (after what it was given before) -> the utterance's id."""
+        if name not in self.sessions:
+            raise NotFound(f"no session {name}")
+        return self.voice.say(name, text, voice)
 
     # -- WebRTC signalling (WHEP-style viewers of `out = "webrtc"`, WHIP-style microphones for `audio`) ----
     def _peer(self, name: str, kind: str) -> Any:
@@ -287,6 +308,7 @@ class TalkSessions:
                 **s.snapshot(),
                 "slot": self.lipsync.slot_of(name) if self.lipsync else None,
                 **(self.webrtc[name].snapshot() if name in self.webrtc else {}),
+                **self.voice.figures(name),
             }
             for name, s in self.sessions.items()
         }
