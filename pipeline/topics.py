@@ -95,6 +95,9 @@ class Topics:
     def talk_say(self, session: str) -> str:
         return self._join("talk", session, "say")
 
+    def talk_events(self, session: str) -> str:
+        return self._join("talk", session, "events")
+
     @property
     def talk_audio_filter(self) -> str:
         return self._join("talk", "+", "audio")

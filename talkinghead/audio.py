@@ -121,6 +121,7 @@ class PushAudio:
         self._seq: int | None = None  # the last framed chunk's sequence number
         self.closed = False
         self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
+        self.pushed = 0  # chunks ever queued: chunk k (from 0) has been taken (spoken, dropped, cut) once `taken` > k
 
     @property
     def rejected(self) -> int:
@@ -162,14 +163,35 @@ class PushAudio:
         """Seconds of audio waiting to be spoken."""
         return len(self._chunks) / FPS
 
-    def push_samples(self, samples: np.ndarray) -> None:
-        """float32 16 kHz mono samples (speech synthesised here, say)."""
+    @property
+    def taken(self) -> int:
+        """Chunks no longer waiting: popped by the session, dropped on overflow or cut."""
+        with self._lock:
+            return self.pushed - len(self._chunks)
+
+    def push_samples(self, samples: np.ndarray, end: bool = False) -> None:
+        """float32 16 kHz mono samples (speech synthesised here, say); `end`: the spurt ends here, its
+        last partial chunk goes out padded with silence."""
         now = time.monotonic()
         with self._lock:
-            for c in self._chunker.push(samples):
+            for c in [*self._chunker.push(samples), *(self._chunker.flush() if end else [])]:
                 if len(self._chunks) == self._chunks.maxlen:
                     self.dropped += 1
                 self._chunks.append((c, now))
+                self.pushed += 1
+
+    def cut(self, fade_chunks: int = 2) -> int:
+        """Barge-in: all that waits is dropped but its first `fade_chunks`, faded out to silence (so the
+        voice and the mouth close within them, no click) -> chunks dropped."""
+        with self._lock:
+            kept = [self._chunks.popleft() for _ in range(min(fade_chunks, len(self._chunks)))]
+            dropped = len(self._chunks)
+            self._chunks.clear()
+            self._chunker.flush()  # a partial chunk is dropped too
+            ramp = np.linspace(1.0, 0.0, max(1, len(kept)) * SAMPLES_PER_FRAME, dtype=np.float32)
+            for i, (c, at) in enumerate(kept):
+                self._chunks.append((c * ramp[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME], at))
+            return dropped
 
     def close(self) -> None:
         now = time.monotonic()

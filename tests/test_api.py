@@ -449,6 +449,70 @@ def test_a_session_speaks_text_from_the_api_and_from_mqtt_in_order(served: Serve
     assert n > 100
 
 
+LONG_TEXT = ("This is a long sentence that goes on for several seconds, so that there is plenty of time "
+             "to interrupt it in the middle, as a user talking over an assistant would do.")
+
+
+def speech_runs(path: Path) -> list[tuple[float, float]]:
+    """(start, end) seconds of the loud runs of a file's audio (gaps under 0.3 s joined)."""
+    import av
+
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(c.streams.audio[0])])
+    loud = [float(np.sqrt(np.mean(audio[i:i + 640] ** 2))) > 0.02 for i in range(0, len(audio) - 640, 640)]
+    runs: list[list[float]] = []
+    for k, on in enumerate(loud):
+        if on and runs and k / 25 - runs[-1][1] < 0.3:
+            runs[-1][1] = (k + 1) / 25
+        elif on:
+            runs.append([k / 25, (k + 1) / 25])
+    return [(a, b) for a, b in runs]
+
+
+def test_barge_in_cuts_the_utterance_being_said_and_drops_the_waiting_ones(served: Served, face_image: Path,
+                                                                          tmp_path: Path) -> None:
+    """A long utterance is cut 1 s after it started (DELETE .../utterances/current); then, with one
+    utterance speaking and one waiting, a `say` with `interrupt` cuts the first, drops the second and
+    is said. Events on <prefix>/talk/ben/events in order; in the session's file the first utterance's
+    voice stops within 0.4 s of the request (the fade is 80 ms; the rest is the session's own frames
+    in flight)."""
+    out = tmp_path / "ben.mp4"
+    body = {"name": "ben", "avatar": str(face_image), "audio": "mqtt", "out": str(out)}
+    assert served.call("POST", "/api/talk/sessions", json=body).status_code == 201
+    events = lambda: [m.json() for m in served.sub.of("/talk/ben/events")]  # noqa: E731
+    first = served.call("POST", "/api/talk/sessions/ben/say", json={"text": LONG_TEXT}).json()["id"]
+    served.sub.wait_for(lambda: any(e["event"] == "started" for e in events()), 10, "started")
+    started_at = next(e["at"] for e in events() if e["event"] == "started")
+    time.sleep(1.0)
+    asked = time.time()
+    res = served.call("DELETE", "/api/talk/sessions/ben/utterances/current")
+    assert res.status_code == 200, res.text
+    assert res.json()["id"] == first
+    served.sub.wait_for(lambda: any(e["event"] == "interrupted" for e in events()), 5, "interrupted")
+    assert served.call("DELETE", "/api/talk/sessions/ben/utterances/current").status_code == 404  # nothing said
+    time.sleep(1.0)
+    second = served.call("POST", "/api/talk/sessions/ben/say", json={"text": LONG_TEXT}).json()["id"]
+    third = served.call("POST", "/api/talk/sessions/ben/say", json={"text": "And this waits."}).json()["id"]
+    served.sub.wait_for(lambda: sum(e["event"] == "started" for e in events()) == 2, 10, "second started")
+    fourth = served.call("POST", "/api/talk/sessions/ben/say", json={"text": "Stop. Listen.", "interrupt": True}
+                         ).json()["id"]
+    served.sub.wait_for(lambda: any(e["event"] == "finished" for e in events()), 15, "finished")
+    said = [(e["utterance"], e["event"]) for e in events()]
+    assert said == [(first, "started"), (first, "interrupted"), (second, "started"), (third, "interrupted"),
+                    (second, "interrupted"), (fourth, "started"), (fourth, "finished")], said
+    figures = next(s for s in served.call("GET", "/api/talk/sessions").json() if s["name"] == "ben")["figures"]
+    assert figures["say"]["said"] == 1
+    assert figures["say"]["interrupted"] == 3
+    assert served.call("DELETE", "/api/talk/sessions/ben").status_code == 204
+    runs = speech_runs(out)
+    assert len(runs) == 3, runs  # cut, cut, said
+    spoken = runs[0][1] - runs[0][0]
+    cut_after = spoken - (asked - started_at)  # voice still heard after the request
+    print(f"barge-in: the voice stopped {cut_after * 1000:.0f} ms after the request")
+    assert cut_after < 0.4, (runs, asked - started_at)
+    assert spoken < 2.0  # the whole sentence is over 6 s
+
+
 def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,
                                                                       tmp_path: Path) -> None:
     """No path a client gives reads or writes outside api.media_dirs (here pytest's base folder):

@@ -290,7 +290,14 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
                  summary="Speak text in a session (audio = \"mqtt\")")
     async def say(name: str, body: Say) -> Utterance:
         running(target)
-        return Utterance(id=await target.say(name, body.text, body.voice))
+        return Utterance(id=await target.say(name, body.text, body.voice, body.interrupt))
+
+    @router.delete("/api/talk/sessions/{name}/utterances/current", response_model=Utterance,
+                   responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}},
+                   summary="Cut what a session is saying (barge-in)")
+    async def interrupt(name: str) -> Utterance:
+        running(target)
+        return Utterance(id=await target.interrupt(name))
 
     add_webrtc_routes(router, target, errors)
     return router

@@ -123,6 +123,8 @@ class Say(BaseModel):
     text: str = Field(min_length=1, max_length=5000)
     voice: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
                               description="espeak-ng voice (default: [tts] voice)")
+    interrupt: bool = Field(False, description="barge-in: cut what is being said (with a short fade) and drop "
+                            "what waits, then say this")
 
 
 class Utterance(BaseModel):

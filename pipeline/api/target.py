@@ -99,9 +99,13 @@ class ControlTarget(Protocol):
 
     async def webrtc_leave(self, session: str, viewer: str) -> None: ...
 
-    async def say(self, session: str, text: str, voice: str | None) -> str:
-        """Speak `text` in a session with pushed audio, where it runs -> the utterance's id.
-        NotFound, Conflict, Invalid."""
+    async def say(self, session: str, text: str, voice: str | None, interrupt: bool) -> str:
+        """Speak `text` in a session with pushed audio, where it runs (after what waits, or cutting it:
+        `interrupt`) -> the utterance's id. NotFound, Conflict, Invalid."""
+        ...
+
+    async def interrupt(self, session: str) -> str:
+        """Cut what a session is saying -> the utterance's id. NotFound (no session, saying nothing)."""
         ...
 
     async def devices(self) -> list[DeviceOut]:
@@ -215,8 +219,11 @@ class LocalTarget:
     async def webrtc_leave(self, session: str, viewer: str) -> None:
         await self.pipeline.talk.webrtc_leave(session, viewer)
 
-    async def say(self, session: str, text: str, voice: str | None) -> str:
-        return self.pipeline.talk.say(session, text, voice)
+    async def say(self, session: str, text: str, voice: str | None, interrupt: bool) -> str:
+        return self.pipeline.talk.say(session, text, voice, interrupt)
+
+    async def interrupt(self, session: str) -> str:
+        return self.pipeline.talk.interrupt(session)
 
     # -- devices, stats, events ------------------------------------------------------------------------
     async def device_facts(self) -> list[DeviceInfo]:

@@ -215,10 +215,16 @@ class ClusterTarget:
             raise NotFound(f"no session {session}")
         await self._relay(self.head.where(session_key(session)), "webrtc_leave", session, viewer)
 
-    async def say(self, session: str, text: str, voice: str | None) -> str:
+    async def say(self, session: str, text: str, voice: str | None, interrupt: bool) -> str:
         if session not in self.head.sessions:
             raise NotFound(f"no session {session}")
-        got: str = await self._relay(self.head.where(session_key(session)), "say", session, text, voice)
+        got: str = await self._relay(self.head.where(session_key(session)), "say", session, text, voice, interrupt)
+        return got
+
+    async def interrupt(self, session: str) -> str:
+        if session not in self.head.sessions:
+            raise NotFound(f"no session {session}")
+        got: str = await self._relay(self.head.where(session_key(session)), "interrupt", session)
         return got
 
     # -- what the nodes answer ---------------------------------------------------------------------------

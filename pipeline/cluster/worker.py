@@ -47,7 +47,8 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
 
 
 MEDIA_RELAYED = ("event_clip", "recordings", "recording")  # of its `media`
-RELAYED = ("webrtc_offer", "webrtc_leave", "say", "device_moves", *MEDIA_RELAYED)  # ControlTarget calls a head relays
+# the ControlTarget calls a head relays to a node
+RELAYED = ("webrtc_offer", "webrtc_leave", "say", "interrupt", "device_moves", *MEDIA_RELAYED)
 
 
 class NodeDescription(TypedDict):

@@ -6,6 +6,11 @@ is spoken: its first block goes into the session as soon as espeak-ng writes it,
 `LOOKAHEAD_S` of speech waits in the session's audio queue (so a long text never overflows the
 bounded queue, which drops the oldest audio). Pushed PCM chunks and spoken texts share the queue:
 what came first is said first.
+
+Each utterance reports `started` (the session took its first audio), then `finished` (it took its
+last) or `interrupted`: `interrupt` (or a `say` with `interrupt`) cuts what is being said at the next
+frame, keeping `FADE_CHUNKS` frames of it faded out to silence so the voice and the mouth close
+instead of stopping mid-syllable; a barge-in `say` also drops the utterances still waiting.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from pipeline.errors import Conflict, Invalid
 from talkinghead.audio import PushAudio
@@ -25,6 +33,8 @@ from talkinghead.tts import MAX_TEXT, Speech, TtsError
 log = logging.getLogger(__name__)
 
 LOOKAHEAD_S = 1.0  # speech waiting in a session's audio queue at most (its queue holds 10 s)
+FADE_CHUNKS = 2  # frames (40 ms each) an interrupted utterance fades out over
+EVENT_VERSION = 1
 
 
 @dataclass
@@ -39,71 +49,153 @@ class _Utterance:
 class _Feeder:
     push: PushAudio
     todo: queue.Queue[_Utterance | None] = field(default_factory=queue.Queue)
-    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a push and a cut never interleave
+    current: _Utterance | None = None
+    cut: bool = False  # the current utterance was interrupted
     said: int = 0
+    interrupted: int = 0
     failed: int = 0
     first_audio_ms: float | None = None  # of the last utterance: its request (or turn) to its first audio queued
     last_error: str | None = None
 
 
+Event = Callable[[str, dict[str, Any]], None]  # (session, event payload)
+
+
 class Voice:
     """The `say` side of every live session with pushed audio."""
 
-    def __init__(self, speech: Speech) -> None:
+    def __init__(self, speech: Speech, on_event: Event | None = None) -> None:
         self.speech = speech
+        self.on_event = on_event
         self._feeders: dict[str, _Feeder] = {}
         self._ids = itertools.count(1)
 
     def attach(self, session: str, push: PushAudio) -> None:
         feeder = _Feeder(push)
-        feeder.thread = threading.Thread(target=self._run, args=(session, feeder), name=f"talk[{session}].say",
-                                         daemon=True)
         self._feeders[session] = feeder
-        feeder.thread.start()
+        threading.Thread(target=self._run, args=(session, feeder), name=f"talk[{session}].say", daemon=True).start()
 
     def detach(self, session: str) -> None:
         feeder = self._feeders.pop(session, None)
         if feeder is not None:
             feeder.todo.put(None)
 
-    def say(self, session: str, text: str, voice: str | None = None) -> str:
-        """Queue `text` for `session` -> the utterance's id. Conflict (no pushed audio, or it ended), Invalid."""
-        feeder = self._feeders.get(session)
-        if feeder is None:
-            raise Conflict(f'session {session} takes no text: it needs audio = "mqtt"')
+    def say(self, session: str, text: str, voice: str | None = None, interrupt: bool = False) -> str:
+        """Queue `text` for `session` (after what waits, or instead of it: `interrupt`) -> the utterance's
+        id. Conflict (no pushed audio, or it ended), Invalid."""
+        feeder = self._feeder(session)
         if not text.strip():
             raise Invalid("text is empty", [("text", "empty")])
         if len(text) > MAX_TEXT:
             raise Invalid(f"text of {len(text)} characters: at most {MAX_TEXT}", [("text", "too long")])
         if feeder.push.closed:
             raise Conflict(f"session {session}: its audio has ended")
+        if interrupt:
+            self._drop_waiting(session, feeder)
+            self.interrupt(session)
         utterance = _Utterance(f"{session}-{next(self._ids)}", text, voice, time.monotonic())
         feeder.todo.put(utterance)
         return utterance.id
+
+    def interrupt(self, session: str) -> str | None:
+        """Cut the utterance being said (at the next frame, with a short fade) -> its id, or None."""
+        feeder = self._feeder(session)
+        with feeder.lock:
+            current = feeder.current
+            if current is None or feeder.cut:
+                return None
+            feeder.cut = True
+            feeder.push.cut(FADE_CHUNKS)
+        return current.id
 
     def figures(self, session: str) -> dict[str, Any]:
         f = self._feeders.get(session)
         if f is None:
             return {}
-        return {"say": {"said": f.said, "failed": f.failed, "waiting": f.todo.qsize(),
+        return {"say": {"said": f.said, "interrupted": f.interrupted, "failed": f.failed, "waiting": f.todo.qsize(),
+                        "speaking": f.current.id if f.current else None,
                         "first_audio_ms": None if f.first_audio_ms is None else round(f.first_audio_ms, 1),
                         "last_error": f.last_error}}
 
+    def _feeder(self, session: str) -> _Feeder:
+        feeder = self._feeders.get(session)
+        if feeder is None:
+            raise Conflict(f'session {session} takes no text: it needs audio = "mqtt"')
+        return feeder
+
+    def _drop_waiting(self, session: str, feeder: _Feeder) -> None:
+        while True:
+            try:
+                waiting = feeder.todo.get_nowait()
+            except queue.Empty:
+                return
+            if waiting is None:  # detached meanwhile: keep the stop
+                feeder.todo.put(None)
+                return
+            feeder.interrupted += 1
+            self._event(session, waiting, "interrupted")
+
+    def _event(self, session: str, utterance: _Utterance, kind: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(session, {"v": EVENT_VERSION, "session": session, "utterance": utterance.id,
+                                        "event": kind, "at": round(time.time(), 3)})
+            except Exception:
+                log.exception("session %s: utterance event listener failed", session)
+
     def _run(self, session: str, feeder: _Feeder) -> None:
         while (utterance := feeder.todo.get()) is not None:
-            turn = max(utterance.asked, time.monotonic())  # the request, or its turn if it waited for others
+            with feeder.lock:
+                feeder.current, feeder.cut = utterance, False
             try:
-                first = True
-                for block in self.speech.stream(utterance.text, utterance.voice):
-                    while feeder.push.queued_s > LOOKAHEAD_S and session in self._feeders:
-                        time.sleep(0.01)
-                    if session not in self._feeders:
-                        return  # the session stopped
-                    feeder.push.push_samples(block)
-                    if first:
-                        feeder.first_audio_ms, first = (time.monotonic() - turn) * 1000, False
-                feeder.said += 1
-            except TtsError as exc:
-                feeder.failed += 1
-                feeder.last_error = str(exc)
-                log.warning("session %s: utterance %s not spoken: %s", session, utterance.id, exc)
+                self._speak(session, feeder, utterance)
+            finally:
+                with feeder.lock:
+                    feeder.current = None
+
+    def _speak(self, session: str, feeder: _Feeder, utterance: _Utterance) -> None:
+        push, turn = feeder.push, max(utterance.asked, time.monotonic())  # its request, or its turn
+        first_chunk, started = push.pushed, False
+
+        def progress() -> None:
+            nonlocal started
+            if not started and push.taken > first_chunk:
+                started = True
+                self._event(session, utterance, "started")
+
+        try:
+            for block in self.speech.stream(utterance.text, utterance.voice):
+                while push.queued_s > LOOKAHEAD_S and not feeder.cut and session in self._feeders:
+                    progress()
+                    time.sleep(0.01)
+                with feeder.lock:
+                    if feeder.cut or session not in self._feeders:
+                        break
+                    if push.pushed == first_chunk:
+                        feeder.first_audio_ms = (time.monotonic() - turn) * 1000
+                    push.push_samples(block)
+                progress()
+            else:
+                with feeder.lock:
+                    if not feeder.cut:
+                        push.push_samples(np.zeros(0, np.float32), end=True)  # its last partial frame, padded
+        except TtsError as exc:
+            feeder.failed += 1
+            feeder.last_error = str(exc)
+            log.warning("session %s: utterance %s not spoken: %s", session, utterance.id, exc)
+            self._event(session, utterance, "failed")
+            return
+        last_chunk = push.pushed
+        while not feeder.cut and push.taken < last_chunk and session in self._feeders:
+            progress()
+            time.sleep(0.01)
+        progress()
+        if feeder.cut:
+            feeder.interrupted += 1
+            self._event(session, utterance, "interrupted")
+        elif started or push.taken >= last_chunk:
+            feeder.said += 1
+            if not started:
+                self._event(session, utterance, "started")
+            self._event(session, utterance, "finished")

@@ -64,7 +64,8 @@ class TalkSessions:
         self._lock = asyncio.Lock()
         self.webrtc: dict[str, Any] = {}  # streams.webrtc.WebRtcOut of the sessions with `out = "webrtc"`
         self.mics: dict[str, Any] = {}  # streams.webrtc.MicIn of the sessions with `audio = "webrtc"`
-        self.voice = Voice(Speech(config.tts.voice, config.tts.speed))  # `say`: text into pushed-audio sessions
+        # `say`: text into pushed-audio sessions; utterance events on <prefix>/talk/<name>/events
+        self.voice = Voice(Speech(config.tts.voice, config.tts.speed), self._utterance_event)
 
     def _state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any] | None = None) -> None:
         session = self.sessions.get(name)
@@ -141,7 +142,7 @@ class TalkSessions:
             def on_say(_topic: str, payload: bytes) -> None:  # text, or {"text": ..., "voice": ...}
                 try:
                     body = json.loads(payload) if payload[:1] == b"{" else {"text": payload.decode("utf-8")}
-                    self.say(name, str(body.get("text", "")), body.get("voice"))
+                    self.say(name, str(body.get("text", "")), body.get("voice"), bool(body.get("interrupt")))
                 except (ValueError, AttributeError, RequestError) as exc:
                     log.warning("session %s: say refused: %s", name, exc)
 
@@ -195,11 +196,24 @@ class TalkSessions:
             self.lipsync.release(name)
         self._state(name, "stopped", None, session.snapshot())
 
-    def say(self, name: str, text: str, voice: str | None = None) -> str:
-        """Speak `text` in session `name` (after what it was given before) -> the utterance's id."""
+    def say(self, name: str, text: str, voice: str | None = None, interrupt: bool = False) -> str:
+        """Speak `text` in session `name` (after what it was given before, or cutting it: `interrupt`)
+        -> the utterance's id."""
         if name not in self.sessions:
             raise NotFound(f"no session {name}")
-        return self.voice.say(name, text, voice)
+        return self.voice.say(name, text, voice, interrupt)
+
+    def interrupt(self, name: str) -> str:
+        """Cut the utterance session `name` is saying -> its id (NotFound when it says none)."""
+        if name not in self.sessions:
+            raise NotFound(f"no session {name}")
+        cut = self.voice.interrupt(name)
+        if cut is None:
+            raise NotFound(f"session {name} is saying nothing")
+        return cut
+
+    def _utterance_event(self, name: str, payload: dict[str, Any]) -> None:  # on the session's say thread
+        self.handoff.call(self.publisher.publish, self.publisher.topics.talk_events(name), payload)
 
     # -- WebRTC signalling (WHEP-style viewers of `out = "webrtc"`, WHIP-style microphones for `audio`) ----
     def _peer(self, name: str, kind: str) -> Any:
