@@ -369,6 +369,35 @@ def test_talk_jobs(served: Served, face_image: Path, tmp_path: Path) -> None:
     assert served.call("GET", f"/api/talk/jobs/{job['id']}").status_code == 404
 
 
+def test_a_talk_job_from_text(served: Served, face_image: Path, tmp_path: Path) -> None:
+    """`text` instead of audio: espeak-ng's speech is the job's audio; the video carries it whole and
+    its frames cover it. Text with audio, or a voice espeak-ng lacks, is refused at once."""
+    import av
+
+    from tests.support.media import probe_output
+
+    res = served.call("POST", "/api/talk/jobs", data={"avatar_path": str(face_image),
+                                                      "text": "A talking head from text alone."})
+    assert res.status_code == 201, res.text
+    job = res.json()
+    for bad in ({"text": "hi", "audio_path": str(face_image)}, {"text": "hi", "voice": "xx-none"}):
+        res = served.call("POST", "/api/talk/jobs", data={"avatar_path": str(face_image), **bad})
+        assert res.status_code == 422, res.text
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and job["state"] not in ("done", "failed"):
+        time.sleep(0.5)
+        job = served.call("GET", f"/api/talk/jobs/{job['id']}").json()
+    assert job["state"] == "done", job
+    out = tmp_path / "text.mp4"
+    out.write_bytes(served.call("GET", job["video"]).content)
+    frames, fps, seconds, _ = probe_output(out)
+    assert 1.0 < seconds < 5.0
+    assert abs(frames - seconds * fps) <= 2
+    with av.open(str(out)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(c.streams.audio[0])])
+    assert float(np.sqrt(np.mean(audio ** 2))) > 0.02  # speech, not silence
+
+
 def test_talk_sessions(served: Served, face_image: Path, tmp_path: Path) -> None:
     audio = write_wav(tmp_path / "a.wav", tone_on_off([(3.0, True)]), 16000)
     body = {"name": "anna", "avatar": str(face_image), "audio": str(audio), "out": str(tmp_path / "anna.mp4")}

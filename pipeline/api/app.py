@@ -115,9 +115,14 @@ def add_job_routes(app: FastAPI, jobs: TalkJobs | None, guarded: list[Any], erro
                       audio: UploadFile | None = File(None, description="an audio file"),
                       avatar_path: str | None = Form(None, description="or a file on the server"),
                       audio_path: str | None = Form(None, description="or a file on the server"),
-                      backend: str = Form("energy", pattern="^(energy|musetalk)$")) -> JobInfo:
+                      backend: str = Form("energy", pattern="^(energy|musetalk)$"),
+                      text: str | None = Form(None, min_length=1, max_length=5000,
+                                              description="or text to speak (espeak-ng) instead of audio"),
+                      voice: str | None = Form(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
+                                               description="espeak-ng voice of `text` (default: [tts] voice)")
+                      ) -> JobInfo:
         q = jobs_or_503()
-        return job_info(await q.submit(avatar, audio, avatar_path, audio_path, backend))
+        return job_info(await q.submit(avatar, audio, avatar_path, audio_path, backend, text, voice))
 
     @app.get("/api/talk/jobs", response_model=list[JobInfo], tags=["talk"], dependencies=guarded, responses=errors)
     async def list_jobs() -> list[JobInfo]:

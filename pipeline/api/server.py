@@ -22,6 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import FramegridError
 from pipeline.talk.jobs import TalkJobs
 from streams.sinks import Encoding
+from talkinghead.tts import Speech
 
 from .app import build_app
 from .control import StreamControl
@@ -99,6 +100,7 @@ class ApiServer:
                              back_end.lipsync, musetalk_ready=config.lipsync.weights is not None,
                              paths=control.paths, render_always=config.lipsync.offline_render_silence == "always",
                              encoding=Encoding(preset=api.jobs_preset, crf=api.jobs_crf, live=False),
+                             speech=Speech(config.tts.voice, config.tts.speed),
                              max_queued=api.max_queued_jobs)
         self._jobs_started = False
         self._sock: socket.socket | None = None

@@ -31,11 +31,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import ApiConfig, default
+from pipeline.config import ApiConfig, TtsConfig, default
 from pipeline.errors import Invalid, TooLarge, Unavailable
 from streams.disk import disk_state, write_atomic
 from streams.sinks import OFFLINE, Encoding
+from talkinghead.audio import SAMPLE_RATE
+from talkinghead.tts import Speech
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,12 @@ class TalkJobs:
     def __init__(self, folder: Path, max_upload_bytes: int, workers: Callable[[], int],
                  lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False,
                  paths: ClientPaths | None = None, render_always: bool = False,
-                 max_queued: int = default(ApiConfig, "max_queued_jobs"), encoding: Encoding = OFFLINE) -> None:
+                 max_queued: int = default(ApiConfig, "max_queued_jobs"), encoding: Encoding = OFFLINE,
+                 speech: Speech | None = None) -> None:
         """`render_always`: MuseTalk renders silent frames too (`lipsync.offline_render_silence`);
         `encoding`: the videos' x264 settings (`api.jobs_crf`, `api.jobs_preset`)."""
         self.encoding = encoding
+        self.speech = speech or Speech(default(TtsConfig, "voice"), default(TtsConfig, "speed"))  # jobs from text
         self.folder = folder
         self.disk = disk_state("talk jobs")
         self.render_always = render_always
@@ -152,7 +158,10 @@ class TalkJobs:
 
     # -- submission --------------------------------------------------------------------------------
     async def submit(self, avatar: Any, audio: Any, avatar_path: str | None, audio_path: str | None,
-                     backend: str) -> Job:
+                     backend: str, text: str | None = None, voice: str | None = None) -> Job:
+        """A job from an avatar and an audio file, or text spoken by espeak-ng (`text`, `voice`)."""
+        if text is not None and (audio is not None or audio_path is not None):
+            raise Invalid("give audio (audio or audio_path) or text, not both", [("text", "with audio")])
         if backend == "musetalk" and not self.musetalk_ready:
             raise Invalid("backend: musetalk needs lipsync.weights in the config")
         if self._queue.full():  # before the uploads are taken in
@@ -161,9 +170,11 @@ class TalkJobs:
         folder = self.folder / job_id
         folder.mkdir(parents=True)
         try:
-            names = {}
-            for kind, upload, path in (("avatar", avatar, avatar_path), ("audio", audio, audio_path)):
-                names[kind] = await self._take_input(folder, kind, upload, path)
+            names = {"avatar": await self._take_input(folder, "avatar", avatar, avatar_path)}
+            if text is not None:
+                names["audio"] = await asyncio.to_thread(self._speak, folder, text, voice)
+            else:
+                names["audio"] = await self._take_input(folder, "audio", audio, audio_path)
             await asyncio.to_thread(self._check_inputs, folder / names["avatar"], folder / names["audio"])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -178,6 +189,23 @@ class TalkJobs:
         self._save(job)
         log.info("talk job %s: queued (%s)", job_id, backend)
         return job
+
+    def _speak(self, folder: Path, text: str, voice: str | None) -> str:
+        """`text` spoken by espeak-ng into the job's audio file (16 kHz mono WAV) -> its name."""
+        import wave
+
+        from talkinghead.tts import TtsError
+
+        try:
+            samples = np.concatenate(list(self.speech.stream(text, voice)))
+        except TtsError as exc:
+            raise Invalid(f"text: {exc}", [("text", str(exc))]) from None
+        with wave.open(str(folder / "audio.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(SAMPLE_RATE)
+            w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+        return "audio.wav"
 
     def _full(self) -> Unavailable:
         return Unavailable(f"the talk-job queue is full ({self._queue.maxsize} waiting, api.max_queued_jobs): "
