@@ -102,6 +102,10 @@ async def test_pipeline_adds_the_classifiers_answer_to_detections_and_events(
     try:
         await wait_until(lambda: {d["label"] for d in attributed()} >= {"circle", "square"}, 60,
                          "attributes on circles and squares")
+        # and on their events (an object's event starts once its track has lasted events.min_seen_s)
+        await wait_until(lambda: {m.json()["after"]["label"] for m in sub.of("/events")
+                                  if "attributes" in m.json()["changed"]} >= {"circle", "square"}, 10,
+                         "attributes on the events")
         figures = pipeline.running.secondaries.figures()["colour"]
     finally:
         await shutdown()

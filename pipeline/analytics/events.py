@@ -215,10 +215,10 @@ class StreamEvents:
     def _hold(self, obj: TrackedObject, reasons: list[str], m: float, result: Result, emit: Emit) -> None:
         """A track younger than `min_seen_s`: its changes wait; once it has lasted that long its
         event starts (`first_seen` is still its first sighting, so a clip gets its whole pre-roll)."""
-        obj.held += [r for r in reasons if r not in ("stationary", "moving", "attributes")]
+        obj.held += [r for r in reasons if r not in ("stationary", "moving")]  # `attributes` too: a classifier's
         if m - obj.first_mono >= self.cfg.min_seen_s:
             obj.announced, obj.last_update = True, m
-            emit("new", None, obj.state(), obj.held, obj, result)
+            emit("new", None, obj.state(), list(dict.fromkeys(obj.held)), obj, result)
             obj.held = []
 
     def _end_unseen(self, now: float, emit: Emit) -> None:
