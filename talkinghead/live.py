@@ -124,7 +124,17 @@ class MuseTalkLive:
             else:
                 frames.append(self.fade.idle(faces[k].frame))
         self.generated = len(generated)
-        self.hear(block_audio)
-        self.recent = (self.recent + list(voiced[:n]))[-SPEECH_MARGIN:]
-        self.index += n
+        self.advance(block_audio, voiced[:n])
         return frames
+
+    def skip(self, chunks: list[np.ndarray], voiced: list[bool]) -> None:
+        """Chunks the session could not render in time (it repeats its last frame for them): their
+        audio still joins the segment and the avatar still moves on, so the blocks after them get the
+        prompts and avatar frames of their own place in time (as offline would give them)."""
+        self.generated = 0
+        self.advance(np.concatenate(chunks).astype(np.float32), voiced[:len(chunks)])
+
+    def advance(self, block_audio: np.ndarray, voiced: list[bool]) -> None:
+        self.hear(block_audio)
+        self.recent = (self.recent + list(voiced))[-SPEECH_MARGIN:]
+        self.index += len(voiced)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .audio import FPS, SAMPLES_PER_FRAME, FrameChunker, PushAudio, rms_db
+from .offline import CROSSFADE_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ class BlockBackend(Protocol):
         ...
 
     def idle_frame(self) -> np.ndarray: ...
+
+    def skip(self, chunks: list[np.ndarray], voiced: list[bool]) -> None:
+        """The session is behind and shows its last frame for these chunks: the backend moves on past
+        them as if it had rendered them (its audio history and avatar position stay on the clock)."""
+        ...
 
 
 class Sink(Protocol):
@@ -224,9 +230,10 @@ class TalkSession:
             # calls, and frames late whenever a render outlasted 40 ms: 31% late over WebRTC.)
             building = False
 
-            def filler() -> tuple[list[np.ndarray | None], list[np.ndarray]]:
-                self._arrivals.insert(len(self._arrivals) - len(held), None)  # written before the held audio
-                return [None], []
+            def filler(n: int = 1) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+                for _ in range(n):
+                    self._arrivals.insert(len(self._arrivals) - len(held), None)  # written before the held audio
+                return [None] * n, []
 
             while not self._stop.is_set():
                 c = self.audio.pop()
@@ -238,9 +245,12 @@ class TalkSession:
                     held.append(c)
                     self._arrivals.append(self.audio.last_arrival)
                     if building and len(held) >= block + ahead:
+                        # the last fillers go out as one block that sees the spurt as its lookahead: the
+                        # model renders the frames just before the onset, so the cross-fade into the
+                        # generated face lands on them and not on the first spoken frames
                         building = False
-                        for _ in range(self.render_margin(block)):
-                            yield filler()
+                        fillers, _ = filler(max(self.render_margin(block), CROSSFADE_FRAMES))
+                        yield fillers, held[:ahead]
                     if not building:
                         yield from full()
                 elif self.audio.closed:
@@ -291,6 +301,8 @@ class TalkSession:
                     if behind and last is not None:
                         frames = [last] * len(chunks)  # degrade visibly, never let audio drift
                         self.stats.late += len(chunks)
+                        if hasattr(self.backend, "skip"):  # its audio history and avatar position go on
+                            self.backend.skip(chunks, self._voiced(chunks))
                         self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")
                     else:
                         if self.state == "degraded":
@@ -336,13 +348,16 @@ class TalkSession:
                 self.on_frame(self._rendered + len(frames) - 1, level)
         return frames, level
 
+    def _voiced(self, chunks: list[np.ndarray]) -> list[bool]:
+        return [bool(rms_db(c) >= self.silence_db) for c in chunks]
+
     def _render_block(
         self, chunks: list[np.ndarray], lookahead: list[np.ndarray], last: np.ndarray | None
     ) -> list[np.ndarray]:
         """Block backend: the voiced chunks go to the model as one batch; an executor failure shows
         the last frame for this block (counted as `errors`) and the session goes on."""
         backend: Any = self.backend
-        voiced = [bool(rms_db(c) >= self.silence_db) for c in [*chunks, *lookahead]]
+        voiced = self._voiced([*chunks, *lookahead])
         try:
             frames = backend.render_block(chunks, voiced, lookahead)
         except Exception as exc:

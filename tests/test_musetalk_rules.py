@@ -315,6 +315,76 @@ def test_live_block_renders_ahead_of_speech(musetalk_model: MuseTalk, tmp_path: 
     assert 0 == change[0] < change[1] < change[2] < change[3]  # fading in: 1/4, 2/4, 3/4
 
 
+def _constant_submit(jobs: list, delay: float = 0.0):  # type: ignore[no-untyped-def, type-arg]
+    """A slot whose UNet answers every job with one white face (after `delay` seconds)."""
+    import time
+    from concurrent.futures import Future
+
+    time.sleep(delay)
+    f: Future = Future()  # type: ignore[type-arg]
+    f.set_result([np.full((256, 256, 3), 255, np.uint8)] * len(jobs))
+    return f
+
+
+def test_pushed_speech_after_fillers_fades_in_on_silent_frames(musetalk_model: MuseTalk) -> None:
+    """Pushed audio that starts after a pause: while its first block and lookahead come in, the session
+    shows filler frames; the last of them see the spurt ahead, so the model renders them and the
+    cross-fade into the generated face ends before the first spoken frame (it used to land on the
+    first three spoken frames: the mouth half there as the voice began)."""
+    import time
+
+    from talkinghead import PushAudio, TalkSession
+    from talkinghead.live import MuseTalkLive
+    from tests.support.media import FrameSink
+
+    frame = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
+    face = musetalk_model.prepare_face(frame, (50, 50, 150, 150))
+    spoken = MuseTalk.paste(face, np.full((256, 256, 3), 255, np.uint8))
+    live = MuseTalkLive(musetalk_model, [face], _constant_submit, block=4, timeout=5.0, lookahead=5)
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("pause-then-speech", live, push, sink, realtime=True)
+    session.start()
+    time.sleep(0.4)  # nothing pushed yet: the avatar idles
+    t0 = time.monotonic()
+    loud = (np.full(640, 0.3) * 32767).astype("<i2").tobytes()
+    for k in range(25):
+        push.push_pcm16(loud)
+        time.sleep(max(0.0, t0 + (k + 1) / 25 - time.monotonic()))
+    time.sleep(0.5)
+    push.close()
+    assert session.wait(10), session.error
+    voiced = [bool(np.abs(a).max() > 0.1) for a in sink.audio]
+    first = voiced.index(True)
+    assert sum(voiced) == 25
+    assert first >= 10, first
+    assert all(np.array_equal(sink.frames[i], spoken) for i in range(first, first + 25))  # no fade on speech
+    change = [int(np.abs(f.astype(int) - frame).sum()) for f in sink.frames[first - 4:first + 1]]
+    assert 0 == change[0] < change[1] < change[2] < change[3] < change[4]  # 1/4, 2/4, 3/4, then speech
+    assert all(np.array_equal(f, frame) for f in sink.frames[:first - 3])  # the pause itself: the avatar
+
+
+def test_blocks_skipped_under_overload_keep_whisper_history_and_avatar_position(musetalk_model: MuseTalk) -> None:
+    """A session behind real time repeats its last frame for the blocks it cannot render; the backend
+    still hears their audio and moves the avatar on, so the next rendered block gets the prompts and
+    the avatar frame of its own place in time (they used to resume where the skip began)."""
+    from talkinghead import TalkSession
+    from talkinghead.live import MuseTalkLive
+    from tests.support.media import FrameSink
+
+    frame = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
+    faces = [musetalk_model.prepare_face(np.roll(frame, k, 0), (50, 50, 150, 150)) for k in range(7)]
+    live = MuseTalkLive(musetalk_model, faces, lambda jobs: _constant_submit(jobs, 0.3), block=4, timeout=5.0,
+                        lookahead=5)
+    audio = (0.3 * np.sin(np.arange(16000 * 2) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    session = TalkSession("overloaded", live, iter([audio]), FrameSink(), realtime=True)
+    session.start()
+    assert session.wait(20), session.error
+    assert session.stats.late > 0, session.snapshot()  # 300 ms per 160 ms block: behind
+    assert session.stats.frames == 50
+    assert live.index == 50  # every frame's place, rendered or skipped
+    assert len(live.heard) == 50 * 640  # every chunk's audio in the Whisper segment
+
+
 # -- audio: the exact short log-mel, and live prompts against offline ----------------------------------
 def test_short_log_mel_equals_the_padded_one(musetalk_model: MuseTalk) -> None:
     rng = np.random.default_rng(2)

@@ -235,6 +235,7 @@ class SlowBlocks:
     def __init__(self, block: int, lookahead: int, cost: float) -> None:
         self.block, self.lookahead, self.cost = block, lookahead, cost
         self.calls: list[tuple[int, int]] = []  # (chunks, lookahead chunks) per voiced block
+        self.skipped = 0  # chunks the session could not render in time
 
     def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
         if any(voiced[:len(chunks)]):
@@ -244,6 +245,9 @@ class SlowBlocks:
 
     def idle_frame(self) -> np.ndarray:
         return np.full((2, 2), -1, np.float32)
+
+    def skip(self, chunks: list[np.ndarray], voiced: list[bool]) -> None:
+        self.skipped += len(chunks)
 
 
 def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
