@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,10 +108,27 @@ class FrameChunker:
         return [out]
 
 
-class PushAudio:
-    """Audio pushed from outside (MQTT PCM chunks): a bounded, thread-safe queue of frame chunks."""
+SPURT_GAP_S = 0.6  # pushed audio silent (or absent) this long ends its spurt
 
-    def __init__(self, max_seconds: float = 10.0) -> None:
+
+@dataclass
+class Spurt:
+    """A run of voiced audio pushed from outside (PCM over MQTT, a microphone): its chunks are
+    [first, end) in the queue's numbering (`PushAudio.pushed`); it ends when no voiced chunk has
+    come for `SPURT_GAP_S` (or at a cut)."""
+
+    number: int  # 1, 2, ... per queue
+    first: int
+    end: int
+    last_voiced: float  # monotonic arrival of its newest voiced chunk
+
+
+class PushAudio:
+    """Audio pushed from outside (MQTT PCM chunks): a bounded, thread-safe queue of frame chunks.
+    Outside audio (`push_pcm16`) is also cut into spurts (`spurt`): chunks at or above `silence_db`
+    start one, and it ends after `SPURT_GAP_S` without them."""
+
+    def __init__(self, max_seconds: float = 10.0, silence_db: float = -50.0) -> None:
         self._chunker = FrameChunker()
         # (chunk, monotonic arrival time): the session measures audio-in to frame-out latency
         self._chunks: deque[tuple[np.ndarray, float]] = deque(maxlen=int(max_seconds * FPS))
@@ -122,6 +140,9 @@ class PushAudio:
         self.closed = False
         self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
         self.pushed = 0  # chunks ever queued: chunk k (from 0) has been taken (spoken, dropped, cut) once `taken` > k
+        self.silence_db = silence_db
+        self.spurt: Spurt | None = None  # the newest spurt of outside audio (None after a cut)
+        self._spurts = 0
 
     @property
     def rejected(self) -> int:
@@ -155,8 +176,9 @@ class PushAudio:
         return data[12:]
 
     def push_pcm16(self, data: bytes) -> None:
+        """Outside audio: queued, and its voiced chunks counted into spurts."""
         check_pcm16(data)
-        self.push_samples(pcm16_to_float(data))
+        self.push_samples(pcm16_to_float(data), spurts=True)
 
     @property
     def queued_s(self) -> float:
@@ -169,9 +191,9 @@ class PushAudio:
         with self._lock:
             return self.pushed - len(self._chunks)
 
-    def push_samples(self, samples: np.ndarray, end: bool = False) -> None:
-        """float32 16 kHz mono samples (speech synthesised here, say); `end`: the spurt ends here, its
-        last partial chunk goes out padded with silence."""
+    def push_samples(self, samples: np.ndarray, end: bool = False, spurts: bool = False) -> None:
+        """float32 16 kHz mono samples (speech synthesised here, say); `end`: the utterance ends here,
+        its last partial chunk goes out padded with silence; `spurts`: count voiced chunks into spurts."""
         now = time.monotonic()
         with self._lock:
             for c in [*self._chunker.push(samples), *(self._chunker.flush() if end else [])]:
@@ -179,6 +201,11 @@ class PushAudio:
                     self.dropped += 1
                 self._chunks.append((c, now))
                 self.pushed += 1
+                if spurts and rms_db(c) >= self.silence_db:
+                    if self.spurt is None or now - self.spurt.last_voiced > SPURT_GAP_S:
+                        self._spurts += 1
+                        self.spurt = Spurt(self._spurts, self.pushed - 1, self.pushed, now)
+                    self.spurt.end, self.spurt.last_voiced = self.pushed, now
 
     def cut(self, fade_chunks: int = 2) -> int:
         """Barge-in: all that waits is dropped but its first `fade_chunks`, faded out to silence (so the
@@ -188,6 +215,7 @@ class PushAudio:
             dropped = len(self._chunks)
             self._chunks.clear()
             self._chunker.flush()  # a partial chunk is dropped too
+            self.spurt = None  # what is pushed after a cut is a new spurt
             ramp = np.linspace(1.0, 0.0, max(1, len(kept)) * SAMPLES_PER_FRAME, dtype=np.float32)
             for i, (c, at) in enumerate(kept):
                 self._chunks.append((c * ramp[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME], at))

@@ -6,13 +6,14 @@ the refusals at start-up use their own processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -540,6 +541,91 @@ def test_barge_in_cuts_the_utterance_being_said_and_drops_the_waiting_ones(serve
     print(f"barge-in: the voice stopped {cut_after * 1000:.0f} ms after the request")
     assert cut_after < 0.4, (runs, asked - started_at)
     assert spoken < 2.0  # the whole sentence is over 6 s
+
+
+class EventStream:
+    """Reads a server-sent event stream on a thread: its `data` objects, in order."""
+
+    def __init__(self, served: Served, path: str, **params: Any) -> None:
+        import threading
+
+        self.events: list[dict[str, Any]] = []
+        self.open = threading.Event()
+        self._client = httpx.Client(base_url=served.client.base_url, headers=served.client.headers, timeout=30)
+        self._thread = threading.Thread(target=self._read, args=(path, params), daemon=True)
+        self._thread.start()
+        assert self.open.wait(10), path
+
+    def _read(self, path: str, params: dict[str, Any]) -> None:
+        with contextlib.suppress(httpx.HTTPError), self._client.stream("GET", path, params=params) as res:
+            assert res.headers["content-type"].startswith("text/event-stream")
+            for line in res.iter_lines():
+                self.open.set()
+                if line.startswith("data: "):
+                    self.events.append(json.loads(line[6:]))
+
+    def close(self) -> None:
+        self._client.close()
+        self._thread.join(5)
+
+
+def test_pushed_audio_spurts_are_utterances_and_events_come_as_server_sent_events(
+        served: Served, face_image: Path, mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """PCM pushed over MQTT is an utterance per spurt (voiced audio until 0.6 s without): each gets an
+    id and started/finished events like a `say`, and DELETE .../utterances/current cuts one being
+    spoken. GET .../events streams the same events as <prefix>/talk/<name>/events, in order, and
+    resumes after a given `seq`."""
+    import paho.mqtt.client as paho
+
+    body = {"name": "cleo", "avatar": str(face_image), "audio": "mqtt", "out": str(tmp_path / "cleo.mp4")}
+    assert served.call("POST", "/api/talk/sessions", json=body).status_code == 201
+    sse = EventStream(served, "/api/talk/sessions/cleo/events")
+    mqtt = lambda: [m.json() for m in served.sub.of("/talk/cleo/events")]  # noqa: E731
+    pub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{served.prefix}-pcm")
+    pub.connect("127.0.0.1", mosquitto.port)
+    pub.loop_start()
+
+    def push(seconds: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """A 220 Hz voice-like tone in real time, 100 ms per message."""
+        tone = (0.4 * np.sin(2 * np.pi * 220 * np.arange(1600) / 16000) * 32767).astype("<i2").tobytes()
+        t0 = time.monotonic()
+        for k in range(round(seconds * 10)):
+            if stop():
+                return
+            pub.publish(f"{served.prefix}/talk/cleo/audio", tone, qos=0)
+            time.sleep(max(0.0, t0 + (k + 1) / 10 - time.monotonic()))
+
+    try:
+        push(1.0)  # one spurt, said whole
+        served.sub.wait_for(lambda: any(e["event"] == "finished" for e in mqtt()), 10, "spurt finished")
+        push(3.0, lambda: any(e["event"] == "started" and e["utterance"] != mqtt()[0]["utterance"] for e in mqtt()))
+        res = served.call("DELETE", "/api/talk/sessions/cleo/utterances/current")  # cut while it is spoken
+        assert res.status_code == 200, res.text
+        cut = res.json()["id"]
+        said = served.call("POST", "/api/talk/sessions/cleo/say", json={"text": "Yes?"}).json()["id"]
+        served.sub.wait_for(lambda: sum(e["event"] == "finished" for e in mqtt()) == 2, 15, "text finished")
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    first = mqtt()[0]["utterance"]
+    kinds = [(e["utterance"], e["source"], e["event"]) for e in mqtt()]
+    assert kinds == [(first, "audio", "started"), (first, "audio", "finished"), (cut, "audio", "started"),
+                     (cut, "audio", "interrupted"), (said, "text", "started"), (said, "text", "finished")], kinds
+    deadline = time.monotonic() + 5
+    while len(sse.events) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sse.close()
+    assert [{k: v for k, v in e.items() if k != "seq"} for e in sse.events] == mqtt()
+    seqs = [e["seq"] for e in sse.events]
+    assert seqs == sorted(seqs)
+    again = EventStream(served, "/api/talk/sessions/cleo/events", after=seqs[3])  # resume after the cut
+    deadline = time.monotonic() + 5
+    while len(again.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again.close()
+    assert [e["seq"] for e in again.events] == seqs[4:]
+    assert served.call("GET", "/api/talk/sessions/nobody/events").status_code == 404
+    assert served.call("DELETE", "/api/talk/sessions/cleo").status_code == 204
 
 
 def test_clients_name_only_network_streams_and_files_inside_media_dirs(served: Served, face_image: Path,

@@ -6,6 +6,7 @@ joining node takes load, and a restarted head finds the running workers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -450,6 +451,18 @@ def test_a_head_killed_mid_job_and_mid_session_loses_neither(
             sub.wait_for(lambda: [s["state"] for s in api.get("/api/talk/sessions").json()] == ["live"], 30,
                          "s1 listed live")
             assert [s["node"] for s in api.get("/api/talk/sessions").json()] == [node]
+            # text said through the new head, its utterance's events relayed back as server-sent events
+            res = api.post("/api/talk/sessions/s1/say", json={"text": "Hello."})
+            assert res.status_code == 202, res.text
+            said, heard = res.json()["id"], []
+            with api.stream("GET", "/api/talk/sessions/s1/events", params={"after": 0}) as feed:
+                for line in feed.iter_lines():
+                    if line.startswith("data: "):
+                        heard.append(json.loads(line[6:]))
+                        if heard[-1]["event"] == "finished":
+                            break
+            assert [(e["utterance"], e["source"], e["event"]) for e in heard] == [
+                (said, "text", "started"), (said, "text", "finished")], heard
             # the job: queued again and completed; frame for frame as the same job run undisturbed
             sub.wait_for(lambda: api.get(f"/api/talk/jobs/{job}").json()["state"] in ("done", "failed"), 240,
                          "the interrupted job done")

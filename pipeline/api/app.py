@@ -250,7 +250,7 @@ def build_app(pipeline: Pipeline, control: StreamControl, jobs: TalkJobs | None,
 
     target = LocalTarget(pipeline, latest, latency)
     app.include_router(streams_router(target, control, guarded, errors, mjpeg_fps, closing))
-    app.include_router(sessions_router(target, control, guarded, errors))
+    app.include_router(sessions_router(target, control, guarded, errors, closing))
 
     app.include_router(observe_router(target, control, guarded, errors, closing))
 

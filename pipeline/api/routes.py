@@ -50,6 +50,7 @@ from .target import ControlTarget
 log = logging.getLogger(__name__)
 
 LIVE_HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"}
+TALK_EVENTS_POLL_S = 0.05  # how often a session's utterance events are asked for (they run elsewhere on a cluster)
 STUCK_VIEWER_S = 10.0  # a live view whose client takes nothing for this long is cut
 TRANSPORT_KEY = "framegrid.transport"  # in the ASGI scope: the connection (set by the API server)
 
@@ -251,7 +252,8 @@ def streams_router(target: ControlTarget, control: StreamControl, guarded: list[
     return router
 
 
-def sessions_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors) -> APIRouter:
+def sessions_router(target: ControlTarget, control: StreamControl, guarded: list[Any], errors: Errors,
+                    closing: asyncio.Event) -> APIRouter:
     router = APIRouter(tags=["talk"], dependencies=guarded)
 
     @router.get("/api/talk/sessions", response_model=list[SessionInfo], responses=errors)
@@ -287,7 +289,7 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
 
     @router.post("/api/talk/sessions/{name}/say", response_model=Utterance, status_code=202,
                  responses={**errors, 404: {"model": Problem}, 409: {"model": Problem}},
-                 summary="Speak text in a session (audio = \"mqtt\")")
+                 summary="Speak text in a session with pushed audio (audio = \"mqtt\" or \"webrtc\")")
     async def say(name: str, body: Say) -> Utterance:
         running(target)
         return Utterance(id=await target.say(name, body.text, body.voice, body.interrupt))
@@ -298,6 +300,36 @@ def sessions_router(target: ControlTarget, control: StreamControl, guarded: list
     async def interrupt(name: str) -> Utterance:
         running(target)
         return Utterance(id=await target.interrupt(name))
+
+    @router.get("/api/talk/sessions/{name}/events", tags=["talk"], response_class=StreamingResponse,
+                responses={**errors, 404: {"model": Problem}, 200: {"content": {"text/event-stream": {}}}},
+                summary="Server-sent events: a session's utterances (started, finished, interrupted, failed)")
+    async def talk_events(name: str, request: Request,
+                          after: int | None = Query(None, description="resume after this event's `seq` "
+                                                    "(or send Last-Event-ID)")) -> StreamingResponse:
+        running(target)
+        if after is None:
+            last = request.headers.get("last-event-id", "")
+            after = int(last) if last.isdigit() else None
+        seen = after if after is not None else max((e["seq"] for e in await target.talk_events(name, 0)), default=0)
+
+        async def feed() -> AsyncIterator[bytes]:
+            nonlocal seen
+            yield b": utterance events\n\n"  # the stream is open (a client can start speaking now)
+            while not closing.is_set():
+                try:
+                    events = await target.talk_events(name, seen)
+                except NotFound:
+                    yield b"event: end\ndata: {}\n\n"  # the session went away
+                    return
+                for e in events:
+                    seen = max(seen, int(e["seq"]))
+                    yield f"id: {e['seq']}\ndata: {json.dumps(e)}\n\n".encode()
+                if await request.is_disconnected():
+                    return
+                await wait_event(closing, TALK_EVENTS_POLL_S)
+
+        return LiveResponse(feed(), media_type="text/event-stream", headers=LIVE_HEADERS)
 
     add_webrtc_routes(router, target, errors)
     return router

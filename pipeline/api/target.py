@@ -108,6 +108,10 @@ class ControlTarget(Protocol):
         """Cut what a session is saying -> the utterance's id. NotFound (no session, saying nothing)."""
         ...
 
+    async def talk_events(self, session: str, after: int) -> list[dict[str, Any]]:
+        """A session's utterance events after sequence number `after`, where it runs. NotFound."""
+        ...
+
     async def devices(self) -> list[DeviceOut]:
         """Every device (of every node) with its memory, load and executor slots."""
         ...
@@ -224,6 +228,9 @@ class LocalTarget:
 
     async def interrupt(self, session: str) -> str:
         return self.pipeline.talk.interrupt(session)
+
+    async def talk_events(self, session: str, after: int) -> list[dict[str, Any]]:
+        return self.pipeline.talk.utterance_events(session, after)
 
     # -- devices, stats, events ------------------------------------------------------------------------
     async def device_facts(self) -> list[DeviceInfo]:

@@ -227,6 +227,13 @@ class ClusterTarget:
         got: str = await self._relay(self.head.where(session_key(session)), "interrupt", session)
         return got
 
+    async def talk_events(self, session: str, after: int) -> list[dict[str, Any]]:
+        if session not in self.head.sessions:
+            raise NotFound(f"no session {session}")
+        got: list[dict[str, Any]] = await self._relay(self.head.where(session_key(session)), "talk_events", session,
+                                                      after)
+        return got
+
     # -- what the nodes answer ---------------------------------------------------------------------------
     async def devices(self) -> list[DeviceOut]:
         got = await self.head.ask_nodes("devices")
@@ -286,7 +293,7 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
 
     target = ClusterTarget(head)
     app.include_router(streams_router(target, control, guarded, errors, head.config.api.mjpeg_fps, closing))
-    app.include_router(sessions_router(target, control, guarded, errors))
+    app.include_router(sessions_router(target, control, guarded, errors, closing))
     app.include_router(observe_router(target, control, guarded, errors, closing))
     add_page(app)
 

@@ -48,7 +48,7 @@ async def answered(call: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
 
 MEDIA_RELAYED = ("event_clip", "recordings", "recording")  # of its `media`
 # the ControlTarget calls a head relays to a node
-RELAYED = ("webrtc_offer", "webrtc_leave", "say", "interrupt", "device_moves", *MEDIA_RELAYED)
+RELAYED = ("webrtc_offer", "webrtc_leave", "say", "interrupt", "talk_events", "device_moves", *MEDIA_RELAYED)
 
 
 class NodeDescription(TypedDict):
@@ -193,7 +193,7 @@ class NodeWorker:
             got = await getattr(target.media if call in MEDIA_RELAYED else target, call)(*args)
             if isinstance(got, Path):  # a file here: its bytes go to the head (another machine, maybe)
                 return await asyncio.to_thread(got.read_bytes)
-            return [m.model_dump() for m in got] if isinstance(got, list) else got
+            return [m.model_dump() if hasattr(m, "model_dump") else m for m in got] if isinstance(got, list) else got
 
         return await answered(ask())
 

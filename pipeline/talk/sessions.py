@@ -25,6 +25,7 @@ from pipeline.mqtt.publisher import Publisher
 from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
 from streams.handoff import Handoff
+from talkinghead.audio import PushAudio
 from talkinghead.tts import Speech
 
 from .lipsync import LipSyncPool, musetalk_pool
@@ -75,7 +76,7 @@ class TalkSessions:
     async def start(self, name: str, cfg: TalkConfig) -> None:
         """Start a live session. Raises on a bad avatar or sink after publishing the `failed` state."""
         from streams.sinks import AVSink
-        from talkinghead import EnergyLipSync, PushAudio, TalkSession, prepare_avatar
+        from talkinghead import EnergyLipSync, TalkSession, prepare_avatar
         from talkinghead.audio import AudioError, iter_audio
         from talkinghead.session import Sink as TalkSink
 
@@ -116,6 +117,7 @@ class TalkSessions:
 
             audio = PushAudio()
             self.mics[name] = MicIn(name, audio)
+            self._takes_text(name, audio)
         elif cfg.audio == "mqtt":
             push = PushAudio()
 
@@ -139,16 +141,8 @@ class TalkSessions:
                             push.rejected,
                         )
 
-            def on_say(_topic: str, payload: bytes) -> None:  # text, or {"text": ..., "voice": ...}
-                try:
-                    body = json.loads(payload) if payload[:1] == b"{" else {"text": payload.decode("utf-8")}
-                    self.say(name, str(body.get("text", "")), body.get("voice"), bool(body.get("interrupt")))
-                except (ValueError, AttributeError, RequestError) as exc:
-                    log.warning("session %s: say refused: %s", name, exc)
-
             audio = push
-            self.voice.attach(name, push)
-            self.publisher.subscribe(self.publisher.topics.talk_say(name), on_say)
+            self._takes_text(name, push)
             subscribed = self.publisher.subscribe(self.publisher.topics.talk_audio(name), on_audio)
             # `live` must mean the audio topic is listened to: wait for the broker's SUBACK (also
             # when the connection is still being made: the subscription then comes with it)
@@ -177,6 +171,26 @@ class TalkSessions:
             if cfg.enabled:
                 with contextlib.suppress(Exception):
                     await self.start(name, cfg)
+
+    def _takes_text(self, name: str, push: PushAudio) -> None:
+        """A session with pushed audio also speaks text (`say`, API or `<prefix>/talk/<name>/say`), and
+        its utterances (texts and pushed spurts) get ids and events."""
+
+        def on_say(_topic: str, payload: bytes) -> None:  # text, or {"text": ..., "voice": ...}
+            try:
+                body = json.loads(payload) if payload[:1] == b"{" else {"text": payload.decode("utf-8")}
+                self.say(name, str(body.get("text", "")), body.get("voice"), bool(body.get("interrupt")))
+            except (ValueError, AttributeError, RequestError) as exc:
+                log.warning("session %s: say refused: %s", name, exc)
+
+        self.voice.attach(name, push)
+        self.publisher.subscribe(self.publisher.topics.talk_say(name), on_say)
+
+    def utterance_events(self, name: str, after: int) -> list[dict[str, Any]]:
+        """Session `name`'s utterance events after sequence number `after` (NotFound: no such session)."""
+        if name not in self.sessions:
+            raise NotFound(f"no session {name}")
+        return self.voice.events(name, after)
 
     async def stop(self, name: str) -> None:
         session = self.sessions.pop(name, None)
