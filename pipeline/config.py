@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from detectors import defaults as yolo_defaults
 from streams import SourceSettings, is_local_file, redact_text, url_password
 from talkinghead import defaults as musetalk_defaults
+from talkinghead import tts
 
 from .errors import FramegridError
 
@@ -450,13 +451,22 @@ class TalkConfig(Strict):
     enabled: bool = True
 
 
-class TtsConfig(Strict):
-    """`[tts]`: how `say` speaks text in live sessions (Debian's espeak-ng, offline)."""
+VoiceName = Annotated[str, Field(min_length=1, max_length=64, pattern=tts.VOICE_PATTERN)]
 
-    voice: str = Field("en", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
-                       description="espeak-ng voice (`espeak-ng --voices` lists them: en, en-us, de, fr, ...); a "
-                       "`say` may name another")
-    speed: int = Field(170, ge=80, le=500, description="words per minute")
+
+class TtsConfig(Strict):
+    """`[tts]`: how `say` and talk jobs from text speak (offline: Debian's espeak-ng, or piper voices)."""
+
+    voice: VoiceName = Field("en", description="espeak-ng voice (`espeak-ng --voices` lists them: en, en-us, "
+                             "de, fr, ...) or the name of a voice in `piper`; a `say` may name another")
+    speed: int = Field(tts.DEFAULT_SPEED, ge=80, le=500, description="words per minute (a piper voice: "
+                       f"its own pace at {tts.DEFAULT_SPEED})")
+    piper: dict[VoiceName, Path] = Field(default_factory=dict, description="piper voices by name: the voice's "
+                                         ".onnx file, its .onnx.json beside it (from the piper-voices collection), "
+                                         "relative to the config")
+
+    def speech(self) -> tts.Speech:
+        return tts.Speech(self.voice, self.speed, self.piper)
 
 
 class LipSyncConfig(SlotPoolConfig):
@@ -888,11 +898,13 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
     if (folder := path(lipsync.get("weights"))) is not None and version in ("v15", "v1") and any(
             t.get("backend") == "musetalk" for t in talks.values()):
         musetalk = (folder, str(version))
-    return errors + _missing_files(weights, files, avatars, musetalk)
+    piper = {n: v for n, value in table(table(data.get("tts")).get("piper")).items()
+             if (v := path(value)) is not None}
+    return errors + _missing_files(weights, files, avatars, musetalk, piper)
 
 
 def _missing_files(weights: dict[str, Path], files: dict[str, Path], avatars: dict[str, Path],
-                   musetalk: tuple[Path, str] | None) -> list[tuple[str, str]]:
+                   musetalk: tuple[Path, str] | None, piper: dict[str, Path]) -> list[tuple[str, str]]:
     """The one check (and message) of the files a config names that must exist before anything starts:
     weights (and their kind), other files by their key (local stream files, talk audio, class-name
     files), avatars (each named as resolved against the config's folder), the MuseTalk folder's
@@ -914,6 +926,7 @@ def _missing_files(weights: dict[str, Path], files: dict[str, Path], avatars: di
                                                   "yolo export model=best.pt format=onnx, and put it there)"))
     errors += [(key, f"file not found: {p}") for key, p in files.items() if not p.exists()]
     errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
+    errors += [(f"tts.piper.{n}", why) for n, p in piper.items() if (why := tts.piper_voice_error(n, p))]
     if musetalk is not None:
         from talkinghead.musetalk import MuseTalkError, check_layout
 
@@ -958,12 +971,14 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     events = config.events
     if events.store is not None and not events.store.is_absolute():
         events = events.model_copy(update={"store": base_dir / events.store})
+    tts_cfg = config.tts.model_copy(update={"piper": {n: under(p) for n, p in config.tts.piper.items()}})
     record = config.record
     if record.dir is not None and not record.dir.is_absolute():
         record = record.model_copy(update={"dir": base_dir / record.dir})
     return config.model_copy(
         update={
             "record": record,
+            "tts": tts_cfg,
             "models": models,
             "streams": streams,
             "talk": talk,
@@ -994,7 +1009,7 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     files |= {f"talk.{n}.audio": Path(t.audio) for n, t in talks.items()
               if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)}
     return _missing_files({n: m.weights for n, m in config.models.items()}, files,
-                          {n: t.avatar for n, t in talks.items()}, musetalk)
+                          {n: t.avatar for n, t in talks.items()}, musetalk, config.tts.piper)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

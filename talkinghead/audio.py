@@ -15,7 +15,9 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +69,39 @@ def iter_audio(source: str | Path, rate: int = SAMPLE_RATE, timeout: float = 10.
             raise AudioError(f"audio {name}: decode error: {exc}") from exc
     finally:
         container.close()
+
+
+class Resampler:
+    """Mono blocks at `rate` (int16 or float) -> float32 blocks at `SAMPLE_RATE`, continuous across
+    blocks (PyAV's resampler): for audio that arrives in pieces (speech as it is synthesised)."""
+
+    def __init__(self, rate: int) -> None:
+        import av
+
+        self.rate = rate
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._pts = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        import av
+
+        if not len(samples):
+            return np.zeros(0, np.float32)
+        s16 = samples.dtype == np.int16
+        data = samples if s16 else samples.astype(np.float32, copy=False)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data).reshape(1, -1), format="s16" if s16 else "flt",
+                                           layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self._pts, Fraction(1, self.rate)
+        self._pts += frame.samples
+        return self._out(self._resampler.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        return self._out(self._resampler.resample(None))
+
+    @staticmethod
+    def _out(frames: list[Any]) -> np.ndarray:
+        parts = [f.to_ndarray().reshape(-1).astype(np.float32, copy=False) for f in frames]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:

@@ -80,6 +80,23 @@ def test_missing_weights_says_what_to_download(tmp_path: Path) -> None:
     assert "yolo11n.pt" in msg
 
 
+def test_a_piper_voice_is_found_beside_the_config_or_named_with_what_to_download(tmp_path: Path) -> None:
+    from tools.make_tiny_piper import make
+
+    make(tmp_path / "voices", "tiny")
+    cfg = load_config(write(tmp_path, GOOD + '\n[tts]\nvoice = "tiny"\npiper = {tiny = "voices/tiny.onnx"}\n'),
+                      env={"CAM_PW": "x"})
+    assert cfg.tts.piper == {"tiny": tmp_path / "voices" / "tiny.onnx"}
+    assert cfg.tts.speech().piper["tiny"].is_file()
+    for table in ('[tts]\npiper = {lessac = "voices/en_US-lessac-medium.onnx"}\n',
+                  '[tts]\nspeed = 0\npiper = {lessac = "voices/en_US-lessac-medium.onnx"}\n'):  # raw tables too
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD + "\n" + table), env={"CAM_PW": "x"})
+        errors = dict(info.value.errors)
+        assert "en_US-lessac-medium.onnx.json" in errors["tts.piper.lessac"]
+        assert "piper-voices" in errors["tts.piper.lessac"]
+
+
 def test_bad_mqtt_url_and_bad_stream_name(tmp_path: Path) -> None:
     text = GOOD.replace("mqtt://127.0.0.1:1883", "http://broker") + '\n[streams."bad name"]\nurl="x"\nmodel="m"\n'
     with pytest.raises(ConfigError) as info:

@@ -396,3 +396,32 @@ def test_speech_is_streamed_at_16k_and_says_what_is_wrong() -> None:
             list(speech.stream(text, voice))
     with pytest.raises(TtsError, match="apt install espeak-ng"):
         list(Speech("en", 170, binary="no-such-tts").stream("hi"))
+
+
+def test_a_piper_voice_speaks_through_the_piper_package(tmp_path: Path) -> None:
+    """A configured piper voice (a tiny one with piper's interface, `tools/make_tiny_piper.py`) is run by
+    the real `piper` package: phonemised with its espeak-ng data, one sentence at a time, resampled
+    from the voice's 22.05 kHz to 16 kHz, paced by `speed`; espeak-ng voices still work beside it; a
+    missing voice file says what to download."""
+    from piper import PiperVoice
+
+    from talkinghead.tts import Speech, TtsError
+    from tools.make_tiny_piper import HOP, make
+
+    path = make(tmp_path / "voices")
+    speech = Speech("tiny", 170, {"tiny": path})
+    text = "Hello there. This is a second sentence."
+    blocks = list(speech.stream(text))
+    assert len(blocks) >= 2  # a sentence at a time
+    voice = PiperVoice.load(path)
+    expected = sum(len(voice.phonemes_to_ids(p)) for p in voice.phonemize(text))  # the voice's own phoneme ids
+    audio = np.concatenate(blocks)
+    assert abs(len(audio) - expected * HOP * SAMPLE_RATE / 22050) < 64, (len(audio), expected)
+    first = audio[: int(HOP * SAMPLE_RATE / 22050)]  # the first phoneme id: BOS (^ = id 1): 132 Hz
+    spectrum = np.abs(np.fft.rfft(first * np.hanning(len(first)), 8192))
+    assert abs(np.argmax(spectrum) * SAMPLE_RATE / 8192 - 132) < 6
+    fast = np.concatenate(list(Speech("tiny", 340, {"tiny": path}).stream(text)))
+    assert abs(len(fast) / len(audio) - 0.5) < 0.02  # twice the words per minute: half the length
+    assert len(np.concatenate(list(speech.stream("Hi.", "en")))) > 0  # espeak-ng beside it
+    with pytest.raises(TtsError, match="piper-voices"):
+        list(Speech("gone", 170, {"gone": tmp_path / "gone.onnx"}).stream("Hi."))

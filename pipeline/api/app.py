@@ -27,6 +27,7 @@ from pipeline.core import faults
 from pipeline.errors import Conflict, Invalid, NotFound, RequestError, TooLarge, Unavailable
 from pipeline.talk.jobs import TalkJobs
 from streams import redact_text
+from talkinghead.tts import MAX_TEXT, VOICE_PATTERN
 
 from .control import StreamControl
 from .metrics import make_registry
@@ -116,10 +117,11 @@ def add_job_routes(app: FastAPI, jobs: TalkJobs | None, guarded: list[Any], erro
                       avatar_path: str | None = Form(None, description="or a file on the server"),
                       audio_path: str | None = Form(None, description="or a file on the server"),
                       backend: str = Form("energy", pattern="^(energy|musetalk)$"),
-                      text: str | None = Form(None, min_length=1, max_length=5000,
-                                              description="or text to speak (espeak-ng) instead of audio"),
-                      voice: str | None = Form(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
-                                               description="espeak-ng voice of `text` (default: [tts] voice)")
+                      text: str | None = Form(None, min_length=1, max_length=MAX_TEXT,
+                                              description="or text to speak (espeak-ng or piper) instead of audio"),
+                      voice: str | None = Form(None, min_length=1, max_length=64, pattern=VOICE_PATTERN,
+                                               description="voice of `text`: espeak-ng's or a [tts.piper] one "
+                                               "(default: [tts] voice)")
                       ) -> JobInfo:
         q = jobs_or_503()
         return job_info(await q.submit(avatar, audio, avatar_path, audio_path, backend, text, voice))

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.config import MaskConfig, Name, StreamConfig, TalkConfig
+from pipeline.config import MaskConfig, Name, StreamConfig, TalkConfig, VoiceName
+from talkinghead.tts import MAX_TEXT
 
 
 class Health(BaseModel):
@@ -120,9 +121,8 @@ class Say(BaseModel):
     """Text a session speaks (espeak-ng), after what it was given before."""
 
     model_config = {"extra": "forbid"}
-    text: str = Field(min_length=1, max_length=5000)
-    voice: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
-                              description="espeak-ng voice (default: [tts] voice)")
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    voice: VoiceName | None = Field(None, description="espeak-ng voice or a [tts.piper] voice (default: [tts] voice)")
     interrupt: bool = Field(False, description="barge-in: cut what is being said (with a short fade) and drop "
                             "what waits, then say this")
 

@@ -22,7 +22,6 @@ from pipeline.config import Config
 from pipeline.errors import FramegridError
 from pipeline.talk.jobs import TalkJobs
 from streams.sinks import Encoding
-from talkinghead.tts import Speech
 
 from .app import build_app
 from .control import StreamControl
@@ -100,7 +99,7 @@ class ApiServer:
                              back_end.lipsync, musetalk_ready=config.lipsync.weights is not None,
                              paths=control.paths, render_always=config.lipsync.offline_render_silence == "always",
                              encoding=Encoding(preset=api.jobs_preset, crf=api.jobs_crf, live=False),
-                             speech=Speech(config.tts.voice, config.tts.speed),
+                             speech=config.tts.speech(),
                              max_queued=api.max_queued_jobs)
         self._jobs_started = False
         self._sock: socket.socket | None = None

@@ -80,7 +80,7 @@ class TalkJobs:
         """`render_always`: MuseTalk renders silent frames too (`lipsync.offline_render_silence`);
         `encoding`: the videos' x264 settings (`api.jobs_crf`, `api.jobs_preset`)."""
         self.encoding = encoding
-        self.speech = speech or Speech(default(TtsConfig, "voice"), default(TtsConfig, "speed"))  # jobs from text
+        self.speech = speech or TtsConfig().speech()  # jobs from text
         self.folder = folder
         self.disk = disk_state("talk jobs")
         self.render_always = render_always

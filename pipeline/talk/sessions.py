@@ -26,7 +26,6 @@ from pipeline.mqtt.telemetry import Telemetry
 from streams import Clock, redact_text
 from streams.handoff import Handoff
 from talkinghead.audio import PushAudio
-from talkinghead.tts import Speech
 
 from .lipsync import LipSyncPool, musetalk_pool
 from .say import Voice
@@ -66,7 +65,7 @@ class TalkSessions:
         self.webrtc: dict[str, Any] = {}  # streams.webrtc.WebRtcOut of the sessions with `out = "webrtc"`
         self.mics: dict[str, Any] = {}  # streams.webrtc.MicIn of the sessions with `audio = "webrtc"`
         # `say`: text into pushed-audio sessions; utterance events on <prefix>/talk/<name>/events
-        self.voice = Voice(Speech(config.tts.voice, config.tts.speed), self._utterance_event)
+        self.voice = Voice(config.tts.speech(), self._utterance_event)
 
     def _state(self, name: str, state: str, error: str | None, snapshot: dict[str, Any] | None = None) -> None:
         session = self.sessions.get(name)
