@@ -103,3 +103,84 @@ def test_browser_watches_and_speaks_to_a_talking_head(
         assert fg.stop() == 0, fg.output()[-3000:]
     finally:
         client.close()
+
+
+def first_after(times: list[float], t: float) -> float | None:
+    later = [x - t for x in times if x >= t]
+    return round(min(later)) if later else None
+
+
+@pytest.mark.parametrize("backend", ["energy", "musetalk"])
+def test_text_said_to_a_session_is_heard_and_seen_in_the_browser_and_stop_cuts_it(
+    tmp_path: Path, mosquitto: Mosquitto, face_image: Path, framegrid_env: dict[str, str], tiny: Path, backend: str
+) -> None:
+    """The session page's Say and Stop, in Chromium watching over WebRTC: measured on the browser's
+    clock from the request, the first sound of the text and (energy backend) the mouth opening on
+    screen; then a long text cut by Stop, from the request to the end of the sound the browser hears.
+    MuseTalk runs the tiny random weights (noise for a mouth: its picture is not measured) with its
+    block and lookahead in flight."""
+    port = free_port()
+    extra = (f'[webrtc]\naddresses = ["127.0.0.1"]\n[talk.ben]\navatar = "{face_image}"\naudio = "mqtt"\n'
+             f'out = "webrtc"\nbackend = "{backend}"\n')
+    if backend == "musetalk":  # MuseTalk runs on torch: detection too, one runtime in the process
+        extra += f'[lipsync]\nweights = "{tiny}"\nslots = 1\n'
+    cfg = write_api_config(tmp_path / "fg.toml", f"fgsay-{port}", mosquitto, port, {}, extra=extra)
+    if backend == "musetalk":
+        cfg.write_text(cfg.read_text().replace("imgsz = 320\n", 'imgsz = 320\nbackend = "torch"\n'))
+    fg = Framegrid(cfg, env_with_token(framegrid_env), tmp_path / "fg.log")
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    driver = chromium(write_wav(tmp_path / "quiet.wav", tone_on_off([(1.0, False)]), 16_000))
+    try:
+        wait_ready(client)
+        until("the session live", lambda: figures(client, "ben").get("state") == "live", 60)
+        open_session(driver, base, "ben", TOKEN)
+        time.sleep(1.0)  # a still, silent avatar before the text
+
+        def after(keys: list[str], t: float) -> dict[str, Any] | None:
+            """The page's figures once each of `keys` has a time after `t`."""
+            state = page_state(driver)
+            return state if all(first_after(state[k], t) is not None for k in keys) else None
+
+        def say(text: str) -> float:
+            box = driver.find_element("id", "text")
+            box.clear()
+            box.send_keys(text)
+            driver.find_element("id", "say").click()
+            return float(until("the request sent", lambda: [s["at"] for s in page_state(driver)["sent"]
+                                                             if s["kind"] == "say"][-1:], 5)[0])
+
+        sent = say("Hello there, how are you today?")
+        seen = ["soundOnsets", "openOnsets"] if backend == "energy" else ["soundOnsets"]
+        state = until("sound (and the mouth opening) after the text", lambda: after(seen, sent), 20)
+        sound, mouth = first_after(state["soundOnsets"], sent), first_after(state["openOnsets"], sent)
+        session = figures(client, "ben")
+        print(f"{backend}: text -> first sound in the browser {sound} ms, mouth open on screen {mouth} ms "
+              f"(server: first audio queued {session['say']['first_audio_ms']} ms; jitter buffer "
+              f"{jitter_buffer_ms(state['stats'])} ms)")
+        assert sound is not None
+        assert sound < 1500, sound  # a few hundred ms: request, espeak-ng, a block, the encoder, the network
+        if backend == "energy":
+            assert mouth is not None
+            assert mouth < 1500, mouth
+        until("the text said", lambda: figures(client, "ben")["say"]["said"] == 1, 20)
+
+        time.sleep(1.0)
+        long = ("This is a long sentence that goes on for several seconds, so that there is time to stop it "
+                "in the middle, as a user talking over an assistant would.")
+        sent = say(long)
+        until("the long text heard", lambda: first_after(page_state(driver)["soundOnsets"], sent) is not None, 20)
+        time.sleep(1.5)
+        driver.find_element("id", "stop").click()
+        stopped = float(until("stop sent", lambda: [s["at"] for s in page_state(driver)["sent"]
+                                                    if s["kind"] == "stop"][-1:], 5)[0])
+        state = until("the sound ending after Stop", lambda: after(["soundEnds"], stopped), 10)
+        cut = first_after(state["soundEnds"], stopped)
+        print(f"{backend}: Stop -> the sound ends in the browser {cut} ms")
+        assert cut is not None
+        assert cut < 1000, cut  # the fade is 80 ms; the rest is frames in flight and the network
+        until("the text interrupted", lambda: figures(client, "ben")["say"]["interrupted"] == 1, 10)
+        assert fg.stop() == 0, fg.output()[-3000:]
+    finally:
+        driver.quit()
+        client.close()
