@@ -112,6 +112,18 @@ def musetalk_model(tiny: Path) -> MuseTalk:
 
 
 @pytest.fixture(scope="session")
+def musetalk_tiny_shape(tmp_path_factory: pytest.TempPathFactory) -> MuseTalk:
+    """MuseTalk whose Whisper encoder has whisper-tiny's shape (4 layers, d_model 384: what v1.5 runs),
+    random weights (whisper-tiny itself cannot be downloaded here), loaded on the CPU."""
+    from talkinghead.musetalk import MuseTalk
+    from tools.make_tiny_musetalk import make
+
+    m = MuseTalk(make(tmp_path_factory.mktemp("musetalk-tiny-shape"), "v15", whisper="tiny-shape"), "v15")
+    m.load()
+    return m
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Iterator[Path]:
     """Files a broker reads: Mosquitto drops root for its own user, which cannot enter pytest's
     private temporary folders."""

@@ -15,20 +15,23 @@ import json
 from pathlib import Path
 
 
-def make(out: Path, version: str = "v15", seed: int = 0, face_parse: bool = False) -> Path:
+def make(out: Path, version: str = "v15", seed: int = 0, face_parse: bool = False, whisper: str = "tiny") -> Path:
     """Write the models; `face_parse` adds a randomly initialised face-parsing BiSeNet checkpoint
-    (the real architecture, which has one fixed size: about 50 MB)."""
+    (the real architecture, which has one fixed size: about 50 MB); `whisper = "tiny-shape"` gives
+    the encoder whisper-tiny's own shape (4 layers, d_model 384, 6 heads: what MuseTalk v1.5 runs),
+    randomly initialised, instead of 2 layers of 32."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
     torch.manual_seed(seed)
-    d_model = 32
-    whisper = WhisperModel(WhisperConfig(
-        d_model=d_model, encoder_layers=2, encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, vocab_size=64,
-        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
-    whisper.save_pretrained(out / "whisper")
+    d_model, layers, heads = (384, 4, 6) if whisper == "tiny-shape" else (32, 2, 2)
+    encoder = WhisperModel(WhisperConfig(
+        d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads, decoder_layers=1,
+        decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model if layers == 4 else 64, decoder_ffn_dim=64,
+        num_mel_bins=80, max_source_positions=1500, vocab_size=64, max_target_positions=32, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+    encoder.save_pretrained(out / "whisper")
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper")
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
                         block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -59,5 +62,7 @@ if __name__ == "__main__":
     ap.add_argument("--version", choices=["v15", "v1"], default="v15")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--face-parse", action="store_true", help="also a random face-parsing BiSeNet checkpoint")
+    ap.add_argument("--whisper", choices=["tiny", "tiny-shape"], default="tiny",
+                    help="tiny-shape: the encoder in whisper-tiny's shape (4 layers, d_model 384)")
     a = ap.parse_args()
-    print(make(a.out, a.version, a.seed, a.face_parse))
+    print(make(a.out, a.version, a.seed, a.face_parse, a.whisper))
