@@ -165,8 +165,8 @@ class PushAudio:
 
     def __init__(self, max_seconds: float = 10.0, silence_db: float = -50.0) -> None:
         self._chunker = FrameChunker()
-        # (chunk, monotonic arrival time): the session measures audio-in to frame-out latency
-        self._chunks: deque[tuple[np.ndarray, float]] = deque(maxlen=int(max_seconds * FPS))
+        # (chunk, monotonic arrival time, its number): the session measures audio-in to frame-out latency
+        self._chunks: deque[tuple[np.ndarray, float, int]] = deque(maxlen=int(max_seconds * FPS))
         self._lock = threading.Lock()
         self.dropped = 0
         self.rejected_by = dict.fromkeys(REJECT_REASONS, 0)  # refused chunks by reason: counted, the rest goes on
@@ -174,6 +174,10 @@ class PushAudio:
         self._seq: int | None = None  # the last framed chunk's sequence number
         self.closed = False
         self.last_arrival: float | None = None  # arrival time of the chunk `pop` returned last
+        self.last_number = -1  # and its number (chunks are numbered from 0 as they are queued)
+        self.cuts = 0  # barge-ins so far; the last one cut every chunk numbered below `cut_mark`
+        self.cut_mark = 0
+        self.cut_fade = 0  # chunks the last cut kept, faded out
         self.pushed = 0  # chunks ever queued: chunk k (from 0) has been taken (spoken, dropped, cut) once `taken` > k
         self.silence_db = silence_db
         self.spurt: Spurt | None = None  # the newest spurt of outside audio (None after a cut)
@@ -234,7 +238,7 @@ class PushAudio:
             for c in [*self._chunker.push(samples), *(self._chunker.flush() if end else [])]:
                 if len(self._chunks) == self._chunks.maxlen:
                     self.dropped += 1
-                self._chunks.append((c, now))
+                self._chunks.append((c, now, self.pushed))
                 self.pushed += 1
                 if spurts and rms_db(c) >= self.silence_db:
                     if self.spurt is None or now - self.spurt.last_voiced > SPURT_GAP_S:
@@ -244,30 +248,48 @@ class PushAudio:
 
     def cut(self, fade_chunks: int = 2) -> int:
         """Barge-in: all that waits is dropped but its first `fade_chunks`, faded out to silence (so the
-        voice and the mouth close within them, no click) -> chunks dropped."""
+        voice and the mouth close within them, no click) -> chunks dropped. A session that already
+        took chunks it has not rendered (a block backend's block and lookahead) sees `cuts` change:
+        it fades and drops those instead, and these with them (`drop_before(cut_mark)`)."""
         with self._lock:
             kept = [self._chunks.popleft() for _ in range(min(fade_chunks, len(self._chunks)))]
             dropped = len(self._chunks)
             self._chunks.clear()
             self._chunker.flush()  # a partial chunk is dropped too
             self.spurt = None  # what is pushed after a cut is a new spurt
-            ramp = np.linspace(1.0, 0.0, max(1, len(kept)) * SAMPLES_PER_FRAME, dtype=np.float32)
-            for i, (c, at) in enumerate(kept):
-                self._chunks.append((c * ramp[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME], at))
+            faded = fade_out([c for c, _, _ in kept])
+            self._chunks.extend((f, at, n) for f, (_, at, n) in zip(faded, kept, strict=True))
+            self.cuts += 1
+            self.cut_mark, self.cut_fade = self.pushed, fade_chunks
             return dropped
+
+    def drop_before(self, number: int) -> int:
+        """Drop the waiting chunks numbered below `number` -> how many."""
+        with self._lock:
+            before = len(self._chunks)
+            self._chunks = deque((e for e in self._chunks if e[2] >= number), maxlen=self._chunks.maxlen)
+            return before - len(self._chunks)
 
     def close(self) -> None:
         now = time.monotonic()
         with self._lock:
-            self._chunks.extend((c, now) for c in self._chunker.flush())
+            for c in self._chunker.flush():
+                self._chunks.append((c, now, self.pushed))
+                self.pushed += 1
             self.closed = True
 
     def pop(self) -> np.ndarray | None:
         with self._lock:
             if not self._chunks:
                 return None
-            chunk, self.last_arrival = self._chunks.popleft()
+            chunk, self.last_arrival, self.last_number = self._chunks.popleft()
             return chunk
+
+
+def fade_out(chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """`chunks` (one frame each) faded linearly to silence over their length (a cut without a click)."""
+    ramp = np.linspace(1.0, 0.0, max(1, len(chunks)) * SAMPLES_PER_FRAME, dtype=np.float32)
+    return [c * ramp[i * SAMPLES_PER_FRAME:(i + 1) * SAMPLES_PER_FRAME] for i, c in enumerate(chunks)]
 
 
 def rms_db(chunk: np.ndarray) -> float:

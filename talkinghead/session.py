@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .audio import FPS, SAMPLES_PER_FRAME, FrameChunker, PushAudio, rms_db
+from .audio import FPS, SAMPLES_PER_FRAME, FrameChunker, PushAudio, fade_out, rms_db
 from .offline import CROSSFADE_FRAMES
 
 log = logging.getLogger(__name__)
@@ -213,11 +213,12 @@ class TalkSession:
         goes out (a short block without lookahead) or one None keeps the clock.
         """
         held: list[np.ndarray] = []
+        numbers: list[int] = []  # pushed audio: each held chunk's number in the queue
 
         def full() -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
             while len(held) >= block + ahead:
                 yield list(held[:block]), held[block : block + ahead]
-                del held[:block]
+                del held[:block], numbers[:block]
 
         if isinstance(self.audio, PushAudio):
             # A block backend needs `ahead` chunks after a block, and live audio arrives in real time:
@@ -229,6 +230,7 @@ class TalkSession:
             # time. (Before, each chunk went out without lookahead at its due time: one-frame model
             # calls, and frames late whenever a render outlasted 40 ms: 31% late over WebRTC.)
             building = False
+            cuts = self.audio.cuts
 
             def filler(n: int = 1) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
                 for _ in range(n):
@@ -236,6 +238,9 @@ class TalkSession:
                 return [None] * n, []
 
             while not self._stop.is_set():
+                if self.audio.cuts != cuts:  # a barge-in: what it holds of the cut audio goes too
+                    cuts = self.audio.cuts
+                    self._cut_held(held, numbers)
                 c = self.audio.pop()
                 if c is None and not self.audio.closed:  # dry: wait until the next frame is due
                     self._stop.wait(max(0.0, self._due() - time.monotonic()) if self.realtime else 0.005)
@@ -243,6 +248,7 @@ class TalkSession:
                 if c is not None:
                     building = building or (not held and ahead > 0 and self.realtime)
                     held.append(c)
+                    numbers.append(self.audio.last_number)
                     self._arrivals.append(self.audio.last_arrival)
                     if building and len(held) >= block + ahead:
                         # the last fillers go out as one block that sees the spurt as its lookahead: the
@@ -263,7 +269,7 @@ class TalkSession:
                         yield from full()
                     else:
                         yield list(held[:block]), []
-                        del held[:block]
+                        del held[:block], numbers[:block]
                 elif self.realtime:
                     self._arrivals.append(None)
                     yield [None], []
@@ -279,6 +285,22 @@ class TalkSession:
         while held and not self._stop.is_set():
             yield list(held[:block]), held[block : block + ahead]
             del held[:block]
+
+    def _cut_held(self, held: list[np.ndarray], numbers: list[int]) -> None:
+        """Pushed audio was cut (barge-in): the chunks this session took but has not rendered yet and
+        that came before the cut are faded out over the cut's fade length (the first of them) or
+        dropped (the rest), and the queue's own faded ones go too, so that the cut is as near as the
+        rendering allows (a block backend holds a block and its lookahead: 360 ms by default)."""
+        assert isinstance(self.audio, PushAudio)
+        old = sum(1 for n in numbers if n < self.audio.cut_mark)  # the held chunks before the cut come first
+        if not old:
+            return  # nothing held: the queue's faded chunks are the cut
+        self.audio.drop_before(self.audio.cut_mark)
+        keep = min(self.audio.cut_fade, old)
+        held[:keep] = fade_out(held[:keep])
+        base = len(self._arrivals) - len(held)
+        for i in reversed(range(keep, old)):
+            del held[i], numbers[i], self._arrivals[base + i]
 
     def _run(self) -> None:
         self._arrivals.clear()

@@ -425,3 +425,35 @@ def test_a_piper_voice_speaks_through_the_piper_package(tmp_path: Path) -> None:
     assert len(np.concatenate(list(speech.stream("Hi.", "en")))) > 0  # espeak-ng beside it
     with pytest.raises(TtsError, match="piper-voices"):
         list(Speech("gone", 170, {"gone": tmp_path / "gone.onnx"}).stream("Hi."))
+
+
+def test_a_cut_reaches_into_the_block_and_lookahead_a_session_holds() -> None:
+    """Barge-in on a block backend (block 4, lookahead 5): the session holds up to 9 chunks it has not
+    rendered; a cut fades the first two of them and drops the rest with the queue, so after the cut
+    only the frames already rendered (at most two blocks, in the writer) and the two faded ones play."""
+    from tests.support.media import FrameSink
+
+    backend = SlowBlocks(block=4, lookahead=5, cost=0.02)
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("cut", backend, push, sink, realtime=True)
+    session.start()
+    t0 = time.monotonic()
+    written_at_cut = None
+    for k in range(50):  # 2 s of "speech", chunk k holds k + 1
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        if k == 25:
+            written_at_cut = session.stats.frames
+            push.cut(2)
+            break
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    time.sleep(1.0)
+    push.close()
+    assert session.wait(10), session.error
+    assert written_at_cut is not None
+    loud = [i for i, a in enumerate(sink.audio) if np.abs(a).max() > 1e-4]
+    after = [i for i in loud if i >= written_at_cut]
+    assert len(after) <= 2 * 4 + 2, (written_at_cut, after)  # was up to 4 + 5 more: the held block and lookahead
+    values = [round(float(sink.audio[i][0]) * 1000) for i in loud]
+    assert values[:-2] == list(range(1, len(values) - 1))  # whole and in order up to the two faded ones
+    tail = sink.audio[loud[-1]]
+    assert tail[-1] < 0.2 * tail[0] + 1e-4  # the last one fades out
