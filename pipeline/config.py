@@ -347,6 +347,10 @@ class SecondaryConfig(Strict):
     every_s: float = Field(2.0, gt=0, le=3600, description="an object is classified again at most this often, "
                            "on its best crop since")
     min_score: float = Field(0.0, ge=0, le=1, description="a class probability below this is not kept")
+    confidence: float = Field(0.0, ge=0, le=1, description="only crops of detections scoring at least this are "
+                              "classified (this use's own filter: the stream's filters come first)")
+    min_area: float = Field(0.0, ge=0, le=1, description="only crops of at least this fraction of the frame are "
+                            "classified (a crop too small to tell its class)")
 
 
 class StreamRecordConfig(Strict):

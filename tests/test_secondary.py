@@ -124,3 +124,36 @@ async def test_pipeline_adds_the_classifiers_answer_to_detections_and_events(
     assert {u["after"]["label"] for u in updates} == {"circle", "square"}
     for u in updates:
         assert u["after"]["attributes"]["colour"]["label"] == truth[u["after"]["label"]]
+
+
+def test_each_use_filters_the_crops_it_classifies() -> None:
+    """A use's own `confidence` and `min_area`: crops of weak detections and tiny boxes are not sent
+    to the classifier (the real colour model here), the others are."""
+    import time
+
+    import cv2
+
+    from detectors.base import Detections
+    from pipeline.config import ModelConfig, SecondaryConfig
+    from pipeline.core.secondary import ClassifyWorker, StreamSecondary
+    from streams.frame import Frame
+
+    worker = ClassifyWorker("colours", ModelConfig.model_validate({"type": "classify", "weights": str(CLASSIFIER)}))
+    try:
+        use = SecondaryConfig(model="colours", confidence=0.5, min_area=0.01)
+        image = np.zeros((200, 200, 3), np.uint8)
+        image[20:60, 20:60] = cv2.resize(render_crop(1, COLOURS[0]), (40, 40))
+        frame = Frame("cam", 0, image, time.time(), None, 0.0, time.monotonic())
+        det = Detections(np.array([[20, 20, 60, 60], [100, 100, 140, 140], [150, 150, 160, 160]], np.float32),
+                         np.array([0.9, 0.3, 0.9], np.float32), np.zeros(3, np.int32), ("car", "car", "car"))
+        uses = StreamSecondary("cam", [use], {"colours": worker})
+        uses.attributes(det, frame, np.array([1, 2, 3]))
+        deadline = time.monotonic() + 30
+        while worker.answer("cam", 1) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.answer("cam", 1) is not None  # 0.9 and 4% of the frame: classified
+        assert worker.classified == 1, worker.figures()  # 0.3 (weak) and 0.25% (tiny): not
+        assert worker.answer("cam", 2) is None
+        assert worker.answer("cam", 3) is None
+    finally:
+        worker.close()

@@ -156,6 +156,7 @@ class StreamSecondary:
             return None
         t = frame.captured_mono or time.monotonic()
         attributes: list[dict[str, Any] | None] = [None] * len(ids)
+        frame_area = float(frame.width * frame.height)
         for i, tid in enumerate(int(x) for x in ids):
             if tid == 0:
                 continue
@@ -166,11 +167,12 @@ class StreamSecondary:
                 got = worker.answer(self.stream, tid)
                 if got is not None and got[1] >= use.min_score:
                     attributes[i] = {**(attributes[i] or {}), use.model: {"label": got[0], "score": round(got[1], 4)}}
+                box = (float(det.boxes[i][0]), float(det.boxes[i][1]), float(det.boxes[i][2]), float(det.boxes[i][3]))
+                if score < use.confidence or (box[2] - box[0]) * (box[3] - box[1]) < use.min_area * frame_area:
+                    continue  # this use's filters: not a crop worth classifying (what it knew stays)
                 key = (use.model, tid)
                 asked = self._asked.get(key)
                 if asked is None or (t - asked[0] >= use.every_s and score >= asked[1]):
-                    box = (float(det.boxes[i][0]), float(det.boxes[i][1]), float(det.boxes[i][2]),
-                           float(det.boxes[i][3]))
                     worker.ask(Ask(self.stream, tid, frame, box))
                     self._asked[key] = (t, score)
                 else:
