@@ -258,7 +258,11 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
         port,
         {"a": server.url("a"), "b": server.url("b")},
         extra=f'[cluster]\nbackend = "ray"\naddress = "{cluster.address}"\nping_s = 0.5\n'
-        "dead_after_s = 6\nrebalance_s = 2\n",
+        "dead_after_s = 6\nrebalance_s = 2\n"
+        # continuous recording on the nodes, Home Assistant discovery from the head
+        f'[record]\ndir = "{tmp_path / "clips"}"\n'
+        "[stream_defaults.record]\nenabled = true\ncontinuous = true\nsegment_s = 5\n"
+        f'[homeassistant]\nenabled = true\ndiscovery_prefix = "{topic_prefix}/ha"\n',
     )
     env = env_with_token({**os.environ, "FRAMEGRID_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"})
     sub = Subscriber(mosquitto.port, f"{topic_prefix}/#")
@@ -270,6 +274,19 @@ def test_head_process_serves_the_api_and_a_killed_head_leaves_the_streams_runnin
             assert httpx.get(f"http://127.0.0.1:{port}/api/streams").status_code == 401  # the token guards it
             t0 = time.time()
             sub.wait_for(lambda: all(published_since(sub, s, t0) for s in "ab"), 120, "a and b publishing")
+            # Home Assistant: the head announces each stream's entities, with the state topics nodes publish on
+            discovered = [m for m in sub.of("/config") if m.topic.startswith(f"{topic_prefix}/ha/") and m.payload]
+            assert {m.json()["device"]["name"] for m in discovered} == {"a", "b"}, [m.topic for m in discovered]
+            assert any(m.json()["state_topic"] == f"{topic_prefix}/streams/a/state" for m in discovered
+                       if "state_topic" in m.json()), [m.topic for m in discovered]
+            # continuous recording: each node's segments, listed and served through the head
+            sub.wait_for(lambda: {r["stream"] for r in api.get("/api/recordings").json()} == {"a", "b"}, 60,
+                         "segments of a and b")
+            segment = api.get("/api/recordings", params={"stream": "b"}).json()[0]
+            mp4 = api.get(f"/api/recordings/{segment['id']}.mp4")
+            assert mp4.status_code == 200, mp4.text[:200]
+            assert mp4.content[4:8] == b"ftyp"
+            assert len(mp4.content) == segment["size"]
             nodes = api.get("/api/nodes").json()
             assert sorted(n["state"] for n in nodes) == ["up", "up"], nodes
             names = {n["name"] for n in nodes}
