@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_three_minute_soak_with_faults(tmp_path: Path) -> None:
+def test_two_minute_soak_with_faults(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    proc = subprocess.run([sys.executable, "-m", "tools.soak", "--cameras", "4", "--minutes", "3",
-                           "--gap", "15", "--seed", "3", "--json", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.soak", "--cameras", "4", "--minutes", "2",
+                           "--gap", "10", "--seed", "3", "--json", str(out)], capture_output=True, text=True,
                           timeout=540, cwd=ROOT)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
