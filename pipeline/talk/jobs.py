@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.clientpaths import ClientPathError, ClientPaths
-from pipeline.config import ApiConfig, TtsConfig, default
+from pipeline.config import ApiConfig, LipSyncConfig, TtsConfig, default
 from pipeline.errors import Invalid, TooLarge, Unavailable
 from streams.disk import disk_state, write_atomic
 from streams.sinks import OFFLINE, Encoding
@@ -74,7 +74,8 @@ class TalkJobs:
 
     def __init__(self, folder: Path, max_upload_bytes: int, workers: Callable[[], int],
                  lipsync: Callable[[], Any] | None = None, musetalk_ready: bool = False,
-                 paths: ClientPaths | None = None, render_always: bool = False,
+                 paths: ClientPaths | None = None,
+                 render_always: bool = default(LipSyncConfig, "offline_render_silence") == "always",
                  max_queued: int = default(ApiConfig, "max_queued_jobs"), encoding: Encoding = OFFLINE,
                  speech: Speech | None = None) -> None:
         """`render_always`: MuseTalk renders silent frames too (`lipsync.offline_render_silence`);
