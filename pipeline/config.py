@@ -367,6 +367,13 @@ class StreamRecordConfig(Strict):
     segment_s: float = Field(60.0, ge=5, le=3600, description="length of a continuous segment (each starts on a "
                              "keyframe)")
 
+    @model_validator(mode="after")
+    def _continuous_records(self) -> StreamRecordConfig:
+        if self.continuous and not self.enabled:
+            raise ValueError("continuous = true records nothing while enabled = false: set enabled = true "
+                             "(the recorder writes both event clips and segments)")
+        return self
+
 
 class StreamConfig(SourceSettings):
     """A stream: the source's own settings (`streams.SourceSettings`: transport, timeouts, reconnect,

@@ -97,6 +97,14 @@ def test_a_piper_voice_is_found_beside_the_config_or_named_with_what_to_download
         assert "piper-voices" in errors["tts.piper.lessac"]
 
 
+def test_continuous_recording_without_the_recorder_is_refused(tmp_path: Path) -> None:
+    text = GOOD + "\n[streams.cam1.record]\ncontinuous = true\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"CAM_PW": "x"})
+    errors = dict(info.value.errors)
+    assert "enabled = true" in errors["streams.cam1.record"], errors
+
+
 def test_bad_mqtt_url_and_bad_stream_name(tmp_path: Path) -> None:
     text = GOOD.replace("mqtt://127.0.0.1:1883", "http://broker") + '\n[streams."bad name"]\nurl="x"\nmodel="m"\n'
     with pytest.raises(ConfigError) as info:
