@@ -253,9 +253,10 @@ class TalkSession:
                     if building and len(held) >= block + ahead:
                         # the last fillers go out as one block that sees the spurt as its lookahead: the
                         # model renders the frames just before the onset, so the cross-fade into the
-                        # generated face lands on them and not on the first spoken frames
+                        # generated face lands on them and not on the first spoken frames. Up to `ahead`
+                        # of them are rendered by the model, so the margin covers them and the block.
                         building = False
-                        fillers, _ = filler(max(self.render_margin(block), CROSSFADE_FRAMES))
+                        fillers, _ = filler(max(self.render_margin(block + ahead), CROSSFADE_FRAMES))
                         yield fillers, held[:ahead]
                     if not building:
                         yield from full()
