@@ -687,6 +687,9 @@ class ClusterConfig(Strict):
     band: float = Field(0.10, ge=0, le=10, description="rebalance while a node is this much above (or below) the "
                         "mean load (hysteresis: fewer moves)")
     max_moves: int = Field(8, ge=0, le=10_000, description="most streams moved by one rebalancing pass")
+    dwell_s: float = Field(120.0, ge=0, le=86400, description="a stream a rebalancing pass moved is not moved "
+                           "again by one for this long (a move costs a reconnect; without it a stream can "
+                           "ping-pong as the nodes' measured throughput wobbles)")
 
 
 class Config(Strict):

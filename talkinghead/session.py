@@ -16,7 +16,6 @@ reaches two frames ahead), and submits the voiced frames as one batch to its exe
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -70,16 +69,20 @@ class SessionStats:
     inferred: int = 0  # frames the backend generated
     idle: int = 0  # silent chunks: the avatar's own frame
     late: int = 0  # chunks whose frame was repeated because generation fell behind
+    cut: int = 0  # chunks dropped by barge-in before they were written (rendered or not)
     errors: int = 0  # chunks whose generation failed (executor error): last frame shown
     # the last 250 frames' figures: a session can run for days
     render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # per frame
+    # per frame the model generated, in blocks that generated any: what a spurt's first blocks will
+    # cost (idle frames cost next to nothing and would make the margin too short)
+    model_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # pushed chunk arrival -> written
 
     def snapshot(self, elapsed: float) -> dict[str, Any]:
         r = list(self.render_ms)
         lat = list(self.latency_ms)
         return {
-            "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late,
+            "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late, "cut": self.cut,
             "errors": self.errors,
             "output_fps": round(self.frames / elapsed, 2) if elapsed > 0 else None,
             "infer_fps": round(self.inferred / elapsed, 2) if elapsed > 0 else None,
@@ -120,7 +123,16 @@ class TalkSession:
         self._stop = threading.Event()
         self._arrivals: deque[float | None] = deque()  # pushed chunks handed out, not yet written
         self._rendered = 0  # frames rendered (or repeated) and handed to the writer
-        self._written: queue.Queue[tuple[list[np.ndarray], list[np.ndarray]] | None] = queue.Queue(1)
+        # rendered blocks not yet written, as (audio chunk, frame) pairs: the writer takes them one by one
+        # at their due times; a cut (barge-in) fades or drops them. `_pending_cv` guards it, `_arrivals`
+        # and `_rendered` when a cut changes them.
+        self._pending: deque[deque[tuple[np.ndarray, np.ndarray]]] = deque()
+        self._pending_cv = threading.Condition()
+        self._rendering_done = False
+        self._cut_seen = 0  # the PushAudio cut (count) applied to what the writer holds
+        self._margin = 0  # frames the last spurt was put behind its arrival (what the writer may hold ahead)
+        self._taken_cuts = 0  # the cut count when the block being rendered was taken
+        self._cut_owed = 0  # chunks of the last cut's fade not yet given (the block in render, the held ones)
         self._write_error: BaseException | None = None
         self._flip_logged_at = -1e9
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
@@ -166,10 +178,16 @@ class TalkSession:
         return self.started_at + self._rendered / FPS
 
     def render_margin(self, block: int) -> int:
-        """Frames a block's render takes in real time (90th percentile of the measured per-frame cost;
-        a block's length before anything is measured), plus one frame of margin."""
-        per_frame = float(np.percentile(self.stats.render_ms, 90)) / 1000 if self.stats.render_ms else 1.0 / FPS
-        return int(np.ceil(per_frame * block * FPS)) + 1
+        """Frames a block of generated frames takes to render in real time (90th percentile of the
+        measured cost per generated frame; a block's length before anything is measured), plus one
+        frame of margin."""
+        return int(np.ceil(self._frame_cost() * block * FPS)) + 1
+
+    def _frame_cost(self) -> float:
+        """Seconds the model takes per generated frame (90th percentile; a frame's length before any
+        is measured)."""
+        cost = self.stats.model_ms
+        return float(np.percentile(cost, 90)) / 1000 if cost else 1.0 / FPS
 
     def _waited(self, held: int) -> float:
         """Seconds since the oldest of the `held` chunks (the newest entries of `_arrivals`) arrived."""
@@ -179,29 +197,65 @@ class TalkSession:
     def _write_loop(self) -> None:
         """Writes each rendered block's frames at their due times, so that the next block renders
         meanwhile (rendering and waiting overlap: the slot is not left idle while frames wait)."""
+        cv = self._pending_cv
         try:
-            while (item := self._written.get()) is not None:
-                chunks, frames = item
-                for chunk, frame in zip(chunks, frames, strict=True):
-                    if self.realtime:
-                        wait = self.started_at + self.stats.frames / FPS - time.monotonic()
-                        if wait > 0:
-                            self._stop.wait(wait)
-                    self.sink.write(frame, chunk)
-                    self.stats.frames += 1
+            while True:
+                with cv:
+                    while not self._pending and not self._rendering_done:
+                        cv.wait()
+                    if not self._pending:
+                        return
+                if self.realtime:
+                    wait = self.started_at + self.stats.frames / FPS - time.monotonic()
+                    if wait > 0:
+                        self._stop.wait(wait)
+                with cv:  # what is first now (a cut may have changed it while this waited)
+                    self._cut_pending()
+                    if not self._pending:
+                        continue
+                    chunk, frame = self._pending[0].popleft()
+                    if not self._pending[0]:
+                        self._pending.popleft()
+                    cv.notify_all()
                     arrived = self._arrivals.popleft() if self._arrivals else None
-                    if arrived is not None:
-                        self.stats.latency_ms.append((time.monotonic() - arrived) * 1000)
+                self.sink.write(frame, chunk)
+                self.stats.frames += 1
+                if arrived is not None:
+                    self.stats.latency_ms.append((time.monotonic() - arrived) * 1000)
         except BaseException as exc:  # the sink failed: the render loop ends the session with it
-            self._write_error = exc
-            while self._written.get() is not None:  # let the render loop finish its hand-offs
-                pass
+            with cv:
+                self._write_error = exc
+                cv.notify_all()
 
-    def _hand_over(self, chunks: list[np.ndarray], frames: list[np.ndarray]) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        self._rendered += len(chunks)
-        self._written.put((chunks, frames))
+    def _hand_over(self, chunks: list[np.ndarray], frames: list[np.ndarray], cuts: int) -> None:
+        """Give a rendered block to the writer; waits while the writer holds more than the margin of
+        pushed audio's spurts (or one block) besides it, so that rendering keeps the whole margin ahead
+        and memory stays bounded. `cuts`: the pushed audio's cut count when the block's chunks were
+        taken (a cut since: they go)."""
+        room = max(len(chunks), self._margin)
+        with self._pending_cv:
+            while (self._write_error is None and self._pending
+                   and sum(len(b) for b in self._pending) > room):
+                self._pending_cv.wait()
+            if self._write_error is not None:
+                raise self._write_error
+            if isinstance(self.audio, PushAudio) and self.audio.cuts != cuts:  # taken before a cut
+                self._cut_pending()
+                keep = min(self._cut_owed, len(chunks))
+                self._drop_arrivals(sum(len(b) for b in self._pending) + keep, len(chunks) - keep)
+                self.stats.cut += len(chunks) - keep
+                chunks, frames = fade_out(chunks[:keep]), frames[:keep]
+                self._cut_owed -= keep
+                if not chunks:
+                    return
+            self._rendered += len(chunks)
+            self._pending.append(deque(zip(chunks, frames, strict=True)))
+            self._pending_cv.notify_all()
+
+    def _end_writing(self) -> None:
+        with self._pending_cv:
+            self._rendering_done = True
+            self._pending_cv.notify_all()
 
     def _blocks(self, block: int, ahead: int) -> Iterator[tuple[list[np.ndarray | None], list[np.ndarray]]]:
         """(chunks, lookahead) pairs; a None chunk means 'no audio yet' (pushed input running dry).
@@ -233,17 +287,22 @@ class TalkSession:
             cuts = self.audio.cuts
 
             def filler(n: int = 1) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
-                for _ in range(n):
-                    self._arrivals.insert(len(self._arrivals) - len(held), None)  # written before the held audio
+                with self._pending_cv:  # (the writer pops arrivals)
+                    for _ in range(n):
+                        self._arrivals.insert(len(self._arrivals) - len(held), None)  # written before the held audio
                 return [None] * n, []
 
             while not self._stop.is_set():
                 if self.audio.cuts != cuts:  # a barge-in: what it holds of the cut audio goes too
                     cuts = self.audio.cuts
                     self._cut_held(held, numbers)
+                self._taken_cuts = cuts  # what it yields next was taken after these cuts
                 c = self.audio.pop()
-                if c is None and not self.audio.closed:  # dry: wait until the next frame is due
-                    self._stop.wait(max(0.0, self._due() - time.monotonic()) if self.realtime else 0.005)
+                if c is None and not self.audio.closed:  # dry: wait until the next frame must be rendered
+                    # (its due time less the render of what is held), so that a pause does not make
+                    # the spurt's last block late by its render
+                    lead = self._frame_cost() * min(len(held), block)  # (an idle frame costs next to nothing)
+                    self._stop.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
                     c = self.audio.pop()
                 if c is not None:
                     building = building or (not held and ahead > 0 and self.realtime)
@@ -251,12 +310,16 @@ class TalkSession:
                     numbers.append(self.audio.last_number)
                     self._arrivals.append(self.audio.last_arrival)
                     if building and len(held) >= block + ahead:
-                        # the last fillers go out as one block that sees the spurt as its lookahead: the
-                        # model renders the frames just before the onset, so the cross-fade into the
-                        # generated face lands on them and not on the first spoken frames. Up to `ahead`
-                        # of them are rendered by the model, so the margin covers them and the block.
+                        # the last `ahead` fillers go out as one block that sees the spurt as its
+                        # lookahead: the model renders the frames just before the onset, so the
+                        # cross-fade into the generated face lands on them and not on the first spoken
+                        # frames. The margin covers their render and the first block's; the fillers
+                        # before them are the avatar's own frames (cheap, written on time meanwhile).
                         building = False
-                        fillers, _ = filler(max(self.render_margin(block + ahead), CROSSFADE_FRAMES))
+                        margin = self._margin = max(self.render_margin(block + ahead), CROSSFADE_FRAMES)
+                        if margin > ahead:
+                            yield filler(margin - ahead)
+                        fillers, _ = filler(min(margin, ahead))
                         yield fillers, held[:ahead]
                     if not building:
                         yield from full()
@@ -287,21 +350,51 @@ class TalkSession:
             yield list(held[:block]), held[block : block + ahead]
             del held[:block]
 
+    def _cut_pending(self) -> None:
+        """Apply a new cut (barge-in) of the pushed audio to the frames rendered but not yet written
+        (the margin and the blocks in the writer): the first `cut_fade` keep their frames with the
+        audio faded out, the rest are dropped (the frames after them come that much sooner). The fade
+        still owed (when fewer were there) goes to the block being rendered and the chunks held
+        (`_hand_over`, `_cut_held`), so that the cut is as near as the rendering allows. Under the lock."""
+        if not isinstance(self.audio, PushAudio) or self.audio.cuts == self._cut_seen:
+            return
+        self._cut_seen = self.audio.cuts
+        pairs = [p for blk in self._pending for p in blk]
+        keep = min(self.audio.cut_fade, len(pairs))
+        self._pending.clear()
+        if keep:
+            faded = fade_out([c for c, _ in pairs[:keep]])
+            self._pending.append(deque((c, f) for c, (_, f) in zip(faded, pairs[:keep], strict=True)))
+        self._drop_arrivals(keep, len(pairs) - keep)
+        self._rendered -= len(pairs) - keep
+        self.stats.cut += len(pairs) - keep
+        self._cut_owed = self.audio.cut_fade - keep
+        self._pending_cv.notify_all()
+
+    def _drop_arrivals(self, start: int, n: int) -> None:
+        """Forget the arrival times of `n` chunks from position `start` (dropped by a cut). Under the lock."""
+        for _ in range(min(n, max(0, len(self._arrivals) - start))):
+            del self._arrivals[start]
+
     def _cut_held(self, held: list[np.ndarray], numbers: list[int]) -> None:
-        """Pushed audio was cut (barge-in): the chunks this session took but has not rendered yet and
-        that came before the cut are faded out over the cut's fade length (the first of them) or
-        dropped (the rest), and the queue's own faded ones go too, so that the cut is as near as the
-        rendering allows (a block backend holds a block and its lookahead: 360 ms by default)."""
+        """A cut reaches the chunks this session took but has not rendered (a block backend's block and
+        lookahead: 360 ms by default): those from before the cut get the fade still owed (see
+        `_cut_pending`), the rest are dropped, and the queue's own faded chunks with them."""
         assert isinstance(self.audio, PushAudio)
         old = sum(1 for n in numbers if n < self.audio.cut_mark)  # the held chunks before the cut come first
-        if not old:
-            return  # nothing held: the queue's faded chunks are the cut
-        self.audio.drop_before(self.audio.cut_mark)
-        keep = min(self.audio.cut_fade, old)
-        held[:keep] = fade_out(held[:keep])
-        base = len(self._arrivals) - len(held)
-        for i in reversed(range(keep, old)):
-            del held[i], numbers[i], self._arrivals[base + i]
+        with self._pending_cv:
+            self._cut_pending()
+            if self._cut_owed < self.audio.cut_fade or old:  # the fade is on what this held: the queue's
+                self.audio.drop_before(self.audio.cut_mark)  # faded chunks go too
+            if not old:
+                return
+            keep = min(self._cut_owed, old)
+            held[:keep] = fade_out(held[:keep])
+            self._cut_owed -= keep
+            base = len(self._arrivals) - len(held)
+            for i in reversed(range(keep, old)):
+                del held[i], numbers[i], self._arrivals[base + i]
+            self.stats.cut += old - keep
 
     def _run(self) -> None:
         self._arrivals.clear()
@@ -316,6 +409,7 @@ class TalkSession:
         try:
             try:
                 for raw, lookahead in self._blocks(block, ahead):
+                    taken = self._taken_cuts
                     if self._stop.is_set():
                         break
                     chunks = [np.zeros(SAMPLES_PER_FRAME, np.float32) if c is None else c for c in raw]
@@ -330,17 +424,19 @@ class TalkSession:
                     else:
                         if self.state == "degraded":
                             self._set_state("live")  # caught up
-                        t = time.perf_counter()
+                        t, inferred = time.perf_counter(), self.stats.inferred
                         if hasattr(self.backend, "render_block"):
                             frames = self._render_block(chunks, lookahead, last)
                         else:
                             frames, level = self._render_frames(chunks, level)
-                        ms = (time.perf_counter() - t) * 1000 / len(chunks)
-                        self.stats.render_ms.extend([ms] * len(chunks))
-                    self._hand_over(chunks, frames)
+                        took = (time.perf_counter() - t) * 1000
+                        self.stats.render_ms.extend([took / len(chunks)] * len(chunks))
+                        if generated := self.stats.inferred - inferred:
+                            self.stats.model_ms.extend([took / generated] * generated)
+                    self._hand_over(chunks, frames, taken)
                     last = frames[-1]
             finally:
-                self._written.put(None)
+                self._end_writing()
                 writer.join()
             if self._write_error is not None:
                 raise self._write_error

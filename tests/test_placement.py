@@ -105,3 +105,20 @@ def test_fill_gives_an_empty_slot_its_share() -> None:
     assert p.floor_ratio() >= 0.9
     assert all(m.target == "new" for m in moves)
     assert need <= len(moves) <= 2 * need
+
+
+def test_rebalance_leaves_members_it_is_told_to_keep() -> None:
+    """A stream a cluster pass moved a moment ago is kept where it is (the head passes those moved within
+    `cluster.dwell_s`): the pass evens the load with the others or not at all."""
+    p = Placer(band=0.10)
+    p.add_slot("x", capacity=1.0)
+    p.add_slot("y", capacity=1.0)
+    for k in range(4):
+        p.assign(f"s{k}", "x", 0.2)
+    free = p.rebalance(fill=True)
+    assert len(free) == 2, free
+    for m in free:
+        p.assign(m.stream, "x", 0.2)  # back where they were
+    kept = p.rebalance(fill=True, keep={"s0", "s1", "s2"})
+    assert [(m.stream, m.source, m.target) for m in kept] == [("s3", "x", "y")]
+    assert p.rebalance(fill=True, keep={"s0", "s1", "s2", "s3"}) == []

@@ -335,7 +335,7 @@ def build_cluster_app(head: ClusterHead, control: StreamControl, jobs: TalkJobs 
         if head.nodes[node].state not in ("up", "drained"):
             raise HTTPException(409, f"node {node} is {head.nodes[node].state}")
         await head.resume_node(node)
-        moves = await head.rebalance()
+        moves = await head.rebalance(asked=True)
         return NodeMoves(node=node, moved=sorted(s for s, _, target in moves if target == node))
 
     # -- talk jobs -------------------------------------------------------------------------------

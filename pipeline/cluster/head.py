@@ -107,6 +107,7 @@ class ClusterHead:
         self._changed = asyncio.Event()
         self._joined = asyncio.Event()
         self._starting: dict[str, asyncio.Task[None]] = {}
+        self._rebalanced_at: dict[str, float] = {}  # stream -> monotonic time a rebalancing pass moved it
         self._tasks: set[asyncio.Task[Any]] = set()  # starts, moves and removals in flight
         self.publisher: Publisher
         self.discovery: HomeAssistant
@@ -574,11 +575,16 @@ class ClusterHead:
             self._joined.clear()
             await self.rebalance()
 
-    async def rebalance(self) -> list[tuple[str, str, str]]:
-        """Even the load over nodes (within `band`, at most `max_moves`): -> (stream, from, to) moves."""
+    async def rebalance(self, asked: bool = False) -> list[tuple[str, str, str]]:
+        """Even the load over nodes (within `band`, at most `max_moves`): -> (stream, from, to) moves.
+        A stream a pass moved less than `dwell_s` ago stays, unless an operator `asked` (resume)."""
         done = []
+        now = time.monotonic()
+        self._rebalanced_at = {k: t for k, t in self._rebalanced_at.items() if now - t < self.settings.dwell_s}
         for placer in self.placers.values():
-            moves = placer.rebalance(max_moves=self.settings.max_moves, fill=True)  # a joined node takes its share
+            moves = placer.rebalance(max_moves=self.settings.max_moves, fill=True,  # a joined node takes its share
+                                     keep=() if asked else self._rebalanced_at)
+            self._rebalanced_at.update((m.stream, now) for m in moves)
             await asyncio.gather(*(self._apply_move(m.stream, m.source, m.target) for m in moves))
             done += [(m.stream, m.source, m.target) for m in moves]
         if done:

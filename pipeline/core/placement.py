@@ -12,6 +12,7 @@ The `Placer` holds the only member-to-slot table and the only health record of e
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -181,10 +182,12 @@ class Placer:
                 fill_need += math.ceil(deficit / biggest - 1e-9)
         return max(need, fill_need)
 
-    def rebalance(self, max_moves: int | None = None, fill: bool = False) -> list[Move]:
+    def rebalance(self, max_moves: int | None = None, fill: bool = False,
+                  keep: Collection[str] = ()) -> list[Move]:
         """Greedy: move the stream that best evens the most and least loaded slots, until every
         slot is within the band (below it too, with `fill`: a slot that joined empty takes its
-        share) or no move helps. Few moves by construction (largest useful first)."""
+        share) or no move helps. Few moves by construction (largest useful first). Members in `keep`
+        stay where they are (e.g. moved a moment ago)."""
         moves: list[Move] = []
         limit = max_moves if max_moves is not None else 10 * sum(len(s.members) for s in self.slots.values())
         while len(moves) < limit:
@@ -197,7 +200,7 @@ class Placer:
             # moving cost c changes utilisations to (L_hi - c)/C_hi and (L_lo + c)/C_lo;
             # the ideal c equalises them
             ideal = (hi.load * lo.capacity - lo.load * hi.capacity) / (hi.capacity + lo.capacity)
-            fits = [(st, c) for st, c in hi.members.items() if c <= lo.headroom + 1e-12]
+            fits = [(st, c) for st, c in hi.members.items() if c <= lo.headroom + 1e-12 and st not in keep]
             if not fits:
                 break
             stream, cost = min(fits, key=lambda kv: abs(kv[1] - ideal))

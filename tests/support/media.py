@@ -109,10 +109,12 @@ class FrameSink:
     def __init__(self) -> None:
         self.frames: list[np.ndarray] = []
         self.audio: list[np.ndarray] = []
+        self.times: list[float] = []  # time.monotonic() of each write
 
     def write(self, frame: np.ndarray, audio: np.ndarray) -> None:
         self.frames.append(frame)
         self.audio.append(audio)
+        self.times.append(time.monotonic())
 
     def close(self) -> None:
         pass
