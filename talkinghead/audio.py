@@ -152,7 +152,6 @@ class Spurt:
     [first, end) in the queue's numbering (`PushAudio.pushed`); it ends when no voiced chunk has
     come for `SPURT_GAP_S` (or at a cut)."""
 
-    number: int  # 1, 2, ... per queue
     first: int
     end: int
     last_voiced: float  # monotonic arrival of its newest voiced chunk
@@ -181,7 +180,6 @@ class PushAudio:
         self.pushed = 0  # chunks ever queued: chunk k (from 0) has been taken (spoken, dropped, cut) once `taken` > k
         self.silence_db = silence_db
         self.spurt: Spurt | None = None  # the newest spurt of outside audio (None after a cut)
-        self._spurts = 0
 
     @property
     def rejected(self) -> int:
@@ -242,8 +240,7 @@ class PushAudio:
                 self.pushed += 1
                 if spurts and rms_db(c) >= self.silence_db:
                     if self.spurt is None or now - self.spurt.last_voiced > SPURT_GAP_S:
-                        self._spurts += 1
-                        self.spurt = Spurt(self._spurts, self.pushed - 1, self.pushed, now)
+                        self.spurt = Spurt(self.pushed - 1, self.pushed, now)
                     self.spurt.end, self.spurt.last_voiced = self.pushed, now
 
     def cut(self, fade_chunks: int = 2) -> int:
