@@ -20,7 +20,15 @@ time and memory measured per system):
   ceiling-decode    PyAV threads decoding the same cameras (newest frame kept, as decoded) and the
                     bare best backend looping over the newest frames: no scheduler, no MQTT,
                     the best a hand-written loop can do
-  ceiling           the bare best backend looping over pre-decoded frames: no I/O, no decode
+  ceiling           the bare best backend looping over pre-decoded frames at framegrid's batch size
+                    (models.batch_size, or --batch-size): no I/O, no decode. The inference limit.
+  decode-only       framegrid's own `streams.Source` per camera, with its decoder settings (threads:
+                    cores / cameras; frame skipping from --max-fps) and nothing else: every decoded
+                    frame counted and dropped. The decode limit.
+
+framegrid / min(decode-only, ceiling) is how near framegrid comes to the machine's limit (`limit`
+in the table; target >= 0.9). The two limits share the cores, so min() is an upper bound that a
+run doing both cannot quite reach when both are near it.
 
 Per system: processed frames/s in total, per-stream fairness (min/max processed fps),
 capture-to-result latency p50/p95/p99/max and how many results were older than framegrid's
@@ -48,8 +56,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = ROOT / "models" / "shapes-yolo11n.pt"
-SYSTEMS = ("framegrid", "framegrid-torch", "ultralytics", "ultralytics-openvino", "ceiling-decode", "ceiling")
-DEFAULT_SYSTEMS = ("framegrid", "ultralytics-openvino", "ceiling-decode")
+SYSTEMS = ("framegrid", "framegrid-torch", "ultralytics", "ultralytics-openvino", "ceiling-decode", "ceiling",
+           "decode-only")
+DEFAULT_SYSTEMS = ("framegrid", "ultralytics-openvino", "decode-only", "ceiling")
 MAX_FRAME_AGE = 1.0  # framegrid's default pipeline.max_frame_age, used as configured
 WORKER_SLACK = 240  # seconds a worker may take beyond warm-up + measuring (start, export, shutdown)
 
@@ -143,7 +152,8 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                          # the same work as the other systems (detection only): tracking is measured
                          # by tools/bench_tracking.py (--events / --record turn it on, for their cost)
                          **({} if events else {"tracker": {"type": "none"}})}},
-        "streams": {n: {"url": u, "model": "m", "stall_timeout": 20, "record": {"enabled": args.record}}
+        "streams": {n: {"url": u, "model": "m", "stall_timeout": 20, "record": {"enabled": args.record},
+                        **({"max_fps": args.max_fps} if args.max_fps else {})}
                     for n, u in streams.items()},
         # events, snapshots and clips go to a temporary folder, never the user's
         "events": {"enabled": events, "store": str(Path(tmp.name) / "events.db")},
@@ -279,7 +289,7 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
             frames.append(vf.to_ndarray(format="bgr24"))
             if len(frames) >= 64:
                 break
-    batch = min(len(args.urls), 8)
+    batch = min(len(args.urls), framegrid_batch(args))
     det = best_detector(args, batch)
     rec = Recorder(args.warmup, args.seconds)
     i = 0
@@ -292,6 +302,42 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
         i += batch
     out = rec.summary([f"cam{k}" for k in range(len(args.urls))], args.seconds)
     out["runtime"] = det.runtime
+    return out
+
+
+def framegrid_batch(args: argparse.Namespace) -> int:
+    """The batch size framegrid's slots use in this run (models.batch_size)."""
+    from pipeline.config import ModelConfig, default
+
+    return int(args.batch_size or default(ModelConfig, "batch_size"))
+
+
+def run_decode_only(args: argparse.Namespace) -> dict[str, Any]:
+    """framegrid's sources alone: each camera decoded by a `streams.Source` as the pipeline makes it
+    (the stream's settings' defaults, decoder threads as the pipeline gives them, frame skipping from
+    max_fps), every frame counted and dropped: the decode limit of this machine for these cameras."""
+    from pipeline.config import StreamConfig
+    from pipeline.core.devices import decode_threads
+    from streams import Source
+
+    names = [f"cam{i}" for i in range(len(args.urls))]
+    threads = decode_threads(os.cpu_count() or 1, len(names))
+    rec = Recorder(args.warmup, args.seconds)
+    sources = []
+    for name, url in zip(names, args.urls, strict=True):
+        cfg = StreamConfig(url=url, model="m", stall_timeout=20, max_fps=args.max_fps)
+        src = Source(name, url, lambda frame: rec.record(frame.stream, None), None, cfg,
+                     decode_threads=threads, wanted_fps=args.max_fps)
+        src.start()
+        sources.append(src)
+    while not rec.done:
+        time.sleep(0.2)
+    out = rec.summary(names, args.seconds)
+    for src in sources:
+        src.stop(5)
+    out["runtime"] = "pyav"
+    out["decode_threads"] = threads
+    out["skipping"] = sources[0].skipping
     return out
 
 
@@ -373,6 +419,7 @@ def worker(args: argparse.Namespace) -> None:
         "ultralytics-openvino": lambda: run_ultralytics(args, "openvino"),
         "ceiling-decode": lambda: run_ceiling_decode(args),
         "ceiling": lambda: run_ceiling(args),
+        "decode-only": lambda: run_decode_only(args),
         "agreement": lambda: run_agreement(args),
     }
     if args.worker not in runs:
@@ -474,6 +521,7 @@ def run_system(
         *(["--malloc-arenas", str(args.malloc_arenas)] if args.malloc_arenas is not None else []),
         *(["--events"] if args.events else []),
         *(["--record"] if args.record else []),
+        *(["--max-fps", str(args.max_fps)] if args.max_fps else []),
         "--urls",
         *urls,
     ]
@@ -513,6 +561,7 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
         ("ultralytics", "ultralytics"),
         ("ceiling-decode", "ceiling_decode"),
         ("ceiling", "ceiling"),
+        ("decode-only", "decode_only"),
     ):
         row = rows.get(other, {})
         out[f"framegrid_over_{key}_fps"] = ratio(fg.get("processed_fps"), row.get("processed_fps"))
@@ -531,6 +580,14 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
             "p95_half_of_ultralytics_openvino": p95_r is not None and p95_r <= 0.5,
             "ultralytics_openvino_saturated": saturated,
         }
+    limits = [rows.get(k, {}).get("processed_fps") for k in ("decode-only", "ceiling")]
+    if all(limits):
+        # the machine's limit for this row: what decoding alone, or inference alone, reaches
+        limit = min(min(limits), offered)  # (no system can process more than the cameras offer)
+        out["limit_fps"] = limit
+        out["framegrid_over_limit"] = ratio(fg.get("processed_fps"), limit)
+        if out["framegrid_over_limit"] is not None:
+            out.setdefault("targets", {})["vs_limit"] = out["framegrid_over_limit"] >= 0.9
     if out.get("framegrid_over_ceiling_decode_fps") is not None:
         out.setdefault("targets", {})["vs_ceiling_decode"] = out["framegrid_over_ceiling_decode_fps"] >= 0.9
     if fg.get("fairness") is not None:
@@ -571,7 +628,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"x{r.get('framegrid_over_ultralytics_openvino_fps')}, "
             f"p95 x{r.get('framegrid_over_ultralytics_openvino_p95')}, "
             f"cpu/frame x{r.get('framegrid_over_ultralytics_openvino_cpu_per_frame')}; "
-            f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}"
+            f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}; "
+            f"framegrid/limit x{r.get('framegrid_over_limit')} (limit {r.get('limit_fps')} fps: "
+            f"min(decode-only, ceiling, offered))"
         )
         if r.get("targets"):
             print(
@@ -637,6 +696,8 @@ def main() -> int:
         type=int,
         help="framegrid's pipeline.malloc_arenas (default: the config default; 0 = glibc's)",
     )
+    ap.add_argument("--max-fps", type=float, help="each camera's detect rate (streams.max_fps) for framegrid and "
+                    "decode-only (its frame skipping); ultralytics cannot limit it per stream and takes what it can")
     ap.add_argument("--events", action="store_true", help="framegrid tracks and stores events (their cost); "
                     "the store, snapshots and clips go to a temporary folder")
     ap.add_argument("--record", action="store_true", help="--events, plus an event clip of every stream "
@@ -683,7 +744,8 @@ def main() -> int:
                     for system in args.systems:
                         print(f"-- {cams} cameras, imgsz {imgsz}: {system}", file=sys.stderr, flush=True)
                         rows[system] = run_system(system, urls, imgsz, args, video, mosq.url if mosq else None)
-                    offered = (camera.get("fps") or args.camera_fps) * cams
+                    rate = camera.get("fps") or args.camera_fps
+                    offered = min(rate, args.max_fps or rate) * cams
                     results.append(
                         {
                             "cameras": cams,
