@@ -379,7 +379,11 @@ class StreamConfig(SourceSettings):
     """A stream: the source's own settings (`streams.SourceSettings`: transport, timeouts, reconnect,
     pacing) plus what the pipeline needs."""
 
-    url: str = Field(min_length=1, description="any FFmpeg URL or a file path (relative to the config)")
+    url: str = Field(min_length=1, description="any FFmpeg URL or a file path (relative to the config); with "
+                     "detect_url, the camera's main stream: recorded by packet copy, never decoded")
+    detect_url: str | None = Field(None, min_length=1, description="the camera's substream, decoded for detection "
+                                   "(an NVR camera's 640x360 beside its 1080p main stream); detections are "
+                                   "published in the main stream's pixels")
     model: str = Field(description="name of a [models.<name>] table")
     max_fps: float | None = Field(None, gt=0, le=1000, description="process at most this many frames/s")
     enabled: bool = Field(True, description="false keeps it configured but not running")
@@ -408,9 +412,25 @@ class StreamConfig(SourceSettings):
             raise ValueError(f"max_area must be larger than min_area ({self.min_area})")
         return self
 
-    @field_validator("url")
+    @model_validator(mode="after")
+    def _roles(self) -> StreamConfig:
+        if self.detect_url is None:
+            return self
+        if self.detect_url == self.url:
+            raise ValueError("detect_url is the url: leave it out when one stream does both")
+        pixels = [f"{kind}.{name}" for kind, table in (("zones", self.zones), ("masks", self.masks))
+                  for name, z in table.items() if any(v > 1 for pt in z.polygon for v in pt)]
+        pixels += [f"lines.{name}" for name, ln in self.lines.items() if any(v > 1 for pt in ln.points for v in pt)]
+        if pixels:
+            raise ValueError(f"{', '.join(pixels)}: with detect_url, give the corners as fractions of the frame "
+                             "(0..1): the main stream and the substream differ in size")
+        return self
+
+    @field_validator("url", "detect_url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if any(c.isspace() for c in v.strip()) and "://" in v:
             raise ValueError("URL contains white space")
         return v.strip()
@@ -748,7 +768,7 @@ class Config(Strict):
             out.append(self.mqtt.secret())
         if self.api.token is not None:
             out.append(self.api.token.get_secret_value())
-        out += [url_password(stream.url) for stream in self.streams.values()]
+        out += [url_password(u) for stream in self.streams.values() for u in (stream.url, stream.detect_url) if u]
         out += [url_password(u) for t in self.talk.values() for u in (t.audio, t.out)]
         out += [url_password(h.url) for h in self.webhooks]
         out += [h.secret.get_secret_value() for h in self.webhooks if h.secret is not None]
@@ -849,11 +869,13 @@ def _with_stream_defaults(data: dict[str, Any], errors: list[tuple[str, str]]) -
         errors.append(("stream_defaults", "must be a table of stream keys"))
         return {k: v for k, v in data.items() if k != "stream_defaults"}
     bad: set[str | int] = set()
-    if "url" in defaults:
-        errors.append(("stream_defaults.url", "not a default: each stream names its own url"))
-        bad.add("url")
+    for key in ("url", "detect_url"):
+        if key in defaults:
+            errors.append((f"stream_defaults.{key}", f"not a default: each stream names its own {key}"))
+            bad.add(key)
     try:
-        StreamConfig.model_validate({"url": "x", "model": "m", **{k: v for k, v in defaults.items() if k != "url"}})
+        StreamConfig.model_validate({"url": "x", "model": "m",
+                                     **{k: v for k, v in defaults.items() if k not in ("url", "detect_url")}})
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             bad.add(err["loc"][0])
@@ -899,8 +921,9 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
     weights = {n: w for n, m in models.items() if (w := path(table(m).get("weights"))) is not None}
     files = {f"models.{n}.classes_file": p for n, m in models.items()
              if (p := path(table(m).get("classes_file"))) is not None}
-    files |= {f"streams.{n}.url": local for n, st in table(data.get("streams")).items()
-              if table(st).get("enabled", True) is not False and isinstance(url := table(st).get("url"), str)
+    files |= {f"streams.{n}.{key}": local for n, st in table(data.get("streams")).items()
+              for key in ("url", "detect_url")
+              if table(st).get("enabled", True) is not False and isinstance(url := table(st).get(key), str)
               and is_local_file(url) and (local := path(url)) is not None}
     talks = {n: table(t) for n, t in table(data.get("talk")).items() if table(t).get("enabled", True) is not False}
     avatars = {n: a for n, t in talks.items() if (a := path(t.get("avatar"))) is not None}
@@ -1006,10 +1029,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
 
 def resolve_stream(cfg: StreamConfig, base_dir: Path) -> StreamConfig:
     """A stream's file URL made absolute against the config's folder (as at load)."""
-    if not is_local_file(cfg.url):
-        return cfg
-    p = Path(cfg.url.removeprefix("file:"))
-    return cfg.model_copy(update={"url": str(p if p.is_absolute() else base_dir / p)})
+    update = {}
+    for key in ("url", "detect_url"):
+        url = getattr(cfg, key)
+        if url is not None and is_local_file(url):
+            p = Path(url.removeprefix("file:"))
+            update[key] = str(p if p.is_absolute() else base_dir / p)
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def check_config_files(config: Config) -> list[tuple[str, str]]:
@@ -1019,7 +1045,8 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
     if config.lipsync.weights is not None and any(t.backend == "musetalk" for t in talks.values()):
         musetalk = (config.lipsync.weights, config.lipsync.version)
     files = {f"models.{n}.classes_file": m.classes_file for n, m in config.models.items() if m.classes_file}
-    files |= {f"streams.{n}.url": Path(s.url) for n, s in config.streams.items() if s.enabled and is_local_file(s.url)}
+    files |= {f"streams.{n}.{key}": Path(u) for n, s in config.streams.items() for key in ("url", "detect_url")
+              if s.enabled and (u := getattr(s, key)) is not None and is_local_file(u)}
     files |= {f"talk.{n}.audio": Path(t.audio) for n, t in talks.items()
               if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)}
     return _missing_files({n: m.weights for n, m in config.models.items()}, files,

@@ -183,9 +183,11 @@ class Source:
         decode_threads: int = 0,
         wanted_fps: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        decode: bool = True,
     ) -> None:
         """`decode_threads`: FFmpeg threads (0 = FFmpeg decides). `wanted_fps`: the most frames per
-        second anyone will use (the stream's max_fps), for `skip_frames = "auto"`."""
+        second anyone will use (the stream's max_fps), for `skip_frames = "auto"`. `decode=False`
+        reads packets only (for the `recorder`): a camera's main stream when a substream is detected on."""
         self.stream = stream
         self._url = url
         self.url_redacted = redact_url(url)
@@ -215,6 +217,9 @@ class Source:
         self.hw_decoding = False  # whether the open decoder really runs on hardware
         self.hw_error: str | None = None  # why hardware decoding was given up (then: software for good)
         self.recorder: PacketSink | None = None  # gets every demuxed video packet (event clips), decoded or not
+        self.decode = decode
+        self.size: tuple[int, int] | None = None  # the video's (width, height) as last opened
+        self.packets = 0  # packets read (a packet-only source's figure of life)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -276,6 +281,7 @@ class Source:
             error: str | None = None
             permanent = False
             got_frames = False
+            packets = self.packets
             try:
                 for frame in self._decode_once(pts_offset, index):
                     got_frames = True
@@ -283,6 +289,7 @@ class Source:
                     if frame.pts is not None:
                         pts_offset = frame.pts + (1.0 / self.fps if self.fps else 0.04)
                     self._on_frame(frame)
+                got_frames = got_frames or self.packets > packets  # (a packet-only source: packets came)
                 if self._stop.is_set():
                     break
                 if self.local and self.loop and got_frames:
@@ -305,6 +312,7 @@ class Source:
                 error = f"unexpected: {redact_text(repr(exc))}"
             if self._stop.is_set():
                 break
+            got_frames = got_frames or self.packets > packets
             failures = 0 if got_frames else failures + 1
             if got_frames:
                 self._backoff.reset()
@@ -351,6 +359,9 @@ class Source:
             recorder = self.recorder
             if recorder is not None:
                 recorder.opened(vstream)
+            if not self.decode:
+                yield from self._read_packets(container, vstream)
+                return
             applied = self.decoding
             pace_start: float | None = None
             first_pts: float | None = None
@@ -424,11 +435,38 @@ class Source:
         finally:
             container.close()
 
+    def _read_packets(self, container: Any, vstream: Any) -> Iterator[Frame]:
+        """Packets to the recorder, nothing decoded (yields no frame; a stall is no packet for
+        `stall_timeout`)."""
+        last = self.clock.mono()
+        pace_start: float | None = None
+        first_pts: float | None = None
+        for packet in container.demux(vstream):
+            if self._stop.is_set():
+                return
+            if self.realtime and packet.pts is not None and packet.time_base is not None:  # a file, as live
+                pts = float(packet.pts * packet.time_base)
+                first_pts = pts if first_pts is None else first_pts
+                pace_start = self._pace(pace_start, max(0.0, pts - first_pts))
+            now = self.clock.mono()
+            if packet.size == 0:
+                if now - last > self.options.stall_timeout:
+                    raise StreamStalled(f"no packet for {now - last:.1f}s")
+                continue
+            last = now
+            self.packets += 1
+            if self.recorder is not None:
+                self.recorder.packet(packet, self.clock.wall())
+            if self._state.state != STREAMING:
+                self._set_state(STREAMING)
+        yield from ()
+
     def _decoder(self, container: Any) -> tuple[Any, Any]:
         """The video stream and its codec context, set up: threads, the frames it skips (from the
         stream's rate and `max_fps`), hardware decoding as opened."""
         vstream = first_video_stream(container, self._url)
         ctx = vstream.codec_context
+        self.size = (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
         ctx.thread_type = "AUTO"
         if self.decode_threads:
             ctx.thread_count = self.decode_threads

@@ -51,7 +51,9 @@ def result(t: float, boxes: list[list[float]], ids: list[int], scores: list[floa
     det = Detections(np.array(boxes, np.float32).reshape(n, 4), np.array(scores or [0.8] * n, np.float32),
                      np.zeros(n, np.int32), labels or ("car",) * n)
     frame = SimpleNamespace(captured_at=t, captured_mono=t if mono is None else mono, width=640, height=360)
-    return SimpleNamespace(track_ids=np.array(ids, np.int64), frame=frame, detections=det, attributes=None)
+    stream = SimpleNamespace(main_scale=lambda width, height: None)  # one URL: nothing scaled
+    return SimpleNamespace(track_ids=np.array(ids, np.int64), frame=frame, detections=det, attributes=None,
+                           stream=stream)
 
 
 def engine(**events: Any) -> tuple[StreamEvents, list[dict[str, Any]], list[tuple[str, str, Any]]]:

@@ -153,8 +153,11 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                          # by tools/bench_tracking.py (--events / --record turn it on, for their cost)
                          **({} if events else {"tracker": {"type": "none"}})}},
         "streams": {n: {"url": u, "model": "m", "stall_timeout": 20, "record": {"enabled": args.record},
-                        **({"max_fps": args.max_fps} if args.max_fps else {})}
-                    for n, u in streams.items()},
+                        **({"max_fps": args.max_fps} if args.max_fps else {}),
+                        # --substream: the systems detect on the substreams; framegrid reads the main
+                        # stream beside each (packets only: recording, its size), as a user with roles
+                        **({"url": args.main_urls[i], "detect_url": u} if args.main_urls else {})}
+                    for i, (n, u) in enumerate(streams.items())},
         # events, snapshots and clips go to a temporary folder, never the user's
         "events": {"enabled": events, "store": str(Path(tmp.name) / "events.db")},
         "pipeline": {"status_interval": 0, "max_frame_age": MAX_FRAME_AGE,
@@ -488,7 +491,8 @@ def served_camera(url: str, video: Path) -> dict[str, Any]:
 
 
 def run_system(
-    system: str, urls: list[str], imgsz: int, args: argparse.Namespace, video: Path, mqtt: str | None
+    system: str, urls: list[str], imgsz: int, args: argparse.Namespace, video: Path, mqtt: str | None,
+    main_urls: list[str] | None = None,
 ) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
@@ -522,6 +526,7 @@ def run_system(
         *(["--events"] if args.events else []),
         *(["--record"] if args.record else []),
         *(["--max-fps", str(args.max_fps)] if args.max_fps else []),
+        *(["--main-urls", *main_urls] if main_urls and system in ("framegrid", "framegrid-torch") else []),
         "--urls",
         *urls,
     ]
@@ -696,6 +701,9 @@ def main() -> int:
         type=int,
         help="framegrid's pipeline.malloc_arenas (default: the config default; 0 = glibc's)",
     )
+    ap.add_argument("--substream", type=parse_size, help="WxH: each camera also serves this substream (the same "
+                    "scene); every system detects on the substreams and framegrid reads the main stream beside "
+                    "(detect_url + url)")
     ap.add_argument("--max-fps", type=float, help="each camera's detect rate (streams.max_fps) for framegrid and "
                     "decode-only (its frame skipping); ultralytics cannot limit it per stream and takes what it can")
     ap.add_argument("--events", action="store_true", help="framegrid tracks and stores events (their cost); "
@@ -706,6 +714,7 @@ def main() -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--urls", nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--main-urls", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--mqtt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -720,6 +729,12 @@ def main() -> int:
         raise SystemExit(f"--video {args.video}: no such file")
     video = args.video or make_camera(work, args.camera_size, args.camera_fps, args.gop_seconds)
     looped = annexb(video, work)
+    sub_video = None
+    if args.substream is not None:
+        if args.video is not None:
+            raise SystemExit("--substream renders the scene at both sizes: not with --video")
+        sub_video = make_camera(work, args.substream, args.camera_fps, args.gop_seconds)
+        sub_looped = annexb(sub_video, work)
     mosq: Mosquitto | None = None
     try:
         mosq = Mosquitto(work)
@@ -731,11 +746,17 @@ def main() -> int:
     agreement: dict[int, dict[str, Any]] = {}
     try:
         for cams in args.cameras:
-            server = RtspServer({f"cam{i}": looped for i in range(cams)})
+            served = {f"cam{i}": looped for i in range(cams)}
+            if sub_video is not None:
+                served |= {f"sub{i}": sub_looped for i in range(cams)}
+            server = RtspServer(served)
             server.start()
             try:
                 urls = [server.url(f"cam{i}") for i in range(cams)]
-                camera = camera or served_camera(urls[0], video)
+                main_urls: list[str] = []
+                if sub_video is not None:  # detection on the substreams; the main streams beside for framegrid
+                    main_urls, urls = urls, [server.url(f"sub{i}") for i in range(cams)]
+                camera = camera or served_camera((main_urls or urls)[0], video)
                 for imgsz in args.imgsz:
                     if not args.no_agreement and imgsz not in agreement:
                         print(f"-- agreement at imgsz {imgsz}", file=sys.stderr, flush=True)
@@ -743,7 +764,8 @@ def main() -> int:
                     rows: dict[str, Any] = {}
                     for system in args.systems:
                         print(f"-- {cams} cameras, imgsz {imgsz}: {system}", file=sys.stderr, flush=True)
-                        rows[system] = run_system(system, urls, imgsz, args, video, mosq.url if mosq else None)
+                        rows[system] = run_system(system, urls, imgsz, args, sub_video or video,
+                                                  mosq.url if mosq else None, main_urls)
                     rate = camera.get("fps") or args.camera_fps
                     offered = min(rate, args.max_fps or rate) * cams
                     results.append(
@@ -769,6 +791,8 @@ def main() -> int:
             "weights": args.weights.name,
             "mqtt": "mosquitto" if mosq else "embedded",
             "max_frame_age": MAX_FRAME_AGE,
+            "substream": f"{args.substream[0]}x{args.substream[1]}" if args.substream else None,
+            "max_fps": args.max_fps,
         },
         "results": results,
     }

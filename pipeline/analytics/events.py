@@ -68,12 +68,13 @@ class TrackedObject:
     announced: bool = True  # False while younger than `events.min_seen_s`: no event yet, not counted
     first_mono: float = 0.0  # monotonic time first seen
     held: list[str] = field(default_factory=list)  # what changed before it was announced (its `new` says it)
+    scale: tuple[float, float] = (1.0, 1.0)  # detected frame -> published pixels (a camera's main stream)
 
     def state(self) -> ObjectState:
         return {
             "id": self.id, "track_id": self.track_id, "label": self.label,
             "score": round(self.score, 4), "best_score": round(self.best_score, 4),
-            "box": [round(v, 1) for v in self.box],
+            "box": [round(v * self.scale[k % 2], 1) for k, v in enumerate(self.box)],
             "zones": sorted(z for z, s in self.zones.items() if s.inside), "entered_zones": list(self.entered),
             "crossings": list(self.crossings), "first_seen": round(self.first_seen, 3),
             "last_seen": round(self.last_seen, 3), "stationary": self.stationary, "has_snapshot": self.snapshot,
@@ -119,6 +120,8 @@ class StreamEvents:
         t = result.frame.captured_at  # wall: the stamps published (first/last seen, crossings)
         m = result.frame.captured_mono or t  # monotonic: every duration (unseen, stationary, update rate)
         size = (result.frame.width, result.frame.height)
+        main = result.stream.main_scale(*size)
+        scale = (main[2], main[3]) if main is not None else (1.0, 1.0)
         polys, segs = self._geometry(size)
         det = result.detections
         seen = set()
@@ -132,7 +135,8 @@ class StreamEvents:
             obj = self.objects.get(tid)
             if obj is None:
                 obj = TrackedObject(f"{self.name}-{tid}-{int(t * 1000)}", self.name, tid, label, score, score, box,
-                                    t, t, size, seen_mono=m, first_mono=m, announced=self.cfg.min_seen_s <= 0)
+                                    t, t, size, seen_mono=m, first_mono=m, announced=self.cfg.min_seen_s <= 0,
+                                    scale=scale)
                 self.objects[tid] = obj
                 reasons = self._move(obj, box, score, t, m, polys, segs)
                 if obj.announced:
@@ -143,6 +147,7 @@ class StreamEvents:
             before = obj.state()
             improved = score > obj.best_score + 1e-6
             obj.score, obj.box, obj.last_seen, obj.seen_mono, obj.frame_size = score, box, t, m, size
+            obj.scale = scale
             if improved:
                 obj.best_score = score
             reasons = self._move(obj, box, score, t, m, polys, segs)

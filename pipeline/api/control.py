@@ -75,18 +75,22 @@ class StreamControl:
         except ValidationError as exc:
             raise _invalid(exc) from None
         if from_client:
-            try:
-                self.paths.url(cfg.url)
-            except ClientPathError as exc:
-                raise Invalid(f"url: {exc}", [("url", str(exc))]) from None
+            for key in ("url", "detect_url"):
+                try:
+                    if (url := getattr(cfg, key)) is not None:
+                        self.paths.url(url)
+                except ClientPathError as exc:
+                    raise Invalid(f"{key}: {exc}", [(key, str(exc))]) from None
         cfg = resolve_stream(cfg, self.base_dir)
         models = self.runner.model_names()
         if cfg.model not in models:
             known = ", ".join(sorted(models)) or "none defined"
             raise Invalid(f"model: unknown model '{cfg.model}' (models: {known})",
                               [("model", f"unknown model '{cfg.model}' (models: {known})")])
-        if cfg.enabled and is_local_file(cfg.url) and not Path(cfg.url.removeprefix("file:")).exists():
-            raise Invalid(f"url: file not found: {cfg.url}", [("url", f"file not found: {cfg.url}")])
+        for key in ("url", "detect_url"):
+            url = getattr(cfg, key)
+            if cfg.enabled and url is not None and is_local_file(url) and not Path(url.removeprefix("file:")).exists():
+                raise Invalid(f"{key}: file not found: {url}", [(key, f"file not found: {url}")])
         return cfg
 
     # -- changes -----------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ class StreamRecord:
     since: float = 0.0  # wall time the state began
     reconnects: int = 0
     error: str | None = None
-    source: Source | None = None
+    source: Source | None = None  # decodes `detect_url` when set, else `url`
+    main: Source | None = None  # with `detect_url`: reads the main stream's packets (recording, its size)
     seq: int = 0  # results published so far (assigned on the loop, so in order)
     live: bool = True  # False once removed at runtime: a result still in flight is not published
     tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
@@ -54,6 +55,15 @@ class StreamRecord:
     @property
     def model(self) -> str:
         return self.cfg.model
+
+    def main_scale(self, width: int, height: int) -> tuple[int, int, float, float] | None:
+        """With `detect_url`: (main width, main height, x scale, y scale) from a detected frame of
+        `width` x `height` to the main stream's pixels; None without roles or before the main stream
+        has been opened."""
+        size = self.main.size if self.main is not None else None
+        if size is None or not width or not height or size == (width, height):
+            return None
+        return size[0], size[1], size[0] / width, size[1] / height
 
 
 class Ingest:
@@ -112,11 +122,19 @@ class Ingest:
         handoff = self.handoff
         assert handoff is not None, "attach() first"
         record.stats.restart_window(self.clock.mono())
-        record.source = Source(record.name, record.cfg.url, record.mailbox.put,
-                               lambda st: handoff.call(self._source_state, record, st), record.cfg,
-                               decode_threads=decode_threads, wanted_fps=record.cfg.max_fps, clock=self.clock)
+        cfg = record.cfg
+        record.source = Source(record.name, cfg.detect_url or cfg.url, record.mailbox.put,
+                               lambda st: handoff.call(self._source_state, record, st), cfg,
+                               decode_threads=decode_threads, wanted_fps=cfg.max_fps, clock=self.clock)
+        if cfg.detect_url is not None:
+            # the main stream: packets only (recorded by copy), never decoded; its size scales the boxes
+            record.main = Source(f"{record.name}.main", cfg.url, lambda frame: None, None, cfg, clock=self.clock,
+                                 decode=False)
+            record.main.recorder = record.recorder
+            record.main.start()
+        else:
+            record.source.recorder = record.recorder
         # while shedding: a keyframe is decoded only when its mailbox is empty and it is the camera's turn
-        record.source.recorder = record.recorder
         record.source.demand = lambda: (record.mailbox.waiting_since is None
                                         and self.pacer.may_decode(record.name, self.clock.mono(),
                                                                   record.stats.drops["too_old"]))
@@ -127,8 +145,7 @@ class Ingest:
             self.set_state(record, st.state, st.error, st.since, st.reconnects)
 
     async def stop(self, record: StreamRecord) -> None:
-        if record.source is not None:
-            await asyncio.to_thread(record.source.stop)
+        await asyncio.gather(*(asyncio.to_thread(s.stop) for s in (record.source, record.main) if s is not None))
         self.set_state(record, StreamState.STOPPED)
 
     async def stop_all(self) -> None:

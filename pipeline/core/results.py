@@ -55,7 +55,11 @@ class Result:
         return (self.published_at - self.frame.captured_at) * 1000
 
     def payload(self) -> DetectionsPayload:
+        """The published result: boxes, width and height in the pixels of the stream's `url` (its main
+        stream when a substream was detected on)."""
         f = self.frame
+        main = self.stream.main_scale(f.width, f.height)
+        width, height = (main[0], main[1]) if main is not None else (f.width, f.height)
         return {
             "v": PAYLOAD_VERSION,
             "stream": self.stream.name,
@@ -67,14 +71,19 @@ class Result:
             "inferred_at": round(self.inferred_at, 6),
             "published_at": round(self.published_at, 6),
             "latency_ms": round(self.latency_ms, 2),
-            "width": f.width,
-            "height": f.height,
+            "width": width,
+            "height": height,
             "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
-            "detections": self._detections_json(),
+            "detections": self._detections_json(main),
         }
 
-    def _detections_json(self) -> list[dict[str, Any]]:
+    def _detections_json(self, main: tuple[int, int, float, float] | None = None) -> list[dict[str, Any]]:
         out = self.detections.to_json()
+        if main is not None:
+            sx, sy = main[2], main[3]
+            for d, b in zip(out, self.detections.boxes, strict=True):
+                d["box"] = [round(float(b[0]) * sx, 1), round(float(b[1]) * sy, 1), round(float(b[2]) * sx, 1),
+                            round(float(b[3]) * sy, 1)]
         if self.track_ids is not None:
             for d, tid in zip(out, self.track_ids, strict=True):
                 d["track_id"] = int(tid) or None

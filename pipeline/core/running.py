@@ -120,9 +120,9 @@ class RunningStreams:
         if problems := stream_references(name, cfg, {n: self.models.cfg(n) for n in self.models.names()}):
             raise ValueError("; ".join(problems))
         record = self.ingest.add(name, cfg)
-        password = url_password(cfg.url)
-        if password:
-            self.secrets.append(password)
+        for url in (cfg.url, cfg.detect_url):
+            if url and (password := url_password(url)):
+                self.secrets.append(password)
         if self.models.pool(cfg.model) is None and not await self.models.load(cfg.model):
             return
         await self.prepare([record])
