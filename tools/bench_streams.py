@@ -32,7 +32,8 @@ run doing both cannot quite reach when both are near it.
 
 Per system: processed frames/s in total, per-stream fairness (min/max processed fps),
 capture-to-result latency p50/p95/p99/max and how many results were older than framegrid's
-`max_frame_age`, CPU seconds per processed frame, peak RSS and its growth after warm-up. Beside
+`max_frame_age`, CPU seconds per processed frame, peak RSS and its growth after warm-up, and the
+share of the cores the camera server (on the same machine) used while the system ran (`server`). Beside
 the speeds, the agreement of framegrid's answers with `YOLO.predict` on the same camera
 (tools/agreement.py). Ratios against the targets of the README. Table on stdout, everything in
 JSON. Latency: from the moment the decoder hands a frame over to the moment its result is
@@ -490,9 +491,16 @@ def served_camera(url: str, video: Path) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_system(
     system: str, urls: list[str], imgsz: int, args: argparse.Namespace, video: Path, mqtt: str | None,
-    main_urls: list[str] | None = None,
+    main_urls: list[str] | None = None, server_pid: int | None = None,
 ) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         out = Path(fh.name)
@@ -532,6 +540,8 @@ def run_system(
     ]
     if mqtt:
         cmd += ["--mqtt", mqtt]
+    server_cpu = cpu_seconds(server_pid) if server_pid else None
+    started = time.monotonic()
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=args.seconds + args.warmup + WORKER_SLACK, cwd=ROOT
@@ -543,6 +553,9 @@ def run_system(
         return {"error": f"exit {proc.returncode}: {tail}"}
     result = json.loads(out.read_text())
     out.unlink()
+    if server_pid and server_cpu is not None:
+        # the camera server shares the machine: its share of the cores while this system ran
+        result["camera_server_cores"] = round((cpu_seconds(server_pid) - server_cpu) / (time.monotonic() - started), 3)
     # what the system warned about while it ran (reconnects, stalls): helps read a bad row
     result["warnings"] = [line for line in (proc.stderr or "").splitlines() if "WARNING" in line or "ERROR" in line][
         -20:
@@ -605,7 +618,7 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
 def print_table(results: list[dict[str, Any]]) -> None:
     head = (
         f"{'cams':>4} {'imgsz':>5} {'system':<21} {'runtime':<11} {'fps':>7} {'fair':>5} {'p50':>7} {'p95':>7} "
-        f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6}"
+        f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6} {'server':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -625,7 +638,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"{res['cameras']:>4} {res['imgsz']:>5} {system:<21} {row.get('runtime', ''):<11} "
                 f"{f(row['processed_fps']):>7} {f(row.get('fairness'), '.2f'):>5} {f(lat.get('p50')):>7} "
                 f"{f(lat.get('p95')):>7} {f(lat.get('max')):>7} {f(cpu * 1000 if cpu else None):>8} "
-                f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6}"
+                f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6} "
+                f"{f(row.get('camera_server_cores'), '.2f'):>6}"
             )
         r = res["ratios"]
         print(
@@ -765,7 +779,8 @@ def main() -> int:
                     for system in args.systems:
                         print(f"-- {cams} cameras, imgsz {imgsz}: {system}", file=sys.stderr, flush=True)
                         rows[system] = run_system(system, urls, imgsz, args, sub_video or video,
-                                                  mosq.url if mosq else None, main_urls)
+                                                  mosq.url if mosq else None, main_urls,
+                                                  server.proc.pid if server.proc else None)
                     rate = camera.get("fps") or args.camera_fps
                     offered = min(rate, args.max_fps or rate) * cams
                     results.append(
