@@ -65,12 +65,14 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     assert r["offered_fps"] == 50.0
     for key in ("framegrid_over_ultralytics_openvino_fps", "framegrid_over_ultralytics_openvino_p95",
                 "framegrid_over_ultralytics_openvino_cpu_per_frame", "framegrid_over_decode_only_fps",
-                "framegrid_over_ceiling_fps", "framegrid_over_limit"):
+                "framegrid_over_ceiling_fps", "framegrid_over_limit", "framegrid_over_shared_limit"):
         assert r[key] is not None, key
         assert r[key] > 0, key
     # the limit: what decoding alone or inference alone reaches, at most what the cameras offer
     decode, infer = res["systems"]["decode-only"]["processed_fps"], res["systems"]["ceiling"]["processed_fps"]
     assert r["limit_fps"] == min(decode, infer, 50.0)
+    assert r["shared_limit_fps"] <= r["limit_fps"]  # decoding's cores are not the detector's
+    assert all(row.get("camera_server_cores", 0) >= 0 for row in res["systems"].values())
     assert {"vs_ultralytics_openvino", "vs_limit", "fairness", "none_older_than_max_frame_age"} <= set(r["targets"])
     agreement = res["agreement"]
     assert agreement["frames"] >= 10

@@ -606,6 +606,14 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
         out["framegrid_over_limit"] = ratio(fg.get("processed_fps"), limit)
         if out["framegrid_over_limit"] is not None:
             out.setdefault("targets", {})["vs_limit"] = out["framegrid_over_limit"] >= 0.9
+        # the two limits share the cores: decoding every camera takes D cores (decode-only's CPU), the
+        # detector gets the rest, so together they reach ceiling x (cores - D) / cores at most
+        dec = rows["decode-only"]
+        cores = os.cpu_count() or 1
+        if dec.get("cpu_s_per_frame"):
+            busy = dec["cpu_s_per_frame"] * dec["processed_fps"]
+            out["shared_limit_fps"] = round(min(offered, limits[1] * max(0.0, cores - busy) / cores), 1)
+            out["framegrid_over_shared_limit"] = ratio(fg.get("processed_fps"), out["shared_limit_fps"])
     if out.get("framegrid_over_ceiling_decode_fps") is not None:
         out.setdefault("targets", {})["vs_ceiling_decode"] = out["framegrid_over_ceiling_decode_fps"] >= 0.9
     if fg.get("fairness") is not None:
@@ -649,7 +657,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"cpu/frame x{r.get('framegrid_over_ultralytics_openvino_cpu_per_frame')}; "
             f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}; "
             f"framegrid/limit x{r.get('framegrid_over_limit')} (limit {r.get('limit_fps')} fps: "
-            f"min(decode-only, ceiling, offered))"
+            f"min(decode-only, ceiling, offered)); x{r.get('framegrid_over_shared_limit')} of the shared limit "
+            f"({r.get('shared_limit_fps')} fps: the ceiling on the cores decoding leaves)"
         )
         if r.get("targets"):
             print(
