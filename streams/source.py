@@ -283,7 +283,7 @@ class Source:
             got_frames = False
             packets = self.packets
             try:
-                for frame in self._decode_once(pts_offset, index):
+                for frame in self._decode_once(pts_offset, index) if self.decode else self._packets_once():
                     got_frames = True
                     index = frame.index + 1
                     if frame.pts is not None:
@@ -359,9 +359,6 @@ class Source:
             recorder = self.recorder
             if recorder is not None:
                 recorder.opened(vstream)
-            if not self.decode:
-                yield from self._read_packets(container, vstream)
-                return
             applied = self.decoding
             pace_start: float | None = None
             first_pts: float | None = None
@@ -432,6 +429,16 @@ class Source:
                     yield Frame(self.stream, index, VideoPicture(vf), wall, stream_pts, decode_ms, mono)
                     index += 1
                     t0 = time.perf_counter()
+        finally:
+            container.close()
+
+    def _packets_once(self) -> Iterator[Frame]:
+        container = self._open()
+        try:
+            vstream, _ = self._decoder(container)
+            if self.recorder is not None:
+                self.recorder.opened(vstream)
+            yield from self._read_packets(container, vstream)
         finally:
             container.close()
 

@@ -310,11 +310,8 @@ class TalkSession:
                     numbers.append(self.audio.last_number)
                     self._arrivals.append(self.audio.last_arrival)
                     if building and len(held) >= block + ahead:
-                        # the last `ahead` fillers go out as one block that sees the spurt as its
-                        # lookahead: the model renders the frames just before the onset, so the
-                        # cross-fade into the generated face lands on them and not on the first spoken
-                        # frames. The margin covers their render and the first block's; the fillers
-                        # before them are the avatar's own frames (cheap, written on time meanwhile).
+                        # the last `ahead` fillers see the spurt as lookahead: the model renders them, so the fade
+                        # lands before speech; the margin covers their render and the first block's
                         building = False
                         margin = self._margin = max(self.render_margin(block + ahead), CROSSFADE_FRAMES)
                         if margin > ahead:
