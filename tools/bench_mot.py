@@ -114,9 +114,11 @@ def events_started(steps: list[tuple[float, int, int, Any, np.ndarray]], **event
         nonlocal started
         started += kind == "new"
 
+    stream = SimpleNamespace(main_scale=lambda width, height: None)  # one URL per camera: nothing scaled
     for t, w, h, d, ids in steps:
         frame = SimpleNamespace(captured_at=t, captured_mono=t, width=w, height=h)
-        engine.on_result(SimpleNamespace(track_ids=ids, frame=frame, detections=d, attributes=None), emit)  # type: ignore[arg-type]
+        result = SimpleNamespace(track_ids=ids, frame=frame, detections=d, attributes=None, stream=stream)
+        engine.on_result(result, emit)  # type: ignore[arg-type]
     return started
 
 
