@@ -222,6 +222,7 @@ class ClusterHead:
         self._changed.set()
         if self.ready.is_set():
             self._place_unplaced()
+            self._rebalanced_at.clear()  # a new node: the dwell damps passes among the same nodes only
             self._joined.set()
 
     def _describe(self, node: NodeHandle, desc: dict[str, Any]) -> None:
@@ -536,6 +537,7 @@ class ClusterHead:
             if name in placer.slots:
                 placer.slots[name].state = SlotState.HEALTHY
         node.state = "up"
+        self._rebalanced_at.clear()  # (as for a join: an operator's resume rebalances afresh)
         self._joined.set()  # rebalance onto it
 
     # -- loops -----------------------------------------------------------------------------------------
