@@ -29,6 +29,7 @@ from .backoff import Backoff
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import NotVideoError, SourceOpenError, StreamError, StreamStalled
 from .frame import Frame, VideoPicture
+from .keyframe import Keyframe
 from .redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ class Source:
         self.decode = decode
         self.size: tuple[int, int] | None = None  # the video's (width, height) as last opened
         self.packets = 0  # packets read (a packet-only source's figure of life)
+        self.keyframe: Keyframe | None = None  # a packet-only source's latest keyframe (decoded when asked)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -312,7 +314,7 @@ class Source:
                 error = f"unexpected: {redact_text(repr(exc))}"
             if self._stop.is_set():
                 break
-            got_frames = got_frames or self.packets > packets
+            got_frames = got_frames or self.packets > packets  # (a failed read may have had packets first)
             failures = 0 if got_frames else failures + 1
             if got_frames:
                 self._backoff.reset()
@@ -462,6 +464,8 @@ class Source:
                 continue
             last = now
             self.packets += 1
+            if packet.is_keyframe:  # the picture a snapshot of this stream decodes
+                self.keyframe = Keyframe.of(vstream, packet, self.clock.wall())
             if self.recorder is not None:
                 self.recorder.packet(packet, self.clock.wall())
             if self._state.state != STREAMING:
@@ -540,6 +544,25 @@ def probe(url: str, options: SourceSettings | None = None) -> ProbeResult:
             if time.perf_counter() - t0 > opts.open_timeout + opts.stall_timeout:
                 break
         raise NotVideoError(f"{redact_url(url)}: no decodable video frame")
+    except av.error.FFmpegError as exc:
+        raise SourceOpenError(f"cannot read {redact_url(url)}: {_describe(exc)}") from exc
+    finally:
+        container.close()
+
+
+def grab_keyframe(url: str, options: SourceSettings, wall: Callable[[], float] = time.time) -> Keyframe:
+    """Open `url`, read up to its first keyframe (at most `stall_timeout` after opening) and close it.
+    Raises StreamError subclasses, their messages redacted."""
+    container = open_container(url, options, hardware=False)
+    try:
+        vstream = first_video_stream(container, url)
+        deadline = time.monotonic() + options.stall_timeout
+        for packet in container.demux(vstream):
+            if packet.size and packet.is_keyframe:
+                return Keyframe.of(vstream, packet, wall())
+            if time.monotonic() > deadline:
+                break
+        raise StreamStalled(f"{redact_url(url)}: no keyframe within {options.stall_timeout:.0f} s")
     except av.error.FFmpegError as exc:
         raise SourceOpenError(f"cannot read {redact_url(url)}: {_describe(exc)}") from exc
     finally:

@@ -149,6 +149,7 @@ class _Viewer:
         self.since = time.time()
         self.frames = 0
         self.dropped = 0
+        self.flushed = 0  # frames a barge-in took out of its queue
 
 
 class WebRtcOut:
@@ -175,6 +176,11 @@ class WebRtcOut:
         if self.viewers:  # read without the loop: at worst one frame more or less for a joining viewer
             self.handoff.call(self._fan_out, frame, audio, index, time.monotonic())
 
+    def cut(self) -> None:
+        """Barge-in: what every viewer has queued and not yet encoded was said before the cut: it goes
+        (on the loop, before the frames written after this)."""
+        self.handoff.call(self._flush)
+
     def close(self) -> None:
         self.closed = True
         self.handoff.call(self._start_closing)  # dropped when the loop is gone at exit
@@ -182,6 +188,18 @@ class WebRtcOut:
     # -- the loop side ----------------------------------------------------------------------------
     def _start_closing(self) -> None:
         self._closing = asyncio.get_running_loop().create_task(self.close_all())
+
+    def _flush(self) -> None:
+        for v in self.viewers.values():
+            flushed = 0
+            for track in (v.video, v.audio):
+                while not track.queue.empty():
+                    item = track.queue.get_nowait()
+                    if item is None:  # the viewer is leaving: its end stays
+                        track.queue.put_nowait(None)
+                        break
+                    flushed += track is v.video
+            v.flushed += flushed
 
     def _fan_out(self, frame: np.ndarray, audio: np.ndarray, index: int, written: float) -> None:
         for v in list(self.viewers.values()):
@@ -242,6 +260,7 @@ class WebRtcOut:
         d = list(self.delays)
         return {"viewers": len(self.viewers), "viewers_served": self.served,
                 "viewer_frames_dropped": sum(v.dropped for v in self.viewers.values()),
+                "viewer_frames_cut": sum(v.flushed for v in self.viewers.values()),
                 "webrtc_send_ms_p95": round(float(np.percentile(d, 95)), 1) if d else None}
 
 

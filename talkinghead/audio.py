@@ -176,6 +176,7 @@ class PushAudio:
         self.last_number = -1  # and its number (chunks are numbered from 0 as they are queued)
         self.cuts = 0  # barge-ins so far; the last one cut every chunk numbered below `cut_mark`
         self.cut_mark = 0
+        self.cut_at = 0.0  # monotonic time of the last cut (its delay to the writer is in the session's stats)
         self.cut_fade = 0  # chunks the last cut kept, faded out
         self.pushed = 0  # chunks ever queued: chunk k (from 0) has been taken (spoken, dropped, cut) once `taken` > k
         self.silence_db = silence_db
@@ -257,7 +258,7 @@ class PushAudio:
             faded = fade_out([c for c, _, _ in kept])
             self._chunks.extend((f, at, n) for f, (_, at, n) in zip(faded, kept, strict=True))
             self.cuts += 1
-            self.cut_mark, self.cut_fade = self.pushed, fade_chunks
+            self.cut_mark, self.cut_fade, self.cut_at = self.pushed, fade_chunks, time.monotonic()
             return dropped
 
     def drop_before(self, number: int) -> int:

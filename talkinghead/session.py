@@ -58,6 +58,9 @@ class BlockBackend(Protocol):
 
 
 class Sink(Protocol):
+    """Where frames go. A sink that queues frames for a live viewer may also have `cut()`: a barge-in
+    drops what it queued, before the cut's faded frames are written."""
+
     def write(self, frame: np.ndarray, audio: np.ndarray) -> None: ...
 
     def close(self) -> None: ...
@@ -70,6 +73,7 @@ class SessionStats:
     idle: int = 0  # silent chunks: the avatar's own frame
     late: int = 0  # chunks whose frame was repeated because generation fell behind
     cut: int = 0  # chunks dropped by barge-in before they were written (rendered or not)
+    cut_ms: float | None = None  # the last barge-in: from the cut to the writer applying it (its next frame)
     errors: int = 0  # chunks whose generation failed (executor error): last frame shown
     # the last 250 frames' figures: a session can run for days
     render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # per frame
@@ -83,7 +87,7 @@ class SessionStats:
         lat = list(self.latency_ms)
         return {
             "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late, "cut": self.cut,
-            "errors": self.errors,
+            "cut_ms": self.cut_ms, "errors": self.errors,
             "output_fps": round(self.frames / elapsed, 2) if elapsed > 0 else None,
             "infer_fps": round(self.inferred / elapsed, 2) if elapsed > 0 else None,
             "render_ms_p50": round(float(np.median(r)), 2) if r else None,
@@ -356,6 +360,10 @@ class TalkSession:
         if not isinstance(self.audio, PushAudio) or self.audio.cuts == self._cut_seen:
             return
         self._cut_seen = self.audio.cuts
+        self.stats.cut_ms = round((time.monotonic() - self.audio.cut_at) * 1000, 1)
+        cut = getattr(self.sink, "cut", None)  # frames a sink queued (a live viewer's) were said before it
+        if cut is not None:
+            cut()
         pairs = [p for blk in self._pending for p in blk]
         keep = min(self.audio.cut_fade, len(pairs))
         self._pending.clear()

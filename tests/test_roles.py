@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import av
+import cv2
+import numpy as np
 import pytest
 
 from pipeline import parse_config
 from pipeline.analytics.eventstore import query
+from pipeline.api.target import LocalTarget
+from pipeline.api.views import LatestResults, main_jpeg
 from pipeline.config import ConfigError
 from tests.support.procs import MODEL, Mosquitto, RtspServer, start_pipeline, wait_until
 
@@ -43,7 +47,10 @@ async def test_a_substream_is_detected_on_and_the_main_stream_recorded_with_boxe
         "models": {"shapes": {"type": "yolo", "weights": str(MODEL), "imgsz": 320}},
         "streams": {"cam": {"url": server.url("main"), "detect_url": server.url("sub"), "model": "shapes",
                             "max_fps": 5, "record": {"enabled": True, "pre_s": 1.0, "post_s": 1.0},
-                            "zones": {"right": {"polygon": [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]}}}},
+                            "zones": {"right": {"polygon": [[0.5, 0], [1, 0], [1, 1], [0.5, 1]]}}},
+                    # not recorded: its main stream is not read but for a keyframe at start and per snapshot
+                    "quiet": {"url": server.url("main"), "detect_url": server.url("sub"), "model": "shapes",
+                              "max_fps": 5}},
         "pipeline": {"status_interval": 0},
         "events": {"store": str(tmp_path / "ev" / "events.db"), "end_after": 1.0},
     }, tmp_path)
@@ -60,9 +67,12 @@ async def test_a_substream_is_detected_on_and_the_main_stream_recorded_with_boxe
     db = pipeline.analytics.db
     try:
         await wait_until(lambda: [r for r in query(db) if r["clip_path"]], 60, "an event's clip")
-        record = pipeline.ingest.records["cam"]
+        record, quiet = pipeline.ingest.records["cam"], pipeline.ingest.records["quiet"]
         decoded, main = record.source.size, record.main.size
         rows = [r for r in query(db) if r["clip_path"]]
+        target = LocalTarget(pipeline, LatestResults())
+        snaps = {n: await target.snapshot(n, False, main=True) for n in ("cam", "quiet")}
+        figures = {n: target.stream_figures(n)["main"] for n in ("cam", "quiet")}
     finally:
         await shutdown()
         server.kill()
@@ -82,6 +92,19 @@ async def test_a_substream_is_detected_on_and_the_main_stream_recorded_with_boxe
     row = rows[-1]
     assert "right" in row["zones"], row
     assert max(row["data"]["box"][0], row["data"]["box"][2]) > SUB[0], row["data"]
+    # a main snapshot is the main stream's keyframe at full size: the reader's (recorded), or grabbed
+    # on demand (the quiet stream's main was read twice: its size at start, then this snapshot)
+    for name, got in snaps.items():
+        assert got is not None
+        picture = cv2.imdecode(np.frombuffer(got[1], np.uint8), cv2.IMREAD_COLOR)
+        assert picture.shape == (MAIN[1], MAIN[0], 3), name
+        assert picture.std() > 5, name  # a scene, not a blank
+    cam, q = figures["cam"], figures["quiet"]
+    assert (cam["read"], cam["state"], cam["size"]) == ("recorded", "streaming", list(MAIN)), cam
+    assert cam["packets"] > 0, cam
+    assert (q["read"], q["state"], q["size"], q["grabs"]) == ("on demand", "ok", list(MAIN), 2), q
+    assert quiet.main is not None
+    assert quiet.main.source is None  # no reader
     # the clip is the main stream, copied: its codec and size
     with av.open(row["clip_path"]) as c:
         s = c.streams.video[0]
@@ -103,3 +126,15 @@ def test_roles_are_checked_where_they_are_configured(tmp_path: Path) -> None:
     secret = {"url": "rtsp://u:mainpw@cam/main", "detect_url": "rtsp://u:subpw@cam/sub", "model": "m"}
     cfg = parse_config({**base, "streams": {"a": secret}}, tmp_path)
     assert {"mainpw", "subpw"} <= set(cfg.secrets())
+
+
+async def test_a_main_snapshot_of_a_stream_with_one_url_is_refused_by_name(tmp_path: Path) -> None:
+    from pipeline.core.ingest import Ingest
+    from pipeline.errors import Invalid
+    from streams import SYSTEM_CLOCK
+
+    cfg = parse_config({"models": {"m": {"type": "yolo", "weights": str(MODEL)}},
+                        "streams": {"door": {"url": "rtsp://cam/main", "model": "m"}}}, tmp_path)
+    record = Ingest(SYSTEM_CLOCK, cfg.streams).records["door"]
+    with pytest.raises(Invalid, match=r"stream door has one URL.*main= needs detect_url"):
+        await main_jpeg(record)

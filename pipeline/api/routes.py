@@ -210,9 +210,15 @@ def streams_router(target: ControlTarget, control: StreamControl, guarded: list[
 
     @router.get("/api/streams/{name}/snapshot.jpg", response_class=Response,
                 responses={**not_found, 503: {"model": Problem}, 200: {"content": {"image/jpeg": {}}}})
-    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections")) -> Response:
+    async def snapshot(name: str, boxes: bool = Query(False, description="draw the detections"),
+                       main: bool = Query(False, description="with detect_url: the camera's main stream, its newest "
+                                          "keyframe decoded at full resolution (no boxes: it is up to a GOP older "
+                                          "than the detections)")) -> Response:
         known(name)
-        got = await target.snapshot(name, boxes)
+        if main and boxes:
+            raise Invalid("boxes are drawn on the frames detected on; a main snapshot is a keyframe of another "
+                          "stream, up to a GOP older: ask for one or the other", [("boxes", "not with main")])
+        got = await target.snapshot(name, boxes, main)
         if got is None:
             raise HTTPException(503, f"stream {name} has no processed frame yet")
         return Response(got[1], media_type="image/jpeg", headers={"Cache-Control": "no-store",

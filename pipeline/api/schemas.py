@@ -27,6 +27,19 @@ class Latency(BaseModel):
     max: float | None = None
 
 
+class MainStreamInfo(BaseModel):
+    read: str = Field(description="recorded (read as packets for the recorder) | on demand (a keyframe at start "
+                      "and per main snapshot)")
+    size: list[int] | None = Field(None, description="its width and height (published boxes are in these pixels)")
+    state: str = Field(description="recorded: the reader's state; on demand: connecting | ok | reconnecting | failed")
+    error: str | None = None
+    since: float | None = None
+    reconnects: int = 0
+    packets: int = 0
+    grabs: int = Field(0, description="keyframes grabbed on demand")
+    keyframe_age_s: float | None = Field(None, description="age of its newest keyframe (the main snapshot)")
+
+
 class StreamInfo(BaseModel):
     name: str
     url: str = Field(description="the source URL with its password masked")
@@ -49,6 +62,7 @@ class StreamInfo(BaseModel):
     slot: str | None = Field(None, description="the executor slot serving it")
     device: str | None = None
     node: str | None = Field(None, description="on a cluster: the node running it")
+    main: MainStreamInfo | None = Field(None, description="with detect_url: how the camera's main stream is read")
     config: dict[str, Any] = Field(description="the stream's settings (passwords masked)")
 
 

@@ -20,6 +20,7 @@ from pipeline.payloads import ClusterStatsPayload, StatsPayload
 from streams import redact_text
 
 from .schemas import ClipInfo, DeviceOut, EventInfo, ModelInfo, Move, RecordingInfo, SessionInfo, SlotInfo
+from .views import main_jpeg
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
@@ -73,9 +74,10 @@ class ControlTarget(Protocol):
         """The live state and figures (StreamInfo's fields) of the named streams that run."""
         ...
 
-    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
-        """(seq, JPEG) of a stream's newest processed frame; None when it has none yet. Raises
-        `Unavailable` when whatever holds it cannot be asked."""
+    async def snapshot(self, name: str, boxes: bool, main: bool = False) -> tuple[int, bytes] | None:
+        """(seq, JPEG) of a stream's newest processed frame; None when it has none yet. `main`: the
+        camera's main stream's newest keyframe instead (`views.main_jpeg`). Raises `Unavailable` when
+        whatever holds it cannot be asked."""
         ...
 
     def forget(self, name: str) -> None:
@@ -179,9 +181,13 @@ class LocalTarget:
                 "fps_in": snap["fps_in"], "fps_out": snap["fps_processed"], "decoded": snap["decoded"],
                 "dispatched": snap["dispatched"], "published": r.seq, "drops": snap["drops"],
                 "latency_ms": snap["latency_ms"], "slot": slot, "objects": self.latest.objects(name),
-                "device": pool.slots[slot].device if slot is not None and pool is not None else None}
+                "device": pool.slots[slot].device if slot is not None and pool is not None else None,
+                **({"main": r.main.figures()} if r.main is not None else {})}
 
-    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+    async def snapshot(self, name: str, boxes: bool, main: bool = False) -> tuple[int, bytes] | None:
+        if main:
+            record = self.pipeline.streams.get(name)
+            return None if record is None else await main_jpeg(record)
         return await self.latest.jpeg(name, boxes)
 
     def forget(self, name: str) -> None:

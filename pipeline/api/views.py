@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from pipeline.errors import Invalid, Unavailable
+from streams import StreamError
+
 if TYPE_CHECKING:
+    from pipeline.core.ingest import StreamRecord
     from pipeline.core.results import Result
 
 JPEG_QUALITY = 80
@@ -51,6 +55,28 @@ def render_jpeg(result: Result, boxes: bool) -> bytes:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def no_main(stream: str) -> Invalid:
+    return Invalid(f"stream {stream} has one URL: its snapshot is the frame it detects on (main= needs detect_url)",
+                   [("main", "the stream has no detect_url")])
+
+
+async def main_jpeg(record: StreamRecord) -> tuple[int, bytes]:
+    """(keyframes grabbed or 0, JPEG) of the camera's main stream: its newest keyframe, decoded now at
+    full resolution (the only time a main stream is decoded). Invalid without `detect_url`,
+    Unavailable when the main stream gives no keyframe."""
+    main = record.main
+    if main is None:
+        raise no_main(record.name)
+    try:
+        picture = await asyncio.to_thread(main.picture)
+    except StreamError as exc:
+        raise Unavailable(f"stream {record.name}: main stream: {exc}") from None
+    ok, buf = await asyncio.to_thread(cv2.imencode, ".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return main.grabs, buf.tobytes()
 
 
 class LatestResults:

@@ -30,6 +30,7 @@ from pipeline.api.routes import add_page, observe_router, sessions_router, strea
 from pipeline.api.schemas import DeviceOut, EventInfo, ModelInfo, Move, Problem, RecordingInfo, SessionInfo
 from pipeline.api.server import ApiServer
 from pipeline.api.target import redacted
+from pipeline.api.views import no_main
 from pipeline.config import TalkConfig
 from pipeline.errors import Conflict, Invalid, NotFound, PlacementError, RequestError, TooLarge, Unavailable
 from pipeline.payloads import ClusterPayload, ClusterStatsPayload, StatsPayload
@@ -158,9 +159,12 @@ class ClusterTarget:
             out[name] = {**place, **got.get(name, {})}
         return out
 
-    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+    async def snapshot(self, name: str, boxes: bool, main: bool = False) -> tuple[int, bytes] | None:
+        cfg = self.head.desired.get(name)
+        if main and cfg is not None and cfg.detect_url is None:  # (the node would say so, but as a failed call)
+            raise no_main(name)
         try:
-            return await self.head.snapshot(name, boxes)
+            return await self.head.snapshot(name, boxes, main)
         except Unavailable as exc:
             raise Unavailable(f"stream {name}: {exc}") from None
 

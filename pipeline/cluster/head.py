@@ -345,11 +345,11 @@ class ClusterHead:
         except Exception as exc:
             raise Unavailable(f"node {node.name} did not answer ({type(exc).__name__})") from None
 
-    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
+    async def snapshot(self, name: str, boxes: bool, main: bool = False) -> tuple[int, bytes] | None:
         node = self.nodes.get(self.where(name) or "")
         if node is None or node.state == "lost":
             return None
-        got = await self.ask(node.name, "snapshot", name, boxes)
+        got = await self.ask(node.name, "snapshot", name, boxes, main)
         return None if got is None else (int(got[0]), bytes(got[1]))
 
     def segments(self) -> Any:

@@ -175,11 +175,12 @@ class NodeWorker:
     async def event_snapshot(self, event_id: str, crop: bool) -> bytes | None:
         return await self._target().media.event_snapshot(event_id, crop)
 
-    async def snapshot(self, name: str, boxes: bool) -> tuple[int, bytes] | None:
-        """(seq, JPEG) of a stream's newest processed frame: one picture on request, not a feed."""
+    async def snapshot(self, name: str, boxes: bool, main: bool = False) -> tuple[int, bytes] | None:
+        """(seq, JPEG) of a stream's newest processed frame (`main`: its main stream's newest keyframe):
+        one picture on request, not a feed."""
         if name not in self.live.streams:
             return None
-        return await self.latest.jpeg(name, boxes)
+        return await self._target().snapshot(name, boxes, main)
 
     async def relayed(self, call: str, *args: Any) -> tuple[str, Any]:
         """A control-plane request the head relays to the node concerned (WebRTC signalling of a session

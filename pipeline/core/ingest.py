@@ -22,6 +22,7 @@ from streams.handoff import Handoff
 from streams.source import PacketSink
 
 from .filters import StreamFilter
+from .mainstream import MainStream
 from .overload import DecodePacer
 from .stats import StreamStats
 
@@ -44,7 +45,7 @@ class StreamRecord:
     reconnects: int = 0
     error: str | None = None
     source: Source | None = None  # decodes `detect_url` when set, else `url`
-    main: Source | None = None  # with `detect_url`: reads the main stream's packets (recording, its size)
+    main: MainStream | None = None  # with `detect_url`: the main stream (recorded, its size, its snapshots)
     seq: int = 0  # results published so far (assigned on the loop, so in order)
     live: bool = True  # False once removed at runtime: a result still in flight is not published
     tracker: StreamTracker | None = None  # track ids for its results (None: not tracked)
@@ -126,11 +127,8 @@ class Ingest:
         record.source = Source(record.name, cfg.detect_url or cfg.url, record.mailbox.put,
                                lambda st: handoff.call(self._source_state, record, st), cfg,
                                decode_threads=decode_threads, wanted_fps=cfg.max_fps, clock=self.clock)
-        if cfg.detect_url is not None:
-            # the main stream: packets only (recorded by copy), never decoded; its size scales the boxes
-            record.main = Source(f"{record.name}.main", cfg.url, lambda frame: None, None, cfg, clock=self.clock,
-                                 decode=False)
-            record.main.recorder = record.recorder
+        if cfg.detect_url is not None:  # never decoded but for a snapshot; read only when recorded
+            record.main = MainStream(record.name, cfg, self.clock, record.recorder)
             record.main.start()
         else:
             record.source.recorder = record.recorder
