@@ -17,7 +17,7 @@ def make(n: int, capacity: float = 0.9) -> Placer:
     return p
 
 
-def test_place_uses_most_headroom_and_refuses_what_fits_nowhere() -> None:
+def test_place_evens_load_and_refuses_what_fits_nowhere() -> None:
     p = make(2)
     first = p.place("a", 0.5)
     assert first in ("s0", "s1")
@@ -28,6 +28,18 @@ def test_place_uses_most_headroom_and_refuses_what_fits_nowhere() -> None:
         p.place("c", 0.8)
     assert p.where("c") is None
     assert p.place("c", 0.8, force=True) in ("s0", "s1")  # no admission control when forced
+
+
+def test_a_placement_on_slots_of_unequal_capacity_is_one_rebalancing_keeps() -> None:
+    # a big slot half busy has the most headroom; the small idle one is left less utilised by the new
+    # stream (0.4 against 0.6): placement and rebalancing measure the same thing, so nothing moves after
+    p = Placer(band=0.10)
+    p.add_slot("big", 2.0).members["old"] = 1.0
+    p.add_slot("small", 0.5)
+    assert p.place("new", 0.2) == "small"
+    assert p.rebalance() == []
+    # when it fits only where the headroom is, it goes there
+    assert p.place("wide", 0.6) == "big"
 
 
 def test_evacuate_moves_everything_that_fits_largest_first() -> None:

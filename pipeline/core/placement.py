@@ -60,6 +60,14 @@ class SlotRecord:
         return self.load / self.capacity if self.capacity > 0 else math.inf
 
 
+def _best(pool: list[SlotRecord], cost: float) -> SlotRecord:
+    """Where a member of `cost` goes: of the slots it fits on (else of all), the one left least utilised
+    by it — the measure `Placer.rebalance` evens out, so a placement is not undone by the next pass
+    (most headroom, the old rule, put it on a big slot that rebalancing then emptied onto a small one)."""
+    fits = [s for s in pool if s.headroom >= cost] or pool
+    return min(fits, key=lambda s: ((s.load + cost) / s.capacity if s.capacity > 0 else math.inf, s.name))
+
+
 @dataclass(frozen=True, slots=True)
 class Move:
     stream: str
@@ -88,17 +96,18 @@ class Placer:
 
     # -- decisions -----------------------------------------------------------------------------
     def place(self, stream: str, cost: float, candidates: list[str] | None = None, force: bool = False) -> str:
-        """Put a stream on the healthy slot with the most headroom; PlacementError if none fits.
+        """Put a stream on the healthy slot it leaves least utilised of those it fits on (`_best`);
+        PlacementError if none fits.
 
         `force` places it on the best slot even past capacity (no admission control: the
         stream is thinned by the keep-latest rule instead of refused)."""
         pool = [s for s in self.healthy() if candidates is None or s.name in candidates]
         if not pool:
             raise PlacementError(f"stream {stream}: no healthy executor slot")
-        best = min(pool, key=lambda s: (-s.headroom, s.name))
+        best = _best(pool, cost)
         if best.headroom < cost and not force:
             raise PlacementError(f"stream {stream}: needs {cost:.3f} of a slot, the most any slot has free is "
-                                 f"{max(0.0, best.headroom):.3f}")
+                                 f"{max(0.0, max(s.headroom for s in pool)):.3f}")
         self.remove(stream)
         best.members[stream] = cost
         return best.name
@@ -130,7 +139,7 @@ class Placer:
         moves, stay = [], {}
         for member, cost in sorted(dead.members.items(), key=lambda kv: -kv[1]):
             pool = self.healthy()
-            target = min(pool, key=lambda s: (-s.headroom, s.name)) if pool else None
+            target = _best(pool, cost) if pool else None
             if target is None or (target.headroom < cost and not force):
                 stay[member] = cost
                 continue

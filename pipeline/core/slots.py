@@ -497,7 +497,8 @@ class SlotPool:
         return rate * (max(times) if times else DEFAULT_SERVICE_S)
 
     def place(self, feed: Feed) -> str:
-        """Put a member on the healthy slot with the most headroom; PlacementError when none admits it."""
+        """Put a member on the healthy slot it leaves least utilised (`Placer.place`); PlacementError when none
+        admits it."""
         if self.closed:
             raise PoolError(f"pool {self.name} is closed")
         slot = self.placer.place(feed.key, self.cost(feed), force=not self.settings.admission_control)

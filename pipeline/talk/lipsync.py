@@ -232,7 +232,7 @@ class LipSyncPool:
 
     # -- sessions ---------------------------------------------------------------------------------
     def place(self, session: str) -> str:
-        """Put a session on the healthy slot with the most headroom; returns the slot's name."""
+        """Put a session on the healthy slot it leaves least utilised (`Placer.place`); returns the slot's name."""
         return self._on_loop(lambda: self._place(session, None))
 
     def _place(self, key: str, pin: int | None) -> str:
