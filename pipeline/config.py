@@ -184,7 +184,8 @@ class TrackerConfig(Strict):
     high_thresh: float = Field(0.25, ge=0, le=1, description="first-stage match threshold (ultralytics' default)")
     low_thresh: float = Field(0.1, ge=0, le=1, description="second-stage threshold for low-score detections")
     new_track_thresh: float = Field(0.25, ge=0, le=1, description="a detection this confident may start a track")
-    match_thresh: float = Field(0.8, gt=0, le=1, description="association cost threshold (1 - IoU, score-fused)")
+    match_thresh: float = Field(0.95, gt=0, le=1, description="association cost threshold (1 - IoU, score-fused, plus "
+                                "the class and appearance terms: hence above ultralytics' 0.8, which has neither)")
     buffer_s: float = Field(1.2, gt=0, le=600, description="seconds a lost track is kept for re-identification "
                             "(ultralytics' 30 frames at 25 fps, as time)")
     min_hits: int = Field(2, ge=1, le=1000, description="frames an object is seen before its track id is "
@@ -193,9 +194,9 @@ class TrackerConfig(Strict):
                                  "class is not the track's (its score-weighted majority): crossing objects of "
                                  "different classes keep their ids, a class flip with agreeing boxes still "
                                  "matches; 0 = class-agnostic like ultralytics")
-    duplicate_iou: float = Field(0.7, gt=0, le=1, description="an unmatched detection overlapping a matched one "
-                                 "at least this much (IoU) starts no track: the detector's second class for one "
-                                 "object; 1 = off")
+    duplicate_iou: float = Field(0.5, gt=0, le=1, description="an unmatched detection overlapping a matched one "
+                                 "at least this much (IoU) starts no track: the detector's second box or class for "
+                                 "one object; 1 = off")
     fuse_score: bool = Field(True, description="fuse detection scores into the association cost "
                              "(ultralytics' default)")
     partial_ratio: float = Field(0.8, ge=0, lt=1, description="a detected box this much narrower (or lower) than "

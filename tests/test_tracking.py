@@ -154,7 +154,7 @@ def test_parity_with_ultralytics_bytetrack_at_a_steady_rate() -> None:
     rng = np.random.default_rng(5)
     start, vel = rng.uniform(100, 1500, (12, 2)), rng.uniform(-120, 120, (12, 2))
     ours = StreamTracker(TrackerSettings(min_hits=1, class_penalty=0, duplicate_iou=1, partial_ratio=0,
-                                           first_reach=False))
+                                           first_reach=False, match_thresh=0.8))
     theirs = BYTETracker(Namespace(track_high_thresh=0.25, track_low_thresh=0.1, new_track_thresh=0.25,
                                    track_buffer=30, match_thresh=0.8, fuse_score=True))
     for k in range(100):
