@@ -132,12 +132,18 @@ def hw_accel(opts: SourceSettings) -> Any:
 
 def open_container(url: str, opts: SourceSettings, hardware: bool = True) -> Any:
     """av.open with timeouts (and the hardware decoder when configured and `hardware`); errors
-    mapped to ours with the URL redacted."""
+    mapped to ours with the URL redacted.
+
+    Reads are timed out by FFmpeg's own socket options (`ffmpeg_options`: `timeout`, `rw_timeout`),
+    not by PyAV's read timeout: that one is an interrupt callback taking the GIL at every poll of
+    every demuxer (FFmpeg calls it in its I/O loops), and 32 cameras' main and substreams had the
+    reading threads queue for the GIL (measured with py-spy: most waits were in that callback).
+    `open_timeout` stays PyAV's (a callback during the open only)."""
     try:
         return av.open(
             url,
             options=ffmpeg_options(url, opts),
-            timeout=(opts.open_timeout, opts.stall_timeout),
+            timeout=(opts.open_timeout, None),
             **({"hwaccel": hw_accel(opts)} if opts.hwaccel and hardware else {}),
         )
     except av.error.FFmpegError as exc:

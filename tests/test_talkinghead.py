@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -425,6 +426,51 @@ def test_a_piper_voice_speaks_through_the_piper_package(tmp_path: Path) -> None:
     assert len(np.concatenate(list(speech.stream("Hi.", "en")))) > 0  # espeak-ng beside it
     with pytest.raises(TtsError, match="piper-voices"):
         list(Speech("gone", 170, {"gone": tmp_path / "gone.onnx"}).stream("Hi."))
+
+
+class StallingBlocks(SlowBlocks):
+    """SlowBlocks whose fifth voiced block takes 0.6 s: the writer runs out of frames meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(block=4, lookahead=5, cost=0.01)
+        self.stalling = threading.Event()
+
+    def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
+        if any(voiced[:len(chunks)]) and len(self.calls) == 4:
+            self.stalling.set()
+            time.sleep(0.6)
+        return super().render_block(chunks, voiced, ahead)
+
+
+def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
+    """A model slower than real time leaves the writer waiting for the block in render; a cut then
+    fades that block's first two chunks out at once, on the last frame written, instead of after the
+    render (here 0.6 s; ~140 ms a block for the tiny MuseTalk on two cores), and drops the rest."""
+    from tests.support.media import FrameSink
+
+    backend = StallingBlocks()
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("stall", backend, push, sink, realtime=True)
+    session.start()
+    t0 = time.monotonic()
+    for k in range(60):  # 2.4 s of "speech", chunk k holds k + 1
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        if backend.stalling.is_set() and sink.times and time.monotonic() - sink.times[-1] > 0.1:
+            break  # the writer has waited 0.1 s for the stalled block
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    assert backend.stalling.is_set()
+    written, cut_at = len(sink.times), time.monotonic()
+    push.cut(2)
+    time.sleep(1.0)
+    push.close()
+    assert session.wait(10), session.error
+    assert len(sink.times) > written, "nothing written after the cut"
+    assert sink.times[written] - cut_at < 0.1, sink.times[written] - cut_at  # not after the stall's end
+    loud = [i for i in range(written, len(sink.audio)) if np.abs(sink.audio[i]).max() > 1e-4]
+    assert loud == [written, written + 1], loud  # the two faded chunks, then silence
+    assert sink.audio[written + 1][-1] < 0.05 * sink.audio[written][0]  # faded out
+    assert np.array_equal(sink.frames[written], sink.frames[written - 1])  # on the last frame written
+    assert session.stats.cut > 0, session.snapshot()
 
 
 def test_a_cut_reaches_into_the_block_and_lookahead_a_session_holds() -> None:
