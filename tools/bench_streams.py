@@ -170,10 +170,12 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     rec = Recorder(args.warmup, args.seconds)
 
     class Latency:
-        """A result sink: capture-to-publish latency of every result (published to MQTT as well)."""
+        """A result sink: capture-to-publish latency of every result (published to MQTT as well), on the
+        monotonic clock, as every system's here and framegrid's own figures (a step of the wall clock in
+        between would count in a wall-clock latency)."""
 
         def emit(self, result: Any) -> None:
-            rec.record(result.stream.name, result.published_at - result.frame.captured_at)
+            rec.record(result.stream.name, result.latency_ms / 1000)
 
     def dump_tasks() -> None:  # a shutdown that does not finish says what it waits for
         for task in asyncio.all_tasks():
@@ -224,13 +226,13 @@ def run_ultralytics(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
         def read(self) -> tuple[bool, Any]:
             ok, im = self._cap.read()
             if ok and im is not None:
-                captured[id(im)] = time.time()
+                captured[id(im)] = time.monotonic()
             return ok, im
 
         def retrieve(self) -> tuple[bool, Any]:
             ok, im = self._cap.retrieve()
             if ok and im is not None:
-                captured[id(im)] = time.time()
+                captured[id(im)] = time.monotonic()
             return ok, im
 
         def __getattr__(self, name: str) -> Any:
@@ -254,7 +256,7 @@ def run_ultralytics(args: argparse.Namespace, fmt: str) -> dict[str, Any]:
     names = [f"cam{i}" for i in range(len(args.urls))]
     for r in model.predict(source=str(streams_file), stream=True, imgsz=args.imgsz, verbose=False):
         t = captured.pop(id(r.orig_img), None)
-        rec.record(_stream_of(r.path, args.urls, names), None if t is None else time.time() - t)
+        rec.record(_stream_of(r.path, args.urls, names), None if t is None else time.monotonic() - t)
         if rec.done:
             break
     out = rec.summary(names, args.seconds)
@@ -299,10 +301,10 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     i = 0
     while not rec.done:
         imgs = [frames[(i + k) % len(frames)] for k in range(batch)]
-        t0 = time.time()
+        t0 = time.monotonic()
         det.infer(imgs)
         for k in range(batch):
-            rec.record(f"cam{(i + k) % len(args.urls)}", time.time() - t0)
+            rec.record(f"cam{(i + k) % len(args.urls)}", time.monotonic() - t0)
         i += batch
     out = rec.summary([f"cam{k}" for k in range(len(args.urls))], args.seconds)
     out["runtime"] = det.runtime
@@ -361,13 +363,14 @@ def run_ceiling_decode(args: argparse.Namespace) -> dict[str, Any]:
     def decode(name: str, url: str) -> None:
         while not stop.is_set():
             try:
-                with av.open(url, options={"rtsp_transport": "tcp", "fflags": "nobuffer", "flags": "low_delay"},
-                             timeout=(10, 10)) as c:
+                # reads timed out by FFmpeg's socket option, as framegrid's (PyAV's read timeout takes the GIL)
+                with av.open(url, options={"rtsp_transport": "tcp", "fflags": "nobuffer", "flags": "low_delay",
+                                           "timeout": "10000000"}, timeout=(10, None)) as c:
                     stream = c.streams.video[0]
                     stream.codec_context.thread_count = threads
                     for vf in c.decode(stream):
                         with lock:
-                            newest[name] = (vf, time.time())
+                            newest[name] = (vf, time.monotonic())
                             lock.notify()
                         if stop.is_set():
                             return
@@ -389,7 +392,7 @@ def run_ceiling_decode(args: argparse.Namespace) -> dict[str, Any]:
             taken = [(n, newest.pop(n)) for n in order if n in newest][:batch]
         turn = (turn + len(taken)) % len(names)
         det.infer([VideoPicture(vf) for _, (vf, _) in taken])
-        now = time.time()
+        now = time.monotonic()
         for name, (_, at) in taken:
             rec.record(name, now - at)
     stop.set()
