@@ -12,7 +12,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -29,6 +29,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mount
     finally:
+        for filler in list(Filler.running):  # a test that failed before releasing its filler: release it
+            filler.release()  # before the unmount, or it would go on filling the disk under the mount point
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
@@ -36,14 +38,22 @@ class Filler:
     """Takes every free byte of the file system under `folder`, and keeps taking what is freed (a clip's
     partial file deleted, a journal rolled back) until `release()` gives it all back."""
 
+    running: ClassVar[list[Filler]] = []  # not released yet (the `small_disk` fixture releases them)
+
     def __init__(self, folder: Path) -> None:
+        if not os.path.ismount(folder):
+            raise RuntimeError(f"{folder} is not the small tmpfs: a filler there would fill the real disk")
+        self.folder = folder
         self.path = folder / "filler"
         self._stop = threading.Event()
         self._top_up()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+        Filler.running.append(self)
 
     def _top_up(self) -> None:
+        if not os.path.ismount(self.folder):  # unmounted under it: never the disk beneath
+            return
         for block in (1 << 20, 64 << 10, 1024):  # then the last partial blocks
             with contextlib.suppress(OSError), self.path.open("ab") as f:
                 while True:
@@ -57,7 +67,9 @@ class Filler:
     def release(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.path.unlink()
+        self.path.unlink(missing_ok=True)
+        if self in Filler.running:
+            Filler.running.remove(self)
 
 
 def events_in(db: Path) -> dict[str, dict[str, Any]]:
