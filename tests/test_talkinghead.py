@@ -429,23 +429,25 @@ def test_a_piper_voice_speaks_through_the_piper_package(tmp_path: Path) -> None:
 
 
 class StallingBlocks(SlowBlocks):
-    """SlowBlocks whose fifth voiced block takes 0.6 s: the writer runs out of frames meanwhile."""
+    """SlowBlocks whose fifth voiced block takes 1.5 s: the writer runs out of frames meanwhile."""
 
     def __init__(self) -> None:
         super().__init__(block=4, lookahead=5, cost=0.01)
         self.stalling = threading.Event()
+        self.stalled = threading.Event()  # the stall is over
 
     def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
         if any(voiced[:len(chunks)]) and len(self.calls) == 4:
             self.stalling.set()
-            time.sleep(0.6)
+            time.sleep(1.5)
+            self.stalled.set()
         return super().render_block(chunks, voiced, ahead)
 
 
 def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
     """A model slower than real time leaves the writer waiting for the block in render; a cut then
     fades that block's first two chunks out at once, on the last frame written, instead of after the
-    render (here 0.6 s; ~140 ms a block for the tiny MuseTalk on two cores), and drops the rest."""
+    render (here 1.5 s; ~140 ms a block for the tiny MuseTalk on two cores), and drops the rest."""
     from tests.support.media import FrameSink
 
     backend = StallingBlocks()
@@ -461,11 +463,12 @@ def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
     assert backend.stalling.is_set()
     written, cut_at = len(sink.times), time.monotonic()
     push.cut(2)
-    time.sleep(1.0)
+    assert not backend.stalled.is_set(), "the stall ended before the cut: the writer was not waiting"
+    time.sleep(1.8)
     push.close()
     assert session.wait(10), session.error
     assert len(sink.times) > written, "nothing written after the cut"
-    assert sink.times[written] - cut_at < 0.1, sink.times[written] - cut_at  # not after the stall's end
+    assert sink.times[written] - cut_at < 0.1, sink.times[written] - cut_at  # not at the stall's end
     loud = [i for i in range(written, len(sink.audio)) if np.abs(sink.audio[i]).max() > 1e-4]
     assert loud == [written, written + 1], loud  # the two faded chunks, then silence
     assert sink.audio[written + 1][-1] < 0.05 * sink.audio[written][0]  # faded out
