@@ -163,6 +163,58 @@ def render_image(
     return img, truth
 
 
+def visible_fractions(shapes: Sequence[Shape], cover: np.ndarray) -> list[float]:
+    """The fraction of each shape's area in view, the shapes drawn in order (a later one over an earlier
+    one) and `cover` (1 where something in front of all of them hides the frame) over them all; the
+    frame's edge hides what lies beyond it. `cover` is updated in place."""
+    out = []
+    for shape in reversed(shapes):  # the topmost first
+        pts = shape.polygon()
+        mask = np.zeros_like(cover)
+        cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
+        area = 0.5 * abs(float(np.dot(pts[:, 0], np.roll(pts[:, 1], 1)) - np.dot(pts[:, 1], np.roll(pts[:, 0], 1))))
+        out.append(int(np.count_nonzero(mask & (1 - cover))) / max(area, 1.0))
+        cover |= mask
+    return out[::-1]
+
+
+def render_occluded_image(
+    seed: int, width: int = 640, height: int = 360, max_objects: int = 6
+) -> tuple[np.ndarray, GroundTruth]:
+    """A random image of half-hidden objects and its truth: shapes over each other, across the frame's
+    edge and behind bars of any colour, width and direction (a pillar, a post, a fence rail). An object
+    is in the truth when at least half of it is in view (MOT's visibility rule), with the box of its
+    whole outline clipped to the frame; one hidden more than that is background."""
+    rng = np.random.default_rng(seed)
+    img = _background(rng, width, height)
+    scale = min(width, height)
+    shapes = []
+    for _ in range(int(rng.integers(2, max_objects + 1))):
+        r = float(rng.uniform(scale * 0.05, scale * 0.14))
+        shapes.append(Shape(int(rng.integers(0, len(CLASSES))), float(rng.uniform(-0.5 * r, width + 0.5 * r)),
+                            float(rng.uniform(-0.5 * r, height + 0.5 * r)), r, float(rng.uniform(0, 2 * math.pi)),
+                            _contrasting_color(rng, img)))
+    behind = int(rng.integers(0, len(shapes) + 1))  # the bars hide the shapes drawn before them
+    draw(img, shapes[:behind])
+    cover = np.zeros((height, width), np.uint8)
+    for _ in range(int(rng.integers(0, 3))):
+        thick = int(rng.uniform(0.03, 0.12) * width)
+        colour = _contrasting_color(rng, img) if rng.random() < 0.5 else (int(rng.integers(40, 220)),) * 3
+        if rng.random() < 0.7:  # upright
+            x = int(rng.integers(0, width - thick))
+            x1, y1, x2, y2 = x, 0, x + thick, height
+        else:
+            y = int(rng.integers(0, height - thick // 2))
+            x1, y1, x2, y2 = 0, y, width, y + thick // 2
+        cv2.rectangle(img, (x1, y1), (x2 - 1, y2 - 1), colour, -1)
+        cover[y1:y2, x1:x2] = 1
+    draw(img, shapes[behind:])
+    front = np.zeros_like(cover)
+    seen = visible_fractions(shapes[behind:], front) + visible_fractions(shapes[:behind], front | cover)
+    kept = [s for s, v in zip(shapes[behind:] + shapes[:behind], seen, strict=True) if v >= 0.5]
+    return img, GroundTruth(tuple(s.class_id for s in kept), tuple(s.box(width, height) for s in kept))
+
+
 @dataclass(frozen=True, slots=True)
 class MovingScene:
     """A deterministic video scene: shapes move in straight lines and bounce off the edges.
@@ -351,17 +403,9 @@ class ScriptedScene:
         cover = np.zeros((self.height, self.width), np.uint8)
         if self.bar is not None:
             cover[:, self.bar[0] : self.bar[1]] = 1
-        out = []
-        for a, shape in reversed(list(zip(self.actors, shapes, strict=True))):  # the topmost first
-            pts = shape.polygon()
-            mask = np.zeros_like(cover)
-            cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
-            area = 0.5 * abs(float(np.dot(pts[:, 0], np.roll(pts[:, 1], 1)) - np.dot(pts[:, 1], np.roll(pts[:, 0], 1))))
-            visible = int(np.count_nonzero(mask & (1 - cover)))
-            cover |= mask
-            if visible >= 0.5 * area:
-                out.append((a.id, a.class_id, shape.box(self.width, self.height)))
-        return sorted(out)
+        seen = visible_fractions(shapes, cover)
+        return sorted((a.id, a.class_id, shape.box(self.width, self.height))
+                      for a, shape, v in zip(self.actors, shapes, seen, strict=True) if v >= 0.5)
 
 
 def tracking_scenes(seconds: float = 10.0) -> list[ScriptedScene]:

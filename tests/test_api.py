@@ -504,7 +504,7 @@ def test_barge_in_cuts_the_utterance_being_said_and_drops_the_waiting_ones(serve
     """A long utterance is cut 1 s after it started (DELETE .../utterances/current); then, with one
     utterance speaking and one waiting, a `say` with `interrupt` cuts the first, drops the second and
     is said. Events on <prefix>/talk/ben/events in order; in the session's file the first utterance's
-    voice stops within 0.4 s of the request (the fade is 80 ms; the rest is the session's own frames
+    voice stops within 0.4 s of the request (the fade is 40 ms; the rest is the session's own frames
     in flight)."""
     out = tmp_path / "ben.mp4"
     body = {"name": "ben", "avatar": str(face_image), "audio": "mqtt", "out": str(out)}

@@ -181,7 +181,7 @@ def test_text_said_to_a_session_is_heard_and_seen_in_the_browser_and_stop_cuts_i
               f"{session.get('cut_ms')} ms, {session.get('viewer_frames_cut')} queued frames dropped; audio jitter "
               f"buffer {jitter_buffer_ms(state['stats'], 'audio')} ms)")
         assert cut is not None
-        assert cut < 500, cut  # the fade is 80 ms, then the next frame's wait, the encoder and the network
+        assert cut < 500, cut  # the fade is 40 ms, then the next frame's wait, the encoder and the network
         until("the text interrupted", lambda: figures(client, "ben")["say"]["interrupted"] == 1, 10)
         assert fg.stop() == 0, fg.output()[-3000:]
     finally:

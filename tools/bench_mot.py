@@ -59,6 +59,7 @@ def track_framegrid(
     frame_steps: bool = False,
     imgsz: int = IMGSZ,
     events: list[tuple[float, int, int, Any, np.ndarray]] | None = None,
+    weights: Path = MODEL,
     **tracker: Any,
 ) -> list[list[tuple[int, list[float]]]]:
     """Each frame's confirmed (track id, box); `events` (if given) gets what the event engine needs."""
@@ -69,7 +70,7 @@ def track_framegrid(
     det = build_detector(
         "torch",
         "shapes",
-        MODEL,
+        weights,
         imgsz=imgsz,
         confidence=0.25,
         iou=0.7,
@@ -123,14 +124,14 @@ def events_started(steps: list[tuple[float, int, int, Any, np.ndarray]], **event
 
 
 def track_ultralytics(
-    frames: list[tuple[int, float, np.ndarray]], imgsz: int = IMGSZ
+    frames: list[tuple[int, float, np.ndarray]], imgsz: int = IMGSZ, weights: Path = MODEL
 ) -> list[list[tuple[int, list[float]]]]:
     from detectors.offline import prepare_ultralytics_offline
 
     prepare_ultralytics_offline()
     from ultralytics import YOLO
 
-    model = YOLO(str(MODEL))
+    model = YOLO(str(weights))
     out = []
     for _, _, image in frames:
         r = model.track(image, persist=True, imgsz=imgsz, verbose=False, tracker="bytetrack.yaml")[0]
@@ -206,7 +207,7 @@ def evaluate(
         if system == "framegrid":
             tracks = track_framegrid(frames, events=steps, **framegrid)
         else:
-            tracks = track_ultralytics(frames, imgsz)
+            tracks = track_ultralytics(frames, imgsz, framegrid.get("weights", MODEL))
         out[system] = score(truth, tracks)
         if system == "framegrid":
             out[system]["events"] = events_started(steps)
@@ -240,6 +241,7 @@ def main() -> None:
     ap.add_argument("--duplicate-iou", type=float, help="framegrid's tracker.duplicate_iou (default: the config's)")
     ap.add_argument("--partial-ratio", type=float, help="framegrid's tracker.partial_ratio (default: the config's)")
     ap.add_argument("--imgsz", type=int, default=IMGSZ, help="inference size (640 suits --held-out's 1280x720)")
+    ap.add_argument("--weights", type=Path, default=MODEL, help="the detector both systems run (the bundled one)")
     ap.add_argument("--appearance", type=float, help="framegrid's tracker.appearance (default: the config's)")
     ap.add_argument("--appearance-gate", type=float, help="framegrid's tracker.appearance_gate (default: the config's)")
     ap.add_argument("--reid-distance", type=float, help="framegrid's tracker.reid_distance (default: the config's)")
@@ -285,6 +287,7 @@ def main() -> None:
                     reid_distance=args.reid_distance,
                     frame_steps=args.frame_steps,
                     imgsz=args.imgsz,
+                    weights=args.weights,
                 )
                 for system, r in result.items():
                     rows.append({"scene": scene.name, "seconds": scene.seconds, "fps": fps, "system": system, **r})

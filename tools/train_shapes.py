@@ -9,6 +9,10 @@ committed output and never run it.
 
     .venv/bin/python -m tools.train_shapes            # defaults used for the committed weights
     .venv/bin/python -m tools.train_shapes --epochs 5 --train 50   # quick smoke run
+
+`--occluded N` adds N images of half-hidden objects (`streams.synthetic.render_occluded_image`:
+shapes over each other, across the frame's edge, behind bars) to training and a fifth as many to
+validation; `--start` fine-tunes from existing weights instead of the yaml.
 """
 
 from __future__ import annotations
@@ -22,18 +26,18 @@ import time
 from pathlib import Path
 
 from detectors.offline import prepare_ultralytics_offline
-from streams.synthetic import CLASSES, render_image
+from streams.synthetic import CLASSES, render_image, render_occluded_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_split(folder: Path, seeds: range, width: int, height: int) -> None:
+def write_split(folder: Path, seeds: range, width: int, height: int, occluded: bool = False) -> None:
     import cv2
 
-    (folder / "images").mkdir(parents=True)
-    (folder / "labels").mkdir(parents=True)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
     for seed in seeds:
-        img, truth = render_image(seed, width, height)
+        img, truth = (render_occluded_image if occluded else render_image)(seed, width, height)
         # JPEG at moderate quality: the model should see compression artefacts like a camera's.
         cv2.imwrite(str(folder / "images" / f"{seed:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 80])
         lines = []
@@ -48,6 +52,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=300, help="training images")
     ap.add_argument("--val", type=int, default=60, help="validation images")
+    ap.add_argument("--occluded", type=int, default=0, help="training images of half-hidden objects")
+    ap.add_argument("--start", type=Path, help="fine-tune these weights (default: from the yolo11n yaml)")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
@@ -63,17 +69,19 @@ def main() -> int:
     t0 = time.time()
     write_split(work / "data" / "train", range(0, args.train), args.width, args.height)
     write_split(work / "data" / "val", range(100_000, 100_000 + args.val), args.width, args.height)
+    write_split(work / "data" / "train", range(200_000, 200_000 + args.occluded), args.width, args.height, True)
+    write_split(work / "data" / "val", range(300_000, 300_000 + args.occluded // 5), args.width, args.height, True)
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
     data_yaml = work / "shapes.yaml"
     data_yaml.write_text(f"path: {work / 'data'}\ntrain: train/images\nval: val/images\nnames:\n{names}\n")
     render_s = time.time() - t0
 
-    model = YOLO("yolo11n.yaml")
+    model = YOLO(str(args.start) if args.start else "yolo11n.yaml")
     t1 = time.time()
     model.train(
         data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=0,
         device="cpu", project=str(work / "runs"), name="shapes", exist_ok=True, plots=False,
-        amp=False, pretrained=False, verbose=False, seed=0, deterministic=True,
+        amp=False, pretrained=bool(args.start), verbose=False, seed=0, deterministic=True,
     )
     train_s = time.time() - t1
     best = work / "runs" / "shapes" / "weights" / "best.pt"
@@ -86,6 +94,9 @@ def main() -> int:
         "classes": list(CLASSES),
         "train_images": args.train,
         "val_images": args.val,
+        "occluded_train_images": args.occluded,
+        "occluded_val_images": args.occluded // 5,
+        "started_from": args.start.name if args.start else "yolo11n.yaml",
         "image_size": [args.width, args.height],
         "imgsz": args.imgsz,
         "epochs": args.epochs,

@@ -39,7 +39,7 @@ from talkinghead.tts import MAX_TEXT, Speech, TtsError
 log = logging.getLogger(__name__)
 
 LOOKAHEAD_S = 1.0  # speech waiting in a session's audio queue at most (its queue holds 10 s)
-FADE_CHUNKS = 2  # frames (40 ms each) an interrupted utterance fades out over
+FADE_CHUNKS = 1  # frames (40 ms each) an interrupted utterance fades out over (a linear ramp: no click)
 EVENT_VERSION = 1
 WATCH_S = 0.02  # how often pushed audio's spurts are looked at
 EVENT_LOG = 1000  # utterance events kept for the API's server-sent events (all sessions)
