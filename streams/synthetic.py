@@ -210,7 +210,8 @@ def render_occluded_image(
         cover[y1:y2, x1:x2] = 1
     draw(img, shapes[behind:])
     front = np.zeros_like(cover)
-    seen = visible_fractions(shapes[behind:], front) + visible_fractions(shapes[:behind], front | cover)
+    seen = visible_fractions(shapes[behind:], front)  # in front of the bars; `front` now covers them
+    seen += visible_fractions(shapes[:behind], front | cover)
     kept = [s for s, v in zip(shapes[behind:] + shapes[:behind], seen, strict=True) if v >= 0.5]
     return img, GroundTruth(tuple(s.class_id for s in kept), tuple(s.box(width, height) for s in kept))
 

@@ -70,7 +70,8 @@ def main() -> int:
     write_split(work / "data" / "train", range(0, args.train), args.width, args.height)
     write_split(work / "data" / "val", range(100_000, 100_000 + args.val), args.width, args.height)
     write_split(work / "data" / "train", range(200_000, 200_000 + args.occluded), args.width, args.height, True)
-    write_split(work / "data" / "val", range(300_000, 300_000 + args.occluded // 5), args.width, args.height, True)
+    occluded_val = args.occluded // 5
+    write_split(work / "data" / "val", range(300_000, 300_000 + occluded_val), args.width, args.height, True)
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
     data_yaml = work / "shapes.yaml"
     data_yaml.write_text(f"path: {work / 'data'}\ntrain: train/images\nval: val/images\nnames:\n{names}\n")
@@ -95,7 +96,7 @@ def main() -> int:
         "train_images": args.train,
         "val_images": args.val,
         "occluded_train_images": args.occluded,
-        "occluded_val_images": args.occluded // 5,
+        "occluded_val_images": occluded_val,
         "started_from": args.start.name if args.start else "yolo11n.yaml",
         "image_size": [args.width, args.height],
         "imgsz": args.imgsz,
