@@ -144,6 +144,7 @@ class FrameChunker:
 
 
 SPURT_GAP_S = 0.6  # pushed audio silent (or absent) this long ends its spurt
+FADE_CHUNKS = 1  # frames (40 ms each) a barge-in fades out over (a linear ramp: no click, and the cut heard within 200 ms)
 
 
 @dataclass
@@ -244,7 +245,7 @@ class PushAudio:
                         self.spurt = Spurt(self.pushed - 1, self.pushed, now)
                     self.spurt.end, self.spurt.last_voiced = self.pushed, now
 
-    def cut(self, fade_chunks: int = 2) -> int:
+    def cut(self, fade_chunks: int = FADE_CHUNKS) -> int:
         """Barge-in: all that waits is dropped but its first `fade_chunks`, faded out to silence (so the
         voice and the mouth close within them, no click) -> chunks dropped. A session that already
         took chunks it has not rendered (a block backend's block and lookahead) sees `cuts` change:

@@ -213,6 +213,23 @@ def test_an_object_cut_by_an_occluder_keeps_its_id() -> None:
     assert after != before, "without cut views the id survived too: the test shows nothing"
 
 
+def test_an_object_passing_behind_another_keeps_its_id() -> None:
+    """An 80 px object at 100 px/s (25 fps) passes behind a standing one of its size: unseen while more
+    than half hidden, its lost track coasts across the other's box. ultralytics drops a lost track that
+    coincides with a tracked one as a duplicate, and the object came out under a new id; kept as hidden,
+    it takes its id back when it comes out."""
+    tracker, front, ids_of_mover = StreamTracker(TrackerSettings()), [400.0, 100.0, 480.0, 180.0], []
+    for k in range(120):
+        x1 = 200.0 + 4.0 * k
+        seen = abs(x1 - front[0]) >= 40  # at least half of it shows
+        rows = [(front, 0, 0.9)] + ([([x1, 100, x1 + 80, 180], 0, 0.9)] if seen else [])
+        ids = tracker.update(dets(rows), 1000 + k / 25)
+        if seen and ids[1]:
+            ids_of_mover.append(int(ids[1]))
+    assert len(ids_of_mover) > 80
+    assert set(ids_of_mover) == {ids_of_mover[0]}, ids_of_mover
+
+
 def test_the_tracks_own_class_breaks_a_tie() -> None:
     """Two detections overlap a track's prediction: the one of the track's class takes it, although the
     other overlaps a little more (crossing objects of different classes keep their ids)."""

@@ -226,10 +226,19 @@ def _timed(base: type) -> type:
             self._crowded = _crowded(results.xyxy) if looks is not None else np.zeros(len(results.xyxy), bool)
             if looks is not None:  # each subset's rows reach init_track (as `feats`), with their crowding
                 looks = np.concatenate([looks, self._crowded[:, None].astype(looks.dtype)], axis=1)
+            pool = [*self.tracked_stracks, *self.lost_stracks]
             out = super().update(results, None, looks)
+            self._keep_hidden(pool)
             if self.reid_distance and looks is not None and self.lost_stracks and self._adopt_lost():
                 out = self._format_output()
             return out
+
+        def _keep_hidden(self, pool: list[Any]) -> None:
+            """ultralytics drops a lost track whose box is a tracked one's (IoU above 0.85) as a
+            duplicate; it is an object hidden behind the one in front (a crossing, a crowd), so it stays
+            lost, to be found when it comes out. (A younger tracked track on an older lost one still goes.)"""
+            kept = {t.track_id for t in (*self.tracked_stracks, *self.lost_stracks)}
+            self.lost_stracks.extend(t for t in pool if t.state == 2 and t.track_id not in kept)  # TrackState.Lost
 
         def _adopt_lost(self) -> bool:
             """A young track (at most `young_frames` updates old) whose look, class and size are a lost

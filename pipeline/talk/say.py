@@ -9,8 +9,8 @@ what came first is said first.
 
 Each utterance reports `started` (the session took its first audio), then `finished` (it took its
 last) or `interrupted`: `interrupt` (or a `say` with `interrupt`) cuts what is being said at the next
-frame, keeping `FADE_CHUNKS` frames of it faded out to silence so the voice and the mouth close
-instead of stopping mid-syllable; a barge-in `say` also drops the utterances still waiting.
+frame, keeping `FADE_CHUNKS` frames of it (`talkinghead.audio`) faded out to silence so the voice and
+the mouth close instead of stopping mid-syllable; a barge-in `say` also drops the utterances still waiting.
 
 Audio pushed from outside (PCM over MQTT, a WebRTC microphone) is an utterance too, one per spurt
 (`talkinghead.audio.Spurt`: voiced audio until `SPURT_GAP_S` without): a watcher thread gives each
@@ -39,7 +39,6 @@ from talkinghead.tts import MAX_TEXT, Speech, TtsError
 log = logging.getLogger(__name__)
 
 LOOKAHEAD_S = 1.0  # speech waiting in a session's audio queue at most (its queue holds 10 s)
-FADE_CHUNKS = 1  # frames (40 ms each) an interrupted utterance fades out over (a linear ramp: no click)
 EVENT_VERSION = 1
 WATCH_S = 0.02  # how often pushed audio's spurts are looked at
 EVENT_LOG = 1000  # utterance events kept for the API's server-sent events (all sessions)
@@ -138,7 +137,7 @@ class Voice:
             if current is None and heard is None:
                 return None
             feeder.cut = feeder.cut or current is not None
-            feeder.push.cut(FADE_CHUNKS)
+            feeder.push.cut()
             if heard is not None:
                 self._end_heard(session, feeder, "interrupted")
         return current.id if current is not None else heard.id if heard is not None else None
