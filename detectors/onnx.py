@@ -69,7 +69,7 @@ class ExportedYoloDetector:
     def __init__(self, name: str, weights: str | Path, imgsz: int = IMGSZ, confidence: float = CONFIDENCE,
                  iou: float = IOU, threads: int | None = None, max_detections: int = 300,
                  device: str = "cpu", precision: str = "fp32", rect: bool = True, agnostic: bool = False,
-                 names: Sequence[str] = ()) -> None:
+                 names: Sequence[str] = (), calibration: Path | None = None) -> None:
         self.name = name
         self.weights = Path(weights)
         self.imgsz = imgsz
@@ -79,6 +79,7 @@ class ExportedYoloDetector:
         self.max_detections = max_detections
         self.device = device
         self.precision = precision
+        self.calibration = calibration  # int8: the images its quantization is calibrated on
         self.agnostic = agnostic
         self._inputs = InputBuffers(self.input_layout)
         self.rect = rect
@@ -100,7 +101,11 @@ class ExportedYoloDetector:
         if not self.weights.exists():
             raise WeightsNotFoundError(f"model {self.name}: {missing_weights_message(self.weights)}")
         if self.weights.suffix == ".pt":
-            return ensure_export(self.weights, self.imgsz, self.export_format, self.precision)
+            return ensure_export(self.weights, self.imgsz, self.export_format, self.precision,
+                                 calibration=self.calibration)
+        if self.precision == "int8":
+            raise ModelLoadError(f"model {self.name}: INT8 quantizes the export of a .pt; {self.weights.name} is "
+                                 "exported already (quantize it with NNCF and give the result, or give the .pt)")
         return self.weights  # already exported by the user
 
     def load(self) -> None:

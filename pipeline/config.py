@@ -304,9 +304,13 @@ class ModelConfig(SlotPoolConfig):
     device: str = Field("auto", pattern=r"^(cpu|auto|cuda(:\d+)?)$",
                         description="auto (every planned device), cpu, or cuda[:N]")
     half: bool = Field(False, description="FP16 (CUDA only)")
-    cpu_precision: Literal["auto", "f32", "bf16"] = Field(
-        "auto", description="OpenVINO inference precision on the CPU: auto = the CPU's fastest (bf16 where it has "
-        "BF16 units), f32 = full precision")
+    cpu_precision: Literal["auto", "f32", "bf16", "int8"] = Field(
+        "auto", description="OpenVINO inference precision on the CPU: auto = the CPU's fastest float (bf16 where it "
+        "has BF16 units), f32 = full precision, int8 = the .pt's export quantized (NNCF) on the `calibration` "
+        "images (fastest on CPUs with VNNI; check its answers against auto's with tools/agreement.py)")
+    calibration: Path | None = Field(None, description="a folder of 16+ (a few hundred are best) .jpg/.png frames "
+                                     "from the cameras this model watches: what cpu_precision = int8 is calibrated "
+                                     "on; relative to the config")
     classes: list[str] | None = Field(None, description="publish only these labels")
     tracker: TrackerConfig = Field(default_factory=TrackerConfig, description="tracking of this model's "
                                    "detections (a stream's own [streams.<name>.tracker] wins)")
@@ -325,6 +329,13 @@ class ModelConfig(SlotPoolConfig):
             return self  # the file check names the weights' kind (models.<name>.weights)
         if refusal is not None:
             raise ValueError(refusal)
+        if self.cpu_precision == "int8":
+            if self.calibration is None:
+                raise ValueError("cpu_precision = \"int8\" needs `calibration`: a folder of frames from the "
+                                 "cameras the model watches")
+            if self.backend not in ("auto", "openvino") or model_kind(self.weights) != "pt":
+                raise ValueError("cpu_precision = \"int8\" quantizes a .pt's OpenVINO export: give the .pt and "
+                                 "backend auto or openvino")
         return self
 
     def label_names(self) -> tuple[str, ...]:
@@ -938,17 +949,21 @@ def _raw_checks(data: dict[str, Any], base_dir: Path, check_files: bool) -> list
         musetalk = (folder, str(version))
     piper = {n: v for n, value in table(table(data.get("tts")).get("piper")).items()
              if (v := path(value)) is not None}
-    return errors + _missing_files(weights, files, avatars, musetalk, piper)
+    calibrations = {f"models.{n}.calibration": p for n, m in models.items()
+                    if table(m).get("cpu_precision") == "int8" and (p := path(table(m).get("calibration")))}
+    return errors + _missing_files(weights, files, avatars, musetalk, piper, calibrations)
 
 
 def _missing_files(weights: dict[str, Path], files: dict[str, Path], avatars: dict[str, Path],
-                   musetalk: tuple[Path, str] | None, piper: dict[str, Path]) -> list[tuple[str, str]]:
+                   musetalk: tuple[Path, str] | None, piper: dict[str, Path],
+                   calibrations: dict[str, Path] | None = None) -> list[tuple[str, str]]:
     """The one check (and message) of the files a config names that must exist before anything starts:
     weights (and their kind), other files by their key (local stream files, talk audio, class-name
     files), avatars (each named as resolved against the config's folder), the MuseTalk folder's
-    layout. Used on a valid config and on raw tables alike."""
+    layout, INT8 calibration folders (enough images). Used on a valid config and on raw tables alike."""
     from detectors import missing_weights_message
     from detectors.modelfile import ModelFileError, model_kind
+    from detectors.quantize import CalibrationError, calibration_images
 
     errors: list[tuple[str, str]] = []
     for n, w in weights.items():
@@ -963,6 +978,11 @@ def _missing_files(weights: dict[str, Path], files: dict[str, Path], avatars: di
             errors.append((f"models.{n}.weights", f"model file not found: {w} (export it with ultralytics, e.g. "
                                                   "yolo export model=best.pt format=onnx, and put it there)"))
     errors += [(key, f"file not found: {p}") for key, p in files.items() if not p.exists()]
+    for key, folder in (calibrations or {}).items():
+        try:
+            calibration_images(folder)
+        except CalibrationError as exc:
+            errors.append((key, str(exc)))
     errors += [(f"talk.{n}.avatar", f"file not found: {a}") for n, a in avatars.items() if not a.is_file()]
     errors += [(f"tts.piper.{n}", why) for n, p in piper.items() if (why := tts.piper_voice_error(n, p))]
     if musetalk is not None:
@@ -980,7 +1000,8 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         return p if p.is_absolute() else base_dir / p
 
     models = {name: m.model_copy(update={"weights": under(m.weights),
-                                         "classes_file": m.classes_file and under(m.classes_file)})
+                                         "classes_file": m.classes_file and under(m.classes_file),
+                                         "calibration": m.calibration and under(m.calibration)})
               for name, m in config.models.items()}
     streams = {name: resolve_stream(s, base_dir) for name, s in config.streams.items()}
     talk = {}
@@ -1050,8 +1071,10 @@ def check_config_files(config: Config) -> list[tuple[str, str]]:
               if s.enabled and (u := getattr(s, key)) is not None and is_local_file(u)}
     files |= {f"talk.{n}.audio": Path(t.audio) for n, t in talks.items()
               if t.audio not in ("mqtt", "webrtc") and is_local_file(t.audio)}
+    calibrations = {f"models.{n}.calibration": m.calibration for n, m in config.models.items()
+                    if m.cpu_precision == "int8" and m.calibration is not None}
     return _missing_files({n: m.weights for n, m in config.models.items()}, files,
-                          {n: t.avatar for n, t in talks.items()}, musetalk, config.tts.piper)
+                          {n: t.avatar for n, t in talks.items()}, musetalk, config.tts.piper, calibrations)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -150,6 +150,8 @@ def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         "models": {"m": {"type": "yolo", "weights": str(args.weights), "imgsz": args.imgsz, "backend": backend,
                          **({"batch_size": args.batch_size} if args.batch_size else {}),
                          **({"cpu_batch_ms": args.cpu_batch_ms} if args.cpu_batch_ms else {}),
+                         **({"cpu_precision": "int8", "calibration": str(args.calibration)} if args.calibration
+                            else {}),
                          # the same work as the other systems (detection only): tracking is measured
                          # by tools/bench_tracking.py (--events / --record turn it on, for their cost)
                          **({} if events else {"tracker": {"type": "none"}})}},
@@ -278,8 +280,9 @@ def best_detector(args: argparse.Namespace, batch: int) -> Any:
     from detectors.runtimes import build_detector, resolve_backend
 
     runtime = resolve_backend("auto", "cpu")
+    int8 = {"precision": "int8", "calibration": args.calibration} if args.calibration else {}
     det = build_detector(runtime, "m", args.weights, imgsz=args.imgsz, confidence=0.25, iou=0.7, device="cpu",
-                         threads=os.cpu_count(), max_batch=batch)
+                         threads=os.cpu_count(), max_batch=batch, **int8)
     det.load()
     det.warmup()
     return det
@@ -435,6 +438,20 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- the driver -----------------------------------------------------------------------------------------
+def calibration_frames(video: Path, folder: Path, count: int = 120) -> Path:
+    """`count` frames spread over the camera's clip, as JPEGs: what --int8 calibrates on (as a user
+    saves frames from the cameras)."""
+    import av
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with av.open(str(video)) as c:
+        frames = [vf.to_ndarray(format="bgr24") for vf in c.decode(video=0)]
+    for k in range(count):
+        cv2.imwrite(str(folder / f"{k:04d}.jpg"), frames[k * len(frames) // count])
+    return folder
+
+
 def make_camera(folder: Path, size: tuple[int, int], fps: float, gop_seconds: float, seconds: float = 10.0) -> Path:
     """The camera-like clip (mp4: the ceilings and the agreement read it) rendered once."""
     from streams.synthetic import camera_scene, write_video
@@ -528,6 +545,7 @@ def run_system(
         *(["--cpu-slots", str(args.cpu_slots)] if args.cpu_slots is not None else []),
         *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         *(["--cpu-batch-ms", str(args.cpu_batch_ms)] if args.cpu_batch_ms else []),
+        *(["--calibration", str(args.calibration)] if args.calibration else []),
         *(
             ["--malloc-mmap-threshold-kb", str(args.malloc_mmap_threshold_kb)]
             if args.malloc_mmap_threshold_kb is not None
@@ -732,6 +750,9 @@ def main() -> int:
                     "(detect_url + url)")
     ap.add_argument("--max-fps", type=float, help="each camera's detect rate (streams.max_fps) for framegrid and "
                     "decode-only (its frame skipping); ultralytics cannot limit it per stream and takes what it can")
+    ap.add_argument("--int8", action="store_true", help="framegrid (models.cpu_precision = \"int8\") and the "
+                    "ceilings run the model quantized, calibrated on 120 frames of the camera; the ultralytics "
+                    "systems stay float (their default export)")
     ap.add_argument("--events", action="store_true", help="framegrid tracks and stores events (their cost); "
                     "the store, snapshots and clips go to a temporary folder")
     ap.add_argument("--record", action="store_true", help="--events, plus an event clip of every stream "
@@ -742,6 +763,7 @@ def main() -> int:
     ap.add_argument("--urls", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--main-urls", nargs="*", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--mqtt", help=argparse.SUPPRESS)
+    ap.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)  # --int8's frames
     args = ap.parse_args()
     if args.worker:
         args.imgsz = args.imgsz[0]
@@ -761,6 +783,8 @@ def main() -> int:
             raise SystemExit("--substream renders the scene at both sizes: not with --video")
         sub_video = make_camera(work, args.substream, args.camera_fps, args.gop_seconds)
         sub_looped = annexb(sub_video, work)
+    if args.int8:
+        args.calibration = calibration_frames(sub_video or video, work / "calibration")
     mosq: Mosquitto | None = None
     try:
         mosq = Mosquitto(work)
@@ -820,6 +844,7 @@ def main() -> int:
             "max_frame_age": MAX_FRAME_AGE,
             "substream": f"{args.substream[0]}x{args.substream[1]}" if args.substream else None,
             "max_fps": args.max_fps,
+            "int8": args.int8,
         },
         "results": results,
     }
