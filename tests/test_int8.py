@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -59,7 +60,8 @@ def test_int8_is_calibrated_on_the_folder_cached_and_finds_what_float_finds(tmp_
     calib = calibration_folder(tmp_path / "calib", 24)
     frames = [frame(810_000 + s) for s in range(40)]
     answers = {}
-    for label, kw in (("float", {}), ("int8", {"precision": "int8", "calibration": calib})):
+    options: dict[str, dict[str, Any]] = {"float": {}, "int8": {"precision": "int8", "calibration": calib}}
+    for label, kw in options.items():
         det = OpenVinoYoloDetector("m", weights, imgsz=IMGSZ, confidence=0.25, threads=2, max_batch=4, **kw)
         det.load()
         answers[label] = [(d.boxes.tolist(), d.class_ids.tolist()) for d in (det.infer([im])[0] for im, _ in frames)]

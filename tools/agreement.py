@@ -10,6 +10,7 @@ the threshold. Per camera: frames compared, F1 and the largest confidence differ
 matched pairs.
 
     .venv/bin/python -m tools.agreement --backend torch auto --imgsz 320 640 --json agreement.json
+    .venv/bin/python -m tools.agreement --backend int8 --imgsz 320 640   # the model quantized to INT8
 
 The test suite asserts the targets on these cameras (tests/test_agreement.py); the benchmark
 reports the same numbers beside its speeds.
@@ -156,10 +157,30 @@ def score(ours: dict[int, list[Box]], theirs: dict[int, list[Box]], threshold: f
             "boxes_ultralytics": n_theirs, "max_conf_diff": round(conf_diff, 4)}
 
 
+def calibration_frames(folder: Path, count: int = 120) -> Path:
+    """Frames of other camera scenes (not the ones measured), as a user saves them from the cameras:
+    what `--backend int8` is calibrated on."""
+    import cv2
+
+    from streams.synthetic import camera_scene
+
+    out = folder / "calibration"
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-count // len(CAMERAS))
+    for i, (w, h) in enumerate(CAMERAS.values()):
+        for k, (image, _) in enumerate(camera_scene(w, h, seed=300 + i).frames(3 * per)):
+            if k % 3 == 0:
+                cv2.imwrite(str(out / f"{i}-{k:04d}.jpg"), image)
+    return out
+
+
 def measure(folder: Path, weights: Path = MODEL, imgsz: int = 320, backend: str = "auto", seconds: float = 3.0,
             thresholds: Sequence[float] = (0.9, 0.7), **model: Any) -> dict[str, Any]:
-    """Agreement per camera shape for one backend and input size."""
+    """Agreement per camera shape for one backend and input size (`int8`: OpenVINO with the model
+    quantized, calibrated on other scenes' frames)."""
     cameras = render_cameras(folder, seconds)
+    if backend == "int8":
+        backend, model = "openvino", {**model, "cpu_precision": "int8", "calibration": str(calibration_frames(folder))}
     got = run_framegrid(cameras, weights, imgsz, backend, **model)
     out: dict[str, Any] = {}
     for name, path in cameras.items():
@@ -173,7 +194,8 @@ def measure(folder: Path, weights: Path = MODEL, imgsz: int = 320, backend: str 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", nargs="+", default=["torch", "auto"])
+    ap.add_argument("--backend", nargs="+", default=["torch", "auto"],
+                    help="torch, auto, openvino, onnxruntime, or int8 (OpenVINO, cpu_precision int8)")
     ap.add_argument("--imgsz", type=int, nargs="+", default=[320])
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each camera file")
     ap.add_argument("--weights", type=Path, default=MODEL)

@@ -783,8 +783,12 @@ def main() -> int:
             raise SystemExit("--substream renders the scene at both sizes: not with --video")
         sub_video = make_camera(work, args.substream, args.camera_fps, args.gop_seconds)
         sub_looped = annexb(sub_video, work)
-    if args.int8:
+    if args.int8:  # quantized once up front, not inside a system's warm-up (the cache serves them all)
+        from detectors.export import ensure_export
+
         args.calibration = calibration_frames(sub_video or video, work / "calibration")
+        for imgsz in args.imgsz:
+            ensure_export(args.weights, imgsz, "openvino", "int8", calibration=args.calibration)
     mosq: Mosquitto | None = None
     try:
         mosq = Mosquitto(work)
