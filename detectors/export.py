@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -54,11 +56,11 @@ def cache_path(weights: Path, imgsz: int, fmt: str = "onnx", precision: str = "f
         raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     calibrated = ""
     if precision == "int8":
-        from .quantize import calibration_digest, nncf_version
+        from .quantize import RECIPE, calibration_digest, nncf_version
 
         if fmt != "openvino" or calibration is None:
             raise ValueError("an int8 export is an OpenVINO one, calibrated on a folder of images")
-        calibrated = f"|calibration={calibration_digest(calibration)}|nncf={nncf_version()}"
+        calibrated = f"|calibration={calibration_digest(calibration)}|nncf={nncf_version()}|recipe={RECIPE}"
     key = hashlib.sha256(
         f"{_weights_digest(weights)}|{fmt}|imgsz={imgsz}|batch=dynamic|{precision}|opset={OPSET}"
         f"|ultralytics={exporter_version()}{calibrated}".encode()
@@ -76,6 +78,23 @@ def ensure_export(weights: Path, imgsz: int, fmt: str = "onnx", precision: str =
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _exporting(out):  # slots loading at once (threads or processes): one exports, the others wait for it
+        if not out.exists():
+            _run_export(weights, out, fmt, imgsz, precision, calibration, timeout)
+    return out
+
+
+@contextmanager
+def _exporting(out: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(out.parent / f".{out.name}.lock", "w") as fh:  # one open file per caller: flock excludes each
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _run_export(weights: Path, out: Path, fmt: str, imgsz: int, precision: str, calibration: Path | None,
+                timeout: float) -> None:
     proc = subprocess.run([sys.executable, "-m", "detectors.export", str(weights), str(out), fmt, str(imgsz),
                            precision, *([str(calibration)] if calibration else [])],
                           capture_output=True, text=True, timeout=timeout,
@@ -83,7 +102,6 @@ def ensure_export(weights: Path, imgsz: int, fmt: str = "onnx", precision: str =
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ModelLoadError(f"{fmt} export of {weights} failed: {' | '.join(tail)}")
-    return out
 
 
 def ensure_onnx(weights: Path, imgsz: int, timeout: float = 900) -> Path:

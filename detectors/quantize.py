@@ -23,6 +23,7 @@ import numpy as np
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MIN_IMAGES = 16  # fewer calibrate the ranges on too little to trust
 MAX_IMAGES = 300  # NNCF's own default subset
+RECIPE = "mixed/head-float/1"  # in the export cache's key: a change here quantizes anew
 
 
 class CalibrationError(ValueError):

@@ -5,6 +5,7 @@ usable calibration images is refused with the key that is wrong."""
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ def test_int8_is_calibrated_on_the_folder_cached_and_finds_what_float_finds(tmp_
     for export in MODEL.parent.glob(f"{MODEL.stem}.{IMGSZ}.fp32.*_openvino_model"):  # the float export: cached
         shutil.copytree(export, work / export.name)
     calib = calibration_folder(tmp_path / "calib", 24)
+    # two slots loading at once: one quantizes, the other waits for it and takes the same export
+    slots = [OpenVinoYoloDetector("m", weights, imgsz=IMGSZ, precision="int8", calibration=calib) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda d: d.load(), slots))
+    assert slots[0].export_path == slots[1].export_path
+    assert not list(work.glob("*.part")), list(work.iterdir())
+    for d in slots:
+        d.close()
     frames = [frame(810_000 + s) for s in range(40)]
     answers = {}
     options: dict[str, dict[str, Any]] = {"float": {}, "int8": {"precision": "int8", "calibration": calib}}
