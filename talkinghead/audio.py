@@ -144,7 +144,7 @@ class FrameChunker:
 
 
 SPURT_GAP_S = 0.6  # pushed audio silent (or absent) this long ends its spurt
-FADE_CHUNKS = 1  # frames (40 ms each) a barge-in fades out over (a linear ramp: no click, and the cut heard within 200 ms)
+FADE_CHUNKS = 1  # frames (40 ms each) a barge-in fades out over (a linear ramp: no click; heard within 200 ms)
 
 
 @dataclass
