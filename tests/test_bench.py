@@ -15,7 +15,8 @@ import pytest
 from tests.support.procs import ROOT
 
 FIELDS = {"processed_fps", "per_stream_fps", "fairness", "latency_ms", "older_than_max_frame_age",
-          "cpu_s_per_frame", "peak_rss_mb", "rss_growth_after_warmup", "runtime"}
+          "cpu_s_per_frame", "peak_rss_mb", "rss_growth_after_warmup", "rss_peak_growth",
+          "rss_trend_per_10min", "runtime"}
 
 
 @pytest.mark.slow
@@ -104,3 +105,18 @@ def test_bench_talkinghead_short_run(tmp_path: Path) -> None:
     assert two["speedup"] == round(two["fps"] / one["fps"], 2)  # the 2-slot figure is its own measurement
     assert all(r["frames"] == 50 and r["fps"] > 0 for r in report["offline"])
     assert "sustainable at 25 fps" in proc.stdout
+
+
+def test_rss_growth_sees_a_trend_and_not_the_swing() -> None:
+    """A flat series swinging by 8% shows no growth; one climbing 5% over ten minutes shows it both ways."""
+    from tools.bench_streams import rss_growth
+
+    ts = [i * 0.5 for i in range(1200)]  # ten minutes, a sample every 0.5 s, as the benchmark samples
+    swing = [(t, 500_000_000 + (40_000_000 if i % 97 == 0 else 0)) for i, t in enumerate(ts)]
+    flat = rss_growth(swing)
+    assert flat["rss_peak_growth"] == 0.0
+    assert abs(flat["rss_trend_per_10min"] or 1) < 0.005
+    climb = rss_growth([(t, int(500_000_000 * (1 + 0.05 * t / 600))) for t in ts])
+    assert 0.035 < (climb["rss_peak_growth"] or 0) < 0.045  # peaks at 10 and 2 min: 1.05 / 1.01
+    assert abs((climb["rss_trend_per_10min"] or 0) - 0.05) < 0.003
+    assert rss_growth(swing[:5]) == {"rss_peak_growth": None, "rss_trend_per_10min": None}

@@ -128,13 +128,32 @@ class Recorder:
             "older_than_max_frame_age": None if lat is None else int((lat > MAX_FRAME_AGE * 1000).sum()),
             "cpu_s_per_frame": round(cpu / total, 4) if total else None,
             "peak_rss_mb": round(max(r for _, r in self.rss) / 2**20, 1) if self.rss else None,
+            # the highest sample after warm-up over the first one after it: mostly the swing of frames in flight
             "rss_growth_after_warmup": round((max(after) - rss_warm) / rss_warm, 4) if rss_warm else None,
+            **rss_growth([(t, r) for t, r in self.rss if t >= warm]),
             # (seconds since start, MB) every ~10 s, to see whether memory settles or keeps growing
             "rss_timeline_mb": [(round(t), round(r / 2**20, 1)) for t, r in self.rss[::20]],
         }
 
 
 # -- workers ------------------------------------------------------------------------------------------
+def rss_growth(samples: list[tuple[float, int]]) -> dict[str, float | None]:
+    """Growth of memory over a window, two ways that the swing of frames in flight does not dominate:
+    the peak of its last fifth over the peak of its first fifth (at most two minutes each: does the
+    high-water mark rise?) and the least-squares slope, in % of the mean per ten minutes (a trend)."""
+    if len(samples) < 10:
+        return {"rss_peak_growth": None, "rss_trend_per_10min": None}
+    t0, t1 = samples[0][0], samples[-1][0]
+    span = min(120.0, (t1 - t0) / 5)
+    first = max(r for t, r in samples if t <= t0 + span)
+    last = max(r for t, r in samples if t >= t1 - span)
+    ts = [t for t, _ in samples]
+    rs = [float(r) for _, r in samples]
+    mt, mr = sum(ts) / len(ts), sum(rs) / len(rs)
+    slope = sum((t - mt) * (r - mr) for t, r in zip(ts, rs, strict=True)) / sum((t - mt) ** 2 for t in ts)
+    return {"rss_peak_growth": round(last / first - 1, 4), "rss_trend_per_10min": round(slope * 600 / mr, 4)}
+
+
 def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     import asyncio
 
@@ -647,7 +666,7 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
 def print_table(results: list[dict[str, Any]]) -> None:
     head = (
         f"{'cams':>4} {'imgsz':>5} {'system':<21} {'runtime':<11} {'fps':>7} {'fair':>5} {'p50':>7} {'p95':>7} "
-        f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6} {'server':>6}"
+        f"{'max':>7} {'cpu ms/f':>8} {'rss MB':>7} {'rss +%':>6} {'peak +%':>7} {'/10min':>6} {'server':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -661,6 +680,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
             def f(v: Any, spec: str = ".1f") -> str:
                 return "-" if v is None else format(v, spec)
 
+            def pct(v: Any) -> float | None:
+                return None if v is None else v * 100
+
             cpu = row.get("cpu_s_per_frame")
             growth = row.get("rss_growth_after_warmup")
             print(
@@ -668,6 +690,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"{f(row['processed_fps']):>7} {f(row.get('fairness'), '.2f'):>5} {f(lat.get('p50')):>7} "
                 f"{f(lat.get('p95')):>7} {f(lat.get('max')):>7} {f(cpu * 1000 if cpu else None):>8} "
                 f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6} "
+                f"{f(pct(row.get('rss_peak_growth'))):>7} {f(pct(row.get('rss_trend_per_10min'))):>6} "
                 f"{f(row.get('camera_server_cores'), '.2f'):>6}"
             )
         r = res["ratios"]
