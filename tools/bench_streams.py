@@ -116,8 +116,9 @@ class Recorder:
         per = [self.counts.get(s, 0) / seconds for s in streams]
         lat = np.asarray(self.latencies) if self.latencies else None
         warm = self.warm_at - self.t_start
-        after = [r for t, r in self.rss if t >= warm]
-        rss_warm = after[0] if after else None
+        window = [(t, r) for t, r in self.rss if t >= warm]
+        rss_warm = window[0][1] if window else None
+        rss_high = max((r for _, r in window), default=None)
         return {
             "processed_fps": round(total / seconds, 2),
             "per_stream_fps": {s: round(f, 2) for s, f in zip(streams, per, strict=True)},
@@ -129,31 +130,30 @@ class Recorder:
             "cpu_s_per_frame": round(cpu / total, 4) if total else None,
             "peak_rss_mb": round(max(r for _, r in self.rss) / 2**20, 1) if self.rss else None,
             # the highest sample after warm-up over the first one after it: mostly the swing of frames in flight
-            "rss_growth_after_warmup": round((max(after) - rss_warm) / rss_warm, 4) if rss_warm else None,
-            **rss_growth([(t, r) for t, r in self.rss if t >= warm]),
+            "rss_growth_after_warmup": round((rss_high - rss_warm) / rss_warm, 4) if rss_warm and rss_high else None,
+            **rss_growth(window),
             # (seconds since start, MB) every ~10 s, to see whether memory settles or keeps growing
             "rss_timeline_mb": [(round(t), round(r / 2**20, 1)) for t, r in self.rss[::20]],
         }
 
 
-# -- workers ------------------------------------------------------------------------------------------
 def rss_growth(samples: list[tuple[float, int]]) -> dict[str, float | None]:
     """Growth of memory over a window, two ways that the swing of frames in flight does not dominate:
     the peak of its last fifth over the peak of its first fifth (at most two minutes each: does the
     high-water mark rise?) and the least-squares slope, in % of the mean per ten minutes (a trend)."""
+    import numpy as np
+
     if len(samples) < 10:
         return {"rss_peak_growth": None, "rss_trend_per_10min": None}
-    t0, t1 = samples[0][0], samples[-1][0]
-    span = min(120.0, (t1 - t0) / 5)
-    first = max(r for t, r in samples if t <= t0 + span)
-    last = max(r for t, r in samples if t >= t1 - span)
-    ts = [t for t, _ in samples]
-    rs = [float(r) for _, r in samples]
-    mt, mr = sum(ts) / len(ts), sum(rs) / len(rs)
-    slope = sum((t - mt) * (r - mr) for t, r in zip(ts, rs, strict=True)) / sum((t - mt) ** 2 for t in ts)
-    return {"rss_peak_growth": round(last / first - 1, 4), "rss_trend_per_10min": round(slope * 600 / mr, 4)}
+    t, r = np.array(samples, dtype=float).T
+    span = min(120.0, (t[-1] - t[0]) / 5)
+    first, last = r[t <= t[0] + span].max(), r[t >= t[-1] - span].max()
+    slope = np.polyfit(t, r, 1)[0]
+    return {"rss_peak_growth": round(float(last / first - 1), 4),
+            "rss_trend_per_10min": round(float(slope * 600 / r.mean()), 4)}
 
 
+# -- workers ------------------------------------------------------------------------------------------
 def run_framegrid(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     import asyncio
 
@@ -689,7 +689,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 f"{res['cameras']:>4} {res['imgsz']:>5} {system:<21} {row.get('runtime', ''):<11} "
                 f"{f(row['processed_fps']):>7} {f(row.get('fairness'), '.2f'):>5} {f(lat.get('p50')):>7} "
                 f"{f(lat.get('p95')):>7} {f(lat.get('max')):>7} {f(cpu * 1000 if cpu else None):>8} "
-                f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(growth * 100 if growth is not None else None):>6} "
+                f"{f(row.get('peak_rss_mb'), '.0f'):>7} {f(pct(growth)):>6} "
                 f"{f(pct(row.get('rss_peak_growth'))):>7} {f(pct(row.get('rss_trend_per_10min'))):>6} "
                 f"{f(row.get('camera_server_cores'), '.2f'):>6}"
             )
