@@ -508,3 +508,47 @@ def test_a_cut_reaches_into_the_block_and_lookahead_a_session_holds() -> None:
     assert values[:-2] == list(range(1, len(values) - 1))  # whole and in order up to the two faded ones
     tail = sink.audio[loud[-1]]
     assert tail[-1] < 0.2 * tail[0] + 1e-4  # the last one fades out
+
+
+class HiccupBlocks(SlowBlocks):
+    """SlowBlocks whose first voiced block takes 0.62 s, longer than the ~0.52 s a session's first
+    spurt is put behind (its 10-frame margin, nothing being measured yet, and the frames already
+    ahead): its frames reach the writer ~0.1 s after they are due."""
+
+    def __init__(self) -> None:
+        super().__init__(block=4, lookahead=5, cost=0.01)
+
+    def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
+        if any(voiced[:len(chunks)]) and not self.calls:
+            time.sleep(0.62)
+        return super().render_block(chunks, voiced, ahead)
+
+
+def test_a_late_block_slips_the_writer_evenly_instead_of_a_burst() -> None:
+    """A block that reached the writer late went out at once (frames 0 ms apart, catching up), and a
+    WebRTC viewer's jitter buffer grew to cover each burst (heard as later audio, and a later
+    barge-in). Now the writer's schedule slips by the lateness (at most MAX_SLIP_S) and every frame
+    goes out about a frame's time after the last; the audio stays whole and in order, and silence
+    gives the slip back."""
+    from talkinghead.session import MAX_SLIP_S
+    from tests.support.media import FrameSink
+
+    backend = HiccupBlocks()
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("hiccup", backend, push, sink, realtime=True)
+    session.start()
+    n = 60  # 2.4 s of "speech": chunk k holds k + 1
+    t0 = time.monotonic()
+    for k in range(n):
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    time.sleep(2.5)  # silence: the slip is given back
+    push.close()
+    assert session.wait(10), session.error
+    gaps = np.diff(sink.times) * 1000
+    assert not [g for g in gaps if g < 10], sorted(gaps)[:8]  # no burst
+    snap = session.snapshot()
+    assert 40 < snap["slip_ms_max"] <= MAX_SLIP_S * 1000, snap  # the block was late; the slip bounded
+    assert snap["slip_ms"] == 0, snap
+    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    assert [v for v in values if v > 0] == list(range(1, n + 1))  # the audio whole and in order
