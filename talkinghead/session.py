@@ -331,9 +331,11 @@ class TalkSession:
                     self._cut_held(held, numbers)
                 self._taken_cuts = cuts  # what it yields next was taken after these cuts
                 c = self.audio.pop()
-                if c is None and not self.audio.closed:  # dry: wait for the next chunk (a block renders once its
-                    # lookahead is in: the margin stays slack), at most until the next frame must be rendered
-                    # (due less the render of what is held): a pause does not make the last block late
+                if c is None and not self.audio.closed:  # dry: wait for the next chunk, at most until the
+                    # next frame must be rendered (its due time less the render of what is held), so that a
+                    # pause does not make the spurt's last block late by its render. (A chunk that arrives
+                    # first is taken at once: a block renders as soon as its lookahead is in, and the margin
+                    # it is put behind stays slack for a slow render instead of waiting out its due time.)
                     lead = self._frame_cost() * min(len(held), block)  # (an idle frame costs next to nothing)
                     self.audio.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
                     c = self.audio.pop()
