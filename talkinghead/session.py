@@ -30,15 +30,6 @@ from .offline import CROSSFADE_FRAMES
 
 log = logging.getLogger(__name__)
 
-# A block that reaches the writer late (the model near real time: blocks finish unevenly) would go out
-# in a burst to catch up, and a WebRTC viewer's jitter buffer grows to cover every burst: audio plays
-# that much later, and a barge-in is heard that much later too. Instead the writer lets its schedule
-# slip by the lateness, up to MAX_SLIP_S (beyond that it writes at once: pushed audio's latency stays
-# bounded), and paces evenly from there; a cut empties what it holds, so the slip does not delay a
-# barge-in. Silent frames give the slip back, SLIP_RECOVERY of a frame's time each (inaudible).
-MAX_SLIP_S = 0.2
-SLIP_RECOVERY = 0.25
-
 
 class LipSyncBackend(Protocol):
     name: str
@@ -84,8 +75,6 @@ class SessionStats:
     cut: int = 0  # chunks dropped by barge-in before they were written (rendered or not)
     cut_ms: float | None = None  # the last barge-in: from the cut to the writer applying it (its next frame)
     errors: int = 0  # chunks whose generation failed (executor error): last frame shown
-    slip_ms: float = 0.0  # how far the writer's schedule has slipped behind the renderer's now (see MAX_SLIP_S)
-    slip_ms_max: float = 0.0
     # the last 250 frames' figures: a session can run for days
     render_ms: deque[float] = field(default_factory=lambda: deque(maxlen=250))  # per frame
     # per frame the model generated, in blocks that generated any: what a spurt's first blocks will
@@ -98,7 +87,7 @@ class SessionStats:
         lat = list(self.latency_ms)
         return {
             "frames": self.frames, "inferred": self.inferred, "idle": self.idle, "late": self.late, "cut": self.cut,
-            "cut_ms": self.cut_ms, "errors": self.errors, "slip_ms": self.slip_ms, "slip_ms_max": self.slip_ms_max,
+            "cut_ms": self.cut_ms, "errors": self.errors,
             "output_fps": round(self.frames / elapsed, 2) if elapsed > 0 else None,
             "infer_fps": round(self.inferred / elapsed, 2) if elapsed > 0 else None,
             "render_ms_p50": round(float(np.median(r)), 2) if r else None,
@@ -153,7 +142,6 @@ class TalkSession:
         self._in_render: tuple[list[np.ndarray], np.ndarray, int] | None = None
         self._faded_ahead = 0
         self._write_error: BaseException | None = None
-        self._slip = 0.0  # seconds the writer's schedule has slipped behind the renderer's (<= MAX_SLIP_S)
         self._flip_logged_at = -1e9
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
         self.started_at = 0.0
@@ -164,8 +152,6 @@ class TalkSession:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if isinstance(self.audio, PushAudio):
-            self.audio.wake()
         self._thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -228,7 +214,7 @@ class TalkSession:
                     if not self._pending:
                         return
                 if self.realtime:
-                    wait = self._write_due() - time.monotonic()
+                    wait = self.started_at + self.stats.frames / FPS - time.monotonic()
                     if wait > 0:
                         self._stop.wait(wait)
                 with cv:  # what is first now (a cut may have changed it while this waited)
@@ -240,8 +226,6 @@ class TalkSession:
                         self._pending.popleft()
                     cv.notify_all()
                     arrived = self._arrivals.popleft() if self._arrivals else None
-                if self.realtime:
-                    self._pace(chunk)
                 self.sink.write(frame, chunk)
                 self.stats.frames += 1
                 if arrived is not None:
@@ -251,30 +235,12 @@ class TalkSession:
                 self._write_error = exc
                 cv.notify_all()
 
-    def _write_due(self) -> float:
-        """When the writer's next frame is due: the renderer's schedule plus the slip."""
-        return self.started_at + self._slip + self.stats.frames / FPS
-
-    def _pace(self, chunk: np.ndarray) -> None:
-        """Before a frame is written: more than a frame late, the schedule slips by the lateness (up to
-        MAX_SLIP_S), so that the frames after it go out evenly instead of in a burst; a silent frame
-        gives back SLIP_RECOVERY of a frame's time. The cause of both is in MAX_SLIP_S's comment."""
-        late = time.monotonic() - self._write_due()
-        if late > 1.0 / FPS:
-            self._slip = min(MAX_SLIP_S, self._slip + late)
-        elif self._slip > 0 and rms_db(chunk) < self.silence_db:
-            self._slip = max(0.0, self._slip - SLIP_RECOVERY / FPS)
-        else:
-            return
-        self.stats.slip_ms = round(self._slip * 1000, 1)
-        self.stats.slip_ms_max = max(self.stats.slip_ms_max, self.stats.slip_ms)
-
     def _hand_over(self, chunks: list[np.ndarray], frames: list[np.ndarray], cuts: int) -> None:
         """Give a rendered block to the writer; waits while the writer holds more than the margin of
         pushed audio's spurts (or one block) besides it, so that rendering keeps the whole margin ahead
         and memory stays bounded. `cuts`: the pushed audio's cut count when the block's chunks were
         taken (a cut since: they go)."""
-        room = max(len(chunks), self._margin) + int(np.ceil(self._slip * FPS))  # (what the slip holds back)
+        room = max(len(chunks), self._margin)
         with self._pending_cv:
             while (self._write_error is None and self._pending
                    and sum(len(b) for b in self._pending) > room):
@@ -363,13 +329,11 @@ class TalkSession:
                     self._cut_held(held, numbers)
                 self._taken_cuts = cuts  # what it yields next was taken after these cuts
                 c = self.audio.pop()
-                if c is None and not self.audio.closed:  # dry: wait for the next chunk, at most until the
-                    # next frame must be rendered (its due time less the render of what is held), so that a
-                    # pause does not make the spurt's last block late by its render. (A chunk that arrives
-                    # first is taken at once: a block renders as soon as its lookahead is in, and the margin
-                    # it is put behind stays slack for a slow render instead of waiting out its due time.)
+                if c is None and not self.audio.closed:  # dry: wait until the next frame must be rendered
+                    # (its due time less the render of what is held), so that a pause does not make
+                    # the spurt's last block late by its render
                     lead = self._frame_cost() * min(len(held), block)  # (an idle frame costs next to nothing)
-                    self.audio.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
+                    self._stop.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
                     c = self.audio.pop()
                 if c is not None:
                     building = building or (not held and ahead > 0 and self.realtime)
