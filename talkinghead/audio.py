@@ -168,6 +168,7 @@ class PushAudio:
         # (chunk, monotonic arrival time, its number): the session measures audio-in to frame-out latency
         self._chunks: deque[tuple[np.ndarray, float, int]] = deque(maxlen=int(max_seconds * FPS))
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a chunk queued, a cut, the close (`wait`)
         self.dropped = 0
         self.rejected_by = dict.fromkeys(REJECT_REASONS, 0)  # refused chunks by reason: counted, the rest goes on
         self.gaps = 0  # framed chunks missing between two received ones (sequence numbers skipped)
@@ -244,6 +245,7 @@ class PushAudio:
                     if self.spurt is None or now - self.spurt.last_voiced > SPURT_GAP_S:
                         self.spurt = Spurt(self.pushed - 1, self.pushed, now)
                     self.spurt.end, self.spurt.last_voiced = self.pushed, now
+            self._changed.notify_all()
 
     def cut(self, fade_chunks: int = FADE_CHUNKS) -> int:
         """Barge-in: all that waits is dropped but its first `fade_chunks`, faded out to silence (so the
@@ -260,6 +262,7 @@ class PushAudio:
             self._chunks.extend((f, at, n) for f, (_, at, n) in zip(faded, kept, strict=True))
             self.cuts += 1
             self.cut_mark, self.cut_fade, self.cut_at = self.pushed, fade_chunks, time.monotonic()
+            self._changed.notify_all()
             return dropped
 
     def drop_before(self, number: int) -> int:
@@ -276,6 +279,18 @@ class PushAudio:
                 self._chunks.append((c, now, self.pushed))
                 self.pushed += 1
             self.closed = True
+            self._changed.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` s for a chunk to pop (or a cut, the close, `wake`)."""
+        with self._changed:
+            if not self._chunks and not self.closed and timeout > 0:
+                self._changed.wait(timeout)
+
+    def wake(self) -> None:
+        """End a `wait` now (the session is stopping)."""
+        with self._changed:
+            self._changed.notify_all()
 
     def pop(self) -> np.ndarray | None:
         with self._lock:

@@ -152,6 +152,8 @@ class TalkSession:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if isinstance(self.audio, PushAudio):
+            self.audio.wake()
         self._thread.join(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -329,11 +331,11 @@ class TalkSession:
                     self._cut_held(held, numbers)
                 self._taken_cuts = cuts  # what it yields next was taken after these cuts
                 c = self.audio.pop()
-                if c is None and not self.audio.closed:  # dry: wait until the next frame must be rendered
-                    # (its due time less the render of what is held), so that a pause does not make
-                    # the spurt's last block late by its render
+                if c is None and not self.audio.closed:  # dry: wait for the next chunk (a block renders once its
+                    # lookahead is in: the margin stays slack), at most until the next frame must be rendered
+                    # (due less the render of what is held): a pause does not make the last block late
                     lead = self._frame_cost() * min(len(held), block)  # (an idle frame costs next to nothing)
-                    self._stop.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
+                    self.audio.wait(max(0.0, self._due() - lead - time.monotonic()) if self.realtime else 0.005)
                     c = self.audio.pop()
                 if c is not None:
                     building = building or (not held and ahead > 0 and self.realtime)

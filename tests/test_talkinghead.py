@@ -508,3 +508,42 @@ def test_a_cut_reaches_into_the_block_and_lookahead_a_session_holds() -> None:
     assert values[:-2] == list(range(1, len(values) - 1))  # whole and in order up to the two faded ones
     tail = sink.audio[loud[-1]]
     assert tail[-1] < 0.2 * tail[0] + 1e-4  # the last one fades out
+
+
+class HiccupBlocks(SlowBlocks):
+    """SlowBlocks whose sixth voiced block takes 0.3 s (a model finishing blocks unevenly)."""
+
+    def __init__(self) -> None:
+        super().__init__(block=4, lookahead=5, cost=0.01)
+
+    def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
+        if any(voiced[:len(chunks)]) and len(self.calls) == 5:
+            time.sleep(0.3)
+        return super().render_block(chunks, voiced, ahead)
+
+
+def test_a_block_renders_once_its_audio_is_in_and_the_margin_absorbs_a_slow_render() -> None:
+    """Pushed audio arriving in real time: a block renders as soon as its lookahead is in, so the margin
+    the spurt plays behind is slack for a slow render. (Waiting for the next chunk, the session slept
+    until the next frame's due time less a render: every block rendered just in time, and one that
+    took 0.3 s reached the writer ~0.3 s late; its frames went out in a burst after a 0.33 s gap.)"""
+    from tests.support.media import FrameSink
+
+    backend = HiccupBlocks()
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("hiccup", backend, push, sink, realtime=True)
+    session.start()
+    n = 60  # 2.4 s of "speech": chunk k holds k + 1
+    t0 = time.monotonic()
+    for k in range(n):
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    time.sleep(1.0)
+    push.close()
+    assert session.wait(10), session.error
+    assert len(backend.calls) > 6, backend.calls
+    gaps = np.diff(sink.times) * 1000
+    assert gaps.max() < 100, sorted(gaps)[-4:]  # every frame about a frame's time after the last
+    assert session.stats.late == 0, session.snapshot()
+    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    assert [v for v in values if v > 0] == list(range(1, n + 1))  # the audio whole and in order
