@@ -1,7 +1,8 @@
 """INT8 post-training quantization of a detector's OpenVINO graph (NNCF), for CPUs.
 
-A CPU with VNNI (AVX512-VNNI, AVX-VNNI, AMX) runs 8-bit integer convolutions several times faster
-than float ones. NNCF measures each activation's range on calibration images and inserts
+A CPU with VNNI (AVX512-VNNI, AVX-VNNI) runs 8-bit integer convolutions several times faster than
+float ones; one with AMX runs float ones in bf16 about as fast, and there INT8 measured slower
+(docs/performance.md). NNCF measures each activation's range on calibration images and inserts
 quantize/dequantize pairs; every `Sigmoid` and the head's box decoding (the ops directly under the
 head's module and its distribution focal loss, `dfl`) stay in float, so the class scores and the
 boxes keep their precision, as in ultralytics' own OpenVINO INT8 export. The head's convolutions

@@ -36,6 +36,12 @@ def test_bench_streams_short_looped_run(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
+    machine = report["machine"]  # figures from two hosts compare only with their CPUs named
+    assert machine["cores"] == os.cpu_count(), machine
+    assert machine["model"], machine
+    assert set(machine["isa"]) <= {"avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                                   "amx_int8"}, machine
+    assert f"machine: {machine['model']}, {machine['cores']} cores" in proc.stdout
     cam = report["settings"]["camera"]
     assert (cam["size"], cam["fps"], cam["codec"], cam["gop_frames"], cam["clip_frames"]) == ("480x270", 25.0, "h264",
                                                                                               25, 50)

@@ -44,6 +44,7 @@ runs this on a short looped clip to check that every field is produced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -861,7 +862,7 @@ def main() -> int:
         if mosq is not None:
             mosq.stop()
     report = {
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {**cpu_facts(), "python": sys.version.split()[0]},
         "settings": {
             "seconds": args.seconds,
             "warmup": args.warmup,
@@ -876,6 +877,8 @@ def main() -> int:
         "results": results,
     }
     args.json.write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    print(f"machine: {m['model']}, {m['cores']} cores, {' '.join(m['isa']) or 'no AVX2'}")
     print(
         f"cameras: {camera.get('size')} at {camera.get('fps')} fps, {camera.get('codec')}, GOP "
         f"{camera.get('gop_frames')} frames, looped clip of {camera.get('clip_frames')} frames"
@@ -883,6 +886,24 @@ def main() -> int:
     print_table(results)
     print(f"JSON: {args.json}")
     return 0
+
+
+# What decides the CPU's speed per precision: INT8 convolutions need VNNI (or AMX) to pay, and with
+# AMX's bf16 the float model gains as much (figures from two hosts differ by these: print them)
+ISA_FLAGS = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU's model name, cores and the instruction sets of ISA_FLAGS it has (Linux; else unknown)."""
+    model, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return {"model": model, "cores": os.cpu_count(), "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 if __name__ == "__main__":
