@@ -30,6 +30,11 @@ from .offline import CROSSFADE_FRAMES
 
 log = logging.getLogger(__name__)
 
+# Pushed audio: how far past its due time the writer waits for the block in render before the next
+# chunk goes out on the last frame (`TalkSession._repeat_starved`). A frame: a viewer's jitter buffer
+# absorbs that much; longer waits made it grow (to ~100 ms with the tiny MuseTalk on two CPU cores).
+STARVED_AFTER_S = 1.0 / FPS
+
 
 class LipSyncBackend(Protocol):
     name: str
@@ -138,9 +143,10 @@ class TalkSession:
         self._taken_cuts = 0  # the cut count when the block being rendered was taken
         self._cut_owed = 0  # chunks of the last cut's fade not yet given (the block in render, the held ones)
         # the block being rendered: (its chunks, the last frame handed over, the cut count when taken), for
-        # a cut that finds the writer waiting (`_fade_starved`), and how many of its chunks that faded out
+        # a writer that reaches its due time first (`_repeat_starved`) or a cut that finds it waiting
+        # (`_fade_starved`), and how many of its chunks went out ahead of the render (its frames are dropped)
         self._in_render: tuple[list[np.ndarray], np.ndarray, int] | None = None
-        self._faded_ahead = 0
+        self._written_ahead = 0
         self._write_error: BaseException | None = None
         self._flip_logged_at = -1e9
         self._thread = threading.Thread(target=self._run, name=f"talk[{name}]", daemon=True)
@@ -211,12 +217,13 @@ class TalkSession:
         try:
             while True:
                 with cv:
-                    while not self._pending and not self._rendering_done and not self._fade_starved():
-                        cv.wait(1.0 / FPS)  # (a cut is looked for at each frame's time)
+                    while (not self._pending and not self._rendering_done and not self._fade_starved()
+                           and not self._repeat_starved()):
+                        cv.wait(self._starved_wait())  # (a cut is looked for at each frame's time)
                     if not self._pending:
                         return
                 if self.realtime:
-                    wait = self.started_at + self.stats.frames / FPS - time.monotonic()
+                    wait = self._write_due() - time.monotonic()
                     if wait > 0:
                         self._stop.wait(wait)
                 with cv:  # what is first now (a cut may have changed it while this waited)
@@ -249,8 +256,8 @@ class TalkSession:
                 self._pending_cv.wait()
             if self._write_error is not None:
                 raise self._write_error
-            ahead, self._faded_ahead, self._in_render = self._faded_ahead, 0, None
-            chunks, frames = chunks[ahead:], frames[ahead:]  # (the writer faded these out already)
+            ahead, self._written_ahead, self._in_render = self._written_ahead, 0, None
+            chunks, frames = chunks[ahead:], frames[ahead:]  # (the writer sent these out already)
             if isinstance(self.audio, PushAudio) and self.audio.cuts != cuts:  # taken before a cut
                 self._cut_pending()
                 keep = min(self._cut_owed, len(chunks))
@@ -260,6 +267,8 @@ class TalkSession:
                 self._cut_owed -= keep
                 if not chunks:
                     return
+            if not chunks:  # all of it went out ahead of the render
+                return
             self._rendered += len(chunks)
             self._pending.append(deque(zip(chunks, frames, strict=True)))
             self._pending_cv.notify_all()
@@ -270,20 +279,56 @@ class TalkSession:
         written, instead of after the render (up to a block's render time: ~140 ms for the tiny
         MuseTalk on two CPU cores); `_hand_over` then drops the rest of the block. Under the lock;
         True if it did."""
-        if not isinstance(self.audio, PushAudio) or self.audio.cuts == self._cut_seen or self._in_render is None:
+        if not isinstance(self.audio, PushAudio) or self._in_render is None:
             return False
         chunks, frame, taken = self._in_render
         if taken == self.audio.cuts:  # taken after the cut: nothing of it to cut
             return False
-        self._cut_pending()  # nothing pending: the whole fade is owed
-        n = min(self._cut_owed, len(chunks))
-        if not n:
+        if self.audio.cuts == self._cut_seen and not self._cut_owed:  # this cut's fade is out
             return False
-        self._pending.append(deque((c, frame) for c in fade_out(chunks[:n])))
+        self._cut_pending()  # a new cut, nothing pending: the whole fade is owed
+        first = self._written_ahead
+        if first >= len(chunks):  # all of it went out ahead of the render: the sound stopped there, the
+            self._cut_owed = 0  # rest of the cut goes without a fade (one after the pause would be heard)
+            return False
+        n = min(self._cut_owed, len(chunks) - first)
+        if n <= 0:
+            return False
+        self._pending.append(deque((c, frame) for c in fade_out(chunks[first:first + n])))
         self._rendered += n
         self._cut_owed -= n
-        self._faded_ahead = n
+        self._written_ahead += n
         return True
+
+    def _repeat_starved(self) -> bool:
+        """The model slower than real time: the writer is a frame past its next frame's due time and
+        the block in render is not out yet. Its next chunk goes out now on the last frame written
+        (counted in `late`), so the sound keeps its clock: sent late and then in a burst, it made a
+        viewer's jitter buffer grow by the lateness (and a barge-in heard that much later);
+        `_hand_over` drops that frame of the render. Under the lock; True if it did."""
+        if not self.realtime or self._in_render is None:
+            return False
+        chunks, frame, taken = self._in_render
+        if not isinstance(self.audio, PushAudio) or taken != self.audio.cuts:  # taken before a cut:
+            return False  # `_fade_starved` fades what it owes, the rest goes
+        if self._written_ahead >= len(chunks) or time.monotonic() < self._write_due() + STARVED_AFTER_S:
+            return False
+        self._pending.append(deque([(chunks[self._written_ahead], frame)]))
+        self._written_ahead += 1
+        self._rendered += 1
+        self.stats.late += 1
+        return True
+
+    def _write_due(self) -> float:
+        """When the next frame to write is due."""
+        return self.started_at + self.stats.frames / FPS
+
+    def _starved_wait(self) -> float:
+        """How long the starved writer waits before looking again: a frame, or less when a chunk of the
+        block in render falls due (`_repeat_starved`) sooner."""
+        if not self.realtime or self._in_render is None:
+            return 1.0 / FPS
+        return min(1.0 / FPS, max(0.001, self._write_due() + STARVED_AFTER_S - time.monotonic()))
 
     def _end_writing(self) -> None:
         with self._pending_cv:
@@ -451,7 +496,8 @@ class TalkSession:
                     behind = self.realtime and time.monotonic() - due > 1.0 / FPS
                     if behind and last is not None:
                         frames = [last] * len(chunks)  # degrade visibly, never let audio drift
-                        self.stats.late += len(chunks)
+                        with self._pending_cv:  # (the writer counts too)
+                            self.stats.late += len(chunks)
                         if hasattr(self.backend, "skip"):  # its audio history and avatar position go on
                             self.backend.skip(chunks, self._voiced(chunks))
                         self._set_state("degraded", "generation is behind real time: frames repeated (see `late`)")

@@ -435,9 +435,11 @@ class StallingBlocks(SlowBlocks):
         super().__init__(block=4, lookahead=5, cost=0.01)
         self.stalling = threading.Event()
         self.stalled = threading.Event()  # the stall is over
+        self.calls_at_stall: list[int] = []
 
     def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
         if any(voiced[:len(chunks)]) and len(self.calls) == 4:
+            self.calls_at_stall = [round(float(c[0]) * 1000) for c in chunks]  # the values the block's chunks hold
             self.stalling.set()
             time.sleep(1.5)
             self.stalled.set()
@@ -445,9 +447,10 @@ class StallingBlocks(SlowBlocks):
 
 
 def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
-    """A model slower than real time leaves the writer waiting for the block in render; a cut then
-    fades that block's first two chunks out at once, on the last frame written, instead of after the
-    render (here 1.5 s; ~140 ms a block for the tiny MuseTalk on two cores), and drops the rest."""
+    """A model slower than real time leaves the writer sending the block in render's chunks on the
+    last frame; a cut then fades the next two of them out at once, on the last frame written, instead
+    of after the render (here 1.5 s; ~140 ms a block for the tiny MuseTalk on two cores), and drops the
+    rest."""
     from tests.support.media import FrameSink
 
     backend = StallingBlocks()
@@ -457,9 +460,10 @@ def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
     t0 = time.monotonic()
     for k in range(60):  # 2.4 s of "speech", chunk k holds k + 1
         push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
-        if backend.stalling.is_set() and sink.times and time.monotonic() - sink.times[-1] > 0.1:
-            break  # the writer has waited 0.1 s for the stalled block
-        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+        while time.monotonic() < t0 + (k + 1) / FPS and not (backend.stalling.is_set() and session.stats.late):
+            time.sleep(0.002)
+        if backend.stalling.is_set() and session.stats.late:
+            break  # the writer has sent a chunk of the stalled block on a repeated frame
     assert backend.stalling.is_set()
     written, cut_at = len(sink.times), time.monotonic()
     push.cut(2)
@@ -547,3 +551,36 @@ def test_a_block_renders_once_its_audio_is_in_and_the_margin_absorbs_a_slow_rend
     assert session.stats.late == 0, session.snapshot()
     values = [round(float(a[0]) * 1000) for a in sink.audio]
     assert [v for v in values if v > 0] == list(range(1, n + 1))  # the audio whole and in order
+
+
+def test_a_late_block_keeps_the_sound_on_its_clock_on_the_last_frame() -> None:
+    """A block that renders long after its due time (here 1.5 s): the writer sends its chunks at their
+    due times on the last frame written (counted as late) instead of holding the sound back and sending
+    it in a burst after the render (which made a viewer's jitter buffer grow to the lateness, and a
+    barge-in heard that much later); the frames rendered for them are not shown with them, the audio
+    stays whole."""
+    from tests.support.media import FrameSink
+
+    backend = StallingBlocks()
+    push, sink = PushAudio(), FrameSink()
+    session = TalkSession("late", backend, push, sink, realtime=True)
+    session.start()
+    t0 = time.monotonic()
+    n = 60
+    for k in range(n):  # chunk k holds k + 1
+        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
+    time.sleep(2.0)
+    push.close()
+    assert session.wait(10), session.error
+    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    assert [v for v in values if v > 0] == list(range(1, n + 1))  # whole and in order
+    shown = [round(float(f[0, 0]) * 1000) for f in sink.frames]
+    stalled = backend.calls_at_stall
+    first = values.index(stalled[0])
+    block = values[first:first + len(stalled)]
+    assert block == stalled, (block, stalled)  # the stalled block's chunks went out one after the other
+    times = np.array(sink.times[first - 1:first + len(stalled)])
+    assert np.diff(times).max() < 0.09, np.diff(times)  # at their due times (before: held back 1.5 s)
+    assert all(shown[i] == shown[first - 1] for i in range(first, first + len(stalled)))  # on the last frame
+    assert session.stats.late >= len(stalled), session.snapshot()
