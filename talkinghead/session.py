@@ -301,23 +301,29 @@ class TalkSession:
         return True
 
     def _repeat_starved(self) -> bool:
-        """The model slower than real time: the writer is a frame past its next frame's due time and
-        the block in render is not out yet. Its next chunk goes out now on the last frame written
-        (counted in `late`), so the sound keeps its clock: sent late and then in a burst, it made a
-        viewer's jitter buffer grow by the lateness (and a barge-in heard that much later);
+        """The model slower than real time: the writer is past its next frame's due time (by
+        STARVED_AFTER_S) and the block in render is not out yet. Its next chunk goes out now on the last
+        frame written (counted in `late`), so the sound keeps its clock: sent late and then in a burst,
+        it made a viewer's jitter buffer grow by the lateness (and a barge-in heard that much later);
         `_hand_over` drops that frame of the render. Under the lock; True if it did."""
-        if not self.realtime or self._in_render is None:
+        ahead = self._ahead_of_render()
+        if ahead is None or time.monotonic() < self._write_due() + STARVED_AFTER_S:
             return False
-        chunks, frame, taken = self._in_render
-        if not isinstance(self.audio, PushAudio) or taken != self.audio.cuts:  # taken before a cut:
-            return False  # `_fade_starved` fades what it owes, the rest goes
-        if self._written_ahead >= len(chunks) or time.monotonic() < self._write_due() + STARVED_AFTER_S:
-            return False
-        self._pending.append(deque([(chunks[self._written_ahead], frame)]))
+        self._pending.append(deque([ahead]))
         self._written_ahead += 1
         self._rendered += 1
         self.stats.late += 1
         return True
+
+    def _ahead_of_render(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(chunk, the last frame): what the writer may send ahead of the block in render, if anything
+        (not a chunk taken before a cut: `_fade_starved` fades what it owes of those, the rest goes)."""
+        if not self.realtime or self._in_render is None or not isinstance(self.audio, PushAudio):
+            return None
+        chunks, frame, taken = self._in_render
+        if taken != self.audio.cuts or self._written_ahead >= len(chunks):
+            return None
+        return chunks[self._written_ahead], frame
 
     def _write_due(self) -> float:
         """When the next frame to write is due."""
@@ -326,7 +332,7 @@ class TalkSession:
     def _starved_wait(self) -> float:
         """How long the starved writer waits before looking again: a frame, or less when a chunk of the
         block in render falls due (`_repeat_starved`) sooner."""
-        if not self.realtime or self._in_render is None:
+        if self._ahead_of_render() is None:
             return 1.0 / FPS
         return min(1.0 / FPS, max(0.001, self._write_due() + STARVED_AFTER_S - time.monotonic()))
 
@@ -506,8 +512,9 @@ class TalkSession:
                             self._set_state("live")  # caught up
                         t, inferred = time.perf_counter(), self.stats.inferred
                         if last is not None and isinstance(self.audio, PushAudio):
-                            with self._pending_cv:
+                            with self._pending_cv:  # (a starved writer looks at it at once)
                                 self._in_render = (chunks, last, taken)
+                                self._pending_cv.notify_all()
                         if hasattr(self.backend, "render_block"):
                             frames = self._render_block(chunks, lookahead, last)
                         else:
