@@ -265,9 +265,7 @@ class TalkSession:
                 self.stats.cut += len(chunks) - keep
                 chunks, frames = fade_out(chunks[:keep]), frames[:keep]
                 self._cut_owed -= keep
-                if not chunks:
-                    return
-            if not chunks:  # all of it went out ahead of the render
+            if not chunks:  # all of it went out ahead of the render, or the cut took it
                 return
             self._rendered += len(chunks)
             self._pending.append(deque(zip(chunks, frames, strict=True)))
@@ -294,10 +292,8 @@ class TalkSession:
         n = min(self._cut_owed, len(chunks) - first)
         if n <= 0:
             return False
-        self._pending.append(deque((c, frame) for c in fade_out(chunks[first:first + n])))
-        self._rendered += n
+        self._send_ahead([(c, frame) for c in fade_out(chunks[first:first + n])])
         self._cut_owed -= n
-        self._written_ahead += n
         return True
 
     def _repeat_starved(self) -> bool:
@@ -309,11 +305,16 @@ class TalkSession:
         ahead = self._ahead_of_render()
         if ahead is None or time.monotonic() < self._write_due() + STARVED_AFTER_S:
             return False
-        self._pending.append(deque([ahead]))
-        self._written_ahead += 1
-        self._rendered += 1
+        self._send_ahead([ahead])
         self.stats.late += 1
         return True
+
+    def _send_ahead(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Give the writer (chunk, frame) pairs of the block in render before its render is out (its
+        rendered frames for them are dropped in `_hand_over`). Under the lock."""
+        self._pending.append(deque(pairs))
+        self._written_ahead += len(pairs)
+        self._rendered += len(pairs)
 
     def _ahead_of_render(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(chunk, the last frame): what the writer may send ahead of the block in render, if anything

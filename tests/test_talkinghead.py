@@ -227,6 +227,16 @@ def test_pushed_audio_refuses_bad_chunks_by_reason_and_keeps_the_rest() -> None:
     assert np.allclose(chunks[0], 1000 / 32768)
 
 
+def counting_chunk(k: int) -> bytes:
+    """Pushed PCM for chunk `k` of a counting "speech": every sample holds (k + 1) / 1000."""
+    return (np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes()
+
+
+def chunk_values(chunks: list[np.ndarray]) -> list[int]:
+    """Which counting chunk each of `chunks` is (k + 1; 0 for silence), read from its first sample."""
+    return [round(float(c[0]) * 1000) for c in chunks]
+
+
 class SlowBlocks:
     """A block backend that takes `cost` seconds per block and records what each block was given;
     its frames carry the index of the chunk they were made from (fillers: -1)."""
@@ -265,7 +275,7 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     n = 75  # 3 s of "speech": chunk k holds the value k + 1 throughout
     t0 = time.monotonic()
     for k in range(n):
-        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        push.push_pcm16(counting_chunk(k))
         time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
     time.sleep(1.0)
     push.close()
@@ -275,7 +285,7 @@ def test_pushed_live_audio_keeps_its_lookahead_and_is_never_late() -> None:
     full = [c for c in backend.calls[:-3]]  # the last blocks of the spurt have no audio after them
     assert full, backend.calls
     assert all(c == (4, 5) for c in full), backend.calls
-    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    values = chunk_values(sink.audio)
     spoken = [v for v in values if v > 0]
     assert spoken == list(range(1, n + 1))  # whole and in order, fillers (silence) only before and after
     first = values.index(1)
@@ -435,11 +445,11 @@ class StallingBlocks(SlowBlocks):
         super().__init__(block=4, lookahead=5, cost=0.01)
         self.stalling = threading.Event()
         self.stalled = threading.Event()  # the stall is over
-        self.calls_at_stall: list[int] = []
+        self.stalled_values: list[int] = []  # what the stalled block's chunks hold
 
     def render_block(self, chunks: list[np.ndarray], voiced: list[bool], ahead: list[np.ndarray]) -> list[np.ndarray]:
         if any(voiced[:len(chunks)]) and len(self.calls) == 4:
-            self.calls_at_stall = [round(float(c[0]) * 1000) for c in chunks]  # the values the block's chunks hold
+            self.stalled_values = chunk_values(chunks)
             self.stalling.set()
             time.sleep(1.5)
             self.stalled.set()
@@ -459,7 +469,7 @@ def test_a_cut_while_the_writer_waits_for_a_render_fades_out_at_once() -> None:
     session.start()
     t0 = time.monotonic()
     for k in range(60):  # 2.4 s of "speech", chunk k holds k + 1
-        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        push.push_pcm16(counting_chunk(k))
         while time.monotonic() < t0 + (k + 1) / FPS and not (backend.stalling.is_set() and session.stats.late):
             time.sleep(0.002)
         if backend.stalling.is_set() and session.stats.late:
@@ -494,7 +504,7 @@ def test_a_cut_reaches_into_the_block_and_lookahead_a_session_holds() -> None:
     t0 = time.monotonic()
     written_at_cut = None
     for k in range(50):  # 2 s of "speech", chunk k holds k + 1
-        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        push.push_pcm16(counting_chunk(k))
         if k == 25:
             written_at_cut = session.stats.frames
             push.cut(2)
@@ -540,7 +550,7 @@ def test_a_block_renders_once_its_audio_is_in_and_the_margin_absorbs_a_slow_rend
     n = 60  # 2.4 s of "speech": chunk k holds k + 1
     t0 = time.monotonic()
     for k in range(n):
-        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        push.push_pcm16(counting_chunk(k))
         time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
     time.sleep(1.0)
     push.close()
@@ -549,7 +559,7 @@ def test_a_block_renders_once_its_audio_is_in_and_the_margin_absorbs_a_slow_rend
     gaps = np.diff(sink.times) * 1000
     assert gaps.max() < 100, sorted(gaps)[-4:]  # every frame about a frame's time after the last
     assert session.stats.late == 0, session.snapshot()
-    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    values = chunk_values(sink.audio)
     assert [v for v in values if v > 0] == list(range(1, n + 1))  # the audio whole and in order
 
 
@@ -568,15 +578,15 @@ def test_a_late_block_keeps_the_sound_on_its_clock_on_the_last_frame() -> None:
     t0 = time.monotonic()
     n = 60
     for k in range(n):  # chunk k holds k + 1
-        push.push_pcm16((np.full(SAMPLES_PER_FRAME, (k + 1) / 1000) * 32767).astype("<i2").tobytes())
+        push.push_pcm16(counting_chunk(k))
         time.sleep(max(0.0, t0 + (k + 1) / FPS - time.monotonic()))
     time.sleep(2.0)
     push.close()
     assert session.wait(10), session.error
-    values = [round(float(a[0]) * 1000) for a in sink.audio]
+    values = chunk_values(sink.audio)
     assert [v for v in values if v > 0] == list(range(1, n + 1))  # whole and in order
     shown = [round(float(f[0, 0]) * 1000) for f in sink.frames]
-    stalled = backend.calls_at_stall
+    stalled = backend.stalled_values
     first = values.index(stalled[0])
     block = values[first:first + len(stalled)]
     assert block == stalled, (block, stalled)  # the stalled block's chunks went out one after the other
