@@ -299,14 +299,13 @@ class TalkSession:
     def _repeat_starved(self) -> bool:
         """The model slower than real time: the writer is past its next frame's due time (by
         STARVED_AFTER_S) and the block in render is not out yet. Its next chunk goes out now on the last
-        frame written (counted in `late`), so the sound keeps its clock: sent late and then in a burst,
+        frame written, so the sound keeps its clock: sent late and then in a burst,
         it made a viewer's jitter buffer grow by the lateness (and a barge-in heard that much later);
         `_hand_over` drops that frame of the render. Under the lock; True if it did."""
         ahead = self._ahead_of_render()
         if ahead is None or time.monotonic() < self._write_due() + STARVED_AFTER_S:
             return False
-        self._send_ahead([ahead])
-        self.stats.late += 1
+        self._send_ahead([ahead])  # (counted as its render counts it: inferred or idle, like a cut's fade)
         return True
 
     def _send_ahead(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
