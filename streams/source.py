@@ -214,6 +214,9 @@ class Source:
         self._state = SourceState(stream, CONNECTING, clock.wall(), 0)
         self.decode_errors = 0  # corrupt packets skipped (published in the stream's stats)
         self.corrupt_frames = 0  # frames the decoder flagged as concealed damage (kept; counted in the stats)
+        # CPU seconds this decoder's thread spent in decode calls: what decoding costs, whatever the
+        # contention (wall time in a decode call also counts waiting for a core)
+        self.decode_cpu_s = 0.0
         self.fps: float | None = None
         self.skipping = "none"  # what the decoder skips now (resolved from skip_frames per connection)
         self.shed = False  # set by the pipeline under decode overload: keyframes only, whatever `skipping` says
@@ -398,7 +401,7 @@ class Source:
                 now = self.clock.mono()
                 if now - last_frame > self.options.stall_timeout:
                     raise StreamStalled(f"no frame for {now - last_frame:.1f}s")
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 try:
                     frames = packet.decode()
                     if self.shed:
@@ -412,6 +415,8 @@ class Source:
                 except av.error.InvalidDataError:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
+                finally:
+                    self.decode_cpu_s += time.thread_time() - cpu0
                 for vf in frames:
                     decode_ms = (time.perf_counter() - t0) * 1000
                     if vf.is_corrupt:

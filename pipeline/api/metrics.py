@@ -154,6 +154,8 @@ class PipelineCollector(Collector):
                                      labels=["stream"])
         corrupt = CounterMetricFamily("framegrid_corrupt_frames", "Frames decoded with concealed damage (kept)",
                                       labels=["stream"])
+        decode_cpu = CounterMetricFamily("framegrid_decode_cpu_seconds", "CPU seconds the stream's decoder spent "
+                                         "decoding (its rate is the cores decoding takes)", labels=["stream"])
         state = GaugeMetricFamily("framegrid_stream_state", "1 for the stream's current state",
                                   labels=["stream", "state"])
         fps = GaugeMetricFamily("framegrid_stream_fps", "Frames per second in (decoded) and out (published)",
@@ -169,11 +171,12 @@ class PipelineCollector(Collector):
             reconnects.add_metric([name], r.reconnects)
             errors.add_metric([name], r.source.decode_errors if r.source is not None else 0)
             corrupt.add_metric([name], r.source.corrupt_frames if r.source is not None else 0)
+            decode_cpu.add_metric([name], r.source.decode_cpu_s if r.source is not None else 0.0)
             for s in STATES:
                 state.add_metric([name, s], 1.0 if r.state.value == s else 0.0)
             fps.add_metric([name, "in"], st.fps_in)
             fps.add_metric([name, "out"], st.fps_processed)
-        yield from (decoded, dispatched, published, drops, reconnects, errors, corrupt, state, fps)
+        yield from (decoded, dispatched, published, drops, reconnects, errors, corrupt, decode_cpu, state, fps)
 
     def _slots(self, p: Pipeline) -> Iterator[Metric]:
         busy = CounterMetricFamily("framegrid_slot_busy_seconds", "Seconds an executor slot spent in model calls "

@@ -3,9 +3,10 @@
 Two ways a machine falls behind its cameras, each with its own sign:
 
 - **decode-bound**: live streams decode fewer frames than their camera sends (below
-  `BEHIND_SHARE` of its announced rate, where every frame is decoded) while the decoders use most
-  of the cores. More slots do not help; fewer or smaller streams, `skip_frames`, or hardware
-  decoding do.
+  `BEHIND_SHARE` of its announced rate, where every frame is decoded) and decoding every frame
+  would take nearly all the cores (`DECODE_CORES_SHARE`, from the decoders' own CPU time, which
+  waiting for a core does not inflate). More slots do not help; fewer or smaller streams,
+  `skip_frames`, or hardware decoding do.
 - **inference-bound**: frames wait so long for a slot that they are dropped as too old
   (`max_frame_age`), or a model's slots are busy nearly all the time. Lower `max_fps`, a smaller
   model or `imgsz`, or more devices help.
@@ -40,7 +41,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BEHIND_SHARE = 0.85  # a live stream decoding below this share of its camera's rate is behind
-DECODE_CORES_SHARE = 0.6  # ... and the decoders use at least this share of the cores: decode-bound
+# ... and decoding every frame of every camera would take at least this share of the cores: decode-bound.
+# Keyframes only (what shedding decodes) gives a camera one frame a GOP (0.5 fps at 2 s); below this
+# share, the cores full decoding leaves the model serve more than that (32 720p cameras at 25 fps take
+# 1.3 of 2 cores here, and the other 0.7 run YOLO11n at 320 at ~100 frames/s where shedding gave 14).
+# Wall time in decode calls is no measure of it: under contention it counts waiting for a core (1.7
+# "cores" of wall time for 1.3 of CPU), and a 0.6 share of that shed 32 such cameras to keyframes.
+DECODE_CORES_SHARE = 0.9
 BUSY_SHARE = 0.9  # a model's slots busy this share of the time: inference-bound
 
 
@@ -51,6 +58,7 @@ class Camera:
     fps: float | None  # announced rate
     skipping: str  # "none" when every frame is decoded
     live: bool  # a network stream (a file is paced by framegrid itself)
+    decode_cpu_s: float = 0.0  # CPU seconds its decoder spent decoding so far (`streams.Source.decode_cpu_s`)
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,7 @@ class OverloadMonitor:
     def __init__(self) -> None:
         self._too_old: dict[str, int] = {}
         self._frames: dict[str, int] = {}  # frames each slot served, at the previous interval
+        self._decode_cpu: dict[str, float] = {}  # each decoder's CPU seconds, at the previous interval
         self._at: float | None = None
         self.verdict = Verdict("ok")
 
@@ -214,7 +223,9 @@ class OverloadMonitor:
         old_rate = (sum(max(0, v - self._too_old.get(n, v)) for n, v in too_old.items()) / dt) if dt else 0.0
         frames = {slot: int(e.get("frames", 0)) for slot, e in executors.items()}
         slot_fps = {slot: max(0, f - self._frames.get(slot, f)) / dt for slot, f in frames.items()} if dt else {}
-        self._too_old, self._frames, self._at = too_old, frames, now
+        decode_cpu = {n: c.decode_cpu_s for n, c in cameras.items()}
+        used, needed = self._decode_cores(streams, cameras, decode_cpu, dt)
+        self._too_old, self._frames, self._decode_cpu, self._at = too_old, frames, decode_cpu, now
 
         behind = []
         for name, s in streams.items():
@@ -222,17 +233,14 @@ class OverloadMonitor:
             if (cam is not None and cam.live and cam.fps and cam.skipping == "none" and s.get("state") == "streaming"
                     and s["fps_in"] < BEHIND_SHARE * cam.fps):
                 behind.append(name)
-        # wall time in decode calls per second, summed over streams: at or above the cores, the decoders
-        # contend for them (a frame's wall time then includes waiting for a core)
-        decode_cores = sum(s["fps_in"] * (s.get("stage_ms_p50", {}).get("decode") or 0.0) / 1000
-                           for s in streams.values())
         busy = _busiest_model(executors, slot_fps)
 
         reasons, details = [], []
-        if behind and decode_cores >= DECODE_CORES_SHARE * max(1, cores):
+        if behind and needed >= DECODE_CORES_SHARE * max(1, cores):
             reasons.append("decode-bound")
             details.append(f"{len(behind)} of {len(streams)} stream(s) decode below {BEHIND_SHARE:.0%} of their "
-                           f"camera's rate; decoders busy {decode_cores:.1f} s per second on {cores} core(s)")
+                           f"camera's rate; decoding every frame would take {needed:.1f} of {cores} core(s) "
+                           f"(decoders use {used:.1f})")
         if old_rate > 0 or (busy is not None and busy[1] >= BUSY_SHARE):
             reasons.append("inference-bound")
             parts = []
@@ -243,6 +251,23 @@ class OverloadMonitor:
             details.append("; ".join(parts))
         self.verdict = Verdict("overloaded" if reasons else "ok", tuple(reasons), "; ".join(details))
         return self.verdict
+
+    def _decode_cores(self, streams: Mapping[str, StreamFigures], cameras: dict[str, Camera],
+                      decode_cpu: dict[str, float], dt: float | None) -> tuple[float, float]:
+        """(cores the decoders used over the interval, cores decoding every frame would take): a stream
+        meant to decode every frame of a live camera but decoding fewer needs its CPU per frame times
+        the camera's rate; one that skips on purpose (or sheds) needs what it uses."""
+        used = needed = 0.0
+        for name, cam in cameras.items():
+            before = self._decode_cpu.get(name)
+            if not dt or before is None or cam.decode_cpu_s < before:  # new, or a new source of that name
+                continue
+            cores = (cam.decode_cpu_s - before) / dt
+            used += cores
+            fps_in = streams[name]["fps_in"] if name in streams else 0.0
+            full = cam.live and cam.skipping == "none" and cam.fps and 0 < fps_in < cam.fps
+            needed += cores * cam.fps / fps_in if full and cam.fps else cores
+        return used, needed
 
 
 def _busiest_model(executors: Mapping[str, ExecutorFigures], slot_fps: dict[str, float]) -> tuple[str, float] | None:

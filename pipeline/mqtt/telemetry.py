@@ -151,8 +151,8 @@ class Telemetry:
                                    "frames": s["frames"], "errors": s["errors"], "batch_size": s["batch_size"],
                                    "mean_batch": s["mean_batch"], "service_ms_per_frame": s["service_ms_per_frame"]}
         wall = self.clock.wall()
-        cameras = {r.name: Camera(r.source.fps, r.source.decoding, not r.source.local) for r in records.values()
-                   if r.source is not None}
+        cameras = {r.name: Camera(r.source.fps, r.source.decoding, not r.source.local, r.source.decode_cpu_s)
+                   for r in records.values() if r.source is not None}
         before = self.published_verdict
         verdict = self.overload.assess(now, streams, cameras, executors, cores)
         shed = sum(1 for r in records.values() if r.source is not None and r.source.shed)
