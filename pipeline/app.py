@@ -24,7 +24,7 @@ from pipeline.analytics.tracking import StreamTracker
 from pipeline.core.detect import DetectorFactory, default_detector_factory
 from pipeline.core.devices import DeviceFacts, DeviceInfo
 from pipeline.core.ingest import Ingest, StreamRecord
-from pipeline.core.memory import fix_mmap_threshold, limit_arenas
+from pipeline.core.memory import fix_mmap_threshold, keep_freed, limit_arenas
 from pipeline.core.models import Models
 from pipeline.core.overload import DecodeShedder, LoadWatch, Verdict
 from pipeline.core.results import MqttResults, Results, ResultSink
@@ -100,7 +100,8 @@ class Pipeline:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set."""
         handoff = Handoff(asyncio.get_running_loop())
-        fix_mmap_threshold(self.config.pipeline.malloc_mmap_threshold_kb)  # before the first frame is decoded
+        keep_freed(self.config.pipeline.malloc_trim_threshold_kb)  # before the first frame is decoded
+        fix_mmap_threshold(self.config.pipeline.malloc_mmap_threshold_kb)
         limit_arenas(self.config.pipeline.malloc_arenas)  # before the decoder and slot threads start
         self.publisher, broker = await publisher_for(self.config.mqtt, self.secrets, self.node)
         self.telemetry = Telemetry(self.publisher, self.config.mqtt, self.clock, self.secrets)

@@ -461,6 +461,10 @@ class PipelineConfig(Strict):
     malloc_mmap_threshold_kb: int = Field(0, ge=0, le=65536, description="fixed glibc mmap threshold, so "
                                           "frame and tensor buffers go back to the system when freed (0 = glibc's "
                                           "dynamic threshold)")
+    malloc_trim_threshold_kb: int = Field(131072, ge=0, le=1048576, description="free heap memory glibc keeps "
+                                          "for reuse instead of returning it to the system; with it, blocks up to "
+                                          "32 MB come from the heap, so converted frames reuse memory instead of "
+                                          "fresh pages (0 = glibc's dynamic thresholds)")
     malloc_arenas: int = Field(2, ge=0, le=1024, description="most glibc malloc arenas, set at start (0 = glibc's "
                                "default of 8 per core); fewer arenas fragment less as decoder threads come and go")
     shed_decode: bool = Field(True, description="while decode-bound, live streams with skip_frames = auto decode "

@@ -647,12 +647,13 @@ def ratios(rows: dict[str, dict[str, Any]], offered: float) -> dict[str, Any]:
         out["framegrid_over_limit"] = ratio(fg.get("processed_fps"), limit)
         if out["framegrid_over_limit"] is not None:
             out.setdefault("targets", {})["vs_limit"] = out["framegrid_over_limit"] >= 0.9
-        # the two limits share the cores: decoding every camera takes D cores (decode-only's CPU), the
-        # detector gets the rest, so together they reach ceiling x (cores - D) / cores at most
+        # the two limits share the cores: decoding every camera takes D cores (decode-only's CPU) and the
+        # camera server S (it serves the cameras from this machine; the ceiling reads no camera), the
+        # detector gets the rest, so together they reach ceiling x (cores - D - S) / cores at most
         dec = rows["decode-only"]
         cores = os.cpu_count() or 1
         if dec.get("cpu_s_per_frame"):
-            busy = dec["cpu_s_per_frame"] * dec["processed_fps"]
+            busy = dec["cpu_s_per_frame"] * dec["processed_fps"] + (dec.get("camera_server_cores") or 0.0)
             out["shared_limit_fps"] = round(min(offered, limits[1] * max(0.0, cores - busy) / cores), 1)
             out["framegrid_over_shared_limit"] = ratio(fg.get("processed_fps"), out["shared_limit_fps"])
     if out.get("framegrid_over_ceiling_decode_fps") is not None:
@@ -703,7 +704,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"framegrid/ceiling-decode x{r.get('framegrid_over_ceiling_decode_fps')}; "
             f"framegrid/limit x{r.get('framegrid_over_limit')} (limit {r.get('limit_fps')} fps: "
             f"min(decode-only, ceiling, offered)); x{r.get('framegrid_over_shared_limit')} of the shared limit "
-            f"({r.get('shared_limit_fps')} fps: the ceiling on the cores decoding leaves)"
+            f"({r.get('shared_limit_fps')} fps: the ceiling on the cores decoding and the camera server leave)"
         )
         if r.get("targets"):
             print(
