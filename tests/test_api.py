@@ -291,6 +291,9 @@ def test_devices_stats_models_metrics(served: Served) -> None:
                  if s.name.endswith("_total")}
     assert published["cam1"] > 0
     assert published["cam2"] > 0
+    decode_cpu = {s.labels["stream"]: s.value for s in families["framegrid_decode_cpu_seconds"].samples
+                  if s.name.endswith("_total")}
+    assert decode_cpu["cam1"] > 0  # the decoder's own CPU time, from its thread's clock
     events = {s.labels["type"] for s in families["framegrid_events"].samples if s.labels.get("stream") == "cam1"}
     assert "new" in events  # the cameras' objects were tracked into events
     for name in ("framegrid_latency_seconds", "framegrid_stage_seconds", "framegrid_batch_size",
