@@ -210,7 +210,8 @@ class OverloadMonitor:
     def __init__(self) -> None:
         self._too_old: dict[str, int] = {}
         self._frames: dict[str, int] = {}  # frames each slot served, at the previous interval
-        self._decode_cpu: dict[str, float] = {}  # each decoder's CPU seconds, at the previous interval
+        # each decoder's CPU seconds and what it skipped, at the previous interval
+        self._decode_cpu: dict[str, tuple[float, str]] = {}
         self._at: float | None = None
         self.verdict = Verdict("ok")
 
@@ -223,8 +224,8 @@ class OverloadMonitor:
         old_rate = (sum(max(0, v - self._too_old.get(n, v)) for n, v in too_old.items()) / dt) if dt else 0.0
         frames = {slot: int(e.get("frames", 0)) for slot, e in executors.items()}
         slot_fps = {slot: max(0, f - self._frames.get(slot, f)) / dt for slot, f in frames.items()} if dt else {}
-        decode_cpu = {n: c.decode_cpu_s for n, c in cameras.items()}
-        used, needed = self._decode_cores(streams, cameras, decode_cpu, dt)
+        decode_cpu = {n: (c.decode_cpu_s, c.skipping) for n, c in cameras.items()}
+        used, needed = self._decode_cores(streams, cameras, dt)
         self._too_old, self._frames, self._decode_cpu, self._at = too_old, frames, decode_cpu, now
 
         behind = []
@@ -253,20 +254,22 @@ class OverloadMonitor:
         return self.verdict
 
     def _decode_cores(self, streams: Mapping[str, StreamFigures], cameras: dict[str, Camera],
-                      decode_cpu: dict[str, float], dt: float | None) -> tuple[float, float]:
+                      dt: float | None) -> tuple[float, float]:
         """(cores the decoders used over the interval, cores decoding every frame would take): a stream
         meant to decode every frame of a live camera but decoding fewer needs its CPU per frame times
-        the camera's rate; one that skips on purpose (or sheds) needs what it uses."""
+        the camera's rate; one that skips on purpose, sheds, or did either during the interval (its
+        CPU per frame is then that of other frames: keyframes cost several P-frames) needs what it uses."""
         used = needed = 0.0
         for name, cam in cameras.items():
-            before = self._decode_cpu.get(name)
-            if not dt or before is None or cam.decode_cpu_s < before:  # new, or a new source of that name
+            cpu, skipped = self._decode_cpu.get(name, (None, ""))
+            if not dt or cpu is None or cam.decode_cpu_s < cpu:  # new, or a new source of that name
                 continue
-            cores = (cam.decode_cpu_s - before) / dt
+            cores = (cam.decode_cpu_s - cpu) / dt
             used += cores
             fps_in = streams[name]["fps_in"] if name in streams else 0.0
-            full = cam.live and cam.skipping == "none" and cam.fps and 0 < fps_in < cam.fps
-            needed += cores * cam.fps / fps_in if full and cam.fps else cores
+            if cam.live and cam.fps and cam.skipping == skipped == "none" and 0 < fps_in < cam.fps:
+                cores *= cam.fps / fps_in
+            needed += cores
         return used, needed
 
 
