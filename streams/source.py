@@ -401,22 +401,12 @@ class Source:
                 now = self.clock.mono()
                 if now - last_frame > self.options.stall_timeout:
                     raise StreamStalled(f"no frame for {now - last_frame:.1f}s")
-                t0, cpu0 = time.perf_counter(), time.thread_time()
+                t0 = time.perf_counter()
                 try:
-                    frames = packet.decode()
-                    if self.shed:
-                        # a lone keyframe: a frame-threaded decoder gives its picture only after more
-                        # packets (seconds away while shedding), so drain it now and reset for the next
-                        drained = ctx.decode(None)
-                        for vf in drained:  # the codec context's frames carry no time base of their own
-                            vf.time_base = vf.time_base or vstream.time_base
-                        frames = [*frames, *drained]
-                        ctx.flush_buffers()
+                    frames = self._decode_packet(packet, ctx, vstream)
                 except av.error.InvalidDataError:
                     self.decode_errors += 1  # one corrupt packet is not a reason to reconnect
                     continue
-                finally:
-                    self.decode_cpu_s += time.thread_time() - cpu0
                 for vf in frames:
                     decode_ms = (time.perf_counter() - t0) * 1000
                     if vf.is_corrupt:
@@ -444,6 +434,23 @@ class Source:
                     t0 = time.perf_counter()
         finally:
             container.close()
+
+    def _decode_packet(self, packet: Any, ctx: Any, vstream: Any) -> list[Any]:
+        """The packet's frames, its decoder's CPU time counted in `decode_cpu_s` (whatever it raises)."""
+        cpu0 = time.thread_time()
+        try:
+            frames = list(packet.decode())
+            if self.shed:
+                # a lone keyframe: a frame-threaded decoder gives its picture only after more
+                # packets (seconds away while shedding), so drain it now and reset for the next
+                drained = ctx.decode(None)
+                for vf in drained:  # the codec context's frames carry no time base of their own
+                    vf.time_base = vf.time_base or vstream.time_base
+                frames += drained
+                ctx.flush_buffers()
+            return frames
+        finally:
+            self.decode_cpu_s += time.thread_time() - cpu0
 
     def _packets_once(self) -> Iterator[Frame]:
         container = self._open()
