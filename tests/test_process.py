@@ -3,7 +3,9 @@ measurements behind them), and a payload that cannot be encoded never stopping t
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,13 @@ def test_mmap_threshold_is_glibcs_by_default_and_can_be_fixed(tmp_path) -> None:
     assert parse_config({}, tmp_path).pipeline.malloc_mmap_threshold_kb == 0
     assert fix_mmap_threshold(128) is True  # glibc accepted it
     assert fix_mmap_threshold(0) is False  # 0 leaves glibc's dynamic threshold alone
+
+
+def probe(code: str, arg: int) -> int:
+    """The number a probe script prints, run with `arg` in a fresh process (allocator settings are per process)."""
+    out = subprocess.run([sys.executable, "-c", code, str(arg)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=60)
+    return int(out.stdout.strip())
 
 
 FAULTS_PROBE = """
@@ -41,20 +50,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_frames_are_reused_not_faulted_in_anew(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """With glibc's dynamic thresholds a batch of converted 720p frames freed more than the heap keeps,
     so each batch faulted its 11 MB in again (a 720p conversion: 1.0-1.2 ms in a batch, 0.4 alone)."""
-    import subprocess
-    from pathlib import Path
-
     assert parse_config({}, tmp_path).pipeline.malloc_trim_threshold_kb == 128 * 1024
     assert keep_freed(0) is False  # 0 leaves glibc's dynamic thresholds alone
-
-    def faults(kib: int) -> int:  # minor page faults of 50 batches, counted by the kernel, in a fresh process
-        out = subprocess.run([sys.executable, "-c", FAULTS_PROBE, str(kib)], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
-        return int(out.stdout.strip())
-
+    # minor page faults of 50 batches, counted by the kernel
     pages = 50 * 4 * 720 * 1280 * 3 // 4096  # every frame's pages, once per batch
-    assert faults(0) > pages // 2  # glibc's dynamic thresholds: faulted in again, batch after batch
-    assert faults(128 * 1024) < pages // 50  # kept: the same memory serves every batch
+    assert probe(FAULTS_PROBE, 0) > pages // 2  # glibc's dynamic thresholds: faulted in again, batch after batch
+    assert probe(FAULTS_PROBE, 128 * 1024) < pages // 50  # kept: the same memory serves every batch
 
 
 ARENAS_PROBE = """
@@ -80,19 +81,11 @@ print(open(path).read().count("<heap nr="))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_malloc_arenas_are_limited_to_two_by_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
-    from pathlib import Path
-
     assert parse_config({}, tmp_path).pipeline.malloc_arenas == 2
     assert limit_arenas(0) is False  # 0 leaves glibc's default alone
-
-    def arenas(limit: int) -> int:  # counted by glibc's own malloc_info, in a fresh process
-        out = subprocess.run([sys.executable, "-c", ARENAS_PROBE, str(limit)], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1], timeout=60)
-        return int(out.stdout.strip())
-
-    assert arenas(0) > 2  # glibc's default: an arena per thread here, up to 8 per core
-    assert arenas(2) == 2
+    # arenas counted by glibc's own malloc_info
+    assert probe(ARENAS_PROBE, 0) > 2  # glibc's default: an arena per thread here, up to 8 per core
+    assert probe(ARENAS_PROBE, 2) == 2
 
 
 def test_unencodable_payload_is_dropped_and_counted_not_raised() -> None:
