@@ -57,22 +57,27 @@ class Handoff:
         self.loop.call_soon_threadsafe(on_loop)
         return done.result(timeout)
 
-    def waker(self, *events: asyncio.Event) -> Waker:
-        return Waker(self, *events)
+    def waker(self, *events: asyncio.Event, listening: Callable[[], bool] | None = None) -> Waker:
+        return Waker(self, *events, listening=listening)
 
 
 class Waker:
-    """Sets asyncio.Events from any thread: one hand-off for all of them, at most one pending."""
+    """Sets asyncio.Events from any thread: one hand-off for all of them, at most one pending.
 
-    __slots__ = ("_events", "_handoff", "_pending")
+    `listening` (read on the caller's thread) says whether anyone waits on the events now; while
+    it is false a call costs nothing (no hand-off, the loop is not woken). Whoever waits must set
+    what it reads *before* it looks for work, so that work arriving after that look wakes it."""
 
-    def __init__(self, handoff: Handoff, *events: asyncio.Event) -> None:
+    __slots__ = ("_events", "_handoff", "_listening", "_pending")
+
+    def __init__(self, handoff: Handoff, *events: asyncio.Event, listening: Callable[[], bool] | None = None) -> None:
         self._handoff = handoff
         self._events = events
+        self._listening = listening
         self._pending = threading.Event()
 
     def __call__(self) -> None:
-        if self._pending.is_set():
+        if self._pending.is_set() or (self._listening is not None and not self._listening()):
             return
         self._pending.set()
         self._handoff.call(self._fire)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pytest
 
 from detectors import Detections
 from pipeline import DetectJobs, PoolSettings, Result, Results, SlotPool, StreamConfig, StreamFeed, StreamRecord
 from pipeline.core.stats import StreamStats
 from streams import SYSTEM_CLOCK, Frame, Mailbox
+from streams.handoff import Handoff
 
 
 class FakeDetector:
@@ -143,6 +146,45 @@ async def test_a_lone_stream_never_waits_for_a_batch() -> None:
     assert set(det.batches) == {1}  # nothing else is due: a lone stream's frame runs at once
     queue = [r.timings_ms["queue"] for r in sink.results]
     assert np.median(queue) < 5.0, np.median(queue)  # not the 500 ms timeout, not a tick
+
+
+async def test_frames_arriving_while_the_slot_is_busy_do_not_wake_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame put while every batcher of the device runs a batch wakes nobody (the batcher finds it
+    when the batch is done); one put while a batcher waits for work wakes it at once."""
+    calls = []
+    real = Handoff.call
+
+    def counted(self: Handoff, fn: Any, *args: Any) -> None:
+        calls.append(fn)
+        real(self, fn, *args)
+
+    monkeypatch.setattr(Handoff, "call", counted)
+    busy = FakeDetector(0.05)  # 20 batches a second for 100 frames a second
+    _, _, sink = await run_pool(busy, {"a": (50, None), "b": (50, None)}, 1.0, batch_size=2)
+    wakes = len(calls)
+    assert sum(len(sink.of(n)) for n in "ab") >= 25, busy.batches  # every batch served its frames
+    assert wakes < 0.3 * 100, wakes  # not one a frame
+    calls.clear()
+    idle = FakeDetector(0.001)
+    _, _, sink = await run_pool(idle, {"a": (20, None)}, 1.0)
+    assert len(sink.of("a")) >= 15
+    assert len(calls) >= 0.8 * len(sink.of("a")), len(calls)  # waiting: every frame wakes it
+    queue = [r.timings_ms["queue"] for r in sink.results]
+    assert np.median(queue) < 5.0, np.median(queue)
+
+
+async def test_a_waker_hands_off_only_while_someone_listens() -> None:
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+    listening = [False]
+    waker = Handoff(loop).waker(event, listening=lambda: listening[0])
+    await asyncio.to_thread(waker)
+    await asyncio.sleep(0.01)
+    assert not event.is_set()
+    listening[0] = True
+    await asyncio.to_thread(waker)
+    await asyncio.sleep(0.01)
+    assert event.is_set()
 
 
 async def test_waits_for_frames_due_within_the_timeout() -> None:

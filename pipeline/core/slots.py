@@ -263,13 +263,19 @@ class Batcher:
         self.clock = clock
         self.on_fault = on_fault
         self.wake = asyncio.Event()
+        # whether this batcher looks for work now: set before it looks, cleared while its batch runs.
+        # A frame that arrives while every batcher of the device is busy wakes nobody (the loop is not
+        # woken for it): the batcher finds it when its batch is done (32 cameras: 800 wake-ups a second)
+        self.listening = False
         self._forming: list[Taken] = []  # items taken for a batch not yet shipped
 
     async def run(self) -> None:
         while True:
             taken: list[Taken] = []
             try:
+                self.listening = True
                 taken = await self._collect()
+                self.listening = False
                 self._forming = []  # from here `_ship` accounts for them, also when cancelled
                 await self._ship(taken)
             except asyncio.CancelledError:
@@ -281,6 +287,7 @@ class Batcher:
             except Exception:  # an adapter's bug costs this batch, never the pool
                 log.exception("slot %s: batch of %d could not be delivered", self.slot.name, len(taken))
             finally:
+                self.listening = False
                 self.in_flight.difference_update(self._holding)  # also when cancelled mid-collect
                 self._holding.clear()
                 if taken and self.on_done is not None:
@@ -485,9 +492,10 @@ class SlotPool:
 
     def _wake_device(self, device: str) -> Callable[[], None]:
         """A feed's notify: wakes every batcher of the device's slots (they share its members) with
-        one hand-off to the loop per frame, from the decode thread."""
-        events = [b.wake for b in self.batchers.values() if b.slot.device == device]
-        return Handoff(asyncio.get_running_loop()).waker(*events)
+        one hand-off to the loop, from the decode thread, when one of them is looking for work."""
+        batchers = [b for b in self.batchers.values() if b.slot.device == device]
+        return Handoff(asyncio.get_running_loop()).waker(*(b.wake for b in batchers),
+                                                         listening=lambda: any(b.listening for b in batchers))
 
     def cost(self, feed: Feed, slot: str | None = None) -> float:
         """Share of a slot the member needs: its rate x the slot's measured time per output."""
