@@ -490,12 +490,15 @@ class SlotPool:
         group = [n for n, s in self.slots.items() if s.device == device]
         return lambda: [self.feeds[k] for n in group for k in self.placer.slots[n].members if k in self.feeds]
 
-    def _wake_device(self, device: str) -> Callable[[], None]:
-        """A feed's notify: wakes every batcher of the device's slots (they share its members) with
-        one hand-off to the loop, from the decode thread, when one of them is looking for work."""
+    def _wake_device(self, device: str, key: str) -> Callable[[], None]:
+        """Member `key`'s notify: wakes every batcher of the device's slots (they share its members)
+        with one hand-off to the loop, from the decode thread, when one of them is looking for work
+        and the member has no item in a batch (until then no batcher may take its next one)."""
         batchers = [b for b in self.batchers.values() if b.slot.device == device]
-        return Handoff(asyncio.get_running_loop()).waker(*(b.wake for b in batchers),
-                                                         listening=lambda: any(b.listening for b in batchers))
+        in_flight = self.in_flight
+        return Handoff(asyncio.get_running_loop()).waker(
+            *(b.wake for b in batchers),
+            listening=lambda: key not in in_flight and any(b.listening for b in batchers))
 
     def cost(self, feed: Feed, slot: str | None = None) -> float:
         """Share of a slot the member needs: its rate x the slot's measured time per output."""
@@ -545,7 +548,7 @@ class SlotPool:
 
     def _attach(self, feed: Feed, slot: str) -> None:
         device = self.slots[slot].device
-        feed.set_notify(self._wake_device(device))
+        feed.set_notify(self._wake_device(device, feed.key))
         self._wake_local(device)
 
     def _wake_local(self, device: str) -> None:
